@@ -1,0 +1,1 @@
+"""mvm: disposable, policy-bound sandboxes for untrusted code."""

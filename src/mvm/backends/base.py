@@ -1,0 +1,144 @@
+"""The backend interface: the few verbs a sandbox engine must provide.
+
+A ``Backend`` knows whether this host can run it and makes ``BackendInstance``
+objects, one per sandbox. The supervisor owns the instance and is the only
+caller. Everything backend-specific (bwrap flags, QEMU command lines, cgroup
+paths, QMP) lives behind this interface in ``mvm.backends.<name>``.
+
+Each instance records what it must undo (pids, mounts, cgroups, disk files) in
+``spec.state_dir / "backend"`` so that ``Backend.cleanup_orphan`` can remove a
+sandbox whose supervisor died without calling ``destroy``.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..templates.image import TemplateImage
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Limits every backend enforces (not just records)."""
+
+    cpu_cores: float = 1
+    memory_mb: int = 512
+    rootfs_size_mb: int = 1024
+    max_processes: int = 256
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """``deny`` (no interface but loopback), ``allow`` (egress via the host proxy), ``open``."""
+
+    mode: Literal["deny", "allow", "open"] = "deny"
+    allow: tuple[str, ...] = ()
+    allow_wildcards: bool = False
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a backend needs to make one sandbox."""
+
+    sandbox_id: str
+    template: TemplateImage
+    resources: Resources
+    network: NetworkPolicy
+    state_dir: Path  # $MVM_HOME/sandboxes/<id>; the backend owns state_dir / "backend"
+
+    @property
+    def backend_dir(self) -> Path:
+        return self.state_dir / "backend"
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run on this host, and why not."""
+
+    ok: bool
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SnapshotArtifacts:
+    """What a backend wrote into a snapshot directory.
+
+    ``kind`` is ``"full"`` when memory, devices and disk were captured (the VM),
+    ``"filesystem"`` when only the writable layer was (namespaces): never claim
+    memory was kept when it wasn't.
+    """
+
+    kind: Literal["full", "filesystem"]
+    files: tuple[str, ...]  # names relative to the snapshot directory
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class BackendInstance(abc.ABC):
+    """One sandbox's engine. Methods block until the state change is done."""
+
+    spec: SandboxSpec
+
+    @abc.abstractmethod
+    def start(self) -> socket.socket:
+        """Boot (or re-start after ``stop``) and return a connected stream socket to the
+        guest agent. The caller does the protocol hello over it."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Halt every guest process but keep the writable disk so ``start`` works again."""
+
+    @abc.abstractmethod
+    def pause(self) -> None:
+        """Freeze all guest execution (QMP stop / cgroup freezer)."""
+
+    @abc.abstractmethod
+    def resume(self) -> None:
+        """Undo ``pause``."""
+
+    @abc.abstractmethod
+    def snapshot(self, dest: Path) -> SnapshotArtifacts:
+        """Write a consistent snapshot into the empty directory ``dest``. The sandbox is
+        left running (or paused, if it was) afterwards."""
+
+    @abc.abstractmethod
+    def restore(self, source: Path, artifacts: SnapshotArtifacts) -> socket.socket:
+        """Replace this (stopped or never started) instance's state with a snapshot and
+        run it; returns a connected socket to the agent as ``start`` does."""
+
+    @abc.abstractmethod
+    def destroy(self) -> None:
+        """Stop everything and remove every trace it made (mounts, cgroups, files)."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``describe()``: at least ``isolation`` and backend-specific notes
+        (accelerator, cgroup version, security trade-offs such as disabled guest ASLR)."""
+
+    def host_pids(self) -> list[int]:
+        """Host pids that belong to this sandbox (for diagnostics and cleanup)."""
+        return []
+
+
+class Backend(abc.ABC):
+    """A kind of sandbox engine (``vm``, ``namespace``)."""
+
+    name: str
+    isolation: str  # "vm" or "namespace"
+
+    @abc.abstractmethod
+    def availability(self) -> Availability:
+        """Whether this host can run the backend; cheap enough to call from ``doctor``."""
+
+    @abc.abstractmethod
+    def create(self, spec: SandboxSpec) -> BackendInstance:
+        """Prepare (but do not start) an instance for ``spec``."""
+
+    @abc.abstractmethod
+    def cleanup_orphan(self, state_dir: Path) -> None:
+        """Remove what an instance recorded under ``state_dir / "backend"`` after its
+        supervisor died. Must be idempotent and never raise for already-gone things."""

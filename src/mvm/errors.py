@@ -1,0 +1,233 @@
+"""Errors a user can act on. Everything mvm raises on purpose derives from ``MvmError``.
+
+Each error that concerns bad input names the field and the allowed values.
+Errors that cross the protocol carry a ``type`` string (docs/protocol.md) and
+are rebuilt here by ``from_wire``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MvmError(Exception):
+    """Base class of every mvm error."""
+
+    wire_type = "Internal"
+
+    def __init__(self, message: str, **details: Any):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.wire_type, "message": self.message, **_jsonable(self.details)}
+
+
+# ---- input and policy -------------------------------------------------------
+
+
+class InvalidArgument(MvmError, ValueError):
+    """A parameter has a value outside what is allowed; ``field`` names it."""
+
+    wire_type = "InvalidArgument"
+
+    def __init__(self, field: str, message: str, allowed: Any = None):
+        text = f"{field}: {message}"
+        if allowed is not None:
+            text += f" (allowed: {allowed})"
+        super().__init__(text, field=field, allowed=allowed)
+        self.field = field
+        self.allowed = allowed
+
+
+class InvalidNetworkPolicy(InvalidArgument):
+    wire_type = "InvalidNetworkPolicy"
+
+
+class TemplateNotFound(MvmError, LookupError):
+    """The template cannot be built on this host; ``available`` lists those that can."""
+
+    wire_type = "TemplateNotFound"
+
+    def __init__(self, name: str, available: list[str], reason: str = ""):
+        why = f" ({reason})" if reason else ""
+        super().__init__(
+            f"template {name!r} cannot be built here{why}; available templates: {', '.join(available)}",
+            name=name,
+            available=available,
+        )
+        self.name = name
+        self.available = available
+
+
+class TemplateBuildError(MvmError):
+    wire_type = "TemplateBuildError"
+
+
+class SecretNotFound(MvmError, LookupError):
+    """A ``mvm.secret(name)`` reference has no value in the keystore or environment."""
+
+    wire_type = "SecretNotFound"
+
+    def __init__(self, name: str, hint: str = ""):
+        super().__init__(f"secret {name!r} is not set{': ' + hint if hint else ''}", name=name)
+        self.name = name
+
+
+class BackendUnavailable(MvmError):
+    wire_type = "BackendUnavailable"
+
+
+# ---- sandbox lifecycle ------------------------------------------------------
+
+
+class SandboxNotFound(MvmError, LookupError):
+    wire_type = "SandboxNotFound"
+
+
+class InvalidState(MvmError):
+    """The operation is not allowed in the sandbox's current state."""
+
+    wire_type = "InvalidState"
+
+
+class SandboxPaused(InvalidState):
+    wire_type = "SandboxPaused"
+
+
+class SandboxError(MvmError):
+    """The sandbox (or its supervisor) failed; ``details`` says what was seen."""
+
+    wire_type = "SandboxError"
+
+
+class NotAvailableInRecordMode(MvmError):
+    wire_type = "NotAvailableInRecordMode"
+
+
+class SnapshotNotFound(MvmError, LookupError):
+    wire_type = "SnapshotNotFound"
+
+
+class SnapshotTampered(MvmError):
+    wire_type = "SnapshotTampered"
+
+
+# ---- commands ---------------------------------------------------------------
+
+
+class CommandError(MvmError):
+    """Raised by ``commands.run(..., check=True)`` for a non-zero exit."""
+
+    wire_type = "CommandError"
+
+    def __init__(self, message: str, result: Any = None):
+        super().__init__(message)
+        self.result = result
+
+
+class CommandTimeout(MvmError, TimeoutError):
+    """The command ran past its timeout; its process group was killed.
+
+    ``stdout``/``stderr`` hold what it printed before that.
+    """
+
+    wire_type = "CommandTimeout"
+
+    def __init__(self, message: str, stdout: str = "", stderr: str = "", **details: Any):
+        super().__init__(message, **details)
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class ProcessNotFound(MvmError, LookupError):
+    wire_type = "ProcessNotFound"
+
+
+# ---- files ------------------------------------------------------------------
+
+
+class FileError(MvmError, OSError):
+    """Base of errors about a guest path; ``path`` names it."""
+
+    def __init__(self, message: str, path: str = "", **details: Any):
+        MvmError.__init__(self, message, path=path, **details)
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class FileNotFoundInSandbox(FileError):
+    wire_type = "FileNotFound"
+
+
+class NotADirectory(FileError):
+    wire_type = "NotADirectory"
+
+
+class IsADirectory(FileError):
+    wire_type = "IsADirectory"
+
+
+class FileExistsInSandbox(FileError):
+    wire_type = "FileExists"
+
+
+class DirectoryNotEmpty(FileError):
+    wire_type = "DirectoryNotEmpty"
+
+
+class PermissionDenied(FileError):
+    wire_type = "PermissionDenied"
+
+
+class TooLarge(MvmError):
+    wire_type = "TooLarge"
+
+
+class ProtocolFailure(MvmError):
+    """The peer broke the framed protocol or the channel closed unexpectedly."""
+
+    wire_type = "Protocol"
+
+
+class Cancelled(MvmError):
+    wire_type = "Cancelled"
+
+
+class UnknownOp(MvmError):
+    wire_type = "UnknownOp"
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def from_wire(error: dict[str, Any]) -> MvmError:
+    """Rebuild the right exception class from a protocol ``error`` object."""
+    wire_type = str(error.get("type", "Internal"))
+    message = str(error.get("message", wire_type))
+    details = {k: v for k, v in error.items() if k not in ("type", "message")}
+    for cls in [MvmError, *_all_subclasses(MvmError)]:
+        if getattr(cls, "wire_type", None) != wire_type:
+            continue
+        if issubclass(cls, FileError):
+            return cls(message, **details)
+        if cls is CommandTimeout:
+            return CommandTimeout(message, **details)
+        exc = MvmError.__new__(cls)
+        MvmError.__init__(exc, message, **details)
+        for key, value in details.items():
+            setattr(exc, key, value)
+        return exc
+    return MvmError(message, **details)

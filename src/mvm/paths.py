@@ -1,0 +1,52 @@
+"""Where mvm keeps its state: ``$MVM_HOME`` (default ``~/.mvm``).
+
+Layout (DESIGN §1)::
+
+    $MVM_HOME/
+      sandboxes/<id>/   state.json, control.sock, logs.jsonl, audit/, backend/ (backend-owned)
+      templates/        <name>-<digest>/rootfs, rootfs.ext4, manifest.json
+      snapshots/        <snapshot-id>/
+      cache/            kernels, initramfs, KVM probe verdicts
+      keys/  secrets/   mode 0700 directories, 0600 files
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def mvm_home() -> Path:
+    home = Path(os.environ.get("MVM_HOME") or Path.home() / ".mvm")
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return home
+
+
+def _sub(name: str, private: bool = False) -> Path:
+    path = mvm_home() / name
+    path.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
+    return path
+
+
+def sandboxes_dir() -> Path:
+    return _sub("sandboxes", private=True)
+
+
+def templates_dir() -> Path:
+    return _sub("templates")
+
+
+def snapshots_dir() -> Path:
+    return _sub("snapshots", private=True)
+
+
+def cache_dir() -> Path:
+    return _sub("cache")
+
+
+def keys_dir() -> Path:
+    return _sub("keys", private=True)
+
+
+def secrets_dir() -> Path:
+    return _sub("secrets", private=True)

@@ -1,0 +1,195 @@
+"""The mvm framed protocol as a pure codec: bytes in, frames out; no I/O.
+
+Wire format of one frame (all integers big-endian)::
+
+    +----------------+-----------------+------------------+-----------------+
+    | u32 header_len | u32 payload_len | header (UTF-8    | payload (raw    |
+    |                |                 | JSON object)     | bytes)          |
+    +----------------+-----------------+------------------+-----------------+
+
+The header is a JSON object with at least ``"kind"``; the payload carries file
+and stream bytes unencoded. ``MAX_HEADER`` and ``MAX_PAYLOAD`` bound each frame:
+a peer announcing more is a protocol error, raised before any byte of it is
+buffered. This module is stdlib-only because it is copied into every guest.
+See docs/protocol.md for the message vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_NAME = "mvm"
+PROTOCOL_VERSION = 1
+
+PREFIX = struct.Struct(">II")
+#: Largest header accepted (JSON metadata only; file bytes go in the payload).
+MAX_HEADER = 64 * 1024
+#: Largest payload accepted in one frame. Senders chunk at ``CHUNK_SIZE``.
+MAX_PAYLOAD = 4 * 1024 * 1024
+#: Size senders use when splitting file and stream bytes into frames.
+CHUNK_SIZE = 256 * 1024
+
+KINDS = frozenset({"hello", "request", "response", "data", "event", "cancel"})
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid mvm frame."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame: a JSON header and raw payload bytes."""
+
+    header: dict[str, Any]
+    payload: bytes = b""
+
+    @property
+    def kind(self) -> str:
+        return str(self.header["kind"])
+
+    @property
+    def id(self) -> int | None:
+        value = self.header.get("id")
+        return value if isinstance(value, int) else None
+
+
+def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """Serialise one frame; raises ``ProtocolError`` if it would exceed the limits."""
+    validate_header(header)
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(raw) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds MAX_HEADER={MAX_HEADER}")
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds MAX_PAYLOAD={MAX_PAYLOAD}")
+    return PREFIX.pack(len(raw), len(payload)) + raw + bytes(payload)
+
+
+def validate_header(header: Any) -> None:
+    """Check the fields every frame kind requires (not the op-specific arguments)."""
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown frame kind {kind!r}; expected one of {sorted(KINDS)}")
+    if kind == "hello":
+        if header.get("protocol") != PROTOCOL_NAME or not isinstance(header.get("version"), int):
+            raise ProtocolError("hello needs protocol='mvm' and an integer version")
+        return
+    if kind == "event":
+        if not isinstance(header.get("event"), str):
+            raise ProtocolError("event frame needs a string 'event'")
+        return
+    ident = header.get("id")
+    if not isinstance(ident, int) or isinstance(ident, bool) or ident < 0:
+        raise ProtocolError(f"{kind} frame needs a non-negative integer 'id'")
+    if kind == "request" and not isinstance(header.get("op"), str):
+        raise ProtocolError("request frame needs a string 'op'")
+    if kind == "request" and not isinstance(header.get("args", {}), dict):
+        raise ProtocolError("request 'args' must be an object")
+    if kind == "response":
+        if not isinstance(header.get("ok"), bool):
+            raise ProtocolError("response frame needs a boolean 'ok'")
+        if not header["ok"] and not isinstance(header.get("error"), dict):
+            raise ProtocolError("failed response needs an 'error' object")
+    if kind == "data" and not isinstance(header.get("stream"), str):
+        raise ProtocolError("data frame needs a string 'stream'")
+
+
+@dataclass
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes as they arrive, get whole frames back.
+
+    After a ``ProtocolError`` the decoder is poisoned (the stream is out of sync)
+    and every later ``feed`` raises again.
+    """
+
+    _buffer: bytearray = field(default_factory=bytearray)
+    _failed: str | None = None
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._failed is not None:
+            raise ProtocolError(self._failed)
+        self._buffer += data
+        frames: list[Frame] = []
+        try:
+            while True:
+                frame = self._next()
+                if frame is None:
+                    return frames
+                frames.append(frame)
+        except ProtocolError as exc:
+            self._failed = str(exc)
+            self._buffer.clear()
+            raise
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held waiting for the rest of a frame."""
+        return len(self._buffer)
+
+    def _next(self) -> Frame | None:
+        if len(self._buffer) < PREFIX.size:
+            return None
+        header_len, payload_len = PREFIX.unpack_from(self._buffer)
+        if header_len == 0 or header_len > MAX_HEADER:
+            raise ProtocolError(f"header length {header_len} outside 1..{MAX_HEADER}")
+        if payload_len > MAX_PAYLOAD:
+            raise ProtocolError(f"payload length {payload_len} exceeds MAX_PAYLOAD={MAX_PAYLOAD}")
+        end = PREFIX.size + header_len + payload_len
+        if len(self._buffer) < end:
+            return None
+        raw = bytes(self._buffer[PREFIX.size : PREFIX.size + header_len])
+        payload = bytes(self._buffer[PREFIX.size + header_len : end])
+        del self._buffer[:end]
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+        validate_header(header)
+        return Frame(header, payload)
+
+
+# ---- constructors: one per frame kind, so no caller spells headers by hand ----
+
+
+def hello(role: str, **extra: Any) -> bytes:
+    return encode({"kind": "hello", "protocol": PROTOCOL_NAME, "version": PROTOCOL_VERSION, "role": role, **extra})
+
+
+def request(ident: int, op: str, args: dict[str, Any] | None = None, payload: bytes = b"") -> bytes:
+    return encode({"kind": "request", "id": ident, "op": op, "args": args or {}}, payload)
+
+
+def response_ok(ident: int, result: dict[str, Any] | None = None, payload: bytes = b"") -> bytes:
+    return encode({"kind": "response", "id": ident, "ok": True, "result": result or {}}, payload)
+
+
+def response_error(ident: int, error_type: str, message: str, **details: Any) -> bytes:
+    error = {"type": error_type, "message": message, **details}
+    return encode({"kind": "response", "id": ident, "ok": False, "error": error})
+
+
+def data(ident: int, stream: str, payload: bytes, **extra: Any) -> bytes:
+    return encode({"kind": "data", "id": ident, "stream": stream, **extra}, payload)
+
+
+def event(name: str, payload: bytes = b"", **fields: Any) -> bytes:
+    return encode({"kind": "event", "event": name, **fields}, payload)
+
+
+def cancel(ident: int) -> bytes:
+    return encode({"kind": "cancel", "id": ident})
+
+
+def check_hello(frame: Frame) -> dict[str, Any]:
+    """Validate the peer's hello; returns its header. Major version must match."""
+    if frame.kind != "hello":
+        raise ProtocolError(f"expected hello, got {frame.kind}")
+    if frame.header["version"] != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"peer speaks mvm protocol v{frame.header['version']}, this side v{PROTOCOL_VERSION}"
+        )
+    return frame.header

@@ -1,0 +1,36 @@
+"""A built template as backends see it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TemplateImage:
+    """A built template under ``$MVM_HOME/templates/<name>-<digest>/``.
+
+    ``rootfs`` is a complete root directory (Debian + the guest agent under
+    ``/opt/mvm``), never written by a sandbox. ``agent_command`` is the argv that
+    starts the agent inside the guest; the backend appends the channel arguments
+    (``--fd N`` or ``--virtio-port agent``).
+    """
+
+    name: str
+    digest: str  # content hash of the recipe + agent sources
+    directory: Path
+    suite: str
+    python_version: str
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / "rootfs"
+
+    @property
+    def agent_command(self) -> list[str]:
+        return ["/usr/bin/python3", "-I", "/opt/mvm/bin/mvm-agent"]
+
+    @property
+    def raw_disk(self) -> Path:
+        """Where the VM backend keeps its read-only ext4 image of ``rootfs``."""
+        return self.directory / "rootfs.ext4"
