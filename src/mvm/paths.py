@@ -33,6 +33,13 @@ def sandboxes_dir() -> Path:
 
 
 def templates_dir() -> Path:
+    """Built templates; ``MVM_TEMPLATES`` may point elsewhere so that several homes
+    (e.g. test runs) share one cache of read-only template trees."""
+    override = os.environ.get("MVM_TEMPLATES")
+    if override:
+        path = Path(override)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     return _sub("templates")
 
 
