@@ -231,3 +231,24 @@ def from_wire(error: dict[str, Any]) -> MvmError:
             setattr(exc, key, value)
         return exc
     return MvmError(message, **details)
+
+
+# ---- security (keystore, audit) ---------------------------------------------
+
+
+class KeystoreError(MvmError):
+    """The secrets keystore or a host key cannot be used (corrupt file, wrong key)."""
+
+    wire_type = "KeystoreError"
+
+
+class AuditError(MvmError):
+    """An audit log cannot be appended to or read."""
+
+    wire_type = "AuditError"
+
+
+class AuditEntryNotFound(AuditError, LookupError):
+    """No audit entry has the ``audit_id`` asked for."""
+
+    wire_type = "AuditEntryNotFound"
