@@ -1,0 +1,225 @@
+"""``sandbox.commands``: run a command to completion, or start one and keep a handle."""
+
+from __future__ import annotations
+
+import codecs
+import signal as _signal
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .. import errors
+from ..protocol import CHUNK_SIZE
+from .models import CommandResult, ProcessInfo
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
+
+#: Default capture per stream for ``commands.run`` (the supervisor's default too).
+DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+
+OutputCallback = Callable[[str], None]
+
+
+class Commands:
+    """Processes in the sandbox. Reached as ``sandbox.commands``."""
+
+    def __init__(self, sandbox: Sandbox):
+        self._sandbox = sandbox
+
+    def run(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        env: Mapping[str, Any] | None = None,
+        cwd: str | None = None,
+        timeout_seconds: float | None = 60,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        stdin: bytes | str | None = None,
+        check: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        redact: bool = True,
+        auto_resume: bool = False,
+    ) -> CommandResult:
+        """Run ``argv`` to completion and return its ``CommandResult``.
+
+        A string is run by ``/bin/sh -c``. Non-zero exit is a result, not an error
+        (``check=True`` raises ``CommandError``). Past ``timeout_seconds`` the whole
+        process group is killed and ``CommandTimeout`` carries the partial output.
+        Each stream's capture stops at ``max_output_bytes`` (``truncated=True``).
+
+        >>> result = sandbox.commands.run(["python", "/app/main.py"], timeout_seconds=30)
+        >>> result.exit_code, result.stdout, result.audit_id
+        """
+        args = self._sandbox._command_args(argv, env, cwd)
+        args.update(timeout_seconds=timeout_seconds, max_output_bytes=max_output_bytes, auto_resume=auto_resume)
+        payload = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        collected: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in collected}
+        callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        redactor = self._sandbox._redactor if redact else None
+
+        def on_data(stream: str, data: bytes) -> None:
+            if stream not in collected:
+                return
+            collected[stream] += data
+            callback = callbacks[stream]
+            if callback is not None:
+                text = decoders[stream].decode(data)
+                if text:
+                    callback(redactor(text) if redactor else text)
+
+        def text_of(stream: str) -> str:
+            text = bytes(collected[stream]).decode("utf-8", errors="replace")
+            return redactor(text) if redactor else text
+
+        started = time.monotonic()
+        try:
+            result, _ = self._sandbox._client().call("exec.run", args, payload, on_data=on_data)
+        except errors.CommandTimeout as exc:
+            raise errors.CommandTimeout(exc.message, stdout=text_of("stdout"), stderr=text_of("stderr"),
+                                        **exc.details) from None
+        command_result = CommandResult(
+            exit_code=result.get("exit_code"),
+            stdout=text_of("stdout"),
+            stderr=text_of("stderr"),
+            audit_id=result.get("audit_id"),
+            duration_seconds=float(result.get("duration_seconds", time.monotonic() - started)),
+            truncated=bool(result.get("truncated")),
+            signal=result.get("signal"),
+            pid=result.get("pid"),
+            stdout_bytes=int(result.get("stdout_bytes", 0)),
+            stderr_bytes=int(result.get("stderr_bytes", 0)),
+            receipt_path=result.get("receipt_path"),
+        )
+        if check and command_result.exit_code != 0:
+            raise errors.CommandError(
+                f"command {list(args['argv'])!r} exited with {command_result.exit_code}: "
+                f"{command_result.stderr.strip()[-500:]}", result=command_result)
+        return command_result
+
+    def start(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        env: Mapping[str, Any] | None = None,
+        cwd: str | None = None,
+        stdin: bool = False,
+        auto_resume: bool = False,
+    ) -> Process:
+        """Start ``argv`` and return at once with a ``Process`` handle.
+
+        >>> p = sandbox.commands.start(["python", "-m", "http.server"], env={"MODE": "dev"})
+        >>> p.pid, p.is_running()
+        """
+        args = self._sandbox._command_args(argv, env, cwd)
+        args.update(stdin=stdin, auto_resume=auto_resume)
+        result, _ = self._sandbox._client().call("proc.start", args)
+        return Process(self._sandbox, int(result["pid"]), audit_id=result.get("audit_id"), argv=list(args["argv"]))
+
+    def connect(self, pid: int) -> Process:
+        """A handle on a process started earlier (by this or another client)."""
+        info, _ = self._sandbox._client().call("proc.info", {"pid": int(pid)})
+        return Process(self._sandbox, int(pid), audit_id=info.get("audit_id"), argv=list(info.get("argv", [])))
+
+    def list(self) -> list[ProcessInfo]:
+        """Processes the guest agent knows (running and recently exited)."""
+        result, _ = self._sandbox._client().call("proc.list", {})
+        return [ProcessInfo.from_wire(p) for p in result.get("processes", [])]
+
+
+_SIGNALS = {"TERM": _signal.SIGTERM, "KILL": _signal.SIGKILL, "INT": _signal.SIGINT, "HUP": _signal.SIGHUP}
+
+
+class Process:
+    """A process started in the sandbox. Usable from any client that knows its pid."""
+
+    def __init__(self, sandbox: Sandbox, pid: int, *, audit_id: str | None = None, argv: list[str] | None = None):
+        self._sandbox = sandbox
+        self.pid = pid
+        self.audit_id = audit_id
+        self.argv = argv or []
+        self._exit: tuple[int | None, int | None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Process pid={self.pid} argv={self.argv!r}>"
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the process exits; returns its exit code (128+N if killed by signal N).
+        Raises ``CommandTimeout`` if it is still running after ``timeout`` seconds."""
+        if self._exit is None:
+            args: dict[str, Any] = {"pid": self.pid}
+            if timeout is not None:
+                args["timeout_seconds"] = timeout
+            result, _ = self._sandbox._client().call("proc.wait", args)
+            self._exit = (result.get("exit_code"), result.get("signal"))
+        code = self._exit[0]
+        return -1 if code is None else int(code)
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once it exited, else ``None`` (does not block)."""
+        if self._exit is None:
+            info = self.info()
+            if info.running:
+                return None
+            self._exit = (info.exit_code, None)
+        return self._exit[0]
+
+    def is_running(self) -> bool:
+        return self.exit_code is None
+
+    def info(self) -> ProcessInfo:
+        result, _ = self._sandbox._client().call("proc.info", {"pid": self.pid})
+        return ProcessInfo.from_wire(result)
+
+    def signal(self, sig: str | int = "TERM", *, group: bool = True) -> None:
+        """Send a signal to the process (and by default its whole process group)."""
+        if isinstance(sig, str) and sig.upper().removeprefix("SIG") not in _SIGNALS:
+            raise errors.InvalidArgument("signal", f"unknown signal {sig!r}", allowed=sorted(_SIGNALS))
+        name = sig.upper().removeprefix("SIG") if isinstance(sig, str) else int(sig)
+        self._sandbox._client().call("proc.signal", {"pid": self.pid, "signal": name, "group": group})
+
+    def kill(self) -> None:
+        """SIGKILL the process group and every descendant."""
+        self.signal("KILL")
+
+    def send_stdin(self, data: bytes | str) -> None:
+        """Write to the process's stdin (it must have been started with ``stdin=True``)."""
+        raw = data.encode() if isinstance(data, str) else data
+        for start in range(0, len(raw), CHUNK_SIZE):
+            self._sandbox._client().call("proc.stdin", {"pid": self.pid, "eof": False}, raw[start : start + CHUNK_SIZE])
+
+    def close_stdin(self) -> None:
+        self._sandbox._client().call("proc.stdin", {"pid": self.pid, "eof": True})
+
+    def output(self, *, replay: bool = True) -> Iterator[tuple[str, str]]:
+        """Yield ``(stream, text)`` chunks as the process prints them, until it exits.
+        With ``replay`` the output printed before the call comes first."""
+        decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in ("stdout", "stderr")}
+        for stream, data in self._sandbox._client().stream("proc.attach", {"pid": self.pid, "replay": replay}):
+            text = decoders[stream].decode(data) if stream in decoders else data.decode("utf-8", "replace")
+            if text:
+                yield stream, self._sandbox._redactor(text)
+
+    def _lines(self, which: str) -> Iterator[str]:
+        pending = ""
+        for stream, text in self.output():
+            if stream != which:
+                continue
+            pending += text
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                yield line + "\n"
+        if pending:
+            yield pending
+
+    @property
+    def stdout(self) -> Iterator[str]:
+        """Iterate over the process's stdout lines (from its start) until it exits."""
+        return self._lines("stdout")
+
+    @property
+    def stderr(self) -> Iterator[str]:
+        return self._lines("stderr")

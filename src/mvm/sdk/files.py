@@ -1,0 +1,106 @@
+"""``sandbox.files``: the guest filesystem. Bytes from the guest are untrusted:
+every read is bounded by ``max_bytes``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import errors
+from ..protocol import CHUNK_SIZE
+from .models import FileEntry
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
+
+#: Default bound of ``files.read``.
+DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
+
+
+class Files:
+    """Files in the sandbox. Reached as ``sandbox.files``; paths are absolute guest paths."""
+
+    def __init__(self, sandbox: Sandbox):
+        self._sandbox = sandbox
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> FileEntry:
+        """Write ``data`` to ``path`` atomically (parents created by default).
+
+        >>> sandbox.files.write("/app/main.py", "print('hello from mvm')")
+        """
+        path = _absolute(path)
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        client = self._sandbox._client()
+        if len(raw) <= CHUNK_SIZE:
+            client.call("fs.write", {"path": path, "mode": mode, "make_parents": make_parents, "append": False}, raw)
+        else:
+            result, _ = client.call("fs.write_begin", {"path": path, "mode": mode, "make_parents": make_parents})
+            handle = result["handle"]
+            committed = False
+            try:
+                for start in range(0, len(raw), CHUNK_SIZE):
+                    client.call("fs.write_chunk", {"handle": handle}, raw[start : start + CHUNK_SIZE])
+                client.call("fs.write_end", {"handle": handle, "commit": True})
+                committed = True
+            finally:
+                if not committed:
+                    try:
+                        client.call("fs.write_end", {"handle": handle, "commit": False})
+                    except errors.MvmError:
+                        pass
+        return self.stat(path)
+
+    def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
+        """Read a whole file; raises ``TooLarge`` if it holds more than ``max_bytes``.
+
+        >>> data = sandbox.files.read("/work/output.json")
+        """
+        path = _absolute(path)
+        if max_bytes <= 0:
+            raise errors.InvalidArgument("max_bytes", f"{max_bytes} must be positive")
+        client = self._sandbox._client()
+        chunks: list[bytes] = []
+        offset = 0
+        while True:
+            result, payload = client.call("fs.read", {"path": path, "offset": offset, "length": CHUNK_SIZE})
+            chunks.append(payload)
+            offset += len(payload)
+            if offset > max_bytes:
+                raise errors.TooLarge(f"{path} is larger than max_bytes={max_bytes}", path=path,
+                                      max_bytes=max_bytes, size=result.get("size"))
+            if result.get("eof") or not payload:
+                return b"".join(chunks)
+
+    def read_text(self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES) -> str:
+        return self.read(path, max_bytes=max_bytes).decode(encoding, errors="replace")
+
+    def list(self, path: str = "/") -> list[FileEntry]:
+        """Entries of a directory, sorted by name."""
+        result, _ = self._sandbox._client().call("fs.list", {"path": _absolute(path)})
+        return sorted((FileEntry.from_wire(e) for e in result.get("entries", [])), key=lambda e: e.name)
+
+    def stat(self, path: str) -> FileEntry:
+        result, _ = self._sandbox._client().call("fs.stat", {"path": _absolute(path)})
+        return FileEntry.from_wire(result)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.stat(path)
+            return True
+        except errors.FileNotFoundInSandbox:
+            return False
+
+    def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        self._sandbox._client().call("fs.mkdir", {"path": _absolute(path), "parents": parents, "mode": mode})
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file, or a directory (``recursive=True`` for a non-empty one)."""
+        self._sandbox._client().call("fs.remove", {"path": _absolute(path), "recursive": recursive})
+
+    def move(self, src: str, dst: str, *, overwrite: bool = False) -> None:
+        self._sandbox._client().call("fs.move", {"src": _absolute(src), "dst": _absolute(dst), "overwrite": overwrite})
+
+
+def _absolute(path: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise errors.InvalidArgument("path", f"{path!r} must be an absolute guest path", allowed="e.g. '/app/main.py'")
+    return path

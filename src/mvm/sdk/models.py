@@ -1,0 +1,164 @@
+"""Result types shared by the SDK, the CLI and (field for field) the TypeScript SDK."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What ``commands.run`` returns.
+
+    ``exit_code`` is ``None`` only for a recorded (record/plan mode) result, never
+    an invented value. ``truncated`` says output capture hit ``max_output_bytes``.
+    """
+
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    audit_id: str | None
+    duration_seconds: float
+    truncated: bool = False
+    signal: int | None = None
+    pid: int | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    receipt_path: str | None = None
+    recorded: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One entry of ``files.list`` / ``files.stat``."""
+
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    mtime: float
+    symlink_target: str | None = None
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> FileEntry:
+        return cls(
+            name=raw["name"],
+            path=raw["path"],
+            type=raw["type"],
+            size=int(raw.get("size", 0)),
+            mode=int(raw.get("mode", 0)),
+            mtime=float(raw.get("mtime", 0.0)),
+            symlink_target=raw.get("symlink_target"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """One line of a sandbox's log: ``source`` is ``supervisor``, ``process:<pid>``,
+    ``network`` …; ``stream`` is ``stdout``/``stderr``/``system``."""
+
+    timestamp: float
+    source: str
+    stream: str
+    message: str
+    audit_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> LogEvent:
+        return cls(
+            timestamp=float(raw["timestamp"]),
+            source=str(raw["source"]),
+            stream=str(raw["stream"]),
+            message=str(raw["message"]),
+            audit_id=raw.get("audit_id"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    argv: list[str]
+    running: bool
+    exit_code: int | None
+    started_at: float
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> ProcessInfo:
+        return cls(
+            pid=int(raw["pid"]),
+            argv=list(raw.get("argv", [])),
+            running=bool(raw.get("running")),
+            exit_code=raw.get("exit_code"),
+            started_at=float(raw.get("started_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """``describe()``: the sandbox's identity, state, policy and isolation facts."""
+
+    id: str
+    name: str
+    state: str
+    template: str
+    backend: str
+    isolation: str
+    resources: dict[str, Any]
+    network: dict[str, Any]
+    created_at: float
+    expires_at: float | None
+    workload_id: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> SandboxInfo:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved sandbox state. ``kind`` is ``full`` (memory+disk, VM) or ``filesystem``."""
+
+    id: str
+    name: str
+    sandbox_id: str
+    kind: Literal["full", "filesystem"]
+    created_at: float
+    expires_at: float | None
+    size_bytes: int
+    keep: bool = False
+    audit_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Snapshot:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PortForward:
+    host: str
+    host_port: int
+    guest_port: int
+    id: str | None = None

@@ -1,0 +1,349 @@
+"""``mvm.Sandbox``: create, connect to, use and end a sandbox."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import errors
+from ..backends import choose_backend
+from ..backends.base import NetworkPolicy, Resources
+from ..durations import parse_duration
+from ..security.secrets import SecretRef, resolve_secret
+from ..supervisor.client import SupervisorClient
+from ..supervisor.launch import spawn_supervisor
+from ..supervisor.state import CONTROL_SOCKET, find_sandbox, list_sandboxes, new_sandbox_id, validate_name
+from ..templates import available_templates, ensure_template
+from .commands import Commands
+from .files import Files
+from .includes import collect_includes
+from .models import LogEvent, SandboxInfo, Snapshot
+from .policy import network as make_network
+from .policy import resources as make_resources
+
+DEFAULT_TTL = "30m"
+MODES = ("record", "plan", "live")
+
+
+def current_mode(explicit: str | None = None) -> str:
+    """``mode=`` wins, else ``$MVM_MODE`` (set by ``mvmctl``), else live."""
+    mode = explicit or os.environ.get("MVM_MODE") or "live"
+    if mode not in MODES:
+        raise errors.InvalidArgument("mode", f"unknown mode {mode!r}", allowed=list(MODES))
+    return mode
+
+
+class Sandbox:
+    """A live sandbox: a microVM or a namespace jail with an agent inside.
+
+    >>> import mvm
+    >>> with mvm.Sandbox.create("python-3.13", ttl="30m") as sandbox:
+    ...     sandbox.files.write("/app/main.py", "print('hello from mvm')")
+    ...     print(sandbox.commands.run(["python", "/app/main.py"]).stdout)
+    hello from mvm
+    """
+
+    def __init__(self, sandbox_id: str, name: str, directory: Path, *, secret_values: dict[str, str] | None = None):
+        self.id = sandbox_id
+        self.name = name
+        self._directory = directory
+        self._conn: SupervisorClient | None = None
+        self._secret_values = dict(secret_values or {})  # secret name -> value, for redaction only
+        self._killed = False
+        self.commands = Commands(self)
+        self.files = Files(self)
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.name} ({self.id})>"
+
+    # ---- creation and discovery ----------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "python-3.13",
+        *,
+        name: str | None = None,
+        workload_id: str | None = None,
+        ttl: str | int | float | None = DEFAULT_TTL,
+        include: Sequence[str] | None = None,
+        resources: Resources | None = None,
+        network: NetworkPolicy | None = None,
+        env: Mapping[str, str | SecretRef] | None = None,
+        backend: str | None = None,
+        mode: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        from_snapshot: str | None = None,
+    ) -> Sandbox:
+        """Create a sandbox from ``template`` and return once its agent answered.
+
+        ``ttl`` ("30m", "2h", seconds; ``None`` = no expiry) destroys it even if this
+        process dies. ``include`` copies host paths (relative to the script's folder)
+        into ``/app``. ``env`` values may be ``mvm.secret(name)`` references.
+        ``backend`` is ``"vm"`` or ``"namespace"`` (default: ``$MVM_BACKEND``, else the
+        strongest this host can run).
+        """
+        resolved_mode = current_mode(mode)
+        if resolved_mode != "live":
+            from ..modes.recording import RecordedSandbox
+
+            return RecordedSandbox.create(  # type: ignore[return-value]
+                template, mode=resolved_mode, name=name, workload_id=workload_id, ttl=ttl, include=include,
+                resources=resources, network=network, env=env, backend=backend, tags=tags,
+                from_snapshot=from_snapshot)
+        spec = _validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
+                               network=network, env=env, tags=tags)
+        files = collect_includes(include or [], base_dir=script_dir())
+        backend_name = choose_backend(backend)
+        ensure_template(template)  # builds on first use, with progress on a terminal
+        literal_env, secret_env, secret_values = _split_env(env or {})
+        sandbox_id = new_sandbox_id()
+        config = {
+            "id": sandbox_id,
+            "name": spec["name"] or _default_name(workload_id, sandbox_id),
+            "template": template,
+            "backend": backend_name,
+            "resources": spec["resources"].__dict__,
+            "network": {**spec["network"].__dict__, "allow": list(spec["network"].allow)},
+            "ttl_seconds": spec["ttl_seconds"],
+            "env": literal_env,
+            "secret_env_names": {k: ref for k, ref in _secret_names(env or {}).items()},
+            "workload_id": workload_id,
+            "tags": dict(tags or {}),
+            "created_at": time.time(),
+            "from_snapshot": from_snapshot,
+            "run_id": os.environ.get("MVM_RUN_ID"),
+        }
+        _ensure_name_free(config["name"])
+        state = spawn_supervisor(config, secret_env)
+        sandbox = cls(sandbox_id, state["name"], _dir_of(sandbox_id), secret_values=secret_values)
+        try:
+            for guest_path, data, mode_bits in files:
+                sandbox.files.write(guest_path, data, mode=mode_bits)
+        except BaseException:
+            sandbox.kill()
+            raise
+        return sandbox
+
+    @classmethod
+    def connect(cls, name_or_id: str) -> Sandbox:
+        """Attach to a running sandbox (created by any process) by name or id."""
+        directory, record = find_sandbox(name_or_id)
+        return cls(record["id"], record["name"], directory)
+
+    @classmethod
+    def list(cls) -> list[SandboxInfo]:
+        """Every running sandbox on this host (dead ones are cleaned up on the way)."""
+        infos = []
+        for record in list_sandboxes():
+            infos.append(SandboxInfo(
+                id=record["id"], name=record["name"], state=record.get("state", "creating"),
+                template=record["template"], backend=record["backend"],
+                isolation="vm" if record["backend"] == "vm" else "namespace",
+                resources=record.get("resources", {}), network=record.get("network", {}),
+                created_at=record.get("created_at", 0.0), expires_at=record.get("expires_at"),
+                workload_id=record.get("workload_id"),
+                details={"tags": record.get("tags", {}), "run_id": record.get("run_id")},
+            ))
+        return infos
+
+    # ---- plumbing ----------------------------------------------------------------
+
+    def _client(self) -> SupervisorClient:
+        if self._killed:
+            raise errors.InvalidState(f"sandbox {self.name} was destroyed", state="destroyed")
+        if self._conn is None:
+            self._conn = SupervisorClient(self._directory / CONTROL_SOCKET)
+        return self._conn
+
+    def _redactor(self, text: str) -> str:
+        for secret_name, value in sorted(self._secret_values.items(), key=lambda kv: -len(kv[1])):
+            if len(value) >= 4:
+                text = text.replace(value, f"[redacted:{secret_name}]")
+        return text
+
+    def _command_args(self, argv: Sequence[str] | str, env: Mapping[str, Any] | None, cwd: str | None) -> dict[str, Any]:
+        if isinstance(argv, str):
+            argv = ["/bin/sh", "-c", argv]
+        argv = list(argv)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise errors.InvalidArgument("argv", "must be a non-empty list of strings (or one shell string)",
+                                         allowed="e.g. ['python', '/app/main.py']")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+            raise errors.InvalidArgument("cwd", f"{cwd!r} must be an absolute guest path")
+        literal, secret_env, values = _split_env(env or {})
+        self._secret_values.update(values)
+        return {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_env_keys": sorted(secret_env)}
+
+    # ---- information ---------------------------------------------------------------
+
+    def describe(self) -> SandboxInfo:
+        """Identity, state, limits, policy and isolation facts (``isolation`` is ``vm``
+        or ``namespace``; ``details`` holds the backend's specifics)."""
+        result, _ = self._client().call("sandbox.describe")
+        return SandboxInfo.from_wire(result)
+
+    @property
+    def state(self) -> str:
+        return self.describe().state
+
+    def logs(self, *, follow: bool = False, tail: int | None = None, since: float | None = None,
+             redact: bool = True) -> Iterator[LogEvent]:
+        """The sandbox's log: lifecycle events, audit entries and process output lines.
+
+        Known secret values never reach the log (the supervisor redacts them before
+        writing); ``redact`` additionally masks values this handle resolved.
+
+        >>> for event in sandbox.logs(follow=False):
+        ...     print(event.source, event.message)
+        """
+        import json
+
+        for _, data in self._client().stream("sandbox.logs", {"follow": follow, "tail": tail, "since": since}):
+            event = LogEvent.from_wire(json.loads(data))
+            if redact:
+                event = LogEvent(event.timestamp, event.source, event.stream, self._redactor(event.message),
+                                 event.audit_id)
+            yield event
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> SandboxInfo:
+        """Halt every process but keep the disk; ``start()`` runs it again."""
+        return SandboxInfo.from_wire(self._client().call("sandbox.stop")[0])
+
+    def start(self) -> SandboxInfo:
+        return SandboxInfo.from_wire(self._client().call("sandbox.start")[0])
+
+    def pause(self) -> SandboxInfo:
+        """Freeze all execution (the VM stops; namespaces use the cgroup freezer)."""
+        return SandboxInfo.from_wire(self._client().call("sandbox.pause")[0])
+
+    def resume(self, snapshot: str | Snapshot | None = None) -> SandboxInfo:
+        """Continue after ``pause()``, or replace the sandbox's state with ``snapshot``."""
+        snap_id = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+        return SandboxInfo.from_wire(self._client().call("sandbox.resume", {"snapshot": snap_id})[0])
+
+    def snapshot(self, name: str | None = None, *, expires: str | int | None = None, keep: bool = False) -> Snapshot:
+        """Save the sandbox's state (memory+disk on a VM: ``kind="full"``; the writable
+        filesystem on namespaces: ``kind="filesystem"``), sealed at rest.
+
+        >>> snap = sandbox.snapshot(name="after-index", expires="24h")
+        """
+        if expires is not None:
+            parse_duration(expires, field="expires")
+        result, _ = self._client().call("sandbox.snapshot", {"name": name, "expires": expires, "keep": keep})
+        return Snapshot.from_wire(result)
+
+    def destroy(self) -> None:
+        """Remove the sandbox and everything it made (its snapshots too, unless kept)."""
+        if self._killed:
+            return
+        try:
+            self._client().call("sandbox.destroy", timeout=120)
+        except (errors.SandboxError, errors.SandboxNotFound):
+            pass  # already gone: the supervisor exits right after answering
+        finally:
+            self._killed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def kill(self) -> None:
+        """Stop and destroy; safe to call twice. The context manager calls it."""
+        self.destroy()
+
+    def close(self) -> None:
+        """Drop this handle's connection without touching the sandbox."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def script_dir() -> Path:
+    """The folder of the running script (``include`` paths are relative to it), else the cwd."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path and not os.environ.get("MVM_INCLUDE_BASE"):
+        return Path(path).resolve().parent
+    return Path(os.environ.get("MVM_INCLUDE_BASE") or os.getcwd()).resolve()
+
+
+def _validated_spec(template: str, *, name: str | None, workload_id: str | None, ttl: Any,
+                    resources: Resources | None, network: NetworkPolicy | None,
+                    env: Mapping[str, Any] | None, tags: Mapping[str, str] | None) -> dict[str, Any]:
+    if not isinstance(template, str) or template not in available_templates():
+        ensure_template(template)  # raises TemplateNotFound with the buildable names
+    if name is not None:
+        validate_name(name)
+    if workload_id is not None and (not isinstance(workload_id, str) or not workload_id.strip()):
+        raise errors.InvalidArgument("workload_id", f"{workload_id!r} must be a non-empty string")
+    if resources is not None and not isinstance(resources, Resources):
+        raise errors.InvalidArgument("resources", "use mvm.resources(...)", allowed="mvm.resources(cpu_cores=..., ...)")
+    if network is not None and not isinstance(network, NetworkPolicy):
+        raise errors.InvalidArgument("network", "use mvm.network(...)", allowed="mvm.network(mode='deny'|'allow'|'open')")
+    for key, value in (env or {}).items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise errors.InvalidArgument("env", f"{key!r} is not a valid variable name")
+        if not isinstance(value, (str, SecretRef)):
+            raise errors.InvalidArgument(f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)")
+    for key, value in (tags or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise errors.InvalidArgument("tags", "keys and values must be strings")
+    ttl_seconds = None if ttl is None else parse_duration(ttl, field="ttl")
+    return {"name": name, "resources": resources or make_resources(), "network": network or make_network(),
+            "ttl_seconds": ttl_seconds}
+
+
+def _split_env(env: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """(literal env, env key -> secret value, secret name -> value)."""
+    literal: dict[str, str] = {}
+    secret_env: dict[str, str] = {}
+    values: dict[str, str] = {}
+    for key, value in env.items():
+        if isinstance(value, SecretRef):
+            resolved = resolve_secret(value.name)
+            secret_env[key] = resolved
+            values[value.name] = resolved
+        elif isinstance(value, str):
+            literal[key] = value
+        else:
+            raise errors.InvalidArgument(f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)")
+    return literal, secret_env, values
+
+
+def _secret_names(env: Mapping[str, Any]) -> dict[str, str]:
+    return {k: v.name for k, v in env.items() if isinstance(v, SecretRef)}
+
+
+def _default_name(workload_id: str | None, sandbox_id: str) -> str:
+    if workload_id:
+        base = "".join(c if c.isalnum() or c in "-_." else "-" for c in workload_id.lower()).strip("-_.")[:40]
+        if base:
+            return f"{base}-{sandbox_id[3:9]}"
+    return sandbox_id
+
+
+def _ensure_name_free(name: str) -> None:
+    for record in list_sandboxes():
+        if record.get("name") == name:
+            raise errors.InvalidArgument("name", f"a sandbox named {name!r} already exists ({record['id']})")
+
+
+def _dir_of(sandbox_id: str) -> Path:
+    from ..paths import sandboxes_dir
+
+    return sandboxes_dir() / sandbox_id

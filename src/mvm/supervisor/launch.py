@@ -1,0 +1,128 @@
+"""Start a sandbox's detached supervisor and wait until its guest agent answered.
+
+The creator writes ``config.json`` (no secret values), starts
+``python -m mvm.supervisor`` in its own session, hands secret env values over
+the child's stdin (memory only, never disk), and reads one JSON line from a
+readiness pipe. On any failure nothing is left behind: the child is killed and
+the sandbox directory removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import errors
+from ..paths import sandboxes_dir
+from .state import write_json_atomic
+
+#: How long a create may take once the template exists (a cold TCG boot plus the
+#: ready snapshot is the slow case).
+READY_TIMEOUT = 180.0
+
+
+def spawn_supervisor(config: dict[str, Any], secret_env: dict[str, str], *, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    directory = sandboxes_dir() / config["id"]
+    directory.mkdir(mode=0o700)
+    write_json_atomic(directory / "config.json", config)
+    read_fd, write_fd = os.pipe()
+    log = open(directory / "supervisor.log", "ab")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MVM_SECRET_")}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mvm.supervisor", str(directory), "--ready-fd", str(write_fd)],
+            stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(write_fd,),
+            start_new_session=True, close_fds=True, env=env, cwd="/",
+        )
+    except OSError:
+        os.close(read_fd)
+        os.close(write_fd)
+        log.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    finally:
+        log.close()
+    os.close(write_fd)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(secret_env).encode())
+        proc.stdin.close()
+        proc.wait(timeout=30)  # the launcher forks the real supervisor and exits at once
+        message = _read_ready(read_fd, directory, timeout)
+    except BaseException:
+        _abandon(proc, directory)
+        raise
+    finally:
+        os.close(read_fd)
+    if not message.get("ok"):
+        _abandon(proc, directory)
+        raise errors.from_wire(message.get("error") or {"type": "SandboxError", "message": "create failed"})
+    return dict(message["state"])
+
+
+def _read_ready(fd: int, directory: Path, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while b"\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.SandboxError(f"the sandbox did not become ready within {timeout:.0f} s")
+        ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buffer += chunk
+    if b"\n" not in buffer:
+        tail = _log_tail(directory / "supervisor.log")
+        raise errors.SandboxError(f"the sandbox supervisor exited during create{tail}")
+    return dict(json.loads(buffer.split(b"\n", 1)[0]))
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()[-8:]
+    except OSError:
+        return ""
+    return (":\n  " + "\n  ".join(lines)) if lines else ""
+
+
+def _abandon(proc: subprocess.Popen[bytes], directory: Path) -> None:
+    """Kill a supervisor that failed to come up; its SIGTERM handler cleans the backend.
+    The supervisor leads no group of its own: it lives in the launcher's process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except OSError:
+        pass
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _group_alive(proc.pid):
+        time.sleep(0.1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    if directory.exists():
+        from .state import load_record, reap
+
+        reap(directory, load_record(directory))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
