@@ -1,0 +1,101 @@
+"""``mvmctl fs read | write | ls | stat | mkdir | rm | mv``."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from ..sdk.files import DEFAULT_MAX_READ_BYTES
+from ..sdk.models import FileEntry
+from ..sdk.sandbox import Sandbox
+from .main import emit, json_option
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(fs)
+
+
+@click.group()
+def fs() -> None:
+    """Files in a sandbox (guest paths are absolute)."""
+
+
+@fs.command("read")
+@click.argument("name")
+@click.argument("path")
+@click.option("--max-bytes", type=int, default=DEFAULT_MAX_READ_BYTES, show_default=True)
+def read(name: str, path: str, max_bytes: int) -> None:
+    """Write the guest file PATH to stdout (bytes are untrusted: pipe with care)."""
+    sys.stdout.buffer.write(Sandbox.connect(name).files.read(path, max_bytes=max_bytes))
+    sys.stdout.buffer.flush()
+
+
+@fs.command("write")
+@click.argument("name")
+@click.argument("path")
+@click.option("--content", help="The file's content (default: read stdin).")
+@click.option("--mode", default="644", show_default=True, help="Octal permission bits.")
+@json_option
+def write(name: str, path: str, content: str | None, mode: str, as_json: bool) -> None:
+    """Write PATH in the sandbox from --content or stdin."""
+    data = content.encode() if content is not None else sys.stdin.buffer.read()
+    entry = Sandbox.connect(name).files.write(path, data, mode=int(mode, 8))
+    emit(as_json, entry.to_dict(), f"wrote {entry.size} bytes to {path}")
+
+
+def _entry_line(e: FileEntry) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+    suffix = "/" if e.type == "dir" else (f" -> {e.symlink_target}" if e.symlink_target else "")
+    return f"{e.mode:04o} {e.type:<7} {e.size:>10} {stamp} {e.name}{suffix}"
+
+
+@fs.command("ls")
+@click.argument("name")
+@click.argument("path", default="/")
+@json_option
+def ls(name: str, path: str, as_json: bool) -> None:
+    """List a guest directory."""
+    entries = Sandbox.connect(name).files.list(path)
+    emit(as_json, [e.to_dict() for e in entries], "\n".join(_entry_line(e) for e in entries))
+
+
+@fs.command("stat")
+@click.argument("name")
+@click.argument("path")
+@json_option
+def stat(name: str, path: str, as_json: bool) -> None:
+    entry = Sandbox.connect(name).files.stat(path)
+    emit(as_json, entry.to_dict(), _entry_line(entry))
+
+
+@fs.command("mkdir")
+@click.argument("name")
+@click.argument("path")
+@click.option("--parents/--no-parents", "-p", default=True, show_default=True)
+@json_option
+def mkdir(name: str, path: str, parents: bool, as_json: bool) -> None:
+    Sandbox.connect(name).files.mkdir(path, parents=parents)
+    emit(as_json, {"path": path}, None)
+
+
+@fs.command("rm")
+@click.argument("name")
+@click.argument("path")
+@click.option("--recursive", "-r", is_flag=True)
+@json_option
+def rm(name: str, path: str, recursive: bool, as_json: bool) -> None:
+    Sandbox.connect(name).files.remove(path, recursive=recursive)
+    emit(as_json, {"removed": path}, None)
+
+
+@fs.command("mv")
+@click.argument("name")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--overwrite", is_flag=True)
+@json_option
+def mv(name: str, src: str, dst: str, overwrite: bool, as_json: bool) -> None:
+    Sandbox.connect(name).files.move(src, dst, overwrite=overwrite)
+    emit(as_json, {"src": src, "dst": dst}, None)

@@ -1,0 +1,155 @@
+"""``mvmctl up | ls | describe | exec | logs | down``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from .. import errors
+from ..sdk.policy import network as make_network
+from ..sdk.policy import resources as make_resources
+from ..sdk.sandbox import Sandbox
+from ..security.secrets import SecretRef
+from .main import emit, json_option, parse_env
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(up)
+    cli.add_command(ls)
+    cli.add_command(describe)
+    cli.add_command(exec_)
+    cli.add_command(logs)
+    cli.add_command(down)
+
+
+@click.command()
+@click.option("--name", help="Sandbox name (default: derived from the id).")
+@click.option("--template", "-t", default="python-3.13", show_default=True)
+@click.option("--ttl", default="30m", show_default=True, help='Lifetime ("30m", "2h", seconds; "0" = none).')
+@click.option("--cpus", type=float, default=1, show_default=True)
+@click.option("--memory", "memory_mb", type=int, default=512, show_default=True, help="MiB")
+@click.option("--disk", "rootfs_size_mb", type=int, default=1024, show_default=True, help="Writable disk, MiB")
+@click.option("--max-processes", type=int, default=256, show_default=True)
+@click.option("--backend", type=click.Choice(["vm", "namespace"]), default=None)
+@click.option("--network", "network_mode", type=click.Choice(["deny", "allow", "open"]), default="deny",
+              show_default=True)
+@click.option("--allow", multiple=True, help="host:port allowed with --network allow (repeatable).")
+@click.option("--env", "-e", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option("--secret-env", multiple=True, help="KEY=SECRET_NAME: env from the keystore (repeatable).")
+@click.option("--include", multiple=True, help="Host path copied into /app (relative to the cwd).")
+@click.option("--workload-id")
+@click.option("--from-snapshot", help="Start from this snapshot id or name.")
+@json_option
+def up(name: str | None, template: str, ttl: str, cpus: float, memory_mb: int, rootfs_size_mb: int,
+       max_processes: int, backend: str | None, network_mode: str, allow: tuple[str, ...], env: tuple[str, ...],
+       secret_env: tuple[str, ...], include: tuple[str, ...], workload_id: str | None, from_snapshot: str | None,
+       as_json: bool) -> None:
+    """Create a sandbox and leave it running (until its TTL or `mvmctl down`)."""
+    full_env: dict[str, str | SecretRef] = dict(parse_env(env))
+    full_env.update({k: SecretRef(v) for k, v in parse_env(secret_env, "--secret-env").items()})
+    sandbox = Sandbox.create(
+        template, name=name, workload_id=workload_id, ttl=None if ttl in ("0", "none") else ttl,
+        include=list(include), backend=backend, env=full_env, from_snapshot=from_snapshot, mode="live",
+        resources=make_resources(cpu_cores=cpus, memory_mb=memory_mb, rootfs_size_mb=rootfs_size_mb,
+                                 max_processes=max_processes),
+        network=make_network(network_mode, list(allow)),
+    )
+    info = sandbox.describe()
+    sandbox.close()
+    emit(as_json, info.to_dict(), f"{info.name}\t{info.id}\t{info.backend}\t{info.isolation}")
+
+
+@click.command()
+@json_option
+def ls(as_json: bool) -> None:
+    """List running sandboxes (cleaning up any whose supervisor died)."""
+    infos = Sandbox.list()
+
+    def human() -> None:
+        click.echo(f"{'NAME':<28} {'ID':<14} {'STATE':<9} {'BACKEND':<10} {'ISOLATION':<10} {'TEMPLATE':<12} EXPIRES")
+        for i in infos:
+            left = f"{int(i.expires_at - time.time())}s" if i.expires_at else "never"
+            click.echo(f"{i.name:<28} {i.id:<14} {i.state:<9} {i.backend:<10} {i.isolation:<10} {i.template:<12} {left}")
+
+    emit(as_json, [i.to_dict() for i in infos], human)
+
+
+@click.command()
+@click.argument("name")
+@json_option
+def describe(name: str, as_json: bool) -> None:
+    """Show a sandbox's state, limits, policy and isolation facts."""
+    info = Sandbox.connect(name).describe()
+    emit(as_json, info.to_dict(), lambda: click.echo(json.dumps(info.to_dict(), indent=2, default=str)))
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--env", "-e", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option("--cwd")
+@click.option("--timeout", "timeout_seconds", type=float, default=None, help="Seconds; kills the process group.")
+@click.option("--max-output", "max_output_bytes", type=int, default=4 * 1024 * 1024, show_default=True)
+@click.option("--stdin", "use_stdin", is_flag=True, help="Pass this command's stdin to the process.")
+@json_option
+def exec_(name: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str | None, timeout_seconds: float | None,
+          max_output_bytes: int, use_stdin: bool, as_json: bool) -> None:
+    """Run ARGV in sandbox NAME (after `--`); its exit status becomes ours."""
+    sandbox = Sandbox.connect(name)
+    stream = not as_json
+    try:
+        result = sandbox.commands.run(
+            list(argv), env=parse_env(env), cwd=cwd, timeout_seconds=timeout_seconds,
+            max_output_bytes=max_output_bytes, stdin=sys.stdin.buffer.read() if use_stdin else None,
+            on_stdout=(lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream else None,
+            on_stderr=(lambda s: (sys.stderr.write(s), sys.stderr.flush())) if stream else None,
+        )
+    except errors.CommandTimeout as exc:
+        if as_json:
+            click.echo(json.dumps({"error": exc.to_wire(), "stdout": exc.stdout, "stderr": exc.stderr}))
+        else:
+            click.echo(f"error: {exc}", err=True)
+        sys.exit(124)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif result.truncated:
+        click.echo(f"mvmctl: output truncated at {max_output_bytes} bytes per stream", err=True)
+    sys.exit(result.exit_code if result.exit_code is not None else 1)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True)
+@click.option("--tail", "-n", type=int, default=None, help="Only the last N lines.")
+@json_option
+def logs(name: str, follow: bool, tail: int | None, as_json: bool) -> None:
+    """Print a sandbox's log (lifecycle, audit entries, process output)."""
+    sandbox = Sandbox.connect(name)
+    try:
+        for event in sandbox.logs(follow=follow, tail=tail):
+            if as_json:
+                click.echo(json.dumps(event.to_dict()))
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(event.timestamp))
+                click.echo(f"{stamp} {event.source:<14} {event.stream:<6} {event.message}")
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Destroy every running sandbox.")
+@json_option
+def down(names: tuple[str, ...], all_: bool, as_json: bool) -> None:
+    """Destroy sandboxes (and their snapshots, unless kept)."""
+    if not names and not all_:
+        raise errors.InvalidArgument("NAME", "give sandbox names or --all")
+    targets = [i.id for i in Sandbox.list()] if all_ else list(names)
+    done = []
+    for target in targets:
+        Sandbox.connect(target).kill()
+        done.append(target)
+    emit(as_json, {"destroyed": done}, "\n".join(f"destroyed {t}" for t in done) or "nothing to destroy")
