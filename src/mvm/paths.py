@@ -48,6 +48,13 @@ def snapshots_dir() -> Path:
 
 
 def cache_dir() -> Path:
+    """Kernels, initramfs, KVM probe verdicts, VM ready snapshots; ``MVM_CACHE`` may
+    point elsewhere so several homes share them (all are derived, none is secret)."""
+    override = os.environ.get("MVM_CACHE")
+    if override:
+        path = Path(override)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     return _sub("cache")
 
 
