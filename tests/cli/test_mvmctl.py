@@ -1,0 +1,96 @@
+"""mvmctl end to end: the real binary against a real sandbox (namespace backend: fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
+
+
+def mvmctl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*MVMCTL, *args], capture_output=True, text=True, input=input, timeout=180,
+                          env={**os.environ})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mvmctl {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[str]:
+    up = json.loads(mvmctl("up", "--name", "cli-box", "--backend", "namespace", "--ttl", "15m",
+                           "--env", "GREETING=hi", "--json").stdout)
+    assert up["name"] == "cli-box" and up["isolation"] == "namespace"
+    yield "cli-box"
+    mvmctl("down", "cli-box", check=False)
+
+
+def test_exec_passes_exit_status_and_output(box: str) -> None:
+    proc = mvmctl("exec", box, "--", "sh", "-c", "echo $GREETING; echo err >&2; exit 7", check=False)
+    assert proc.returncode == 7
+    assert proc.stdout == "hi\n" and proc.stderr == "err\n"
+
+
+def test_exec_json_gives_the_result_with_audit_id(box: str) -> None:
+    result = json.loads(mvmctl("exec", box, "--json", "--", "echo", "x").stdout)
+    assert result["exit_code"] == 0 and result["stdout"] == "x\n" and result["audit_id"].startswith("aud_")
+
+
+def test_fs_verbs(box: str) -> None:
+    mvmctl("fs", "write", box, "/work/in.txt", input="from stdin")
+    mvmctl("fs", "write", box, "/work/c.txt", "--content", "inline")
+    assert mvmctl("fs", "read", box, "/work/in.txt").stdout == "from stdin"
+    names = [e["name"] for e in json.loads(mvmctl("fs", "ls", box, "/work", "--json").stdout)]
+    assert names == ["c.txt", "in.txt"]
+    assert json.loads(mvmctl("fs", "stat", box, "/work/c.txt", "--json").stdout)["size"] == 6
+    mvmctl("fs", "mkdir", box, "/work/d/e")
+    mvmctl("fs", "mv", box, "/work/c.txt", "/work/d/e/c.txt")
+    mvmctl("fs", "rm", box, "/work/d", "--recursive")
+    missing = mvmctl("fs", "read", box, "/work/d/e/c.txt", check=False)
+    assert missing.returncode == 2
+    assert "Traceback" not in missing.stderr and "/work/d/e/c.txt" in missing.stderr
+
+
+def test_proc_verbs(box: str) -> None:
+    pid = mvmctl("proc", "start", box, "--", "sleep", "60").stdout.strip()
+    listed = json.loads(mvmctl("proc", "ls", box, "--json").stdout)
+    assert int(pid) in [p["pid"] for p in listed]
+    mvmctl("proc", "kill", box, pid)
+    assert mvmctl("proc", "wait", box, pid, check=False).returncode == 137 % 256
+
+
+def test_logs_and_describe_and_ls(box: str) -> None:
+    mvmctl("exec", box, "--", "echo", "cli-log-marker")
+    logs = [json.loads(line) for line in mvmctl("logs", box, "--json").stdout.splitlines()]
+    assert any(e["message"] == "cli-log-marker" for e in logs)
+    assert json.loads(mvmctl("describe", box, "--json").stdout)["state"] == "running"
+    assert box in [s["name"] for s in json.loads(mvmctl("ls", "--json").stdout)]
+
+
+def test_user_errors_are_one_line_without_traceback() -> None:
+    proc = mvmctl("exec", "no-such-box", "--", "true", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    proc = mvmctl("up", "--template", "python-3.12", check=False)
+    assert proc.returncode == 2 and "python-3.13" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_template_ls_and_doctor() -> None:
+    available = json.loads(mvmctl("template", "ls", "--available", "--json").stdout)
+    assert "python-3.13" in available and "python-3.12" not in available
+    report = json.loads(mvmctl("doctor", "--json").stdout)
+    assert report["namespace"]["ok"] is True
+    assert "vm" in report and "default_backend" in report
+
+
+def test_down_all(tmp_path: Path) -> None:
+    mvmctl("up", "--name", "cli-doomed", "--backend", "namespace")
+    out = json.loads(mvmctl("down", "cli-doomed", "--json").stdout)
+    assert out["destroyed"] == ["cli-doomed"]
+    assert "cli-doomed" not in [s["name"] for s in json.loads(mvmctl("ls", "--json").stdout)]

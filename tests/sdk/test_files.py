@@ -1,0 +1,83 @@
+"""sandbox.files on every backend."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import mvm
+from mvm import errors
+
+
+def test_write_read_text_and_bytes(sandbox: mvm.Sandbox) -> None:
+    entry = sandbox.files.write("/work/input.json", b"{}")
+    assert entry.size == 2 and entry.type == "file"
+    assert sandbox.files.read("/work/input.json") == b"{}"
+    sandbox.files.write("/work/t.txt", "héllo")
+    assert sandbox.files.read_text("/work/t.txt") == "héllo"
+
+
+def test_write_creates_parents_and_sets_mode(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.write("/deep/a/b/c/run.sh", "#!/bin/sh\necho ran\n", mode=0o755)
+    assert sandbox.files.stat("/deep/a/b/c/run.sh").mode & 0o777 == 0o755
+    assert sandbox.commands.run(["/deep/a/b/c/run.sh"]).stdout == "ran\n"
+
+
+def test_large_file_round_trip(sandbox: mvm.Sandbox) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 17)
+    sandbox.files.write("/tmp/big.bin", data)
+    assert sandbox.files.stat("/tmp/big.bin").size == len(data)
+    assert sandbox.files.read("/tmp/big.bin") == data
+
+
+def test_read_is_bounded_by_max_bytes(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.write("/tmp/ten-k", b"x" * 10_000)
+    with pytest.raises(errors.TooLarge):
+        sandbox.files.read("/tmp/ten-k", max_bytes=1000)
+    assert len(sandbox.files.read("/tmp/ten-k", max_bytes=10_000)) == 10_000
+
+
+def test_list_stat_mkdir_move_remove(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.mkdir("/work/listing/sub")
+    sandbox.files.write("/work/listing/a.txt", "a")
+    sandbox.files.write("/work/listing/b.txt", "bb")
+    entries = sandbox.files.list("/work/listing")
+    assert [(e.name, e.type) for e in entries] == [("a.txt", "file"), ("b.txt", "file"), ("sub", "dir")]
+    assert all(isinstance(e, mvm.FileEntry) for e in entries)
+    sandbox.files.move("/work/listing/a.txt", "/work/listing/sub/a2.txt")
+    assert sandbox.files.read("/work/listing/sub/a2.txt") == b"a"
+    assert not sandbox.files.exists("/work/listing/a.txt")
+    sandbox.files.remove("/work/listing/b.txt")
+    assert [e.name for e in sandbox.files.list("/work/listing")] == ["sub"]
+    with pytest.raises(errors.DirectoryNotEmpty):
+        sandbox.files.remove("/work/listing")
+    sandbox.files.remove("/work/listing", recursive=True)
+    assert not sandbox.files.exists("/work/listing")
+
+
+def test_errors_name_the_path(sandbox: mvm.Sandbox) -> None:
+    with pytest.raises(mvm.FileNotFoundInSandbox) as info:
+        sandbox.files.read("/no/such/file")
+    assert info.value.path == "/no/such/file"
+    sandbox.files.write("/tmp/plain", "x")
+    with pytest.raises(mvm.NotADirectory):
+        sandbox.files.list("/tmp/plain")
+    with pytest.raises(mvm.InvalidArgument, match="path"):
+        sandbox.files.read("relative/path")
+
+
+def test_move_refuses_to_overwrite_unless_asked(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.write("/tmp/m1", "1")
+    sandbox.files.write("/tmp/m2", "2")
+    with pytest.raises(errors.FileExistsInSandbox):
+        sandbox.files.move("/tmp/m1", "/tmp/m2")
+    sandbox.files.move("/tmp/m1", "/tmp/m2", overwrite=True)
+    assert sandbox.files.read("/tmp/m2") == b"1"
+
+
+def test_file_ops_are_audited(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.write("/tmp/audited", "x")
+    audit_lines = [e.message for e in sandbox.logs() if e.source == "audit"]
+    assert any('"op": "fs.write"' in line for line in audit_lines)
+    assert not any("audited" in line and "x" == line for line in audit_lines)

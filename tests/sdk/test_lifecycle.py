@@ -1,0 +1,156 @@
+"""Create, connect, list, stop/start, destroy, TTL and crash cleanup on every backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import mvm
+from mvm import errors
+from mvm.paths import sandboxes_dir
+
+TEMPLATE = "python-3.13"
+
+
+def _wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def test_seed_example_shape_works_live(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "x.py").write_text("X = 1\n")
+    monkeypatch.setenv("MVM_INCLUDE_BASE", str(tmp_path))
+    monkeypatch.setenv("MVM_SECRET_API_KEY", "s3cr3t-canary-value")
+    with mvm.Sandbox.create(
+        TEMPLATE, workload_id="agent-tool", ttl="30m", include=["src"], backend=backend,
+        resources=mvm.resources(cpu_cores=1, memory_mb=512, rootfs_size_mb=1024),
+        network=mvm.network(mode="deny"),
+    ) as sandbox:
+        assert sandbox.files.read("/app/src/x.py") == b"X = 1\n"
+        sandbox.files.write("/app/main.py", "print('hello from mvm')")
+        p = sandbox.commands.start(["python", "-c", "import os; print(os.environ['API_KEY'] == 's3cr3t-canary-value')"],
+                                   env={"MODE": "dev", "API_KEY": mvm.secret("api-key")})
+        assert p.wait(timeout=30) == 0
+        assert list(p.stdout) == ["True\n"]
+        r = sandbox.commands.run(["python", "/app/main.py"], timeout_seconds=30)
+        assert (r.exit_code, r.stdout) == (0, "hello from mvm\n")
+        info = sandbox.describe()
+        assert info.isolation == ("vm" if backend == "vm" else "namespace")
+        assert info.workload_id == "agent-tool"
+        home = Path(os.environ["MVM_HOME"])
+        for path in home.rglob("*"):
+            if path.is_file() and not path.is_socket():
+                assert b"s3cr3t-canary-value" not in path.read_bytes(), path
+        sandbox_dir = sandboxes_dir() / sandbox.id
+        assert sandbox_dir.exists()
+    assert not sandbox_dir.exists()
+
+
+def test_missing_secret_fails_at_the_call(backend: str) -> None:
+    os.environ.pop("MVM_SECRET_NOT_SET_ANYWHERE", None)
+    with pytest.raises(mvm.SecretNotFound, match="not-set-anywhere"):
+        mvm.Sandbox.create(TEMPLATE, backend=backend, env={"K": mvm.secret("not-set-anywhere")})
+    assert list(sandboxes_dir().iterdir()) == [] or all(
+        (d / "state.json").exists() for d in sandboxes_dir().iterdir())
+
+
+def test_unknown_template_lists_the_buildable_ones_and_leaves_nothing(backend: str) -> None:
+    before = set(sandboxes_dir().iterdir())
+    with pytest.raises(mvm.TemplateNotFound) as info:
+        mvm.Sandbox.create("python-3.12", backend=backend)
+    assert "python-3.13" in info.value.available and "python-3.12" not in info.value.available
+    assert "python-3.13" in str(info.value)
+    assert set(sandboxes_dir().iterdir()) == before
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"resources": "big"}, "resources"),
+    ({"ttl": "forever"}, "ttl"),
+    ({"name": "Bad Name!"}, "name"),
+    ({"include": ["../../etc"]}, "include"),
+    ({"env": {"A": 1}}, "env"),
+])
+def test_bad_input_names_the_field_and_leaves_nothing(backend: str, kwargs: dict, field: str) -> None:  # type: ignore[type-arg]
+    before = set(sandboxes_dir().iterdir())
+    with pytest.raises(mvm.InvalidArgument) as info:
+        mvm.Sandbox.create(TEMPLATE, backend=backend, **kwargs)
+    assert field in str(info.value)
+    assert set(sandboxes_dir().iterdir()) == before
+
+
+def test_policy_builders_validate_at_the_call() -> None:
+    with pytest.raises(mvm.InvalidArgument, match="memory_mb"):
+        mvm.resources(memory_mb=1)
+    with pytest.raises(mvm.InvalidNetworkPolicy, match="mode"):
+        mvm.network(mode="sometimes")
+    with pytest.raises(mvm.InvalidArgument, match="backend"):
+        mvm.Sandbox.create(TEMPLATE, backend="docker")
+
+
+def test_stop_keeps_files_start_runs_again_and_states_are_enforced(backend: str) -> None:
+    with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m") as sandbox:
+        sandbox.files.write("/data/kept.txt", "still here")
+        assert sandbox.describe().state == "running"
+        assert sandbox.stop().state == "stopped"
+        with pytest.raises(errors.InvalidState, match="stopped"):
+            sandbox.commands.run(["true"])
+        assert sandbox.start().state == "running"
+        assert sandbox.files.read("/data/kept.txt") == b"still here"
+    with pytest.raises(errors.InvalidState, match="destroyed"):
+        sandbox.commands.run(["true"])
+    sandbox.kill()  # twice is fine
+
+
+def test_connect_and_list_from_another_process(backend: str) -> None:
+    with mvm.Sandbox.create(TEMPLATE, backend=backend, name=f"shared-{backend}", ttl="10m") as sandbox:
+        assert sandbox.id in [i.id for i in mvm.Sandbox.list()]
+        code = textwrap.dedent(f"""
+            import mvm
+            sb = mvm.Sandbox.connect("shared-{backend}")
+            print(sb.commands.run(["echo", "from-elsewhere"]).stdout, end="")
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert out.stdout == "from-elsewhere\n", out.stderr
+        with pytest.raises(mvm.InvalidArgument, match="already exists"):
+            mvm.Sandbox.create(TEMPLATE, backend=backend, name=f"shared-{backend}")
+    with pytest.raises(mvm.SandboxNotFound):
+        mvm.Sandbox.connect(f"shared-{backend}")
+
+
+def test_ttl_destroys_the_sandbox_after_its_creator_was_killed(backend: str) -> None:
+    code = textwrap.dedent(f"""
+        import mvm, os, sys
+        sb = mvm.Sandbox.create("{TEMPLATE}", backend="{backend}", ttl=4)
+        print(sb.id, flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    sandbox_id = proc.stdout.strip()
+    assert (sandboxes_dir() / sandbox_id).exists()
+    assert _wait_until(lambda: not (sandboxes_dir() / sandbox_id).exists(), timeout=60)
+    assert sandbox_id not in [i.id for i in mvm.Sandbox.list()]
+
+
+def test_dead_supervisor_is_detected_and_cleaned(backend: str) -> None:
+    sandbox = mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m")
+    directory = sandboxes_dir() / sandbox.id
+    record = __import__("json").loads((directory / "state.json").read_text())
+    host_pids = sandbox.describe().details.get("host_pids") or []
+    os.kill(record["supervisor_pid"], signal.SIGKILL)
+    assert _wait_until(lambda: sandbox.id not in [i.id for i in mvm.Sandbox.list()], timeout=30)
+    assert not directory.exists()
+    for pid in host_pids:
+        assert _wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), timeout=10), pid
