@@ -128,8 +128,8 @@ class Supervisor:
         ttl = config.get("ttl_seconds")
         self.expires_at: float | None = self.created_at + float(ttl) if ttl else None
         self.error: str | None = None
-        secret_values = [v for v in secret_env.values() if len(v) >= 4]
-        self.logs = LogBook(directory / "logs.jsonl", redact=_make_redactor(secret_values))
+        self.secret_values: set[str] = {v for v in secret_env.values() if len(v) >= 4}
+        self.logs = LogBook(directory / "logs.jsonl", redact=self._redact)
         self.audit = Auditor(self.sandbox_id, self.logs)
         self.processes = ProcessTable()
         self.agent = AgentLink(on_event=self._on_agent_event, on_lost=self._on_agent_lost)
@@ -171,6 +171,12 @@ class Supervisor:
     def on_backend(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the backend thread and return its result."""
         return self._backend_thread.submit(fn, *args).result()
+
+    def _redact(self, text: str) -> str:
+        """Mask every secret value this supervisor has handled (log lines, audit details)."""
+        for value in sorted(self.secret_values, key=len, reverse=True):
+            text = text.replace(value, "[redacted]")
+        return text
 
     def _configure_agent(self) -> None:
         self.agent.call("agent.configure", {
@@ -338,6 +344,7 @@ class Supervisor:
             raise errors.InvalidArgument("argv", "must be a non-empty list of strings", allowed="e.g. ['python', 'main.py']")
         env = self._env_for(ctx.args.get("env") or {})
         secret_keys = set(ctx.args.get("secret_env_keys") or []) | set(self.secret_env)
+        self.secret_values.update(env[k] for k in secret_keys if k in env and len(env[k]) >= 4)
         audit_args = {"argv": argv, "env_keys": sorted(env), "cwd": ctx.args.get("cwd")}
         try:
             result, _ = self.agent.call("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
@@ -622,17 +629,6 @@ class Supervisor:
             self.listener.close()
         shutil.rmtree(self.directory, ignore_errors=True)
         os._exit(0)
-
-
-def _make_redactor(values: list[str]) -> Callable[[str], str]:
-    ordered = sorted(set(values), key=len, reverse=True)
-
-    def redact(text: str) -> str:
-        for value in ordered:
-            text = text.replace(value, "[redacted]")
-        return text
-
-    return redact
 
 
 def _argv_summary(argv: list[str]) -> str:

@@ -1,0 +1,114 @@
+"""Sandbox speed, as ratios against baselines measured in the same run.
+
+    .venv/bin/python bench/sandbox_bench.py [--backend namespace|vm] [--runs N]
+
+Rows:
+  create -> first commands.run result   vs a bare `bwrap` launch of the same template
+                                          (namespace) or a bare QEMU boot to /init (vm)
+  commands.run(["true"]) round trip      vs local subprocess.run(["true"])
+  files.write + files.read, 1 and 64 MiB vs a local file copy of the same bytes
+Targets (issue 2, namespace): create->first result < 150 ms median; round trip
+overhead < 2 ms over the local baseline. E2B's published create is ~150 ms;
+Firecracker's boot target is <= 125 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import mvm  # noqa: E402
+from mvm.templates import ensure_template  # noqa: E402
+
+TEMPLATE = "python-3.13"
+
+
+def timed(fn: Callable[[], object], runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def bare_bwrap(rootfs: Path) -> None:
+    subprocess.run(["bwrap", "--unshare-all", "--ro-bind", str(rootfs), "/", "--proc", "/proc", "--dev", "/dev",
+                    "/usr/bin/python3", "-c", "pass"], check=True)
+
+
+def row(label: str, ours: list[float], base: list[float], base_label: str) -> None:
+    o, b = median_ms(ours), median_ms(base)
+    print(f"| {label:<44} | {o:9.2f} ms | {base_label:<34} | {b:9.2f} ms | {o / b:7.2f}x | {o - b:+9.2f} ms |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", default=os.environ.get("MVM_BACKEND", "namespace"))
+    parser.add_argument("--runs", type=int, default=20)
+    ns = parser.parse_args()
+    image = ensure_template(TEMPLATE)
+
+    print(f"backend={ns.backend} template={TEMPLATE} runs={ns.runs} host_cores={os.cpu_count()}")
+    print("| measurement                                  |      mvm     | baseline                           |"
+          "  baseline    |  ratio   |  overhead    |")
+    print("|---|---|---|---|---|---|")
+
+    def create_and_first_result() -> None:
+        with mvm.Sandbox.create(TEMPLATE, backend=ns.backend, ttl="5m") as sb:
+            sb.commands.run(["true"])
+
+    create_and_first_result()  # warm caches (template, ready snapshot)
+    create_runs = max(5, ns.runs // 2) if ns.backend == "vm" else ns.runs
+    ours = timed(create_and_first_result, create_runs)
+    if ns.backend == "vm":
+        from mvm.backends.vm.baseline import bare_boot_to_init  # the floor: same kernel + initramfs
+
+        base = timed(bare_boot_to_init, 3)
+        row("create -> first commands.run result", ours, base, "bare qemu boot to /init")
+    else:
+        base = timed(lambda: bare_bwrap(image.rootfs), ns.runs)
+        row("create -> first commands.run result", ours, base, "bare bwrap + python3 -c pass")
+
+    with mvm.Sandbox.create(TEMPLATE, backend=ns.backend, ttl="10m") as sb:
+        sb.commands.run(["true"])
+        ours = timed(lambda: sb.commands.run(["true"]), ns.runs * 5)
+        base = timed(lambda: subprocess.run(["true"]), ns.runs * 5)
+        row('commands.run(["true"]) round trip', ours, base, 'local subprocess.run(["true"])')
+
+        for size_mb in (1, 64):
+            data = os.urandom(size_mb * 1024 * 1024)
+            tmp = Path(tempfile.mkdtemp())
+            src = tmp / "src.bin"
+            src.write_bytes(data)
+
+            def ours_rw() -> None:
+                sb.files.write("/tmp/bench.bin", data)
+                assert len(sb.files.read("/tmp/bench.bin", max_bytes=len(data))) == len(data)
+
+            def local_rw() -> None:
+                shutil.copyfile(src, tmp / "dst.bin")
+                assert len((tmp / "dst.bin").read_bytes()) == len(data)
+
+            runs = ns.runs if size_mb == 1 else max(3, ns.runs // 5)
+            row(f"files.write+read {size_mb} MiB", timed(ours_rw, runs), timed(local_rw, runs),
+                "local copy + read")
+            shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
