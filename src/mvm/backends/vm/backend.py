@@ -1,0 +1,702 @@
+"""``VmBackend``: each sandbox is a QEMU ``microvm`` (KVM when it provably works, TCG otherwise).
+
+Files of one instance, all under ``spec.backend_dir``::
+
+    backend.json      what to undo (QEMU pid + start time, socket dir, disk layers)
+    disk-N.qcow2      the active overlay and the frozen layers under it
+    snapdisk-N.qcow2  a hard link to a restored snapshot's (or the ready snapshot's) disk
+    console.log(.1)   the guest serial console, trimmed when it grows past CONSOLE_MAX
+    qemu.log          QEMU's own stderr
+    agent.sock, qmp.sock  (or in /tmp/mvm-<uid>/<id>/ when the path would be too long)
+
+A snapshot directory holds ``memory.bin`` (QMP ``migrate`` to ``exec:cat``),
+``disk.qcow2`` (the disk frozen at the same instant, one qcow2 layer over the
+template's read-only base) and ``vm.json`` (what a restore must match).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ...errors import InvalidArgument, InvalidState, SandboxError
+from ...protocol.channel import ChannelClosed, FramedChannel
+from ...protocol.codec import ProtocolError
+from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
+from . import disk, ready
+from .accel import probe_accelerator
+from .initramfs import INIT_FAIL_PREFIX, busybox_path, ensure_initramfs, initramfs_digest
+from .kernel import Kernel, ensure_kernel, kernel_obtainable
+from .process import kill_recorded, spawn, start_time, terminate
+from .qemu import (
+    DEVICES,
+    MACHINE,
+    QemuConfig,
+    kernel_cmdline,
+    qemu_binary,
+    qemu_img,
+    qemu_version,
+    vcpus_for,
+)
+from .qmp import QmpClient
+
+SNAPSHOT_FORMAT = 1
+CONSOLE_MAX = 1024 * 1024  # console.log is rotated to console.log.1 past this
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes including the NUL
+_MIGRATE_TIMEOUT = 300.0
+
+
+def _boot_timeout(accel: str) -> float:
+    env = os.environ.get("MVM_VM_BOOT_TIMEOUT")
+    if env:
+        try:
+            return float(env)
+        except ValueError:
+            raise InvalidArgument("MVM_VM_BOOT_TIMEOUT", f"not a number: {env!r}", allowed="seconds > 0") from None
+    return 30.0 if accel == "tcg" else 10.0
+
+
+class VmBackend(Backend):
+    """QEMU microVMs: hardware-virtualisation isolation (or full emulation under TCG)."""
+
+    name = "vm"
+    isolation = "vm"
+
+    def __init__(self, use_ready_snapshots: bool = True):
+        self.use_ready_snapshots = use_ready_snapshots
+
+    def availability(self) -> Availability:
+        missing = []
+        if qemu_binary() is None:
+            missing.append("qemu-system-x86_64 (apt-get install qemu-system-x86)")
+        if qemu_img() is None:
+            missing.append("qemu-img (apt-get install qemu-utils)")
+        if busybox_path() is None:
+            missing.append("a static busybox (apt-get install busybox-static)")
+        for tool in ("mkfs.ext4", "resize2fs", "e2fsck"):
+            if shutil.which(tool) is None:
+                missing.append(f"{tool} (apt-get install e2fsprogs)")
+        if missing:
+            return Availability(False, "missing: " + ", ".join(missing))
+        ok, why = kernel_obtainable()
+        if not ok:
+            return Availability(False, f"no guest kernel: {why}")
+        details: dict[str, Any] = {"qemu": qemu_version(), "machine": MACHINE}
+        return Availability(True, "", details)
+
+    def create(self, spec: SandboxSpec) -> VmInstance:
+        return VmInstance(self, spec)
+
+    def cleanup_orphan(self, state_dir: Path) -> None:
+        backend_dir = state_dir / "backend"
+        try:
+            record = json.loads((backend_dir / "backend.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        pid = record.get("pid")
+        if isinstance(pid, int):
+            kill_recorded(pid, record.get("pid_start_time"))
+        sock_dir = record.get("socket_dir")
+        if sock_dir and Path(sock_dir) != backend_dir and Path(sock_dir).name == record.get("sandbox_id"):
+            shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.rmtree(backend_dir, ignore_errors=True)
+
+
+def probe() -> dict[str, Any]:
+    """For ``mvmctl doctor``: the accelerator verdict (see ``accel.probe_accelerator``)."""
+    return probe_accelerator()
+
+
+class VmInstance(BackendInstance):
+    def __init__(self, backend: VmBackend, spec: SandboxSpec):
+        self.backend = backend
+        self.spec = spec
+        self._lock = threading.RLock()
+        self.dir = spec.backend_dir
+        res = spec.resources
+        if res.memory_mb < 64:
+            raise InvalidArgument("memory_mb", f"{res.memory_mb} MiB is too small for a microVM", allowed=">= 64")
+        if res.cpu_cores <= 0:
+            raise InvalidArgument("cpu_cores", f"{res.cpu_cores} is not positive", allowed="> 0")
+        self.vcpus = vcpus_for(res.cpu_cores)
+        self.memory_mb = int(res.memory_mb)
+        self.rootfs_size_mb = int(res.rootfs_size_mb)
+
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.socket_dir = self._choose_socket_dir()
+        self._write_record()  # before anything that may leave a trace
+        self.kernel: Kernel = ensure_kernel()
+        self.initrd = ensure_initramfs(self.kernel)
+        verdict = probe_accelerator(kernel=self.kernel)
+        self.accel: str = verdict["accel"]
+        self.kvm_status: str = verdict["kvm_status"]
+        self.base = disk.sized_base(spec.template, self.rootfs_size_mb)
+        self.cmdline = kernel_cmdline(self.accel, [*spec.template.agent_command, "--virtio-port", "agent"])
+        self.boot_timeout = _boot_timeout(self.accel)
+
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QmpClient | None = None
+        self._state = "created"  # created | running | paused | stopped | destroyed
+        self._boot: str | None = None  # "cold" | "restored"
+        self._layers: list[str] = []  # disk files in this dir, bottom first; the last is active
+        self._layer_seq = 0
+        self._console_thread: threading.Thread | None = None
+        self._console_stop = threading.Event()
+        self._ready_note = ""
+        self._write_record()
+
+    # ------------------------------------------------------------------ paths and records
+
+    def _choose_socket_dir(self) -> Path:
+        if len(str(self.dir / "agent.sock").encode()) <= _SUN_PATH_MAX - 4:
+            return self.dir
+        short = Path(f"/tmp/mvm-{os.getuid()}") / self.spec.sandbox_id
+        if len(str(short / "agent.sock").encode()) > _SUN_PATH_MAX:
+            raise InvalidArgument("sandbox_id", "too long for a Unix socket path", allowed="<= 64 characters")
+        short.parent.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(short.parent, 0o700)
+        short.mkdir(mode=0o700, exist_ok=True)
+        return short
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.socket_dir / "agent.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.socket_dir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    def _write_record(self) -> None:
+        proc = getattr(self, "_proc", None)
+        record = {
+            "backend": "vm",
+            "sandbox_id": self.spec.sandbox_id,
+            "pid": proc.pid if proc is not None and proc.poll() is None else None,
+            "pid_start_time": start_time(proc.pid) if proc is not None and proc.poll() is None else None,
+            "socket_dir": str(self.socket_dir),
+            "layers": list(getattr(self, "_layers", [])),
+            "state": getattr(self, "_state", "created"),
+            "boot": getattr(self, "_boot", None),
+        }
+        if getattr(self, "_state", "") == "destroyed" or not self.dir.is_dir():
+            return
+        tmp = self.dir / "backend.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, self.dir / "backend.json")
+
+    def _new_layer_name(self, prefix: str = "disk") -> str:
+        self._layer_seq += 1
+        while (self.dir / f"{prefix}-{self._layer_seq}.qcow2").exists():
+            self._layer_seq += 1
+        return f"{prefix}-{self._layer_seq}.qcow2"
+
+    # ------------------------------------------------------------------ QEMU process
+
+    def _config(self, incoming: str | None = None) -> QemuConfig:
+        return QemuConfig(
+            accel=self.accel,
+            vcpus=self.vcpus,
+            memory_mb=self.memory_mb,
+            kernel=self.kernel.boot_image,
+            initrd=self.initrd,
+            cmdline=self.cmdline,
+            console_log=self.console_log,
+            qmp_socket=self.qmp_socket,
+            agent_socket=self.agent_socket,
+            disk=self.dir / self._layers[-1],
+            incoming=incoming,
+        )
+
+    def _launch(self, incoming: str | None = None) -> None:
+        for sock in (self.agent_socket, self.qmp_socket):
+            sock.unlink(missing_ok=True)
+        self._proc = spawn(self._config(incoming).argv(), self.dir / "qemu.log")
+        self._write_record()
+        self._start_console_watch()
+        qmp = QmpClient(self.qmp_socket, timeout=_MIGRATE_TIMEOUT)
+        try:
+            qmp.connect(time.monotonic() + 10, alive=lambda: self._proc is not None and self._proc.poll() is None)
+        except SandboxError:
+            self._kill()
+            raise SandboxError(f"vm: QEMU did not start: {self._diagnostics()}") from None
+        self._qmp = qmp
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _kill(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self._proc is not None:
+            terminate(self._proc, grace=2.0)
+            self._proc = None
+        self._console_stop.set()
+        for sock in (self.agent_socket, self.qmp_socket):
+            sock.unlink(missing_ok=True)
+        self._write_record()
+
+    def _connect_agent(self, deadline: float) -> socket.socket:
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.agent_socket))
+                return sock
+            except OSError:
+                sock.close()
+            if time.monotonic() > deadline or not self._alive():
+                raise SandboxError(f"vm: cannot connect to the agent socket: {self._diagnostics()}")
+            time.sleep(0.005)
+
+    def _await_agent(self, deadline: float) -> socket.socket:
+        """Connect and exchange hellos: proves the guest booted to a working agent."""
+        sock = self._connect_agent(deadline)
+        channel = FramedChannel(sock)
+        result: dict[str, Any] = {}
+
+        def handshake() -> None:
+            try:
+                result["hello"] = channel.handshake("supervisor")
+            except (ChannelClosed, ProtocolError, OSError) as exc:
+                result["error"] = exc
+
+        worker = threading.Thread(target=handshake, daemon=True, name="mvm-vm-hello")
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+            if time.monotonic() > deadline or not self._alive():
+                break
+        if "hello" in result:
+            return sock
+        timed_out = "error" not in result
+        sock.close()  # unblocks the worker
+        if self._proc is not None:
+            try:  # a guest that died resets the channel a moment before QEMU exits
+                self._proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        exited = not self._alive()
+        self._kill()
+        if exited:
+            why = "the VM exited before the agent answered (guest init or agent failed)"
+        elif not timed_out:
+            why = f"the agent channel failed ({result['error']})"
+        else:
+            why = f"the guest agent did not answer within {self.boot_timeout:.0f} s (accelerator {self.accel})"
+        raise SandboxError(f"vm: boot failed: {why}; {self._diagnostics()}", console_tail=self.console_tail())
+
+    def console_tail(self, lines: int = 25) -> str:
+        try:
+            data = self.console_log.read_bytes()[-16384:]
+        except OSError:
+            return ""
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+    def _diagnostics(self) -> str:
+        parts = []
+        tail = self.console_tail()
+        init_lines = [line for line in tail.splitlines() if line.startswith(INIT_FAIL_PREFIX)]
+        if init_lines:
+            parts.append("guest init said: " + " | ".join(init_lines))
+        if tail:
+            parts.append("console tail:\n" + tail)
+        try:
+            qlog = (self.dir / "qemu.log").read_bytes()[-2000:].decode(errors="replace").strip()
+        except OSError:
+            qlog = ""
+        if qlog:
+            parts.append("qemu said: " + qlog)
+        return "\n".join(parts) or "no console output"
+
+    def _start_console_watch(self) -> None:
+        self._console_stop = threading.Event()
+        stop = self._console_stop
+
+        def watch() -> None:
+            while not stop.wait(2.0):
+                _trim_console(self.console_log)
+
+        self._console_thread = threading.Thread(target=watch, daemon=True, name="mvm-vm-console")
+        self._console_thread.start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> socket.socket:
+        with self._lock:
+            if self._state in ("running", "paused"):
+                raise InvalidState(f"vm: sandbox {self.spec.sandbox_id} is already {self._state}")
+            if self._state == "destroyed":
+                raise InvalidState(f"vm: sandbox {self.spec.sandbox_id} was destroyed")
+            if self._layers:
+                return self._cold_boot()  # re-start after stop(): boot on the kept overlay
+            if not self.backend.use_ready_snapshots:
+                self._layers.append(self._new_layer_name())
+                disk.create_overlay(self.dir / self._layers[-1], self.base, "raw", self.rootfs_size_mb)
+                return self._cold_boot()
+            key = ready.ready_key(self._ready_parts())
+            with ready.building(key):
+                found = ready.lookup(key)
+                if found is not None:
+                    try:
+                        return self._restore_from(found, ready.read_details(found), boot="restored")
+                    except SandboxError as exc:
+                        self._ready_note = f"ready snapshot failed to restore, rebuilt: {exc.message[:200]}"
+                        self._discard_layers()
+                        ready.discard(key)
+                self._layers.append(self._new_layer_name())
+                disk.create_overlay(self.dir / self._layers[-1], self.base, "raw", self.rootfs_size_mb)
+                sock = self._cold_boot(keep_hello_socket=True)
+                try:
+                    staged = ready.staging_dir(key)
+                    try:
+                        artifacts = self._snapshot_into(staged)
+                        ready.publish(key, staged, self._ready_parts(), artifacts.details)
+                    except Exception:
+                        shutil.rmtree(staged, ignore_errors=True)
+                        raise
+                except SandboxError as exc:
+                    self._ready_note = f"could not save the ready snapshot: {exc.message[:200]}"
+                # A fresh connection for the caller: our hello stays on ours.
+                sock.close()
+                return self._connect_agent(time.monotonic() + 10)
+
+    def _ready_parts(self) -> dict[str, Any]:
+        st = self.base.stat()
+        return {
+            "template": self.spec.template.digest,
+            "base": [str(self.base), st.st_size, st.st_mtime_ns, st.st_ino],
+            "kernel": self.kernel.version,
+            "initramfs": initramfs_digest(self.initrd),
+            "qemu": qemu_version(),
+            "accel": self.accel,
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+            "rootfs_size_mb": self.rootfs_size_mb,
+            "cmdline": self.cmdline,
+            "devices": list(DEVICES),
+        }
+
+    def _cold_boot(self, keep_hello_socket: bool = False) -> socket.socket:
+        started = time.monotonic()
+        _rotate_console(self.console_log)
+        self._launch()
+        sock = self._await_agent(started + self.boot_timeout)
+        self._state = "running"
+        self._boot = "cold"
+        self.boot_seconds = time.monotonic() - started
+        self._write_record()
+        if keep_hello_socket:
+            return sock
+        sock.close()
+        return self._connect_agent(time.monotonic() + 10)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._state not in ("running", "paused"):
+                return
+            if self._qmp is not None and self._alive():
+                try:
+                    self._qmp.execute("quit")
+                except SandboxError:
+                    pass
+                assert self._proc is not None
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._kill()
+            self._state = "stopped"
+            self._write_record()
+
+    def pause(self) -> None:
+        with self._lock:
+            self._require("running", "paused")
+            assert self._qmp is not None
+            self._qmp.execute("stop")
+            self._state = "paused"
+            self._write_record()
+
+    def resume(self) -> None:
+        with self._lock:
+            self._require("running", "paused")
+            assert self._qmp is not None
+            self._qmp.execute("cont")
+            self._state = "running"
+            self._write_record()
+
+    def _require(self, *states: str) -> None:
+        if self._state not in states:
+            raise InvalidState(
+                f"vm: sandbox {self.spec.sandbox_id} is {self._state}; this needs one of {', '.join(states)}"
+            )
+        if not self._alive():
+            self._kill()
+            self._state = "stopped"
+            raise SandboxError(f"vm: QEMU is no longer running: {self._diagnostics()}")
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, dest: Path) -> SnapshotArtifacts:
+        with self._lock:
+            self._require("running", "paused")
+            dest.mkdir(parents=True, exist_ok=True)
+            if any(dest.iterdir()):
+                raise InvalidArgument("dest", f"snapshot directory {dest} is not empty", allowed="an empty directory")
+            return self._snapshot_into(dest)
+
+    def _snapshot_into(self, dest: Path) -> SnapshotArtifacts:
+        """Stop, freeze the disk, stream memory to ``dest``, continue; disk layer copied last."""
+        assert self._qmp is not None
+        qmp = self._qmp
+        t0 = time.monotonic()
+        was_running = qmp.status() == "running"
+        if was_running:
+            qmp.execute("stop")
+        memory = dest / ready.MEMORY_FILE
+        frozen = self._layers[-1]
+        try:
+            # Freeze the disk at this instant: the VM continues on a new overlay over it.
+            new_layer = self._new_layer_name()
+            qmp.execute(
+                "blockdev-snapshot-sync",
+                device="disk0",
+                **{"snapshot-file": str(self.dir / new_layer), "format": "qcow2", "mode": "absolute-paths"},
+            )
+            os.chmod(self.dir / new_layer, 0o600)
+            self._layers.append(new_layer)
+            self._write_record()
+            os.close(os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # cat keeps the mode
+            qmp.execute("migrate-set-parameters", **{"max-bandwidth": 10_000_000_000})
+            qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
+            deadline = time.monotonic() + _MIGRATE_TIMEOUT
+            while True:
+                info = qmp.execute("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise SandboxError(f"vm: memory snapshot failed: {info.get('error-desc', status)}")
+                if time.monotonic() > deadline:
+                    qmp.execute("migrate_cancel")
+                    raise SandboxError(f"vm: memory snapshot did not finish within {_MIGRATE_TIMEOUT:.0f} s")
+                time.sleep(0.005)
+        finally:
+            if was_running:
+                qmp.execute("cont")
+        paused_seconds = time.monotonic() - t0
+        disk.flatten_onto(self.dir / frozen, self.base, dest / ready.DISK_FILE)
+        details = {
+            "format": SNAPSHOT_FORMAT,
+            "backend": "vm",
+            "qemu_version": qemu_version(),
+            "machine": MACHINE,
+            "accel": self.accel,
+            "memory_mb": self.memory_mb,
+            "vcpus": self.vcpus,
+            "devices": list(DEVICES),
+            "kernel_version": self.kernel.version,
+            "initramfs": initramfs_digest(self.initrd),
+            "cmdline": self.cmdline,
+            "template": self.spec.template.name,
+            "template_digest": self.spec.template.digest,
+            "rootfs_size_mb": self.rootfs_size_mb,
+            "base_disk": str(self.base.resolve()),
+            "base_disk_size": self.base.stat().st_size,
+            "base_disk_mtime_ns": self.base.stat().st_mtime_ns,
+            "was_running": was_running,
+            "memory_bytes": memory.stat().st_size,
+            "disk_bytes": (dest / ready.DISK_FILE).stat().st_size,
+            "paused_seconds": round(paused_seconds, 4),
+            "saved_seconds": round(time.monotonic() - t0, 4),
+        }
+        (dest / "vm.json").write_text(json.dumps(details, indent=2) + "\n")
+        os.chmod(dest / "vm.json", 0o600)
+        return SnapshotArtifacts(kind="full", files=(ready.MEMORY_FILE, ready.DISK_FILE, "vm.json"), details=details)
+
+    def restore(self, source: Path, artifacts: SnapshotArtifacts) -> socket.socket:
+        with self._lock:
+            if self._state == "destroyed":
+                raise InvalidState(f"vm: sandbox {self.spec.sandbox_id} was destroyed")
+            if artifacts.kind != "full":
+                raise InvalidArgument(
+                    "snapshot", f"a {artifacts.kind!r} snapshot cannot restore a VM", allowed=["full"]
+                )
+            details = dict(artifacts.details)
+            if not details:
+                try:
+                    details = json.loads((source / "vm.json").read_text())
+                except (OSError, ValueError):
+                    raise SandboxError(f"vm: snapshot {source} has no vm.json") from None
+            if self._state in ("running", "paused"):
+                self._kill()
+                self._state = "stopped"
+            self._discard_layers()
+            return self._restore_from(source, details, boot="restored")
+
+    def _check_compatible(self, details: dict[str, Any]) -> None:
+        mine = {
+            "qemu_version": qemu_version(),
+            "machine": MACHINE,
+            "accel": self.accel,
+            "memory_mb": self.memory_mb,
+            "vcpus": self.vcpus,
+            "devices": list(DEVICES),
+            "kernel_version": self.kernel.version,
+            "template_digest": self.spec.template.digest,
+        }
+        mismatched = [
+            f"{name}: snapshot has {details.get(name)!r}, this sandbox has {value!r}"
+            for name, value in mine.items()
+            if details.get(name) != value
+        ]
+        if mismatched:
+            raise InvalidArgument(
+                "snapshot", "was taken by an incompatible VM (" + "; ".join(mismatched) + ")",
+                allowed="a snapshot of the same template, kernel, QEMU, accelerator, cpu and memory",
+            )
+        base = Path(str(details.get("base_disk", "")))
+        try:
+            st = base.stat()
+        except OSError:
+            raise SandboxError(f"vm: the snapshot's base disk {base} is gone (template removed?)") from None
+        if (st.st_size, st.st_mtime_ns) != (details.get("base_disk_size"), details.get("base_disk_mtime_ns")):
+            raise SandboxError(f"vm: the snapshot's base disk {base} changed since the snapshot was taken")
+
+    def _restore_from(self, source: Path, details: dict[str, Any], boot: str) -> socket.socket:
+        self._check_compatible(details)
+        memory = source / ready.MEMORY_FILE
+        snap_disk = source / ready.DISK_FILE
+        if not memory.is_file() or not snap_disk.is_file():
+            raise SandboxError(f"vm: snapshot {source} lacks {ready.MEMORY_FILE} or {ready.DISK_FILE}")
+        started = time.monotonic()
+        pinned = self._new_layer_name("snapdisk")
+        disk.link_or_copy(snap_disk, self.dir / pinned)
+        self._layers.append(pinned)
+        top = self._new_layer_name()
+        disk.create_overlay(self.dir / top, self.dir / pinned, "qcow2")
+        self._layers.append(top)
+        self._write_record()
+        _rotate_console(self.console_log)
+        try:
+            self._launch(incoming=f"exec:cat {shlex.quote(str(memory))}")
+            assert self._qmp is not None
+            deadline = started + self.boot_timeout
+            while True:
+                status = self._qmp.status()
+                if status not in ("inmigrate", "prelaunch"):
+                    break
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"vm: restoring memory did not finish within {self.boot_timeout:.0f} s")
+                time.sleep(0.003)
+            if status not in ("paused", "postmigrate", "running"):
+                raise SandboxError(f"vm: restore ended in state {status!r}")
+            if status != "running":
+                self._qmp.execute("cont")
+            sock = self._connect_agent(deadline)
+        except SandboxError as exc:
+            diag = self._diagnostics()
+            self._kill()
+            self._state = "stopped"
+            raise SandboxError(f"{exc.message}; {diag}") from None
+        self._state = "running"
+        self._boot = boot
+        self.boot_seconds = time.monotonic() - started
+        self._write_record()
+        return sock
+
+    def _discard_layers(self) -> None:
+        for name in self._layers:
+            (self.dir / name).unlink(missing_ok=True)
+        self._layers = []
+        self._write_record()
+
+    # ------------------------------------------------------------------ teardown and facts
+
+    def destroy(self) -> None:
+        with self._lock:
+            if self._state == "destroyed":
+                return
+            self._kill()
+            self._state = "destroyed"
+            if self.socket_dir != self.dir:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        notes = [
+            f"microVM: QEMU {MACHINE}, accelerator {self.accel} ({self.kvm_status})",
+        ]
+        if self.accel == "tcg":
+            notes.append(
+                "software emulation (TCG): no hardware virtualisation; guest code runs 10-50x slower than native"
+            )
+            notes.append(
+                "guest ASLR is off (kernel arg norandmaps): under TCG it makes every process start ~3x "
+                "faster; a security trade-off inside the guest only"
+            )
+        notes.append(
+            "restored clones share the guest kernel's KASLR layout, and its boot_id if it was read before "
+            "the snapshot (it cannot be changed from userspace); the supervisor re-seeds their RNG after restore"
+        )
+        if self._ready_note:
+            notes.append(self._ready_note)
+        return {
+            "isolation": "vm",
+            "backend": "vm",
+            "accel": self.accel,
+            "kvm_status": self.kvm_status,
+            "machine": MACHINE,
+            "qemu_version": qemu_version(),
+            "kernel_version": self.kernel.version,
+            "kernel_release": self.kernel.release,
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+            "rootfs_size_mb": self.rootfs_size_mb,
+            "boot": self._boot,
+            "boot_seconds": round(getattr(self, "boot_seconds", 0.0), 3) or None,
+            "state": self._state,
+            "guest_aslr": self.accel != "tcg",
+            "network": "none (no network device)",
+            "notes": notes,
+        }
+
+    def host_pids(self) -> list[int]:
+        return [self._proc.pid] if self._alive() and self._proc is not None else []
+
+
+def _rotate_console(path: Path) -> None:
+    try:
+        if path.stat().st_size > 0:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
+
+
+def _trim_console(path: Path) -> None:
+    """Keep the guest's console bounded: past CONSOLE_MAX, keep the last part in ``.1`` and empty
+    the live file (QEMU appends, so it keeps writing at the new end)."""
+    try:
+        if path.stat().st_size <= CONSOLE_MAX:
+            return
+        with path.open("rb") as f:
+            f.seek(-CONSOLE_MAX // 4, os.SEEK_END)
+            tail = f.read()
+        path.with_name(path.name + ".1").write_bytes(tail)
+        os.truncate(path, 0)
+    except OSError:
+        pass
+
+
+__all__ = ["VmBackend", "VmInstance", "probe"]
