@@ -1,0 +1,113 @@
+"""Canonical JSON (RFC 8785, JCS) and digest helpers shared by the security modules.
+
+Everything mvm hashes or signs goes through :func:`canonical_json`, so the same
+object always gives the same bytes on every host and Python version.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+from datetime import UTC, datetime
+from collections.abc import Mapping
+from typing import Any
+
+import rfc8785
+
+from mvm.errors import InvalidArgument
+
+__all__ = [
+    "b64decode",
+    "b64encode",
+    "canonical_json",
+    "canonical_object",
+    "format_ts",
+    "parse_ts",
+    "sha256_digest",
+    "sha256_hex",
+    "utc_now",
+]
+
+
+def canonical_json(obj: Any, *, field: str = "value") -> bytes:
+    """The RFC 8785 canonical form of ``obj`` (dicts, lists/tuples, str, int, float, bool, None).
+
+    Integers must fit the IEEE-754 safe range (|n| < 2**53), floats must be finite;
+    otherwise :class:`InvalidArgument` naming ``field``.
+    """
+    try:
+        return rfc8785.dumps(obj)
+    except rfc8785.CanonicalizationError as exc:
+        raise InvalidArgument(field, f"cannot be written as canonical JSON: {exc}") from None
+    except TypeError as exc:  # an object type JSON has no form for
+        raise InvalidArgument(
+            field, f"cannot be written as canonical JSON: {exc}",
+            allowed="dict, list, str, int, float, bool, None",
+        ) from None
+
+
+def canonical_object(members: Mapping[str, bytes]) -> bytes:
+    """The canonical JSON of an object whose member values are already canonical bytes.
+
+    Equal to ``canonical_json({k: v ...})`` when each value is ``canonical_json(v)``; lets
+    a caller canonicalise each value once and build several objects from the pieces.
+    Keys must be ASCII (then code-point order is RFC 8785's UTF-16 order).
+    """
+    return b"{" + b",".join(_member_key(key) + members[key] for key in sorted(members)) + b"}"
+
+
+@functools.lru_cache(maxsize=256)
+def _member_key(key: str) -> bytes:
+    if not key.isascii():
+        raise InvalidArgument("key", f"{key!r} must be ASCII")
+    return rfc8785.dumps(key) + b":"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_digest(data: bytes) -> str:
+    """``"sha256:<hex>"`` of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_ts(when: datetime | float | str) -> str:
+    """ISO-8601 UTC with microseconds and a ``Z``: ``2025-01-31T12:00:00.123456Z``.
+
+    Accepts an aware or naive (taken as UTC) datetime, epoch seconds, or an ISO string.
+    """
+    if isinstance(when, str):
+        when = parse_ts(when)
+    elif isinstance(when, (int, float)) and not isinstance(when, bool):
+        when = datetime.fromtimestamp(float(when), UTC)
+    if not isinstance(when, datetime):
+        raise InvalidArgument("timestamp", f"unsupported type {type(when).__name__}",
+                              allowed="datetime, epoch seconds, ISO-8601 string")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> datetime:
+    """Parse an ISO-8601 timestamp (``Z`` or offset); naive means UTC."""
+    try:
+        when = datetime.fromisoformat(text)
+    except (ValueError, AttributeError):
+        raise InvalidArgument("timestamp", f"not an ISO-8601 time: {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)

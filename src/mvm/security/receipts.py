@@ -1,0 +1,152 @@
+"""Signed command receipts.
+
+A receipt says what ran and what came out, without holding either::
+
+    {
+      "v": 1, "type": "mvm.receipt", "receipt_id": "rcpt_<hex>", "audit_id": "aud_...",
+      "sandbox_id": "...", "template": {"name": "...", "digest": "..."},
+      "argv": {"sha256": "sha256:<hex of canonical JSON argv>", "count": N},
+      "env_keys": ["PATH", ...],                       # names only, never values
+      "exit_code": 0,
+      "stdout": {"sha256": "sha256:...", "size": N}, "stderr": {...},
+      "truncated": {"stdout": false, "stderr": false},
+      "started_at": "...Z", "ended_at": "...Z", "duration_ms": 12.5,
+      "signature": {"alg": "ed25519", "key_id": "ed25519:...", "sig": "<base64>"}
+    }
+
+``sig`` is Ed25519 (host key) over ``b"mvm-receipt-v1\\0" + canonical_json(receipt
+without "signature")``. The output hashes are of the bytes given to
+:func:`write_receipt` — pass what the caller got back (redacted, if redaction was on),
+so ``sha256(result.stdout)`` can be checked against the receipt.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mvm.errors import InvalidArgument, KeystoreError
+
+from ._fs import make_dirs, write_private_atomic
+from .canonical import canonical_json, format_ts, parse_ts, sha256_digest
+from .keys import PublicKeyLike, host_signing_key, key_id, load_public_key, sign, verify_signature
+
+__all__ = ["SIG_DOMAIN", "ReceiptCheck", "read_receipt", "verify_receipt", "write_receipt"]
+
+SIG_DOMAIN = b"mvm-receipt-v1"
+_FIELDS = ("v", "type", "receipt_id", "audit_id", "sandbox_id", "template", "argv", "env_keys", "exit_code",
+           "stdout", "stderr", "truncated", "started_at", "ended_at", "duration_ms", "signature")
+
+
+class ReceiptCheck(NamedTuple):
+    """``(ok, problem)``; ``problem`` is ``None`` when ``ok``."""
+
+    ok: bool
+    problem: str | None
+
+
+def _truncation(truncated: bool | Mapping[str, bool]) -> dict[str, bool]:
+    if isinstance(truncated, Mapping):
+        return {"stdout": bool(truncated.get("stdout", False)), "stderr": bool(truncated.get("stderr", False))}
+    return {"stdout": bool(truncated), "stderr": bool(truncated)}
+
+
+def write_receipt(directory: Path | str, *, sandbox_id: str, template: str, template_digest: str | None,
+                  argv: Iterable[str], env_keys: Iterable[str], exit_code: int | None, stdout: bytes,
+                  stderr: bytes, started_at: datetime | float | str, ended_at: datetime | float | str,
+                  audit_id: str | None, truncated: bool | Mapping[str, bool],
+                  signer: Ed25519PrivateKey | None = None, filename: str | None = None) -> Path:
+    """Write a signed receipt into ``directory`` (created 0700 if missing; the file is 0600) and
+    return its path: ``<directory>/<receipt_id>.json`` unless ``filename`` is given.
+
+    ``truncated``: one bool for both streams, or ``{"stdout": bool, "stderr": bool}``.
+    Times: datetime, epoch seconds or ISO strings. ``signer`` defaults to the host key.
+    """
+    argv_list = list(argv)
+    if not all(isinstance(a, str) for a in argv_list):
+        raise InvalidArgument("argv", "every argument must be a str")
+    if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
+        raise InvalidArgument("exit_code", f"{exit_code!r}", allowed="an int or None")
+    if filename is not None and (not filename or "/" in filename or filename in (".", "..")):
+        raise InvalidArgument("filename", f"{filename!r} is not a plain file name")
+    key = signer if signer is not None else host_signing_key()
+    started = format_ts(started_at)
+    ended = format_ts(ended_at)
+    duration_ms = round((parse_ts(ended) - parse_ts(started)).total_seconds() * 1000, 3)
+    receipt_id = "rcpt_" + secrets.token_hex(10)
+    body: dict[str, Any] = {
+        "v": 1,
+        "type": "mvm.receipt",
+        "receipt_id": receipt_id,
+        "audit_id": audit_id,
+        "sandbox_id": sandbox_id,
+        "template": {"name": template, "digest": template_digest},
+        "argv": {"sha256": sha256_digest(canonical_json(argv_list, field="argv")), "count": len(argv_list)},
+        "env_keys": sorted({str(k) for k in env_keys}),
+        "exit_code": exit_code,
+        "stdout": {"sha256": sha256_digest(bytes(stdout)), "size": len(stdout)},
+        "stderr": {"sha256": sha256_digest(bytes(stderr)), "size": len(stderr)},
+        "truncated": _truncation(truncated),
+        "started_at": started,
+        "ended_at": ended,
+        "duration_ms": duration_ms,
+    }
+    body["signature"] = {"alg": "ed25519", "key_id": key_id(key),
+                         "sig": sign(key, SIG_DOMAIN, canonical_json(body))}
+    directory = make_dirs(Path(directory))
+    path = directory / (filename or f"{receipt_id}.json")
+    write_private_atomic(path, json.dumps(body, indent=2, sort_keys=True).encode() + b"\n")
+    return path
+
+
+def read_receipt(path: Path | str) -> dict[str, Any]:
+    """The receipt as a dict (unverified; use :func:`verify_receipt`)."""
+    data = json.loads(Path(path).read_bytes())
+    if not isinstance(data, dict):
+        raise InvalidArgument("receipt", f"{path} is not a receipt")
+    return data
+
+
+def verify_receipt(path: Path | str, public_key: PublicKeyLike = None, *, stdout: bytes | None = None,
+                   stderr: bytes | None = None, argv: Iterable[str] | None = None) -> ReceiptCheck:
+    """Check a receipt's signature (default key: the host's) and, if given, that
+    ``stdout``/``stderr``/``argv`` match what it records. Never raises for a bad receipt."""
+    try:
+        receipt = read_receipt(path)
+    except FileNotFoundError:
+        return ReceiptCheck(False, f"no receipt at {path}")
+    except (OSError, ValueError, InvalidArgument) as exc:
+        return ReceiptCheck(False, f"not a readable receipt: {exc}")
+    missing = [k for k in _FIELDS if k not in receipt]
+    if missing:
+        return ReceiptCheck(False, f"missing field(s): {', '.join(missing)} (edited?)")
+    if receipt.get("type") != "mvm.receipt" or receipt.get("v") != 1:
+        return ReceiptCheck(False, "not an mvm receipt (type/v)")
+    signature = receipt.pop("signature")
+    if not isinstance(signature, dict) or signature.get("alg") != "ed25519":
+        return ReceiptCheck(False, "signature missing or not ed25519")
+    try:
+        public = load_public_key(public_key)
+    except (KeystoreError, InvalidArgument) as exc:
+        return ReceiptCheck(False, exc.message)
+    kid = key_id(public)
+    if signature.get("key_id") != kid:
+        return ReceiptCheck(False, f"signed by key {signature.get('key_id')}, not by the key given ({kid}): wrong key")
+    try:
+        body = canonical_json(receipt)
+    except InvalidArgument:
+        return ReceiptCheck(False, "content cannot be canonicalised (edited)")
+    if not verify_signature(public, SIG_DOMAIN, body, str(signature.get("sig", ""))):
+        return ReceiptCheck(False, "signature does not verify: the receipt was edited or forged")
+    for label, data in (("stdout", stdout), ("stderr", stderr)):
+        if data is not None and receipt[label].get("sha256") != sha256_digest(bytes(data)):
+            return ReceiptCheck(False, f"{label} given does not match the receipt's {label} hash")
+    if argv is not None and receipt["argv"].get("sha256") != sha256_digest(canonical_json(list(argv))):
+        return ReceiptCheck(False, "argv given does not match the receipt's argv hash")
+    return ReceiptCheck(True, None)

@@ -1,0 +1,813 @@
+"""Sealed snapshots: streamed AES-256-GCM files, a signed manifest, and the snapshot store.
+
+Sealed file format (``seal_file``)::
+
+    header (40 bytes): b"MVMSEAL1" | version u8 = 1 | 3 zero bytes | chunk_size u32 BE
+                       | salt (16 random bytes) | nonce prefix (8 random bytes)
+    chunk 0 .. chunk n: AES-256-GCM(ciphertext || 16-byte tag) of chunk_size plaintext bytes
+                        (the last chunk 0..chunk_size bytes; an empty file is one empty chunk)
+
+* file key  = HKDF-SHA256(master key, salt, info="mvm-seal-v1") — a fresh key per file;
+* nonce(i)  = nonce prefix || i (u32 BE);
+* AD(i)     = header || i (u64 BE) || final flag (1 byte) || context.
+
+So flipping a byte, truncating (even at a chunk boundary), appending, reordering or
+swapping chunks, and swapping whole files (``context`` names the snapshot and the file)
+all fail authentication. Memory stays O(chunk_size) whatever the file size.
+
+Snapshot directory (``SnapshotStore``; dirs 0700, files 0600)::
+
+    $MVM_HOME/snapshots/
+      .lock                         flock for create/remove/prune (shared while restoring)
+      snap_<16 hex>/
+        manifest.json               signed (host Ed25519 key, domain "mvm-snapshot-v1")
+        blobs/000000.sealed ...     one sealed file per snapshotted file
+
+The manifest lists, per file, its relative path, plain size, sealed size and the sha256
+of the sealed bytes, plus name, sandbox_id, kind, created_at, expires_at, keep and
+details. :func:`verify_snapshot` checks the signature and every blob's size and hash
+before a single byte is unsealed; anything wrong raises :class:`SnapshotTampered`
+naming the file. The master key is ``$MVM_HOME/keys/snapshot.key`` (0600).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import stat
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from mvm import paths
+from mvm.durations import DURATION_HELP, parse_duration
+from mvm.errors import InvalidArgument, SnapshotNotFound, SnapshotTampered
+
+from ._fs import ensure_private_dir, fsync_dir, make_dirs, write_private_atomic
+from .canonical import canonical_json, format_ts, parse_ts
+from .keys import (
+    SNAPSHOT_KEY_FILE,
+    PublicKeyLike,
+    host_signing_key,
+    key_id,
+    load_public_key,
+    sign,
+    symmetric_key,
+    verify_signature,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_EXPIRES",
+    "SealInfo",
+    "SealedFile",
+    "SealedSnapshot",
+    "SnapshotInfo",
+    "SnapshotStore",
+    "seal_file",
+    "snapshot_key",
+    "unseal_file",
+    "verify_snapshot",
+]
+
+MAGIC = b"MVMSEAL1"
+VERSION = 1
+HEADER_SIZE = 40
+TAG_SIZE = 16
+DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 1 << 12
+MAX_CHUNK_SIZE = 1 << 26
+#: Retention when ``create(expires=None)``; ``MVM_SNAPSHOT_EXPIRES`` overrides it.
+DEFAULT_EXPIRES = "7d"
+SIG_DOMAIN = b"mvm-snapshot-v1"
+MANIFEST = "manifest.json"
+BLOBS = "blobs"
+_ID_RE = re.compile(r"snap_[0-9a-f]{16}")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_NEVER = ("never", "none", "forever")
+
+Progress = Callable[[int, int], None]
+
+
+# ---- streaming AEAD -----------------------------------------------------------------
+
+
+def snapshot_key() -> bytes:
+    """The host snapshot master key (32 bytes, created on first use, 0600)."""
+    key = symmetric_key(SNAPSHOT_KEY_FILE)
+    assert key is not None
+    return key
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
+        raise InvalidArgument("key", "must be 32 bytes", allowed="a 256-bit AES key")
+
+
+def _file_aead(key: bytes, salt: bytes) -> AESGCM:
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"mvm-seal-v1").derive(bytes(key)))
+
+
+def _ad(header: bytes, index: int, final: bool, context: bytes) -> bytes:
+    return header + index.to_bytes(8, "big") + (b"\x01" if final else b"\x00") + context
+
+
+@dataclass(frozen=True)
+class SealInfo:
+    """What :func:`seal_file` wrote: plain and sealed sizes, sha256 of the sealed bytes."""
+
+    size: int
+    sealed_size: int
+    sealed_sha256: str
+    chunks: int
+
+
+def _open_out(path: Path) -> BinaryIO:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb", buffering=0)
+
+
+def _read_full(fh: BinaryIO, n: int) -> bytes:
+    data = fh.read(n)
+    if data is None:
+        return b""
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = fh.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def seal_file(src: Path | str, dst: Path | str, key: bytes, *, context: bytes = b"",
+              chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress | None = None,
+              fsync: bool = True) -> SealInfo:
+    """Encrypt ``src`` into ``dst`` (mode 0600) chunk by chunk; see the module doc.
+
+    ``context`` binds the sealed file to its place (e.g. snapshot id + path): unsealing
+    needs the same bytes. ``progress(done, total)`` is called after each chunk.
+    """
+    _check_key(key)
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise InvalidArgument("chunk_size", str(chunk_size), allowed=f"{MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+    salt = os.urandom(16)
+    prefix = os.urandom(8)
+    header = MAGIC + bytes([VERSION, 0, 0, 0]) + struct.pack(">I", chunk_size) + salt + prefix
+    assert len(header) == HEADER_SIZE
+    aead = _file_aead(key, salt)
+    digest = hashlib.sha256(header)
+    # sha256 runs in a helper thread (hashlib drops the GIL) while the next chunk is
+    # encrypted; the queue is bounded, so memory stays a few chunks.
+    pending: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+
+    def hash_chunks() -> None:
+        while (item := pending.get()) is not None:
+            digest.update(item)
+
+    hasher = threading.Thread(target=hash_chunks, name="mvm-seal-sha256", daemon=True)
+    hasher.start()
+    dst = Path(dst)
+    total = os.stat(src).st_size
+    done = 0
+    index = 0
+    sealed_size = HEADER_SIZE
+    try:
+        with open(src, "rb", buffering=0) as fin, _open_out(dst) as fout:
+            fout.write(header)
+            current = _read_full(fin, chunk_size)
+            while True:
+                following = _read_full(fin, chunk_size) if len(current) == chunk_size else b""
+                final = not following
+                if index >= 1 << 32:
+                    raise InvalidArgument("src", "is too large to seal with this chunk size")
+                nonce = prefix + index.to_bytes(4, "big")
+                sealed = aead.encrypt(nonce, current, _ad(header, index, final, context))
+                fout.write(sealed)
+                pending.put(sealed)
+                sealed_size += len(sealed)
+                done += len(current)
+                index += 1
+                if progress is not None:
+                    progress(done, max(total, done))
+                if final:
+                    break
+                current = following
+            if fsync:
+                os.fsync(fout.fileno())
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    finally:
+        pending.put(None)
+        hasher.join()
+    return SealInfo(size=done, sealed_size=sealed_size, sealed_sha256=digest.hexdigest(), chunks=index)
+
+
+def unseal_file(src: Path | str, dst: Path | str, key: bytes, *, context: bytes = b"",
+                name: str | None = None, progress: Progress | None = None) -> int:
+    """Decrypt ``src`` (from :func:`seal_file`) into ``dst`` (0600); returns the plain size.
+
+    Any tampering raises :class:`SnapshotTampered` naming ``name`` (default: ``src``)
+    and leaves no ``dst`` behind.
+    """
+    _check_key(key)
+    label = name or str(src)
+    dst = Path(dst)
+
+    def tampered(problem: str) -> SnapshotTampered:
+        return SnapshotTampered(f"sealed file {label!r}: {problem}", file=label)
+
+    total = os.stat(src).st_size
+    try:
+        with open(src, "rb", buffering=0) as fin:
+            header = _read_full(fin, HEADER_SIZE)
+            if len(header) != HEADER_SIZE or header[:8] != MAGIC or header[8] != VERSION:
+                raise tampered("not a sealed file (bad header)")
+            (chunk_size,) = struct.unpack(">I", header[12:16])
+            if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+                raise tampered("bad chunk size in header")
+            salt, prefix = header[16:32], header[32:40]
+            aead = _file_aead(key, salt)
+            block = chunk_size + TAG_SIZE
+            with _open_out(dst) as fout:
+                index = 0
+                done = HEADER_SIZE
+                size = 0
+                current = _read_full(fin, block)
+                while True:
+                    following = _read_full(fin, block) if len(current) == block else b""
+                    final = not following
+                    if len(current) < TAG_SIZE:
+                        raise tampered(f"chunk {index} is truncated")
+                    nonce = prefix + index.to_bytes(4, "big")
+                    try:
+                        plain = aead.decrypt(nonce, current, _ad(header, index, final, context))
+                    except InvalidTag:
+                        why = ("modified, reordered, swapped or truncated" if index or not final
+                               else "modified, swapped, truncated, or sealed with another key")
+                        raise tampered(f"chunk {index} fails authentication ({why})") from None
+                    fout.write(plain)
+                    size += len(plain)
+                    done += len(current)
+                    index += 1
+                    if progress is not None:
+                        progress(done, total)
+                    if final:
+                        break
+                    current = following
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return size
+
+
+# ---- manifest ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SealedFile:
+    path: str  # relative path of the original file
+    blob: str  # relative path of the sealed blob in the snapshot directory
+    size: int
+    sealed_size: int
+    sealed_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "blob": self.blob, "size": self.size, "sealed_size": self.sealed_size,
+                "sealed_sha256": self.sealed_sha256}
+
+
+@dataclass(frozen=True)
+class SealedSnapshot:
+    """The signed manifest of a sealed snapshot."""
+
+    id: str
+    name: str
+    sandbox_id: str
+    kind: str
+    created_at: str
+    expires_at: str | None
+    keep: bool
+    chunk_size: int
+    key_check: str
+    files: tuple[SealedFile, ...]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"v": 1, "type": "mvm.snapshot", "id": self.id, "name": self.name, "sandbox_id": self.sandbox_id,
+                "kind": self.kind, "created_at": self.created_at, "expires_at": self.expires_at,
+                "keep": self.keep, "chunk_size": self.chunk_size, "key_check": self.key_check,
+                "files": [f.to_dict() for f in self.files], "details": self.details}
+
+    def signed(self, signer: Ed25519PrivateKey) -> bytes:
+        body = self.body()
+        body["signature"] = {"alg": "ed25519", "key_id": key_id(signer),
+                             "sig": sign(signer, SIG_DOMAIN, canonical_json(body, field="details"))}
+        return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> SealedSnapshot:
+        return cls(id=body["id"], name=body["name"], sandbox_id=body["sandbox_id"], kind=body["kind"],
+                   created_at=body["created_at"], expires_at=body["expires_at"], keep=bool(body["keep"]),
+                   chunk_size=int(body["chunk_size"]), key_check=body["key_check"],
+                   files=tuple(SealedFile(**f) for f in body["files"]), details=dict(body.get("details") or {}))
+
+    def context(self, rel: str) -> bytes:
+        return b"mvm-snapshot-v1\0" + self.id.encode() + b"\0" + rel.encode("utf-8")
+
+
+def _key_check(key: bytes) -> str:
+    return hashlib.sha256(b"mvm-snapshot-key-check\0" + bytes(key)).hexdigest()[:16]
+
+
+def _safe_rel(rel: Any) -> bool:
+    if not isinstance(rel, str) or not rel or "\0" in rel or "\\" in rel:
+        return False
+    pure = PurePosixPath(rel)
+    return not pure.is_absolute() and all(p not in ("", ".", "..") for p in rel.split("/"))
+
+
+def _read_manifest(directory: Path, public_key: PublicKeyLike = None) -> SealedSnapshot:
+    snap = directory.name
+
+    def tampered(problem: str, file: str = MANIFEST) -> SnapshotTampered:
+        return SnapshotTampered(f"snapshot {snap}: {file}: {problem}", file=file, path=None, snapshot=snap)
+
+    path = directory / MANIFEST
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise tampered("is not a regular file")
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise tampered("is missing") from None
+    except (OSError, ValueError) as exc:
+        raise tampered(f"is unreadable ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("type") != "mvm.snapshot" or raw.get("v") != 1:
+        raise tampered("is not an mvm snapshot manifest")
+    signature = raw.pop("signature", None)
+    if not isinstance(signature, dict) or signature.get("alg") != "ed25519":
+        raise tampered("has no ed25519 signature")
+    public = load_public_key(public_key)
+    if signature.get("key_id") != key_id(public):
+        raise tampered(f"signed by key {signature.get('key_id')}, not by this host's key {key_id(public)}")
+    try:
+        body_bytes = canonical_json(raw)
+    except InvalidArgument:
+        raise tampered("cannot be canonicalised (modified)") from None
+    if not verify_signature(public, SIG_DOMAIN, body_bytes, str(signature.get("sig", ""))):
+        raise tampered("signature does not verify (manifest modified)")
+    try:
+        manifest = SealedSnapshot.from_body(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise tampered(f"is malformed ({exc})") from None
+    if manifest.id != snap:
+        raise tampered(f"belongs to snapshot {manifest.id}, not {snap} (directories swapped or renamed)")
+    for f in manifest.files:
+        if not _safe_rel(f.path) or not _safe_rel(f.blob):
+            raise tampered(f"has an unsafe path {f.path!r} / {f.blob!r}")
+    return manifest
+
+
+def verify_snapshot(directory: Path | str, public_key: PublicKeyLike = None, *,
+                    key: bytes | None = None) -> SealedSnapshot:
+    """Check a snapshot directory before anything is unsealed: the manifest's signature
+    (default: host key), that it is this directory's, that every listed blob exists with
+    the listed size and sha256, that nothing else is there, and (if ``key`` is given)
+    that it was sealed with that key. Returns the manifest; raises
+    :class:`SnapshotTampered` naming the first bad file.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory, public_key)
+    snap = manifest.id
+
+    def tampered(file: str, problem: str, original: str | None = None) -> SnapshotTampered:
+        label = f"{file} ({original})" if original else file
+        return SnapshotTampered(f"snapshot {snap}: {label}: {problem}", file=file, path=original, snapshot=snap)
+
+    if key is not None and _key_check(key) != manifest.key_check:
+        raise tampered(MANIFEST, "was sealed with a different snapshot key")
+    expected = {f.blob for f in manifest.files}
+    for f in manifest.files:
+        blob = directory / f.blob
+        try:
+            st = os.lstat(blob)
+        except FileNotFoundError:
+            raise tampered(f.blob, "is missing", f.path) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise tampered(f.blob, "is not a regular file", f.path)
+        if st.st_size != f.sealed_size:
+            raise tampered(f.blob, f"is {st.st_size} bytes, the manifest says {f.sealed_size} "
+                                   "(truncated or extended)", f.path)
+        with open(blob, "rb") as fh:
+            actual = hashlib.file_digest(fh, "sha256").hexdigest()
+        if actual != f.sealed_sha256:
+            raise tampered(f.blob, "sha256 does not match the manifest (modified or swapped)", f.path)
+    for root, dirs, files in os.walk(directory):
+        for entry in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            rel = os.path.relpath(os.path.join(root, entry), directory)
+            if rel != MANIFEST and rel not in expected:
+                raise tampered(rel, "is not part of the snapshot (added)")
+    return manifest
+
+
+# ---- store ------------------------------------------------------------------------
+
+
+def _ts_float(text: str | None) -> float | None:
+    return None if text is None else parse_ts(text).timestamp()
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One stored snapshot as ``list``/``get`` see it. Times are epoch seconds
+    (``expires_at`` ``None``: never expires); ``size_bytes`` is what it takes on disk."""
+
+    id: str
+    name: str
+    sandbox_id: str
+    kind: str
+    created_at: float
+    expires_at: float | None
+    size_bytes: int
+    plain_bytes: int
+    keep: bool
+    files: tuple[str, ...]
+    details: dict[str, Any]
+    path: Path
+
+    def age_seconds(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.created_at
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at
+
+    def to_wire(self, now: float | None = None) -> dict[str, Any]:
+        """A JSON-able dict (the SDK's ``Snapshot`` fields plus ``plain_bytes``,
+        ``files``, ``details``, ``age_seconds``)."""
+        return {"id": self.id, "name": self.name, "sandbox_id": self.sandbox_id, "kind": self.kind,
+                "created_at": self.created_at, "expires_at": self.expires_at, "size_bytes": self.size_bytes,
+                "plain_bytes": self.plain_bytes, "keep": self.keep, "files": list(self.files),
+                "details": dict(self.details), "age_seconds": round(self.age_seconds(now), 3)}
+
+    to_dict = to_wire
+
+    @classmethod
+    def from_manifest(cls, manifest: SealedSnapshot, path: Path) -> SnapshotInfo:
+        return cls(id=manifest.id, name=manifest.name, sandbox_id=manifest.sandbox_id, kind=manifest.kind,
+                   created_at=_ts_float(manifest.created_at) or 0.0, expires_at=_ts_float(manifest.expires_at),
+                   size_bytes=sum(f.sealed_size for f in manifest.files) + _file_size(path / MANIFEST),
+                   plain_bytes=sum(f.size for f in manifest.files), keep=manifest.keep,
+                   files=tuple(f.path for f in manifest.files), details=dict(manifest.details), path=path)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _default_expires() -> str:
+    return os.environ.get("MVM_SNAPSHOT_EXPIRES") or DEFAULT_EXPIRES
+
+
+class SnapshotStore:
+    """Sealed snapshots under ``paths.snapshots_dir()`` (or ``root``).
+
+    ``chunk_size``, ``signer`` (Ed25519, default the host key) and ``key`` (32 bytes,
+    default ``keys/snapshot.key``) are for tests and benchmarks.
+    """
+
+    def __init__(self, root: Path | str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 signer: Ed25519PrivateKey | None = None, key: bytes | None = None):
+        self._root = Path(root) if root is not None else None
+        self.chunk_size = chunk_size
+        self._signer = signer
+        self._key = key
+
+    @property
+    def root(self) -> Path:
+        return ensure_private_dir(self._root if self._root is not None else paths.snapshots_dir())
+
+    @property
+    def signer(self) -> Ed25519PrivateKey:
+        return self._signer if self._signer is not None else host_signing_key()
+
+    @property
+    def key(self) -> bytes:
+        return self._key if self._key is not None else snapshot_key()
+
+    @contextmanager
+    def _locked(self, shared: bool = False) -> Iterator[None]:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- reading --
+
+    def _ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if _ID_RE.fullmatch(p.name) and p.is_dir())
+
+    def _manifests(self) -> list[SnapshotInfo]:
+        out = []
+        public = self.signer.public_key()
+        for sid in self._ids():
+            try:
+                out.append(SnapshotInfo.from_manifest(_read_manifest(self.root / sid, public), self.root / sid))
+            except SnapshotTampered:
+                continue
+        return out
+
+    def list(self, *, sandbox_id: str | None = None) -> list[SnapshotInfo]:
+        """Every snapshot whose manifest verifies (oldest first), optionally one sandbox's.
+        See :meth:`problems` for those that do not."""
+        infos = [i for i in self._manifests() if sandbox_id is None or i.sandbox_id == sandbox_id]
+        return sorted(infos, key=lambda i: (i.created_at, i.id))
+
+    def problems(self) -> dict[str, str]:
+        """``{snapshot id: why its manifest is refused}`` for snapshots ``list`` leaves out."""
+        out = {}
+        public = self.signer.public_key()
+        for sid in self._ids():
+            try:
+                _read_manifest(self.root / sid, public)
+            except SnapshotTampered as exc:
+                out[sid] = exc.message
+        return out
+
+    def get(self, id_or_name: str, *, sandbox_id: str | None = None) -> SnapshotInfo:
+        """By id (``snap_…``) or by name (optionally within one sandbox). A name used by
+        several sandboxes' snapshots must be qualified (``sandbox_id``) or given as an id.
+        :class:`SnapshotNotFound`; :class:`SnapshotTampered` if its manifest is bad."""
+        if not isinstance(id_or_name, str) or not id_or_name:
+            raise InvalidArgument("snapshot", f"{id_or_name!r}", allowed="a snapshot id (snap_…) or name")
+        if _ID_RE.fullmatch(id_or_name):
+            directory = self.root / id_or_name
+            if not directory.is_dir():
+                raise SnapshotNotFound(f"no snapshot {id_or_name}", snapshot=id_or_name)
+            return SnapshotInfo.from_manifest(_read_manifest(directory, self.signer.public_key()), directory)
+        matches = [i for i in self.list(sandbox_id=sandbox_id) if i.name == id_or_name]
+        if not matches:
+            raise SnapshotNotFound(f"no snapshot named {id_or_name!r}", snapshot=id_or_name)
+        if len(matches) > 1:
+            raise InvalidArgument("snapshot", f"name {id_or_name!r} is used by several snapshots",
+                                  allowed=", ".join(f"{i.id} (sandbox {i.sandbox_id})" for i in matches))
+        return matches[0]
+
+    def verify(self, id_or_name: str) -> SnapshotInfo:
+        """Full check (signature, every blob, the key) without unsealing."""
+        info = self.get(id_or_name)
+        verify_snapshot(info.path, self.signer.public_key(), key=self.key)
+        return info
+
+    # -- writing --
+
+    def _expiry(self, expires: Any, now: datetime) -> str | None:
+        if expires is None:
+            expires = _default_expires()
+        if isinstance(expires, str) and expires.strip().lower() in _NEVER:
+            return None
+        seconds = parse_duration(expires, "expires")
+        return format_ts(now + timedelta(seconds=seconds))
+
+    def create(self, name: str, sandbox_id: str, kind: str, files_dir: Path | str, expires: Any = None,
+               keep: bool = False, *, files: Iterable[str] | None = None, details: Mapping[str, Any] | None = None,
+               progress: Progress | None = None, now: datetime | float | None = None) -> SnapshotInfo:
+        """Seal ``files_dir`` (every regular file under it, or just ``files``, relative
+        names) into a new snapshot and return it.
+
+        ``expires``: a duration (``"24h"``, seconds, timedelta), ``"never"``, or ``None``
+        for the default (``$MVM_SNAPSHOT_EXPIRES`` or 7d). ``keep=True`` spares it from
+        :meth:`remove_for_sandbox` (destroy); expiry still applies. ``details``: small
+        JSON metadata (e.g. the backend's), signed with the rest. Nothing is left behind
+        on error.
+        """
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.startswith("snap_"):
+            raise InvalidArgument("name", f"{name!r} is not a valid snapshot name",
+                                  allowed="1-128 characters from A-Z a-z 0-9 _ . - (not starting with . - or snap_)")
+        if not isinstance(sandbox_id, str) or not _NAME_RE.fullmatch(sandbox_id):
+            raise InvalidArgument("sandbox_id", f"{sandbox_id!r}", allowed="1-128 characters from A-Z a-z 0-9 _ . -")
+        if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
+            raise InvalidArgument("kind", f"{kind!r}", allowed="'full', 'filesystem' (lowercase word, max 32)")
+        when = (now if isinstance(now, datetime) else
+                datetime.fromtimestamp(now, UTC) if now is not None else datetime.now(UTC))
+        try:
+            expires_at = self._expiry(expires, when)
+        except InvalidArgument as exc:
+            raise InvalidArgument("expires", exc.message.split(": ", 1)[-1],
+                                  allowed=f'{DURATION_HELP}, or "never"') from None
+        clean_details = json.loads(canonical_json(dict(details or {}), field="details"))
+        source = Path(files_dir)
+        rels = self._collect(source, files)
+        if self._name_taken(name, sandbox_id):
+            raise InvalidArgument("name", f"sandbox {sandbox_id} already has a snapshot named {name!r}",
+                                  allowed="a new name, or remove the old snapshot first")
+        key = self.key
+        signer = self.signer
+        snap_id = "snap_" + secrets.token_hex(8)
+        root = self.root
+        staging = root / f".staging-{snap_id}-{os.getpid()}"
+        total = sum(os.lstat(source / r).st_size for r in rels)
+        done_before = 0
+        try:
+            ensure_private_dir(staging)
+            ensure_private_dir(staging / BLOBS)
+            sealed_files = []
+            manifest_stub = SealedSnapshot(snap_id, name, sandbox_id, kind, "", None, False, self.chunk_size,
+                                           "", ())
+            for index, rel in enumerate(rels):
+                blob = f"{BLOBS}/{index:06d}.sealed"
+                base = done_before
+
+                def step(done: int, _total: int, base: int = base) -> None:
+                    if progress is not None:
+                        progress(base + done, total)
+
+                info = seal_file(source / rel, staging / blob, key, context=manifest_stub.context(rel),
+                                 chunk_size=self.chunk_size, progress=step)
+                done_before += info.size
+                sealed_files.append(SealedFile(rel, blob, info.size, info.sealed_size, info.sealed_sha256))
+            manifest = SealedSnapshot(id=snap_id, name=name, sandbox_id=sandbox_id, kind=kind,
+                                      created_at=format_ts(when), expires_at=expires_at, keep=bool(keep),
+                                      chunk_size=self.chunk_size, key_check=_key_check(key),
+                                      files=tuple(sealed_files), details=clean_details)
+            write_private_atomic(staging / MANIFEST, manifest.signed(signer))
+            fsync_dir(staging / BLOBS)
+            with self._locked():
+                if self._name_taken(name, sandbox_id):
+                    raise InvalidArgument("name", f"sandbox {sandbox_id} already has a snapshot named {name!r}",
+                                          allowed="a new name, or remove the old snapshot first")
+                os.rename(staging, root / snap_id)
+            fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return SnapshotInfo.from_manifest(manifest, root / snap_id)
+
+    def _name_taken(self, name: str, sandbox_id: str) -> bool:
+        return any(i.name == name and i.sandbox_id == sandbox_id for i in self._manifests())
+
+    @staticmethod
+    def _collect(source: Path, files: Iterable[str] | None) -> list[str]:
+        if not source.is_dir():
+            raise InvalidArgument("files_dir", f"{source} is not a directory")
+        rels: list[str] = []
+        if files is not None:
+            for rel in files:
+                if not _safe_rel(rel):
+                    raise InvalidArgument("files", f"{rel!r} is not a relative path inside files_dir")
+                rels.append(rel)
+        else:
+            for root, dirs, names in os.walk(source):
+                dirs.sort()
+                for entry in sorted(names) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                    rels.append(os.path.relpath(os.path.join(root, entry), source).replace(os.sep, "/"))
+            rels.sort()
+        for rel in rels:
+            try:
+                st = os.lstat(source / rel)
+            except FileNotFoundError:
+                raise InvalidArgument("files", f"{rel!r} does not exist in {source}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument("files_dir", f"{rel!r} is not a regular file (symlinks and special files "
+                                      "cannot be snapshotted; archive them first)")
+        if len(set(rels)) != len(rels):
+            raise InvalidArgument("files", "lists a file twice")
+        return rels
+
+    def open_for_restore(self, id_or_name: str, *, dest_parent: Path | str | None = None,
+                         progress: Progress | None = None, now: float | None = None) -> Path:
+        """Verify the whole snapshot, then unseal it into a new private directory and
+        return it (files 0600 at their original relative paths, dirs 0700). The caller
+        removes it (``shutil.rmtree``). It is created under ``dest_parent`` (default: the
+        snapshots directory, i.e. disk, not a RAM-backed /tmp).
+
+        :class:`SnapshotTampered` (naming the file) if anything is off — then nothing is
+        left behind; :class:`SnapshotNotFound` if it does not exist or has expired.
+        """
+        with self._locked(shared=True):
+            info = self.get(id_or_name)
+            if info.expired(now):
+                raise SnapshotNotFound(f"snapshot {info.id} ({info.name}) expired at "
+                                       f"{format_ts(info.expires_at or 0)}", snapshot=info.id)
+            key = self.key
+            manifest = verify_snapshot(info.path, self.signer.public_key(), key=key)
+            parent = make_dirs(Path(dest_parent)) if dest_parent is not None else self.root
+            out = Path(tempfile.mkdtemp(prefix=f".restore-{info.id}-{os.getpid()}-", dir=parent))
+            try:
+                os.chmod(out, 0o700)
+                total = sum(f.sealed_size for f in manifest.files)
+                done_before = 0
+                for f in manifest.files:
+                    target = out / f.path
+                    ensure_private_dir(target.parent)
+                    base = done_before
+
+                    def step(done: int, _total: int, base: int = base) -> None:
+                        if progress is not None:
+                            progress(base + done, total)
+
+                    try:
+                        size = unseal_file(info.path / f.blob, target, key, context=manifest.context(f.path),
+                                           name=f"{f.blob} ({f.path})", progress=step)
+                    except SnapshotTampered as exc:
+                        raise SnapshotTampered(f"snapshot {info.id}: {exc.message}", file=f.blob, path=f.path,
+                                               snapshot=info.id) from None
+                    if size != f.size:
+                        raise SnapshotTampered(f"snapshot {info.id}: {f.blob} ({f.path}): unsealed to {size} "
+                                               f"bytes, the manifest says {f.size}", file=f.blob, path=f.path,
+                                               snapshot=info.id)
+                    done_before += f.sealed_size
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)
+                raise
+        return out
+
+    def _delete_dir(self, directory: Path) -> None:
+        trash = self.root / f".trash-{directory.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(directory, trash)
+        shutil.rmtree(trash)
+
+    def remove(self, id_or_name: str) -> str:
+        """Delete a snapshot: every file and directory of it, not just a listing entry.
+        Works on a tampered snapshot too when given its id. Returns the id."""
+        with self._locked():
+            if isinstance(id_or_name, str) and _ID_RE.fullmatch(id_or_name):
+                directory = self.root / id_or_name
+                if not directory.is_dir():
+                    raise SnapshotNotFound(f"no snapshot {id_or_name}", snapshot=id_or_name)
+            else:
+                directory = self.get(id_or_name).path
+            self._delete_dir(directory)
+        return directory.name
+
+    def prune(self, now: float | datetime | None = None) -> list[SnapshotInfo]:
+        """Delete every snapshot past its ``expires_at`` (``keep`` does not protect from
+        expiry) and leftovers of interrupted work; returns those deleted."""
+        when = now.timestamp() if isinstance(now, datetime) else (time.time() if now is None else now)
+        removed = []
+        with self._locked():
+            for info in self._manifests():
+                if info.expired(when):
+                    self._delete_dir(info.path)
+                    removed.append(info)
+            self._sweep_leftovers()
+        return removed
+
+    def _sweep_leftovers(self) -> None:
+        for entry in self.root.iterdir():
+            match = re.fullmatch(r"\.(staging|restore|trash)-(snap_[0-9a-f]{16})-(\d+)(?:-.*)?", entry.name)
+            if not match:
+                continue
+            if match.group(1) == "trash" or not _pid_alive(int(match.group(3))):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def remove_for_sandbox(self, sandbox_id: str) -> list[SnapshotInfo]:
+        """On destroy: delete the sandbox's snapshots except those created with ``keep=True``."""
+        removed = []
+        with self._locked():
+            for info in self._manifests():
+                if info.sandbox_id == sandbox_id and not info.keep:
+                    self._delete_dir(info.path)
+                    removed.append(info)
+        return removed
