@@ -1,48 +1,52 @@
-"""The supervisor's audit hook: every operation gets an ``audit_id`` and an entry.
+"""The supervisor's audit hook: every operation gets an ``audit_id`` and a signed,
+hash-chained entry in ``$MVM_HOME/audit/<sandbox_id>.jsonl`` (mvm.security.audit).
 
-Entries go to the sandbox's log (``source="audit"``); argument values are
-reduced to sha256 digests so no file content or secret reaches a record.
+Argument values are reduced to sha256 digests, so no file content or secret
+reaches a record. The acting client is identified by its socket's peer
+credentials (SO_PEERCRED). A one-line summary also goes to the sandbox's log so
+``logs()`` shows what happened when.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import secrets
-import time
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 from .logbook import LogBook
 
-
-def new_audit_id() -> str:
-    return "aud_" + secrets.token_hex(10)
+_current = threading.local()
 
 
-def digest_args(args: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for key, value in sorted(args.items()):
-        raw = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode()
-        out[key] = "sha256:" + hashlib.sha256(raw).hexdigest()
-    return out
+def set_actor(actor: dict[str, Any] | None) -> None:
+    """Bind the client on whose behalf this thread works (None: the supervisor itself)."""
+    _current.actor = actor
 
 
 class Auditor:
-    def __init__(self, sandbox_id: str, logs: LogBook):
+    def __init__(self, sandbox_id: str, logs: LogBook, redact: Any = None):
         self.sandbox_id = sandbox_id
         self._logs = logs
+        self._redact = redact
+        # Loading the signing key (and the crypto library) overlaps with the guest's boot.
+        self._log: Future[Any] = Future()
+        threading.Thread(target=self._open, name="mvm-audit-open", daemon=True).start()
+
+    def _open(self) -> None:
+        try:
+            from ..security.audit import AuditLog
+
+            self._log.set_result(AuditLog.for_sandbox(self.sandbox_id))
+        except BaseException as exc:  # surfaced on the first record()
+            self._log.set_exception(exc)
 
     def record(self, op: str, args: dict[str, Any], *, outcome: str = "ok", error_type: str | None = None,
                details: dict[str, Any] | None = None) -> str:
-        audit_id = new_audit_id()
-        entry = {"audit_id": audit_id, "ts": time.time(), "op": op, "actor": {"pid": os.getpid(), "uid": os.getuid()},
-                 "args_digest": digest_args(args), "outcome": outcome}
-        if error_type:
-            entry["error_type"] = error_type
-        if details:
-            entry["details"] = details
-        self._logs.write("audit", "system", json.dumps(entry, sort_keys=True), audit_id, force=True)
+        entry = self._log.result().append(op, args, outcome=outcome, error_type=error_type, details=details,
+                                          actor=getattr(_current, "actor", None))
+        audit_id = str(entry["audit_id"])
+        summary = f"{op} {outcome}" + (f" ({error_type})" if error_type else "")
+        self._logs.write("audit", "system", summary, audit_id, force=True)
         return audit_id
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from ..protocol.channel import ChannelClosed, FramedChannel
 from ..protocol.codec import Frame, ProtocolError
 from ..templates import ensure_template
 from .agent_link import AgentLink
-from .audit import Auditor
+from .audit import Auditor, set_actor
 from .logbook import LogBook
 from .processes import ProcessTable
 from .state import CONTROL_SOCKET, write_json_atomic
@@ -70,6 +70,7 @@ class ClientSession:
     def __init__(self, supervisor: Supervisor, sock: socket.socket):
         self.supervisor = supervisor
         self.channel = FramedChannel(sock)
+        self.actor = _peer_actor(sock)
         self.inflight: dict[int, RequestContext] = {}
         self.closed = threading.Event()
 
@@ -102,6 +103,7 @@ class ClientSession:
             self.channel.close()
 
     def _run(self, ctx: RequestContext) -> None:
+        set_actor(self.actor)
         try:
             result, payload = self.supervisor.handle(ctx)
             self.send(codec.response_ok(ctx.id, result, payload))
@@ -629,6 +631,20 @@ class Supervisor:
             self.listener.close()
         shutil.rmtree(self.directory, ignore_errors=True)
         os._exit(0)
+
+
+def _peer_actor(sock: socket.socket) -> dict[str, Any] | None:
+    """Who is on the other end of a client connection (pid, uid, user), from SO_PEERCRED."""
+    import struct
+
+    from ..security.audit import actor_for
+
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return dict(actor_for(pid, uid))
 
 
 def _argv_summary(argv: list[str]) -> str:
