@@ -98,4 +98,4 @@ class FramedChannel:
             self._sock.close()
 
 
-__all__ = ["ChannelClosed", "FramedChannel", "Frame", "ProtocolError"]
+__all__ = ["ChannelClosed", "Frame", "FramedChannel", "ProtocolError"]

@@ -59,7 +59,14 @@ class Frame:
 def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
     """Serialise one frame; raises ``ProtocolError`` if it would exceed the limits."""
     validate_header(header)
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A str that is not valid Unicode (a lone surrogate, e.g. a non-UTF-8 file name decoded with
+        # surrogateescape): \u escapes keep it intact for a Python peer, and the frame stays UTF-8.
+        raw = _dumps_ascii(header)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"header is not JSON-serialisable: {exc}") from None
     if len(raw) > MAX_HEADER:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds MAX_HEADER={MAX_HEADER}")
     if len(payload) > MAX_PAYLOAD:
@@ -67,23 +74,36 @@ def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
     return PREFIX.pack(len(raw), len(payload)) + raw + bytes(payload)
 
 
+def _dumps_ascii(header: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"header is not JSON-serialisable: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_header(header: Any) -> None:
     """Check the fields every frame kind requires (not the op-specific arguments)."""
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")
     kind = header.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ProtocolError(f"unknown frame kind {kind!r}; expected one of {sorted(KINDS)}")
     if kind == "hello":
-        if header.get("protocol") != PROTOCOL_NAME or not isinstance(header.get("version"), int):
+        if header.get("protocol") != PROTOCOL_NAME or not _is_int(header.get("version")):
             raise ProtocolError("hello needs protocol='mvm' and an integer version")
+        if not isinstance(header.get("role"), str):
+            raise ProtocolError("hello needs a string 'role'")
         return
     if kind == "event":
         if not isinstance(header.get("event"), str):
             raise ProtocolError("event frame needs a string 'event'")
         return
     ident = header.get("id")
-    if not isinstance(ident, int) or isinstance(ident, bool) or ident < 0:
+    if not _is_int(ident) or ident < 0:
         raise ProtocolError(f"{kind} frame needs a non-negative integer 'id'")
     if kind == "request" and not isinstance(header.get("op"), str):
         raise ProtocolError("request frame needs a string 'op'")
@@ -92,8 +112,12 @@ def validate_header(header: Any) -> None:
     if kind == "response":
         if not isinstance(header.get("ok"), bool):
             raise ProtocolError("response frame needs a boolean 'ok'")
-        if not header["ok"] and not isinstance(header.get("error"), dict):
-            raise ProtocolError("failed response needs an 'error' object")
+        if header["ok"] and not isinstance(header.get("result") or {}, dict):
+            raise ProtocolError("response 'result' must be an object")
+        if not header["ok"]:
+            error = header.get("error")
+            if not isinstance(error, dict) or not isinstance(error.get("type"), str):
+                raise ProtocolError("failed response needs an 'error' object with a string 'type'")
     if kind == "data" and not isinstance(header.get("stream"), str):
         raise ProtocolError("data frame needs a string 'stream'")
 
@@ -148,6 +172,8 @@ class FrameDecoder:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+        except RecursionError:
+            raise ProtocolError("header JSON is nested too deeply") from None
         validate_header(header)
         return Frame(header, payload)
 

@@ -1,0 +1,21 @@
+"""The mvm guest agent: runs processes and touches files inside a sandbox.
+
+Stdlib only (it runs on the guest's own Python, 3.11 or newer). The host talks
+to it with the framed protocol of ``mvm.protocol`` over an inherited socket
+(namespace backend) or a virtio-serial port (microVM); ``docs/protocol.md``
+lists its operations and events.
+
+Modules, one concern each:
+
+* ``__main__``  – command line, PID-1 duty, signal handling
+* ``server``    – connections, hello, request dispatch, worker pool
+* ``transport`` – the inherited fd and the virtio-serial port (with reconnects)
+* ``processes`` – ``proc.*``: spawning, the output pump, exit reporting
+* ``reaper``    – the one place that waits for children
+* ``proctree``  – ``/proc`` walking: process families and race-free signalling
+* ``files``     – ``fs.*``
+* ``system``    – ``agent.info``/``agent.configure``: clock, entropy, hostname, prctl
+* ``errors``    – protocol error types and argument validation
+"""
+
+AGENT_VERSION = "1.0.0"

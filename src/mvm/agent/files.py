@@ -1,0 +1,437 @@
+"""The ``fs.*`` operations: bounded reads, atomic writes, listings, and the rest.
+
+Writes never leave a half-written target behind: ``fs.write`` and
+``fs.write_begin``/``chunk``/``end`` write a temporary file beside the target and
+rename it into place. Writing to a symlink writes to the file it points to (as a
+shell's ``>`` would). Errors carry the protocol's error types with ``path`` set.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import secrets
+import shutil
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..protocol.codec import CHUNK_SIZE
+from .errors import AgentError, Args, from_os_error, invalid
+
+#: Write handles (``fs.write_begin``) open at once, per agent.
+MAX_WRITE_HANDLES = 64
+DEFAULT_FILE_MODE = 0o644
+DEFAULT_DIR_MODE = 0o755
+#: Bytes of JSON a single ``fs.list`` page may carry (the header limit is 64 KiB).
+LIST_PAGE_BUDGET = 48 * 1024
+
+
+def file_entry(path: str) -> dict[str, Any]:
+    """``FileEntry`` for ``path`` (lstat: a symlink is reported as itself)."""
+    st = os.lstat(path)
+    kind = _kind(st.st_mode)
+    entry: dict[str, Any] = {
+        "name": os.path.basename(path) or "/",
+        "path": path,
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }
+    if kind == "symlink":
+        entry["symlink_target"] = os.readlink(path)
+    return entry
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "other"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _target_of(path: str) -> str:
+    """Where a write to ``path`` lands: the file a symlink points to, else ``path``."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _check_parent(path: str, target: str, make_parents: bool) -> None:
+    parent = os.path.dirname(target) or "/"
+    if make_parents:
+        try:
+            os.makedirs(parent, DEFAULT_DIR_MODE, exist_ok=True)
+        except FileExistsError:
+            raise AgentError("NotADirectory", f"a parent of {path} is not a directory", path=path) from None
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+        return
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        raise AgentError("FileNotFound", f"parent directory {parent} does not exist (use make_parents)",
+                         path=path) from None
+    except OSError as exc:
+        raise from_os_error(exc, path) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise AgentError("NotADirectory", f"parent {parent} of {path} is not a directory", path=path)
+
+
+def _existing(target: str, path: str) -> os.stat_result | None:
+    """The stat of an existing target (refusing directories), or None."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise from_os_error(exc, path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AgentError("IsADirectory", f"{path} is a directory", path=path)
+    return st
+
+
+def _open_temp(target: str, path: str) -> tuple[int, str]:
+    """A fresh 0600 temp file in the target's directory."""
+    directory, name = os.path.split(target)
+    for _ in range(16):
+        temp = os.path.join(directory, f".{name[:200]}.mvm-{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), temp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+    raise AgentError("Internal", f"could not create a temporary file beside {path}", path=path)
+
+
+def _discard(fd: int | None, temp: str) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        os.unlink(temp)
+    except OSError:
+        pass
+
+
+def _finish_temp(fd: int, temp: str, target: str, path: str, mode: int, owner: tuple[int, int] | None) -> None:
+    """Give the temp file its final mode (and the old file's owner), rename it over the target."""
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            try:
+                os.fchown(fd, *owner)
+            except OSError:
+                pass
+        os.close(fd)
+        fd = -1
+        os.replace(temp, target)
+    except OSError as exc:
+        _discard(fd if fd >= 0 else None, temp)
+        raise from_os_error(exc, path) from None
+
+
+@dataclass
+class _WriteHandle:
+    path: str
+    target: str
+    temp: str
+    fd: int
+    mode: int
+    owner: tuple[int, int] | None
+    size: int = 0
+    lock: threading.Lock = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+class Files:
+    """Handlers for every ``fs.*`` op; holds the open write handles."""
+
+    def __init__(self) -> None:
+        self._handles: dict[int, _WriteHandle] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    # -- reading --------------------------------------------------------------
+
+    def read(self, args: Args) -> tuple[dict[str, Any], bytes]:
+        path = args.path()
+        offset = args.integer("offset", 0, minimum=0)
+        length = args.integer("length", CHUNK_SIZE, minimum=0, maximum=CHUNK_SIZE)
+        assert offset is not None and length is not None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise AgentError("IsADirectory", f"{path} is a directory (use fs.list)", path=path)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+                raise invalid("path", f"{path} is not a regular file")
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError as exc:
+                if exc.errno != errno.ESPIPE or offset:  # an unseekable device: read it from its start
+                    raise
+                data = os.read(fd, length)
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+        finally:
+            os.close(fd)
+        eof = len(data) < length or (stat.S_ISREG(st.st_mode) and offset + len(data) >= st.st_size)
+        return {"size": st.st_size, "eof": eof}, data
+
+    def stat(self, args: Args) -> dict[str, Any]:
+        path = args.path()
+        try:
+            return file_entry(path)
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+
+    def list(self, args: Args) -> dict[str, Any]:
+        """One page of a directory listing, sorted by name; ``next_offset`` when more remain."""
+        path = args.path()
+        offset = args.integer("offset", 0, minimum=0)
+        assert offset is not None
+        try:
+            st = os.stat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                raise AgentError("NotADirectory", f"{path} is not a directory", path=path)
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+        entries: list[dict[str, Any]] = []
+        used = 0
+        position = offset
+        for name in names[offset:]:
+            try:
+                entry = file_entry(os.path.join(path, name))
+            except OSError:
+                position += 1  # vanished since listdir
+                continue
+            cost = len(json.dumps(entry)) + 1  # ensure_ascii: an upper bound on the wire size
+            if entries and used + cost > LIST_PAGE_BUDGET:
+                break
+            entries.append(entry)
+            used += cost
+            position += 1
+        result: dict[str, Any] = {"entries": entries, "total": len(names)}
+        if position < len(names):
+            result["truncated"] = True
+            result["next_offset"] = position
+        return result
+
+    # -- writing --------------------------------------------------------------
+
+    def write(self, args: Args, payload: bytes) -> dict[str, Any]:
+        path = args.path()
+        mode = args.mode()
+        make_parents = args.boolean("make_parents")
+        append = args.boolean("append")
+        target = _target_of(path)
+        _check_parent(path, target, make_parents)
+        existing = _existing(target, path)
+        if append:
+            return {"size": self._append(path, target, payload, mode, existing)}
+        final_mode = mode if mode is not None else (
+            stat.S_IMODE(existing.st_mode) if existing is not None else DEFAULT_FILE_MODE)
+        owner = (existing.st_uid, existing.st_gid) if existing is not None else None
+        fd, temp = _open_temp(target, path)
+        try:
+            _write_all(fd, payload)
+        except OSError as exc:
+            _discard(fd, temp)
+            raise from_os_error(exc, path) from None
+        _finish_temp(fd, temp, target, path, final_mode, owner)
+        return {"size": len(payload)}
+
+    def _append(self, path: str, target: str, payload: bytes, mode: int | None,
+                existing: os.stat_result | None) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = os.open(target, flags, 0o600)
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise invalid("path", f"{path} is not a regular file; append needs one")
+            if existing is None or mode is not None:
+                os.fchmod(fd, mode if mode is not None else DEFAULT_FILE_MODE)
+            _write_all(fd, payload)
+            return os.fstat(fd).st_size
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+        finally:
+            os.close(fd)
+
+    def write_begin(self, args: Args) -> dict[str, Any]:
+        path = args.path()
+        mode = args.mode()
+        make_parents = args.boolean("make_parents")
+        target = _target_of(path)
+        _check_parent(path, target, make_parents)
+        existing = _existing(target, path)
+        final_mode = mode if mode is not None else (
+            stat.S_IMODE(existing.st_mode) if existing is not None else DEFAULT_FILE_MODE)
+        owner = (existing.st_uid, existing.st_gid) if existing is not None else None
+        with self._lock:
+            if len(self._handles) >= MAX_WRITE_HANDLES:
+                raise AgentError("InvalidState", f"too many open write handles (at most {MAX_WRITE_HANDLES}); "
+                                 "finish or abort some with fs.write_end", path=path)
+            fd, temp = _open_temp(target, path)
+            handle = next(self._ids)
+            self._handles[handle] = _WriteHandle(path, target, temp, fd, final_mode, owner)
+        return {"handle": handle}
+
+    def _take(self, args: Args, *, remove: bool) -> _WriteHandle:
+        handle = args.integer("handle", required=True)
+        with self._lock:
+            found = self._handles.pop(handle, None) if remove else self._handles.get(handle)  # type: ignore[arg-type]
+        if found is None:
+            raise invalid("handle", f"no open write handle {handle} (finished, aborted, or dropped when the "
+                          "host reconnected)")
+        return found
+
+    def write_chunk(self, args: Args, payload: bytes) -> dict[str, Any]:
+        handle = self._take(args, remove=False)
+        with handle.lock:
+            if handle.fd < 0:
+                raise invalid("handle", "this write handle is already finished")
+            try:
+                _write_all(handle.fd, payload)
+            except OSError as exc:
+                raise from_os_error(exc, handle.path) from None
+            handle.size += len(payload)
+            return {"size": handle.size}
+
+    def write_end(self, args: Args) -> dict[str, Any]:
+        commit = args.boolean("commit", True)
+        handle = self._take(args, remove=True)
+        with handle.lock:
+            fd, handle.fd = handle.fd, -1
+            if fd < 0:
+                raise invalid("handle", "this write handle is already finished")
+            if not commit:
+                _discard(fd, handle.temp)
+                return {"size": 0, "committed": False}
+            _finish_temp(fd, handle.temp, handle.target, handle.path, handle.mode, handle.owner)
+            return {"size": handle.size, "committed": True}
+
+    def discard_handles(self) -> None:
+        """Abort every open write handle (the host reconnected: they belonged to the old connection)."""
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            with handle.lock:
+                fd, handle.fd = handle.fd, -1
+                if fd >= 0:
+                    _discard(fd, handle.temp)
+
+    # -- directories and names --------------------------------------------------
+
+    def mkdir(self, args: Args) -> dict[str, Any]:
+        path = args.path()
+        parents = args.boolean("parents")
+        mode = args.mode()
+        try:
+            if parents:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    return {}
+                os.makedirs(path, DEFAULT_DIR_MODE)
+            else:
+                os.mkdir(path, DEFAULT_DIR_MODE)
+            if mode is not None:
+                os.chmod(path, mode)
+        except FileExistsError:
+            raise AgentError("FileExists", f"{path} already exists", path=path) from None
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
+        return {}
+
+    def remove(self, args: Args) -> dict[str, Any]:
+        path = args.path()
+        recursive = args.boolean("recursive")
+        if path == "/":
+            raise invalid("path", "refusing to remove the root directory")
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(path)
+            elif recursive:
+                shutil.rmtree(path)
+            else:
+                os.rmdir(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                raise AgentError("DirectoryNotEmpty", f"{path} is not empty (use recursive)", path=path) from None
+            raise from_os_error(exc, path if exc.filename in (None, path) else exc.filename) from None
+        return {}
+
+    def move(self, args: Args) -> dict[str, Any]:
+        src = args.path("src")
+        dst = args.path("dst")
+        overwrite = args.boolean("overwrite")
+        try:
+            os.lstat(src)
+        except OSError as exc:
+            raise from_os_error(exc, src) from None
+        if src == dst:
+            return {}
+        if os.path.lexists(dst) and not overwrite:
+            raise AgentError("FileExists", f"{dst} already exists (use overwrite)", path=dst)
+        try:
+            os.rename(src, dst)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:  # another file system (or an overlay directory)
+                self._copy_move(src, dst)
+                return {}
+            blame = dst if exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY) else src
+            if exc.errno == errno.ENOENT and os.path.lexists(src):
+                blame = dst
+            raise from_os_error(exc, blame) from None
+        return {}
+
+    def _copy_move(self, src: str, dst: str) -> None:
+        """Move across file systems: copy beside ``dst``, rename into place, delete ``src``."""
+        directory = os.path.dirname(dst) or "/"
+        temp = os.path.join(directory, f".{os.path.basename(dst)[:200]}.mvm-{secrets.token_hex(6)}.tmp")
+        try:
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), temp)
+            elif os.path.isdir(src):
+                shutil.copytree(src, temp, symlinks=True)
+            else:
+                shutil.copy2(src, temp, follow_symlinks=False)
+            os.replace(temp, dst)
+        except OSError as exc:
+            if os.path.isdir(temp) and not os.path.islink(temp):
+                shutil.rmtree(temp, ignore_errors=True)
+            else:
+                _discard(None, temp)
+            raise from_os_error(exc, dst) from None
+        try:
+            if os.path.isdir(src) and not os.path.islink(src):
+                shutil.rmtree(src)
+            else:
+                os.unlink(src)
+        except OSError as exc:
+            raise from_os_error(exc, src) from None

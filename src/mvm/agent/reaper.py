@@ -1,0 +1,89 @@
+"""The one place that waits for children: the reaper thread, and PID-1 duty.
+
+The agent is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so orphans of the
+processes it started are re-parented to it; the reaper collects every child's
+exit status, reports the ones the agent started and drops the rest.
+
+Nothing else may call ``wait``: spawning happens under ``Reaper.lock`` (see
+``processes``), so a child always has its record before the reaper can see it
+exit, and ``subprocess.Popen``'s own waits never race with this thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("mvm.agent")
+
+ExitHandler = Callable[[int, int], None]
+
+
+class Reaper(threading.Thread):
+    """Blocks in ``waitid(WNOWAIT)`` until a child exits, then reaps all that have."""
+
+    def __init__(self, on_exit: ExitHandler):
+        super().__init__(name="mvm-reaper", daemon=True)
+        self.lock = threading.Lock()
+        self._on_exit = on_exit
+        self._have_children = threading.Event()
+
+    def child_started(self) -> None:
+        """Wake the reaper if it was idle because there were no children."""
+        self._have_children.set()
+
+    def run(self) -> None:
+        while True:
+            try:
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                self._have_children.wait(1.0)
+                self._have_children.clear()
+                continue
+            except InterruptedError:
+                continue
+            self.reap_ready()
+
+    def reap_ready(self) -> None:
+        """Collect every exited child without blocking."""
+        with self.lock:
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    return
+                try:
+                    self._on_exit(pid, status)
+                except Exception:  # never let a bookkeeping bug stop the reaping
+                    log.exception("exit handler failed for pid %d", pid)
+
+
+def exit_code_of(status: int) -> tuple[int, int | None]:
+    """``(exit_code, signal)`` from a wait status: a signal death is ``128 + signal``."""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        return 128 - code, -code
+    return code, None
+
+
+def run_as_init(child: int) -> int:
+    """PID 1's whole job once the agent runs in ``child``: reap everything, end with the agent.
+
+    (If PID 1 exits the kernel panics and the VM stops; that is the intended
+    end of a microVM whose agent has gone.)
+    """
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 1
+        except InterruptedError:
+            continue
+        if pid == child:
+            code, signum = exit_code_of(status)
+            log.error("the agent (pid %d) ended with %s", child, f"signal {signum}" if signum else f"code {code}")
+            return code

@@ -1,0 +1,162 @@
+"""``agent.info`` and ``agent.configure``, and the small kernel calls around them.
+
+Clock, entropy and hostname are best effort: in a namespace sandbox the agent
+may not own the clock (``EPERM``); the result says what took effect.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import re
+import socket
+import threading
+import time
+from typing import Any
+
+from . import AGENT_VERSION
+from .errors import Args, invalid
+
+log = logging.getLogger("mvm.agent")
+
+#: The environment every process starts from unless ``agent.configure`` changes it.
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+}
+MAX_ENTROPY_BYTES = 4096
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def become_subreaper() -> bool:
+    """Make orphans of our descendants re-parent to the agent (``prctl(PR_SET_CHILD_SUBREAPER)``)."""
+    try:
+        if _libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
+            return True
+        log.warning("PR_SET_CHILD_SUBREAPER failed: %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:
+        log.warning("PR_SET_CHILD_SUBREAPER unavailable: %s", exc)
+    return False
+
+
+def set_clock(epoch: float) -> bool:
+    """Set CLOCK_REALTIME; False when not permitted (a namespace sandbox shares the host's clock)."""
+    try:
+        time.clock_settime_ns(time.CLOCK_REALTIME, int(epoch * 1_000_000_000))
+        return True
+    except OSError as exc:
+        log.info("clock not set: %s", exc)
+        return False
+
+
+def mix_entropy(data: bytes) -> bool:
+    """Write ``data`` into the kernel RNG's pool (mixed in, not credited)."""
+    try:
+        with open("/dev/urandom", "wb", buffering=0) as rng:
+            rng.write(data)
+        return True
+    except OSError as exc:
+        log.info("entropy not mixed in: %s", exc)
+        return False
+
+
+def set_hostname(name: str) -> bool:
+    try:
+        socket.sethostname(name)
+        return True
+    except OSError as exc:
+        log.info("hostname not set: %s", exc)
+        return False
+
+
+def mount_if_missing(source: str, target: str, fstype: str, options: str = "", flags: int = 0) -> None:
+    """Mount a pseudo file system unless something is already mounted there (best effort)."""
+    try:
+        if os.path.ismount(target):
+            return
+        os.makedirs(target, exist_ok=True)
+        libc = _libc()
+        data = options.encode() if options else None
+        if libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data) != 0:
+            log.warning("mount %s on %s failed: %s", fstype, target, os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:
+        log.warning("mount %s on %s failed: %s", fstype, target, exc)
+
+
+def prepare_as_init() -> None:
+    """When the agent is PID 1: make sure the usual pseudo file systems are there."""
+    ms_nosuid, ms_nodev, ms_noexec = 2, 4, 8
+    mount_if_missing("proc", "/proc", "proc", flags=ms_nosuid | ms_nodev | ms_noexec)
+    mount_if_missing("sysfs", "/sys", "sysfs", flags=ms_nosuid | ms_nodev | ms_noexec)
+    mount_if_missing("devtmpfs", "/dev", "devtmpfs", "mode=0755", flags=ms_nosuid)
+    mount_if_missing("devpts", "/dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620",
+                     flags=ms_nosuid | ms_noexec)
+    mount_if_missing("tmpfs", "/dev/shm", "tmpfs", "mode=1777", flags=ms_nosuid | ms_nodev)
+
+
+class System:
+    """Agent-wide settings: the base environment; ``agent.info``/``agent.configure``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._base_env = dict(DEFAULT_ENV)
+        self._started = time.monotonic()
+
+    def base_env(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._base_env)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "agent_version": AGENT_VERSION,
+            "python": platform.python_version(),
+            "kernel": os.uname().release,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+        }
+
+    def configure(self, args: Args) -> dict[str, Any]:
+        """Validate everything first, then apply: a bad field changes nothing."""
+        env = args.env("env", allow_unset=True) if args.raw.get("env") is not None else None
+        clock = args.number("clock_epoch")
+        if clock is not None and clock <= 0:
+            raise invalid("clock_epoch", f"must be seconds since the epoch, got {clock}")
+        entropy_hex = args.string("entropy_hex", max_length=2 * MAX_ENTROPY_BYTES)
+        entropy = None
+        if entropy_hex is not None:
+            try:
+                entropy = bytes.fromhex(entropy_hex)
+            except ValueError:
+                raise invalid("entropy_hex", "must be an even number of hexadecimal digits") from None
+        hostname = args.string("hostname", max_length=253)
+        if hostname is not None and (len(hostname.split(".")[0]) > 63 or not _HOSTNAME.match(hostname)):
+            raise invalid("hostname", f"{hostname!r} is not a valid host name",
+                          allowed="letters, digits, '-' and '.', labels of at most 63 characters")
+
+        result: dict[str, Any] = {}
+        if env is not None:
+            merged = dict(DEFAULT_ENV)
+            for key, value in env.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            with self._lock:
+                self._base_env = merged
+            result["env_keys"] = sorted(merged)
+        if clock is not None:
+            result["clock_set"] = set_clock(clock)
+        if entropy is not None:
+            result["entropy_mixed"] = mix_entropy(entropy)
+        if hostname is not None:
+            result["hostname_set"] = set_hostname(hostname)
+        return result

@@ -1,0 +1,155 @@
+"""FramedChannel over real sockets and pipes: concurrency, EOF, close, handshake."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from mvm.protocol import codec
+from mvm.protocol.channel import ChannelClosed, FramedChannel
+from mvm.protocol.codec import PREFIX, ProtocolError
+
+
+@pytest.fixture
+def pair():
+    left, right = socket.socketpair()
+    a, b = FramedChannel(left), FramedChannel(right)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_concurrent_senders_never_interleave_frames(pair) -> None:
+    sender, receiver = pair
+    threads, per_thread = 8, 150
+    sizes = [0, 1, 100, 70_000, codec.CHUNK_SIZE]  # some bigger than a socket buffer
+
+    def send_all(thread: int) -> None:
+        for n in range(per_thread):
+            payload = bytes([thread]) * sizes[n % len(sizes)]
+            sender.send_raw(codec.data(n, f"t{thread}", payload))
+
+    workers = [threading.Thread(target=send_all, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    seen: dict[str, list[int]] = {}
+    for _ in range(threads * per_thread):
+        frame = receiver.recv()
+        stream = frame.header["stream"]
+        thread = int(stream[1:])
+        assert frame.payload == bytes([thread]) * sizes[frame.id % len(sizes)]  # type: ignore[operator]
+        seen.setdefault(stream, []).append(frame.id)  # type: ignore[arg-type]
+    for worker in workers:
+        worker.join()
+    assert seen == {f"t{t}": list(range(per_thread)) for t in range(threads)}, "each sender's order is kept"
+
+
+def test_handshake_from_both_sides_at_once_exchanges_hellos(pair) -> None:
+    a, b = pair
+    result: dict[str, dict] = {}
+    thread = threading.Thread(target=lambda: result.update(b=b.handshake("agent", pid=7)))
+    thread.start()
+    result["a"] = a.handshake("supervisor")
+    thread.join(5)
+    assert result["a"]["role"] == "agent" and result["a"]["pid"] == 7
+    assert result["b"]["role"] == "supervisor"
+
+
+def test_handshake_refuses_another_major_version(pair) -> None:
+    a, b = pair
+    b.send({"kind": "hello", "protocol": "mvm", "version": codec.PROTOCOL_VERSION + 1, "role": "future"})
+    with pytest.raises(ProtocolError):
+        a.handshake("supervisor")
+
+
+def test_the_peer_closing_is_ChannelClosed(pair) -> None:
+    a, b = pair
+    b.send_raw(codec.request(1, "ping"))
+    b.close()
+    assert a.recv().header["op"] == "ping"
+    with pytest.raises(ChannelClosed, match="peer closed"):
+        a.recv()
+
+
+def test_the_peer_closing_mid_frame_is_ChannelClosed(pair) -> None:
+    a, b = pair
+    frame = codec.request(1, "ping")
+    b._sock.sendall(frame[:-3])  # type: ignore[union-attr]
+    b.close()
+    with pytest.raises(ChannelClosed, match="mid-frame"):
+        a.recv()
+
+
+def test_garbage_from_the_peer_is_a_protocol_error(pair) -> None:
+    a, b = pair
+    b._sock.sendall(PREFIX.pack(5, 0) + b"hello")  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError):
+        a.recv()
+
+
+def test_close_wakes_a_blocked_receiver(pair) -> None:
+    a, _ = pair
+    outcome: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            a.recv()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    time.sleep(0.1)
+    a.close()
+    thread.join(5)
+    assert not thread.is_alive() and isinstance(outcome[0], ChannelClosed)
+
+
+def test_sending_on_a_closed_channel_is_ChannelClosed(pair) -> None:
+    a, _ = pair
+    a.close()
+    with pytest.raises(ChannelClosed):
+        a.send_raw(codec.request(1, "ping"))
+
+
+def test_sending_to_a_vanished_peer_is_ChannelClosed(pair) -> None:
+    a, b = pair
+    b.close()
+    with pytest.raises(ChannelClosed):
+        for _ in range(100):
+            a.send_raw(codec.data(1, "stdout", b"x" * codec.CHUNK_SIZE))
+
+
+def test_raw_file_descriptors_work_like_a_socket() -> None:
+    up_r, up_w = os.pipe()
+    down_r, down_w = os.pipe()
+    try:
+        a = FramedChannel(read_fd=down_r, write_fd=up_w)
+        b = FramedChannel(read_fd=up_r, write_fd=down_w)
+        payload = os.urandom(3 * codec.CHUNK_SIZE)  # larger than a pipe: the reader must run concurrently
+        thread = threading.Thread(target=lambda: a.send(
+            {"kind": "data", "id": 1, "stream": "stdout"}, payload))
+        thread.start()
+        frame = b.recv()
+        thread.join(5)
+        assert frame.payload == payload
+        b.send_raw(codec.response_ok(1, {"ok": True}))
+        assert a.recv().header["result"] == {"ok": True}
+        os.close(down_w)
+        with pytest.raises(ChannelClosed):
+            a.recv()
+    finally:
+        for fd in (up_r, up_w, down_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def test_a_channel_needs_a_transport() -> None:
+    with pytest.raises(ValueError):
+        FramedChannel(read_fd=0)
