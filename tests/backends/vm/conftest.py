@@ -39,9 +39,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def vm_template() -> TemplateImage:
     """The python-3.13 template (built once, cached under MVM_TEMPLATES)."""
-    dev = os.environ.get("MVM_VM_DEV_TEMPLATE")  # DEV-ONLY, remove
-    if dev:
-        return TemplateImage(name="dev", digest="dev0001", directory=Path(dev), suite="trixie", python_version="3.13")
     from mvm.templates import ensure_template
 
     return ensure_template(TEMPLATE)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ import pytest
 
 from mvm.backends.base import SnapshotArtifacts
 from mvm.backends.vm import VmBackend, VmInstance, probe_accelerator, ready
+from mvm.backends.vm.backend import CONSOLE_MAX, _trim_console
 from mvm.backends.vm.accel import kvm_device_status
 from mvm.errors import InvalidArgument, SandboxError
 from mvm.protocol import codec
@@ -309,7 +313,7 @@ def test_stop_keeps_the_disk_and_start_boots_it_again(make_instance) -> None:  #
     instance.destroy()
 
 
-def test_second_create_restores_the_ready_snapshot(make_instance) -> None:  # type: ignore[no-untyped-def]
+def test_second_create_restores_the_ready_snapshot(make_instance, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     first = make_instance(ready=True, memory_mb=320)
     ready.discard(ready.ready_key(first._ready_parts()))  # start from a cold cache for this shape
     agent = Agent(first.start())
@@ -323,6 +327,8 @@ def test_second_create_restores_the_ready_snapshot(make_instance) -> None:  # ty
     # The first sandbox's own writes after its ready snapshot are not in the second.
     assert agent2.sh("test -e /root/mine.txt && echo yes || echo no").strip() == "no"
     assert agent.sh("cat /root/mine.txt") == "first\n"  # and the first goes on on its own overlay
+    # A VM that already gave its ready snapshot can be snapshotted again.
+    assert first.snapshot(tmp_path / "again").kind == "full"
     for a in (agent, agent2):
         a.close()
     for i in (first, second):
@@ -401,3 +407,55 @@ def test_boot_with_a_missing_agent_fails_fast_and_says_why(
         instance.start()
     assert time.monotonic() - started < 15
     assert instance.host_pids() == []
+
+
+def test_qemu_dies_with_the_process_that_started_it(vm_template: TemplateImage, tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL (no cleanup at all) takes its VM with it."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from mvm.backends.base import NetworkPolicy, Resources, SandboxSpec
+        from mvm.backends.vm import VmBackend
+        from mvm.templates.image import TemplateImage
+        template = TemplateImage(name={vm_template.name!r}, digest={vm_template.digest!r},
+                                 directory=Path({str(vm_template.directory)!r}), suite={vm_template.suite!r},
+                                 python_version={vm_template.python_version!r})
+        spec = SandboxSpec("orphan", template, Resources(memory_mb=256), NetworkPolicy(), Path({str(tmp_path)!r}))
+        instance = VmBackend().create(spec)
+        instance.start()
+        print(instance.host_pids()[0], flush=True)
+        time.sleep(600)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        qemu_pid = int(child.stdout.readline())
+        assert "qemu" in Path(f"/proc/{qemu_pid}/cmdline").read_text()
+        assert os.getpgid(qemu_pid) == qemu_pid != os.getpgid(child.pid)  # its own process group
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{qemu_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{qemu_pid}").exists()
+    finally:
+        child.kill()
+        VmBackend().cleanup_orphan(tmp_path)
+
+
+def test_rootfs_smaller_than_the_template_is_refused(make_instance) -> None:  # type: ignore[no-untyped-def]
+    root = Path(os.environ["MVM_HOME"]) / "vmt"
+    before = set(root.iterdir())
+    with pytest.raises(InvalidArgument, match="rootfs_size_mb") as err:
+        make_instance(rootfs_size_mb=32)
+    assert err.value.field == "rootfs_size_mb"
+    assert set(root.iterdir()) == before  # nothing half-created left behind
+
+
+def test_console_log_stays_bounded(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_bytes(b"x" * (CONSOLE_MAX + 10) + b"last line\n")
+    _trim_console(log)
+    assert log.stat().st_size == 0
+    kept = (tmp_path / "console.log.1").read_bytes()
+    assert kept.endswith(b"last line\n") and len(kept) <= CONSOLE_MAX

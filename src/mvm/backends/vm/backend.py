@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...errors import InvalidArgument, InvalidState, SandboxError
+from ...errors import InvalidArgument, InvalidState, MvmError, SandboxError
 from ...protocol.channel import ChannelClosed, FramedChannel
 from ...protocol.codec import ProtocolError
 from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
@@ -89,7 +89,12 @@ class VmBackend(Backend):
         ok, why = kernel_obtainable()
         if not ok:
             return Availability(False, f"no guest kernel: {why}")
-        details: dict[str, Any] = {"qemu": qemu_version(), "machine": MACHINE}
+        details: dict[str, Any] = {"qemu": qemu_version(), "machine": MACHINE, "isolation": "vm"}
+        try:
+            verdict = probe_accelerator()  # cached per kernel + QEMU version after the first probe
+        except (MvmError, OSError) as exc:
+            return Availability(False, str(exc), details)
+        details.update(verdict)
         return Availability(True, "", details)
 
     def create(self, spec: SandboxSpec) -> VmInstance:
@@ -130,17 +135,28 @@ class VmInstance(BackendInstance):
         self.memory_mb = int(res.memory_mb)
         self.rootfs_size_mb = int(res.rootfs_size_mb)
 
+        created_dir = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.socket_dir = self._choose_socket_dir()
-        self._write_record()  # before anything that may leave a trace
-        self.kernel: Kernel = ensure_kernel()
-        self.initrd = ensure_initramfs(self.kernel)
-        verdict = probe_accelerator(kernel=self.kernel)
-        self.accel: str = verdict["accel"]
-        self.kvm_status: str = verdict["kvm_status"]
-        self.base = disk.sized_base(spec.template, self.rootfs_size_mb)
-        self.cmdline = kernel_cmdline(self.accel, [*spec.template.agent_command, "--virtio-port", "agent"])
-        self.boot_timeout = _boot_timeout(self.accel)
+        try:
+            self.socket_dir = self._choose_socket_dir()
+            self.kernel: Kernel = ensure_kernel()
+            self.initrd = ensure_initramfs(self.kernel)
+            verdict = probe_accelerator(kernel=self.kernel)
+            self.accel: str = verdict["accel"]
+            self.kvm_status: str = verdict["kvm_status"]
+            self.base = disk.sized_base(spec.template, self.rootfs_size_mb)
+            try:
+                self.cmdline = kernel_cmdline(self.accel, [*spec.template.agent_command, "--virtio-port", "agent"])
+            except ValueError as exc:
+                raise InvalidArgument("template", str(exc)) from None
+            self.boot_timeout = _boot_timeout(self.accel)
+        except BaseException:
+            # Bad input or a host problem: leave nothing behind.
+            if getattr(self, "socket_dir", self.dir) != self.dir:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
+            if created_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QmpClient | None = None
@@ -363,6 +379,7 @@ class VmInstance(BackendInstance):
                     try:
                         artifacts = self._snapshot_into(staged)
                         ready.publish(key, staged, self._ready_parts(), artifacts.details)
+                        ready.prune(protect=key)
                     except Exception:
                         shutil.rmtree(staged, ignore_errors=True)
                         raise
@@ -454,7 +471,12 @@ class VmInstance(BackendInstance):
             dest.mkdir(parents=True, exist_ok=True)
             if any(dest.iterdir()):
                 raise InvalidArgument("dest", f"snapshot directory {dest} is not empty", allowed="an empty directory")
-            return self._snapshot_into(dest)
+            try:
+                return self._snapshot_into(dest)
+            except BaseException:
+                for name in (ready.MEMORY_FILE, ready.DISK_FILE, "vm.json"):  # no half snapshot
+                    (dest / name).unlink(missing_ok=True)
+                raise
 
     def _snapshot_into(self, dest: Path) -> SnapshotArtifacts:
         """Stop, freeze the disk, stream memory to ``dest``, continue; disk layer copied last."""

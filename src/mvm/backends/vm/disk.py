@@ -3,9 +3,9 @@
 * The template's root as a raw ext4 image comes from ``mvm.templates.build_raw_disk``
   (``mkfs.ext4 -d ROOTFS``, no loop mount).
 * The guest filesystem must be exactly ``rootfs_size_mb`` big (that is the limit
-  the guest can fill), so a *sized* base is derived once per size with an
-  offline ``resize2fs`` of a sparse copy, and shared read-only by every VM of
-  that template and size.
+  the guest can fill), so a *sized* base ``rootfs-<size>M.ext4`` is derived once
+  per size, beside the template's image, with an offline ``resize2fs`` of a
+  sparse copy, and shared read-only by every VM of that template and size.
 * Each VM writes to its own qcow2 overlay (``-b base -F raw``); snapshots freeze
   an overlay and chain new ones on top.
 """
@@ -56,13 +56,18 @@ def sized_base(image: TemplateImage, size_mb: int) -> Path:
     source = _template_raw_disk(image)
     if source.stat().st_size == size_mb * MIB:
         return source
-    path = disks_dir() / f"{image.name}-{image.digest[:16]}-{size_mb}M.ext4"
+    # Beside the template's own image, so removing the template removes its sized copies too;
+    # in the cache when the template tree is read-only to us.
+    home = image.directory if os.access(image.directory, os.W_OK) else disks_dir()
+    path = home / f"rootfs-{size_mb}M.ext4" if home == image.directory else (
+        home / f"{image.name}-{image.digest[:16]}-{size_mb}M.ext4"
+    )
     if path.is_file():
         return path
-    with file_lock(disks_dir() / ".lock"):
+    with file_lock(home / ".rootfs-sized.lock"):
         if path.is_file():
             return path
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         _run(["cp", "--sparse=always", "--reflink=auto", str(source), str(tmp)], "copy the template disk")
         try:
             # resize2fs insists on a freshly checked filesystem; -p repairs nothing silently.

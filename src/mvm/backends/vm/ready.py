@@ -12,11 +12,16 @@ gives a new key: the old entry is simply never used again (it is not deleted
 under a sandbox that may still be backed by it — restores hard-link its disk).
 
 ``ready.json`` is written last: a directory without it is an unfinished build.
-A lock per key makes concurrent first creates build it once.
+A lock per key makes concurrent first creates build it once. ``prune`` keeps the
+cache small: entries whose base disk is gone are dropped, and only the
+``KEEP`` most recently used survive (each is ~100 MiB for a 512 MiB guest).
+Dropping an entry is always safe: a sandbox restored from it holds a hard link
+to its disk, and its memory image is only read at restore time.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +40,7 @@ FORMAT_VERSION = 1
 MEMORY_FILE = "memory.bin"
 DISK_FILE = "disk.qcow2"
 META_FILE = "ready.json"
+KEEP = 6
 
 
 def ready_root() -> Path:
@@ -49,11 +55,64 @@ def ready_key(parts: dict[str, Any]) -> str:
 
 
 def lookup(key: str) -> Path | None:
-    """The complete ready snapshot for ``key``, or None."""
+    """The complete ready snapshot for ``key``, or None. Marks it used (for ``prune``)."""
     directory = ready_root() / key
     if (directory / META_FILE).is_file() and (directory / MEMORY_FILE).is_file() and (directory / DISK_FILE).is_file():
+        try:
+            os.utime(directory / META_FILE)
+        except OSError:
+            pass
         return directory
     return None
+
+
+def prune(keep: int = KEEP, protect: str = "") -> list[str]:
+    """Drop unusable and least recently used ready snapshots; returns the keys removed."""
+    root = ready_root()
+    entries: list[tuple[float, str]] = []
+    removed: list[str] = []
+    for directory in root.iterdir():
+        if not directory.is_dir():
+            continue
+        if directory.name.startswith("."):  # an unfinished build: only if it is old (its builder died)
+            if time.time() - directory.stat().st_mtime > 3600:
+                shutil.rmtree(directory, ignore_errors=True)
+            continue
+        key = directory.name
+        try:
+            details = read_details(directory)
+            used = (directory / META_FILE).stat().st_mtime
+        except (OSError, ValueError):
+            details, used = {}, 0.0
+        base = Path(str(details.get("base_disk", "")))
+        if key != protect and (not details or not base.is_file()):
+            if _drop_unlocked(key):
+                removed.append(key)
+            continue
+        entries.append((used, key))
+    entries.sort(reverse=True)
+    for _, key in entries[keep:]:
+        if key != protect and _drop_unlocked(key):
+            removed.append(key)
+    for lock in root.glob("*.lock"):
+        if not (root / lock.stem).exists() and time.time() - lock.stat().st_mtime > 3600:
+            lock.unlink(missing_ok=True)
+    return removed
+
+
+def _drop_unlocked(key: str) -> bool:
+    """Remove ``key``'s entry unless someone holds its lock (restoring or building it)."""
+    lock_path = ready_root() / f"{key}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(ready_root() / key, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 @contextmanager
