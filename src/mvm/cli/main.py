@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "mvm.cli.lifecycle",
     "mvm.cli.templates",
     "mvm.cli.doctor",
+    "mvm.cli.modes",
 )
 
 

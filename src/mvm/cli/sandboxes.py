@@ -42,12 +42,21 @@ def register(cli: click.Group) -> None:
 @click.option("--include", multiple=True, help="Host path copied into /app (relative to the cwd).")
 @click.option("--workload-id")
 @click.option("--from-snapshot", help="Start from this snapshot id or name.")
+@click.option("--from-ir", "from_ir", type=click.Path(exists=True),
+              help="Run a compiled workload (`mvmctl compile` output dir or .tar.gz): creates its sandbox and "
+                   "replays its writes and commands. Only --name and --backend apply with it.")
 @json_option
 def up(name: str | None, template: str, ttl: str, cpus: float, memory_mb: int, rootfs_size_mb: int,
        max_processes: int, backend: str | None, network_mode: str, allow: tuple[str, ...], env: tuple[str, ...],
        secret_env: tuple[str, ...], include: tuple[str, ...], workload_id: str | None, from_snapshot: str | None,
-       as_json: bool) -> None:
+       from_ir: str | None, as_json: bool) -> None:
     """Create a sandbox and leave it running (until its TTL or `mvmctl down`)."""
+    if from_ir is not None:
+        from ..modes.runner import replay
+
+        result = replay(from_ir, name=name, backend=backend, echo=None if as_json else click.echo)
+        emit(as_json, result)
+        return
     full_env: dict[str, str | SecretRef] = dict(parse_env(env))
     full_env.update({k: SecretRef(v) for k, v in parse_env(secret_env, "--secret-env").items()})
     sandbox = Sandbox.create(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,16 +166,10 @@ class Sandbox:
                 text = text.replace(value, f"[redacted:{secret_name}]")
         return text
 
-    def _command_args(self, argv: Sequence[str] | str, env: Mapping[str, Any] | None, cwd: str | None) -> dict[str, Any]:
-        if isinstance(argv, str):
-            argv = ["/bin/sh", "-c", argv]
-        argv = list(argv)
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise errors.InvalidArgument("argv", "must be a non-empty list of strings (or one shell string)",
-                                         allowed="e.g. ['python', '/app/main.py']")
-        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
-            raise errors.InvalidArgument("cwd", f"{cwd!r} must be an absolute guest path")
-        literal, secret_env, values = _split_env(env or {})
+    def _command_args(self, argv: Sequence[str] | str, env: Mapping[str, Any] | None,
+                      cwd: str | None) -> dict[str, Any]:
+        argv, env = validate_command(argv, env, cwd)
+        literal, secret_env, values = _split_env(env)
         self._secret_values.update(values)
         return {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_env_keys": sorted(secret_env)}
 
@@ -282,11 +276,46 @@ def script_dir() -> Path:
     return Path(os.environ.get("MVM_INCLUDE_BASE") or os.getcwd()).resolve()
 
 
+def validate_command(argv: Sequence[str] | str, env: Mapping[str, Any] | None,
+                     cwd: str | None) -> tuple[list[str], dict[str, Any]]:
+    """Check a command's argv, env and cwd; shared by live and recorded sandboxes.
+
+    A string argv becomes ``["/bin/sh", "-c", argv]``. Returns ``(argv, env)``;
+    env values stay ``str`` or ``SecretRef`` (nothing is resolved here).
+    """
+    if isinstance(argv, str):
+        argv = ["/bin/sh", "-c", argv]
+    try:
+        argv = list(argv)
+    except TypeError:
+        argv = []
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise errors.InvalidArgument("argv", "must be a non-empty list of strings (or one shell string)",
+                                     allowed="e.g. ['python', '/app/main.py']")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+        raise errors.InvalidArgument("cwd", f"{cwd!r} must be an absolute guest path")
+    env = dict(env or {})
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise errors.InvalidArgument("env", f"{key!r} is not a valid variable name")
+        if not isinstance(value, (str, SecretRef)):
+            raise errors.InvalidArgument(f"env[{key!r}]", f"{type(value).__name__} value",
+                                         allowed="str or mvm.secret(name)")
+    return argv, env
+
+
 def _validated_spec(template: str, *, name: str | None, workload_id: str | None, ttl: Any,
                     resources: Resources | None, network: NetworkPolicy | None,
-                    env: Mapping[str, Any] | None, tags: Mapping[str, str] | None) -> dict[str, Any]:
+                    env: Mapping[str, Any] | None, tags: Mapping[str, str] | None,
+                    template_check: Callable[[str], object] | None = None) -> dict[str, Any]:
+    """Validate ``Sandbox.create``'s arguments (live and record/plan modes alike).
+
+    ``template_check`` replaces ``ensure_template`` for a name not in
+    ``available_templates()``: record/plan mode passes one that raises
+    ``TemplateNotFound`` the same way but never builds.
+    """
     if not isinstance(template, str) or template not in available_templates():
-        ensure_template(template)  # raises TemplateNotFound with the buildable names
+        (template_check or ensure_template)(template)  # raises TemplateNotFound with the buildable names
     if name is not None:
         validate_name(name)
     if workload_id is not None and (not isinstance(workload_id, str) or not workload_id.strip()):

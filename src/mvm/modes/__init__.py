@@ -1,0 +1,11 @@
+"""Record, plan and live: one workload script, three ways to run it (DESIGN §2).
+
+* :mod:`mvm.modes.recording` — ``RecordedSandbox``, what ``mvm.Sandbox.create``
+  returns in record/plan mode: every call is validated like the live path and
+  appended to a process-wide recording; nothing boots.
+* :mod:`mvm.modes.ir` — the workload IR (``workload-v1``): built from a recording,
+  validated against ``schema/workload-v1.json``, canonical JSON (RFC 8785), sha256 id.
+* :mod:`mvm.modes.admission` — plan-mode admission against the host policy.
+* :mod:`mvm.modes.runner` — running a script in a mode (``mvmctl compile`` / ``run``),
+  and ``replay`` for ``mvmctl up --from-ir``.
+"""
