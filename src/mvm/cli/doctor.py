@@ -9,7 +9,7 @@ import click
 from ..backends import PREFERENCE, availability, choose_backend
 from ..errors import MvmError
 from ..paths import mvm_home
-from .main import emit, json_option
+from .common import emit, json_option
 
 
 def register(cli: click.Group) -> None:

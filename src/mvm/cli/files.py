@@ -10,7 +10,7 @@ import click
 from ..sdk.files import DEFAULT_MAX_READ_BYTES
 from ..sdk.models import FileEntry
 from ..sdk.sandbox import Sandbox
-from .main import emit, json_option
+from .common import emit, json_option
 
 
 def register(cli: click.Group) -> None:

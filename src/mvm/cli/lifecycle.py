@@ -8,7 +8,7 @@ import click
 
 from ..sdk.models import SandboxInfo
 from ..sdk.sandbox import Sandbox
-from .main import emit, json_option
+from .common import emit, json_option
 
 
 def register(cli: click.Group) -> None:
@@ -123,4 +123,4 @@ def prune(as_json: bool) -> None:
     from ..security.sealing import SnapshotStore
 
     removed = SnapshotStore().prune(time.time())
-    emit(as_json, {"removed": removed}, f"removed {len(removed)} expired snapshot(s)")
+    emit(as_json, {"removed": [i.to_wire() for i in removed]}, f"removed {len(removed)} expired snapshot(s)")

@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from ..modes import admission, ir, runner
-from .main import emit, json_option
+from .common import emit, json_option
 
 _SCRIPT = click.Path(exists=True, dir_okay=False, path_type=Path)
 _SCRIPT_ARGS = {"ignore_unknown_options": True}

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..sdk.sandbox import Sandbox
-from .main import emit, json_option, parse_env
+from .common import emit, json_option, parse_env
 
 
 def register(cli: click.Group) -> None:

@@ -13,7 +13,7 @@ from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
 from ..sdk.sandbox import Sandbox
 from ..security.secrets import SecretRef
-from .main import emit, json_option, parse_env
+from .common import emit, json_option, parse_env
 
 
 def register(cli: click.Group) -> None:

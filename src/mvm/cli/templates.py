@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..templates import available_templates, ensure_template, list_templates, remove_template
-from .main import emit, json_option
+from .common import emit, json_option
 
 
 def register(cli: click.Group) -> None:

@@ -1,0 +1,5 @@
+"""``python -m mvm.cli`` == ``mvmctl``."""
+
+from .main import main
+
+main()
