@@ -1,0 +1,256 @@
+"""start/stop/destroy, snapshots, orphan cleanup; nothing is left behind and the template
+is never written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from nshelpers import Guest
+
+from mvm.backends.base import NetworkPolicy, SandboxSpec
+from mvm.backends.namespace import NamespaceBackend, cleanup_orphan
+from mvm.errors import InvalidArgument, InvalidNetworkPolicy, InvalidState
+
+
+def fingerprint(root: Path) -> dict[str, tuple]:
+    """Every entry of a tree with its type, size, mode, owner and mtime."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_size, st.st_uid, st.st_gid, st.st_mtime_ns)
+    return out
+
+
+def traces(inst) -> dict[str, object]:
+    """Everything a sandbox may leave on the host."""
+    mounts = Path("/proc/self/mountinfo").read_text()
+    return {
+        "mounts": [m for m in inst.layer.mounts() if f" {m} " in mounts],
+        "cgroup_dirs": [str(d) for d in inst.cgroup.dirs() if d.exists()],
+        "backend_dir": inst.spec.backend_dir.exists(),
+        "run_dir": getattr(inst.layer, "run_dir", Path("/nonexistent")).exists(),
+    }
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def template_fingerprint(template):
+    before = fingerprint(template.rootfs)
+    yield
+    assert fingerprint(template.rootfs) == before, "the template was modified"
+
+
+def test_stop_keeps_files_and_start_sees_them(sandbox, template_fingerprint):
+    inst, guest = sandbox()
+    assert guest.sh("echo kept > /root/file && rm /etc/hostname && echo ok").out.strip() == "ok"
+    pids = inst.host_pids()
+    assert pids
+    inst.stop()
+    assert not any(alive(p) for p in pids)
+    assert inst.host_pids() == []
+    assert all(Path(m) for m in inst.layer.mounts())
+    guest2 = Guest(inst.start())
+    res = guest2.sh("cat /root/file; test -e /etc/hostname && echo present || echo gone")
+    assert res.out.split() == ["kept", "gone"]
+
+
+def test_destroy_leaves_nothing(sandbox, template_fingerprint):
+    inst, guest = sandbox()
+    guest.sh("echo x > /tmp/x")
+    pids = inst.host_pids()
+    record = json.loads((inst.spec.backend_dir / "backend.json").read_text())
+    assert record["bwrap_pid"] in pids
+    assert record["mounts"] and record["cgroup"]["dirs"]
+    inst.destroy()
+    assert traces(inst) == {"mounts": [], "cgroup_dirs": [], "backend_dir": False, "run_dir": False}
+    assert not any(alive(p) for p in pids)
+    with pytest.raises(InvalidState):
+        inst.start()
+    inst.destroy()  # idempotent
+
+
+def test_state_errors(sandbox):
+    inst, _guest = sandbox()
+    with pytest.raises(InvalidState):
+        inst.start()
+    inst.stop()
+    with pytest.raises(InvalidState):
+        inst.pause()
+
+
+def test_snapshot_and_restore_files_only(sandbox, backend, make_spec, tmp_path, template_fingerprint):
+    inst, guest = sandbox()
+    script = textwrap.dedent(
+        """
+        set -e
+        mkdir -p /app/data && echo hello > /app/data/greeting
+        ln -s /app/data/greeting /app/link
+        ln /app/data/greeting /app/hard
+        rm /etc/hostname                      # a whiteout over a template file
+        rm -rf /etc/apt && mkdir /etc/apt && echo new > /etc/apt/only   # an opaque directory
+        chmod 700 /app/data
+        echo ok
+        """
+    )
+    assert guest.sh(script).out.strip() == "ok"
+    dest = tmp_path / "snap"
+    artifacts = inst.snapshot(dest)
+    assert artifacts.kind == "filesystem"
+    assert artifacts.details["memory"] is False and artifacts.details["processes"] is False
+    assert (dest / artifacts.files[0]).stat().st_mode & 0o777 == 0o600
+    # the sandbox keeps running after a snapshot
+    assert guest.py("print('alive')").out.strip() == "alive"
+
+    # restore into another sandbox (another id, so another host uid range)
+    other = backend.create(make_spec("restored-one"))
+    try:
+        g2 = Guest(other.restore(dest, artifacts))
+        res = g2.sh(
+            "cat /app/data/greeting; readlink /app/link; cat /app/hard; "
+            "test -e /etc/hostname && echo host-present || echo host-gone; ls /etc/apt; "
+            "stat -c '%u %a' /app/data; stat -c %h /app/hard"
+        )
+        assert res.out.split() == ["hello", "/app/data/greeting", "hello", "host-gone", "only", "0", "700", "2"], res
+        assert other.describe()["uid_map"]["host_uid"] != inst.describe()["uid_map"]["host_uid"]
+    finally:
+        other.destroy()
+
+
+def test_restore_refuses_wrong_artifacts(sandbox, tmp_path):
+    from mvm.backends.base import SnapshotArtifacts
+
+    inst, _ = sandbox()
+    with pytest.raises(InvalidArgument) as err:
+        inst.restore(tmp_path, SnapshotArtifacts(kind="full", files=()))
+    assert err.value.field == "artifacts.kind"
+
+
+def test_cleanup_orphan_after_everything_was_killed(template, state_root, template_fingerprint):
+    """A supervisor (here: a child process) is SIGKILLed: --die-with-parent takes the
+    sandbox down with it, and cleanup_orphan removes the mounts and cgroups it left."""
+    state_dir = state_root / "orphan"
+    code = textwrap.dedent(
+        f"""
+        import json, sys, time
+        from pathlib import Path
+        from mvm.backends.base import NetworkPolicy, Resources, SandboxSpec
+        from mvm.backends.namespace import NamespaceBackend
+        from mvm.templates.image import TemplateImage
+        t = TemplateImage({template.name!r}, {template.digest!r}, Path({str(template.directory)!r}),
+                          {template.suite!r}, {template.python_version!r})
+        inst = NamespaceBackend().create(SandboxSpec("orphan", t, Resources(), NetworkPolicy(), Path({str(state_dir)!r})))
+        sock = inst.start()
+        sock.settimeout(30)
+        sock.recv(1, __import__("socket").MSG_PEEK)
+        print(json.dumps(inst.host_pids()), flush=True)
+        time.sleep(600)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = json.loads(proc.stdout.readline())
+    assert pids
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(alive(p) for p in pids), "the sandbox outlived its supervisor"
+    record = json.loads((state_dir / "backend" / "backend.json").read_text())
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    assert all(f" {m} " in mountinfo for m in record["mounts"])  # left behind, for now
+    cleanup_orphan(state_dir)
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    assert not any(f" {m} " in mountinfo for m in record["mounts"])
+    assert not any(Path(d).exists() for d in record["cgroup"]["dirs"])
+    assert not Path(record["run_dir"]).exists()
+    assert not (state_dir / "backend").exists()
+    NamespaceBackend().cleanup_orphan(state_dir)  # idempotent
+
+
+def test_cleanup_orphan_kills_live_processes(backend, make_spec):
+    """The supervisor vanished without destroy but the sandbox still runs."""
+    spec = make_spec()
+    inst = backend.create(spec)
+    guest = Guest(inst.start())
+    guest.sh("echo hi")
+    pids = inst.host_pids()
+    record = json.loads((spec.backend_dir / "backend.json").read_text())
+    backend.cleanup_orphan(spec.state_dir)
+    assert not any(alive(p) for p in pids)
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    assert not any(f" {m} " in mountinfo for m in record["mounts"])
+    assert not any(Path(d).exists() for d in record["cgroup"]["dirs"])
+    backend.cleanup_orphan(spec.state_dir)
+
+
+def test_cleanup_orphan_of_nothing(tmp_path):
+    cleanup_orphan(tmp_path / "never-existed")
+    (tmp_path / "empty" / "backend").mkdir(parents=True)
+    cleanup_orphan(tmp_path / "empty")
+    assert not (tmp_path / "empty" / "backend").exists()
+
+
+def test_invalid_input_names_the_field(backend, make_spec, template, state_root):
+    from dataclasses import replace
+
+    with pytest.raises(InvalidArgument) as err:
+        backend.create(make_spec("../evil"))
+    assert err.value.field == "sandbox_id"
+    with pytest.raises(InvalidArgument) as err:
+        backend.create(make_spec(memory_mb=4))
+    assert err.value.field == "resources.memory_mb"
+    with pytest.raises(InvalidArgument) as err:
+        backend.create(make_spec(cpu_cores=0))
+    assert err.value.field == "resources.cpu_cores"
+    with pytest.raises(InvalidArgument) as err:
+        backend.create(make_spec(max_processes=2))
+    assert err.value.field == "resources.max_processes"
+    with pytest.raises(InvalidNetworkPolicy) as err:
+        backend.create(replace(make_spec(), network=NetworkPolicy(mode="open")))
+    assert err.value.field == "network.mode"
+    spec = make_spec()
+    bad_template = replace(spec.template, directory=state_root / "missing")
+    with pytest.raises(InvalidArgument) as err:
+        backend.create(SandboxSpec(spec.sandbox_id, bad_template, spec.resources, spec.network, spec.state_dir))
+    assert err.value.field == "template"
+    assert list(state_root.iterdir()) == []  # nothing half-created
+
+
+def test_availability_reports_the_setup(backend):
+    available = backend.availability()
+    assert available.ok, available.reason
+    assert available.details["root"] == "overlay-tmpfs"
+    assert available.details["cgroup"] in ("v1", "v2")
+    assert available.details["uid_map"] == "idmapped"
+    assert "bubblewrap" in available.details["bwrap"]
+
+
+def test_copy_root_mode_works(make_spec, template_fingerprint):
+    """The fallback for hosts without root overlays: a private copy of the template."""
+    inst = NamespaceBackend(root_mode="copy", uid_mode="host-root").create(make_spec())
+    try:
+        guest = Guest(inst.start())
+        assert guest.sh("echo hi > /root/x && cat /root/x").out.strip() == "hi"
+        assert inst.describe()["root"] == "copy"
+        assert inst.describe()["uid_map"]["mode"] == "host-root"
+        assert any("host root" in note for note in inst.describe()["notes"])
+    finally:
+        inst.destroy()
+    assert not inst.spec.backend_dir.exists()

@@ -1,0 +1,124 @@
+"""Each limit bites: memory (OOM kill), processes (fork bomb), cpu (quota), rootfs (ENOSPC),
+and pause really freezes."""
+
+from __future__ import annotations
+
+import time
+
+
+def test_memory_limit_oom_kills(sandbox):
+    inst, guest = sandbox(memory_mb=64)
+    res = guest.py("b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('allocated')")
+    assert "allocated" not in res.out
+    assert res.signal == 9 or res.exit_code in (-9, 137), res
+    assert inst.cgroup.oom_kills() >= 1
+    # the sandbox itself survives an OOM of one of its processes
+    assert guest.py("print('alive')").out.strip() == "alive"
+
+
+def test_memory_below_the_limit_works(sandbox):
+    _, guest = sandbox(memory_mb=128)
+    res = guest.py("b = bytearray(40 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('allocated')")
+    assert res.out.strip() == "allocated", res
+
+
+def test_fork_bomb_stops_at_the_pids_limit(sandbox):
+    inst, guest = sandbox(max_processes=40)
+    res = guest.py(
+        "import os, signal, time\n"
+        "children, error = 0, None\n"
+        "for _ in range(400):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError as exc:\n"
+        "        error = exc.errno; break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(60); os._exit(0)\n"
+        "    children += 1\n"
+        "print(children, error, flush=True)\n"
+        "os.killpg(0, signal.SIGKILL)\n"
+    )
+    children, error = res.out.split()
+    assert error == "11"  # EAGAIN from the pids controller
+    assert 0 < int(children) < 40
+    # the host is fine and so is the sandbox once the bomb is gone
+    assert guest.py("print('alive')").out.strip() == "alive"
+    assert len(inst.host_pids()) < 10
+
+
+def test_cpu_quota_limits_usage(sandbox):
+    inst, guest = sandbox(cpu_cores=0.5)
+    busy = (
+        "import multiprocessing as mp, time\n"
+        "def spin(t):\n"
+        "    end = time.monotonic() + t\n"
+        "    while time.monotonic() < end: pass\n"
+        "if __name__ == '__main__':\n"
+        "    ps = [mp.Process(target=spin, args=(2.0,)) for _ in range(2)]\n"
+        "    [p.start() for p in ps]; [p.join() for p in ps]\n"
+    )
+    before = inst.usage()["cpu_ns"]
+    t0 = time.monotonic()
+    res = guest.py(busy, timeout=120)
+    wall = time.monotonic() - t0
+    used = (inst.usage()["cpu_ns"] - before) / 1e9
+    assert res.exit_code == 0, res.err
+    # two spinning processes would use ~2 cores without the quota; 0.5 core allowed
+    assert used / wall < 0.8, (used, wall)
+    assert used > 0.2, (used, wall)
+
+
+def test_rootfs_size_limit_gives_enospc(sandbox, template):
+    _inst, guest = sandbox(rootfs_size_mb=16)
+    res = guest.py(
+        "import errno\n"
+        "try:\n"
+        "    with open('/var/big', 'wb') as f:\n"
+        "        for _ in range(64): f.write(b'x' * (1 << 20))\n"
+        "    print('wrote-all')\n"
+        "except OSError as e:\n"
+        "    print('error', e.errno == errno.ENOSPC)\n"
+    )
+    assert res.out.strip() == "error True", res
+    assert not (template.rootfs / "var" / "big").exists()
+
+
+def test_pause_freezes_and_resume_continues(sandbox):
+    inst, guest = sandbox()
+    guest.request(
+        "proc.start",
+        {
+            "argv": [
+                "/usr/bin/python3",
+                "-c",
+                "import time\n"
+                "n = 0\n"
+                "while True:\n"
+                "    n += 1\n"
+                "    open('/tmp/counter.tmp', 'w').write(str(n))\n"
+                "    __import__('os').replace('/tmp/counter.tmp', '/tmp/counter')\n"
+                "    time.sleep(0.01)\n",
+            ],
+            "env": {},
+            "cwd": "/",
+            "stdin": False,
+        },
+    )
+    counter = inst.layer.upper / "tmp" / "counter"
+    deadline = time.monotonic() + 20
+    while not counter.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    def value() -> int:
+        return int(counter.read_text())
+
+    time.sleep(0.1)
+    inst.pause()
+    assert inst.describe()["state"] == "paused"
+    frozen = value()
+    time.sleep(0.4)
+    assert value() == frozen
+    inst.resume()
+    time.sleep(0.4)
+    assert value() > frozen + 5
+    assert guest.py("print('alive')").out.strip() == "alive"
