@@ -623,13 +623,14 @@ class Supervisor:
         self.state = "destroyed"
         self.logs.close()
         self.audit.close()
+        # Gone before the client hears back: destroy() returning means no trace is left.
+        shutil.rmtree(self.directory, ignore_errors=True)
         return audit_id
 
     def exit_after_destroy(self) -> None:
         self._stop_serving.set()
         if self.listener is not None:
             self.listener.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
         os._exit(0)
 
 
