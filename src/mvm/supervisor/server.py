@@ -420,6 +420,13 @@ class Supervisor:
             "stdout_bytes": total["stdout"], "stderr_bytes": total["stderr"],
         }, b""
 
+    def _sync_guest(self) -> None:
+        """Flush guest writes to the disk layer, so a stop or snapshot loses nothing."""
+        try:
+            self.agent.call("fs.sync", {}, timeout=30)
+        except errors.MvmError as exc:
+            self.logs.system(f"guest sync failed: {exc}")
+
     def _kill_group(self, pid: int) -> None:
         try:
             self.agent.call("proc.signal", {"pid": pid, "signal": "KILL", "group": True}, timeout=10)
@@ -476,6 +483,9 @@ class Supervisor:
         self.require_state("stop", "running", "paused", "stopped")
         if self.state != "stopped":
             assert self.instance is not None
+            if self.state == "paused":
+                self._resume()
+            self._sync_guest()
             self.agent.detach()
             self.on_backend(self.instance.stop)
             self.processes.mark_all_lost()
@@ -535,6 +545,8 @@ class Supervisor:
         assert self.instance is not None
         name = str(ctx.args.get("name") or time.strftime("snap-%Y%m%d-%H%M%S"))
         store = SnapshotStore()
+        if self.state == "running":
+            self._sync_guest()
         staging = Path(tempfile.mkdtemp(prefix="snap-", dir=self.directory))
         try:
             artifacts = self.on_backend(self.instance.snapshot, staging)
