@@ -44,14 +44,20 @@ def vm_template() -> TemplateImage:
     return ensure_template(TEMPLATE)
 
 
+def instances_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where test sandboxes keep their state (overlays, sockets, logs)."""
+    root = tmp_path_factory.getbasetemp() / "vm"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def make_instance(vm_template: TemplateImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     Callable[..., VmInstance]
 ]:
     """Create VmInstances under a short state dir; every one is destroyed at session end."""
     made: list[VmInstance] = []
-    root = Path(os.environ["MVM_HOME"]) / "vmt"
-    root.mkdir(parents=True, exist_ok=True)
+    root = instances_root(tmp_path_factory)
 
     def make(
         template: TemplateImage | None = None,

@@ -443,8 +443,10 @@ def test_qemu_dies_with_the_process_that_started_it(vm_template: TemplateImage, 
         VmBackend().cleanup_orphan(tmp_path)
 
 
-def test_rootfs_smaller_than_the_template_is_refused(make_instance) -> None:  # type: ignore[no-untyped-def]
-    root = Path(os.environ["MVM_HOME"]) / "vmt"
+def test_rootfs_smaller_than_the_template_is_refused(
+    make_instance, tmp_path_factory: pytest.TempPathFactory  # type: ignore[no-untyped-def]
+) -> None:
+    root = tmp_path_factory.getbasetemp() / "vm"
     before = set(root.iterdir())
     with pytest.raises(InvalidArgument, match="rootfs_size_mb") as err:
         make_instance(rootfs_size_mb=32)

@@ -135,7 +135,8 @@ class VmInstance(BackendInstance):
         self.memory_mb = int(res.memory_mb)
         self.rootfs_size_mb = int(res.rootfs_size_mb)
 
-        created_dir = not self.dir.exists()
+        # The outermost directory this constructor creates (at most the sandbox's state_dir).
+        created_dir = next((d for d in (spec.state_dir, self.dir) if not d.exists()), None)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             self.socket_dir = self._choose_socket_dir()
@@ -154,8 +155,8 @@ class VmInstance(BackendInstance):
             # Bad input or a host problem: leave nothing behind.
             if getattr(self, "socket_dir", self.dir) != self.dir:
                 shutil.rmtree(self.socket_dir, ignore_errors=True)
-            if created_dir:
-                shutil.rmtree(self.dir, ignore_errors=True)
+            if created_dir is not None:
+                shutil.rmtree(created_dir, ignore_errors=True)
             raise
 
         self._proc: subprocess.Popen[bytes] | None = None
