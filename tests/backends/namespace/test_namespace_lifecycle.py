@@ -155,7 +155,8 @@ def test_cleanup_orphan_after_everything_was_killed(template, state_root, templa
         from mvm.templates.image import TemplateImage
         t = TemplateImage({template.name!r}, {template.digest!r}, Path({str(template.directory)!r}),
                           {template.suite!r}, {template.python_version!r})
-        inst = NamespaceBackend().create(SandboxSpec("orphan", t, Resources(), NetworkPolicy(), Path({str(state_dir)!r})))
+        spec = SandboxSpec("orphan", t, Resources(), NetworkPolicy(), Path({str(state_dir)!r}))
+        inst = NamespaceBackend().create(spec)
         sock = inst.start()
         sock.settimeout(30)
         sock.recv(1, __import__("socket").MSG_PEEK)
@@ -254,3 +255,74 @@ def test_copy_root_mode_works(make_spec, template_fingerprint):
     finally:
         inst.destroy()
     assert not inst.spec.backend_dir.exists()
+
+
+def test_without_idmapped_mounts_root_is_host_root_and_says_so(backend, make_spec, monkeypatch):
+    """A template on a file system that refuses idmapped mounts: the sandbox still runs,
+    as host uid 0 with no capabilities, and describe() states the trade-off."""
+    from mvm.backends.namespace import overlay
+
+    def refuse(source, target, userns_fd):
+        raise overlay.IdmapUnsupported(22, "mount_setattr(MOUNT_ATTR_IDMAP): Invalid argument")
+
+    monkeypatch.setattr(overlay, "idmapped_bind", refuse)
+    inst = backend.create(make_spec())
+    try:
+        guest = Guest(inst.start())
+        assert guest.sh("id -u; grep CapEff /proc/self/status").out.split() == ["0", "CapEff:", "0000000000000000"]
+        desc = inst.describe()
+        assert desc["uid_map"]["mode"] == "host-root"
+        assert any("host root" in note for note in desc["notes"])
+        for pid in inst.host_pids():
+            assert Path(f"/proc/{pid}/status").read_text().count("Uid:\t0\t0\t0\t0") == 1
+    finally:
+        inst.destroy()
+    assert not inst.spec.backend_dir.exists()
+
+
+def test_a_sandbox_that_cannot_start_says_why(backend, make_spec):
+    from dataclasses import dataclass
+
+    from mvm.errors import SandboxError
+    from mvm.templates.image import TemplateImage
+
+    @dataclass(frozen=True)
+    class Broken(TemplateImage):
+        @property
+        def agent_command(self) -> list[str]:
+            return ["/nonexistent/agent"]
+
+    spec = make_spec()
+    t = spec.template
+    broken = Broken(t.name, t.digest, t.directory, t.suite, t.python_version)
+    inst = backend.create(SandboxSpec(spec.sandbox_id, broken, spec.resources, spec.network, spec.state_dir))
+    with pytest.raises(SandboxError, match="/nonexistent/agent"):
+        inst.start()
+    assert inst.host_pids() == []
+    inst.destroy()
+    assert not spec.backend_dir.exists()
+
+
+def test_guest_output_to_the_host_log_is_bounded(tmp_path):
+    """What the agent (and bwrap) print lands in bwrap.log through a pipe, capped."""
+    import threading
+
+    from mvm.backends.namespace.backend import LOG_CAP, _LogDrain
+
+    r, w = os.pipe()
+    log = tmp_path / "bwrap.log"
+    drain = _LogDrain(r, log)
+    drain.start()
+
+    def flood():
+        with os.fdopen(w, "wb") as out:
+            for _ in range(3 * LOG_CAP // 65536):
+                out.write(b"x" * 65536)
+
+    writer = threading.Thread(target=flood)
+    writer.start()
+    writer.join(timeout=30)
+    drain.join(timeout=30)
+    assert not writer.is_alive() and not drain.is_alive()  # the writer is never blocked
+    assert LOG_CAP <= log.stat().st_size < LOG_CAP + 4096
+    assert log.read_bytes().endswith(b"discarded]\n")

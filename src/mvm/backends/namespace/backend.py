@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import platform
 import re
@@ -50,6 +51,7 @@ from .overlay import (
     CopyRoot,
     FuseOverlayRoot,
     IdMap,
+    IdmapUnsupported,
     OverlayTmpfsRoot,
     RootLayer,
     make_userns,
@@ -59,8 +61,11 @@ from .overlay import (
     unmount,
 )
 
+log = logging.getLogger("mvm.backends.namespace")
+
 RECORD_NAME = "backend.json"
 LOG_NAME = "bwrap.log"
+LOG_CAP = 1024 * 1024
 SNAPSHOT_FILE = "rootfs-upper.tar"
 START_TIMEOUT = 30.0
 #: how long start() watches for the agent's first bytes (or an early exit) before returning
@@ -97,6 +102,35 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=1, sort_keys=True)
     os.replace(tmp, path)
+
+
+class _LogDrain(threading.Thread):
+    """Reads what bwrap and the agent print (stdout+stderr share one pipe) into
+    ``bwrap.log``, at most ``LOG_CAP`` bytes per start: the sandbox writes into that pipe,
+    and guest bytes never get unbounded room on the host."""
+
+    def __init__(self, read_fd: int, path: Path):
+        super().__init__(name="mvm-ns-log", daemon=True)
+        self.read_fd = read_fd
+        self.path = path
+
+    def run(self) -> None:
+        written = 0
+        try:
+            with open(self.path, "ab") as log:
+                while chunk := os.read(self.read_fd, 65536):
+                    if written < LOG_CAP:
+                        piece = chunk[: LOG_CAP - written]
+                        log.write(piece)
+                        log.flush()
+                        written += len(piece)
+                        if written >= LOG_CAP:
+                            log.write(b"\n[mvm: further output of this sandbox start discarded]\n")
+                            log.flush()
+        except OSError:
+            pass
+        finally:
+            os.close(self.read_fd)
 
 
 def _log_tail(path: Path, limit: int = 2000) -> str:
@@ -201,8 +235,26 @@ class NamespaceInstance(BackendInstance):
         if not self.layer.prepared():
             try:
                 self.layer.prepare(populate=populate, userns_fd=self._userns_fd)
+            except IdmapUnsupported as exc:
+                # e.g. the template lives on a file system without idmapped mounts: run the
+                # sandbox's root as host root without capabilities, and say so in describe()
+                log.warning("idmapped template unavailable (%s); sandbox root will be host uid 0", exc)
+                self._drop_idmap()
+                self._write_record()
+                try:
+                    self.layer.prepare(populate=populate, userns_fd=None)
+                except OSError as exc2:
+                    raise SandboxError(f"could not prepare the sandbox root ({self.layer.kind}): {exc2}") from exc2
             except OSError as exc:
                 raise SandboxError(f"could not prepare the sandbox root ({self.layer.kind}): {exc}") from exc
+
+    def _drop_idmap(self) -> None:
+        self.idmap = None
+        self.layer.idmap = None
+        self.uid_mode = "host-root"
+        if self._userns_fd is not None:
+            os.close(self._userns_fd)
+            self._userns_fd = None
 
     def _launch(self) -> socket.socket:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -214,8 +266,11 @@ class NamespaceInstance(BackendInstance):
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
             info_r, info_w = _high(info_r), _high(info_w)
             fds += [info_r, info_w]
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            log_r, log_fd = os.pipe2(os.O_CLOEXEC)
             fds.append(log_fd)
+            log_path.touch(mode=0o600)
+            drain = _LogDrain(log_r, log_path)
+            drain.start()
             cfg = bw.BwrapConfig(
                 root_fd=None,
                 root_path=str(self.layer.root),
@@ -236,20 +291,22 @@ class NamespaceInstance(BackendInstance):
                 log_fd,
             )
             child.close()
-            os.close(info_w)
-            fds.remove(info_w)
+            for fd in (info_w, log_fd):
+                os.close(fd)
+                fds.remove(fd)
             info = bw.read_info(info_r, proc, START_TIMEOUT)
             if info is None or "child-pid" not in info:
                 proc.kill()
                 code = proc.wait()
                 self.cgroup.kill_all()
+                drain.join(timeout=2)
                 raise SandboxError(
                     f"bwrap could not start the sandbox (exit {code}): {_log_tail(log_path) or 'no output'}",
                     exit_code=code,
                 )
             self._proc = proc
             self._init_pid = int(info["child-pid"])
-            self._await_agent(parent, proc, log_path)
+            self._await_agent(parent, proc, log_path, drain)
             return parent
         except BaseException:
             parent.close()
@@ -260,7 +317,9 @@ class NamespaceInstance(BackendInstance):
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _await_agent(self, sock: socket.socket, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    def _await_agent(
+        self, sock: socket.socket, proc: subprocess.Popen[bytes], log_path: Path, drain: threading.Thread
+    ) -> None:
         """Wait (briefly) for the agent's first bytes without consuming them, so that a
         sandbox that failed to set up is reported here with bwrap's words instead of as a
         closed channel. EOF means everything inside exited."""
@@ -280,6 +339,7 @@ class NamespaceInstance(BackendInstance):
         except subprocess.TimeoutExpired:
             code = None
         self._kill()
+        drain.join(timeout=2)  # bwrap's last words
         raise SandboxError(
             f"the sandbox exited during start (bwrap exit {code}): {_log_tail(log_path) or 'no output'}",
             exit_code=code,
