@@ -3,7 +3,9 @@
 Layout (DESIGN §1)::
 
     $MVM_HOME/
-      sandboxes/<id>/   state.json, control.sock, logs.jsonl, audit/, backend/ (backend-owned)
+      sandboxes/<id>/   state.json, config.json, control.sock, logs.jsonl, backend/ (backend-owned)
+      audit/            <sandbox_id>.jsonl (signed hash chain, outlives the sandbox), index.jsonl
+      receipts/         signed receipts of commands.run
       templates/        <name>-<digest>/rootfs, rootfs.ext4, manifest.json
       snapshots/        <snapshot-id>/
       cache/            kernels, initramfs, KVM probe verdicts
@@ -56,6 +58,11 @@ def cache_dir() -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     return _sub("cache")
+
+
+def receipts_dir() -> Path:
+    """Signed ``commands.run`` receipts; like audit logs they outlive the sandbox."""
+    return _sub("receipts", private=True)
 
 
 def keys_dir() -> Path:

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "mvm.cli.lifecycle",
     "mvm.cli.templates",
     "mvm.cli.doctor",
+    "mvm.cli.security",
     "mvm.cli.modes",
 )
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 
@@ -103,9 +105,10 @@ def describe(name: str, as_json: bool) -> None:
 @click.option("--timeout", "timeout_seconds", type=float, default=None, help="Seconds; kills the process group.")
 @click.option("--max-output", "max_output_bytes", type=int, default=4 * 1024 * 1024, show_default=True)
 @click.option("--stdin", "use_stdin", is_flag=True, help="Pass this command's stdin to the process.")
+@click.option("--receipt", "receipt", type=click.Path(dir_okay=False), help="Also write the signed receipt here.")
 @json_option
 def exec_(name: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str | None, timeout_seconds: float | None,
-          max_output_bytes: int, use_stdin: bool, as_json: bool) -> None:
+          max_output_bytes: int, use_stdin: bool, receipt: str | None, as_json: bool) -> None:
     """Run ARGV in sandbox NAME (after `--`); its exit status becomes ours."""
     sandbox = Sandbox.connect(name)
     stream = not as_json
@@ -122,6 +125,9 @@ def exec_(name: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str | Non
         else:
             click.echo(f"error: {exc}", err=True)
         sys.exit(124)
+    if receipt and result.receipt_path:
+        shutil.copyfile(result.receipt_path, receipt)
+        os.chmod(receipt, 0o600)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif result.truncated:

@@ -48,12 +48,16 @@ class Commands:
         (``check=True`` raises ``CommandError``). Past ``timeout_seconds`` the whole
         process group is killed and ``CommandTimeout`` carries the partial output.
         Each stream's capture stops at ``max_output_bytes`` (``truncated=True``).
+        With ``redact`` (the default) every known secret value in the output reads
+        ``[redacted:NAME]``. A signed receipt of the result is at ``result.receipt_path``
+        (``mvmctl receipt verify``).
 
         >>> result = sandbox.commands.run(["python", "/app/main.py"], timeout_seconds=30)
         >>> result.exit_code, result.stdout, result.audit_id
         """
         args = self._sandbox._command_args(argv, env, cwd)
-        args.update(timeout_seconds=timeout_seconds, max_output_bytes=max_output_bytes, auto_resume=auto_resume)
+        args.update(timeout_seconds=timeout_seconds, max_output_bytes=max_output_bytes, auto_resume=auto_resume,
+                    redact=redact)
         payload = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         collected: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in collected}

@@ -13,7 +13,7 @@ from .. import errors
 from ..backends import choose_backend
 from ..backends.base import NetworkPolicy, Resources
 from ..durations import parse_duration
-from ..security.secrets import SecretRef, resolve_secret
+from ..security.secrets import Redactor, SecretRef, resolve_secret
 from ..supervisor.client import SupervisorClient
 from ..supervisor.launch import spawn_supervisor
 from ..supervisor.state import CONTROL_SOCKET, find_sandbox, list_sandboxes, new_sandbox_id, validate_name
@@ -161,17 +161,17 @@ class Sandbox:
         return self._conn
 
     def _redactor(self, text: str) -> str:
-        for secret_name, value in sorted(self._secret_values.items(), key=lambda kv: -len(kv[1])):
-            if len(value) >= 4:
-                text = text.replace(value, f"[redacted:{secret_name}]")
-        return text
+        """Mask the secret values this handle resolved (the supervisor already masks the
+        ones it knows; this covers text that never went through it)."""
+        return Redactor(self._secret_values).redact(text) if self._secret_values else text
 
     def _command_args(self, argv: Sequence[str] | str, env: Mapping[str, Any] | None,
                       cwd: str | None) -> dict[str, Any]:
         argv, env = validate_command(argv, env, cwd)
         literal, secret_env, values = _split_env(env)
         self._secret_values.update(values)
-        return {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_env_keys": sorted(secret_env)}
+        return {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd,
+                "secret_names": _secret_names(env or {})}
 
     # ---- information ---------------------------------------------------------------
 

@@ -26,9 +26,11 @@ from typing import Any
 from .. import errors
 from ..backends import get_backend
 from ..backends.base import BackendInstance, NetworkPolicy, Resources, SandboxSpec, SnapshotArtifacts
+from ..paths import receipts_dir
 from ..protocol import CHUNK_SIZE, codec
 from ..protocol.channel import ChannelClosed, FramedChannel
 from ..protocol.codec import Frame, ProtocolError
+from ..security.secrets import Redactor
 from ..templates import ensure_template
 from .agent_link import AgentLink
 from .audit import Auditor, set_actor
@@ -118,6 +120,46 @@ class ClientSession:
                 self.supervisor.exit_after_destroy()
 
 
+class OutputCapture:
+    """What ``exec.run`` returns of a process's output: redacted across chunk boundaries,
+    capped per stream, counted in full; the bytes sent are kept for the receipt."""
+
+    STREAMS = ("stdout", "stderr")
+
+    def __init__(self, cap: int, redactor: Redactor | None, send: Callable[[str, bytes], None]):
+        self.cap = cap
+        self.send = send
+        self.total = dict.fromkeys(self.STREAMS, 0)
+        self.captured = {name: bytearray() for name in self.STREAMS}
+        self.truncated = False
+        self._redact = {name: redactor.stream() for name in self.STREAMS} if redactor else None
+
+    def deliver(self, stream: str, data: bytes) -> None:
+        if stream not in self.total:
+            return
+        self.total[stream] += len(data)
+        if self._redact is not None:
+            data = self._redact[stream].feed(data)
+        self._emit(stream, data)
+
+    def finish(self) -> None:
+        if self._redact is not None:
+            for name in self.STREAMS:
+                self._emit(name, self._redact[name].flush())
+            self._redact = None
+
+    def _emit(self, stream: str, data: bytes) -> None:
+        if not data:
+            return
+        room = self.cap - len(self.captured[stream])
+        piece = data[: max(room, 0)]
+        if len(piece) < len(data):
+            self.truncated = True
+        if piece:
+            self.captured[stream] += piece
+            self.send(stream, piece)
+
+
 class Supervisor:
     def __init__(self, directory: Path, config: dict[str, Any], secret_env: dict[str, str]):
         self.directory = directory
@@ -130,13 +172,17 @@ class Supervisor:
         ttl = config.get("ttl_seconds")
         self.expires_at: float | None = self.created_at + float(ttl) if ttl else None
         self.error: str | None = None
-        self.secret_values: set[str] = {v for v in secret_env.values() if len(v) >= 4}
+        # secret name -> value (memory only), for redaction as [redacted:NAME]
+        names = config.get("secret_env_names") or {}
+        self.secrets: dict[str, str] = {names.get(k, k): v for k, v in secret_env.items()}
+        self.redactor = Redactor(self.secrets)
         self.logs = LogBook(directory / "logs.jsonl", redact=self._redact)
         self.audit = Auditor(self.sandbox_id, self.logs)
         self.processes = ProcessTable()
         self.agent = AgentLink(on_event=self._on_agent_event, on_lost=self._on_agent_lost)
         self.backend = get_backend(config["backend"])
         self.instance: BackendInstance | None = None
+        self.template_digest: str | None = None
         # Every backend call runs on this one long-lived thread: children started with
         # PR_SET_PDEATHSIG (bwrap --die-with-parent, QEMU) die when the *thread* that
         # spawned them exits, so they must never be spawned from a request thread.
@@ -149,6 +195,7 @@ class Supervisor:
 
     def boot(self) -> None:
         template = ensure_template(self.config["template"])
+        self.template_digest = template.digest
         spec = SandboxSpec(
             sandbox_id=self.sandbox_id,
             template=template,
@@ -175,10 +222,14 @@ class Supervisor:
         return self._backend_thread.submit(fn, *args).result()
 
     def _redact(self, text: str) -> str:
-        """Mask every secret value this supervisor has handled (log lines, audit details)."""
-        for value in sorted(self.secret_values, key=len, reverse=True):
-            text = text.replace(value, "[redacted]")
-        return text
+        """Mask every secret value this supervisor has handled (log lines, outputs)."""
+        return self.redactor.redact(text)
+
+    def _learn_secrets(self, names: dict[str, str], env: dict[str, str]) -> None:
+        fresh = {name: env[key] for key, name in names.items() if key in env}
+        if any(self.secrets.get(n) != v for n, v in fresh.items()):
+            self.secrets.update(fresh)
+            self.redactor = Redactor(self.secrets)
 
     def _configure_agent(self) -> None:
         self.agent.call("agent.configure", {
@@ -345,8 +396,9 @@ class Supervisor:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise errors.InvalidArgument("argv", "must be a non-empty list of strings", allowed="e.g. ['python', 'main.py']")
         env = self._env_for(ctx.args.get("env") or {})
-        secret_keys = set(ctx.args.get("secret_env_keys") or []) | set(self.secret_env)
-        self.secret_values.update(env[k] for k in secret_keys if k in env and len(env[k]) >= 4)
+        secret_names = dict(ctx.args.get("secret_names") or {})
+        self._learn_secrets(secret_names, env)
+        secret_keys = set(secret_names) | set(self.secret_env)
         audit_args = {"argv": argv, "env_keys": sorted(env), "cwd": ctx.args.get("cwd")}
         try:
             result, _ = self.agent.call("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
@@ -366,6 +418,8 @@ class Supervisor:
         return {"pid": pid, "audit_id": audit_id}, b""
 
     def _op_exec_run(self, ctx: RequestContext) -> tuple[dict[str, Any], bytes]:
+        """Run to completion: stream (redacted, capped) output, enforce the timeout on the
+        whole process group, and leave a signed receipt of what was returned."""
         self.require_state(ctx.op, "running", auto_resume=bool(ctx.args.get("auto_resume")))
         cap = int(ctx.args.get("max_output_bytes") or DEFAULT_MAX_OUTPUT)
         if not 0 < cap <= MAX_OUTPUT_LIMIT:
@@ -373,26 +427,11 @@ class Supervisor:
         timeout = ctx.args.get("timeout_seconds")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise errors.InvalidArgument("timeout_seconds", f"{timeout!r} must be a positive number")
+        started_wall = time.time()
         started = time.monotonic()
-        sent = {"stdout": 0, "stderr": 0}
-        total = {"stdout": 0, "stderr": 0}
-        truncated = False
-
-        def deliver(stream: str, data: bytes) -> None:
-            nonlocal truncated
-            total[stream] = total.get(stream, 0) + len(data)
-            room = cap - sent.get(stream, 0)
-            if room <= 0:
-                truncated = True
-                return
-            piece = data[:room]
-            if len(piece) < len(data):
-                truncated = True
-            sent[stream] = sent.get(stream, 0) + len(piece)
-            ctx.send_data(stream, piece)
-
+        capture = OutputCapture(cap, self.redactor if ctx.args.get("redact", True) else None, ctx.send_data)
         pid, audit_id = self._start_process(ctx, "exec.run", stdin=bool(ctx.payload))
-        record = self.processes.subscribe(pid, deliver, replay=True)
+        record = self.processes.subscribe(pid, capture.deliver, replay=True)
         try:
             if ctx.payload:
                 for start in range(0, len(ctx.payload), CHUNK_SIZE):
@@ -406,19 +445,37 @@ class Supervisor:
                 if deadline is not None and time.monotonic() > deadline:
                     self._kill_group(pid)
                     record.exited.wait(5)
+                    self.processes.unsubscribe(pid, capture.deliver)
+                    capture.finish()
                     self.logs.system(f"pid {pid} killed after its {timeout} s timeout", audit_id)
                     raise errors.CommandTimeout(
                         f"command timed out after {timeout} s; its process group was killed",
                         pid=pid, audit_id=audit_id, timeout_seconds=timeout)
         finally:
-            self.processes.unsubscribe(pid, deliver)
+            self.processes.unsubscribe(pid, capture.deliver)
+        capture.finish()
         duration = time.monotonic() - started
         self.logs.system(f"pid {pid} exited with {record.exit_code}", audit_id)
+        receipt = self._write_receipt(ctx, audit_id, record.exit_code, capture, started_wall)
         return {
-            "exit_code": record.exit_code, "signal": record.signal, "timed_out": False, "truncated": truncated,
-            "duration_seconds": duration, "pid": pid, "audit_id": audit_id,
-            "stdout_bytes": total["stdout"], "stderr_bytes": total["stderr"],
+            "exit_code": record.exit_code, "signal": record.signal, "timed_out": False,
+            "truncated": capture.truncated, "duration_seconds": duration, "pid": pid, "audit_id": audit_id,
+            "stdout_bytes": capture.total["stdout"], "stderr_bytes": capture.total["stderr"],
+            "receipt_path": str(receipt),
         }, b""
+
+    def _write_receipt(self, ctx: RequestContext, audit_id: str, exit_code: int | None, capture: OutputCapture,
+                       started_at: float) -> Path:
+        from ..security.receipts import write_receipt
+
+        return write_receipt(
+            receipts_dir(), sandbox_id=self.sandbox_id, template=self.config["template"],
+            template_digest=self.template_digest, argv=ctx.args["argv"],
+            env_keys=self._env_for(ctx.args.get("env") or {}).keys(), exit_code=exit_code,
+            stdout=bytes(capture.captured["stdout"]), stderr=bytes(capture.captured["stderr"]),
+            started_at=started_at, ended_at=time.time(), audit_id=audit_id,
+            truncated={name: capture.total[name] > len(capture.captured[name]) for name in ("stdout", "stderr")},
+        )
 
     def _sync_guest(self) -> None:
         """Flush guest writes to the disk layer, so a stop or snapshot loses nothing."""
