@@ -43,9 +43,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def template() -> TemplateImage:
-    override = os.environ.get("MVM_NS_TEST_TEMPLATE_DIR")  # development only: a prebuilt tree
-    if override:
-        return TemplateImage("dev", "dev", Path(override), "trixie", "3")
     from mvm.templates import ensure_template
 
     return ensure_template("python-3.13")

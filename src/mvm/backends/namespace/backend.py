@@ -323,8 +323,9 @@ class NamespaceInstance(BackendInstance):
         """Wait (briefly) for the agent's first bytes without consuming them, so that a
         sandbox that failed to set up is reported here with bwrap's words instead of as a
         closed channel. EOF means everything inside exited."""
-        ready, _, _ = select.select([sock], [], [], AGENT_WAIT)
-        if not ready:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(AGENT_WAIT * 1000):
             return  # still booting (or waiting for our hello): the caller's handshake decides
         try:
             peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)

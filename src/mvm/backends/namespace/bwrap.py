@@ -207,16 +207,15 @@ def read_info(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> dict[st
     the command runs); ``None`` if bwrap exited or closed the fd first."""
     buf = b""
     deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], min(remaining, 0.05))
-        if not ready:
-            if proc.poll() is not None:
-                ready, _, _ = select.select([fd], [], [], 0)
-                if not ready:
-                    return None
+        if not poller.poll(min(remaining, 0.05) * 1000):
+            if proc.poll() is not None and not poller.poll(0):
+                return None
             continue
         chunk = os.read(fd, 4096)
         if not chunk:
