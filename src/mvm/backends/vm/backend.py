@@ -537,7 +537,7 @@ class VmInstance(BackendInstance):
             "rootfs_size_mb": self.rootfs_size_mb,
             "base_disk": str(self.base.resolve()),
             "base_disk_size": self.base.stat().st_size,
-            "base_disk_mtime_ns": self.base.stat().st_mtime_ns,
+            "base_disk_mtime_ns": str(self.base.stat().st_mtime_ns),  # > 2**53: kept as text for canonical JSON
             "was_running": was_running,
             "memory_bytes": memory.stat().st_size,
             "disk_bytes": (dest / ready.DISK_FILE).stat().st_size,
@@ -594,7 +594,7 @@ class VmInstance(BackendInstance):
             st = base.stat()
         except OSError:
             raise SandboxError(f"vm: the snapshot's base disk {base} is gone (template removed?)") from None
-        if (st.st_size, st.st_mtime_ns) != (details.get("base_disk_size"), details.get("base_disk_mtime_ns")):
+        if (st.st_size, str(st.st_mtime_ns)) != (details.get("base_disk_size"), str(details.get("base_disk_mtime_ns"))):
             raise SandboxError(f"vm: the snapshot's base disk {base} changed since the snapshot was taken")
 
     def _restore_from(self, source: Path, details: dict[str, Any], boot: str) -> socket.socket:
