@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -326,3 +327,20 @@ def test_guest_output_to_the_host_log_is_bounded(tmp_path):
     assert not writer.is_alive() and not drain.is_alive()  # the writer is never blocked
     assert LOG_CAP <= log.stat().st_size < LOG_CAP + 4096
     assert log.read_bytes().endswith(b"discarded]\n")
+
+
+@pytest.mark.skipif(shutil.which("fuse-overlayfs") is None, reason="fuse-overlayfs is not installed")
+def test_fuse_overlay_root_mode_works(make_spec, template_fingerprint):
+    """The fallback for hosts where mvm runs without root but has fuse-overlayfs."""
+    inst = NamespaceBackend(root_mode="fuse-overlayfs", uid_mode="host-root").create(make_spec())
+    try:
+        guest = Guest(inst.start())
+        assert guest.sh("echo hi > /root/x && rm /etc/hostname && cat /root/x").out.strip() == "hi"
+        assert (inst.layer.upper / "root" / "x").read_text() == "hi\n"
+        inst.stop()
+        guest = Guest(inst.start())
+        assert guest.sh("cat /root/x; test -e /etc/hostname || echo gone").out.split() == ["hi", "gone"]
+        assert inst.describe()["root"] == "fuse-overlayfs"
+    finally:
+        inst.destroy()
+    assert not inst.spec.backend_dir.exists()
