@@ -7,54 +7,75 @@
 ...     print(result.exit_code, result.stdout, result.audit_id)
 """
 
-from .errors import (
-    CommandError,
-    CommandTimeout,
-    FileNotFoundInSandbox,
-    InvalidArgument,
-    InvalidNetworkPolicy,
-    InvalidState,
-    MvmError,
-    NotADirectory,
-    PermissionDenied,
-    SandboxNotFound,
-    SandboxPaused,
-    SecretNotFound,
-    SnapshotTampered,
-    TemplateNotFound,
-)
-from .sdk.commands import Process
-from .sdk.models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot
-from .sdk.policy import network, resources, secret
-from .sdk.sandbox import Sandbox
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CommandError",
-    "CommandResult",
-    "CommandTimeout",
-    "FileEntry",
-    "FileNotFoundInSandbox",
-    "InvalidArgument",
-    "InvalidNetworkPolicy",
-    "InvalidState",
-    "LogEvent",
-    "MvmError",
-    "NotADirectory",
-    "PermissionDenied",
-    "PortForward",
-    "Process",
-    "ProcessInfo",
-    "Sandbox",
-    "SandboxInfo",
-    "SandboxNotFound",
-    "SandboxPaused",
-    "SecretNotFound",
-    "Snapshot",
-    "SnapshotTampered",
-    "TemplateNotFound",
-    "network",
-    "resources",
-    "secret",
-]
+# Public names are loaded on first use (PEP 562), so importing one submodule (the
+# supervisor, the CLI) does not pay for the whole SDK.
+_LAZY = {
+    "CommandError": "mvm.errors",
+    "CommandResult": "mvm.sdk.models",
+    "CommandTimeout": "mvm.errors",
+    "FileEntry": "mvm.sdk.models",
+    "FileNotFoundInSandbox": "mvm.errors",
+    "InvalidArgument": "mvm.errors",
+    "InvalidNetworkPolicy": "mvm.errors",
+    "InvalidState": "mvm.errors",
+    "LogEvent": "mvm.sdk.models",
+    "MvmError": "mvm.errors",
+    "NotADirectory": "mvm.errors",
+    "PermissionDenied": "mvm.errors",
+    "PortForward": "mvm.sdk.models",
+    "Process": "mvm.sdk.commands",
+    "ProcessInfo": "mvm.sdk.models",
+    "Sandbox": "mvm.sdk.sandbox",
+    "SandboxInfo": "mvm.sdk.models",
+    "SandboxNotFound": "mvm.errors",
+    "SandboxPaused": "mvm.errors",
+    "SecretNotFound": "mvm.errors",
+    "Snapshot": "mvm.sdk.models",
+    "SnapshotTampered": "mvm.errors",
+    "TemplateNotFound": "mvm.errors",
+    "network": "mvm.sdk.policy",
+    "resources": "mvm.sdk.policy",
+    "secret": "mvm.sdk.policy",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mvm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from .errors import (
+        CommandError,
+        CommandTimeout,
+        FileNotFoundInSandbox,
+        InvalidArgument,
+        InvalidNetworkPolicy,
+        InvalidState,
+        MvmError,
+        NotADirectory,
+        PermissionDenied,
+        SandboxNotFound,
+        SandboxPaused,
+        SecretNotFound,
+        SnapshotTampered,
+        TemplateNotFound,
+    )
+    from .sdk.commands import Process
+    from .sdk.models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot
+    from .sdk.policy import network, resources, secret
+    from .sdk.sandbox import Sandbox

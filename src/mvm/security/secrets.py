@@ -21,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AnyStr
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from mvm import paths
 from mvm.errors import InvalidArgument, KeystoreError, SecretNotFound
 
 from ._fs import ensure_private_dir, read_private, write_private_atomic
 from .canonical import b64decode, b64encode, format_ts, utc_now
-from .keys import SECRETS_KEY_FILE, symmetric_key
+
+# The crypto library (and the key module that needs it) is imported where a value is
+# actually encrypted or decrypted: `import mvm` and the supervisor stay fast.
 
 __all__ = [
     "MIN_REDACT_LEN",
@@ -148,6 +147,10 @@ class Keystore:
             raise InvalidArgument("secret value", "must not contain a NUL character (it goes into an environment)")
         if len(raw) > MAX_SECRET_BYTES:
             raise InvalidArgument("secret value", f"is {len(raw)} bytes", allowed=f"at most {MAX_SECRET_BYTES} bytes")
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        from .keys import SECRETS_KEY_FILE, symmetric_key
+
         key = symmetric_key(SECRETS_KEY_FILE)
         assert key is not None
         now = format_ts(utc_now())
@@ -169,6 +172,11 @@ class Keystore:
         if the entry does not decrypt (wrong key, edited, renamed from another name)."""
         path = self._path(name)
         record = self._read_record(path, name)
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        from .keys import SECRETS_KEY_FILE, symmetric_key
+
         key = symmetric_key(SECRETS_KEY_FILE, create=False)
         if key is None:
             raise KeystoreError(f"secret {name!r} exists but the keystore key "

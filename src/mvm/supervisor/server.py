@@ -13,7 +13,6 @@ import secrets as _secrets
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -183,6 +182,8 @@ class Supervisor:
         self.backend = get_backend(config["backend"])
         self.instance: BackendInstance | None = None
         self.template_digest: str | None = None
+        self.boot_ms: dict[str, float] = {}
+        self._phase_start = time.perf_counter()
         # Every backend call runs on this one long-lived thread: children started with
         # PR_SET_PDEATHSIG (bwrap --die-with-parent, QEMU) die when the *thread* that
         # spawned them exits, so they must never be spawned from a request thread.
@@ -193,9 +194,16 @@ class Supervisor:
 
     # ---- boot ---------------------------------------------------------------
 
+    def _mark(self, phase: str) -> None:
+        """Record how long each boot phase took (``describe().details["boot_ms"]``)."""
+        now = time.perf_counter()
+        self.boot_ms[phase] = round((now - self._phase_start) * 1000, 1)
+        self._phase_start = now
+
     def boot(self) -> None:
         template = ensure_template(self.config["template"])
         self.template_digest = template.digest
+        self._mark("template")
         spec = SandboxSpec(
             sandbox_id=self.sandbox_id,
             template=template,
@@ -205,14 +213,20 @@ class Supervisor:
         )
         spec.backend_dir.mkdir(exist_ok=True)
         self.instance = self.on_backend(self.backend.create, spec)
-        audit_id = self.audit.record("sandbox.create", {"template": self.config["template"],
-                                                        "backend": self.config["backend"]})
+        self._mark("backend_create")
         snapshot_id = self.config.get("from_snapshot")
         if snapshot_id:
             self._restore_from(snapshot_id)
         else:
-            self.agent.attach(self.on_backend(self.instance.start))
+            sock = self.on_backend(self.instance.start)
+            self._mark("backend_start")
+            self.agent.attach(sock)
+            self._mark("agent_hello")
             self._configure_agent()
+        self._mark("agent_configure")
+        audit_id = self.audit.record("sandbox.create", {"template": self.config["template"],
+                                                        "backend": self.config["backend"]})
+        self._mark("audit")
         self.logs.system(f"sandbox created from template {self.config['template']} on backend "
                          f"{self.config['backend']}", audit_id)
         self._set_state("running")
@@ -313,7 +327,7 @@ class Supervisor:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "workload_id": self.config.get("workload_id"),
-            "details": {**details, "error": self.error, "supervisor_pid": os.getpid(),
+            "details": {**details, "boot_ms": self.boot_ms, "error": self.error, "supervisor_pid": os.getpid(),
                         "env_keys": sorted(self.config.get("env", {})), "secret_env_keys": sorted(self.secret_env),
                         "agent": self.agent.agent_hello},
         }
@@ -729,14 +743,11 @@ def _digestable(ctx: RequestContext) -> dict[str, Any]:
     return args
 
 
-def run(directory: Path, ready_fd: int) -> int:
-    """Entry point of the detached supervisor process."""
+def run(directory: Path, ready_fd: int, secret_env: dict[str, str]) -> int:
+    """Entry point of the detached supervisor process (after ``__main__`` forked it)."""
     config = json.loads((directory / "config.json").read_text())
-    secret_env = json.loads(sys.stdin.read() or "{}")
-    sys.stdin.close()
-    if os.fork() > 0:  # detach: the creator reaps the launcher; init adopts the supervisor
-        os._exit(0)
     supervisor = Supervisor(directory, config, secret_env)
+    supervisor.boot_ms["process_start"] = round((time.time() - float(config["created_at"])) * 1000, 1)
 
     def report(message: dict[str, Any]) -> None:
         try:
