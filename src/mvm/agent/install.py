@@ -8,7 +8,9 @@ which the guest has no use for), started by ``/opt/mvm/bin/mvm-agent``.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # src/mvm
@@ -54,3 +56,14 @@ def install_into(rootfs: Path) -> None:
     launcher = base / "bin" / "mvm-agent"
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)
+    _precompile(rootfs)
+
+
+def _precompile(rootfs: Path) -> None:
+    """Byte-compile the agent with the guest's own Python, so no sandbox pays for it at
+    every start (~0.1 s each). Needs root (chroot); without it the guest compiles lazily."""
+    python = rootfs / "usr" / "bin" / "python3"
+    if os.geteuid() != 0 or not python.exists():
+        return
+    subprocess.run(["chroot", str(rootfs), "/usr/bin/python3", "-m", "compileall", "-q", "/opt/mvm"],
+                   check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
