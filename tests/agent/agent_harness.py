@@ -7,6 +7,8 @@ one end of a socketpair); ``AgentClient`` speaks the protocol with it through
 
 from __future__ import annotations
 
+import atexit
+import glob
 import os
 import queue
 import shutil
@@ -29,6 +31,9 @@ from mvm.protocol.codec import Frame, ProtocolError
 CANARY = "MVM_TEST_CANARY"
 CANARY_VALUE = "host-secret-must-not-leak"
 AGENT_MODULE = [sys.executable, "-m", "mvm.agent"]
+#: Set to an interpreter (e.g. a Python 3.13) to run every agent test on it, from an installed tree.
+AGENT_PYTHON_ENV = "MVM_TEST_AGENT_PYTHON"
+_installed_for: dict[str, list[str]] = {}
 
 
 class AgentFailure(Exception):
@@ -189,7 +194,7 @@ def launch(prefix: list[str] | None = None, command: list[str] | None = None,
     host_end, agent_end = socket.socketpair()
     fd = agent_end.fileno()
     child_env = {**os.environ, CANARY: CANARY_VALUE, **(env or {})}
-    process = subprocess.Popen([*(prefix or []), *(command or AGENT_MODULE), "--fd", str(fd)],
+    process = subprocess.Popen([*(prefix or []), *(command or default_agent_command()), "--fd", str(fd)],
                                pass_fds=[fd], env=child_env)
     agent_end.close()
     return AgentProcess(process, host_end)
@@ -213,6 +218,25 @@ def installed_agent_command(root: Path, python: str = SYSTEM_PYTHON) -> list[str
     launcher = (root / "opt/mvm/bin/mvm-agent").read_text()
     launcher = launcher.replace('"/opt/mvm"', repr(str(root / "opt/mvm")))
     return [python, "-I", "-c", launcher]
+
+
+def default_agent_command() -> list[str]:
+    """``python -m mvm.agent`` from this checkout, or the installed agent on $MVM_TEST_AGENT_PYTHON."""
+    python = os.environ.get(AGENT_PYTHON_ENV)
+    if not python:
+        return AGENT_MODULE
+    if python not in _installed_for:
+        root = Path(tempfile.mkdtemp(prefix="mvm-agent-install-"))
+        atexit.register(shutil.rmtree, root, True)
+        _installed_for[python] = installed_agent_command(root, python)
+    return _installed_for[python]
+
+
+def guest_pythons() -> list[str]:
+    """Interpreters like the guests' (Debian's python3, a 3.13) found on this host."""
+    candidates = [SYSTEM_PYTHON, "/usr/bin/python3.13", "/usr/local/bin/python3.13",
+                  *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.13*/bin/python3.13")))]
+    return [path for path in candidates if os.path.exists(path)]
 
 
 def unshare_available(*flags: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from agent_harness import (
-    SYSTEM_PYTHON,
     AgentClient,
+    guest_pythons,
     installed_agent_command,
     pid_exists,
     unshare_available,
@@ -50,7 +51,7 @@ def test_agent_speaks_hello_first_with_its_version_python_and_pid(spawn_agent) -
     assert hello["role"] == "agent"
     assert hello["version"] == codec.PROTOCOL_VERSION
     assert hello["agent_version"]
-    assert hello["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert re.fullmatch(r"3\.\d+\.\d+.*", hello["python"])
     assert hello["pid"] == started.process.pid
 
 
@@ -208,20 +209,24 @@ def test_as_pid_1_the_agent_forks_and_serves_from_a_child(spawn_agent) -> None:
     client = started.client()
     assert client.hello["pid"] != 1, "the agent proper runs in a child of PID 1"
     assert client.call("agent.info")["pid"] == client.hello["pid"]
-    done = client.run(["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline; echo; echo $PPID"])
-    init_cmdline, parent = done.stdout.decode().splitlines()
+    done = client.run(["sh", "-c", "echo $PPID; tr '\\0\\n' '  ' < /proc/1/cmdline"])
+    parent, init_cmdline = done.stdout.decode().split("\n", 1)
     assert "mvm.agent" in init_cmdline
     assert int(parent) == client.hello["pid"]
     client.close()
     assert started.wait(10) == 0
 
 
-@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="no system python3")
-def test_the_installed_agent_runs_on_the_system_python_with_only_the_stdlib(spawn_agent, tmp_path: Path) -> None:
-    started = spawn_agent(command=installed_agent_command(tmp_path / "root"))
+@pytest.mark.parametrize("python", guest_pythons() or [pytest.param("none", marks=pytest.mark.skip("no guest python"))])
+def test_the_installed_agent_runs_on_guest_pythons_with_only_the_stdlib(spawn_agent, tmp_path: Path,
+                                                                         python: str) -> None:
+    started = spawn_agent(command=installed_agent_command(tmp_path / "root", python))
     client = started.client()
-    done = client.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[0])"])
-    assert done.stdout == b"3\n"
+    version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert client.hello["python"] == version
+    done = client.run([python, "-c", "import sys; print(sys.flags.isolated)"])
+    assert done.stdout == b"0\n", "processes do not inherit the agent's -I"
     client.call("fs.write", b"hello", path=str(tmp_path / "f.txt"))
     assert (tmp_path / "f.txt").read_bytes() == b"hello"
     client.close()

@@ -47,6 +47,18 @@ def test_read_honours_offset_and_length(agent: AgentClient, tmp_path: Path) -> N
     assert (data, result["eof"]) == (b"", True)
 
 
+def test_files_whose_size_is_unknown_are_read_until_a_short_read(agent: AgentClient) -> None:
+    result, data = agent.call_with_payload("fs.read", path="/proc/self/status", length=16)
+    assert len(data) == 16 and result == {"size": 0, "eof": False}
+    result, data = agent.call_with_payload("fs.read", path="/proc/self/status")
+    assert b"Pid:" in data and result["eof"] is True
+
+
+def test_sync_flushes_without_error(agent: AgentClient, tmp_path: Path) -> None:
+    agent.call("fs.write", b"durable", path=str(tmp_path / "f"))
+    assert agent.call("fs.sync") == {}
+
+
 def test_a_read_longer_than_a_chunk_is_refused(agent: AgentClient, tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"x")
     error = agent.error("fs.read", path=str(tmp_path / "f"), length=CHUNK_SIZE + 1)

@@ -195,7 +195,9 @@ class Files:
             raise from_os_error(exc, path) from None
         finally:
             os.close(fd)
-        eof = len(data) < length or (stat.S_ISREG(st.st_mode) and offset + len(data) >= st.st_size)
+        # A short read is the end; so is reaching st_size -- unless that is 0, as for /proc files.
+        known_size = stat.S_ISREG(st.st_mode) and st.st_size > 0
+        eof = (length > 0 and len(data) < length) or (known_size and offset + len(data) >= st.st_size)
         return {"size": st.st_size, "eof": eof}, data
 
     def stat(self, args: Args) -> dict[str, Any]:
@@ -346,6 +348,11 @@ class Files:
                 if fd >= 0:
                     _discard(fd, handle.temp)
 
+    def sync(self) -> dict[str, Any]:
+        """Flush the guest's page cache to its disk (the supervisor asks before a stop or a snapshot)."""
+        os.sync()
+        return {}
+
     # -- directories and names --------------------------------------------------
 
     def mkdir(self, args: Args) -> dict[str, Any]:
@@ -354,7 +361,7 @@ class Files:
         mode = args.mode()
         try:
             if parents:
-                if os.path.isdir(path) and not os.path.islink(path):
+                if os.path.isdir(path):  # like mkdir -p (a symlink to a directory counts)
                     return {}
                 os.makedirs(path, DEFAULT_DIR_MODE)
             else:

@@ -85,5 +85,6 @@ def run_as_init(child: int) -> int:
             continue
         if pid == child:
             code, signum = exit_code_of(status)
-            log.error("the agent (pid %d) ended with %s", child, f"signal {signum}" if signum else f"code {code}")
+            log.log(logging.INFO if code == 0 else logging.ERROR, "the agent (pid %d) ended with %s", child,
+                    f"signal {signum}" if signum else f"code {code}")
             return code

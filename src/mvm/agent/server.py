@@ -221,7 +221,7 @@ class Server:
             "fs.mkdir": lambda request: self.files.mkdir(request.args),
             "fs.remove": lambda request: self.files.remove(request.args),
             "fs.move": lambda request: self.files.move(request.args),
-            "fs.sync": lambda request: _sync(),
+            "fs.sync": lambda request: self.files.sync(),
         }
 
     # -- the connection loop ------------------------------------------------------
@@ -372,9 +372,3 @@ class Server:
     def _proc_stdin(self, request: Request) -> object:
         self.processes.stdin(request.args, request.payload, lambda result: request.respond(Reply(result)))
         return DEFERRED
-
-
-def _sync() -> dict[str, object]:
-    """Flush the guest's page cache to its disk (before a stop or a snapshot)."""
-    os.sync()
-    return {}
