@@ -53,8 +53,14 @@ say "building the default template (python-3.13) — cached after the first time
 .venv/bin/mvmctl template build python-3.13
 .venv/bin/mvmctl doctor
 
-# 5. The main job: the seed's example, live.
+# 5. The main job: the seed's example, live, then every cookbook operation with its output.
 if [ "$run_example" = 1 ]; then
+  if [ -z "${MVM_SECRET_API_KEY:-}" ] && ! .venv/bin/mvmctl secret ls --json | grep -q '"api-key"'; then
+    say "the seed example reads secret 'api-key': storing a random demo value (replace: mvmctl secret set api-key)"
+    head -c 24 /dev/urandom | base64 | .venv/bin/mvmctl secret set api-key >/dev/null
+  fi
   say "running the seed example live: mvmctl run --mode live examples/seed_example.py"
   .venv/bin/mvmctl run --mode live examples/seed_example.py
+  say "every cookbook operation, live: examples/cookbook_tour.py"
+  .venv/bin/python examples/cookbook_tour.py
 fi

@@ -6,6 +6,7 @@ Layout (DESIGN §1)::
       sandboxes/<id>/   state.json, config.json, control.sock, logs.jsonl, backend/ (backend-owned)
       audit/            <sandbox_id>.jsonl (signed hash chain, outlives the sandbox), index.jsonl
       receipts/         signed receipts of commands.run
+      runs/<run_id>/    what each sandbox of an `mvmctl run --mode live` did (its log)
       templates/        <name>-<digest>/rootfs, rootfs.ext4, manifest.json
       snapshots/        <snapshot-id>/
       cache/            kernels, initramfs, KVM probe verdicts
@@ -63,6 +64,11 @@ def cache_dir() -> Path:
 def receipts_dir() -> Path:
     """Signed ``commands.run`` receipts; like audit logs they outlive the sandbox."""
     return _sub("receipts", private=True)
+
+
+def runs_dir() -> Path:
+    """Per-run transcripts of ``mvmctl run --mode live`` (sandbox logs, redacted)."""
+    return _sub("runs", private=True)
 
 
 def keys_dir() -> Path:

@@ -83,13 +83,28 @@ def run(mode: str, script: Path, script_args: tuple[str, ...], timeout: float, a
         emit(as_json, data, human)
         return
     result = runner.run_live(script, script_args)
+    if not as_json:
+        for sandbox_id, events in result.transcripts.items():
+            _print_transcript(sandbox_id, events)
     for gone in result.torn_down:
         click.echo(f"mvmctl: destroyed sandbox {gone['name']} ({gone['id']}), which the script left running",
                    err=True)
     if as_json:
         click.echo(json.dumps({"exit_status": result.status, "run_id": result.run_id,
-                               "torn_down": result.torn_down}, sort_keys=True))
+                               "torn_down": result.torn_down, "transcripts": result.transcripts}, sort_keys=True))
     sys.exit(result.status)
+
+
+def _print_transcript(sandbox_id: str, events: list[dict[str, Any]]) -> None:
+    """What a sandbox of the run did, from its (redacted) log, on stderr."""
+    click.echo(f"mvmctl: sandbox {sandbox_id}:", err=True)
+    start = events[0]["timestamp"] if events else 0.0
+    for event in events:
+        if event.get("source") == "audit":
+            continue
+        offset = f"+{(event['timestamp'] - start) * 1000:7.1f} ms"
+        who = "" if event["source"] == "supervisor" else f"[{event['source']} {event['stream']}] "
+        click.echo(f"  {offset}  {who}{event['message']}", err=True)
 
 
 @click.group("ir")

@@ -21,6 +21,7 @@ import faulthandler
 import os
 import re
 import secrets
+import json
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +324,20 @@ class LiveRun:
     status: int
     run_id: str
     torn_down: list[dict[str, str]]
+    #: sandbox id -> its log events (lifecycle, audit summaries, process output), redacted
+    transcripts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def collect_transcripts(run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The logs the run's sandboxes left at destroy (then removed from disk)."""
+    from ..paths import runs_dir
+
+    directory = runs_dir() / run_id
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(directory.glob("sb-*.jsonl"), key=lambda p: p.stat().st_mtime):
+        out[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    shutil.rmtree(directory, ignore_errors=True)
+    return out
 
 
 def teardown_run(run_id: str) -> list[dict[str, str]]:
@@ -359,7 +374,8 @@ def run_live(script: Path | str, args: Sequence[str] = ()) -> LiveRun:
             proc.kill()
             proc.wait()
         torn_down = teardown_run(run_id)
-    return LiveRun(status=status if status >= 0 else 128 - status, run_id=run_id, torn_down=torn_down)
+    return LiveRun(status=status if status >= 0 else 128 - status, run_id=run_id, torn_down=torn_down,
+                   transcripts=collect_transcripts(run_id))
 
 
 # ---- replay (up --from-ir) ------------------------------------------------------------------------

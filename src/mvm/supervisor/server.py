@@ -25,7 +25,7 @@ from typing import Any
 from .. import errors
 from ..backends import get_backend
 from ..backends.base import BackendInstance, NetworkPolicy, Resources, SandboxSpec, SnapshotArtifacts
-from ..paths import receipts_dir
+from ..paths import receipts_dir, runs_dir
 from ..protocol import CHUNK_SIZE, codec
 from ..protocol.channel import ChannelClosed, FramedChannel
 from ..protocol.codec import Frame, ProtocolError
@@ -706,9 +706,24 @@ class Supervisor:
         self.state = "destroyed"
         self.logs.close()
         self.audit.close()
+        self._keep_run_transcript()
         # Gone before the client hears back: destroy() returning means no trace is left.
         shutil.rmtree(self.directory, ignore_errors=True)
         return audit_id
+
+    def _keep_run_transcript(self) -> None:
+        """Under ``mvmctl run`` the run prints what each sandbox did once the script ends:
+        keep this (already redacted) log beside the run, since the sandbox dir goes."""
+        run_id = self.config.get("run_id")
+        if not run_id or not str(run_id).replace("-", "").isalnum():
+            return
+        target = runs_dir() / str(run_id)
+        target.mkdir(mode=0o700, exist_ok=True)
+        try:
+            shutil.copyfile(self.directory / "logs.jsonl", target / f"{self.sandbox_id}.jsonl")
+            os.chmod(target / f"{self.sandbox_id}.jsonl", 0o600)
+        except OSError:
+            traceback.print_exc()
 
     def exit_after_destroy(self) -> None:
         self._stop_serving.set()
