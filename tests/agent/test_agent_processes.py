@@ -241,6 +241,15 @@ def test_proc_list_shows_running_and_finished_processes(agent: AgentClient) -> N
     agent.call("proc.signal", pid=running, signal="KILL")
 
 
+def test_proc_list_stays_within_a_frame_by_shortening_long_command_lines(agent: AgentClient) -> None:
+    pids = [agent.run(["sh", "-c", "exit 0", "x" * 15_000, str(n)]).pid for n in range(5)]
+    result = agent.call("proc.list")
+    assert result["truncated"] is True
+    listed = {p["pid"]: p for p in result["processes"]}
+    assert set(pids) <= set(listed)
+    assert all(listed[pid]["argv_truncated"] and len(listed[pid]["argv"][3]) == 128 for pid in pids)
+
+
 def test_many_concurrent_processes_each_get_their_own_output_and_exit(agent: AgentClient) -> None:
     pids = {agent.start(["sh", "-c", f"echo {n}; exit {n}"]): n for n in range(30)}
     for pid, n in pids.items():

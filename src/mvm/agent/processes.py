@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -43,6 +44,8 @@ LINGER_SECONDS = 0.2
 MAX_STDIN_BACKLOG = 16 * 1024 * 1024
 #: Exited processes remembered for ``proc.list``/``proc.signal``.
 MAX_EXITED = 1000
+#: Bytes of JSON a ``proc.list`` answer may carry (the header limit is 64 KiB).
+LIST_BUDGET = 48 * 1024
 #: Output drained from a pipe in the last moment before it is force-closed.
 FINAL_DRAIN_BYTES = 4 * CHUNK_SIZE
 
@@ -235,24 +238,26 @@ class ProcessManager:
         return {"signalled": signalled, "running": process.running}
 
     def list(self) -> dict[str, Any]:
+        """Every known process, oldest first, kept under the header limit (``truncated`` if cut)."""
         with self._lock:
             processes = sorted(self._table.values(), key=lambda p: p.started_at)
         entries = [process.summary() for process in processes]
-        result: dict[str, Any] = {"processes": entries}
-        # Keep the answer under the header limit: shorten long argvs, then drop the oldest exited.
-        while len(codec.encode({"kind": "response", "id": 0, "ok": True, "result": result})) > 48 * 1024:
-            long_argv = [e for e in entries if len(e["argv"]) > 8 or any(len(a) > 128 for a in e["argv"])]
-            if long_argv:
-                for entry in long_argv:
-                    entry["argv"] = [a[:128] for a in entry["argv"][:8]]
-                    entry["argv_truncated"] = True
-            else:
-                finished = [e for e in entries if not e["running"]]
-                if not finished:
-                    break
-                entries.remove(finished[0])
-            result["truncated"] = True
-        return result
+        if _json_size(entries) <= LIST_BUDGET:
+            return {"processes": entries}
+        for entry in entries:  # first shorten long command lines...
+            argv = entry["argv"]
+            if len(argv) > 8 or any(len(arg) > 128 for arg in argv):
+                entry["argv"] = [arg[:128] for arg in argv[:8]]
+                entry["argv_truncated"] = True
+        sizes = [_json_size(entry) for entry in entries]
+        total = sum(sizes)
+        kept = []
+        for entry, size in zip(entries, sizes, strict=True):  # ...then leave out the oldest finished ones
+            if total > LIST_BUDGET and not entry["running"]:
+                total -= size
+                continue
+            kept.append(entry)
+        return {"processes": kept, "truncated": True}
 
     def kill_everything(self) -> None:
         """The agent is going away: kill every process it started and every descendant."""
@@ -263,6 +268,10 @@ class ProcessManager:
                 proctree.signal_family(proctree.family_of(process.pid, process.pipe_inodes, process.lingering),
                                        signal.SIGKILL)
         proctree.signal_family(proctree.children_of(os.getpid()), signal.SIGKILL)
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value)) + 1  # ensure_ascii: an upper bound on the encoded size
 
 
 def _resolve_command(command: str, search_path: str, cwd: str) -> str:
