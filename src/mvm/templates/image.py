@@ -21,6 +21,12 @@ class TemplateImage:
     directory: Path
     suite: str
     python_version: str
+    node_version: str | None = None  # only in templates with Node.js
+
+    @property
+    def manifest_path(self) -> Path:
+        """``manifest.json``: what was built (packages and versions, size, build time, agent digest)."""
+        return self.directory / "manifest.json"
 
     @property
     def rootfs(self) -> Path:
@@ -32,5 +38,14 @@ class TemplateImage:
 
     @property
     def raw_disk(self) -> Path:
-        """Where the VM backend keeps its read-only ext4 image of ``rootfs``."""
+        """Where the VM backend keeps its read-only ext4 image of ``rootfs``.
+
+        The file exists once ``ensure_raw_disk()`` (``mvm.templates.build_raw_disk``) made it.
+        """
         return self.directory / "rootfs.ext4"
+
+    def ensure_raw_disk(self) -> Path:
+        """Build ``raw_disk`` if it is missing (cached, locked, atomic) and return its path."""
+        from .disk import build_raw_disk
+
+        return build_raw_disk(self)
