@@ -368,7 +368,7 @@ class VmInstance(BackendInstance):
                 if found is not None:
                     try:
                         return self._restore_from(found, ready.read_details(found), boot="restored")
-                    except SandboxError as exc:
+                    except MvmError as exc:  # stale or damaged: boot cold and replace it
                         self._ready_note = f"ready snapshot failed to restore, rebuilt: {exc.message[:200]}"
                         self._discard_layers()
                         ready.discard(key)
@@ -384,8 +384,8 @@ class VmInstance(BackendInstance):
                     except Exception:
                         shutil.rmtree(staged, ignore_errors=True)
                         raise
-                except SandboxError as exc:
-                    self._ready_note = f"could not save the ready snapshot: {exc.message[:200]}"
+                except (MvmError, OSError) as exc:  # the sandbox itself is fine: it just booted cold
+                    self._ready_note = f"could not save the ready snapshot: {exc}"[:300]
                 # A fresh connection for the caller: our hello stays on ours.
                 sock.close()
                 return self._connect_agent(time.monotonic() + 10)
