@@ -76,9 +76,14 @@ def main() -> None:
     create_runs = max(5, ns.runs // 2) if ns.backend == "vm" else ns.runs
     ours = timed(create_and_first_result, create_runs)
     if ns.backend == "vm":
-        from mvm.backends.vm.baseline import bare_boot_to_init  # the floor: same kernel + initramfs
+        from mvm.backends.vm.accel import probe_accelerator, probe_boot
+        from mvm.backends.vm.initramfs import ensure_initramfs
+        from mvm.backends.vm.kernel import ensure_kernel
 
-        base = timed(bare_boot_to_init, 3)
+        kernel = ensure_kernel()
+        initrd = ensure_initramfs(kernel)
+        accel = probe_accelerator()["accel"]
+        base = timed(lambda: probe_boot(kernel, initrd, accel=accel), 3)  # the floor: same kernel + initramfs
         row("create -> first commands.run result", ours, base, "bare qemu boot to /init")
     else:
         base = timed(lambda: bare_bwrap(image.rootfs), ns.runs)

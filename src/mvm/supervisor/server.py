@@ -327,7 +327,8 @@ class Supervisor:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "workload_id": self.config.get("workload_id"),
-            "details": {**details, "boot_ms": self.boot_ms, "error": self.error, "supervisor_pid": os.getpid(),
+            "details": {**details, "boot_ms": self.boot_ms, "error": self.error,
+                        "host_pids": self.instance.host_pids() if self.instance else [], "supervisor_pid": os.getpid(),
                         "env_keys": sorted(self.config.get("env", {})), "secret_env_keys": sorted(self.secret_env),
                         "agent": self.agent.agent_hello},
         }
