@@ -57,11 +57,29 @@ def set_clock(epoch: float) -> bool:
         return False
 
 
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
 def mix_entropy(data: bytes) -> bool:
-    """Write ``data`` into the kernel RNG's pool (mixed in, not credited)."""
+    """Add ``data`` to the kernel RNG's pool, credited, then force the CRNG to reseed.
+
+    Writing to /dev/urandom only mixes bytes in: two clones restored from one VM
+    snapshot would go on returning the same random stream until the kernel reseeds
+    by itself. RNDADDENTROPY + RNDRESEEDCRNG make the divergence immediate (needs
+    CAP_SYS_ADMIN, i.e. the VM guest; in a namespace sandbox the host kernel's
+    RNG is shared and already unique, so the plain write is enough).
+    """
+    import fcntl
+    import struct
+
     try:
         with open("/dev/urandom", "wb", buffering=0) as rng:
-            rng.write(data)
+            try:
+                fcntl.ioctl(rng, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+                fcntl.ioctl(rng, RNDRESEEDCRNG)
+            except OSError:
+                rng.write(data)
         return True
     except OSError as exc:
         log.info("entropy not mixed in: %s", exc)

@@ -42,7 +42,16 @@ class AgentLink:
         sock.settimeout(timeout)
         channel = FramedChannel(sock)
         try:
-            hello = channel.handshake("supervisor")
+            channel.send_raw(codec.hello("supervisor"))
+            # After a VM restore the guest may still flush frames it was sending when the
+            # snapshot was taken: skip (a bounded number of) them until the agent's hello.
+            for _ in range(1024):
+                frame = channel.recv()
+                if frame.kind == "hello":
+                    hello = codec.check_hello(frame)
+                    break
+            else:
+                raise ProtocolError("no hello from the agent among its first 1024 frames")
         except (ChannelClosed, ProtocolError, OSError) as exc:
             channel.close()
             raise errors.SandboxError(f"the guest agent did not answer hello: {exc}") from None

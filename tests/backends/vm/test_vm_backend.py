@@ -304,11 +304,6 @@ def test_clones_diverge_once_their_crng_is_reseeded(two_clones: list[Agent]) -> 
     assert outputs[0][2:] != outputs[1][2:]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="agent.configure writes entropy to /dev/urandom without RNDADDENTROPY+RNDRESEEDCRNG, so "
-    "clones may share CRNG output until the kernel reseeds by itself (mvm.agent.system.mix_entropy)",
-)
 def test_agent_configure_entropy_makes_clones_diverge(two_clones: list[Agent]) -> None:
     outputs = []
     for n, agent in enumerate(two_clones):
