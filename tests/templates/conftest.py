@@ -24,10 +24,16 @@ from mvm.templates import TemplateImage, ensure_template
 def built() -> Iterator[object]:
     """``built(name)`` → the shared cache's build of ``name`` (built on first use)."""
     cache: dict[str, TemplateImage] = {}
+    shared = os.environ["MVM_TEMPLATES"]
 
     def get(name: str) -> TemplateImage:
         if name not in cache:
-            cache[name] = ensure_template(name, progress=lambda _: None)
+            current = os.environ["MVM_TEMPLATES"]
+            os.environ["MVM_TEMPLATES"] = shared  # even inside a test that isolated its own cache
+            try:
+                cache[name] = ensure_template(name, progress=lambda _: None)
+            finally:
+                os.environ["MVM_TEMPLATES"] = current
         return cache[name]
 
     yield get

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mvm.agent import install as agent_install
-from mvm.errors import TemplateBuildError
+from mvm.errors import InvalidState, TemplateBuildError
 from mvm.templates import (
     TemplateImage,
     build_raw_disk,
@@ -28,6 +28,7 @@ from mvm.templates import (
     store,
 )
 from mvm.templates.recipe import template_digest
+from mvm.templates.builder import load_image
 from mvm.templates.disk import raw_disk_size
 
 CAN_BUILD = os.geteuid() == 0 and shutil.which("mmdebstrap", path="/usr/bin:/usr/local/bin") is not None
@@ -234,9 +235,33 @@ def test_interrupted_build_stops_mmdebstrap_and_leaves_nothing_behind(isolated_t
         ensure_template("minimal", progress=interrupt)
     assert [p.name for p in isolated_templates.iterdir() if p.name != ".locks"] == []
     assert store.mounts_under(isolated_templates) == []
-    running = [p for p in Path("/proc").glob("[0-9]*/cmdline")
-               if str(isolated_templates).encode() in _read(p)]
-    assert running == []
+    assert _processes_using(isolated_templates) == []
+
+
+def test_killed_build_takes_mmdebstrap_with_it_and_leaves_only_removable_debris(isolated_templates: Path) -> None:
+    code = "from mvm.templates import ensure_template; ensure_template('minimal')"
+    env = {**os.environ, "MVM_TEMPLATES": str(isolated_templates)}
+    build = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env)
+    assert build.stderr is not None
+    for line in build.stderr:
+        if "installing essential packages" in line:
+            break
+    build.kill()  # SIGKILL: no finally blocks run
+    build.wait()
+    deadline = time.monotonic() + 60
+    while _processes_using(isolated_templates) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_using(isolated_templates) == []
+    debris = [p for p in isolated_templates.iterdir() if p.name.startswith(".tmp-")]
+    assert len(debris) == 1
+    key = debris[0].name[len(".tmp-"):].split("+")[0]
+    assert store.clean_stale(own_key=key) == debris  # what the next build of that key does first
+    assert [p.name for p in isolated_templates.iterdir() if p.name != ".locks"] == []
+    assert store.mounts_under(isolated_templates) == []
+
+
+def _processes_using(path: Path) -> list[Path]:
+    return [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(path).encode() in _read(p)]
 
 
 def _read(path: Path) -> bytes:
@@ -272,6 +297,9 @@ def test_list_and_remove_templates(built: Built, isolated_templates: Path) -> No
     entry = listed[0]
     assert entry["digest"] == built("minimal").digest and entry["path"] == str(isolated_templates / source.name)
     assert entry["size"] > 0 and entry["built_at"] and entry["current"] is True
+    with open(isolated_templates / source.name / "rootfs/usr/bin/python3", "rb"):  # like QEMU holding its disk
+        with pytest.raises(InvalidState, match="in use"):
+            remove_template("minimal")
     assert remove_template("minimal") == 1
     assert list_templates() == [] and remove_template("minimal") == 0
     assert [p.name for p in isolated_templates.iterdir() if p.name != ".locks"] == []
@@ -294,3 +322,29 @@ def test_raw_disk_is_a_read_only_ext4_image_of_the_rootfs(built: Built) -> None:
     assert listing.stdout == (image.rootfs / "opt/mvm/bin/mvm-agent").read_text()
     mtime = disk.stat().st_mtime_ns
     assert image.ensure_raw_disk() == disk and disk.stat().st_mtime_ns == mtime  # cached
+
+
+def test_superseded_builds_are_pruned_unless_in_use(built: Built, isolated_templates: Path, scratch_root: Scratch,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    isolated_templates.mkdir(parents=True)
+    source = built("minimal").directory
+    olds = []
+    for i, day in enumerate(["01", "02", "03"]):  # three builds with older agents, oldest first
+        old = isolated_templates / f"minimal-{i:016x}"
+        subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(old)], check=True)
+        manifest = json.loads((old / "manifest.json").read_text())
+        manifest["built_at"] = f"2026-01-{day}T00:00:00+00:00"
+        (old / "manifest.json").write_text(json.dumps(manifest))
+        olds.append(old)
+    (olds[0] / "rootfs.ext4").unlink(missing_ok=True)
+    in_use = load_image(olds[0])
+    assert in_use is not None
+    scratch_root(in_use)  # a sandbox's overlay over the oldest build
+    assert store.in_use(olds[0]) and not store.in_use(olds[1])
+
+    monkeypatch.setattr(agent_install, "source_digest", lambda: "d" * 64)
+    new = ensure_template("minimal", progress=lambda _: None)
+    assert new.directory.exists()
+    assert olds[2].exists()      # the previous build is kept
+    assert not olds[1].exists()  # older ones go...
+    assert olds[0].exists()      # ...unless a sandbox uses them

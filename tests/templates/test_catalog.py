@@ -200,3 +200,29 @@ def test_mirror_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
 ])
 def test_mmdebstrap_output_is_read_as_phases(line: str, phase: str | None) -> None:
     assert mmdebstrap_phase(line) == phase
+
+
+def test_terminal_progress_shows_a_live_line_and_a_closing_summary(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from mvm.templates import progress
+
+    monkeypatch.setattr(progress, "_stderr_is_tty", lambda: True)
+    with progress.BuildReporter("building template python-3.13 (trixie, 4 packages)") as reporter:
+        assert reporter._live is not None  # rich display, not plain lines
+        reporter.phase("downloading packages")
+        reporter.done("built template python-3.13 in 1.0s (123 MiB)")
+    err = capsys.readouterr().err
+    assert "built template python-3.13 in 1.0s (123 MiB)" in err
+    assert "mvm: building template" not in err
+
+
+def test_caller_progress_callback_gets_each_phase_once() -> None:
+    from mvm.templates.progress import BuildReporter
+
+    seen: list[str] = []
+    with BuildReporter("building template x", seen.append) as reporter:
+        reporter.phase("downloading packages")
+        reporter.phase("downloading packages")
+        reporter.phase("installing packages")
+    assert seen == ["building template x: starting", "building template x: downloading packages",
+                    "building template x: installing packages"]

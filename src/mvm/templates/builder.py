@@ -11,7 +11,10 @@ A build (root only: ``mmdebstrap --mode=root``):
    (default mirror ``http://deb.debian.org/debian``), with merged ``/usr`` set up by
    mmdebstrap's ``maybe-merged-usr`` hook (so bookworm does not pull in perl through
    ``usrmerge``), without man pages, translations and docs (copyright files are kept).
-   pip packages are installed by a customize hook, inside the chroot, with network.
+   A setup hook resolves the packages first (``apt-get --simulate``), so a misspelt
+   name fails in seconds. pip packages are installed by a customize hook, inside the
+   chroot, with network, trusting the host's CA bundle for that step only. The mirror
+   is not part of the digest: any mirror serves the same packages.
 2. Finishing, the same for every template: ``/etc/hostname`` = ``sandbox``;
    ``/etc/hosts`` with the localhost lines; an empty ``/etc/resolv.conf`` (a sandbox has
    no network unless its policy opens one, and the backend writes one then); ``/app``
@@ -34,17 +37,20 @@ next build removes any left by a crashed process).
 agent makes a new template directory. When a build of the same recipe (same
 ``recipe_digest``) exists, it is copied (``cp -a --reflink=auto``: a real copy, never
 hard links, since the old directory may be a running sandbox's lower layer) and only
-the agent is re-installed: ~1 s instead of a 10-40 s mmdebstrap run. The old build
-stays until ``remove_template``/``prune_templates``.
+the agent is re-installed: ~1 s instead of a 10-40 s mmdebstrap run. After a build,
+superseded builds of the same name are removed except the newest one and any in use
+(``store.in_use``: mounted, or a file open inside); ``prune_templates`` removes the rest.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -53,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent import install as agent_install
-from ..errors import InvalidArgument, TemplateBuildError
+from ..errors import InvalidArgument, InvalidState, TemplateBuildError
 from ..paths import templates_dir
 from . import catalog, store
 from .image import TemplateImage
@@ -156,10 +162,32 @@ def _build_locked(recipe: Recipe, digest: str, directory: Path, progress: Progre
         if os.path.lexists(directory):  # incomplete (no manifest): only a manual edit gets here
             store.discard(directory)
         built = _build(recipe, digest, directory, progress)
+    _prune_superseded(recipe.name, keep=built)
     image = load_image(built)
     if image is None:  # pragma: no cover - _build either renamed a complete dir or raised
         raise TemplateBuildError(f"template {recipe.name}: build finished but {built} is incomplete")
     return image
+
+
+def _prune_superseded(name: str, keep: Path) -> None:
+    """After a build of ``name``: remove its superseded builds except the newest one,
+    unless something uses them (``store.in_use``). Bounds the disk an often-edited agent
+    costs; snapshots name the template digest they need and refuse any other anyway."""
+    others = [e for e in _builds_of(name) if e != keep]
+    dated = []
+    for entry in others:
+        try:
+            dated.append((json.loads((entry / "manifest.json").read_text()).get("built_at", ""), entry))
+        except (OSError, ValueError):
+            continue
+    dated.sort(reverse=True)
+    for _, entry in dated[1:]:
+        try:
+            with store.build_lock(entry.name):
+                if os.path.lexists(entry) and not store.in_use(entry):
+                    store.discard(entry)
+        except (OSError, TemplateBuildError):
+            continue  # pruning is housekeeping: never fail the build that triggered it
 
 
 def _plain_note(text: str) -> None:
@@ -349,7 +377,8 @@ def _run_mmdebstrap(recipe: Recipe, rootfs: Path, workdir: Path, mirror: str, re
     with open(workdir / "build.log", "wb") as log:
         log.write(("$ " + shlex.join(argv) + "\n").encode())
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, env=_build_env(), start_new_session=True)
+                                   stderr=subprocess.STDOUT, env=_build_env(), start_new_session=True,
+                                   preexec_fn=_terminate_with_parent)
         try:
             assert process.stdout is not None
             for raw in process.stdout:
@@ -389,15 +418,25 @@ def _diagnosis(errors: list[str], tail: deque[str]) -> str | None:
     return errors[0] if errors else None
 
 
+def _terminate_with_parent() -> None:
+    """In the child: SIGTERM when we die, so a killed build does not leave mmdebstrap
+    writing into a temp dir that the next build removes (it unmounts on SIGTERM)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """Stop mmdebstrap and its children (it unmounts what it mounted on SIGTERM)."""
     if process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, 15)
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     except ProcessLookupError:
         process.wait()
@@ -625,13 +664,20 @@ def _is_current(directory: Path, digest: str) -> bool:
     return current_digest(recipe) == digest
 
 
-def remove_template(name: str) -> int:
+def remove_template(name: str, *, force: bool = False) -> int:
     """Remove every build of template ``name``; returns how many were removed.
 
-    A sandbox must not be using them (their rootfs is its lower layer).
+    Raises ``InvalidState`` (removing nothing) when a build is in use by a sandbox
+    (``store.in_use``: its rootfs is an overlay's lower layer, QEMU has its disk open),
+    unless ``force`` is set.
     """
+    builds = _builds_of(name)
+    busy = [] if force else [e.name for e in builds if store.in_use(e)]
+    if busy:
+        raise InvalidState(f"template {name}: {', '.join(busy)} in use by a sandbox; destroy it first "
+                           "(or force=True)", template=name, in_use=busy)
     removed = 0
-    for entry in _builds_of(name):
+    for entry in builds:
         with store.build_lock(entry.name):
             if os.path.lexists(entry):
                 store.discard(entry)
@@ -640,8 +686,8 @@ def remove_template(name: str) -> int:
 
 
 def prune_templates(*, older_than_seconds: float = 0) -> int:
-    """Remove builds that are not current (an older recipe or agent) and were built more
-    than ``older_than_seconds`` ago; returns the count."""
+    """Remove builds that are not current (an older recipe or agent), were built more
+    than ``older_than_seconds`` ago and are not in use; returns the count."""
     removed = 0
     cutoff = datetime.now(UTC).timestamp() - older_than_seconds
     for item in list_templates():
@@ -649,7 +695,7 @@ def prune_templates(*, older_than_seconds: float = 0) -> int:
         if not item["current"] and built <= cutoff:
             entry = Path(item["path"])
             with store.build_lock(entry.name):
-                if os.path.lexists(entry):
+                if os.path.lexists(entry) and not store.in_use(entry):
                     store.discard(entry)
                     removed += 1
     store.clean_stale()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 
 from ..errors import TemplateNotFound
@@ -54,6 +55,7 @@ UNBUILDABLE: dict[str, str] = {
 }
 
 RESERVED = frozenset(BUILTIN) | frozenset(UNBUILDABLE)
+_BUILTIN_DIR = re.compile("(" + "|".join(re.escape(n) for n in BUILTIN) + r")-[0-9a-f]{16}")
 
 
 def load_custom(path: str | Path) -> Recipe:
@@ -72,8 +74,8 @@ def custom_recipes() -> dict[str, Recipe]:
     except FileNotFoundError:
         return {}
     for entry in entries:
-        if entry.name.startswith("."):
-            continue
+        if entry.name.startswith(".") or _BUILTIN_DIR.fullmatch(entry.name):
+            continue  # a built-in's build: no need to read its recipe
         try:
             data = json.loads((entry / "recipe.json").read_text())
             built_at = json.loads((entry / "manifest.json").read_text()).get("built_at", "")

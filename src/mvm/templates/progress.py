@@ -61,9 +61,9 @@ class BuildReporter:
 
             self._live = Progress(
                 SpinnerColumn(),
+                TimeElapsedColumn(),  # before the texts, so a narrow terminal never cuts it off
                 TextColumn("[bold]{task.description}"),
                 TextColumn("[cyan]{task.fields[phase]}"),
-                TimeElapsedColumn(),
                 console=Console(stderr=True),
                 transient=True,
             )

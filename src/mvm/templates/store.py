@@ -160,6 +160,38 @@ def mounts_under(path: Path) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+def in_use(directory: Path) -> bool:
+    """Whether anything on this host uses a template directory: a mount that names it (an
+    overlay's ``lowerdir``, a bind mount) or a process with a file or mapping open inside
+    it (QEMU's disk, fuse-overlayfs's lower layer). Best effort: processes of other users
+    are only visible to root."""
+    prefix = os.path.realpath(directory)
+    inside = (prefix + "/", prefix)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mountinfo:
+            if any(prefix in _unescape(line) for line in mountinfo):
+                return True
+    except OSError:
+        pass
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in os.scandir(proc / "fd"):
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target == prefix or target.startswith(inside[0]):
+                    return True
+            with open(proc / "maps", encoding="utf-8", errors="replace") as maps:
+                if any(inside[0] in line for line in maps):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _unescape(text: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
     out, i = [], 0
