@@ -12,6 +12,10 @@
 * :func:`run_live` runs the script for real; its exit status passes through, and
   sandboxes it left running (tagged with this run's ``MVM_RUN_ID``) are destroyed.
 * :func:`replay` runs a compiled workload live (``mvmctl up --from-ir``).
+
+A ``.ts``/``.mts``/``.js``/``.mjs`` script runs with Node and the TypeScript SDK
+(:mod:`mvm.modes.node`) under the same environment variables; it writes the same
+recording events, so the rest is shared.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
-from . import admission, ir
+from . import admission, ir, node
 from .recording import RECORDING_ENV, Recording
 
 DEFAULT_RECORD_TIMEOUT = 60.0
@@ -186,8 +190,11 @@ def record_script(script: Path | str, args: Sequence[str] = (), *, mode: str = "
             stdout: Any = sys.stderr.fileno()
         except (AttributeError, OSError, ValueError):
             stdout = None
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD_BOOT, str(path), *args], env=env,
-                                stdin=subprocess.DEVNULL, stdout=stdout, start_new_session=True)
+        if node.is_node_script(path):  # TypeScript/JavaScript: the same recording, written by the TS SDK
+            command, env = node.node_command(path, args), node.node_env(env)
+        else:
+            command = [sys.executable, "-c", _CHILD_BOOT, str(path), *args]
+        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=stdout, start_new_session=True)
         killed = False
         try:
             status = proc.wait(timeout=timeout + _KILL_GRACE)
@@ -361,7 +368,11 @@ def run_live(script: Path | str, args: Sequence[str] = ()) -> LiveRun:
     run_id = "run-" + secrets.token_hex(6)
     env = {k: v for k, v in os.environ.items() if k not in (RECORDING_ENV, _TIMEOUT_ENV, _TIMEOUT_DUMP_ENV)}
     env.update({"MVM_MODE": "live", RUN_ID_ENV: run_id, INCLUDE_BASE_ENV: str(path.parent)})
-    proc = subprocess.Popen([sys.executable, str(path), *args], env=env)
+    if node.is_node_script(path):
+        command, env = node.node_command(path, args), node.node_env(env)
+    else:
+        command = [sys.executable, str(path), *args]
+    proc = subprocess.Popen(command, env=env)
     try:
         while True:
             try:

@@ -1,0 +1,287 @@
+/**
+ * Client side of a sandbox supervisor's control socket
+ * (`$MVM_HOME/sandboxes/<id>/control.sock`), speaking the framed protocol of
+ * docs/protocol.md: a versioned hello, then requests with ids chosen here, any number
+ * of `data` frames per request, one final `response`, and `cancel` for a request
+ * given up on. Many requests may be in flight on one connection.
+ *
+ * The socket does not keep Node's event loop alive while no request is pending, so
+ * a script that leaves a sandbox running still exits (like Python's daemon reader).
+ */
+
+import { createConnection, type Socket } from "node:net";
+
+import * as codec from "./protocol.js";
+import { Frame, FrameDecoder, ProtocolError, type Header } from "./protocol.js";
+import { fromWire, ProtocolFailure, SandboxError, SandboxNotFound } from "./errors.js";
+
+/** How long a supervisor may take to answer our hello once connected. */
+const HELLO_TIMEOUT_MS = 30_000;
+
+export type DataCallback = (stream: string, data: Buffer) => void;
+
+export interface CallResult {
+  result: Header;
+  payload: Buffer;
+}
+
+export interface StreamChunk {
+  stream: string;
+  data: Buffer;
+}
+
+interface Pending {
+  frame(frame: Frame): void;
+  closed(): void;
+}
+
+export interface CallOptions {
+  onData?: DataCallback;
+  /** Seconds to wait for the final response before cancelling (default: no limit). */
+  timeoutSeconds?: number;
+}
+
+/** One connection to one sandbox's supervisor. */
+export class SupervisorClient {
+  /** The supervisor's hello header (`role: "supervisor"`, `sandbox_id`). */
+  readonly peer: Header;
+  private readonly socket: Socket;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private isClosed = false;
+  private closedByUser = false;
+
+  private constructor(socket: Socket, peer: Header, decoder: FrameDecoder, leftover: Frame[]) {
+    this.socket = socket;
+    this.peer = peer;
+    socket.on("data", (chunk: Buffer) => {
+      let frames: Frame[];
+      try {
+        frames = decoder.feed(chunk);
+      } catch {
+        socket.destroy(); // poisoned stream: drop the connection, never act on a partial read
+        return;
+      }
+      for (const frame of frames) this.dispatch(frame);
+    });
+    socket.on("close", () => this.onClosed());
+    socket.on("error", () => undefined); // "close" follows
+    for (const frame of leftover) this.dispatch(frame);
+    this.updateRef();
+  }
+
+  /** Connect and exchange hellos. `SandboxNotFound` when nothing listens on `socketPath`. */
+  static connect(socketPath: string, options: { connectTimeoutSeconds?: number } = {}): Promise<SupervisorClient> {
+    const timeoutMs = (options.connectTimeoutSeconds ?? 5) * 1000;
+    return new Promise((resolve, reject) => {
+      const socket = createConnection({ path: socketPath });
+      const decoder = new FrameDecoder();
+      let stage: "connect" | "hello" | "done" = "connect";
+      const fail = (error: Error) => {
+        if (stage === "done") return;
+        stage = "done";
+        clearTimeout(timer);
+        socket.removeAllListeners();
+        socket.on("error", () => undefined);
+        socket.destroy();
+        reject(error);
+      };
+      const onTimeout = () => {
+        fail(stage === "connect"
+          ? new SandboxNotFound(`sandbox supervisor is not running (connect timed out after ${timeoutMs / 1000} s)`)
+          : new ProtocolFailure(`supervisor handshake failed: no hello within ${HELLO_TIMEOUT_MS / 1000} s`));
+      };
+      let timer = setTimeout(onTimeout, timeoutMs);
+      socket.once("connect", () => {
+        stage = "hello";
+        clearTimeout(timer);
+        timer = setTimeout(onTimeout, HELLO_TIMEOUT_MS);
+        socket.write(codec.hello("client"));
+      });
+      socket.on("error", (err: NodeJS.ErrnoException) => {
+        if (stage === "connect") fail(new SandboxNotFound(`sandbox supervisor is not running (${err.message})`));
+        else fail(new ProtocolFailure(`supervisor handshake failed: ${err.message}`));
+      });
+      socket.on("close", () => fail(new ProtocolFailure("supervisor handshake failed: peer closed the channel")));
+      socket.on("data", (chunk: Buffer) => {
+        if (stage !== "hello") return;
+        let frames: Frame[];
+        try {
+          frames = decoder.feed(chunk);
+          if (!frames.length) return;
+          const peer = codec.checkHello(frames[0]);
+          stage = "done";
+          clearTimeout(timer);
+          socket.removeAllListeners();
+          resolve(new SupervisorClient(socket, peer, decoder, frames.slice(1)));
+        } catch (exc) {
+          const message = exc instanceof ProtocolError ? exc.message : String(exc);
+          fail(new ProtocolFailure(`supervisor handshake failed: ${message}`));
+        }
+      });
+    });
+  }
+
+  get closed(): boolean {
+    return this.isClosed;
+  }
+
+  /**
+   * Send one request; deliver its `data` frames to `onData`; resolve with the final
+   * result and payload, or reject with the mapped `MvmError`.
+   */
+  call(op: string, args: Header | null = null, payload?: Uint8Array, options: CallOptions = {}): Promise<CallResult> {
+    return new Promise<CallResult>((resolve, reject) => {
+      const ident = this.open(op);
+      let timer: NodeJS.Timeout | undefined;
+      const finish = () => {
+        if (timer !== undefined) clearTimeout(timer);
+        this.pending.delete(ident);
+        this.updateRef();
+      };
+      this.pending.set(ident, {
+        frame: (frame) => {
+          if (frame.kind === "data") {
+            if (options.onData === undefined) return;
+            try {
+              options.onData(String(frame.header.stream), frame.payload);
+            } catch (exc) {
+              finish();
+              this.cancel(ident);
+              reject(exc);
+            }
+            return;
+          }
+          if (frame.kind !== "response") return;
+          finish();
+          try {
+            resolve(unwrap(frame));
+          } catch (exc) {
+            reject(exc);
+          }
+        },
+        closed: () => {
+          finish();
+          reject(new SandboxError(`${op}: the sandbox closed the connection (it may have been destroyed)`));
+        },
+      });
+      this.updateRef();
+      try {
+        this.send(codec.request(ident, op, args, payload), op);
+      } catch (exc) {
+        finish();
+        reject(exc);
+        return;
+      }
+      if (options.timeoutSeconds !== undefined && options.timeoutSeconds !== null) {
+        timer = setTimeout(() => {
+          finish();
+          this.cancel(ident);
+          reject(new SandboxError(`${op}: no answer from the sandbox within ${options.timeoutSeconds} s`));
+        }, options.timeoutSeconds * 1000);
+      }
+    });
+  }
+
+  /**
+   * Yield the `data` frames of a request until its response; leaving the loop early
+   * (`break`, `return`, an exception) cancels the request.
+   */
+  async *stream(op: string, args: Header | null = null): AsyncGenerator<StreamChunk, void, undefined> {
+    const ident = this.open(op);
+    const queue: (Frame | null)[] = [];
+    let wake: (() => void) | null = null;
+    this.pending.set(ident, {
+      frame: (frame) => {
+        queue.push(frame);
+        wake?.();
+      },
+      closed: () => {
+        queue.push(null);
+        wake?.();
+      },
+    });
+    this.updateRef();
+    let finished = false;
+    try {
+      this.send(codec.request(ident, op, args), op);
+      for (;;) {
+        while (!queue.length) await new Promise<void>((resolve) => (wake = resolve));
+        wake = null;
+        const item = queue.shift() as Frame | null;
+        if (item === null) {
+          finished = true;
+          return;
+        }
+        if (item.kind === "data") {
+          yield { stream: String(item.header.stream), data: item.payload };
+          continue;
+        }
+        if (item.kind !== "response") continue;
+        finished = true;
+        unwrap(item);
+        return;
+      }
+    } finally {
+      if (!finished) this.cancel(ident);
+      this.pending.delete(ident);
+      this.updateRef();
+    }
+  }
+
+  /** Drop the connection (pending requests fail with `SandboxError`). */
+  close(): void {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    this.closedByUser = true;
+    this.socket.destroy();
+    this.onClosed();
+  }
+
+  // -- internals ------------------------------------------------------------
+
+  private open(op: string): number {
+    if (this.closedByUser) throw new SandboxError("this sandbox handle is closed");
+    if (this.isClosed) throw new SandboxError(`${op}: the sandbox is gone (its supervisor closed the connection)`);
+    return this.nextId++;
+  }
+
+  private send(encoded: Buffer, op: string): void {
+    if (this.isClosed || this.socket.destroyed || !this.socket.writable) {
+      throw new SandboxError(`${op}: the sandbox is gone (its supervisor closed the connection)`);
+    }
+    this.socket.write(encoded);
+  }
+
+  private cancel(ident: number): void {
+    if (this.isClosed || this.socket.destroyed || !this.socket.writable) return;
+    this.socket.write(codec.cancel(ident));
+  }
+
+  private dispatch(frame: Frame): void {
+    const ident = frame.id;
+    if (ident === null) return; // events are not for clients
+    this.pending.get(ident)?.frame(frame);
+  }
+
+  private onClosed(): void {
+    this.isClosed = true;
+    const waiting = [...this.pending.values()];
+    this.pending.clear();
+    for (const entry of waiting) entry.closed();
+    this.updateRef();
+  }
+
+  private updateRef(): void {
+    if (this.pending.size > 0 && !this.isClosed) this.socket.ref();
+    else this.socket.unref();
+  }
+}
+
+function unwrap(frame: Frame): CallResult {
+  if (frame.header.ok) {
+    const result = frame.header.result;
+    return { result: (result && typeof result === "object" ? { ...(result as Header) } : {}) as Header, payload: frame.payload };
+  }
+  throw fromWire((frame.header.error ?? {}) as Record<string, unknown>);
+}

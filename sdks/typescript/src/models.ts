@@ -1,0 +1,264 @@
+/**
+ * Result types, field for field the Python SDK's `mvm.sdk.models`, in camelCase.
+ * Each has `toDict()` returning the Python/wire spelling (what `mvmctl --json` prints).
+ *
+ * | TypeScript            | Python / wire         |
+ * |-----------------------|-----------------------|
+ * | `exitCode`            | `exit_code`           |
+ * | `auditId`             | `audit_id`            |
+ * | `durationSeconds`     | `duration_seconds`    |
+ * | `stdoutBytes`/`stderrBytes` | `stdout_bytes`/`stderr_bytes` |
+ * | `receiptPath`         | `receipt_path`        |
+ * | `symlinkTarget`       | `symlink_target`      |
+ * | `createdAt`/`expiresAt` | `created_at`/`expires_at` (seconds since the epoch) |
+ * | `workloadId`          | `workload_id`         |
+ * | `sandboxId`/`sizeBytes` | `sandbox_id`/`size_bytes` |
+ * | `startedAt`           | `started_at`          |
+ * | `hostPort`/`guestPort` | `host_port`/`guest_port` |
+ * | `Resources.cpuCores`… | `resources.cpu_cores`… |
+ * | `NetworkPolicy.allowWildcards` | `network.allow_wildcards` |
+ *
+ * `SandboxInfo.details` is passed through as the supervisor sent it (snake_case keys).
+ */
+
+import { NetworkPolicy, Resources } from "./policy.js";
+
+type Raw = Record<string, unknown>;
+
+function num(value: unknown, fallback = 0): number {
+  return typeof value === "number" ? value : value === undefined || value === null ? fallback : Number(value);
+}
+
+function optNum(value: unknown): number | null {
+  return value === undefined || value === null ? null : Number(value);
+}
+
+function optStr(value: unknown): string | null {
+  return value === undefined || value === null ? null : String(value);
+}
+
+/**
+ * What `commands.run` returns. `exitCode` is `null` only for a recorded (record/plan
+ * mode) result, never an invented value. `truncated` says output capture hit
+ * `maxOutputBytes`.
+ */
+export class CommandResult {
+  readonly exitCode: number | null;
+  readonly stdout: string;
+  readonly stderr: string;
+  readonly auditId: string | null;
+  readonly durationSeconds: number;
+  readonly truncated: boolean;
+  readonly signal: number | null;
+  readonly pid: number | null;
+  readonly stdoutBytes: number;
+  readonly stderrBytes: number;
+  readonly receiptPath: string | null;
+  readonly recorded: boolean;
+
+  constructor(fields: {
+    exitCode: number | null; stdout: string; stderr: string; auditId: string | null; durationSeconds: number;
+    truncated?: boolean; signal?: number | null; pid?: number | null; stdoutBytes?: number; stderrBytes?: number;
+    receiptPath?: string | null; recorded?: boolean;
+  }) {
+    this.exitCode = fields.exitCode;
+    this.stdout = fields.stdout;
+    this.stderr = fields.stderr;
+    this.auditId = fields.auditId;
+    this.durationSeconds = fields.durationSeconds;
+    this.truncated = fields.truncated ?? false;
+    this.signal = fields.signal ?? null;
+    this.pid = fields.pid ?? null;
+    this.stdoutBytes = fields.stdoutBytes ?? 0;
+    this.stderrBytes = fields.stderrBytes ?? 0;
+    this.receiptPath = fields.receiptPath ?? null;
+    this.recorded = fields.recorded ?? false;
+    Object.freeze(this);
+  }
+
+  /** `exitCode === 0`. */
+  get ok(): boolean {
+    return this.exitCode === 0;
+  }
+
+  toDict(): Raw {
+    return {
+      exit_code: this.exitCode, stdout: this.stdout, stderr: this.stderr, audit_id: this.auditId,
+      duration_seconds: this.durationSeconds, truncated: this.truncated, signal: this.signal, pid: this.pid,
+      stdout_bytes: this.stdoutBytes, stderr_bytes: this.stderrBytes, receipt_path: this.receiptPath,
+      recorded: this.recorded,
+    };
+  }
+}
+
+export type FileType = "file" | "dir" | "symlink" | "other";
+
+/** One entry of `files.list` / `files.stat`. `mtime` is seconds since the epoch. */
+export class FileEntry {
+  constructor(
+    readonly name: string,
+    readonly path: string,
+    readonly type: FileType,
+    readonly size: number,
+    readonly mode: number,
+    readonly mtime: number,
+    readonly symlinkTarget: string | null = null,
+  ) {
+    Object.freeze(this);
+  }
+
+  static fromWire(raw: Raw): FileEntry {
+    return new FileEntry(String(raw.name), String(raw.path), raw.type as FileType, Math.trunc(num(raw.size)),
+      Math.trunc(num(raw.mode)), num(raw.mtime), optStr(raw.symlink_target));
+  }
+
+  get isFile(): boolean {
+    return this.type === "file";
+  }
+
+  get isDir(): boolean {
+    return this.type === "dir";
+  }
+
+  toDict(): Raw {
+    return { name: this.name, path: this.path, type: this.type, size: this.size, mode: this.mode, mtime: this.mtime,
+      symlink_target: this.symlinkTarget };
+  }
+}
+
+/**
+ * One line of a sandbox's log: `source` is `supervisor`, `process:<pid>`, `network`…;
+ * `stream` is `stdout`/`stderr`/`system`. `timestamp` is seconds since the epoch.
+ */
+export class LogEvent {
+  constructor(
+    readonly timestamp: number,
+    readonly source: string,
+    readonly stream: string,
+    readonly message: string,
+    readonly auditId: string | null = null,
+  ) {
+    Object.freeze(this);
+  }
+
+  static fromWire(raw: Raw): LogEvent {
+    return new LogEvent(num(raw.timestamp), String(raw.source), String(raw.stream), String(raw.message),
+      optStr(raw.audit_id));
+  }
+
+  toDict(): Raw {
+    return { timestamp: this.timestamp, source: this.source, stream: this.stream, message: this.message,
+      audit_id: this.auditId };
+  }
+}
+
+/** A process the sandbox knows (`commands.list`, `Process.info`). */
+export class ProcessInfo {
+  constructor(
+    readonly pid: number,
+    readonly argv: string[],
+    readonly running: boolean,
+    readonly exitCode: number | null,
+    readonly startedAt: number,
+  ) {
+    Object.freeze(this);
+  }
+
+  static fromWire(raw: Raw): ProcessInfo {
+    return new ProcessInfo(Math.trunc(num(raw.pid)), Array.isArray(raw.argv) ? (raw.argv as string[]).map(String) : [],
+      Boolean(raw.running), optNum(raw.exit_code), num(raw.started_at));
+  }
+
+  toDict(): Raw {
+    return { pid: this.pid, argv: this.argv, running: this.running, exit_code: this.exitCode, started_at: this.startedAt };
+  }
+}
+
+/**
+ * `describe()`: the sandbox's identity, state, policy and isolation facts.
+ * `isolation` is `vm` or `namespace`; `details` holds the backend's specifics.
+ */
+export class SandboxInfo {
+  constructor(
+    readonly id: string,
+    readonly name: string,
+    readonly state: string,
+    readonly template: string,
+    readonly backend: string,
+    readonly isolation: string,
+    readonly resources: Resources,
+    readonly network: NetworkPolicy,
+    readonly createdAt: number,
+    readonly expiresAt: number | null,
+    readonly workloadId: string | null = null,
+    readonly details: Raw = {},
+  ) {
+    Object.freeze(this);
+  }
+
+  static fromWire(raw: Raw): SandboxInfo {
+    return new SandboxInfo(String(raw.id), String(raw.name), String(raw.state ?? "creating"), String(raw.template),
+      String(raw.backend ?? ""), String(raw.isolation ?? ""), Resources.fromDict((raw.resources ?? {}) as Raw),
+      NetworkPolicy.fromDict((raw.network ?? {}) as Raw), num(raw.created_at), optNum(raw.expires_at),
+      optStr(raw.workload_id), (raw.details ?? {}) as Raw);
+  }
+
+  toDict(): Raw {
+    return {
+      id: this.id, name: this.name, state: this.state, template: this.template, backend: this.backend,
+      isolation: this.isolation, resources: this.resources.toDict(), network: this.network.toDict(),
+      created_at: this.createdAt, expires_at: this.expiresAt, workload_id: this.workloadId, details: this.details,
+    };
+  }
+}
+
+export type SnapshotKind = "full" | "filesystem" | "recorded";
+
+/** A saved sandbox state. `kind` is `full` (memory+disk, VM) or `filesystem` (namespace). */
+export class Snapshot {
+  constructor(
+    readonly id: string,
+    readonly name: string,
+    readonly sandboxId: string,
+    readonly kind: SnapshotKind,
+    readonly createdAt: number,
+    readonly expiresAt: number | null,
+    readonly sizeBytes: number,
+    readonly keep: boolean = false,
+    readonly auditId: string | null = null,
+  ) {
+    Object.freeze(this);
+  }
+
+  static fromWire(raw: Raw): Snapshot {
+    return new Snapshot(String(raw.id), String(raw.name), String(raw.sandbox_id), raw.kind as SnapshotKind,
+      num(raw.created_at), optNum(raw.expires_at), Math.trunc(num(raw.size_bytes)), Boolean(raw.keep),
+      optStr(raw.audit_id));
+  }
+
+  toDict(): Raw {
+    return { id: this.id, name: this.name, sandbox_id: this.sandboxId, kind: this.kind, created_at: this.createdAt,
+      expires_at: this.expiresAt, size_bytes: this.sizeBytes, keep: this.keep, audit_id: this.auditId };
+  }
+}
+
+/** A host port forwarded to a guest port (the model shared with Python's `PortForward`). */
+export class PortForward {
+  constructor(
+    readonly host: string,
+    readonly hostPort: number,
+    readonly guestPort: number,
+    readonly id: string | null = null,
+  ) {
+    Object.freeze(this);
+  }
+
+  static fromWire(raw: Raw): PortForward {
+    return new PortForward(String(raw.host), Math.trunc(num(raw.host_port)), Math.trunc(num(raw.guest_port)),
+      optStr(raw.id));
+  }
+
+  toDict(): Raw {
+    return { host: this.host, host_port: this.hostPort, guest_port: this.guestPort, id: this.id };
+  }
+}

@@ -1,0 +1,784 @@
+/**
+ * `Sandbox`: create, connect to, use and end a sandbox (Python: `mvm.Sandbox`).
+ *
+ * ```ts
+ * import { Sandbox } from "@mvm/sdk";
+ *
+ * await using sandbox = await Sandbox.create("python-3.13", { ttl: "30m" });
+ * await sandbox.files.write("/app/main.py", "print('hello from mvm')");
+ * const result = await sandbox.commands.run(["python", "/app/main.py"], { timeoutSeconds: 30 });
+ * console.log(result.exitCode, result.stdout, result.auditId);
+ * ```
+ *
+ * A live sandbox is created by `mvmctl up --json` (the same machinery as Python: a
+ * detached supervisor per sandbox); every other call speaks the framed protocol
+ * directly to that supervisor's Unix socket.
+ */
+
+import "./polyfill.js";
+
+import { spawn, spawnSync } from "node:child_process";
+import { join } from "node:path";
+import { TextDecoder } from "node:util";
+
+import { SupervisorClient, type CallOptions, type CallResult } from "./client.js";
+import {
+  CommandError, CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidState, MvmError,
+  SandboxError, SandboxNotFound, TooLarge,
+} from "./errors.js";
+import { parseDuration } from "./durations.js";
+import { CommandResult, FileEntry, LogEvent, ProcessInfo, SandboxInfo, Snapshot } from "./models.js";
+import { CONTROL_SOCKET, findMvmctl, sandboxesDir } from "./paths.js";
+import { NetworkPolicy, Resources, SecretRef } from "./policy.js";
+import { CHUNK_SIZE, type Header } from "./protocol.js";
+import { repr } from "./pyrepr.js";
+import { resolveSecret } from "./secrets.js";
+import {
+  absolutePath, callerSite, currentMode, DEFAULT_TTL, scriptDir, splitEnv, validateCommand, validatedSpec, type Env,
+  type Mode,
+} from "./spec.js";
+import { findSandbox, listSandboxes } from "./state.js";
+
+/** Default capture per stream for `commands.run` (the supervisor's default too). */
+export const DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024;
+/** Default bound of `files.read`. */
+export const DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024;
+/** Signals `Process.signal` accepts by name. */
+export const SIGNALS = ["HUP", "INT", "KILL", "TERM"] as const;
+/** Secret values shorter than this are not redacted (too likely to appear by chance). */
+const MIN_REDACT_LEN = 4;
+
+export interface CreateOptions {
+  /** Sandbox name (default: derived from `workloadId`, else the id). */
+  name?: string;
+  workloadId?: string;
+  /** `"30m"`, `"2h"`, seconds; `null` = no expiry. Default `"30m"`. */
+  ttl?: string | number | null;
+  /** Host paths (relative to the script's folder) copied into `/app`. */
+  include?: string[];
+  resources?: Resources;
+  network?: NetworkPolicy;
+  /** Values may be `secret(name)` references (resolved on the host, live mode only). */
+  env?: Env;
+  /** `"vm"` or `"namespace"` (default: `$MVM_BACKEND`, else the strongest this host can run). */
+  backend?: string;
+  /** `"record"`, `"plan"` or `"live"`; default `$MVM_MODE`, else live. */
+  mode?: Mode;
+  tags?: Record<string, string>;
+  /** Start from this snapshot id or name. */
+  fromSnapshot?: string;
+}
+
+export interface RunOptions {
+  env?: Env;
+  cwd?: string;
+  /** Seconds; past it the whole process group is killed and `CommandTimeout` thrown. Default 60; `null`: none. */
+  timeoutSeconds?: number | null;
+  /** Capture limit per stream (default 4 MiB); `truncated` says when it was hit. */
+  maxOutputBytes?: number;
+  stdin?: string | Uint8Array;
+  /** Throw `CommandError` for a non-zero exit. */
+  check?: boolean;
+  onStdout?: (text: string) => void;
+  onStderr?: (text: string) => void;
+  /** Mask secret values this handle resolved (default true). */
+  redact?: boolean;
+  /** Resume a paused sandbox instead of failing with `SandboxPaused`. */
+  autoResume?: boolean;
+}
+
+export interface StartOptions {
+  env?: Env;
+  cwd?: string;
+  /** Keep the process's stdin open for `sendStdin`. */
+  stdin?: boolean;
+  autoResume?: boolean;
+}
+
+export interface LogsOptions {
+  follow?: boolean;
+  tail?: number;
+  /** Seconds since the epoch. */
+  since?: number;
+  redact?: boolean;
+}
+
+export interface OutputChunk {
+  stream: "stdout" | "stderr" | string;
+  text: string;
+}
+
+function toBuffer(data: string | Uint8Array, field = "data"): Buffer {
+  if (typeof data === "string") return Buffer.from(data, "utf8");
+  if (data instanceof Uint8Array) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  throw InvalidArgument.create(field, `${typeof data} is not bytes or str`);
+}
+
+interface MvmctlResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function runMvmctl(args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<MvmctlResult> {
+  const mvmctl = findMvmctl();
+  if (mvmctl === null) {
+    return Promise.reject(new SandboxError("mvmctl not found: set $MVMCTL, put mvmctl on PATH, or run ./setup.sh "
+      + "(it installs <repo>/.venv/bin/mvmctl)"));
+  }
+  return new Promise((resolve, reject) => {
+    const child = spawn(mvmctl, args, { cwd: options.cwd, env: options.env ?? process.env, stdio: ["ignore", "pipe", "pipe"] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on("data", (chunk: Buffer) => out.push(chunk));
+    child.stderr.on("data", (chunk: Buffer) => err.push(chunk));
+    child.on("error", (exc) => reject(new SandboxError(`cannot run ${mvmctl}: ${exc.message}`)));
+    child.on("close", (code) => resolve({
+      code, stdout: Buffer.concat(out).toString("utf8"), stderr: Buffer.concat(err).toString("utf8"),
+    }));
+  });
+}
+
+/** The typed error `mvmctl --json` printed on stderr (`{"error": {...}}`), else a `SandboxError`. */
+function mvmctlError(what: string, result: MvmctlResult): MvmError {
+  const lines = result.stderr.trim().split("\n").reverse();
+  for (const line of lines) {
+    if (!line.startsWith("{")) continue;
+    try {
+      const parsed = JSON.parse(line) as { error?: Record<string, unknown> };
+      if (parsed.error && typeof parsed.error === "object") return fromWire(parsed.error);
+    } catch {
+      continue;
+    }
+  }
+  const tail = result.stderr.trim().split("\n").slice(-8).join("\n  ");
+  return new SandboxError(`${what} failed (exit status ${result.code})${tail ? ":\n  " + tail : ""}`);
+}
+
+/** Python's `mvm.security.secrets.Redactor` over `name -> value`. */
+function makeRedactor(values: Map<string, string>): (text: string) => string {
+  const byValue = new Map<string, string>();
+  for (const name of [...values.keys()].sort()) {
+    const value = values.get(name) as string;
+    if (value.length >= MIN_REDACT_LEN && !byValue.has(value)) byValue.set(value, name);
+  }
+  if (!byValue.size) return (text) => text;
+  const ordered = [...byValue.keys()].sort((a, b) => b.length - a.length || (a < b ? -1 : a > b ? 1 : 0));
+  const pattern = new RegExp(ordered.map((v) => v.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("|"), "g");
+  return (text) => text.replace(pattern, (match) => `[redacted:${byValue.get(match)}]`);
+}
+
+/** A live sandbox: a microVM or a namespace jail with an agent inside. */
+export class Sandbox implements AsyncDisposable, Disposable {
+  readonly id: string;
+  readonly name: string;
+  /** `true` for a record/plan-mode sandbox (nothing booted). */
+  readonly recorded: boolean = false;
+  readonly mode: Mode = "live";
+  readonly commands: Commands;
+  readonly files: Files;
+  /** @internal */
+  protected readonly directory: string;
+  private conn: Promise<SupervisorClient> | null = null;
+  private readonly secretValues = new Map<string, string>();
+  private killed = false;
+  private redactCache: ((text: string) => string) | null = null;
+
+  /** @internal use `Sandbox.create` or `Sandbox.connect` */
+  constructor(id: string, name: string, directory: string, secretValues?: Map<string, string>) {
+    this.id = id;
+    this.name = name;
+    this.directory = directory;
+    for (const [k, v] of secretValues ?? []) this.secretValues.set(k, v);
+    this.commands = this.makeCommands();
+    this.files = this.makeFiles();
+  }
+
+  /** @internal */
+  protected makeCommands(): Commands {
+    return new Commands(this);
+  }
+
+  /** @internal */
+  protected makeFiles(): Files {
+    return new Files(this);
+  }
+
+  toString(): string {
+    return `<Sandbox ${this.name} (${this.id})>`;
+  }
+
+  // ---- creation and discovery ---------------------------------------------------
+
+  /**
+   * Create a sandbox from `template` and resolve once its agent answered.
+   *
+   * `ttl` destroys it even if this process dies. `include` copies host paths
+   * (relative to the script's folder) into `/app`. In record/plan mode
+   * (`mvmctl compile` / `mvmctl run --mode plan`) nothing boots: the call is recorded
+   * and a recorded sandbox with the same surface is returned.
+   */
+  static async create(template = "python-3.13", options: CreateOptions = {}): Promise<Sandbox> {
+    const mode = currentMode(options.mode);
+    if (mode !== "live") {
+      const at = callerSite(); // before any await: the script's frame is still on the stack
+      const { RecordedSandbox } = await import("./recording.js");
+      return RecordedSandbox.create(template, { ...options, mode, at });
+    }
+    if (typeof template !== "string" || !template) {
+      throw InvalidArgument.create("template", `${repr(template)} is not a template name`);
+    }
+    const spec = validatedSpec({ ...options, ttl: options.ttl === undefined ? DEFAULT_TTL : options.ttl });
+    if (spec.network.allowWildcards) {
+      throw InvalidArgument.create("network.allow_wildcards",
+        "live sandboxes with wildcard destinations are not supported by the TypeScript SDK yet (mvmctl up has no flag for it)");
+    }
+    if (Object.keys(spec.tags).length) {
+      throw InvalidArgument.create("tags", "live sandboxes with tags are not supported by the TypeScript SDK yet "
+        + "(mvmctl up has no flag for them)");
+    }
+    const include = options.include ?? [];
+    if (typeof include === "string" || !Array.isArray(include)) {
+      throw InvalidArgument.create("include", "must be a list of paths, not one string", "e.g. ['src']");
+    }
+    const r = spec.resources;
+    const args = ["up", "--json", "--template", template,
+      "--ttl", spec.ttlSeconds === null ? "none" : String(spec.ttlSeconds),
+      "--cpus", String(r.cpuCores), "--memory", String(r.memoryMb), "--disk", String(r.rootfsSizeMb),
+      "--max-processes", String(r.maxProcesses), "--network", spec.network.mode];
+    for (const entry of spec.network.allow) args.push("--allow", entry);
+    if (spec.name !== null) args.push("--name", spec.name);
+    if (spec.workloadId !== null) args.push("--workload-id", spec.workloadId);
+    if (options.backend !== undefined && options.backend !== null) args.push("--backend", String(options.backend));
+    if (options.fromSnapshot !== undefined && options.fromSnapshot !== null) {
+      args.push("--from-snapshot", String(options.fromSnapshot));
+    }
+    const { literal, secrets } = splitEnv(spec.env);
+    for (const [key, value] of Object.entries(literal)) args.push("--env", `${key}=${value}`);
+    for (const [key, ref] of Object.entries(secrets)) args.push("--secret-env", `${key}=${ref.name}`);
+    for (const path of include) args.push("--include", String(path));
+    const base = scriptDir();
+    const result = await runMvmctl(args, { cwd: base, env: { ...process.env, MVM_INCLUDE_BASE: base } });
+    if (result.code !== 0) throw mvmctlError("mvmctl up", result);
+    let info: SandboxInfo;
+    try {
+      info = SandboxInfo.fromWire(JSON.parse(result.stdout) as Record<string, unknown>);
+    } catch (exc) {
+      throw new SandboxError(`mvmctl up printed no sandbox description: ${(exc as Error).message}`);
+    }
+    const values = new Map<string, string>();
+    for (const ref of Object.values(secrets)) {
+      try {
+        values.set(ref.name, resolveSecret(ref.name));
+      } catch {
+        // mvmctl resolved it; this handle only uses values to redact output
+      }
+    }
+    return new Sandbox(info.id, info.name, join(sandboxesDir(), info.id), values);
+  }
+
+  /** Attach to a running sandbox (created by any process, either language) by name or id. */
+  static async connect(nameOrId: string): Promise<Sandbox> {
+    const record = await findSandbox(nameOrId);
+    return new Sandbox(record.id, record.name, record.directory);
+  }
+
+  /** Every running sandbox on this host (sandboxes whose supervisor died are skipped). */
+  static async list(): Promise<SandboxInfo[]> {
+    return (await listSandboxes()).map((record) => SandboxInfo.fromWire({
+      id: record.id, name: record.name, state: record.state ?? "creating", template: record.template,
+      backend: record.backend, isolation: record.backend === "vm" ? "vm" : "namespace",
+      resources: record.resources ?? {}, network: record.network ?? {}, created_at: record.created_at ?? 0,
+      expires_at: record.expires_at ?? null, workload_id: record.workload_id ?? null,
+      details: { tags: record.tags ?? {}, run_id: record.run_id ?? null },
+    }));
+  }
+
+  // ---- plumbing -----------------------------------------------------------------
+
+  /** @internal the supervisor connection (opened on first use, reopened if it dropped). */
+  async client(): Promise<SupervisorClient> {
+    if (this.killed) {
+      throw new InvalidState(`sandbox ${this.name} was destroyed`, { state: "destroyed" });
+    }
+    const current = this.conn;
+    if (current !== null) {
+      try {
+        const existing = await current;
+        if (!existing.closed) return existing;
+      } catch {
+        // connect failed before: try again below
+      }
+      if (this.conn !== current && this.conn !== null) return this.conn; // another call reconnected meanwhile
+    }
+    this.conn = SupervisorClient.connect(join(this.directory, CONTROL_SOCKET));
+    return this.conn;
+  }
+
+  /** @internal one request to the supervisor. */
+  async call(op: string, args: Header | null = null, payload?: Uint8Array, options: CallOptions = {}): Promise<CallResult> {
+    return (await this.client()).call(op, args, payload, options);
+  }
+
+  /**
+   * @internal every secret value this handle resolved replaced by `[redacted:NAME]`
+   * (Python's `Redactor`: values shorter than 4 characters are left, longer values win).
+   */
+  redactor(text: string): string {
+    if (this.redactCache === null) this.redactCache = makeRedactor(this.secretValues);
+    return this.redactCache(text);
+  }
+
+  /** @internal argv/env/cwd checked; secret references resolved into `env` (live only). */
+  commandArgs(argv: string[] | string, env: Env | undefined, cwd: string | undefined): Header {
+    const checked = validateCommand(argv, env, cwd);
+    const { literal, secrets } = splitEnv(checked.env);
+    const merged: Record<string, string> = { ...literal };
+    const names: Record<string, string> = {};
+    for (const [key, ref] of Object.entries(secrets)) {
+      const value = resolveSecret(ref.name);
+      merged[key] = value;
+      names[key] = ref.name;
+      if (this.secretValues.get(ref.name) !== value) {
+        this.secretValues.set(ref.name, value);
+        this.redactCache = null;
+      }
+    }
+    return { argv: checked.argv, env: merged, cwd: cwd ?? null, secret_names: names };
+  }
+
+  // ---- information ----------------------------------------------------------------
+
+  /** Identity, state, limits, policy and isolation facts. */
+  async describe(): Promise<SandboxInfo> {
+    return SandboxInfo.fromWire((await this.call("sandbox.describe")).result);
+  }
+
+  /** The current state (`running`, `paused`, `stopped`, ...). */
+  async state(): Promise<string> {
+    return (await this.describe()).state;
+  }
+
+  /**
+   * The sandbox's log: lifecycle events, audit entries and process output lines.
+   * With `follow` it waits for new lines until the loop is left (which cancels).
+   *
+   * ```ts
+   * for await (const event of sandbox.logs({ follow: true })) console.log(event.message);
+   * ```
+   */
+  async *logs(options: LogsOptions = {}): AsyncGenerator<LogEvent, void, undefined> {
+    const redact = options.redact ?? true;
+    const client = await this.client();
+    for await (const chunk of client.stream("sandbox.logs", {
+      follow: options.follow ?? false, tail: options.tail ?? null, since: options.since ?? null,
+    })) {
+      const event = LogEvent.fromWire(JSON.parse(chunk.data.toString("utf8")) as Record<string, unknown>);
+      yield redact
+        ? new LogEvent(event.timestamp, event.source, event.stream, this.redactor(event.message), event.auditId)
+        : event;
+    }
+  }
+
+  // ---- lifecycle ----------------------------------------------------------------------
+
+  /** Halt every process but keep the disk; `start()` runs it again. */
+  async stop(): Promise<SandboxInfo> {
+    return SandboxInfo.fromWire((await this.call("sandbox.stop")).result);
+  }
+
+  async start(): Promise<SandboxInfo> {
+    return SandboxInfo.fromWire((await this.call("sandbox.start")).result);
+  }
+
+  /** Freeze all execution (the VM stops; namespaces use the cgroup freezer). */
+  async pause(): Promise<SandboxInfo> {
+    return SandboxInfo.fromWire((await this.call("sandbox.pause")).result);
+  }
+
+  /** Continue after `pause()`, or replace the sandbox's state with `snapshot`. */
+  async resume(snapshot?: string | Snapshot | null): Promise<SandboxInfo> {
+    const snapId = snapshot instanceof Snapshot ? snapshot.id : snapshot ?? null;
+    return SandboxInfo.fromWire((await this.call("sandbox.resume", { snapshot: snapId })).result);
+  }
+
+  /**
+   * Save the sandbox's state (memory+disk on a VM: `kind: "full"`; the writable
+   * filesystem on namespaces: `kind: "filesystem"`), sealed at rest.
+   */
+  async snapshot(name?: string | null, options: { expires?: string | number | null; keep?: boolean } = {}): Promise<Snapshot> {
+    const expires = options.expires ?? null;
+    if (expires !== null) parseDuration(expires, "expires");
+    const { result } = await this.call("sandbox.snapshot", { name: name ?? null, expires, keep: options.keep ?? false });
+    return Snapshot.fromWire(result);
+  }
+
+  /** Remove the sandbox and everything it made (its snapshots too, unless kept). Safe to call twice. */
+  async destroy(): Promise<void> {
+    if (this.killed) return;
+    try {
+      await this.call("sandbox.destroy", {}, undefined, { timeoutSeconds: 120 });
+    } catch (exc) {
+      if (!(exc instanceof SandboxError || exc instanceof SandboxNotFound)) throw exc;
+      // already gone: the supervisor exits right after answering
+    } finally {
+      this.killed = true;
+      this.dropConnection();
+    }
+  }
+
+  /** Stop and destroy; safe to call twice. `await using` calls it. */
+  async kill(): Promise<void> {
+    await this.destroy();
+  }
+
+  /** Drop this handle's connection without touching the sandbox. */
+  close(): void {
+    this.dropConnection();
+  }
+
+  private dropConnection(): void {
+    const conn = this.conn;
+    this.conn = null;
+    conn?.then((c) => c.close(), () => undefined);
+  }
+
+  /** `await using sandbox = await Sandbox.create(...)` destroys it at the end of the block. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.kill();
+  }
+
+  /**
+   * `using sandbox = await Sandbox.create(...)` (synchronous disposal): destroys the
+   * sandbox with a blocking `mvmctl down`. Prefer `await using`.
+   */
+  [Symbol.dispose](): void {
+    if (this.killed) return;
+    this.killed = true;
+    this.dropConnection();
+    const mvmctl = findMvmctl();
+    if (mvmctl === null) throw new SandboxError("mvmctl not found: cannot destroy the sandbox synchronously");
+    const result = spawnSync(mvmctl, ["down", "--json", this.id], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+    if (result.status !== 0) {
+      const error = mvmctlError("mvmctl down", { code: result.status, stdout: result.stdout ?? "", stderr: result.stderr ?? "" });
+      if (!(error instanceof SandboxNotFound)) throw error;
+    }
+  }
+}
+
+// ---- commands ------------------------------------------------------------------------
+
+/** Processes in the sandbox. Reached as `sandbox.commands`. */
+export class Commands {
+  /** @internal */
+  constructor(protected readonly sandbox: Sandbox) {}
+
+  /**
+   * Run `argv` to completion and return its `CommandResult`. A string is run by
+   * `/bin/sh -c`. A non-zero exit is a result, not an error (`check: true` throws
+   * `CommandError`). Past `timeoutSeconds` the whole process group is killed and
+   * `CommandTimeout` carries the partial output.
+   */
+  async run(argv: string[] | string, options: RunOptions = {}): Promise<CommandResult> {
+    const sb = this.sandbox;
+    const args = sb.commandArgs(argv, options.env, options.cwd);
+    args.timeout_seconds = options.timeoutSeconds === undefined ? 60 : options.timeoutSeconds;
+    args.max_output_bytes = options.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
+    args.auto_resume = options.autoResume ?? false;
+    args.redact = options.redact ?? true;
+    const payload = options.stdin === undefined || options.stdin === null ? undefined : toBuffer(options.stdin, "stdin");
+    const collected: Record<string, Buffer[]> = { stdout: [], stderr: [] };
+    const decoders: Record<string, TextDecoder> = { stdout: new TextDecoder(), stderr: new TextDecoder() };
+    const callbacks: Record<string, ((text: string) => void) | undefined> = { stdout: options.onStdout, stderr: options.onStderr };
+    const redact = options.redact ?? true;
+    const onData = (stream: string, data: Buffer) => {
+      if (!(stream in collected)) return;
+      collected[stream].push(data);
+      const callback = callbacks[stream];
+      if (callback !== undefined) {
+        const text = decoders[stream].decode(data, { stream: true });
+        if (text) callback(redact ? sb.redactor(text) : text);
+      }
+    };
+    const textOf = (stream: string) => {
+      const text = Buffer.concat(collected[stream]).toString("utf8");
+      return redact ? sb.redactor(text) : text;
+    };
+    const started = performance.now();
+    let result: Header;
+    try {
+      result = (await sb.call("exec.run", args, payload, { onData })).result;
+    } catch (exc) {
+      if (exc instanceof CommandTimeout) throw exc.withOutput(textOf("stdout"), textOf("stderr"));
+      throw exc;
+    }
+    const commandResult = new CommandResult({
+      exitCode: (result.exit_code ?? null) as number | null,
+      stdout: textOf("stdout"),
+      stderr: textOf("stderr"),
+      auditId: (result.audit_id ?? null) as string | null,
+      durationSeconds: Number(result.duration_seconds ?? (performance.now() - started) / 1000),
+      truncated: Boolean(result.truncated),
+      signal: (result.signal ?? null) as number | null,
+      pid: (result.pid ?? null) as number | null,
+      stdoutBytes: Number(result.stdout_bytes ?? 0),
+      stderrBytes: Number(result.stderr_bytes ?? 0),
+      receiptPath: (result.receipt_path ?? null) as string | null,
+    });
+    if (options.check && commandResult.exitCode !== 0) {
+      throw new CommandError(`command ${repr(args.argv)} exited with ${commandResult.exitCode}: `
+        + commandResult.stderr.trim().slice(-500), {}, undefined, commandResult);
+    }
+    return commandResult;
+  }
+
+  /** Start `argv` and resolve at once with a `Process` handle. */
+  async start(argv: string[] | string, options: StartOptions = {}): Promise<Process> {
+    const sb = this.sandbox;
+    const args = sb.commandArgs(argv, options.env, options.cwd);
+    args.stdin = options.stdin ?? false;
+    args.auto_resume = options.autoResume ?? false;
+    const { result } = await sb.call("proc.start", args);
+    return new Process(sb, Number(result.pid), (result.audit_id ?? null) as string | null, args.argv as string[]);
+  }
+
+  /** A handle on a process started earlier (by this or another client). */
+  async connect(pid: number): Promise<Process> {
+    const { result } = await this.sandbox.call("proc.info", { pid: Math.trunc(pid) });
+    return new Process(this.sandbox, Math.trunc(pid), (result.audit_id ?? null) as string | null,
+      Array.isArray(result.argv) ? (result.argv as string[]) : []);
+  }
+
+  /** Processes the guest agent knows (running and recently exited). */
+  async list(): Promise<ProcessInfo[]> {
+    const { result } = await this.sandbox.call("proc.list", {});
+    return (Array.isArray(result.processes) ? result.processes : []).map((p) => ProcessInfo.fromWire(p as Header));
+  }
+}
+
+/**
+ * A process started in the sandbox; usable from any client that knows its pid.
+ * Iterate it for its output: `for await (const { stream, text } of process) ...`.
+ */
+export class Process implements AsyncIterable<OutputChunk> {
+  /** The guest pid; `null` only for a recorded (record/plan mode) process. */
+  readonly pid: number | null;
+  readonly auditId: string | null;
+  readonly argv: string[];
+  /** `true` for a recorded process (nothing runs). */
+  readonly recorded: boolean = false;
+  private exit: [number | null, number | null] | null = null;
+
+  /** @internal */
+  constructor(protected readonly sandbox: Sandbox, pid: number | null, auditId: string | null = null, argv: string[] = []) {
+    this.pid = pid;
+    this.auditId = auditId;
+    this.argv = argv;
+  }
+
+  toString(): string {
+    return `<Process pid=${this.pid} argv=${repr(this.argv)}>`;
+  }
+
+  /**
+   * Wait until the process exits; resolves with its exit code (128+N if killed by
+   * signal N). Throws `CommandTimeout` if it is still running after `timeoutSeconds`.
+   */
+  async wait(timeoutSeconds?: number): Promise<number> {
+    if (this.exit === null) {
+      const args: Header = { pid: this.pid };
+      if (timeoutSeconds !== undefined && timeoutSeconds !== null) args.timeout_seconds = timeoutSeconds;
+      const { result } = await this.sandbox.call("proc.wait", args);
+      this.exit = [(result.exit_code ?? null) as number | null, (result.signal ?? null) as number | null];
+    }
+    const code = this.exit[0];
+    return code === null ? -1 : code;
+  }
+
+  /** The exit code once it exited, else `null` (does not wait). */
+  async exitCode(): Promise<number | null> {
+    if (this.exit === null) {
+      const info = await this.info();
+      if (info.running) return null;
+      this.exit = [info.exitCode, null];
+    }
+    return this.exit[0];
+  }
+
+  async isRunning(): Promise<boolean> {
+    return (await this.exitCode()) === null;
+  }
+
+  async info(): Promise<ProcessInfo> {
+    return ProcessInfo.fromWire((await this.sandbox.call("proc.info", { pid: this.pid })).result);
+  }
+
+  /** Send a signal to the process (and by default its whole process group). */
+  async signal(sig: string | number = "TERM", options: { group?: boolean } = {}): Promise<void> {
+    let name: string | number;
+    if (typeof sig === "string") {
+      const upper = sig.toUpperCase();
+      name = upper.startsWith("SIG") ? upper.slice(3) : upper;
+      if (!(SIGNALS as readonly string[]).includes(name)) {
+        throw InvalidArgument.create("signal", `unknown signal ${repr(sig)}`, [...SIGNALS]);
+      }
+    } else {
+      name = Math.trunc(sig);
+    }
+    await this.sandbox.call("proc.signal", { pid: this.pid, signal: name, group: options.group ?? true });
+  }
+
+  /** SIGKILL the process group and every descendant. */
+  async kill(): Promise<void> {
+    await this.signal("KILL");
+  }
+
+  /** Write to the process's stdin (it must have been started with `stdin: true`). */
+  async sendStdin(data: string | Uint8Array): Promise<void> {
+    const raw = toBuffer(data);
+    for (let start = 0; start < raw.length; start += CHUNK_SIZE) {
+      await this.sandbox.call("proc.stdin", { pid: this.pid, eof: false }, raw.subarray(start, start + CHUNK_SIZE));
+    }
+  }
+
+  async closeStdin(): Promise<void> {
+    await this.sandbox.call("proc.stdin", { pid: this.pid, eof: true });
+  }
+
+  /**
+   * `{stream, text}` chunks as the process prints them, until it exits. With
+   * `replay` (default) the output printed before the call comes first.
+   */
+  async *output(options: { replay?: boolean } = {}): AsyncGenerator<OutputChunk, void, undefined> {
+    const decoders: Record<string, TextDecoder> = { stdout: new TextDecoder(), stderr: new TextDecoder() };
+    const client = await this.sandbox.client();
+    for await (const chunk of client.stream("proc.attach", { pid: this.pid, replay: options.replay ?? true })) {
+      const decoder = decoders[chunk.stream];
+      const text = decoder ? decoder.decode(chunk.data, { stream: true }) : chunk.data.toString("utf8");
+      if (text) yield { stream: chunk.stream, text: this.sandbox.redactor(text) };
+    }
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<OutputChunk> {
+    return this.output();
+  }
+
+  private async *lines(which: string): AsyncGenerator<string, void, undefined> {
+    let pending = "";
+    for await (const { stream, text } of this.output()) {
+      if (stream !== which) continue;
+      pending += text;
+      const parts = pending.split("\n");
+      pending = parts.pop() as string;
+      for (const line of parts) yield line + "\n";
+    }
+    if (pending) yield pending;
+  }
+
+  /** The process's stdout lines (from its start) until it exits. */
+  stdout(): AsyncGenerator<string, void, undefined> {
+    return this.lines("stdout");
+  }
+
+  stderr(): AsyncGenerator<string, void, undefined> {
+    return this.lines("stderr");
+  }
+}
+
+// ---- files -----------------------------------------------------------------------------
+
+/** Files in the sandbox. Reached as `sandbox.files`; paths are absolute guest paths. */
+export class Files {
+  /** @internal */
+  constructor(protected readonly sandbox: Sandbox) {}
+
+  /** Write `data` to `path` atomically (parents created by default); resolves with its entry. */
+  async write(path: string, data: string | Uint8Array, options: { mode?: number; makeParents?: boolean } = {}): Promise<FileEntry> {
+    const target = absolutePath(path);
+    const raw = toBuffer(data);
+    const mode = options.mode ?? 0o644;
+    const makeParents = options.makeParents ?? true;
+    const sb = this.sandbox;
+    if (raw.length <= CHUNK_SIZE) {
+      await sb.call("fs.write", { path: target, mode, make_parents: makeParents, append: false }, raw);
+    } else {
+      const { result } = await sb.call("fs.write_begin", { path: target, mode, make_parents: makeParents });
+      const handle = result.handle;
+      let committed = false;
+      try {
+        for (let start = 0; start < raw.length; start += CHUNK_SIZE) {
+          await sb.call("fs.write_chunk", { handle }, raw.subarray(start, start + CHUNK_SIZE));
+        }
+        await sb.call("fs.write_end", { handle, commit: true });
+        committed = true;
+      } finally {
+        if (!committed) {
+          await sb.call("fs.write_end", { handle, commit: false }).catch(() => undefined);
+        }
+      }
+    }
+    return this.stat(target);
+  }
+
+  /** Read a whole file; `TooLarge` if it holds more than `maxBytes` (default 64 MiB). */
+  async read(path: string, options: { maxBytes?: number } = {}): Promise<Buffer> {
+    const target = absolutePath(path);
+    const maxBytes = options.maxBytes ?? DEFAULT_MAX_READ_BYTES;
+    if (!(maxBytes > 0)) throw InvalidArgument.create("max_bytes", `${maxBytes} must be positive`);
+    const chunks: Buffer[] = [];
+    let offset = 0;
+    for (;;) {
+      const { result, payload } = await this.sandbox.call("fs.read", { path: target, offset, length: CHUNK_SIZE });
+      chunks.push(payload);
+      offset += payload.length;
+      if (offset > maxBytes) {
+        throw new TooLarge(`${target} is larger than max_bytes=${maxBytes}`,
+          { path: target, max_bytes: maxBytes, size: result.size ?? null });
+      }
+      if (result.eof || !payload.length) return Buffer.concat(chunks);
+    }
+  }
+
+  /** `read` decoded as text (invalid bytes become U+FFFD). */
+  async readText(path: string, options: { encoding?: BufferEncoding; maxBytes?: number } = {}): Promise<string> {
+    const data = await this.read(path, { maxBytes: options.maxBytes });
+    const encoding = options.encoding ?? "utf8";
+    return encoding === "utf8" || encoding === "utf-8" ? new TextDecoder().decode(data) : data.toString(encoding);
+  }
+
+  /** Entries of a directory, sorted by name. */
+  async list(path = "/"): Promise<FileEntry[]> {
+    const { result } = await this.sandbox.call("fs.list", { path: absolutePath(path) });
+    const entries = (Array.isArray(result.entries) ? result.entries : []).map((e) => FileEntry.fromWire(e as Header));
+    return entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  }
+
+  async stat(path: string): Promise<FileEntry> {
+    return FileEntry.fromWire((await this.sandbox.call("fs.stat", { path: absolutePath(path) })).result);
+  }
+
+  async exists(path: string): Promise<boolean> {
+    try {
+      await this.stat(path);
+      return true;
+    } catch (exc) {
+      if (exc instanceof FileNotFoundInSandbox) return false;
+      throw exc;
+    }
+  }
+
+  async mkdir(path: string, options: { parents?: boolean; mode?: number } = {}): Promise<void> {
+    await this.sandbox.call("fs.mkdir", { path: absolutePath(path), parents: options.parents ?? true, mode: options.mode ?? 0o755 });
+  }
+
+  /** Remove a file, or a directory (`recursive: true` for a non-empty one). */
+  async remove(path: string, options: { recursive?: boolean } = {}): Promise<void> {
+    await this.sandbox.call("fs.remove", { path: absolutePath(path), recursive: options.recursive ?? false });
+  }
+
+  async move(src: string, dst: string, options: { overwrite?: boolean } = {}): Promise<void> {
+    await this.sandbox.call("fs.move", { src: absolutePath(src), dst: absolutePath(dst), overwrite: options.overwrite ?? false });
+  }
+}
+
+export { SecretRef };

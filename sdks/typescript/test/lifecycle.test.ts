@@ -1,0 +1,93 @@
+/** Lifecycle on real sandboxes (namespace backend): stop/start, pause/resume, snapshots, destroy, disposal. */
+
+import { cleanup, thrown } from "./helpers.js";
+
+import assert from "node:assert/strict";
+import { after, describe, test } from "node:test";
+
+import { InvalidArgument, InvalidState, Sandbox, SandboxError, SandboxNotFound, SandboxPaused, Snapshot } from "@mvm/sdk";
+
+after(cleanup);
+
+async function gone(id: string): Promise<boolean> {
+  return !(await Sandbox.list()).some((i) => i.id === id);
+}
+
+describe("lifecycle", () => {
+  test("stop keeps the disk, start runs it again; pause freezes, resume continues", async () => {
+    await using sb = await Sandbox.create("python-3.13", { ttl: "5m" });
+    await sb.files.write("/work/keep.txt", "kept");
+    const stopped = await sb.stop();
+    assert.equal(stopped.state, "stopped");
+    const refused = await thrown(() => sb.commands.run(["true"]));
+    assert.ok(refused instanceof InvalidState);
+    assert.equal((refused as InvalidState).state, "stopped");
+    assert.equal((await sb.start()).state, "running");
+    assert.equal(await sb.files.readText("/work/keep.txt"), "kept");
+
+    const ticker = await sb.commands.start(["sh", "-c", "while true; do date +%s%N >> /tmp/ticks; sleep 0.05; done"]);
+    assert.equal((await sb.pause()).state, "paused");
+    const paused = await thrown(() => sb.commands.run(["true"]));
+    assert.ok(paused instanceof SandboxPaused && paused instanceof InvalidState);
+    assert.equal((await sb.resume()).state, "running");
+    const auto = await sb.commands.run(["true"], { autoResume: true });
+    assert.equal(auto.exitCode, 0);
+    await sb.pause();
+    assert.equal((await sb.commands.run(["echo", "woke"], { autoResume: true })).stdout, "woke\n");
+    assert.equal(await sb.state(), "running");
+    await ticker.kill();
+  });
+
+  test("snapshot, change, resume(snapshot) restores the files", async () => {
+    await using sb = await Sandbox.create("python-3.13", { ttl: "5m" });
+    await sb.files.write("/work/state.txt", "before");
+    const snap = await sb.snapshot("before-change", { expires: "1h" });
+    assert.ok(snap instanceof Snapshot);
+    assert.equal(snap.name, "before-change");
+    assert.equal(snap.sandboxId, sb.id);
+    assert.equal(snap.kind, "filesystem");
+    assert.ok(snap.sizeBytes > 0);
+    assert.ok(snap.expiresAt !== null && Math.abs(snap.expiresAt - snap.createdAt - 3600) < 5);
+    assert.match(String(snap.auditId), /^aud_/);
+    await sb.files.write("/work/state.txt", "after");
+    assert.equal((await sb.resume(snap)).state, "running");
+    assert.equal(await sb.files.readText("/work/state.txt"), "before");
+    assert.ok((await thrown(() => sb.snapshot("x", { expires: "never" }))) instanceof InvalidArgument);
+  });
+
+  test("await using destroys the sandbox at the end of the block", async () => {
+    let id = "";
+    {
+      await using sb = await Sandbox.create("python-3.13", { ttl: "5m" });
+      id = sb.id;
+      assert.equal((await sb.commands.run(["echo", "inside"])).stdout, "inside\n");
+    }
+    assert.ok(await gone(id));
+    assert.ok((await thrown(() => Sandbox.connect(id))) instanceof SandboxNotFound);
+  });
+
+  test("using (synchronous disposal) destroys it too, through mvmctl down", async () => {
+    let id = "";
+    {
+      using sb = await Sandbox.create("python-3.13", { ttl: "5m" });
+      id = sb.id;
+      await sb.files.write("/x", "y");
+    }
+    assert.ok(await gone(id));
+  });
+
+  test("kill is safe twice; a killed handle refuses calls; other handles see the sandbox gone", async () => {
+    const sb = await Sandbox.create("python-3.13", { ttl: "5m" });
+    const other = await Sandbox.connect(sb.id);
+    await other.commands.run(["true"]);
+    await sb.kill();
+    await sb.kill();
+    const refused = await thrown(() => sb.commands.run(["true"]));
+    assert.ok(refused instanceof InvalidState);
+    assert.equal((refused as InvalidState).state, "destroyed");
+    const lost = await thrown(() => other.commands.run(["true"]));
+    assert.ok(lost instanceof SandboxError || lost instanceof SandboxNotFound, String(lost));
+    await other.destroy(); // already gone: not an error
+    assert.ok(await gone(sb.id));
+  });
+});

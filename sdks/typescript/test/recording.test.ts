@@ -1,0 +1,166 @@
+/**
+ * Record/plan mode in-process: `Sandbox.create` returns a recorded sandbox, every call
+ * appends the event Python's RecordedSandbox appends, nothing boots, reads throw
+ * NotAvailableInRecordMode. (tests/modes/test_typescript_modes.py checks that
+ * `mvmctl compile` lowers a TypeScript script and its Python twin to the same IR.)
+ */
+
+import "./helpers.js";
+
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { after, beforeEach, describe, test } from "node:test";
+
+import {
+  CommandResult, InvalidArgument, InvalidState, NotAvailableInRecordMode, RecordedSandbox, resetRecording, resources,
+  Sandbox, secret, TemplateNotFound,
+} from "@mvm/sdk";
+
+import { HOME, thrown } from "./helpers.js";
+
+const work = mkdtempSync("/tmp/mvm-rec-");
+const recording = join(work, "recording.jsonl");
+const project = join(work, "project");
+mkdirSync(join(project, "src", "__pycache__"), { recursive: true });
+writeFileSync(join(project, "src", "util.py"), "VALUE = 42\n");
+writeFileSync(join(project, "src", "__pycache__", "util.pyc"), "x");
+writeFileSync(join(work, "outside.txt"), "secret stuff");
+symlinkSync(join(work, "outside.txt"), join(project, "src", "escape.txt"));
+
+function events(): Record<string, unknown>[] {
+  return existsSync(recording) ? readFileSync(recording, "utf8").trim().split("\n").filter(Boolean).map((l) => JSON.parse(l)) : [];
+}
+
+beforeEach(() => {
+  rmSync(recording, { force: true });
+  rmSync(recording + ".blobs", { recursive: true, force: true });
+  process.env.MVM_MODE = "record";
+  process.env.MVM_RECORDING = recording;
+  process.env.MVM_INCLUDE_BASE = project;
+  process.env.MVM_TEMPLATE_CATALOG = JSON.stringify({
+    available: ["minimal", "node-20", "python-3.11", "python-3.13"],
+    unbuildable: { "python-3.12": "no Debian release ships Python 3.12 (bookworm has 3.11, trixie 3.13)" },
+  });
+  resetRecording();
+});
+
+after(() => {
+  for (const key of ["MVM_MODE", "MVM_RECORDING", "MVM_INCLUDE_BASE", "MVM_TEMPLATE_CATALOG"]) delete process.env[key];
+  rmSync(work, { recursive: true, force: true });
+});
+
+describe("record mode", () => {
+  test("the seed example records Python's events, and nothing boots", async () => {
+    {
+      await using sandbox = await Sandbox.create("python-3.13", {
+        workloadId: "agent-tool", ttl: "30m", include: ["src"],
+        resources: resources({ cpuCores: 1, memoryMb: 512, rootfsSizeMb: 1024 }),
+      });
+      assert.ok(sandbox instanceof RecordedSandbox);
+      assert.equal(sandbox.recorded, true);
+      assert.equal(sandbox.mode, "record");
+      assert.match(sandbox.name, /^agent-tool-record$/);
+      await sandbox.files.write("/app/main.py", "print('hello from mvm')");
+      await sandbox.commands.start(["python", "/app/main.py"], { env: { MODE: "dev", API_KEY: secret("api-key") } });
+    }
+    const [create, write, start, destroy, ...rest] = events();
+    assert.equal(rest.length, 0);
+    const digest = createHash("sha256").update("VALUE = 42\n").digest("hex");
+    assert.deepEqual({ ...create, at: undefined }, {
+      seq: 0, op: "sandbox.create", sandbox: 0, mode: "record", at: undefined, template: "python-3.13", name: null,
+      workload_id: "agent-tool", backend: null,
+      resources: { cpu_cores: 1, memory_mb: 512, rootfs_size_mb: 1024, max_processes: 256 },
+      network: { mode: "deny", allow: [], allow_wildcards: false }, ttl_seconds: 1800, tags: {}, from_snapshot: null,
+      env: {}, include: { guest_root: "/app", paths: ["src"], files: [{ path: "src/util.py", size: 11, sha256: digest, mode: 0o644 }] },
+    });
+    assert.match(String(create.at), /^recording\.test\.(ts|js):\d+$/);
+    assert.equal(write.op, "files.write");
+    assert.equal(write.size, 23);
+    assert.equal(readFileSync(join(recording + ".blobs", String(write.sha256)), "utf8"), "print('hello from mvm')");
+    assert.deepEqual(start.env, { API_KEY: { kind: "secret_ref", name: "api-key" }, MODE: { kind: "literal", value: "dev" } });
+    assert.deepEqual({ ...start, seq: 0, at: null }, {
+      seq: 0, at: null, op: "commands.start", sandbox: 0, argv: ["python", "/app/main.py"], env: start.env, cwd: null,
+      stdin: false, auto_resume: false, process: 0,
+    });
+    assert.equal(destroy.op, "sandbox.destroy");
+    assert.deepEqual(readdirSync(HOME).filter((n) => n === "sandboxes"), []);
+  });
+
+  test("run, processes, files and lifecycle are recorded; reads are refused", async () => {
+    const sandbox = await Sandbox.create("python-3.13", { name: "rec", mode: "plan", backend: "namespace" });
+    const result = await sandbox.commands.run("echo hi", { stdin: "in", timeoutSeconds: 5, check: true });
+    assert.ok(result instanceof CommandResult);
+    assert.equal(result.recorded, true);
+    assert.equal(result.exitCode, null);
+    const proc = await sandbox.commands.start(["cat"], { stdin: true });
+    assert.equal(proc.pid, null);
+    await proc.sendStdin("data");
+    await proc.closeStdin();
+    await proc.signal("SIGTERM", { group: false });
+    await proc.kill();
+    await sandbox.files.mkdir("/data", { mode: 0o700 });
+    await sandbox.files.move("/data/a", "/data/b", { overwrite: true });
+    await sandbox.files.remove("/data", { recursive: true });
+    await sandbox.pause();
+    await sandbox.resume();
+    const snap = await sandbox.snapshot("s1", { expires: "1d", keep: true });
+    assert.equal(snap.kind, "recorded");
+    await sandbox.resume(snap);
+    await sandbox.stop();
+    await sandbox.start();
+    assert.equal((await sandbox.describe()).state, "running");
+    for (const call of [() => sandbox.files.read("/x"), () => sandbox.files.list("/"), () => sandbox.files.exists("/x"),
+      () => proc.wait(), () => proc.exitCode(), () => sandbox.commands.list(), async () => { for await (const _ of sandbox.logs()) break; },
+      async () => { for await (const _ of proc) break; }]) {
+      const exc = await thrown(call);
+      assert.ok(exc instanceof NotAvailableInRecordMode, String(exc));
+      assert.match(exc.message, /is not available in plan mode/);
+    }
+    await sandbox.kill();
+    await sandbox.kill();
+    assert.ok((await thrown(() => sandbox.files.write("/x", "y"))) instanceof InvalidState);
+    const ops = events().map((e) => e.op);
+    assert.deepEqual(ops, ["sandbox.create", "commands.run", "commands.start", "process.stdin", "process.close_stdin",
+      "process.signal", "process.signal", "files.mkdir", "files.move", "files.remove", "sandbox.pause", "sandbox.resume",
+      "sandbox.snapshot", "sandbox.resume", "sandbox.stop", "sandbox.start", "sandbox.destroy"]);
+    const all = events();
+    assert.deepEqual(all[1].argv, ["/bin/sh", "-c", "echo hi"]);
+    assert.equal(all[1].check, true);
+    assert.equal(all[1].timeout_seconds, 5);
+    assert.equal(all[5].signal, "TERM");
+    assert.equal(all[6].signal, "KILL");
+    assert.deepEqual(all[11].snapshot, null);
+    assert.deepEqual(all[13].snapshot, { recorded: 0 });
+    assert.equal(all[12].expires_seconds, 86400);
+    assert.equal(all[0].mode, "plan");
+  });
+
+  test("bad calls fail as in Python, before anything is recorded", async () => {
+    const template = await thrown(() => Sandbox.create("python-3.12"));
+    assert.ok(template instanceof TemplateNotFound);
+    assert.match(template.message, /^template 'python-3\.12' cannot be built here \(no Debian release ships Python 3\.12/);
+    const typo = await thrown(() => Sandbox.create("python-3.1"));
+    assert.match(typo.message, /unknown template; did you mean 'python-3.13'\?/);
+    const include = await thrown(() => Sandbox.create("python-3.13", { include: ["../outside.txt"] }));
+    assert.ok(include instanceof InvalidArgument);
+    assert.equal((include as InvalidArgument).field, "include");
+    const backend = await thrown(() => Sandbox.create("python-3.13", { backend: "docker" }));
+    assert.match(backend.message, /^backend: unknown backend 'docker' \(allowed: \['vm', 'namespace'\]\)$/);
+    assert.deepEqual(events(), []);
+    const sandbox = await Sandbox.create("python-3.13");
+    assert.match((await thrown(() => sandbox.commands.run([]))).message, /^argv: must be a non-empty list/);
+    assert.match((await thrown(() => sandbox.commands.run(["x"], { maxOutputBytes: 0 }))).message, /^max_output_bytes:/);
+    assert.match((await thrown(() => sandbox.files.write("relative", "x"))).message, /^path: 'relative' must be an absolute/);
+    assert.match((await thrown(() => sandbox.files.write("/x", "x", { mode: 0o17777 }))).message, /is not a file mode/);
+    const stdin = await thrown(() => sandbox.commands.start(["cat"]).then((p) => p.sendStdin("x")));
+    assert.ok(stdin instanceof InvalidState);
+  });
+
+  test("included symlinks out of the tree and __pycache__ are skipped", async () => {
+    await Sandbox.create("python-3.13", { include: ["src"] });
+    const files = (events()[0].include as { files: { path: string }[] }).files.map((f) => f.path);
+    assert.deepEqual(files, ["src/util.py"]);
+  });
+});

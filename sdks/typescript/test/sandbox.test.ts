@@ -1,0 +1,251 @@
+/**
+ * The live surface against a real sandbox (namespace backend): commands, processes,
+ * files, logs, describe/list/connect, typed errors. One sandbox is shared by these
+ * read-mostly tests; lifecycle tests (lifecycle.test.ts) make their own.
+ */
+
+import { cleanup, collect, thrown } from "./helpers.js";
+
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+
+import {
+  CommandError, CommandResult, CommandTimeout, DirectoryNotEmpty, FileEntry, FileNotFoundInSandbox, InvalidArgument,
+  IsADirectory, LogEvent, Process, ProcessInfo, ProcessNotFound, resources, Sandbox, SandboxInfo, SandboxNotFound,
+  secret, TemplateNotFound, TooLarge,
+} from "@mvm/sdk";
+
+let sb: Sandbox;
+
+before(async () => {
+  sb = await Sandbox.create("python-3.13", { ttl: "10m", name: "ts-shared", workloadId: "ts-sdk-tests",
+    resources: resources({ cpuCores: 1, memoryMb: 512 }) });
+});
+
+after(async () => {
+  await sb?.kill();
+  await cleanup();
+});
+
+describe("a live sandbox", () => {
+  test("describe: identity, state, limits, policy, isolation", async () => {
+    const info = await sb.describe();
+    assert.ok(info instanceof SandboxInfo);
+    assert.equal(info.id, sb.id);
+    assert.equal(info.name, "ts-shared");
+    assert.equal(sb.name, "ts-shared");
+    assert.match(sb.id, /^sb-[0-9a-f]{10}$/);
+    assert.equal(info.state, "running");
+    assert.equal(await sb.state(), "running");
+    assert.equal(info.template, "python-3.13");
+    assert.equal(info.backend, "namespace");
+    assert.equal(info.isolation, "namespace");
+    assert.equal(info.workloadId, "ts-sdk-tests");
+    assert.deepEqual(info.resources.toDict(), { cpu_cores: 1, memory_mb: 512, rootfs_size_mb: 1024, max_processes: 256 });
+    assert.equal(info.network.mode, "deny");
+    assert.ok(info.expiresAt !== null && info.expiresAt - info.createdAt === 600);
+    assert.equal(info.toDict().workload_id, "ts-sdk-tests");
+  });
+
+  test("commands.run returns a typed result with an audit id and a receipt", async () => {
+    const result = await sb.commands.run(["python", "-c", "import sys; print(6*7); print('warn', file=sys.stderr)"],
+      { timeoutSeconds: 30 });
+    assert.ok(result instanceof CommandResult);
+    assert.equal(result.exitCode, 0);
+    assert.equal(result.ok, true);
+    assert.equal(result.stdout, "42\n");
+    assert.equal(result.stderr, "warn\n");
+    assert.match(String(result.auditId), /^aud_/);
+    assert.ok(result.durationSeconds > 0);
+    assert.equal(result.stdoutBytes, 3);
+    assert.equal(result.truncated, false);
+    assert.equal(result.recorded, false);
+    assert.equal(typeof result.pid, "number");
+    assert.equal(typeof result.receiptPath, "string");
+    assert.equal(result.toDict().exit_code, 0);
+  });
+
+  test("a non-zero exit is a result; check: true throws CommandError carrying it", async () => {
+    const result = await sb.commands.run("echo oops >&2; exit 3");
+    assert.equal(result.exitCode, 3);
+    assert.equal(result.ok, false);
+    const exc = await thrown(() => sb.commands.run(["sh", "-c", "echo bad >&2; exit 4"], { check: true }));
+    assert.ok(exc instanceof CommandError);
+    assert.match(exc.message, /exited with 4: bad/);
+    assert.equal(((exc as CommandError).result as CommandResult).exitCode, 4);
+  });
+
+  test("env, cwd, stdin and streaming callbacks", async () => {
+    const seen: string[] = [];
+    const result = await sb.commands.run(["sh", "-c", "pwd; echo $MODE; cat; echo err >&2"], {
+      env: { MODE: "dev" }, cwd: "/tmp", stdin: Buffer.from("from stdin\n"),
+      onStdout: (text) => seen.push(`out:${text}`), onStderr: (text) => seen.push(`err:${text}`),
+    });
+    assert.equal(result.stdout, "/tmp\ndev\nfrom stdin\n");
+    assert.equal(seen.filter((s) => s.startsWith("out:")).map((s) => s.slice(4)).join(""), result.stdout);
+    assert.ok(seen.includes("err:err\n"));
+  });
+
+  test("output capture is capped per stream and says so", async () => {
+    const result = await sb.commands.run(["python", "-c", "print('x' * 10000)"], { maxOutputBytes: 100 });
+    assert.equal(result.truncated, true);
+    assert.equal(result.stdout.length, 100);
+    assert.equal(result.stdoutBytes, 10001);
+  });
+
+  test("a timeout kills the process group; CommandTimeout carries the partial output", async () => {
+    const started = Date.now();
+    const exc = await thrown(() => sb.commands.run("echo partial; sleep 30", { timeoutSeconds: 1 }));
+    assert.ok(exc instanceof CommandTimeout);
+    assert.equal((exc as CommandTimeout).stdout, "partial\n");
+    assert.equal((exc as CommandTimeout).timeoutSeconds, 1);
+    assert.match(String(exc.auditId), /^aud_/);
+    assert.ok(Date.now() - started < 15000);
+  });
+
+  test("secret references resolve on the host and are redacted from the output", async () => {
+    process.env.MVM_SECRET_TS_TOKEN = "ts-canary-0123456789";
+    try {
+      const result = await sb.commands.run(["sh", "-c", "echo token=$TOKEN"], { env: { TOKEN: secret("ts-token") } });
+      assert.equal(result.stdout, "token=[redacted:ts-token]\n");
+      const raw = await sb.commands.run(["sh", "-c", "echo $TOKEN | rev"], { env: { TOKEN: secret("ts-token") }, redact: false });
+      assert.equal(raw.stdout, "9876543210-yranac-st\n");
+      const missing = await thrown(() => sb.commands.run(["true"], { env: { X: secret("not-set-anywhere") } }));
+      assert.equal(missing.name, "SecretNotFound");
+      assert.match(missing.message, /MVM_SECRET_NOT_SET_ANYWHERE/);
+    } finally {
+      delete process.env.MVM_SECRET_TS_TOKEN;
+    }
+  });
+
+  test("commands.start: pid, wait, exitCode, info, list, connect", async () => {
+    const proc = await sb.commands.start(["sh", "-c", "sleep 0.3; echo done; exit 5"]);
+    assert.ok(proc instanceof Process);
+    assert.equal(typeof proc.pid, "number");
+    assert.match(String(proc.auditId), /^aud_/);
+    assert.equal(await proc.isRunning(), true);
+    const listed = await sb.commands.list();
+    assert.ok(listed.every((p) => p instanceof ProcessInfo));
+    assert.ok(listed.some((p) => p.pid === proc.pid && p.running));
+    const again = await sb.commands.connect(proc.pid as number);
+    assert.deepEqual(again.argv, ["sh", "-c", "sleep 0.3; echo done; exit 5"]);
+    assert.equal(await again.wait(10), 5);
+    assert.equal(await proc.exitCode(), 5);
+    assert.equal((await proc.info()).running, false);
+    assert.deepEqual(await collect(proc.stdout()), ["done\n"]);
+  });
+
+  test("process output as an async iterator, stdin, kill", async () => {
+    const cat = await sb.commands.start(["cat"], { stdin: true });
+    await cat.sendStdin("line 1\n");
+    await cat.sendStdin(Buffer.from("line 2\n"));
+    await cat.closeStdin();
+    assert.equal(await cat.wait(10), 0);
+    const chunks = await collect(cat);
+    assert.equal(chunks.map((c) => c.text).join(""), "line 1\nline 2\n");
+    assert.ok(chunks.every((c) => c.stream === "stdout"));
+
+    const sleeper = await sb.commands.start("sleep 60");
+    const waited = await thrown(() => sleeper.wait(0.5));
+    assert.ok(waited instanceof CommandTimeout);
+    await sleeper.kill();
+    assert.equal(await sleeper.wait(10), 137);
+    assert.ok((await thrown(() => sleeper.signal("SIGBOGUS"))) instanceof InvalidArgument);
+    assert.ok((await thrown(() => sb.commands.connect(999999))) instanceof ProcessNotFound);
+  });
+
+  test("files: write, read, stat, list, exists, mkdir, move, remove", async () => {
+    const entry = await sb.files.write("/work/in/data.json", "{\"a\": 1}");
+    assert.ok(entry instanceof FileEntry);
+    assert.deepEqual([entry.name, entry.path, entry.type, entry.size, entry.mode], ["data.json", "/work/in/data.json", "file", 8, 0o644]);
+    assert.equal(await sb.files.readText("/work/in/data.json"), "{\"a\": 1}");
+    const bytes = Buffer.from([0, 1, 2, 255, 254]);
+    await sb.files.write("/work/in/bin", bytes, { mode: 0o600 });
+    assert.ok((await sb.files.read("/work/in/bin")).equals(bytes));
+    assert.equal((await sb.files.stat("/work/in/bin")).mode, 0o600);
+    assert.deepEqual((await sb.files.list("/work/in")).map((e) => e.name), ["bin", "data.json"]);
+    assert.equal(await sb.files.exists("/work/in/bin"), true);
+    assert.equal(await sb.files.exists("/work/in/nope"), false);
+    await sb.files.mkdir("/work/out/deep", { parents: true });
+    assert.equal((await sb.files.stat("/work/out/deep")).type, "dir");
+    await sb.files.move("/work/in/bin", "/work/out/bin");
+    assert.equal(await sb.files.exists("/work/in/bin"), false);
+    assert.ok((await thrown(() => sb.files.remove("/work/out"))) instanceof DirectoryNotEmpty);
+    await sb.files.remove("/work/out", { recursive: true });
+    assert.equal(await sb.files.exists("/work/out"), false);
+    const seen = await sb.commands.run(["cat", "/work/in/data.json"]);
+    assert.equal(seen.stdout, "{\"a\": 1}");
+  });
+
+  test("files: a write larger than one frame is chunked and read back whole", async () => {
+    const big = Buffer.alloc(700 * 1024);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 31) % 251;
+    const entry = await sb.files.write("/work/big.bin", big);
+    assert.equal(entry.size, big.length);
+    assert.ok((await sb.files.read("/work/big.bin")).equals(big));
+    const tooLarge = await thrown(() => sb.files.read("/work/big.bin", { maxBytes: 1000 }));
+    assert.ok(tooLarge instanceof TooLarge);
+    await sb.files.remove("/work/big.bin");
+  });
+
+  test("files: typed errors name the path", async () => {
+    const missing = await thrown(() => sb.files.read("/no/such/file"));
+    assert.ok(missing instanceof FileNotFoundInSandbox);
+    assert.equal((missing as FileNotFoundInSandbox).path, "/no/such/file");
+    assert.ok((await thrown(() => sb.files.read("/etc"))) instanceof IsADirectory);
+    const relative = await thrown(() => sb.files.read("etc/hostname"));
+    assert.ok(relative instanceof InvalidArgument);
+    assert.equal((relative as InvalidArgument).field, "path");
+  });
+
+  test("logs: past events, and follow until the loop is left", async () => {
+    const past = await collect(sb.logs());
+    assert.ok(past.length > 3);
+    assert.ok(past.every((e) => e instanceof LogEvent));
+    assert.ok(past.some((e) => e.source === "supervisor" && /sandbox created/.test(e.message)));
+    assert.ok(past.some((e) => e.auditId !== null));
+    const tail = await collect(sb.logs({ tail: 2 }));
+    assert.equal(tail.length, 2);
+    const marker = `marker-${Date.now()}`;
+    const follower = (async () => {
+      for await (const event of sb.logs({ follow: true })) if (event.message.includes(marker)) return event;
+      return null;
+    })();
+    await new Promise((r) => setTimeout(r, 300));
+    await sb.commands.run(["echo", marker]);
+    const found = await follower;
+    assert.ok(found !== null && found.message.includes(marker));
+    assert.equal((await sb.commands.run(["true"])).exitCode, 0); // the connection is still usable
+  });
+
+  test("Sandbox.list and Sandbox.connect find it by name and id; a second handle works", async () => {
+    const listed = await Sandbox.list();
+    const mine = listed.find((i) => i.id === sb.id);
+    assert.ok(mine);
+    assert.equal(mine.name, "ts-shared");
+    assert.equal(mine.isolation, "namespace");
+    const byName = await Sandbox.connect("ts-shared");
+    assert.equal(byName.id, sb.id);
+    assert.equal((await byName.commands.run(["cat", "/work/in/data.json"])).stdout, "{\"a\": 1}");
+    byName.close();
+    assert.equal((await Sandbox.connect(sb.id)).name, "ts-shared");
+    const exc = await thrown(() => Sandbox.connect("no-such-sandbox"));
+    assert.ok(exc instanceof SandboxNotFound);
+    assert.match(exc.message, /no running sandbox named 'no-such-sandbox'; running: .*ts-shared/);
+  });
+
+  test("create: bad arguments fail before anything starts; unknown templates list the buildable ones", async () => {
+    const name = await thrown(() => Sandbox.create("python-3.13", { name: "Bad Name" }));
+    assert.ok(name instanceof InvalidArgument);
+    assert.equal((name as InvalidArgument).field, "name");
+    const ttl = await thrown(() => Sandbox.create("python-3.13", { ttl: "soon" }));
+    assert.equal((ttl as InvalidArgument).field, "ttl");
+    const policy = await thrown(() => Sandbox.create("python-3.13", { resources: { cpuCores: 1 } as never }));
+    assert.match(policy.message, /^resources: use resources\(\.\.\.\)/);
+    const template = await thrown(() => Sandbox.create("python-3.12"));
+    assert.ok(template instanceof TemplateNotFound);
+    assert.equal((template as TemplateNotFound).template, "python-3.12");
+    assert.ok((template as TemplateNotFound).available.includes("python-3.13"));
+    assert.deepEqual((await Sandbox.list()).map((i) => i.id), [sb.id]);
+  });
+});
