@@ -154,3 +154,24 @@ def test_dead_supervisor_is_detected_and_cleaned(backend: str) -> None:
     assert not directory.exists()
     for pid in host_pids:
         assert _wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), timeout=10), pid
+
+
+def test_include_keeps_layout_and_never_follows_a_symlink_out(backend: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "host-secret.txt").write_text("host only")
+    project = tmp_path / "project"
+    (project / "src" / "pkg").mkdir(parents=True)
+    (project / "src" / "pkg" / "mod.py").write_text("VALUE = 2\n")
+    (project / "src" / "inside-link.py").symlink_to(project / "src" / "pkg" / "mod.py")
+    (project / "src" / "escape.txt").symlink_to(outside / "host-secret.txt")
+    (project / "src" / "escape-dir").symlink_to(outside)
+    monkeypatch.setenv("MVM_INCLUDE_BASE", str(project))
+    with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="5m", include=["src"]) as sb:
+        assert sb.files.read("/app/src/pkg/mod.py") == b"VALUE = 2\n"
+        assert sb.files.read("/app/src/inside-link.py") == b"VALUE = 2\n"
+        assert not sb.files.exists("/app/src/escape.txt")
+        assert not sb.files.exists("/app/src/escape-dir")
+        listing = sb.commands.run(["sh", "-c", "grep -r 'host only' /app || echo clean"]).stdout
+        assert listing == "clean\n"
