@@ -175,3 +175,22 @@ def test_include_keeps_layout_and_never_follows_a_symlink_out(backend: str, tmp_
         assert not sb.files.exists("/app/src/escape-dir")
         listing = sb.commands.run(["sh", "-c", "grep -r 'host only' /app || echo clean"]).stdout
         assert listing == "clean\n"
+
+
+@pytest.mark.parametrize("zygote", ["1", "0"])
+def test_supervisor_outlives_its_creator_with_or_without_the_zygote(backend: str, zygote: str) -> None:
+    """Supervisors come from the creating process's zygote (fast) or a fresh interpreter
+    (MVM_ZYGOTE=0); either way the sandbox is independent of the process that made it."""
+    code = textwrap.dedent(f"""
+        import mvm
+        sb = mvm.Sandbox.create("{TEMPLATE}", backend="{backend}", ttl="5m")
+        print(sb.id, flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "MVM_ZYGOTE": zygote})
+    assert proc.returncode == 0, proc.stderr
+    sandbox = mvm.Sandbox.connect(proc.stdout.strip())
+    try:
+        assert sandbox.commands.run(["echo", "alive"]).stdout == "alive\n"
+    finally:
+        sandbox.kill()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,49 +22,51 @@ from typing import Any
 from .. import errors
 from ..paths import sandboxes_dir
 from .state import write_json_atomic
+from .zygote import Zygote
 
 #: How long a create may take once the template exists (a cold TCG boot plus the
 #: ready snapshot is the slow case).
 READY_TIMEOUT = 180.0
 
 
-def spawn_supervisor(config: dict[str, Any], secret_env: dict[str, str], *, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+def spawn_supervisor(config: dict[str, Any], secret_env: dict[str, str], *,
+                     timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     directory = sandboxes_dir() / config["id"]
     directory.mkdir(mode=0o700)
     write_json_atomic(directory / "config.json", config)
     read_fd, write_fd = os.pipe()
-    log = open(directory / "supervisor.log", "ab")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MVM_SECRET_")}
     try:
+        try:
+            zygote = Zygote.shared()
+            if zygote is None or not zygote.spawn(directory, secret_env, write_fd):
+                _exec_supervisor(directory, secret_env, write_fd)
+        finally:
+            os.close(write_fd)
+        message = _read_ready(read_fd, directory, timeout)
+    except BaseException:
+        _abandon(directory)
+        raise
+    finally:
+        os.close(read_fd)
+    if not message.get("ok"):
+        _abandon(directory)
+        raise errors.from_wire(message.get("error") or {"type": "SandboxError", "message": "create failed"})
+    return dict(message["state"])
+
+
+def _exec_supervisor(directory: Path, secret_env: dict[str, str], write_fd: int) -> None:
+    """The cold path: a fresh ``python -m mvm.supervisor`` (which forks and detaches)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MVM_SECRET_")}
+    with open(directory / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mvm.supervisor", str(directory), "--ready-fd", str(write_fd)],
             stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(write_fd,),
             start_new_session=True, close_fds=True, env=env, cwd="/",
         )
-    except OSError:
-        os.close(read_fd)
-        os.close(write_fd)
-        log.close()
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    finally:
-        log.close()
-    os.close(write_fd)
-    try:
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(secret_env).encode())
-        proc.stdin.close()
-        proc.wait(timeout=30)  # the launcher forks the real supervisor and exits at once
-        message = _read_ready(read_fd, directory, timeout)
-    except BaseException:
-        _abandon(proc, directory)
-        raise
-    finally:
-        os.close(read_fd)
-    if not message.get("ok"):
-        _abandon(proc, directory)
-        raise errors.from_wire(message.get("error") or {"type": "SandboxError", "message": "create failed"})
-    return dict(message["state"])
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(secret_env).encode())
+    proc.stdin.close()
+    proc.wait(timeout=30)  # the launcher forks the real supervisor and exits at once
 
 
 def _read_ready(fd: int, directory: Path, timeout: float) -> dict[str, Any]:
@@ -96,33 +97,19 @@ def _log_tail(path: Path) -> str:
     return (":\n  " + "\n  ".join(lines)) if lines else ""
 
 
-def _abandon(proc: subprocess.Popen[bytes], directory: Path) -> None:
-    """Kill a supervisor that failed to come up; its SIGTERM handler cleans the backend.
-    The supervisor leads no group of its own: it lives in the launcher's process group."""
+def _abandon(directory: Path) -> None:
+    """Kill a supervisor that failed to come up (its SIGTERM handler cleans the backend),
+    then remove whatever is left."""
+    from .state import load_record, pid_alive, reap
+
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except OSError:
-        pass
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and _group_alive(proc.pid):
-        time.sleep(0.1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+        pid = int((directory / "supervisor.pid").read_text())
+    except (OSError, ValueError):
+        pid = 0
+    if pid and pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and pid_alive(pid):
+            time.sleep(0.05)
     if directory.exists():
-        from .state import load_record, reap
-
         reap(directory, load_record(directory))
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except OSError:
-        return False

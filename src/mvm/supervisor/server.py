@@ -761,6 +761,7 @@ def _digestable(ctx: RequestContext) -> dict[str, Any]:
 
 def run(directory: Path, ready_fd: int, secret_env: dict[str, str]) -> int:
     """Entry point of the detached supervisor process (after ``__main__`` forked it)."""
+    (directory / "supervisor.pid").write_text(str(os.getpid()))
     config = json.loads((directory / "config.json").read_text())
     supervisor = Supervisor(directory, config, secret_env)
     supervisor.boot_ms["process_start"] = round((time.time() - float(config["created_at"])) * 1000, 1)
