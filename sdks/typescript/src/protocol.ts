@@ -20,7 +20,7 @@ export const MAX_HEADER = 64 * 1024;
 /** Largest payload accepted in one frame. Senders chunk at `CHUNK_SIZE`. */
 export const MAX_PAYLOAD = 4 * 1024 * 1024;
 /** Size senders use when splitting file and stream bytes into frames. */
-export const CHUNK_SIZE = 256 * 1024;
+export const CHUNK_SIZE = 1024 * 1024;
 
 export const KINDS = ["hello", "request", "response", "data", "event", "cancel"] as const;
 export type FrameKind = (typeof KINDS)[number];

@@ -30,7 +30,7 @@ MAX_HEADER = 64 * 1024
 #: Largest payload accepted in one frame. Senders chunk at ``CHUNK_SIZE``.
 MAX_PAYLOAD = 4 * 1024 * 1024
 #: Size senders use when splitting file and stream bytes into frames.
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
 
 KINDS = frozenset({"hello", "request", "response", "data", "event", "cancel"})
 
