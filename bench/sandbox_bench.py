@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import mvm  # noqa: E402
-from mvm.templates import ensure_template  # noqa: E402
+import mvm
+from mvm.templates import ensure_template
 
 TEMPLATE = "python-3.13"
 
@@ -47,8 +47,23 @@ def median_ms(samples: list[float]) -> float:
 
 
 def bare_bwrap(rootfs: Path) -> None:
-    subprocess.run(["bwrap", "--unshare-all", "--ro-bind", str(rootfs), "/", "--proc", "/proc", "--dev", "/dev",
-                    "/usr/bin/python3", "-c", "pass"], check=True)
+    subprocess.run(
+        [
+            "bwrap",
+            "--unshare-all",
+            "--ro-bind",
+            str(rootfs),
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "/usr/bin/python3",
+            "-c",
+            "pass",
+        ],
+        check=True,
+    )
 
 
 def row(label: str, ours: list[float], base: list[float], base_label: str) -> None:
@@ -64,8 +79,10 @@ def main() -> None:
     image = ensure_template(TEMPLATE)
 
     print(f"backend={ns.backend} template={TEMPLATE} runs={ns.runs} host_cores={os.cpu_count()}")
-    print("| measurement                                  |      mvm     | baseline                           |"
-          "  baseline    |  ratio   |  overhead    |")
+    print(
+        "| measurement                                  |      mvm     | baseline                           |"
+        "  baseline    |  ratio   |  overhead    |"
+    )
     print("|---|---|---|---|---|---|")
 
     def create_and_first_result() -> None:
@@ -101,17 +118,16 @@ def main() -> None:
             src = tmp / "src.bin"
             src.write_bytes(data)
 
-            def ours_rw() -> None:
+            def ours_rw(data: bytes = data) -> None:
                 sb.files.write("/tmp/bench.bin", data)
                 assert len(sb.files.read("/tmp/bench.bin", max_bytes=len(data))) == len(data)
 
-            def local_rw() -> None:
+            def local_rw(src: Path = src, tmp: Path = tmp, data: bytes = data) -> None:
                 shutil.copyfile(src, tmp / "dst.bin")
                 assert len((tmp / "dst.bin").read_bytes()) == len(data)
 
             runs = ns.runs if size_mb == 1 else max(3, ns.runs // 5)
-            row(f"files.write+read {size_mb} MiB", timed(ours_rw, runs), timed(local_rw, runs),
-                "local copy + read")
+            row(f"files.write+read {size_mb} MiB", timed(ours_rw, runs), timed(local_rw, runs), "local copy + read")
             shutil.rmtree(tmp)
 
 

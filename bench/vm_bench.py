@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import mvm  # noqa: E402
-from mvm.backends.vm.accel import probe_accelerator, probe_boot  # noqa: E402
-from mvm.backends.vm.initramfs import ensure_initramfs  # noqa: E402
-from mvm.backends.vm.kernel import ensure_kernel  # noqa: E402
+import mvm
+from mvm.backends.vm.accel import probe_accelerator, probe_boot
+from mvm.backends.vm.initramfs import ensure_initramfs
+from mvm.backends.vm.kernel import ensure_kernel
 
 TEMPLATE = "python-3.13"
 MiB = 1024 * 1024
@@ -40,8 +40,7 @@ def ms(samples: list[float]) -> float:
 
 def create_first_result(backend: str, memory_mb: int = 512) -> float:
     start = time.perf_counter()
-    with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m",
-                            resources=mvm.resources(memory_mb=memory_mb)) as sb:
+    with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m", resources=mvm.resources(memory_mb=memory_mb)) as sb:
         sb.commands.run(["true"])
         elapsed = time.perf_counter() - start
     return elapsed
@@ -86,8 +85,10 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| bare qemu boot to /init (floor) | {ms(floor):.0f} ms | 1.00x |")
     print(f"| vm cold boot -> first result | {ms(cold):.0f} ms | {ms(cold) / ms(floor):.2f}x |")
-    print(f"| vm restore from ready snapshot -> first result | {ms(restored):.0f} ms | {ms(restored) / ms(floor):.2f}x "
-          f"(cold/restore = {ms(cold) / ms(restored):.1f}x) |")
+    print(
+        f"| vm restore from ready snapshot -> first result | {ms(restored):.0f} ms | {ms(restored) / ms(floor):.2f}x "
+        f"(cold/restore = {ms(cold) / ms(restored):.1f}x) |"
+    )
     print(f"| namespace create -> first result | {ms(namespace):.0f} ms | {ms(namespace) / ms(floor):.2f}x |")
 
     with mvm.Sandbox.create(TEMPLATE, backend="vm", ttl="10m") as sb:
@@ -103,8 +104,10 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(["true"], check=True)
             local.append(time.perf_counter() - start)
-        print(f"| vm commands.run(['true']) round trip | {ms(rt):.1f} ms | local subprocess.run: {ms(local):.1f} ms "
-              f"({ms(rt) / ms(local):.1f}x) |")
+        print(
+            f"| vm commands.run(['true']) round trip | {ms(rt):.1f} ms | local subprocess.run: {ms(local):.1f} ms "
+            f"({ms(rt) / ms(local):.1f}x) |"
+        )
 
         sb.commands.run(["sh", "-c", "head -c 200000000 /dev/urandom > /dev/shm/fill"])  # dirty ~190 MiB
         start = time.perf_counter()
@@ -115,10 +118,14 @@ def main() -> None:
             clone.commands.run(["true"])
             restore = time.perf_counter() - start
         per = snap.size_bytes / (100 * MiB)
-        print(f"| snapshot save (sealed), {snap.size_bytes / MiB:.0f} MiB image | {save * 1000:.0f} ms | "
-              f"{save * 1000 / per:.0f} ms per 100 MiB |")
-        print(f"| snapshot restore (verify+unseal+boot) -> first result | {restore * 1000:.0f} ms | "
-              f"{restore * 1000 / per:.0f} ms per 100 MiB |")
+        print(
+            f"| snapshot save (sealed), {snap.size_bytes / MiB:.0f} MiB image | {save * 1000:.0f} ms | "
+            f"{save * 1000 / per:.0f} ms per 100 MiB |"
+        )
+        print(
+            f"| snapshot restore (verify+unseal+boot) -> first result | {restore * 1000:.0f} ms | "
+            f"{restore * 1000 / per:.0f} ms per 100 MiB |"
+        )
 
     boxes = []
     try:
@@ -129,11 +136,19 @@ def main() -> None:
         for box in boxes:
             pids = box.describe().details.get("host_pids") or []
             pss.append(sum(pss_kib(p) for p in pids) / 1024)
-        available = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                         if line.startswith("MemAvailable:")) / 1024
+        available = (
+            next(
+                int(line.split()[1])
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemAvailable:")
+            )
+            / 1024
+        )
         each = statistics.median(pss)
-        print(f"| density: idle 256 MiB VM, host PSS each | {each:.0f} MiB | {len(boxes)} running; "
-              f"~{int(available / each) + len(boxes)} would fit in this host's memory |")
+        print(
+            f"| density: idle 256 MiB VM, host PSS each | {each:.0f} MiB | {len(boxes)} running; "
+            f"~{int(available / each) + len(boxes)} would fit in this host's memory |"
+        )
     finally:
         for box in boxes:
             box.kill()

@@ -59,6 +59,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    # ruff: noqa: F401
     from .errors import (
         CommandError,
         CommandTimeout,

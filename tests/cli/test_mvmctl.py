@@ -15,8 +15,9 @@ MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
 
 
 def mvmctl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*MVMCTL, *args], capture_output=True, text=True, input=input, timeout=180,
-                          env={**os.environ})
+    proc = subprocess.run(
+        [*MVMCTL, *args], capture_output=True, text=True, input=input, timeout=180, env={**os.environ}
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"mvmctl {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -24,8 +25,11 @@ def mvmctl(*args: str, input: str | None = None, check: bool = True) -> subproce
 
 @pytest.fixture(scope="module")
 def box() -> Iterator[str]:
-    up = json.loads(mvmctl("up", "--name", "cli-box", "--backend", "namespace", "--ttl", "15m",
-                           "--env", "GREETING=hi", "--json").stdout)
+    up = json.loads(
+        mvmctl(
+            "up", "--name", "cli-box", "--backend", "namespace", "--ttl", "15m", "--env", "GREETING=hi", "--json"
+        ).stdout
+    )
     assert up["name"] == "cli-box" and up["isolation"] == "namespace"
     yield "cli-box"
     mvmctl("down", "cli-box", check=False)

@@ -26,6 +26,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 def sandbox(backend: str) -> Iterator[mvm.Sandbox]:
     """One sandbox shared by a module's read-mostly tests (booting a TCG VM per test
     would dominate the suite); tests that change lifecycle make their own."""
-    with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="20m",
-                            resources=mvm.resources(cpu_cores=1, memory_mb=512)) as sb:
+    with mvm.Sandbox.create(
+        TEMPLATE, backend=backend, ttl="20m", resources=mvm.resources(cpu_cores=1, memory_mb=512)
+    ) as sb:
         yield sb

@@ -56,10 +56,12 @@ def test_missing_program_is_a_clear_error(sandbox: mvm.Sandbox) -> None:
 
 
 def test_timeout_kills_the_whole_group_and_keeps_partial_output(sandbox: mvm.Sandbox) -> None:
-    script = ("import os, subprocess, time\n"
-              "subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
-              "print('partial', flush=True)\n"
-              "time.sleep(300)\n")
+    script = (
+        "import os, subprocess, time\n"
+        "subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "print('partial', flush=True)\n"
+        "time.sleep(300)\n"
+    )
     sandbox.files.write("/tmp/slow.py", script)
     with pytest.raises(mvm.CommandTimeout) as info:
         sandbox.commands.run(["python", "/tmp/slow.py"], timeout_seconds=2)
@@ -80,8 +82,9 @@ def test_output_capture_is_capped_and_says_so(sandbox: mvm.Sandbox) -> None:
 def test_callbacks_stream_output(sandbox: mvm.Sandbox) -> None:
     seen_out: list[str] = []
     seen_err: list[str] = []
-    sandbox.commands.run(["sh", "-c", "echo a; echo b >&2; echo c"], on_stdout=seen_out.append,
-                         on_stderr=seen_err.append)
+    sandbox.commands.run(
+        ["sh", "-c", "echo a; echo b >&2; echo c"], on_stdout=seen_out.append, on_stderr=seen_err.append
+    )
     assert "".join(seen_out) == "a\nc\n"
     assert "".join(seen_err) == "b\n"
 
@@ -104,8 +107,10 @@ def test_cwd(sandbox: mvm.Sandbox) -> None:
 
 
 def test_start_wait_and_stdout_iteration(sandbox: mvm.Sandbox) -> None:
-    p = sandbox.commands.start(["python", "-c", "import time\nfor i in range(3):\n print('line', i, flush=True)\n"
-                                                "time.sleep(0.1)"], env={"MODE": "dev"})
+    p = sandbox.commands.start(
+        ["python", "-c", "import time\nfor i in range(3):\n print('line', i, flush=True)\ntime.sleep(0.1)"],
+        env={"MODE": "dev"},
+    )
     assert p.pid > 0 and p.audit_id
     assert list(p.stdout) == ["line 0\n", "line 1\n", "line 2\n"]
     assert p.wait(timeout=30) == 0
@@ -141,8 +146,7 @@ def test_list_and_connect_from_another_process(sandbox: mvm.Sandbox) -> None:
         "proc.kill()\n"
         "print(proc.wait(timeout=10))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "137"
     assert p.wait(timeout=5) == 137
@@ -154,7 +158,8 @@ def test_logs_hold_lifecycle_and_process_output(sandbox: mvm.Sandbox) -> None:
     events = list(sandbox.logs(follow=False))
     assert all(isinstance(e, mvm.LogEvent) for e in events)
     lines = [(e.source, e.stream, e.message) for e in events]
-    assert any(src.startswith("process:") and stream == "stdout" and msg == "log-marker-123"
-               for src, stream, msg in lines)
+    assert any(
+        src.startswith("process:") and stream == "stdout" and msg == "log-marker-123" for src, stream, msg in lines
+    )
     assert any(src == "supervisor" and "created" in msg for src, _, msg in lines)
     assert len(list(sandbox.logs(tail=3))) == 3

@@ -34,14 +34,20 @@ def test_seed_example_shape_works_live(backend: str, tmp_path: Path, monkeypatch
     monkeypatch.setenv("MVM_INCLUDE_BASE", str(tmp_path))
     monkeypatch.setenv("MVM_SECRET_API_KEY", "s3cr3t-canary-value")
     with mvm.Sandbox.create(
-        TEMPLATE, workload_id="agent-tool", ttl="30m", include=["src"], backend=backend,
+        TEMPLATE,
+        workload_id="agent-tool",
+        ttl="30m",
+        include=["src"],
+        backend=backend,
         resources=mvm.resources(cpu_cores=1, memory_mb=512, rootfs_size_mb=1024),
         network=mvm.network(mode="deny"),
     ) as sandbox:
         assert sandbox.files.read("/app/src/x.py") == b"X = 1\n"
         sandbox.files.write("/app/main.py", "print('hello from mvm')")
-        p = sandbox.commands.start(["python", "-c", "import os; print(os.environ['API_KEY'] == 's3cr3t-canary-value')"],
-                                   env={"MODE": "dev", "API_KEY": mvm.secret("api-key")})
+        p = sandbox.commands.start(
+            ["python", "-c", "import os; print(os.environ['API_KEY'] == 's3cr3t-canary-value')"],
+            env={"MODE": "dev", "API_KEY": mvm.secret("api-key")},
+        )
         assert p.wait(timeout=30) == 0
         assert list(p.stdout) == ["True\n"]
         r = sandbox.commands.run(["python", "/app/main.py"], timeout_seconds=30)
@@ -62,8 +68,7 @@ def test_missing_secret_fails_at_the_call(backend: str) -> None:
     os.environ.pop("MVM_SECRET_NOT_SET_ANYWHERE", None)
     with pytest.raises(mvm.SecretNotFound, match="not-set-anywhere"):
         mvm.Sandbox.create(TEMPLATE, backend=backend, env={"K": mvm.secret("not-set-anywhere")})
-    assert list(sandboxes_dir().iterdir()) == [] or all(
-        (d / "state.json").exists() for d in sandboxes_dir().iterdir())
+    assert list(sandboxes_dir().iterdir()) == [] or all((d / "state.json").exists() for d in sandboxes_dir().iterdir())
 
 
 def test_unknown_template_lists_the_buildable_ones_and_leaves_nothing(backend: str) -> None:
@@ -75,13 +80,16 @@ def test_unknown_template_lists_the_buildable_ones_and_leaves_nothing(backend: s
     assert set(sandboxes_dir().iterdir()) == before
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"resources": "big"}, "resources"),
-    ({"ttl": "forever"}, "ttl"),
-    ({"name": "Bad Name!"}, "name"),
-    ({"include": ["../../etc"]}, "include"),
-    ({"env": {"A": 1}}, "env"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"resources": "big"}, "resources"),
+        ({"ttl": "forever"}, "ttl"),
+        ({"name": "Bad Name!"}, "name"),
+        ({"include": ["../../etc"]}, "include"),
+        ({"env": {"A": 1}}, "env"),
+    ],
+)
 def test_bad_input_names_the_field_and_leaves_nothing(backend: str, kwargs: dict, field: str) -> None:  # type: ignore[type-arg]
     before = set(sandboxes_dir().iterdir())
     with pytest.raises(mvm.InvalidArgument) as info:
@@ -156,8 +164,9 @@ def test_dead_supervisor_is_detected_and_cleaned(backend: str) -> None:
         assert _wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), timeout=10), pid
 
 
-def test_include_keeps_layout_and_never_follows_a_symlink_out(backend: str, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_include_keeps_layout_and_never_follows_a_symlink_out(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "host-secret.txt").write_text("host only")
@@ -186,8 +195,13 @@ def test_supervisor_outlives_its_creator_with_or_without_the_zygote(backend: str
         sb = mvm.Sandbox.create("{TEMPLATE}", backend="{backend}", ttl="5m")
         print(sb.id, flush=True)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "MVM_ZYGOTE": zygote})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "MVM_ZYGOTE": zygote},
+    )
     assert proc.returncode == 0, proc.stderr
     sandbox = mvm.Sandbox.connect(proc.stdout.strip())
     try:

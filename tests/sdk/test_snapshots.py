@@ -16,7 +16,9 @@ from mvm import errors
 from mvm.paths import snapshots_dir
 
 TEMPLATE = "python-3.13"
-COUNTER = "import time\nn = 0\nwhile True:\n    n += 1\n    open('/tmp/count', 'w').write(str(n))\n    time.sleep(0.05)\n"
+COUNTER = (
+    "import time\nn = 0\nwhile True:\n    n += 1\n    open('/tmp/count', 'w').write(str(n))\n    time.sleep(0.05)\n"
+)
 
 
 def _count(sb: mvm.Sandbox) -> int:

@@ -98,8 +98,10 @@ def snapshot_ls(as_json: bool) -> None:
         now = time.time()
         for s in snaps:
             expires = f"{int(s.expires_at - now)}s" if s.expires_at else "never"
-            click.echo(f"{s.id:<22} {s.name:<20} {s.kind:<10} {s.sandbox_id:<14} {s.size_bytes:>10} "
-                       f"{int(now - s.created_at):>6}s {expires}")
+            click.echo(
+                f"{s.id:<22} {s.name:<20} {s.kind:<10} {s.sandbox_id:<14} {s.size_bytes:>10} "
+                f"{int(now - s.created_at):>6}s {expires}"
+            )
 
     emit(as_json, [s.to_wire() for s in snaps], human)
 

@@ -41,9 +41,19 @@ class MvmGroup(click.Group):
                 click.echo(json.dumps({"error": exc.to_wire()}), err=True)
             else:
                 click.echo(f"error: {exc}", err=True)
-            user_error = isinstance(exc, (errors.InvalidArgument, errors.TemplateNotFound, errors.SandboxNotFound,
-                                          errors.SecretNotFound, errors.InvalidState, errors.FileError,
-                                          errors.ProcessNotFound, errors.SnapshotNotFound))
+            user_error = isinstance(
+                exc,
+                (
+                    errors.InvalidArgument,
+                    errors.TemplateNotFound,
+                    errors.SandboxNotFound,
+                    errors.SecretNotFound,
+                    errors.InvalidState,
+                    errors.FileError,
+                    errors.ProcessNotFound,
+                    errors.SnapshotNotFound,
+                ),
+            )
             ctx.exit(2 if user_error else 1)
 
 

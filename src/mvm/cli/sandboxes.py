@@ -36,22 +36,42 @@ def register(cli: click.Group) -> None:
 @click.option("--disk", "rootfs_size_mb", type=int, default=1024, show_default=True, help="Writable disk, MiB")
 @click.option("--max-processes", type=int, default=256, show_default=True)
 @click.option("--backend", type=click.Choice(["vm", "namespace"]), default=None)
-@click.option("--network", "network_mode", type=click.Choice(["deny", "allow", "open"]), default="deny",
-              show_default=True)
+@click.option(
+    "--network", "network_mode", type=click.Choice(["deny", "allow", "open"]), default="deny", show_default=True
+)
 @click.option("--allow", multiple=True, help="host:port allowed with --network allow (repeatable).")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE (repeatable).")
 @click.option("--secret-env", multiple=True, help="KEY=SECRET_NAME: env from the keystore (repeatable).")
 @click.option("--include", multiple=True, help="Host path copied into /app (relative to the cwd).")
 @click.option("--workload-id")
 @click.option("--from-snapshot", help="Start from this snapshot id or name.")
-@click.option("--from-ir", "from_ir", type=click.Path(exists=True),
-              help="Run a compiled workload (`mvmctl compile` output dir or .tar.gz): creates its sandbox and "
-                   "replays its writes and commands. Only --name and --backend apply with it.")
+@click.option(
+    "--from-ir",
+    "from_ir",
+    type=click.Path(exists=True),
+    help="Run a compiled workload (`mvmctl compile` output dir or .tar.gz): creates its sandbox and "
+    "replays its writes and commands. Only --name and --backend apply with it.",
+)
 @json_option
-def up(name: str | None, template: str, ttl: str, cpus: float, memory_mb: int, rootfs_size_mb: int,
-       max_processes: int, backend: str | None, network_mode: str, allow: tuple[str, ...], env: tuple[str, ...],
-       secret_env: tuple[str, ...], include: tuple[str, ...], workload_id: str | None, from_snapshot: str | None,
-       from_ir: str | None, as_json: bool) -> None:
+def up(
+    name: str | None,
+    template: str,
+    ttl: str,
+    cpus: float,
+    memory_mb: int,
+    rootfs_size_mb: int,
+    max_processes: int,
+    backend: str | None,
+    network_mode: str,
+    allow: tuple[str, ...],
+    env: tuple[str, ...],
+    secret_env: tuple[str, ...],
+    include: tuple[str, ...],
+    workload_id: str | None,
+    from_snapshot: str | None,
+    from_ir: str | None,
+    as_json: bool,
+) -> None:
     """Create a sandbox and leave it running (until its TTL or `mvmctl down`)."""
     if from_ir is not None:
         from ..modes.runner import replay
@@ -62,10 +82,18 @@ def up(name: str | None, template: str, ttl: str, cpus: float, memory_mb: int, r
     full_env: dict[str, str | SecretRef] = dict(parse_env(env))
     full_env.update({k: SecretRef(v) for k, v in parse_env(secret_env, "--secret-env").items()})
     sandbox = Sandbox.create(
-        template, name=name, workload_id=workload_id, ttl=None if ttl in ("0", "none") else ttl,
-        include=list(include), backend=backend, env=full_env, from_snapshot=from_snapshot, mode="live",
-        resources=make_resources(cpu_cores=cpus, memory_mb=memory_mb, rootfs_size_mb=rootfs_size_mb,
-                                 max_processes=max_processes),
+        template,
+        name=name,
+        workload_id=workload_id,
+        ttl=None if ttl in ("0", "none") else ttl,
+        include=list(include),
+        backend=backend,
+        env=full_env,
+        from_snapshot=from_snapshot,
+        mode="live",
+        resources=make_resources(
+            cpu_cores=cpus, memory_mb=memory_mb, rootfs_size_mb=rootfs_size_mb, max_processes=max_processes
+        ),
         network=make_network(network_mode, list(allow)),
     )
     info = sandbox.describe()
@@ -83,7 +111,9 @@ def ls(as_json: bool) -> None:
         click.echo(f"{'NAME':<28} {'ID':<14} {'STATE':<9} {'BACKEND':<10} {'ISOLATION':<10} {'TEMPLATE':<12} EXPIRES")
         for i in infos:
             left = f"{int(i.expires_at - time.time())}s" if i.expires_at else "never"
-            click.echo(f"{i.name:<28} {i.id:<14} {i.state:<9} {i.backend:<10} {i.isolation:<10} {i.template:<12} {left}")
+            click.echo(
+                f"{i.name:<28} {i.id:<14} {i.state:<9} {i.backend:<10} {i.isolation:<10} {i.template:<12} {left}"
+            )
 
     emit(as_json, [i.to_dict() for i in infos], human)
 
@@ -107,15 +137,28 @@ def describe(name: str, as_json: bool) -> None:
 @click.option("--stdin", "use_stdin", is_flag=True, help="Pass this command's stdin to the process.")
 @click.option("--receipt", "receipt", type=click.Path(dir_okay=False), help="Also write the signed receipt here.")
 @json_option
-def exec_(name: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str | None, timeout_seconds: float | None,
-          max_output_bytes: int, use_stdin: bool, receipt: str | None, as_json: bool) -> None:
+def exec_(
+    name: str,
+    argv: tuple[str, ...],
+    env: tuple[str, ...],
+    cwd: str | None,
+    timeout_seconds: float | None,
+    max_output_bytes: int,
+    use_stdin: bool,
+    receipt: str | None,
+    as_json: bool,
+) -> None:
     """Run ARGV in sandbox NAME (after `--`); its exit status becomes ours."""
     sandbox = Sandbox.connect(name)
     stream = not as_json
     try:
         result = sandbox.commands.run(
-            list(argv), env=parse_env(env), cwd=cwd, timeout_seconds=timeout_seconds,
-            max_output_bytes=max_output_bytes, stdin=sys.stdin.buffer.read() if use_stdin else None,
+            list(argv),
+            env=parse_env(env),
+            cwd=cwd,
+            timeout_seconds=timeout_seconds,
+            max_output_bytes=max_output_bytes,
+            stdin=sys.stdin.buffer.read() if use_stdin else None,
             on_stdout=(lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream else None,
             on_stderr=(lambda s: (sys.stderr.write(s), sys.stderr.flush())) if stream else None,
         )

@@ -76,8 +76,9 @@ def _audit_path(name_or_id: str) -> Path:
         _, record = find_sandbox(name_or_id)
     except errors.SandboxNotFound:
         known = sorted(p.stem for p in audit_log.audit_dir().glob("sb-*.jsonl"))
-        raise errors.InvalidArgument("NAME", f"no audit log for {name_or_id!r}",
-                                     allowed=", ".join(known) or "no audit logs yet") from None
+        raise errors.InvalidArgument(
+            "NAME", f"no audit log for {name_or_id!r}", allowed=", ".join(known) or "no audit logs yet"
+        ) from None
     return audit_log.log_path(record["id"])
 
 
@@ -86,7 +87,10 @@ def _entry_line(entry: dict[str, object]) -> str:
     error = f" {entry['error_type']}" if entry.get("error_type") else ""
     actor = entry.get("actor") or {}
     who = f"{actor.get('user', '?')}/{actor.get('pid', '?')}" if isinstance(actor, dict) else "?"
-    return f"{entry.get('seq'):>5} {entry.get('ts')} {entry.get('audit_id')} {entry.get('op'):<16} {outcome}{error} by {who}"
+    return (
+        f"{entry.get('seq'):>5} {entry.get('ts')} {entry.get('audit_id')} "
+        f"{entry.get('op'):<16} {outcome}{error} by {who}"
+    )
 
 
 @click.group()
@@ -149,13 +153,20 @@ def receipt() -> None:
 
 @receipt.command("verify")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--stdout", "stdout_file", type=click.Path(exists=True, dir_okay=False),
-              help="Also check this file holds the recorded stdout.")
+@click.option(
+    "--stdout",
+    "stdout_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also check this file holds the recorded stdout.",
+)
 @json_option
 def receipt_verify(path: str, stdout_file: str | None, as_json: bool) -> None:
     stdout = Path(stdout_file).read_bytes() if stdout_file else None
     check = verify_receipt(path, stdout=stdout)
-    emit(as_json, {"ok": check.ok, "problem": check.problem, "checked_at": time.time()},
-         "ok" if check.ok else f"FAIL: {check.problem}")
+    emit(
+        as_json,
+        {"ok": check.ok, "problem": check.problem, "checked_at": time.time()},
+        "ok" if check.ok else f"FAIL: {check.problem}",
+    )
     if not check.ok:
         sys.exit(1)

@@ -56,8 +56,9 @@ class Commands:
         >>> result.exit_code, result.stdout, result.audit_id
         """
         args = self._sandbox._command_args(argv, env, cwd)
-        args.update(timeout_seconds=timeout_seconds, max_output_bytes=max_output_bytes, auto_resume=auto_resume,
-                    redact=redact)
+        args.update(
+            timeout_seconds=timeout_seconds, max_output_bytes=max_output_bytes, auto_resume=auto_resume, redact=redact
+        )
         payload = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         collected: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in collected}
@@ -82,8 +83,9 @@ class Commands:
         try:
             result, _ = self._sandbox._client().call("exec.run", args, payload, on_data=on_data)
         except errors.CommandTimeout as exc:
-            raise errors.CommandTimeout(exc.message, stdout=text_of("stdout"), stderr=text_of("stderr"),
-                                        **exc.details) from None
+            raise errors.CommandTimeout(
+                exc.message, stdout=text_of("stdout"), stderr=text_of("stderr"), **exc.details
+            ) from None
         command_result = CommandResult(
             exit_code=result.get("exit_code"),
             stdout=text_of("stdout"),
@@ -100,7 +102,9 @@ class Commands:
         if check and command_result.exit_code != 0:
             raise errors.CommandError(
                 f"command {list(args['argv'])!r} exited with {command_result.exit_code}: "
-                f"{command_result.stderr.strip()[-500:]}", result=command_result)
+                f"{command_result.stderr.strip()[-500:]}",
+                result=command_result,
+            )
         return command_result
 
     def start(

@@ -65,8 +65,12 @@ class Files:
             chunks.append(payload)
             offset += len(payload)
             if offset > max_bytes:
-                raise errors.TooLarge(f"{path} is larger than max_bytes={max_bytes}", path=path,
-                                      max_bytes=max_bytes, size=result.get("size"))
+                raise errors.TooLarge(
+                    f"{path} is larger than max_bytes={max_bytes}",
+                    path=path,
+                    max_bytes=max_bytes,
+                    size=result.get("size"),
+                )
             if result.get("eof") or not payload:
                 return b"".join(chunks)
 

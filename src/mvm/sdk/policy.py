@@ -35,22 +35,33 @@ def resources(
 
     >>> mvm.resources(cpu_cores=1, memory_mb=512, rootfs_size_mb=1024)
     """
-    values = {"cpu_cores": cpu_cores, "memory_mb": memory_mb, "rootfs_size_mb": rootfs_size_mb,
-              "max_processes": max_processes}
+    values = {
+        "cpu_cores": cpu_cores,
+        "memory_mb": memory_mb,
+        "rootfs_size_mb": rootfs_size_mb,
+        "max_processes": max_processes,
+    }
     for field, value in values.items():
         low, high = LIMITS[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise errors.InvalidArgument(f"resources.{field}", f"{value!r} is not a number", allowed=f"{low}..{high}")
         if field != "cpu_cores" and not float(value).is_integer():
-            raise errors.InvalidArgument(f"resources.{field}", f"{value!r} must be a whole number",
-                                         allowed=f"{low}..{high}")
+            raise errors.InvalidArgument(
+                f"resources.{field}", f"{value!r} must be a whole number", allowed=f"{low}..{high}"
+            )
         if not low <= value <= high:
             raise errors.InvalidArgument(f"resources.{field}", f"{value} is out of range", allowed=f"{low}..{high}")
-    return Resources(cpu_cores=float(cpu_cores), memory_mb=int(memory_mb), rootfs_size_mb=int(rootfs_size_mb),
-                     max_processes=int(max_processes))
+    return Resources(
+        cpu_cores=float(cpu_cores),
+        memory_mb=int(memory_mb),
+        rootfs_size_mb=int(rootfs_size_mb),
+        max_processes=int(max_processes),
+    )
 
 
-def network(mode: str = "deny", allow: list[str] | tuple[str, ...] = (), *, allow_wildcards: bool = False) -> NetworkPolicy:
+def network(
+    mode: str = "deny", allow: list[str] | tuple[str, ...] = (), *, allow_wildcards: bool = False
+) -> NetworkPolicy:
     """The sandbox's network: ``deny`` (default: no interface at all but loopback),
     ``allow`` (egress only to ``host:port`` entries, through mvm's egress proxy), or
     ``open`` (full outbound access: an explicit opt-in).

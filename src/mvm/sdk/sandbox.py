@@ -92,11 +92,29 @@ class Sandbox:
             from ..modes.recording import RecordedSandbox
 
             return RecordedSandbox.create(  # type: ignore[return-value]
-                template, mode=resolved_mode, name=name, workload_id=workload_id, ttl=ttl, include=include,
-                resources=resources, network=network, env=env, backend=backend, tags=tags,
-                from_snapshot=from_snapshot)
-        spec = _validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
-                               network=network, env=env, tags=tags)
+                template,
+                mode=resolved_mode,
+                name=name,
+                workload_id=workload_id,
+                ttl=ttl,
+                include=include,
+                resources=resources,
+                network=network,
+                env=env,
+                backend=backend,
+                tags=tags,
+                from_snapshot=from_snapshot,
+            )
+        spec = _validated_spec(
+            template,
+            name=name,
+            workload_id=workload_id,
+            ttl=ttl,
+            resources=resources,
+            network=network,
+            env=env,
+            tags=tags,
+        )
         files = collect_includes(include or [], base_dir=script_dir())
         backend_name = choose_backend(backend)
         ensure_template(template)  # builds on first use, with progress on a terminal
@@ -140,15 +158,22 @@ class Sandbox:
         """Every running sandbox on this host (dead ones are cleaned up on the way)."""
         infos = []
         for record in list_sandboxes():
-            infos.append(SandboxInfo(
-                id=record["id"], name=record["name"], state=record.get("state", "creating"),
-                template=record["template"], backend=record["backend"],
-                isolation="vm" if record["backend"] == "vm" else "namespace",
-                resources=record.get("resources", {}), network=record.get("network", {}),
-                created_at=record.get("created_at", 0.0), expires_at=record.get("expires_at"),
-                workload_id=record.get("workload_id"),
-                details={"tags": record.get("tags", {}), "run_id": record.get("run_id")},
-            ))
+            infos.append(
+                SandboxInfo(
+                    id=record["id"],
+                    name=record["name"],
+                    state=record.get("state", "creating"),
+                    template=record["template"],
+                    backend=record["backend"],
+                    isolation="vm" if record["backend"] == "vm" else "namespace",
+                    resources=record.get("resources", {}),
+                    network=record.get("network", {}),
+                    created_at=record.get("created_at", 0.0),
+                    expires_at=record.get("expires_at"),
+                    workload_id=record.get("workload_id"),
+                    details={"tags": record.get("tags", {}), "run_id": record.get("run_id")},
+                )
+            )
         return infos
 
     # ---- plumbing ----------------------------------------------------------------
@@ -165,13 +190,13 @@ class Sandbox:
         ones it knows; this covers text that never went through it)."""
         return Redactor(self._secret_values).redact(text) if self._secret_values else text
 
-    def _command_args(self, argv: Sequence[str] | str, env: Mapping[str, Any] | None,
-                      cwd: str | None) -> dict[str, Any]:
+    def _command_args(
+        self, argv: Sequence[str] | str, env: Mapping[str, Any] | None, cwd: str | None
+    ) -> dict[str, Any]:
         argv, env = validate_command(argv, env, cwd)
         literal, secret_env, values = _split_env(env)
         self._secret_values.update(values)
-        return {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd,
-                "secret_names": _secret_names(env or {})}
+        return {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_names": _secret_names(env or {})}
 
     # ---- information ---------------------------------------------------------------
 
@@ -185,8 +210,9 @@ class Sandbox:
     def state(self) -> str:
         return self.describe().state
 
-    def logs(self, *, follow: bool = False, tail: int | None = None, since: float | None = None,
-             redact: bool = True) -> Iterator[LogEvent]:
+    def logs(
+        self, *, follow: bool = False, tail: int | None = None, since: float | None = None, redact: bool = True
+    ) -> Iterator[LogEvent]:
         """The sandbox's log: lifecycle events, audit entries and process output lines.
 
         Known secret values never reach the log (the supervisor redacts them before
@@ -200,8 +226,9 @@ class Sandbox:
         for _, data in self._client().stream("sandbox.logs", {"follow": follow, "tail": tail, "since": since}):
             event = LogEvent.from_wire(json.loads(data))
             if redact:
-                event = LogEvent(event.timestamp, event.source, event.stream, self._redactor(event.message),
-                                 event.audit_id)
+                event = LogEvent(
+                    event.timestamp, event.source, event.stream, self._redactor(event.message), event.audit_id
+                )
             yield event
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -276,8 +303,9 @@ def script_dir() -> Path:
     return Path(os.environ.get("MVM_INCLUDE_BASE") or os.getcwd()).resolve()
 
 
-def validate_command(argv: Sequence[str] | str, env: Mapping[str, Any] | None,
-                     cwd: str | None) -> tuple[list[str], dict[str, Any]]:
+def validate_command(
+    argv: Sequence[str] | str, env: Mapping[str, Any] | None, cwd: str | None
+) -> tuple[list[str], dict[str, Any]]:
     """Check a command's argv, env and cwd; shared by live and recorded sandboxes.
 
     A string argv becomes ``["/bin/sh", "-c", argv]``. Returns ``(argv, env)``;
@@ -290,8 +318,11 @@ def validate_command(argv: Sequence[str] | str, env: Mapping[str, Any] | None,
     except TypeError:
         argv = []
     if not argv or not all(isinstance(a, str) for a in argv):
-        raise errors.InvalidArgument("argv", "must be a non-empty list of strings (or one shell string)",
-                                     allowed="e.g. ['python', '/app/main.py']")
+        raise errors.InvalidArgument(
+            "argv",
+            "must be a non-empty list of strings (or one shell string)",
+            allowed="e.g. ['python', '/app/main.py']",
+        )
     if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
         raise errors.InvalidArgument("cwd", f"{cwd!r} must be an absolute guest path")
     env = dict(env or {})
@@ -299,15 +330,24 @@ def validate_command(argv: Sequence[str] | str, env: Mapping[str, Any] | None,
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise errors.InvalidArgument("env", f"{key!r} is not a valid variable name")
         if not isinstance(value, (str, SecretRef)):
-            raise errors.InvalidArgument(f"env[{key!r}]", f"{type(value).__name__} value",
-                                         allowed="str or mvm.secret(name)")
+            raise errors.InvalidArgument(
+                f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
+            )
     return argv, env
 
 
-def _validated_spec(template: str, *, name: str | None, workload_id: str | None, ttl: Any,
-                    resources: Resources | None, network: NetworkPolicy | None,
-                    env: Mapping[str, Any] | None, tags: Mapping[str, str] | None,
-                    template_check: Callable[[str], object] | None = None) -> dict[str, Any]:
+def _validated_spec(
+    template: str,
+    *,
+    name: str | None,
+    workload_id: str | None,
+    ttl: Any,
+    resources: Resources | None,
+    network: NetworkPolicy | None,
+    env: Mapping[str, Any] | None,
+    tags: Mapping[str, str] | None,
+    template_check: Callable[[str], object] | None = None,
+) -> dict[str, Any]:
     """Validate ``Sandbox.create``'s arguments (live and record/plan modes alike).
 
     ``template_check`` replaces ``ensure_template`` for a name not in
@@ -323,18 +363,26 @@ def _validated_spec(template: str, *, name: str | None, workload_id: str | None,
     if resources is not None and not isinstance(resources, Resources):
         raise errors.InvalidArgument("resources", "use mvm.resources(...)", allowed="mvm.resources(cpu_cores=..., ...)")
     if network is not None and not isinstance(network, NetworkPolicy):
-        raise errors.InvalidArgument("network", "use mvm.network(...)", allowed="mvm.network(mode='deny'|'allow'|'open')")
+        raise errors.InvalidArgument(
+            "network", "use mvm.network(...)", allowed="mvm.network(mode='deny'|'allow'|'open')"
+        )
     for key, value in (env or {}).items():
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise errors.InvalidArgument("env", f"{key!r} is not a valid variable name")
         if not isinstance(value, (str, SecretRef)):
-            raise errors.InvalidArgument(f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)")
+            raise errors.InvalidArgument(
+                f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
+            )
     for key, value in (tags or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise errors.InvalidArgument("tags", "keys and values must be strings")
     ttl_seconds = None if ttl is None else parse_duration(ttl, field="ttl")
-    return {"name": name, "resources": resources or make_resources(), "network": network or make_network(),
-            "ttl_seconds": ttl_seconds}
+    return {
+        "name": name,
+        "resources": resources or make_resources(),
+        "network": network or make_network(),
+        "ttl_seconds": ttl_seconds,
+    }
 
 
 def _split_env(env: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
@@ -350,7 +398,9 @@ def _split_env(env: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str], 
         elif isinstance(value, str):
             literal[key] = value
         else:
-            raise errors.InvalidArgument(f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)")
+            raise errors.InvalidArgument(
+                f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
+            )
     return literal, secret_env, values
 
 

@@ -40,10 +40,18 @@ class Auditor:
         except BaseException as exc:  # surfaced on the first record()
             self._log.set_exception(exc)
 
-    def record(self, op: str, args: dict[str, Any], *, outcome: str = "ok", error_type: str | None = None,
-               details: dict[str, Any] | None = None) -> str:
-        entry = self._log.result().append(op, args, outcome=outcome, error_type=error_type, details=details,
-                                          actor=getattr(_current, "actor", None))
+    def record(
+        self,
+        op: str,
+        args: dict[str, Any],
+        *,
+        outcome: str = "ok",
+        error_type: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> str:
+        entry = self._log.result().append(
+            op, args, outcome=outcome, error_type=error_type, details=details, actor=getattr(_current, "actor", None)
+        )
         audit_id = str(entry["audit_id"])
         summary = f"{op} {outcome}" + (f" ({error_type})" if error_type else "")
         self._logs.write("audit", "system", summary, audit_id, force=True)

@@ -29,8 +29,9 @@ from .zygote import Zygote
 READY_TIMEOUT = 180.0
 
 
-def spawn_supervisor(config: dict[str, Any], secret_env: dict[str, str], *,
-                     timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+def spawn_supervisor(
+    config: dict[str, Any], secret_env: dict[str, str], *, timeout: float = READY_TIMEOUT
+) -> dict[str, Any]:
     directory = sandboxes_dir() / config["id"]
     directory.mkdir(mode=0o700)
     write_json_atomic(directory / "config.json", config)
@@ -60,8 +61,14 @@ def _exec_supervisor(directory: Path, secret_env: dict[str, str], write_fd: int)
     with open(directory / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mvm.supervisor", str(directory), "--ready-fd", str(write_fd)],
-            stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(write_fd,),
-            start_new_session=True, close_fds=True, env=env, cwd="/",
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+            cwd="/",
         )
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(secret_env).encode())

@@ -26,16 +26,22 @@ class LogBook:
         self.path = path
         self._redact = redact
         self._lock = threading.Condition()
-        self._fh = open(path, "a", encoding="utf-8")
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the sandbox's life
         os.chmod(path, 0o600)
         self._size = path.stat().st_size
         self._partial: dict[tuple[int, str], str] = {}
         self._capped = False
         self._closed = False
 
-    def write(self, source: str, stream: str, message: str, audit_id: str | None = None, *, force: bool = False) -> None:
-        entry: dict[str, Any] = {"timestamp": time.time(), "source": source, "stream": stream,
-                                 "message": self._redact(message)}
+    def write(
+        self, source: str, stream: str, message: str, audit_id: str | None = None, *, force: bool = False
+    ) -> None:
+        entry: dict[str, Any] = {
+            "timestamp": time.time(),
+            "source": source,
+            "stream": stream,
+            "message": self._redact(message),
+        }
         if audit_id:
             entry["audit_id"] = audit_id
         line = json.dumps(entry, ensure_ascii=False) + "\n"
@@ -45,8 +51,14 @@ class LogBook:
             if self._size + len(line) > MAX_LOG_BYTES and not force:
                 if not self._capped:
                     self._capped = True
-                    notice = json.dumps({"timestamp": time.time(), "source": "supervisor", "stream": "system",
-                                         "message": f"log limit of {MAX_LOG_BYTES} bytes reached; process output no longer logged"})
+                    notice = json.dumps(
+                        {
+                            "timestamp": time.time(),
+                            "source": "supervisor",
+                            "stream": "system",
+                            "message": f"log limit of {MAX_LOG_BYTES} bytes reached; process output no longer logged",
+                        }
+                    )
                     self._fh.write(notice + "\n")
                     self._fh.flush()
                     self._lock.notify_all()

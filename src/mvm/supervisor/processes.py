@@ -39,9 +39,15 @@ class ProcessRecord:
     exited: threading.Event = field(default_factory=threading.Event)
 
     def info(self) -> dict[str, Any]:
-        return {"pid": self.pid, "argv": self.argv, "running": not self.exited.is_set(),
-                "exit_code": self.exit_code, "signal": self.signal, "started_at": self.started_at,
-                "audit_id": self.audit_id}
+        return {
+            "pid": self.pid,
+            "argv": self.argv,
+            "running": not self.exited.is_set(),
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "started_at": self.started_at,
+            "audit_id": self.audit_id,
+        }
 
 
 class ProcessTable:

@@ -33,7 +33,9 @@ def new_sandbox_id() -> str:
 def validate_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise errors.InvalidArgument(
-            "name", f"{name!r} is not a valid sandbox name", allowed="lowercase letters, digits, '-', '_', '.'; 1-63 chars"
+            "name",
+            f"{name!r} is not a valid sandbox name",
+            allowed="lowercase letters, digits, '-', '_', '.'; 1-63 chars",
         )
     return name
 

@@ -41,8 +41,14 @@ class Zygote:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MVM_SECRET_")}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "mvm.supervisor.zygote", str(child.fileno())],
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, env=env, cwd="/",
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+            cwd="/",
         )
         child.close()
         self._sock = parent
@@ -65,11 +71,16 @@ class Zygote:
 
     def spawn(self, directory: Path, secret_env: dict[str, str], ready_fd: int) -> bool:
         """Ask for a supervisor of ``directory``; False if the zygote is gone (fall back)."""
-        message = json.dumps({
-            "directory": str(directory),
-            "environ": {k: v for k, v in os.environ.items() if not k.startswith("MVM_SECRET_")},
-            "secret_env": secret_env,
-        }).encode() + b"\n"
+        message = (
+            json.dumps(
+                {
+                    "directory": str(directory),
+                    "environ": {k: v for k, v in os.environ.items() if not k.startswith("MVM_SECRET_")},
+                    "secret_env": secret_env,
+                }
+            ).encode()
+            + b"\n"
+        )
         with self._request_lock:
             try:
                 socket.send_fds(self._sock, [message], [ready_fd])
