@@ -45,6 +45,12 @@ class InvalidNetworkPolicy(InvalidArgument):
     wire_type = "InvalidNetworkPolicy"
 
 
+class PortInUse(InvalidArgument):
+    """The host address and port a port forward asked for are already taken."""
+
+    wire_type = "PortInUse"
+
+
 class TemplateNotFound(MvmError, LookupError):
     """The template cannot be built on this host; ``available`` lists those that can."""
 

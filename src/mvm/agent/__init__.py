@@ -14,8 +14,9 @@ Modules, one concern each:
 * ``reaper``    – the one place that waits for children
 * ``proctree``  – ``/proc`` walking: process families and race-free signalling
 * ``files``     – ``fs.*``
+* ``tcp``       – ``tcp.*``: loopback connections relayed as streams (port forwards, egress)
 * ``system``    – ``agent.info``/``agent.configure``: clock, entropy, hostname, prctl
 * ``errors``    – protocol error types and argument validation
 """
 
-AGENT_VERSION = "1.0.0"
+AGENT_VERSION = "1.1.0"

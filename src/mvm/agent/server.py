@@ -38,6 +38,7 @@ from .errors import AgentError, Args, from_os_error
 from .files import Files
 from .processes import ProcessManager
 from .system import System
+from .tcp import Tcp
 
 log = logging.getLogger("mvm.agent")
 
@@ -203,6 +204,7 @@ class Server:
         self._stopping = False
         self._pool = WorkerPool(workers)
         self._admission = Admission()
+        self.tcp = Tcp(lambda: self._link)
         self._ops: dict[str, Callable[[Request], Any]] = {
             "ping": lambda request: {},
             "agent.info": self._agent_info,
@@ -222,6 +224,9 @@ class Server:
             "fs.remove": lambda request: self.files.remove(request.args),
             "fs.move": lambda request: self.files.move(request.args),
             "fs.sync": lambda request: self.files.sync(),
+            "tcp.connect": lambda request: self.tcp.connect(request.args, request.link),
+            "tcp.listen": lambda request: self.tcp.listen(request.args),
+            "tcp.unlisten": lambda request: self.tcp.unlisten(request.args),
         }
 
     # -- the connection loop ------------------------------------------------------
@@ -272,6 +277,8 @@ class Server:
                 raise ProtocolError(f"the host's first frame must be hello, got {kind}")
             elif kind == "request":
                 self._dispatch(link, frame)
+            elif kind in ("data", "event"):  # TCP stream bytes and credit (never blocks)
+                self.tcp.feed(frame)
             elif kind != "cancel":  # agent operations are short: a cancel just gets the normal answer
                 log.info("ignoring a %s frame from the host", kind)
 
@@ -281,6 +288,7 @@ class Server:
     def _open_link(self, session: Session) -> Link:
         """Start a logical connection: drop the old one's state, send our hello first."""
         self.files.discard_handles()
+        self.tcp.link_changed()
         with self._send_lock:
             if self._link is not None:
                 self._link.alive = False
@@ -297,6 +305,7 @@ class Server:
                 self._link.alive = False
                 self._link = None
         self.files.discard_handles()
+        self.tcp.link_changed()
 
     def emit_event(self, encoded: bytes) -> None:
         """Send an event on the current link; wait for one while there is none."""

@@ -34,6 +34,13 @@ CHUNK_SIZE = 1024 * 1024
 
 KINDS = frozenset({"hello", "request", "response", "data", "event", "cancel"})
 
+#: ``data`` frames on this stream carry the bytes of a relayed TCP connection (``id`` = stream id).
+TCP_STREAM = "tcp"
+#: Bytes either end of a TCP stream may send before the receiver grants more (``tcp.window``).
+TCP_WINDOW = 256 * 1024
+#: Events that open, credit and abort TCP streams (their fields are checked here; docs/protocol.md).
+TCP_EVENTS = frozenset({"tcp.open", "tcp.window", "tcp.close"})
+
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid mvm frame."""
@@ -101,6 +108,8 @@ def validate_header(header: Any) -> None:
     if kind == "event":
         if not isinstance(header.get("event"), str):
             raise ProtocolError("event frame needs a string 'event'")
+        if header["event"] in TCP_EVENTS:
+            _validate_tcp_event(header)
         return
     ident = header.get("id")
     if not _is_int(ident) or ident < 0:
@@ -118,8 +127,33 @@ def validate_header(header: Any) -> None:
             error = header.get("error")
             if not isinstance(error, dict) or not isinstance(error.get("type"), str):
                 raise ProtocolError("failed response needs an 'error' object with a string 'type'")
-    if kind == "data" and not isinstance(header.get("stream"), str):
-        raise ProtocolError("data frame needs a string 'stream'")
+    if kind == "data":
+        if not isinstance(header.get("stream"), str):
+            raise ProtocolError("data frame needs a string 'stream'")
+        if header["stream"] == TCP_STREAM:
+            if ident < 1:
+                raise ProtocolError("a tcp data frame needs a stream id >= 1")
+            if "eof" in header and not isinstance(header["eof"], bool):
+                raise ProtocolError("a tcp data frame's 'eof' must be a boolean")
+
+
+def _validate_tcp_event(header: dict[str, Any]) -> None:
+    name = header["event"]
+    stream = header.get("stream")
+    if not _is_int(stream) or stream < 1:
+        raise ProtocolError(f"{name} needs an integer 'stream' >= 1")
+    if name == "tcp.window":
+        grant = header.get("bytes")
+        if not _is_int(grant) or not 1 <= grant <= 1 << 32:
+            raise ProtocolError("tcp.window needs an integer 'bytes' in 1..2**32")
+    elif name == "tcp.open":
+        port = header.get("port")
+        if not _is_int(port) or not 1 <= port <= 65535:
+            raise ProtocolError("tcp.open needs an integer 'port' in 1..65535")
+        if not isinstance(header.get("peer", ""), str):
+            raise ProtocolError("tcp.open's 'peer' must be a string")
+    elif not isinstance(header.get("reason", ""), str):
+        raise ProtocolError("tcp.close's 'reason' must be a string")
 
 
 @dataclass
@@ -165,8 +199,9 @@ class FrameDecoder:
         end = PREFIX.size + header_len + payload_len
         if len(self._buffer) < end:
             return None
-        raw = bytes(self._buffer[PREFIX.size : PREFIX.size + header_len])
-        payload = bytes(self._buffer[PREFIX.size + header_len : end])
+        with memoryview(self._buffer) as view:  # one copy each (a bytearray slice would be two)
+            raw = bytes(view[PREFIX.size : PREFIX.size + header_len])
+            payload = bytes(view[PREFIX.size + header_len : end])
         del self._buffer[:end]
         try:
             header = json.loads(raw.decode("utf-8"))

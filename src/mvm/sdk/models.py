@@ -158,7 +158,47 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class PortForward:
+    """A host listener relayed to a guest port (``sandbox.ports.forward``); ``close()`` it,
+    or use it as a context manager. ``connections`` counts the open ones when listed."""
+
     host: str
     host_port: int
     guest_port: int
     id: str | None = None
+    detached: bool = True
+    connections: int = 0
+    total_connections: int = 0
+    audit_id: str | None = None
+    _sandbox: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], sandbox: Any = None) -> PortForward:
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        return cls(**{k: v for k, v in raw.items() if k in known}, _sandbox=sandbox)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to connect to (``[::1]:port`` for IPv6)."""
+        return f"[{self.host}]:{self.host_port}" if ":" in self.host else f"{self.host}:{self.host_port}"
+
+    def close(self) -> None:
+        """Stop listening and reset this forward's connections (a no-op once closed)."""
+        if self._sandbox is None:
+            raise RuntimeError("this PortForward is not bound to a sandbox")
+        from .. import errors
+
+        try:
+            self._sandbox.ports.close(self)
+        except errors.InvalidArgument:
+            pass  # already closed
+        except (errors.SandboxError, errors.SandboxNotFound, errors.InvalidState):
+            pass  # the sandbox is gone, and its forwards with it
+
+    def __enter__(self) -> PortForward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if not f.startswith("_")}

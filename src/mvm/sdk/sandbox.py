@@ -22,6 +22,7 @@ from .commands import Commands
 from .files import Files
 from .includes import collect_includes
 from .models import LogEvent, SandboxInfo, Snapshot
+from .network import Network, Ports
 from .policy import network as make_network
 from .policy import resources as make_resources
 
@@ -56,6 +57,8 @@ class Sandbox:
         self._killed = False
         self.commands = Commands(self)
         self.files = Files(self)
+        self.ports = Ports(self)
+        self.network = Network(self)
 
     def __repr__(self) -> str:
         return f"<Sandbox {self.name} ({self.id})>"

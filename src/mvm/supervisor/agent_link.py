@@ -36,6 +36,10 @@ class AgentLink:
         self._channel: FramedChannel | None = None
         self._generation = 0
         self.agent_hello: dict[str, Any] = {}
+        #: TCP stream frames (``data`` and ``tcp.*`` events) go here instead of ``on_event``.
+        self.on_stream: EventHandler | None = None
+        #: Called whenever the channel is replaced or lost (its TCP streams are gone with it).
+        self.on_change: list[Callable[[], None]] = []
 
     def attach(self, sock: socket.socket, *, timeout: float = 30.0) -> dict[str, Any]:
         """Take a fresh socket to the agent: hello both ways, start reading."""
@@ -66,6 +70,7 @@ class AgentLink:
             old.close()
         for box in stale:
             box.put(_LOST)
+        self._changed()
         self.agent_hello = hello
         threading.Thread(target=self._read_loop, args=(channel, generation), name="mvm-agent-reader",
                          daemon=True).start()
@@ -81,6 +86,24 @@ class AgentLink:
             old.close()
         for box in stale:
             box.put(_LOST)
+        self._changed()
+
+    def _changed(self) -> None:
+        for callback in list(self.on_change):
+            try:
+                callback()
+            except Exception:
+                pass
+
+    def send(self, encoded: bytes) -> None:
+        """Put one already-encoded frame on the current channel (TCP stream frames)."""
+        channel = self._channel
+        if channel is None:
+            raise errors.InvalidState("the sandbox is not running (no agent connection)")
+        try:
+            channel.send_raw(encoded)
+        except ChannelClosed:
+            raise errors.SandboxError("the guest agent connection is closed") from None
 
     @property
     def attached(self) -> bool:
@@ -119,7 +142,13 @@ class AgentLink:
             while True:
                 frame = channel.recv()
                 if frame.kind == "event":
-                    self._on_event(frame)
+                    if self.on_stream is not None and frame.header["event"] in codec.TCP_EVENTS:
+                        self.on_stream(frame)
+                    else:
+                        self._on_event(frame)
+                elif frame.kind == "data":
+                    if self.on_stream is not None:
+                        self.on_stream(frame)
                 elif frame.kind == "response":
                     with self._lock:
                         box = self._waiting.get(frame.id) if frame.id is not None else None
@@ -142,4 +171,5 @@ class AgentLink:
         for box in stale:
             box.put(_LOST)
         if current:
+            self._changed()
             self._on_lost(reason)

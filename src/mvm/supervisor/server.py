@@ -34,6 +34,7 @@ from ..templates import ensure_template
 from .agent_link import AgentLink
 from .audit import Auditor, set_actor
 from .logbook import LogBook
+from .network import NETWORK_OPS, NetworkManager
 from .processes import ProcessTable
 from .state import CONTROL_SOCKET, write_json_atomic
 
@@ -191,6 +192,7 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self._stop_serving = threading.Event()
         self._destroyed = threading.Event()
+        self.network = NetworkManager(self)  # port forwards, egress proxy (TCP streams over the agent link)
 
     # ---- boot ---------------------------------------------------------------
 
@@ -251,6 +253,7 @@ class Supervisor:
             "entropy_hex": _secrets.token_hex(32),
             "hostname": "sandbox",
         }, timeout=15)
+        self.network.agent_attached()
 
     def _restore_from(self, snapshot_id: str) -> None:
         from ..security.sealing import SnapshotStore
@@ -323,7 +326,7 @@ class Supervisor:
             "backend": self.config["backend"],
             "isolation": details.get("isolation", self.backend.isolation),
             "resources": self.config["resources"],
-            "network": self.config["network"],
+            "network": self.network.describe(),
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "workload_id": self.config.get("workload_id"),
@@ -353,9 +356,11 @@ class Supervisor:
         op = ctx.op
         if op in FORWARDED_OPS:
             return self._forward(ctx)
+        if op in NETWORK_OPS:
+            return self.network.handle(ctx)
         handler = self.HANDLERS.get(op)
         if handler is None:
-            raise errors.UnknownOp(f"unknown operation {op!r}", allowed=sorted([*self.HANDLERS, *FORWARDED_OPS]))
+            raise errors.UnknownOp(f"unknown operation {op!r}", allowed=sorted([*self.HANDLERS, *FORWARDED_OPS, *NETWORK_OPS]))
         return handler(self, ctx)
 
     def _forward(self, ctx: RequestContext) -> tuple[dict[str, Any], bytes]:
@@ -691,6 +696,7 @@ class Supervisor:
             self._destroyed.set()
         audit_id = self.audit.record("sandbox.destroy", {"reason": reason})
         self.logs.system(f"sandbox destroyed ({reason})", audit_id)
+        self.network.close()
         self.agent.detach()
         self.processes.mark_all_lost()
         if self.instance is not None:
