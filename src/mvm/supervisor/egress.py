@@ -116,7 +116,7 @@ class EgressPolicy:
             return Decision(False, f"network mode is {self.mode}")
         rules = [rule for rule in self.rules if rule.port == port]
         if not rules:
-            return Decision(False, f"no allow-list entry for port {port}")
+            return Decision(False, "not in the allow-list")
         host = host.lower().rstrip(".")
         try:
             literal: IPAddress | None = _unmapped(ipaddress.ip_address(host.strip("[]")))

@@ -225,7 +225,7 @@ def test_invalid_input_names_the_field(backend, make_spec, template, state_root)
         backend.create(make_spec(max_processes=2))
     assert err.value.field == "resources.max_processes"
     with pytest.raises(InvalidNetworkPolicy) as err:
-        backend.create(replace(make_spec(), network=NetworkPolicy(mode="open")))
+        backend.create(replace(make_spec(), network=NetworkPolicy(mode="wide-open")))  # type: ignore[arg-type]
     assert err.value.field == "network.mode"
     spec = make_spec()
     bad_template = replace(spec.template, directory=state_root / "missing")

@@ -46,7 +46,7 @@ from ...errors import (
 )
 from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
 from . import bwrap as bw
-from . import cgroups, layer, seccomp
+from . import cgroups, layer, pasta, seccomp
 from .overlay import (
     CopyRoot,
     FuseOverlayRoot,
@@ -154,6 +154,7 @@ class NamespaceInstance(BackendInstance):
         self._state = "created"
         self._proc: subprocess.Popen[bytes] | None = None
         self._init_pid: int | None = None
+        self._pasta: subprocess.Popen[bytes] | None = None  # network mode "open" only
         self._userns_fd: int | None = None
         self.idmap = IdMap.for_sandbox(spec.sandbox_id) if uid_mode == "idmapped" else None
         self.cgroup = cgroups.for_sandbox(f"mvm-{spec.sandbox_id}")
@@ -192,8 +193,15 @@ class NamespaceInstance(BackendInstance):
                 "uid_map": self.uid_map(),
                 "bwrap_pid": proc.pid if proc is not None and proc.poll() is None else None,
                 "bwrap_starttime": _proc_starttime(proc.pid) if proc is not None and proc.poll() is None else None,
+                **self._pasta_record(),
             },
         )
+
+    def _pasta_record(self) -> dict[str, Any]:
+        proc = self._pasta
+        alive = proc is not None and proc.poll() is None
+        return {"pasta_pid": proc.pid if alive else None,  # type: ignore[union-attr]
+                "pasta_starttime": _proc_starttime(proc.pid) if alive else None}  # type: ignore[union-attr]
 
     def uid_map(self) -> dict[str, Any]:
         if self.idmap is not None:
@@ -306,6 +314,8 @@ class NamespaceInstance(BackendInstance):
                 )
             self._proc = proc
             self._init_pid = int(info["child-pid"])
+            if self.spec.network.mode == "open":
+                self._start_pasta()
             self._await_agent(parent, proc, log_path, drain)
             return parent
         except BaseException:
@@ -358,7 +368,23 @@ class NamespaceInstance(BackendInstance):
             self._write_record()
             return sock
 
+    def _start_pasta(self) -> None:
+        """Network mode open: attach pasta to the sandbox's network namespace (see pasta.py)."""
+        assert self._init_pid is not None
+        log_path = self.spec.backend_dir / "pasta.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            self._pasta = pasta.attach(self._init_pid, self.spec.backend_dir, bw._LAUNCHER.call, log_fd)
+        except (RuntimeError, OSError) as exc:
+            self._kill()
+            raise SandboxError(f"network mode open: pasta failed: {exc}: {_log_tail(log_path) or 'no output'}")
+        finally:
+            os.close(log_fd)
+        self._write_record()
+
     def _kill(self) -> None:
+        pasta.stop(self._pasta)
+        self._pasta = None
         try:
             self.cgroup.kill_all()
         finally:
@@ -499,7 +525,11 @@ class NamespaceInstance(BackendInstance):
         res = self.spec.resources
         notes = [
             "isolation: Linux namespaces on the host's kernel (weaker than a VM: a kernel bug is a sandbox escape)",
-            "network: loopback only (its own network namespace; no interface to the host or beyond)",
+            "network: loopback only (its own network namespace; no interface to the host or beyond)"
+            if self.spec.network.mode != "open" else
+            "network mode open (an explicit opt-in): pasta gives the sandbox eth0 10.0.2.15 with full outbound "
+            "access; every service on the host's loopback is reachable as 10.0.2.2; pasta runs as host root "
+            "(it must join the sandbox's user namespace) and confines itself after setup",
             f"limits: cgroup {self.cgroup.version}: memory {res.memory_mb} MiB (no swap), cpu "
             f"{res.cpu_cores} core(s), {res.max_processes} tasks (threads count; bwrap and the agent "
             "use 3 or more)",
@@ -528,7 +558,8 @@ class NamespaceInstance(BackendInstance):
                 "rootfs_size_mb": res.rootfs_size_mb if self.layer.kind == "overlay-tmpfs" else None,
                 "max_processes": res.max_processes,
             },
-            "network": "loopback-only",
+            "network": "loopback-only" if self.spec.network.mode != "open" else
+                       "open: pasta (eth0 10.0.2.15; the host's loopback is reachable as 10.0.2.2, DNS 10.0.2.3)",
             "notes": notes,
         }
 
@@ -673,14 +704,16 @@ def _validate(spec: SandboxSpec) -> None:
         raise InvalidArgument(
             "resources.max_processes", f"{res.max_processes!r} is too small", allowed=f">= {MIN_PROCESSES}"
         )
-    if spec.network.mode == "open":
+    if spec.network.mode == "open" and pasta.pasta_path() is None:
         raise InvalidNetworkPolicy(
             "network.mode",
-            "the namespace backend gives a sandbox loopback only (egress goes through the host proxy)",
+            "mode='open' on the namespace backend needs pasta (apt-get install passt); without it a sandbox "
+            "has loopback only (egress goes through the host proxy)",
             allowed=["deny", "allow"],
         )
-    if spec.network.mode not in ("deny", "allow"):
-        raise InvalidNetworkPolicy("network.mode", f"unknown mode {spec.network.mode!r}", allowed=["deny", "allow"])
+    if spec.network.mode not in ("deny", "allow", "open"):
+        raise InvalidNetworkPolicy("network.mode", f"unknown mode {spec.network.mode!r}",
+                                   allowed=["deny", "allow", "open"])
     rootfs = spec.template.rootfs
     if not rootfs.is_dir():
         raise InvalidArgument("template", f"{spec.template.name}: {rootfs} is not a built root file system")
@@ -696,10 +729,11 @@ def cleanup_orphan(state_dir: Path) -> None:
     except (OSError, ValueError):
         pass
     errors: list[str] = []
-    pid, start = record.get("bwrap_pid"), record.get("bwrap_starttime")
-    if isinstance(pid, int) and pid > 0 and start is not None and _proc_starttime(pid) == start:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    for pid_key, start_key in (("bwrap_pid", "bwrap_starttime"), ("pasta_pid", "pasta_starttime")):
+        pid, start = record.get(pid_key), record.get(start_key)
+        if isinstance(pid, int) and pid > 0 and start is not None and _proc_starttime(pid) == start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
     if record.get("cgroup"):
         try:
             cgroups.from_record(record["cgroup"]).remove()

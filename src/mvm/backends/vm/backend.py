@@ -37,9 +37,9 @@ from .initramfs import INIT_FAIL_PREFIX, busybox_path, ensure_initramfs, initram
 from .kernel import Kernel, ensure_kernel, kernel_obtainable
 from .process import kill_recorded, spawn, start_time, terminate
 from .qemu import (
-    DEVICES,
     MACHINE,
     QemuConfig,
+    devices_for,
     kernel_cmdline,
     qemu_binary,
     qemu_img,
@@ -133,6 +133,8 @@ class VmInstance(BackendInstance):
             raise InvalidArgument("cpu_cores", f"{res.cpu_cores} is not positive", allowed="> 0")
         self.vcpus = vcpus_for(res.cpu_cores)
         self.memory_mb = int(res.memory_mb)
+        self.net = "user" if spec.network.mode == "open" else None  # a NIC only for the explicit opt-in
+        self.devices = devices_for(self.net)
         self.rootfs_size_mb = int(res.rootfs_size_mb)
 
         # The outermost directory this constructor creates (at most the sandbox's state_dir).
@@ -147,7 +149,8 @@ class VmInstance(BackendInstance):
             self.kvm_status: str = verdict["kvm_status"]
             self.base = disk.sized_base(spec.template, self.rootfs_size_mb)
             try:
-                self.cmdline = kernel_cmdline(self.accel, [*spec.template.agent_command, "--virtio-port", "agent"])
+                self.cmdline = kernel_cmdline(self.accel, [*spec.template.agent_command, "--virtio-port", "agent"],
+                                              net=self.net)
             except ValueError as exc:
                 raise InvalidArgument("template", str(exc)) from None
             self.boot_timeout = _boot_timeout(self.accel)
@@ -234,6 +237,7 @@ class VmInstance(BackendInstance):
             agent_socket=self.agent_socket,
             disk=self.dir / self._layers[-1],
             incoming=incoming,
+            net=self.net,
         )
 
     def _launch(self, incoming: str | None = None) -> None:
@@ -403,7 +407,7 @@ class VmInstance(BackendInstance):
             "memory_mb": self.memory_mb,
             "rootfs_size_mb": self.rootfs_size_mb,
             "cmdline": self.cmdline,
-            "devices": list(DEVICES),
+            "devices": list(self.devices),
         }
 
     def _cold_boot(self, keep_hello_socket: bool = False) -> socket.socket:
@@ -528,7 +532,7 @@ class VmInstance(BackendInstance):
             "accel": self.accel,
             "memory_mb": self.memory_mb,
             "vcpus": self.vcpus,
-            "devices": list(DEVICES),
+            "devices": list(self.devices),
             "kernel_version": self.kernel.version,
             "initramfs": initramfs_digest(self.initrd),
             "cmdline": self.cmdline,
@@ -575,7 +579,7 @@ class VmInstance(BackendInstance):
             "accel": self.accel,
             "memory_mb": self.memory_mb,
             "vcpus": self.vcpus,
-            "devices": list(DEVICES),
+            "devices": list(self.devices),
             "kernel_version": self.kernel.version,
             "template_digest": self.spec.template.digest,
         }
@@ -673,6 +677,9 @@ class VmInstance(BackendInstance):
             "restored clones share the guest kernel's KASLR layout, and its boot_id if it was read before "
             "the snapshot (it cannot be changed from userspace); the supervisor re-seeds their RNG after restore"
         )
+        if self.net:
+            notes.append("network mode open: full outbound access through QEMU user networking (an explicit "
+                         "opt-in); every service on the host's loopback is reachable as 10.0.2.2")
         if self._ready_note:
             notes.append(self._ready_note)
         return {
@@ -691,7 +698,9 @@ class VmInstance(BackendInstance):
             "boot_seconds": round(getattr(self, "boot_seconds", 0.0), 3) or None,
             "state": self._state,
             "guest_aslr": self.accel != "tcg",
-            "network": "none (no network device)",
+            "network": ("open: QEMU user networking (slirp NIC, guest 10.0.2.15; the host's loopback is "
+                        "reachable as 10.0.2.2, DNS 10.0.2.3)") if self.net else
+                       "none (no network device; loopback only)",
             "notes": notes,
         }
 

@@ -53,6 +53,8 @@ MODULES = (
 )
 #: Loaded at every boot (the NIC modules only when a NIC is configured).
 BOOT_MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "virtio-rng")
+#: Loaded only when the VM has a NIC (network mode ``open``).
+NET_MODULES = ("failover", "net_failover", "virtio_net")
 _LAYOUT_VERSION = 1
 _LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 _XEN_ELFNOTE_PHYS32_ENTRY = 18

@@ -22,6 +22,13 @@ QEMU_IMG = "qemu-img"
 #: The emulated machine and its device list, recorded in snapshots (restore needs the same).
 MACHINE = "microvm"
 DEVICES = ("isa-serial", "virtio-rng-device", "virtio-serial-device/virtserialport:agent", "virtio-blk-device")
+#: The NIC of network mode ``open`` (QEMU user networking: slirp), added after the others.
+NET_DEVICE = "virtio-net-device/netdev:user"
+
+
+def devices_for(net: str | None) -> tuple[str, ...]:
+    """The device list of a VM with (``net="user"``) or without a NIC."""
+    return (*DEVICES, NET_DEVICE) if net == "user" else DEVICES
 
 
 def qemu_binary() -> str | None:
@@ -77,7 +84,7 @@ def vcpus_for(cpu_cores: float) -> int:
     return max(1, math.ceil(cpu_cores))
 
 
-def kernel_cmdline(accel: str, agent_argv: list[str] | None, probe: bool = False) -> str:
+def kernel_cmdline(accel: str, agent_argv: list[str] | None, probe: bool = False, net: str | None = None) -> str:
     args = ["console=ttyS0", "panic=-1", "quiet", "cryptomgr.notests", "mitigations=off"]
     tsc = host_tsc_khz()
     if tsc:
@@ -86,6 +93,8 @@ def kernel_cmdline(accel: str, agent_argv: list[str] | None, probe: bool = False
         # QEMU 7.2's TCG caches translations by guest virtual address: without guest ASLR
         # an `echo` costs ~10 ms instead of ~35 ms. A guest-side trade-off, reported by describe().
         args.append("norandmaps")
+    if net == "user":
+        args.append("mvm.net=user")
     if probe:
         args.append("mvm.mode=probe")
     elif agent_argv:
@@ -111,6 +120,7 @@ class QemuConfig:
     agent_socket: Path | None = None  # None only for the probe
     disk: Path | None = None  # the qcow2 overlay; None only for the probe
     incoming: str | None = None  # "exec:cat <file>" to restore a snapshot
+    net: str | None = None  # "user": a virtio NIC on QEMU user networking (network mode open)
 
     def argv(self) -> list[str]:
         binary = qemu_binary() or QEMU_BINARY
@@ -147,6 +157,13 @@ class QemuConfig:
             argv += [
                 "-drive", f"file={_opt(self.disk)},if=none,id=disk0,format=qcow2,discard=unmap,detect-zeroes=unmap",
                 "-device", "virtio-blk-device,drive=disk0",
+            ]
+        if self.net == "user":
+            # slirp: guest 10.0.2.15, host loopback reachable as 10.0.2.2, DNS 10.0.2.3; no IPv6,
+            # no inbound forwards (ports go through the agent like in every other mode).
+            argv += [
+                "-netdev", "user,id=n0,ipv6=off",
+                "-device", "virtio-net-device,netdev=n0",
             ]
         if self.incoming is not None:
             argv += ["-incoming", self.incoming]
