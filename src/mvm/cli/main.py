@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "mvm.cli.doctor",
     "mvm.cli.security",
     "mvm.cli.modes",
+    "mvm.cli.network",
 )
 
 

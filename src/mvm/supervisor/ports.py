@@ -211,7 +211,8 @@ def _bind_address(host: str, allow_wildcard: bool) -> str:
         if not allow_wildcard:
             raise errors.InvalidArgument(
                 "host", f"{host or '(empty)'!r} would listen on every interface of the host; pass "
-                "allow_wildcard=True if that is what you want", allowed="a specific address such as '127.0.0.1'")
+                "allow_wildcard=True (mvmctl: --allow-wildcard) if that is what you want",
+                allowed="a specific address such as '127.0.0.1'")
         return "::" if host == "::" else "0.0.0.0"
     if host == "localhost":
         return "127.0.0.1"
