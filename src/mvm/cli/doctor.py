@@ -36,10 +36,12 @@ def doctor(as_json: bool) -> None:
         for name in PREFERENCE:
             entry = report[name]
             assert isinstance(entry, dict)
-            mark = "ok " if entry["ok"] else "no "
-            click.echo(f"[{mark}] backend {name}: {entry['reason'] or 'usable'}")
+            if entry["ok"]:
+                click.echo(f"[ok ] backend {name}: usable")
+            else:
+                click.echo(f"[no ] backend {name}: {entry['reason']}")
             for key, value in entry.items():
-                if key not in ("ok", "reason"):
+                if key != "ok" and not (key == "reason" and not entry["ok"]) and value:
                     click.echo(f"        {key}: {value}")
         click.echo(f"default backend: {report['default_backend'] or report.get('default_backend_error')}")
         click.echo(f"state directory: {report['mvm_home']} ({report['free_disk_gb']} GB free)")
