@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import TextIO
 import os
 import shutil
 import sys
@@ -159,8 +161,8 @@ def exec_(
             timeout_seconds=timeout_seconds,
             max_output_bytes=max_output_bytes,
             stdin=sys.stdin.buffer.read() if use_stdin else None,
-            on_stdout=(lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream else None,
-            on_stderr=(lambda s: (sys.stderr.write(s), sys.stderr.flush())) if stream else None,
+            on_stdout=_echo_to(sys.stdout) if stream else None,
+            on_stderr=_echo_to(sys.stderr) if stream else None,
         )
     except errors.CommandTimeout as exc:
         if as_json:
@@ -176,6 +178,14 @@ def exec_(
     elif result.truncated:
         click.echo(f"mvmctl: output truncated at {max_output_bytes} bytes per stream", err=True)
     sys.exit(result.exit_code if result.exit_code is not None else 1)
+
+
+def _echo_to(stream: TextIO) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    return write
 
 
 @click.command()

@@ -102,7 +102,7 @@ def reap(directory: Path, record: dict[str, Any] | None) -> None:
 
     if record:
         pid = record.get("supervisor_pid")
-        if pid_alive(pid):
+        if isinstance(pid, int) and pid_alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
