@@ -23,7 +23,8 @@ json_values = st.recursive(
 )
 extras = st.dictionaries(st.text(max_size=10).filter(lambda k: k not in {"kind", "id", "ok", "error", "result",
                                                                             "op", "args", "stream", "event",
-                                                                            "protocol", "version", "role"}),
+                                                                            "protocol", "version", "role",
+                                                                            "eof"}),
                          json_values, max_size=4)
 ids = st.integers(0, 2**53)
 objects = st.dictionaries(st.text(max_size=10), json_values, max_size=4)
@@ -36,8 +37,8 @@ def headers(draw: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"kind": kind}
     if kind == "hello":
         base.update(protocol="mvm", version=draw(st.integers(0, 10)), role=draw(st.text(max_size=10)))
-    elif kind == "event":
-        base["event"] = draw(st.text(max_size=20))
+    elif kind == "event":  # (the tcp.* events have required fields: tests/protocol/test_tcpmux.py)
+        base["event"] = draw(st.text(max_size=20).filter(lambda name: name not in codec.TCP_EVENTS))
     else:
         base["id"] = draw(ids)
         if kind == "request":
@@ -48,7 +49,7 @@ def headers(draw: Any) -> dict[str, Any]:
             else:
                 base.update(ok=False, error={"type": draw(st.text(max_size=10)), "message": draw(st.text())})
         elif kind == "data":
-            base["stream"] = draw(st.text(max_size=10))
+            base["stream"] = draw(st.text(max_size=10).filter(lambda name: name != codec.TCP_STREAM))
     return {**draw(extras), **base}
 
 
