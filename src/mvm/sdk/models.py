@@ -159,7 +159,8 @@ class Snapshot:
 @dataclass(frozen=True)
 class PortForward:
     """A host listener relayed to a guest port (``sandbox.ports.forward``); ``close()`` it,
-    or use it as a context manager. ``connections`` counts the open ones when listed."""
+    or use it as a context manager. The counters are as of the call that returned it
+    (``sandbox.ports.list()`` for fresh ones)."""
 
     host: str
     host_port: int
@@ -168,6 +169,9 @@ class PortForward:
     detached: bool = True
     connections: int = 0
     total_connections: int = 0
+    failed_connections: int = 0
+    bytes_in: int = 0  # host -> guest, of finished connections
+    bytes_out: int = 0  # guest -> host
     audit_id: str | None = None
     _sandbox: Any = field(default=None, repr=False, compare=False)
 
