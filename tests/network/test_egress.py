@@ -1,0 +1,206 @@
+"""Allow-listed egress: the guest reaches host servers (on 127.0.0.1, listed explicitly)
+only through the supervisor's proxy; everything else is refused, logged and audited."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterator
+
+import pytest
+from conftest import HostHttp, create
+
+import mvm
+from mvm.supervisor.egress import EgressPolicy, is_sensitive, parse_request
+
+#: Run in the guest: GET through the proxy (plain HTTP) and a CONNECT tunnel, per port given.
+GUEST_CLIENT = r'''
+import http.client, json, os, sys, urllib.request
+out = {"env": {k: os.environ.get(k) for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "NO_PROXY")}}
+host = sys.argv[1]
+for port in sys.argv[2:]:
+    try:
+        out[f"get:{port}"] = urllib.request.urlopen(f"http://{host}:{port}/get", timeout=30).read().decode()
+    except Exception as exc:
+        out[f"get:{port}"] = f"{type(exc).__name__}: {exc}"
+    try:
+        proxy = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
+        conn = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=30)
+        conn.set_tunnel(host, int(port))
+        conn.request("GET", "/tunnel")
+        out[f"connect:{port}"] = conn.getresponse().read().decode()
+    except Exception as exc:
+        out[f"connect:{port}"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def box(backend: str, host_http: tuple[HostHttp, HostHttp]) -> Iterator[mvm.Sandbox]:
+    allowed, _ = host_http
+    with create(backend, mvm.network(mode="allow", allow=[f"127.0.0.1:{allowed.port}"])) as sandbox:
+        sandbox.files.write("/srv/client.py", GUEST_CLIENT)
+        yield sandbox
+
+
+def _probe(box: mvm.Sandbox, *ports: int, host: str = "127.0.0.1") -> dict:
+    # NO_PROXY lists 127.0.0.1 (guest-local services): these host servers live there too,
+    # so the test clears it to send them through the proxy.
+    result = box.commands.run(["python3", "/srv/client.py", host, *map(str, ports)],
+                              env={"NO_PROXY": "", "no_proxy": ""}, timeout_seconds=120)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _network_log(box: mvm.Sandbox) -> list[str]:
+    return [e.message for e in box.logs() if e.source == "network"]
+
+
+def test_allowed_destination_works_and_the_rest_is_refused(box: mvm.Sandbox,
+                                                           host_http: tuple[HostHttp, HostHttp]) -> None:
+    allowed, refused = host_http
+    refused_before = len(refused.requests)
+    out = _probe(box, allowed.port, refused.port)
+    assert out["env"] == {"HTTP_PROXY": "http://127.0.0.1:3128", "HTTPS_PROXY": "http://127.0.0.1:3128",
+                          "http_proxy": "http://127.0.0.1:3128", "NO_PROXY": ""}  # (cleared by _probe)
+    assert box.commands.run(["printenv", "NO_PROXY"]).stdout == "localhost,127.0.0.1\n"
+    assert out[f"get:{allowed.port}"] == f"hello from {allowed.port} path=/get"
+    assert out[f"connect:{allowed.port}"] == f"hello from {allowed.port} path=/tunnel"
+    assert out[f"get:{refused.port}"].startswith("HTTPError: HTTP Error 403")
+    assert "403" in out[f"connect:{refused.port}"]
+    assert len(refused.requests) == refused_before  # the refused server never saw a byte
+    log = _network_log(box)
+    assert f"egress allowed: GET 127.0.0.1:{allowed.port} -> 127.0.0.1" in log
+    assert f"egress allowed: CONNECT 127.0.0.1:{allowed.port} -> 127.0.0.1" in log
+    assert f"egress refused: GET 127.0.0.1:{refused.port} (not in the allow-list)" in log
+    assert f"egress refused: CONNECT 127.0.0.1:{refused.port} (not in the allow-list)" in log
+    audit = [e.message for e in box.logs() if e.source == "audit"]
+    assert "network.egress ok" in audit and "network.egress error (EgressRefused)" in audit
+    egress = box.describe().network["egress"]
+    assert egress["ready"] and egress["allowed"] >= 2 and egress["refused"] >= 2
+
+
+def test_allow_mode_has_no_interface_either(box: mvm.Sandbox) -> None:
+    result = box.commands.run(["python3", "-c", "import socket; print(sorted(n for _, n in socket.if_nameindex()))"])
+    assert result.stdout.strip() == "['lo']"
+
+
+def test_private_ranges_need_an_explicit_entry(box: mvm.Sandbox, host_http: tuple[HostHttp, HostHttp]) -> None:
+    allowed, _ = host_http
+    before = len(allowed.requests)
+    try:
+        # a listed *name* that resolves to loopback is refused (DNS rebinding) ...
+        box.network.update(allow=[f"localhost:{allowed.port}"])
+        assert "403" in _probe(box, allowed.port, host="localhost")[f"get:{allowed.port}"]
+        assert any("resolves only to non-public addresses" in m for m in _network_log(box))
+        # ... and so is a loopback address matched only by a wildcard entry
+        box.network.update(allow=[f"*:{allowed.port}"], allow_wildcards=True)
+        assert "403" in _probe(box, allowed.port)[f"get:{allowed.port}"]
+        assert any("127.0.0.1 is not a public address" in m for m in _network_log(box))
+        assert len(allowed.requests) == before  # none of these got through
+    finally:
+        box.network.update(allow=[f"127.0.0.1:{allowed.port}"], allow_wildcards=False)
+    assert _probe(box, allowed.port)[f"get:{allowed.port}"].startswith("hello from")
+
+
+def test_network_update_validates_switches_modes_and_is_audited(box: mvm.Sandbox,
+                                                                 host_http: tuple[HostHttp, HostHttp]) -> None:
+    allowed, refused = host_http
+    with pytest.raises(mvm.InvalidNetworkPolicy) as err:
+        box.network.update(allow=["pypi.org:99999"])
+    assert "pypi.org:99999" in err.value.field
+    with pytest.raises(mvm.InvalidNetworkPolicy) as err:
+        box.network.update(allow=["*.example.com:443"])
+    assert "wildcards" in str(err.value)
+    policy = box.network.update(allow=[f"127.0.0.1:{refused.port}"])
+    assert policy["allow"] == [f"127.0.0.1:{refused.port}"]
+    out = _probe(box, allowed.port, refused.port)
+    assert out[f"get:{refused.port}"].startswith("hello from") and "403" in out[f"get:{allowed.port}"]
+    try:
+        assert box.network.update(allow=[])["mode"] == "deny"  # no proxy, no proxy env
+        env = box.commands.run(["env"]).stdout
+        assert "HTTP_PROXY" not in env
+        gone = box.commands.run(["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 3128))"])
+        assert "ConnectionRefusedError" in gone.stderr  # the listener is gone too
+    finally:
+        box.network.update(allow=[f"127.0.0.1:{allowed.port}"])
+    assert box.describe().network["mode"] == "allow"
+    assert any(m.startswith("network policy updated: mode deny") for m in _network_log(box))
+    assert "network.update ok" in [e.message for e in box.logs() if e.source == "audit"]
+
+
+# ---- the policy itself (no sandbox) -------------------------------------------------------------
+
+
+def _policy(*allow: str, wildcards: bool = False) -> EgressPolicy:
+    return EgressPolicy.from_config({"mode": "allow", "allow": list(allow), "allow_wildcards": wildcards})
+
+
+def _resolver(table: dict[str, list[str]]):  # noqa: ANN202
+    def resolve(host: str, port: int) -> list[str]:
+        if host not in table:
+            raise OSError("unknown host")
+        return table[host]
+
+    return resolve
+
+
+def test_policy_decisions() -> None:
+    dns = _resolver({"pypi.org": ["151.101.0.223"], "files.pythonhosted.org": ["151.101.64.223"],
+                     "evil.example": ["10.0.0.5"], "mixed.example": ["10.0.0.6", "93.184.216.34"],
+                     "a.example.com": ["93.184.216.35"], "example.com": ["93.184.216.34"]})
+    policy = _policy("pypi.org:443", "files.pythonhosted.org:443", "127.0.0.1:8080", "evil.example:443",
+                     "mixed.example:443")
+    assert policy.decide("pypi.org", 443, dns).addresses == ("151.101.0.223",)
+    assert policy.decide("PyPI.org.", 443, dns).allowed  # case and a trailing dot do not matter
+    assert not policy.decide("pypi.org", 80, dns).allowed  # the port is part of the entry
+    assert not policy.decide("pypi.org.evil.example", 443, dns).allowed
+    assert policy.decide("127.0.0.1", 8080, dns).allowed  # listed explicitly
+    assert not policy.decide("127.0.0.2", 8080, dns).allowed
+    assert not policy.decide("evil.example", 443, dns).allowed  # a name resolving to a private address
+    assert policy.decide("mixed.example", 443, dns).addresses == ("93.184.216.34",)  # private ones dropped
+    assert policy.decide("::ffff:127.0.0.1", 8080, dns).allowed  # v4-mapped: the same address
+    wild = _policy("*.example.com:443", "*:80", "10.1.0.0/16:22", wildcards=True)
+    assert wild.decide("a.example.com", 443, dns).allowed
+    assert not wild.decide("example.com", 443, dns).allowed  # "*." needs a subdomain
+    assert wild.decide("93.184.216.34", 80, dns).allowed
+    for private in ("127.0.0.1", "10.0.0.1", "169.254.169.254", "192.168.1.1", "100.64.0.1", "::1", "fd00::1",
+                    "fe80::1", "0.0.0.0"):
+        assert not wild.decide(private, 80, dns).allowed, private  # a wildcard never reaches private ranges
+    assert wild.decide("10.1.2.3", 22, dns).allowed  # ...but a CIDR entry is explicit
+    assert not wild.decide("10.2.2.3", 22, dns).allowed
+    denied = EgressPolicy.from_config({"mode": "deny"})
+    assert not denied.decide("pypi.org", 443, dns).allowed
+    assert all(is_sensitive(ipaddress.ip_address(a)) for a in ("169.254.169.254", "192.0.2.1", "::ffff:10.0.0.1"))
+    assert not is_sensitive(ipaddress.ip_address("151.101.0.223"))
+
+
+@pytest.mark.parametrize("head, expected", [
+    (b"CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n", ("CONNECT", "pypi.org", 443)),
+    (b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n", ("CONNECT", "::1", 8443)),
+    (b"GET http://Example.COM/a?b=c HTTP/1.1\r\nProxy-Connection: keep-alive\r\n\r\n", ("GET", "example.com", 80)),
+    (b"POST http://127.0.0.1:9000/x HTTP/1.0\r\n\r\n", ("POST", "127.0.0.1", 9000)),
+])
+def test_proxy_requests_parse(head: bytes, expected: tuple) -> None:
+    request = parse_request(head)
+    assert (request.method, request.host, request.port) == expected
+    if request.method != "CONNECT":
+        upstream = request.upstream_head().decode()
+        assert upstream.split("\r\n")[0].split(" ")[1].startswith("/")
+        assert "Proxy-Connection" not in upstream and upstream.endswith("Connection: close\r\n\r\n")
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\n\r\n",  # origin-form: not a proxy request
+    b"GET https://pypi.org/ HTTP/1.1\r\n\r\n",  # https goes through CONNECT
+    b"CONNECT pypi.org HTTP/1.1\r\n\r\n",
+    b"CONNECT bad_host!:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT pypi.org:70000 HTTP/1.1\r\n\r\n",
+    b"GET http://x/ SPDY/3\r\n\r\n",
+    b"GET http://x/ HTTP/1.1\r\nBroken header\r\n\r\n",
+])
+def test_bad_proxy_requests_are_refused(head: bytes) -> None:
+    from mvm.supervisor.egress import BadRequest
+
+    with pytest.raises(BadRequest):
+        parse_request(head)
