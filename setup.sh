@@ -14,7 +14,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 # 1. System packages: QEMU (microVM backend), bubblewrap (namespace backend), the
 #    template builder, busybox for the VM's initramfs, passt for opt-in networking.
 packages=(qemu-system-x86 qemu-utils bubblewrap busybox-static mmdebstrap passt e2fsprogs cpio
-          xz-utils zstd lz4 python3 python3-venv ca-certificates)
+          xz-utils zstd lz4 python3 python3-venv ca-certificates fuse-overlayfs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
