@@ -111,7 +111,7 @@ def test_connect_errors_name_the_problem(client: StreamClient) -> None:
     error = client.error("tcp.connect", stream=2, port=80)
     assert (error["type"], error["field"]) == ("InvalidArgument", "stream")  # host ids are odd
     assert client.error("tcp.connect", stream=5, port=0)["field"] == "port"
-    srv2, port2 = _server()
+    _srv2, port2 = _server()
     client.call("tcp.connect", stream=7, port=port2)
     assert client.error("tcp.connect", stream=7, port=port2)["field"] == "stream"  # already open
 

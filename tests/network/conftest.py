@@ -144,7 +144,7 @@ def host_http() -> Iterator[tuple[HostHttp, HostHttp]]:
     for _ in range(2):
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 host = self.server_ref  # type: ignore[attr-defined]
                 host.requests.append(self.path)
                 body = f"hello from {host.port} path={self.path}".encode()

@@ -136,7 +136,7 @@ def _policy(*allow: str, wildcards: bool = False) -> EgressPolicy:
     return EgressPolicy.from_config({"mode": "allow", "allow": list(allow), "allow_wildcards": wildcards})
 
 
-def _resolver(table: dict[str, list[str]]):  # noqa: ANN202
+def _resolver(table: dict[str, list[str]]):
     def resolve(host: str, port: int) -> list[str]:
         if host not in table:
             raise OSError("unknown host")

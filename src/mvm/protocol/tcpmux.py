@@ -453,15 +453,15 @@ class StreamMux:
                 out.extend(self._notices)
                 self._notices = []
             closed = self._closed
-        for send, frame, stream in out:
-            if stream is not None and stream.aborted and _is_data(frame):
+        for send, frame, owner in out:
+            if owner is not None and owner.aborted and _is_data(frame):
                 continue  # reset meanwhile: its bytes would only be refused
             try:
                 send(frame)
             except Exception as exc:  # the channel is gone: so are its streams
-                if stream is not None:
+                if owner is not None:
                     with self._lock:
-                        self._abort_locked(stream, f"channel closed: {exc}", notify=False)
+                        self._abort_locked(owner, f"channel closed: {exc}", notify=False)
         for on_accept, conn, addr in accepted:
             try:
                 on_accept(conn, addr)

@@ -360,7 +360,8 @@ class Supervisor:
             return self.network.handle(ctx)
         handler = self.HANDLERS.get(op)
         if handler is None:
-            raise errors.UnknownOp(f"unknown operation {op!r}", allowed=sorted([*self.HANDLERS, *FORWARDED_OPS, *NETWORK_OPS]))
+            raise errors.UnknownOp(f"unknown operation {op!r}",
+                                   allowed=sorted([*self.HANDLERS, *FORWARDED_OPS, *NETWORK_OPS]))
         return handler(self, ctx)
 
     def _forward(self, ctx: RequestContext) -> tuple[dict[str, Any], bytes]:

@@ -377,7 +377,8 @@ class NamespaceInstance(BackendInstance):
             self._pasta = pasta.attach(self._init_pid, self.spec.backend_dir, bw._LAUNCHER.call, log_fd)
         except (RuntimeError, OSError) as exc:
             self._kill()
-            raise SandboxError(f"network mode open: pasta failed: {exc}: {_log_tail(log_path) or 'no output'}")
+            raise SandboxError(
+                f"network mode open: pasta failed: {exc}: {_log_tail(log_path) or 'no output'}") from None
         finally:
             os.close(log_fd)
         self._write_record()

@@ -68,7 +68,8 @@ def attach(init_pid: int, work_dir: Path, launch: object, log_fd: int) -> subpro
         def spawn() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
                 argv(binary, pid_file, userns, netns), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                pass_fds=(userns, netns), preexec_fn=_die_with_parent, cwd="/", env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                pass_fds=(userns, netns), preexec_fn=_die_with_parent, cwd="/",
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             )
 
         proc: subprocess.Popen[bytes] = launch(spawn)  # type: ignore[operator]
