@@ -48,6 +48,8 @@ OnAccept = Callable[[socket.socket, Any], None]
 
 #: A peer cannot push our send credit past this (bounds nothing of ours, but keeps numbers sane).
 MAX_CREDIT = 1 << 32
+#: Bytes per stream frame: small enough that a command frame never waits long behind one.
+STREAM_CHUNK = 256 * 1024
 DEFAULT_MAX_STREAMS = 1024
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
@@ -362,7 +364,7 @@ class StreamMux:
         stream.mask = mask
 
     def _read(self, stream: Stream, out: list[tuple[Send, bytes, Stream | None]]) -> None:
-        size = min(stream.credit, CHUNK_SIZE)
+        size = min(stream.credit, STREAM_CHUNK)
         if size <= 0 or stream.sock is None:
             return
         try:
