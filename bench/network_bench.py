@@ -119,7 +119,7 @@ print(json.dumps(out))
 
 def start_host_server() -> int:
     namespace: dict[str, object] = {"__name__": "bench_server"}
-    exec(SERVER, namespace)  # noqa: S102 - our own server code, shared with the guest
+    exec(SERVER, namespace)
     holder: dict[str, int] = {}
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -191,7 +191,7 @@ def round_trip(port: int, count: int) -> float:
     return statistics.median(samples) * 1000
 
 
-def best(fn, runs: int) -> float:  # noqa: ANN001
+def best(fn, runs: int) -> float:
     return min(fn() for _ in range(runs))
 
 
@@ -271,7 +271,7 @@ def main() -> int:
     print(f"backend {args.backend}: {mib} MiB transfers (best of {args.runs}), {conns} connections for latency")
     print(f"{'':30} {'mvm':>12} {'direct':>12} {'ratio':>8}")
     for name, value, base, unit in rows:
-        ratio = value / base if unit == "MiB/s" else value / base
+        ratio = value / base
         label = "of direct" if unit == "MiB/s" else "x direct"
         print(f"{name:30} {value:>8.1f} {unit:<5} {base:>7.1f} {unit:<5} {ratio:>6.2f} {label}")
     forward_up = rows[0][1]
