@@ -5,6 +5,11 @@ objects, one per sandbox. The supervisor owns the instance and is the only
 caller. Everything backend-specific (bwrap flags, QEMU command lines, cgroup
 paths, QMP) lives behind this interface in ``mvm.backends.<name>``.
 
+A backend that captures guest memory (the VM) can stream the memory image of a
+snapshot through a ``MemorySink`` and read it back from a ``MemorySource`` (both
+given by the supervisor, which seals and unseals on the way) instead of writing it
+into the snapshot directory: it then never exists as a plain file.
+
 Each instance records what it must undo (pids, mounts, cgroups, disk files) in
 ``spec.state_dir / "backend"`` so that ``Backend.cleanup_orphan`` can remove a
 sandbox whose supervisor died without calling ``destroy``.
@@ -16,7 +21,7 @@ import abc
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from ..templates.image import TemplateImage
 
@@ -76,12 +81,48 @@ class SnapshotArtifacts:
     kind: Literal["full", "filesystem"]
     files: tuple[str, ...]  # names relative to the snapshot directory
     details: dict[str, Any] = field(default_factory=dict)
+    # Those of ``files`` that went to the ``memory_sink`` instead of the directory.
+    streamed: tuple[str, ...] = ()
+
+
+#: The name of the guest memory image in a ``"full"`` snapshot.
+MEMORY_IMAGE = "memory.bin"
+
+
+class MemorySink(Protocol):
+    """Where ``snapshot(dest, memory_sink=...)`` streams the memory image (the sealer)."""
+
+    def command(self) -> str:
+        """A shell command that reads the whole image on its stdin."""
+        ...
+
+    def finish(self, timeout: float = ...) -> int:
+        """Block until the image is stored; returns its size. Raises if it was not stored."""
+        ...
+
+
+class MemorySource(Protocol):
+    """Where ``restore(..., memory_source=...)`` reads the memory image from (the unsealer)."""
+
+    def command(self) -> str:
+        """A shell command that writes the whole image to its stdout."""
+        ...
+
+    def finish(self, timeout: float = ...) -> None:
+        """Block until the image was delivered whole and authentic; raises otherwise
+        (``SnapshotTampered`` when it was not authentic). Call before handing the
+        restored guest out."""
+        ...
 
 
 class BackendInstance(abc.ABC):
     """One sandbox's engine. Methods block until the state change is done."""
 
     spec: SandboxSpec
+    #: ``snapshot`` takes ``memory_sink=`` and ``restore`` takes ``memory_source=``
+    #: (keyword-only, ``None`` by default): the memory image (``MEMORY_IMAGE``) is then
+    #: streamed through them and never written to ``dest`` or read from ``source``.
+    streams_memory: ClassVar[bool] = False
 
     @abc.abstractmethod
     def start(self) -> socket.socket:
@@ -103,12 +144,14 @@ class BackendInstance(abc.ABC):
     @abc.abstractmethod
     def snapshot(self, dest: Path) -> SnapshotArtifacts:
         """Write a consistent snapshot into the empty directory ``dest``. The sandbox is
-        left running (or paused, if it was) afterwards."""
+        left running (or paused, if it was) afterwards. (With ``streams_memory``, see
+        ``memory_sink`` there.)"""
 
     @abc.abstractmethod
     def restore(self, source: Path, artifacts: SnapshotArtifacts) -> socket.socket:
         """Replace this (stopped or never started) instance's state with a snapshot and
-        run it; returns a connected socket to the agent as ``start`` does."""
+        run it; returns a connected socket to the agent as ``start`` does. (With
+        ``streams_memory``, see ``memory_source`` there.)"""
 
     @abc.abstractmethod
     def destroy(self) -> None:

@@ -36,12 +36,14 @@ import fcntl
 import hashlib
 import json
 import os
-import queue
 import re
 import secrets
+import shlex
 import shutil
+import socket
 import stat
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -52,18 +54,31 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mvm import paths
 from mvm.durations import DURATION_HELP, parse_duration
-from mvm.errors import InvalidArgument, SnapshotNotFound, SnapshotTampered
+from mvm.errors import InvalidArgument, SandboxError, SnapshotNotFound, SnapshotTampered
 
+from . import seal_stream as _seal_stream_module
 from ._fs import ensure_private_dir, fsync_dir, make_dirs, write_private_atomic
 from .canonical import canonical_json, format_ts, parse_ts
+from .seal_stream import (
+    DEFAULT_CHUNK_SIZE,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    TAG_SIZE,
+    VERSION,
+    SealInfo,
+    Tampered,
+    fd_writer,
+    recv_frame,
+    seal_stream,
+    send_frame,
+    unseal_stream,
+)
 from .keys import (
     SNAPSHOT_KEY_FILE,
     PublicKeyLike,
@@ -78,24 +93,28 @@ from .keys import (
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_EXPIRES",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "SEAL_STREAM_SCRIPT",
+    "TAG_SIZE",
+    "VERSION",
+    "OpenedSnapshot",
+    "PendingSnapshot",
     "SealInfo",
+    "SealSink",
     "SealedFile",
     "SealedSnapshot",
     "SnapshotInfo",
     "SnapshotStore",
+    "UnsealSource",
     "seal_file",
     "snapshot_key",
     "unseal_file",
     "verify_snapshot",
 ]
 
-MAGIC = b"MVMSEAL1"
-VERSION = 1
-HEADER_SIZE = 40
-TAG_SIZE = 16
-DEFAULT_CHUNK_SIZE = 1 << 20
-MIN_CHUNK_SIZE = 1 << 12
-MAX_CHUNK_SIZE = 1 << 26
 #: Retention when ``create(expires=None)``; ``MVM_SNAPSHOT_EXPIRES`` overrides it.
 DEFAULT_EXPIRES = "7d"
 SIG_DOMAIN = b"mvm-snapshot-v1"
@@ -124,45 +143,16 @@ def _check_key(key: bytes) -> None:
         raise InvalidArgument("key", "must be 32 bytes", allowed="a 256-bit AES key")
 
 
-def _file_aead(key: bytes, salt: bytes) -> AESGCM:
-    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"mvm-seal-v1").derive(bytes(key)))
+def _check_chunk_size(chunk_size: int) -> None:
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise InvalidArgument("chunk_size", str(chunk_size), allowed=f"{MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
 
 
-def _ad(header: bytes, index: int, final: bool, context: bytes) -> bytes:
-    return header + index.to_bytes(8, "big") + (b"\x01" if final else b"\x00") + context
-
-
-@dataclass(frozen=True)
-class SealInfo:
-    """What :func:`seal_file` wrote: plain and sealed sizes, sha256 of the sealed bytes."""
-
-    size: int
-    sealed_size: int
-    sealed_sha256: str
-    chunks: int
-
-
-def _open_out(path: Path) -> BinaryIO:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _open_out(path: Path, *, exclusive: bool = False) -> BinaryIO:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
     os.fchmod(fd, 0o600)
     return os.fdopen(fd, "wb", buffering=0)
-
-
-def _read_full(fh: BinaryIO, n: int) -> bytes:
-    data = fh.read(n)
-    if data is None:
-        return b""
-    if len(data) == n or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < n:
-        more = fh.read(n - got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
 
 
 def seal_file(src: Path | str, dst: Path | str, key: bytes, *, context: bytes = b"",
@@ -174,59 +164,22 @@ def seal_file(src: Path | str, dst: Path | str, key: bytes, *, context: bytes = 
     needs the same bytes. ``progress(done, total)`` is called after each chunk.
     """
     _check_key(key)
-    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-        raise InvalidArgument("chunk_size", str(chunk_size), allowed=f"{MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
-    salt = os.urandom(16)
-    prefix = os.urandom(8)
-    header = MAGIC + bytes([VERSION, 0, 0, 0]) + struct.pack(">I", chunk_size) + salt + prefix
-    assert len(header) == HEADER_SIZE
-    aead = _file_aead(key, salt)
-    digest = hashlib.sha256(header)
-    # sha256 runs in a helper thread (hashlib drops the GIL) while the next chunk is
-    # encrypted; the queue is bounded, so memory stays a few chunks.
-    pending: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
-
-    def hash_chunks() -> None:
-        while (item := pending.get()) is not None:
-            digest.update(item)
-
-    hasher = threading.Thread(target=hash_chunks, name="mvm-seal-sha256", daemon=True)
-    hasher.start()
+    _check_chunk_size(chunk_size)
     dst = Path(dst)
     total = os.stat(src).st_size
-    done = 0
-    index = 0
-    sealed_size = HEADER_SIZE
     try:
         with open(src, "rb", buffering=0) as fin, _open_out(dst) as fout:
-            fout.write(header)
-            current = _read_full(fin, chunk_size)
-            while True:
-                following = _read_full(fin, chunk_size) if len(current) == chunk_size else b""
-                final = not following
-                if index >= 1 << 32:
-                    raise InvalidArgument("src", "is too large to seal with this chunk size")
-                nonce = prefix + index.to_bytes(4, "big")
-                sealed = aead.encrypt(nonce, current, _ad(header, index, final, context))
-                fout.write(sealed)
-                pending.put(sealed)
-                sealed_size += len(sealed)
-                done += len(current)
-                index += 1
-                if progress is not None:
-                    progress(done, max(total, done))
-                if final:
-                    break
-                current = following
+            info = seal_stream(fin.readinto, fd_writer(fout.fileno()), key, context=context,
+                               chunk_size=chunk_size, progress=progress, total=total)
             if fsync:
                 os.fsync(fout.fileno())
+    except ValueError as exc:  # more than 2**32 chunks
+        dst.unlink(missing_ok=True)
+        raise InvalidArgument("src", str(exc)) from None
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
-    finally:
-        pending.put(None)
-        hasher.join()
-    return SealInfo(size=done, sealed_size=sealed_size, sealed_sha256=digest.hexdigest(), chunks=index)
+    return info
 
 
 def unseal_file(src: Path | str, dst: Path | str, key: bytes, *, context: bytes = b"",
@@ -239,52 +192,17 @@ def unseal_file(src: Path | str, dst: Path | str, key: bytes, *, context: bytes 
     _check_key(key)
     label = name or str(src)
     dst = Path(dst)
-
-    def tampered(problem: str) -> SnapshotTampered:
-        return SnapshotTampered(f"sealed file {label!r}: {problem}", file=label)
-
     total = os.stat(src).st_size
     try:
-        with open(src, "rb", buffering=0) as fin:
-            header = _read_full(fin, HEADER_SIZE)
-            if len(header) != HEADER_SIZE or header[:8] != MAGIC or header[8] != VERSION:
-                raise tampered("not a sealed file (bad header)")
-            (chunk_size,) = struct.unpack(">I", header[12:16])
-            if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-                raise tampered("bad chunk size in header")
-            salt, prefix = header[16:32], header[32:40]
-            aead = _file_aead(key, salt)
-            block = chunk_size + TAG_SIZE
-            with _open_out(dst) as fout:
-                index = 0
-                done = HEADER_SIZE
-                size = 0
-                current = _read_full(fin, block)
-                while True:
-                    following = _read_full(fin, block) if len(current) == block else b""
-                    final = not following
-                    if len(current) < TAG_SIZE:
-                        raise tampered(f"chunk {index} is truncated")
-                    nonce = prefix + index.to_bytes(4, "big")
-                    try:
-                        plain = aead.decrypt(nonce, current, _ad(header, index, final, context))
-                    except InvalidTag:
-                        why = ("modified, reordered, swapped or truncated" if index or not final
-                               else "modified, swapped, truncated, or sealed with another key")
-                        raise tampered(f"chunk {index} fails authentication ({why})") from None
-                    fout.write(plain)
-                    size += len(plain)
-                    done += len(current)
-                    index += 1
-                    if progress is not None:
-                        progress(done, total)
-                    if final:
-                        break
-                    current = following
+        with open(src, "rb", buffering=0) as fin, _open_out(dst) as fout:
+            return unseal_stream(fin.readinto, fd_writer(fout.fileno()), key, context=context,
+                                 progress=progress, total=total)
+    except Tampered as exc:
+        dst.unlink(missing_ok=True)
+        raise SnapshotTampered(f"sealed file {label!r}: {exc}", file=label) from None
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
-    return size
 
 
 # ---- manifest ---------------------------------------------------------------------
@@ -339,7 +257,12 @@ class SealedSnapshot:
                    files=tuple(SealedFile(**f) for f in body["files"]), details=dict(body.get("details") or {}))
 
     def context(self, rel: str) -> bytes:
-        return b"mvm-snapshot-v1\0" + self.id.encode() + b"\0" + rel.encode("utf-8")
+        return _context(self.id, rel)
+
+
+def _context(snapshot_id: str, rel: str) -> bytes:
+    """What binds a sealed file to its snapshot and path (the AEAD's associated data)."""
+    return b"mvm-snapshot-v1\0" + snapshot_id.encode() + b"\0" + rel.encode("utf-8")
 
 
 def _key_check(key: bytes) -> str:
@@ -403,9 +326,18 @@ def verify_snapshot(directory: Path | str, public_key: PublicKeyLike = None, *,
     that it was sealed with that key. Returns the manifest; raises
     :class:`SnapshotTampered` naming the first bad file.
     """
-    directory = Path(directory)
+    manifest, _ = _verify(Path(directory), public_key, key, keep_open=())
+    return manifest
+
+
+def _verify(directory: Path, public_key: PublicKeyLike, key: bytes | None,
+            keep_open: Iterable[str]) -> tuple[SealedSnapshot, dict[str, int]]:
+    """:func:`verify_snapshot`, also returning open read-only fds of the blobs of the
+    files named in ``keep_open``: the very files that were hashed, for a reader that
+    must not reopen them by name (the caller closes them)."""
     manifest = _read_manifest(directory, public_key)
     snap = manifest.id
+    wanted = set(keep_open)
 
     def tampered(file: str, problem: str, original: str | None = None) -> SnapshotTampered:
         label = f"{file} ({original})" if original else file
@@ -414,27 +346,48 @@ def verify_snapshot(directory: Path | str, public_key: PublicKeyLike = None, *,
     if key is not None and _key_check(key) != manifest.key_check:
         raise tampered(MANIFEST, "was sealed with a different snapshot key")
     expected = {f.blob for f in manifest.files}
-    for f in manifest.files:
-        blob = directory / f.blob
-        try:
-            st = os.lstat(blob)
-        except FileNotFoundError:
-            raise tampered(f.blob, "is missing", f.path) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise tampered(f.blob, "is not a regular file", f.path)
-        if st.st_size != f.sealed_size:
-            raise tampered(f.blob, f"is {st.st_size} bytes, the manifest says {f.sealed_size} "
-                                   "(truncated or extended)", f.path)
-        with open(blob, "rb") as fh:
-            actual = hashlib.file_digest(fh, "sha256").hexdigest()
-        if actual != f.sealed_sha256:
-            raise tampered(f.blob, "sha256 does not match the manifest (modified or swapped)", f.path)
-    for root, dirs, files in os.walk(directory):
-        for entry in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            rel = os.path.relpath(os.path.join(root, entry), directory)
-            if rel != MANIFEST and rel not in expected:
-                raise tampered(rel, "is not part of the snapshot (added)")
-    return manifest
+    kept: dict[str, int] = {}
+    try:
+        for f in manifest.files:
+            blob = directory / f.blob
+            try:
+                st = os.lstat(blob)
+            except FileNotFoundError:
+                raise tampered(f.blob, "is missing", f.path) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise tampered(f.blob, "is not a regular file", f.path)
+            try:
+                fd = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise tampered(f.blob, f"cannot be opened ({exc.strerror})", f.path) from None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise tampered(f.blob, "is not a regular file", f.path)
+                if st.st_size != f.sealed_size:
+                    raise tampered(f.blob, f"is {st.st_size} bytes, the manifest says {f.sealed_size} "
+                                           "(truncated or extended)", f.path)
+                with open(fd, "rb", closefd=False) as fh:
+                    actual = hashlib.file_digest(fh, "sha256").hexdigest()
+                if actual != f.sealed_sha256:
+                    raise tampered(f.blob, "sha256 does not match the manifest (modified or swapped)", f.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if f.path in wanted:
+                kept[f.path] = fd
+            else:
+                os.close(fd)
+        for root, dirs, files in os.walk(directory):
+            for entry in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                rel = os.path.relpath(os.path.join(root, entry), directory)
+                if rel != MANIFEST and rel not in expected:
+                    raise tampered(rel, "is not part of the snapshot (added)")
+    except BaseException:
+        for fd in kept.values():
+            os.close(fd)
+        raise
+    return manifest, kept
 
 
 # ---- store ------------------------------------------------------------------------
@@ -506,6 +459,214 @@ def _pid_alive(pid: int) -> bool:
 
 def _default_expires() -> str:
     return os.environ.get("MVM_SNAPSHOT_EXPIRES") or DEFAULT_EXPIRES
+
+
+# ---- streamed blobs ---------------------------------------------------------------
+
+#: The helper process QEMU starts for a streamed (un)seal (see :mod:`.seal_stream`).
+SEAL_STREAM_SCRIPT = Path(_seal_stream_module.__file__).resolve()
+_WAIT_TIMEOUT = 120.0
+
+
+def _python() -> str:
+    return sys.executable or "python3"
+
+
+def _socket_parent() -> str:
+    # A short parent: a Unix socket path must fit in 108 bytes, $MVM_HOME may be deep.
+    return "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
+
+
+class _StreamHelper:
+    """Serves one ``seal_stream.py`` helper process on a private control socket.
+
+    :meth:`command` is the shell command to run it (what QEMU gets after ``exec:``):
+    only paths, nothing secret. The control socket lives in a fresh 0700 directory and
+    only a peer of our own uid is answered; it receives the key, the AEAD context and
+    one file descriptor (see :mod:`.seal_stream`), and its answer is what
+    :meth:`_wait` returns. :meth:`close` (idempotent) ends everything and removes the
+    directory; a helper still running then fails on its own (its peer is gone).
+    """
+
+    op = ""
+    verb = ""
+
+    def __init__(self, params: dict[str, Any], fd: int, label: str, *, connect_timeout: float = _WAIT_TIMEOUT):
+        self._params = params
+        self._fd: int | None = fd
+        self.label = label
+        self._connect_timeout = connect_timeout
+        self._dir: Path | None = None
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._reply: dict[str, Any] | None = None
+        self._error = ""
+        self._done = threading.Event()
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self.helper_pid: int | None = None
+
+    def command(self) -> str:
+        """``exec python -P …/seal_stream.py seal|unseal CONTROL_SOCKET`` (for ``sh -c``)."""
+        with self._lock:
+            if self._closing.is_set() or self._fd is None:
+                raise InvalidArgument("stream", f"the {self.op} stream of {self.label} is already closed")
+            if self._listener is None:
+                self._listen()
+        assert self._dir is not None
+        return " ".join(["exec", shlex.quote(_python()), "-P", shlex.quote(str(SEAL_STREAM_SCRIPT)), self.op,
+                         shlex.quote(str(self._dir / "ctl"))])
+
+    def _listen(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="mvm-seal-", dir=_socket_parent()))  # 0700
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self._dir / "ctl"))
+            listener.listen(4)
+            listener.settimeout(0.1)
+        except BaseException:
+            listener.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        self._listener = listener
+        self._thread = threading.Thread(target=self._serve, name=f"mvm-{self.op}-stream", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        assert self._listener is not None and self._fd is not None
+        deadline = time.monotonic() + self._connect_timeout
+        try:
+            while True:
+                if self._closing.is_set():
+                    return
+                try:
+                    conn, _ = self._listener.accept()
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        self._error = f"the helper process did not connect within {self._connect_timeout:.0f} s"
+                        return
+                    continue
+                pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                     struct.calcsize("3i")))
+                if uid != os.geteuid():
+                    conn.close()
+                    continue
+                break
+            self.helper_pid = pid
+            self._listener.close()
+            self._conn = conn
+            conn.settimeout(None)
+            send_frame(conn, {**self._params, "op": self.op, "label": self.label}, [self._fd])
+            self._reply, _ = recv_frame(conn)  # when the helper is done (close() unblocks it)
+        except (OSError, EOFError, ValueError) as exc:
+            if not self._closing.is_set():
+                self._error = f"the helper process ended without an answer ({exc})"
+        finally:
+            self._done.set()
+
+    def _wait(self, timeout: float) -> dict[str, Any]:
+        if self._thread is None:
+            raise InvalidArgument("stream", f"the {self.op} stream of {self.label} was never started (command())")
+        if not self._done.wait(timeout):
+            raise SandboxError(f"{self.verb} {self.label}: no answer from the helper process within {timeout:.0f} s")
+        if self._reply is None:
+            raise SandboxError(f"{self.verb} {self.label} failed: {self._error or 'the helper process exited'}")
+        return self._reply
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing.set()
+            conn, listener, thread = self._conn, self._listener, self._thread
+        for sock in (conn, listener):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if thread is not None:
+            thread.join(5)
+        for sock in (conn, listener):
+            if sock is not None:
+                sock.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> _StreamHelper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SealSink(_StreamHelper):
+    """Where a backend streams a file it does not write itself (the VM's memory image):
+    ``command()`` reads the stream on stdin and seals it straight into the pending
+    snapshot's blob, so its plaintext never touches a disk. Made by
+    :meth:`PendingSnapshot.stream`."""
+
+    op = "seal"
+    verb = "sealing"
+
+    def __init__(self, blob_path: Path, blob: str, rel: str, key: bytes, context: bytes, chunk_size: int):
+        fd = os.open(blob_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        super().__init__({"key": bytes(key).hex(), "context": context.hex(), "chunk_size": chunk_size}, fd, rel)
+        self.rel = rel
+        self.blob = blob
+        self.info: SealInfo | None = None
+
+    def finish(self, timeout: float = _WAIT_TIMEOUT) -> int:
+        """Wait until the whole stream is sealed and on disk; returns its plain size.
+        :class:`SandboxError` if the sealer failed or died (then nothing is adopted)."""
+        if self.info is None:
+            reply = self._wait(timeout)
+            if not reply.get("ok"):
+                raise SandboxError(f"sealing {self.rel} failed: {reply.get('error')}")
+            info = SealInfo(size=int(reply["size"]), sealed_size=int(reply["sealed_size"]),
+                            sealed_sha256=str(reply["sealed_sha256"]), chunks=int(reply["chunks"]))
+            assert self._fd is not None
+            actual = os.fstat(self._fd).st_size
+            if actual != info.sealed_size:
+                raise SandboxError(f"sealing {self.rel}: the blob is {actual} bytes, the sealer wrote "
+                                   f"{info.sealed_size}")
+            self.info = info
+            self.close()
+        return self.info.size
+
+
+class UnsealSource(_StreamHelper):
+    """A verified blob streamed back as plaintext: ``command()`` writes it to stdout
+    (QEMU's ``-incoming exec:``), authenticating each chunk first. :meth:`finish` says
+    whether all of it was delivered intact. Made by :meth:`SnapshotStore.restoring`."""
+
+    op = "unseal"
+    verb = "unsealing"
+
+    def __init__(self, fd: int, key: bytes, manifest: SealedSnapshot, sealed: SealedFile):
+        super().__init__({"key": bytes(key).hex(), "context": manifest.context(sealed.path).hex()}, fd,
+                         f"{sealed.blob} ({sealed.path})")
+        self.snapshot = manifest.id
+        self.file = sealed
+
+    def finish(self, timeout: float = _WAIT_TIMEOUT) -> None:
+        """Wait for the unsealer's verdict: :class:`SnapshotTampered` if a chunk failed
+        authentication (or the size is not the manifest's), :class:`SandboxError` if it
+        failed otherwise (e.g. its reader went away)."""
+        reply = self._wait(timeout)
+        f = self.file
+        if not reply.get("ok"):
+            if reply.get("tampered"):
+                raise SnapshotTampered(f"snapshot {self.snapshot}: {f.blob} ({f.path}): {reply.get('error')}",
+                                       file=f.blob, path=f.path, snapshot=self.snapshot)
+            raise SandboxError(f"unsealing {f.path} of snapshot {self.snapshot} failed: {reply.get('error')}")
+        if int(reply.get("size", -1)) != f.size:
+            raise SnapshotTampered(f"snapshot {self.snapshot}: {f.blob} ({f.path}): unsealed to "
+                                   f"{reply.get('size')} bytes, the manifest says {f.size}", file=f.blob,
+                                   path=f.path, snapshot=self.snapshot)
+        self.close()
 
 
 class SnapshotStore:
@@ -610,6 +771,49 @@ class SnapshotStore:
         seconds = parse_duration(expires, "expires")
         return format_ts(now + timedelta(seconds=seconds))
 
+    def _check_name(self, name: Any, sandbox_id: Any) -> None:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.startswith("snap_"):
+            raise InvalidArgument("name", f"{name!r} is not a valid snapshot name",
+                                  allowed="1-128 characters from A-Z a-z 0-9 _ . - (not starting with . - or snap_)")
+        if not isinstance(sandbox_id, str) or not _NAME_RE.fullmatch(sandbox_id):
+            raise InvalidArgument("sandbox_id", f"{sandbox_id!r}", allowed="1-128 characters from A-Z a-z 0-9 _ . -")
+
+    @staticmethod
+    def _check_kind(kind: Any) -> None:
+        if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
+            raise InvalidArgument("kind", f"{kind!r}", allowed="'full', 'filesystem' (lowercase word, max 32)")
+
+    def _name_taken_error(self, name: str, sandbox_id: str) -> InvalidArgument:
+        return InvalidArgument("name", f"sandbox {sandbox_id} already has a snapshot named {name!r}",
+                               allowed="a new name, or remove the old snapshot first")
+
+    def begin(self, name: str, sandbox_id: str, expires: Any = None, keep: bool = False, *,
+              now: datetime | float | None = None) -> PendingSnapshot:
+        """Start a snapshot whose files arrive in two ways: streamed into sealed blobs
+        (:meth:`PendingSnapshot.stream`, e.g. a VM's memory image straight from QEMU)
+        and sealed from a directory at :meth:`PendingSnapshot.commit`. Use it as a
+        context manager: leaving without ``commit`` discards everything (no half
+        snapshot is ever listed). Arguments as :meth:`create`."""
+        self._check_name(name, sandbox_id)
+        when = (now if isinstance(now, datetime) else
+                datetime.fromtimestamp(now, UTC) if now is not None else datetime.now(UTC))
+        try:
+            expires_at = self._expiry(expires, when)
+        except InvalidArgument as exc:
+            raise InvalidArgument("expires", exc.message.split(": ", 1)[-1],
+                                  allowed=f'{DURATION_HELP}, or "never"') from None
+        if self._name_taken(name, sandbox_id):
+            raise self._name_taken_error(name, sandbox_id)
+        snap_id = "snap_" + secrets.token_hex(8)
+        staging = self.root / f".staging-{snap_id}-{os.getpid()}"
+        try:
+            ensure_private_dir(staging)
+            ensure_private_dir(staging / BLOBS)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return PendingSnapshot(self, snap_id, name, sandbox_id, when, expires_at, bool(keep), staging)
+
     def create(self, name: str, sandbox_id: str, kind: str, files_dir: Path | str, expires: Any = None,
                keep: bool = False, *, files: Iterable[str] | None = None, details: Mapping[str, Any] | None = None,
                progress: Progress | None = None, now: datetime | float | None = None) -> SnapshotInfo:
@@ -622,67 +826,12 @@ class SnapshotStore:
         JSON metadata (e.g. the backend's), signed with the rest. Nothing is left behind
         on error.
         """
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.startswith("snap_"):
-            raise InvalidArgument("name", f"{name!r} is not a valid snapshot name",
-                                  allowed="1-128 characters from A-Z a-z 0-9 _ . - (not starting with . - or snap_)")
-        if not isinstance(sandbox_id, str) or not _NAME_RE.fullmatch(sandbox_id):
-            raise InvalidArgument("sandbox_id", f"{sandbox_id!r}", allowed="1-128 characters from A-Z a-z 0-9 _ . -")
-        if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
-            raise InvalidArgument("kind", f"{kind!r}", allowed="'full', 'filesystem' (lowercase word, max 32)")
-        when = (now if isinstance(now, datetime) else
-                datetime.fromtimestamp(now, UTC) if now is not None else datetime.now(UTC))
-        try:
-            expires_at = self._expiry(expires, when)
-        except InvalidArgument as exc:
-            raise InvalidArgument("expires", exc.message.split(": ", 1)[-1],
-                                  allowed=f'{DURATION_HELP}, or "never"') from None
-        clean_details = json.loads(canonical_json(dict(details or {}), field="details"))
-        source = Path(files_dir)
-        rels = self._collect(source, files)
-        if self._name_taken(name, sandbox_id):
-            raise InvalidArgument("name", f"sandbox {sandbox_id} already has a snapshot named {name!r}",
-                                  allowed="a new name, or remove the old snapshot first")
-        key = self.key
-        signer = self.signer
-        snap_id = "snap_" + secrets.token_hex(8)
-        root = self.root
-        staging = root / f".staging-{snap_id}-{os.getpid()}"
-        total = sum(os.lstat(source / r).st_size for r in rels)
-        done_before = 0
-        try:
-            ensure_private_dir(staging)
-            ensure_private_dir(staging / BLOBS)
-            sealed_files = []
-            manifest_stub = SealedSnapshot(snap_id, name, sandbox_id, kind, "", None, False, self.chunk_size,
-                                           "", ())
-            for index, rel in enumerate(rels):
-                blob = f"{BLOBS}/{index:06d}.sealed"
-                base = done_before
-
-                def step(done: int, _total: int, base: int = base) -> None:
-                    if progress is not None:
-                        progress(base + done, total)
-
-                info = seal_file(source / rel, staging / blob, key, context=manifest_stub.context(rel),
-                                 chunk_size=self.chunk_size, progress=step)
-                done_before += info.size
-                sealed_files.append(SealedFile(rel, blob, info.size, info.sealed_size, info.sealed_sha256))
-            manifest = SealedSnapshot(id=snap_id, name=name, sandbox_id=sandbox_id, kind=kind,
-                                      created_at=format_ts(when), expires_at=expires_at, keep=bool(keep),
-                                      chunk_size=self.chunk_size, key_check=_key_check(key),
-                                      files=tuple(sealed_files), details=clean_details)
-            write_private_atomic(staging / MANIFEST, manifest.signed(signer))
-            fsync_dir(staging / BLOBS)
-            with self._locked():
-                if self._name_taken(name, sandbox_id):
-                    raise InvalidArgument("name", f"sandbox {sandbox_id} already has a snapshot named {name!r}",
-                                          allowed="a new name, or remove the old snapshot first")
-                os.rename(staging, root / snap_id)
-            fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return SnapshotInfo.from_manifest(manifest, root / snap_id)
+        self._check_name(name, sandbox_id)
+        self._check_kind(kind)
+        canonical_json(dict(details or {}), field="details")
+        self._collect(Path(files_dir), files)
+        with self.begin(name, sandbox_id, expires, keep, now=now) as pending:
+            return pending.commit(kind, files_dir, files=files, details=details, progress=progress)
 
     def _name_taken(self, name: str, sandbox_id: str) -> bool:
         return any(i.name == name and i.sandbox_id == sandbox_id for i in self._manifests())
@@ -725,20 +874,46 @@ class SnapshotStore:
         :class:`SnapshotTampered` (naming the file) if anything is off — then nothing is
         left behind; :class:`SnapshotNotFound` if it does not exist or has expired.
         """
+        return self._open(id_or_name, (), dest_parent, progress, now).path
+
+    @contextmanager
+    def restoring(self, id_or_name: str, *, stream: Iterable[str] = (), dest_parent: Path | str | None = None,
+                  progress: Progress | None = None, now: float | None = None) -> Iterator[OpenedSnapshot]:
+        """Like :meth:`open_for_restore`, but the files named in ``stream`` (those the
+        snapshot has) are not unsealed to disk: ``opened.source(rel)`` streams each as
+        plaintext to its reader (QEMU's ``-incoming exec:``). Everything, streamed files
+        included, is verified first (signature, every blob's size and sha256); a
+        streamed file is then read through the very file descriptor that was hashed, and
+        its unsealer still authenticates every chunk. The unsealed directory and every
+        source are removed/closed when the block ends."""
+        opened = self._open(id_or_name, tuple(stream), dest_parent, progress, now)
+        try:
+            yield opened
+        finally:
+            opened.close()
+
+    def _open(self, id_or_name: str, stream: tuple[str, ...], dest_parent: Path | str | None,
+              progress: Progress | None, now: float | None) -> OpenedSnapshot:
         with self._locked(shared=True):
             info = self.get(id_or_name)
             if info.expired(now):
                 raise SnapshotNotFound(f"snapshot {info.id} ({info.name}) expired at "
                                        f"{format_ts(info.expires_at or 0)}", snapshot=info.id)
             key = self.key
-            manifest = verify_snapshot(info.path, self.signer.public_key(), key=key)
+            manifest, fds = _verify(info.path, self.signer.public_key(), key, keep_open=stream)
             parent = make_dirs(Path(dest_parent)) if dest_parent is not None else self.root
-            out = Path(tempfile.mkdtemp(prefix=f".restore-{info.id}-{os.getpid()}-", dir=parent))
+            sources: dict[str, UnsealSource] = {}
+            out: Path | None = None
             try:
+                out = Path(tempfile.mkdtemp(prefix=f".restore-{info.id}-{os.getpid()}-", dir=parent))
                 os.chmod(out, 0o700)
-                total = sum(f.sealed_size for f in manifest.files)
-                done_before = 0
                 for f in manifest.files:
+                    if f.path in fds:
+                        sources[f.path] = UnsealSource(fds.pop(f.path), key, manifest, f)
+                plain = [f for f in manifest.files if f.path not in sources]
+                total = sum(f.sealed_size for f in plain)
+                done_before = 0
+                for f in plain:
                     target = out / f.path
                     ensure_private_dir(target.parent)
                     base = done_before
@@ -759,9 +934,14 @@ class SnapshotStore:
                                                snapshot=info.id)
                     done_before += f.sealed_size
             except BaseException:
-                shutil.rmtree(out, ignore_errors=True)
+                for fd in fds.values():
+                    os.close(fd)
+                for source in sources.values():
+                    source.close()
+                if out is not None:
+                    shutil.rmtree(out, ignore_errors=True)
                 raise
-        return out
+        return OpenedSnapshot(info, manifest, out, sources)
 
     def _delete_dir(self, directory: Path) -> None:
         trash = self.root / f".trash-{directory.name}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -811,3 +991,147 @@ class SnapshotStore:
                     self._delete_dir(info.path)
                     removed.append(info)
         return removed
+
+
+class PendingSnapshot:
+    """A snapshot being written (:meth:`SnapshotStore.begin`): ``id``, a private staging
+    directory in the store, blobs streamed in with :meth:`stream`. :meth:`commit` seals
+    the rest, signs the manifest and publishes it atomically; :meth:`discard` (also on
+    leaving the ``with`` block without a commit) removes every trace."""
+
+    def __init__(self, store: SnapshotStore, snap_id: str, name: str, sandbox_id: str, when: datetime,
+                 expires_at: str | None, keep: bool, staging: Path):
+        self.store = store
+        self.id = snap_id
+        self.name = name
+        self.sandbox_id = sandbox_id
+        self.staging = staging
+        self._when = when
+        self._expires_at = expires_at
+        self._keep = keep
+        self._key = store.key
+        self._sinks: dict[str, SealSink] = {}
+        self._blobs = 0
+        self._state = "open"  # open | committed | discarded
+
+    def _next_blob(self) -> str:
+        blob = f"{BLOBS}/{self._blobs:06d}.sealed"
+        self._blobs += 1
+        return blob
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise InvalidArgument("snapshot", f"pending snapshot {self.id} is already {self._state}")
+
+    def stream(self, rel: str) -> SealSink:
+        """A sink that seals the stream it is given into this snapshot as file ``rel``
+        (same format and manifest entry as a file sealed at :meth:`commit`)."""
+        self._require_open()
+        if not _safe_rel(rel):
+            raise InvalidArgument("rel", f"{rel!r} is not a safe relative path")
+        if rel in self._sinks:
+            raise InvalidArgument("rel", f"{rel!r} is already streamed into snapshot {self.id}")
+        sink = SealSink(self.staging / (blob := self._next_blob()), blob, rel, self._key, _context(self.id, rel),
+                        self.store.chunk_size)
+        self._sinks[rel] = sink
+        return sink
+
+    def drop(self, rel: str) -> None:
+        """Forget the stream of ``rel`` (its writer never used it)."""
+        sink = self._sinks.pop(rel, None)
+        if sink is not None:
+            sink.close()
+            (self.staging / sink.blob).unlink(missing_ok=True)
+
+    def commit(self, kind: str, files_dir: Path | str | None = None, *, files: Iterable[str] | None = None,
+               details: Mapping[str, Any] | None = None, progress: Progress | None = None) -> SnapshotInfo:
+        """Wait for every streamed blob (:class:`SandboxError` if one failed), seal the
+        files of ``files_dir`` (all, or just ``files``), sign the manifest and publish
+        the snapshot. On any error the whole pending snapshot is discarded."""
+        self._require_open()
+        try:
+            SnapshotStore._check_kind(kind)
+            clean_details = json.loads(canonical_json(dict(details or {}), field="details"))
+            source = Path(files_dir) if files_dir is not None else None
+            rels = SnapshotStore._collect(source, files) if source is not None else []
+            twice = sorted(set(rels) & set(self._sinks))
+            if twice:
+                raise InvalidArgument("files", f"{twice[0]!r} was streamed already")
+            key = self.store.key
+            if key != self._key:
+                raise InvalidArgument("key", "the store's snapshot key changed while the snapshot was written")
+            sealed_files: list[SealedFile] = []
+            for rel, sink in self._sinks.items():
+                sink.finish()
+                assert sink.info is not None
+                sealed_files.append(SealedFile(rel, sink.blob, sink.info.size, sink.info.sealed_size,
+                                               sink.info.sealed_sha256))
+            assert source is not None or not rels
+            total = sum(os.lstat(source / r).st_size for r in rels) if source is not None else 0
+            done_before = 0
+            for rel in rels:
+                assert source is not None
+                blob = self._next_blob()
+                base = done_before
+
+                def step(done: int, _total: int, base: int = base) -> None:
+                    if progress is not None:
+                        progress(base + done, total)
+
+                info = seal_file(source / rel, self.staging / blob, key, context=_context(self.id, rel),
+                                 chunk_size=self.store.chunk_size, progress=step)
+                done_before += info.size
+                sealed_files.append(SealedFile(rel, blob, info.size, info.sealed_size, info.sealed_sha256))
+            sealed_files.sort(key=lambda f: f.path)
+            manifest = SealedSnapshot(id=self.id, name=self.name, sandbox_id=self.sandbox_id, kind=kind,
+                                      created_at=format_ts(self._when), expires_at=self._expires_at, keep=self._keep,
+                                      chunk_size=self.store.chunk_size, key_check=_key_check(key),
+                                      files=tuple(sealed_files), details=clean_details)
+            write_private_atomic(self.staging / MANIFEST, manifest.signed(self.store.signer))
+            fsync_dir(self.staging / BLOBS)
+            root = self.store.root
+            with self.store._locked():
+                if self.store._name_taken(self.name, self.sandbox_id):
+                    raise self.store._name_taken_error(self.name, self.sandbox_id)
+                os.rename(self.staging, root / self.id)
+            self._state = "committed"
+            fsync_dir(root)
+        except BaseException:
+            self.discard()
+            raise
+        return SnapshotInfo.from_manifest(manifest, root / self.id)
+
+    def discard(self) -> None:
+        """Stop every stream and remove the staging directory (idempotent)."""
+        if self._state == "committed":
+            return
+        self._state = "discarded"
+        for sink in self._sinks.values():
+            sink.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> PendingSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+@dataclass
+class OpenedSnapshot:
+    """A verified snapshot opened for restore (:meth:`SnapshotStore.restoring`):
+    ``path`` holds the unsealed files, :meth:`source` streams the others."""
+
+    info: SnapshotInfo
+    manifest: SealedSnapshot
+    path: Path
+    sources: dict[str, UnsealSource]
+
+    def source(self, rel: str) -> UnsealSource | None:
+        """The stream of ``rel`` if it was opened for streaming, else None."""
+        return self.sources.get(rel)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -13,7 +13,6 @@ import secrets as _secrets
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 import traceback
@@ -24,7 +23,7 @@ from typing import Any
 
 from .. import errors
 from ..backends import get_backend
-from ..backends.base import BackendInstance, NetworkPolicy, Resources, SandboxSpec, SnapshotArtifacts
+from ..backends.base import BackendInstance, NetworkPolicy, Resources, SandboxSpec
 from ..paths import receipts_dir, runs_dir
 from ..protocol import CHUNK_SIZE, codec
 from ..protocol.channel import ChannelClosed, FramedChannel
@@ -257,16 +256,11 @@ class Supervisor:
 
     def _restore_from(self, snapshot_id: str) -> None:
         from ..security.sealing import SnapshotStore
+        from . import snapshots
 
         assert self.instance is not None
-        store = SnapshotStore()
-        info = store.get(snapshot_id)
-        unsealed = store.open_for_restore(info.id)
-        try:
-            artifacts = SnapshotArtifacts(kind=info.kind, files=tuple(info.files), details=info.details)
-            sock = self.on_backend(self.instance.restore, unsealed, artifacts)
-        finally:
-            shutil.rmtree(unsealed, ignore_errors=True)
+        # Verified whole first; a VM's memory image then streams through the unsealer.
+        sock, info = snapshots.restore(self.instance, SnapshotStore(), snapshot_id, run=self.on_backend)
         self.processes.mark_all_lost()
         self.agent.attach(sock)
         self._configure_agent()
@@ -618,6 +612,7 @@ class Supervisor:
 
     def _op_snapshot(self, ctx: RequestContext) -> tuple[dict[str, Any], bytes]:
         from ..security.sealing import SnapshotStore
+        from . import snapshots
 
         self.require_state("snapshot", "running", "paused", "stopped")
         assert self.instance is not None
@@ -625,14 +620,10 @@ class Supervisor:
         store = SnapshotStore()
         if self.state == "running":
             self._sync_guest()
-        staging = Path(tempfile.mkdtemp(prefix="snap-", dir=self.directory))
-        try:
-            artifacts = self.on_backend(self.instance.snapshot, staging)
-            info = store.create(name=name, sandbox_id=self.sandbox_id, kind=artifacts.kind, files_dir=staging,
-                                files=list(artifacts.files), details=artifacts.details,
-                                expires=ctx.args.get("expires"), keep=bool(ctx.args.get("keep")))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # A VM's memory image streams QEMU -> sealer -> store; the rest is sealed from staging.
+        info, artifacts = snapshots.save(self.instance, store, name, self.sandbox_id, staging_parent=self.directory,
+                                         expires=ctx.args.get("expires"), keep=bool(ctx.args.get("keep")),
+                                         run=self.on_backend)
         audit_id = self.audit.record("snapshot.save", {"name": name, "snapshot": info.id},
                                      details={"kind": artifacts.kind})
         self.logs.system(f"snapshot {info.id} ({name}, {artifacts.kind}) saved", audit_id)

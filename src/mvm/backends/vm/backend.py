@@ -11,7 +11,10 @@ Files of one instance, all under ``spec.backend_dir``::
 
 A snapshot directory holds ``memory.bin`` (QMP ``migrate`` to ``exec:cat``),
 ``disk.qcow2`` (the disk frozen at the same instant, one qcow2 layer over the
-template's read-only base) and ``vm.json`` (what a restore must match).
+template's read-only base) and ``vm.json`` (what a restore must match). Given a
+``memory_sink``, the memory image is migrated to ``exec:<its command>`` instead (the
+supervisor's sealer) and never lands in the directory; given a ``memory_source``,
+a restore reads it from ``-incoming exec:<its command>`` (the unsealer).
 """
 
 from __future__ import annotations
@@ -27,10 +30,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...errors import InvalidArgument, InvalidState, MvmError, SandboxError
+from ...errors import InvalidArgument, InvalidState, MvmError, SandboxError, SnapshotTampered
 from ...protocol.channel import ChannelClosed, FramedChannel
 from ...protocol.codec import ProtocolError
-from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
+from ..base import (
+    Availability,
+    Backend,
+    BackendInstance,
+    MemorySink,
+    MemorySource,
+    SandboxSpec,
+    SnapshotArtifacts,
+)
 from . import disk, ready
 from .accel import probe_accelerator
 from .initramfs import INIT_FAIL_PREFIX, busybox_path, ensure_initramfs, initramfs_digest
@@ -121,6 +132,8 @@ def probe() -> dict[str, Any]:
 
 
 class VmInstance(BackendInstance):
+    streams_memory = True
+
     def __init__(self, backend: VmBackend, spec: SandboxSpec):
         self.backend = backend
         self.spec = spec
@@ -470,23 +483,26 @@ class VmInstance(BackendInstance):
 
     # ------------------------------------------------------------------ snapshots
 
-    def snapshot(self, dest: Path) -> SnapshotArtifacts:
+    def snapshot(self, dest: Path, *, memory_sink: MemorySink | None = None) -> SnapshotArtifacts:
         with self._lock:
             self._require("running", "paused")
             dest.mkdir(parents=True, exist_ok=True)
             if any(dest.iterdir()):
                 raise InvalidArgument("dest", f"snapshot directory {dest} is not empty", allowed="an empty directory")
             try:
-                return self._snapshot_into(dest)
+                return self._snapshot_into(dest, memory_sink)
             except BaseException:
                 for name in (ready.MEMORY_FILE, ready.DISK_FILE, "vm.json"):  # no half snapshot
                     (dest / name).unlink(missing_ok=True)
                 raise
 
-    def _snapshot_into(self, dest: Path) -> SnapshotArtifacts:
-        """Stop, freeze the disk, stream memory to ``dest``, continue; disk layer copied last."""
+    def _snapshot_into(self, dest: Path, memory_sink: MemorySink | None = None) -> SnapshotArtifacts:
+        """Stop, freeze the disk, stream memory to ``dest`` (or ``memory_sink``), continue;
+        disk layer copied last."""
         assert self._qmp is not None
         qmp = self._qmp
+        # Straight into the sealer when there is one: no plain memory image on disk.
+        target = f"exec:{memory_sink.command()}" if memory_sink is not None else None
         t0 = time.monotonic()
         was_running = qmp.status() == "running"
         if was_running:
@@ -504,9 +520,11 @@ class VmInstance(BackendInstance):
             os.chmod(self.dir / new_layer, 0o600)
             self._layers.append(new_layer)
             self._write_record()
-            os.close(os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # cat keeps the mode
+            if target is None:
+                os.close(os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # cat keeps the mode
+                target = f"exec:cat > {shlex.quote(str(memory))}"
             qmp.execute("migrate-set-parameters", **{"max-bandwidth": 10_000_000_000})
-            qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
+            qmp.execute("migrate", uri=target)
             deadline = time.monotonic() + _MIGRATE_TIMEOUT
             while True:
                 info = qmp.execute("query-migrate")
@@ -524,6 +542,8 @@ class VmInstance(BackendInstance):
                 qmp.execute("cont")
         paused_seconds = time.monotonic() - t0
         disk.flatten_onto(self.dir / frozen, self.base, dest / ready.DISK_FILE)
+        # The sealer finishes (its last chunks, fsync) while the disk layer is copied.
+        memory_bytes = memory.stat().st_size if memory_sink is None else memory_sink.finish()
         details = {
             "format": SNAPSHOT_FORMAT,
             "backend": "vm",
@@ -543,16 +563,18 @@ class VmInstance(BackendInstance):
             "base_disk_size": self.base.stat().st_size,
             "base_disk_mtime_ns": str(self.base.stat().st_mtime_ns),  # > 2**53: kept as text for canonical JSON
             "was_running": was_running,
-            "memory_bytes": memory.stat().st_size,
+            "memory_bytes": memory_bytes,
             "disk_bytes": (dest / ready.DISK_FILE).stat().st_size,
             "paused_seconds": round(paused_seconds, 4),
             "saved_seconds": round(time.monotonic() - t0, 4),
         }
         (dest / "vm.json").write_text(json.dumps(details, indent=2) + "\n")
         os.chmod(dest / "vm.json", 0o600)
-        return SnapshotArtifacts(kind="full", files=(ready.MEMORY_FILE, ready.DISK_FILE, "vm.json"), details=details)
+        return SnapshotArtifacts(kind="full", files=(ready.MEMORY_FILE, ready.DISK_FILE, "vm.json"), details=details,
+                                 streamed=(ready.MEMORY_FILE,) if memory_sink is not None else ())
 
-    def restore(self, source: Path, artifacts: SnapshotArtifacts) -> socket.socket:
+    def restore(self, source: Path, artifacts: SnapshotArtifacts, *,
+                memory_source: MemorySource | None = None) -> socket.socket:
         with self._lock:
             if self._state == "destroyed":
                 raise InvalidState(f"vm: sandbox {self.spec.sandbox_id} was destroyed")
@@ -570,7 +592,7 @@ class VmInstance(BackendInstance):
                 self._kill()
                 self._state = "stopped"
             self._discard_layers()
-            return self._restore_from(source, details, boot="restored")
+            return self._restore_from(source, details, boot="restored", memory_source=memory_source)
 
     def _check_compatible(self, details: dict[str, Any]) -> None:
         mine = {
@@ -601,11 +623,12 @@ class VmInstance(BackendInstance):
         if (st.st_size, str(st.st_mtime_ns)) != (details.get("base_disk_size"), str(details.get("base_disk_mtime_ns"))):
             raise SandboxError(f"vm: the snapshot's base disk {base} changed since the snapshot was taken")
 
-    def _restore_from(self, source: Path, details: dict[str, Any], boot: str) -> socket.socket:
+    def _restore_from(self, source: Path, details: dict[str, Any], boot: str,
+                      memory_source: MemorySource | None = None) -> socket.socket:
         self._check_compatible(details)
         memory = source / ready.MEMORY_FILE
         snap_disk = source / ready.DISK_FILE
-        if not memory.is_file() or not snap_disk.is_file():
+        if (memory_source is None and not memory.is_file()) or not snap_disk.is_file():
             raise SandboxError(f"vm: snapshot {source} lacks {ready.MEMORY_FILE} or {ready.DISK_FILE}")
         started = time.monotonic()
         pinned = self._new_layer_name("snapdisk")
@@ -617,7 +640,8 @@ class VmInstance(BackendInstance):
         self._write_record()
         _rotate_console(self.console_log)
         try:
-            self._launch(incoming=f"exec:cat {shlex.quote(str(memory))}")
+            self._launch(incoming=f"exec:{memory_source.command()}" if memory_source is not None
+                         else f"exec:cat {shlex.quote(str(memory))}")
             assert self._qmp is not None
             deadline = started + self.boot_timeout
             while True:
@@ -629,13 +653,26 @@ class VmInstance(BackendInstance):
                 time.sleep(0.003)
             if status not in ("paused", "postmigrate", "running"):
                 raise SandboxError(f"vm: restore ended in state {status!r}")
+            if memory_source is not None:
+                # The unsealer authenticated every chunk before QEMU got its bytes (so a load
+                # can only complete on the whole, authentic image); its verdict comes first.
+                memory_source.finish(max(deadline - time.monotonic(), 5.0))
             if status != "running":
                 self._qmp.execute("cont")
             sock = self._connect_agent(deadline)
-        except SandboxError as exc:
+        except (SandboxError, SnapshotTampered) as exc:
             diag = self._diagnostics()
             self._kill()
             self._state = "stopped"
+            if memory_source is not None and not isinstance(exc, SnapshotTampered):
+                try:  # a stream that failed authentication explains a failed load best
+                    memory_source.finish(5.0)
+                except SnapshotTampered as tampered:
+                    raise tampered from None
+                except MvmError:
+                    pass
+            if isinstance(exc, SnapshotTampered):
+                raise
             raise SandboxError(f"{exc.message}; {diag}") from None
         self._state = "running"
         self._boot = boot

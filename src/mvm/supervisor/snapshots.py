@@ -1,0 +1,66 @@
+"""Sealed snapshots of a backend instance: the supervisor's save and restore paths.
+
+A backend that streams its memory image (``streams_memory``: the VM) gets a sink
+from the snapshot store, so the image goes QEMU -> sealer -> store in one pass; on
+restore, after the whole snapshot was verified, it goes store -> unsealer -> QEMU.
+It is never a plain file. Everything else (the VM's disk layer and ``vm.json``, a
+namespace sandbox's archive) is written to a private staging directory and sealed
+from there, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import MEMORY_IMAGE, BackendInstance, SnapshotArtifacts
+from ..security.sealing import SnapshotInfo, SnapshotStore
+
+Runner = Callable[[Callable[[], Any]], Any]
+
+
+def _direct(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def save(instance: BackendInstance, store: SnapshotStore, name: str, sandbox_id: str, *, staging_parent: Path,
+         expires: Any = None, keep: bool = False, run: Runner = _direct) -> tuple[SnapshotInfo, SnapshotArtifacts]:
+    """Snapshot ``instance`` into ``store``; ``run`` executes backend calls (the
+    supervisor's backend thread). Nothing is left in the store on failure."""
+    with store.begin(name, sandbox_id, expires, keep) as pending:
+        sink = pending.stream(MEMORY_IMAGE) if instance.streams_memory else None
+        staging = Path(tempfile.mkdtemp(prefix="snap-", dir=staging_parent))
+        try:
+            call = (functools.partial(instance.snapshot, staging, memory_sink=sink) if sink is not None
+                    else functools.partial(instance.snapshot, staging))
+            artifacts: SnapshotArtifacts = run(call)
+            if sink is not None and MEMORY_IMAGE not in artifacts.streamed:
+                pending.drop(MEMORY_IMAGE)
+            info = pending.commit(artifacts.kind, staging,
+                                  files=[f for f in artifacts.files if f not in artifacts.streamed],
+                                  details=artifacts.details)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return info, artifacts
+
+
+def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
+            run: Runner = _direct) -> tuple[socket.socket, SnapshotInfo]:
+    """Verify ``snapshot`` entirely, then restore ``instance`` from it (memory streamed
+    when the backend can); returns the agent socket. ``SnapshotTampered`` before any
+    byte reaches the backend if anything is off."""
+    info = store.get(snapshot)
+    stream = (MEMORY_IMAGE,) if instance.streams_memory and MEMORY_IMAGE in info.files else ()
+    with store.restoring(info.id, stream=stream) as opened:
+        artifacts = SnapshotArtifacts(kind=opened.info.kind, files=tuple(opened.info.files),  # type: ignore[arg-type]
+                                      details=dict(opened.info.details), streamed=stream)
+        source = opened.source(MEMORY_IMAGE)
+        call = (functools.partial(instance.restore, opened.path, artifacts, memory_source=source) if source is not None
+                else functools.partial(instance.restore, opened.path, artifacts))
+        sock: socket.socket = run(call)
+    return sock, opened.info

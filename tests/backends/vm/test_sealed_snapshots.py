@@ -1,0 +1,318 @@
+"""Sealed VM snapshots against real QEMU (TCG) and real crypto, through the supervisor's own
+save/restore path (``mvm.supervisor.snapshots``): the memory image streams QEMU -> sealer ->
+store and back, and is never a plain file anywhere.
+
+The proof uses fanotify: every file modified on this machine's filesystems while a save or a
+restore runs is kept open (so even one deleted right after is still readable) and searched
+for a canary that sits in guest RAM only (a tmpfs file). The same watch over a plain
+backend snapshot (``exec:cat > memory.bin``) and over the old unseal-to-a-directory restore
+must find it: the detector works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_vm_backend import Agent
+
+from mvm.backends.base import SnapshotArtifacts
+from mvm.errors import SandboxError, SnapshotTampered
+from mvm.security import sealing
+from mvm.security.sealing import SnapshotStore
+from mvm.supervisor import snapshots
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(300)]
+
+MEMORY_MB = 256
+
+# ---- fanotify: every file written while a block runs --------------------------------------
+
+_FAN_CLOEXEC, _FAN_NONBLOCK, _FAN_UNLIMITED_QUEUE = 0x1, 0x2, 0x10
+_FAN_MODIFY, _FAN_CLOSE_WRITE, _FAN_Q_OVERFLOW = 0x2, 0x8, 0x4000
+_FAN_MARK_ADD, _FAN_MARK_FILESYSTEM = 0x1, 0x100
+_AT_FDCWD = -100
+_EVENT = struct.Struct("=IBBHQii")
+_WRITABLE_FS = {"ext4", "ext3", "xfs", "btrfs", "tmpfs", "overlay", "f2fs", "zfs"}
+
+
+class WriteWatch:
+    """fanotify on every local filesystem: one open fd per inode modified while watching."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+        fd = libc.fanotify_init(_FAN_CLOEXEC | _FAN_NONBLOCK | _FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_LARGEFILE)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "fanotify_init")
+        self.fd = fd
+        self.marked: list[str] = []
+        devices = set()
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            _, mountpoint, fstype = line.split()[:3]
+            mountpoint = mountpoint.replace("\\040", " ")
+            try:
+                dev = os.stat(mountpoint).st_dev
+            except OSError:
+                continue
+            if fstype not in _WRITABLE_FS or dev in devices:
+                continue
+            if libc.fanotify_mark(fd, _FAN_MARK_ADD | _FAN_MARK_FILESYSTEM, _FAN_MODIFY | _FAN_CLOSE_WRITE,
+                                  _AT_FDCWD, mountpoint.encode()) == 0:
+                devices.add(dev)
+                self.marked.append(mountpoint)
+        if os.stat("/").st_dev not in devices:
+            os.close(fd)
+            raise OSError("cannot watch the root filesystem")
+        self.files: dict[tuple[int, int], tuple[int, str]] = {}
+        self.overflow = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                length, _, _, _, mask, efd, _pid = _EVENT.unpack_from(data, offset)
+                offset += length
+                if mask & _FAN_Q_OVERFLOW:
+                    self.overflow = True
+                if efd < 0:
+                    continue
+                st = os.fstat(efd)
+                key = (st.st_dev, st.st_ino)
+                if key in self.files:
+                    os.close(efd)
+                else:
+                    self.files[key] = (efd, os.readlink(f"/proc/self/fd/{efd}"))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain()
+            time.sleep(0.002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
+        os.close(self.fd)
+        assert not self.overflow, "fanotify lost events: the watch proves nothing"
+
+    def containing(self, needle: bytes) -> list[str]:
+        """Every watched file (as it is now, deleted ones too) holding ``needle``."""
+        hits = []
+        for efd, path in self.files.values():
+            offset, tail = 0, b""
+            while block := os.pread(efd, 8 << 20, offset):
+                if needle in tail + block:
+                    hits.append(path)
+                    break
+                offset += len(block)
+                tail = block[-len(needle):]
+        return hits
+
+    def close(self) -> None:
+        for efd, _ in self.files.values():
+            os.close(efd)
+        self.files.clear()
+
+
+def watched(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, WriteWatch]:
+    watch = WriteWatch()
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        watch.stop()
+    return result, watch
+
+
+def _fanotify_works() -> str:
+    try:
+        WriteWatch().stop()
+    except OSError as exc:
+        return f"fanotify unavailable ({exc}); needs root and a kernel with FAN_MARK_FILESYSTEM"
+    return ""
+
+
+# ---- fixtures -------------------------------------------------------------------------------
+
+
+class Source:
+    def __init__(self, instance: Any, agent: Agent, canary: bytes):
+        self.instance, self.agent, self.canary = instance, agent, canary
+
+
+@pytest.fixture(scope="module")
+def source(make_instance) -> Iterator[Source]:  # type: ignore[no-untyped-def]
+    """A booted VM whose RAM (only) holds a canary: a tmpfs file, never on its disk."""
+    instance = make_instance(memory_mb=MEMORY_MB)
+    agent = Agent(instance.start())
+    canary = f"mvm-canary-{secrets.token_hex(16)}".encode()
+    agent.sh(f"yes {canary.decode()} | head -n 8192 > /tmp/canary.txt")
+    agent.sh("echo on-disk > /root/disk.txt; sync")
+    yield Source(instance, agent, canary)
+    agent.close()
+    instance.destroy()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SnapshotStore:
+    return SnapshotStore(tmp_path / "snapshots")
+
+
+def _save(source: Source, store: SnapshotStore, tmp_path: Path, name: str = "s") -> sealing.SnapshotInfo:
+    info, _ = snapshots.save(source.instance, store, name, "sb-test", staging_parent=tmp_path)
+    return info
+
+
+def _memory_blob(info: sealing.SnapshotInfo) -> Path:
+    manifest = sealing.verify_snapshot(info.path)
+    return info.path / next(f.blob for f in manifest.files if f.path == "memory.bin")
+
+
+# ---- tests ----------------------------------------------------------------------------------
+
+
+def test_no_plaintext_memory_image_on_disk_during_save_or_restore(
+    source: Source, store: SnapshotStore, make_instance, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    reason = _fanotify_works()
+    if reason:
+        pytest.skip(reason)
+    # Positive control: a plain backend snapshot writes the image, and the watch sees the canary in it.
+    plain_dir = tmp_path / "plain"
+    _, watch = watched(source.instance.snapshot, plain_dir)
+    try:
+        assert str(plain_dir / "memory.bin") in watch.containing(source.canary)
+    finally:
+        watch.close()
+
+    info, watch = watched(_save, source, store, tmp_path)
+    try:
+        blob = _memory_blob(info).stat()
+        assert (blob.st_dev, blob.st_ino) in watch.files  # the sealed blob was watched being written...
+        assert watch.containing(source.canary) == []  # ...and nothing written held plaintext memory
+    finally:
+        watch.close()
+    assert info.kind == "full" and "memory.bin" in info.files
+    assert info.details["memory_bytes"] > 32 << 20
+
+    clone = make_instance(memory_mb=MEMORY_MB)
+    (sock, restored), watch = watched(snapshots.restore, clone, store, info.id)
+    try:
+        assert watch.containing(source.canary) == []
+    finally:
+        watch.close()
+    agent = Agent(sock)
+    try:
+        assert restored.id == info.id
+        assert agent.sh("head -1 /tmp/canary.txt").strip() == source.canary.decode()  # RAM came back
+        assert agent.sh("cat /root/disk.txt") == "on-disk\n"
+    finally:
+        agent.close()
+        clone.destroy()
+
+    # Positive control for restore: the old way (unseal everything to a directory) is caught.
+    out, watch = watched(store.open_for_restore, info.id)
+    try:
+        assert str(out / "memory.bin") in watch.containing(source.canary)
+    finally:
+        watch.close()
+
+
+def test_tampered_memory_is_refused_before_qemu_starts(
+    source: Source, store: SnapshotStore, make_instance, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    info = _save(source, store, tmp_path)
+    blob = _memory_blob(info)
+    with open(blob, "r+b") as fh:
+        fh.seek(blob.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    clone = make_instance(memory_mb=MEMORY_MB)
+    with pytest.raises(SnapshotTampered, match="sha256 does not match") as err:
+        snapshots.restore(clone, store, info.id)
+    assert err.value.details["path"] == "memory.bin"
+    assert not (clone.dir / "qemu.log").exists()  # QEMU was never started
+    assert clone.host_pids() == [] and clone.describe()["state"] == "created"
+    assert sorted(p.name for p in store.root.iterdir() if p.name != ".lock") == [info.id]  # nothing unsealed
+
+
+def test_memory_changed_after_verification_fails_hard_at_the_unsealer(
+    source: Source, store: SnapshotStore, make_instance, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    info = _save(source, store, tmp_path)
+    clone = make_instance(memory_mb=MEMORY_MB)
+    with store.restoring(info.id, stream=["memory.bin"]) as opened:
+        entry = next(f for f in opened.manifest.files if f.path == "memory.bin")
+        with open(info.path / entry.blob, "r+b") as fh:  # same inode as the verified fd
+            fh.seek(entry.sealed_size * 2 // 3)
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 0x01]))
+        artifacts = SnapshotArtifacts(kind="full", files=tuple(opened.info.files),
+                                      details=dict(opened.info.details), streamed=("memory.bin",))
+        with pytest.raises(SnapshotTampered, match="fails authentication") as err:
+            clone.restore(opened.path, artifacts, memory_source=opened.source("memory.bin"))
+    assert err.value.details["path"] == "memory.bin"
+    assert clone.host_pids() == [] and clone.describe()["state"] == "stopped"  # QEMU was killed
+
+
+def test_sealer_killed_mid_stream_leaves_no_half_snapshot(
+    source: Source, store: SnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sinks: list[sealing.SealSink] = []
+    real_stream = sealing.PendingSnapshot.stream
+
+    def stream(self: sealing.PendingSnapshot, rel: str) -> sealing.SealSink:
+        sinks.append(real_stream(self, rel))
+        return sinks[-1]
+
+    monkeypatch.setattr(sealing.PendingSnapshot, "stream", stream)
+    outcome: dict[str, Any] = {}
+
+    def save() -> None:
+        try:
+            outcome["info"] = _save(source, store, tmp_path, "killed")
+        except Exception as exc:  # inspected below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=save)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while (not sinks or sinks[0].helper_pid is None) and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.001)
+    assert sinks and sinks[0].helper_pid, "the sealer never started"
+    pid = sinks[0].helper_pid
+    os.kill(pid, signal.SIGSTOP)  # freeze it mid-stream (QEMU now blocks on the pipe), then kill it
+    staged = [p for p in store.root.iterdir() if p.name.startswith(".staging-")]
+    assert staged, "the pending snapshot should be staged while the sealer runs"
+    os.kill(pid, signal.SIGKILL)
+    thread.join(120)
+    assert "error" in outcome, f"the save should have failed, got {outcome}"
+    assert isinstance(outcome["error"], SandboxError)
+    assert "memory snapshot failed" in str(outcome["error"]) or "sealing memory.bin" in str(outcome["error"])
+    assert store.list() == [] and store.problems() == {}
+    assert sorted(p.name for p in store.root.iterdir() if p.name != ".lock") == []  # no staging, no snapshot
+    assert list(tmp_path.glob("snap-*")) == []
+    # The sandbox is unharmed and the next snapshot works.
+    assert source.agent.sh("echo alive") == "alive\n"
+    monkeypatch.undo()
+    info = _save(source, store, tmp_path, "after")
+    assert [i.name for i in store.list()] == ["after"]
+    sealing.verify_snapshot(info.path)
