@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import connect, start_guest_servers
+from nethelpers import connect, start_guest_servers
 
 import mvm
 from mvm.cli.network import parse_spec

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import HostHttp, create
+from nethelpers import HostHttp, create
 
 import mvm
 from mvm.supervisor.egress import EgressPolicy, is_sensitive, parse_request

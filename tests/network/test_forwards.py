@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import connect, create, read_all, start_guest_servers, wait_guest_file
+from nethelpers import connect, create, read_all, start_guest_servers, wait_guest_file
 
 import mvm
 from mvm.sdk.models import PortForward

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import connect, create, start_guest_servers
+from nethelpers import connect, create, start_guest_servers
 
 import mvm
 

@@ -103,7 +103,6 @@ class StreamMux:
         self._streams: dict[int, Stream] = {}
         self._dirty: set[Stream] = set()
         self._notices: list[tuple[Send, bytes, Stream | None]] = []
-        self._commands: deque[Callable[[], None]] = deque()
         self._listeners: dict[int, tuple[socket.socket, OnAccept]] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -190,20 +189,15 @@ class StreamMux:
     def add_listener(self, sock: socket.socket, on_accept: OnAccept) -> None:
         """Accept connections on ``sock`` (on the pump thread) and hand each to ``on_accept``."""
         sock.setblocking(False)
-
-        def register() -> None:
+        with self._lock:  # (epoll registration is safe while the pump waits in select)
+            if self._closed:
+                raise StreamClosed("the stream mux is closed")
             self._listeners[sock.fileno()] = (sock, on_accept)
             self._selector.register(sock, selectors.EVENT_READ, ("listen", sock))
 
-        with self._lock:
-            self._commands.append(register)
-        self._wake()
-
     def remove_listener(self, sock: socket.socket) -> None:
-        """Stop accepting on ``sock`` and close it (connections already accepted go on)."""
-        done = threading.Event()
-
-        def unregister() -> None:
+        """Stop accepting on ``sock`` and close it at once (accepted connections go on)."""
+        with self._lock:
             try:
                 if self._listeners.pop(sock.fileno(), None) is not None:
                     self._selector.unregister(sock)
@@ -211,13 +205,6 @@ class StreamMux:
                 pass
             finally:
                 sock.close()
-                done.set()
-
-        with self._lock:
-            self._commands.append(unregister)
-        self._wake()
-        if threading.current_thread() is not self._thread:
-            done.wait(5)
 
     # ---- the channel's reader ------------------------------------------------------------
 
@@ -428,8 +415,6 @@ class StreamMux:
         out: list[tuple[Send, bytes, Stream | None]] = []
         accepted: list[tuple[OnAccept, socket.socket, Any]] = []
         with self._lock:
-            while self._commands:
-                self._commands.popleft()()
             for key, mask in events:
                 data = key.data
                 if data is None:
@@ -473,7 +458,7 @@ class StreamMux:
 
     def _accept(self, listener: socket.socket, accepted: list[tuple[OnAccept, socket.socket, Any]]) -> None:
         entry = self._listeners.get(listener.fileno())
-        if entry is None:
+        if entry is None or entry[0] is not listener:
             return
         for _ in range(64):
             try:

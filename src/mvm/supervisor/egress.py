@@ -50,6 +50,8 @@ HEAD_LIMIT = 64 * 1024
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 RESOLVE_TIMEOUT = 10.0
+#: Guest connections whose request head is still being read (more are refused at once).
+MAX_HANDSHAKES = 128
 #: Log/audit records per window before further ones are only counted (a guest cannot flood the audit chain).
 RECORD_BURST = 100
 RECORD_WINDOW = 10.0
@@ -333,6 +335,8 @@ class EgressProxy:
         self.allowed = 0
         self.refused = 0
         self._limiter = _RecordLimiter()
+        self._handshakes = 0
+        self._lock = threading.Lock()
 
     def on_open(self, sid: int, port: int, peer: str) -> None:
         """From the agent channel's reader: never block here."""
@@ -344,16 +348,35 @@ class EgressProxy:
         policy = net.policy
         if policy.mode != "allow" or port != EGRESS_GUEST_PORT:
             net.mux.abort(sid, "this sandbox has no egress proxy", send=send)
-            self._record(False, "CONNECT?", f"guest port {port}", f"network mode is {policy.mode}", None)
+            threading.Thread(target=self._record, args=(False, "-", f"guest listener port {port}",
+                                                        f"network mode is {policy.mode}", None), daemon=True).start()
+            return
+        with self._lock:
+            busy = self._handshakes >= MAX_HANDSHAKES
+            if not busy:
+                self._handshakes += 1
+        if busy:
+            net.mux.abort(sid, f"more than {MAX_HANDSHAKES} egress requests are being read", send=send)
             return
         try:
             pending = net.mux.pending(sid, send)
         except (StreamLimit, ValueError) as exc:
+            self._handshake_done()
             net.mux.abort(sid, str(exc), send=send)
             return
         threading.Thread(target=self._serve, args=(pending,), name="mvm-egress", daemon=True).start()
 
+    def _handshake_done(self) -> None:
+        with self._lock:
+            self._handshakes -= 1
+
     def _serve(self, pending: PendingStream) -> None:
+        try:
+            self._handle(pending)
+        finally:
+            self._handshake_done()
+
+    def _handle(self, pending: PendingStream) -> None:
         try:
             got = self._read_head(pending)
             if got is None:

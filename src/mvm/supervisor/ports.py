@@ -145,8 +145,9 @@ class PortForwards:
             if fwd.closed:
                 return None
             fwd.closed = True
+        self.net.mux.remove_listener(fwd.sock)  # not listening any more once it is off the list
+        with self._lock:
             self._forwards.pop(fwd.id, None)
-        self.net.mux.remove_listener(fwd.sock)
         for sid in list(fwd.active):
             self.net.mux.abort(sid, "the port forward was closed")
         audit_id = None

@@ -688,8 +688,8 @@ class Supervisor:
             self._destroyed.set()
         audit_id = self.audit.record("sandbox.destroy", {"reason": reason})
         self.logs.system(f"sandbox destroyed ({reason})", audit_id)
-        self.network.close()
         self.agent.detach()
+        self.network.close()
         self.processes.mark_all_lost()
         if self.instance is not None:
             try:
