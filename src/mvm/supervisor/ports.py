@@ -188,12 +188,12 @@ class PortForwards:
                                     timeout=CONNECT_TIMEOUT)
         except errors.MvmError as exc:
             fwd.failed += 1
-            self.net.mux.abort(sid, f"the guest side failed: {exc.message}")
             now = time.monotonic()
             if now - fwd._last_failure_log > 5:  # a client retrying in a loop must not flood the log
                 fwd._last_failure_log = now
                 self.net.sup.logs.write("network", "system", f"port forward {fwd.id}: connection to guest "
                                         f"127.0.0.1:{fwd.guest_port} failed: {exc.message}", force=True)
+            self.net.mux.abort(sid, f"the guest side failed: {exc.message}")
             return
         self.net.mux.start_reading(sid)
 
