@@ -10,7 +10,8 @@ migration::
     python -P .../mvm/security/seal_stream.py unseal CONTROL_SOCKET   # -incoming "exec:…"
 
 ``seal`` reads the migration stream on stdin and writes the sealed blob; ``unseal``
-writes the plain stream to stdout. Neither gets anything secret from its command line
+writes the plain stream to stdout. The process QEMU starts forks and exits at once
+(QEMU waits for it when it closes the stream); its child does the work. Neither gets anything secret from its command line
 or its environment: it connects to ``CONTROL_SOCKET`` (a Unix socket in a private
 0700 directory, served by ``sealing.SealSink`` / ``sealing.UnsealSource`` in the
 supervisor, which only answers a peer of its own uid) and receives one frame::
@@ -26,8 +27,9 @@ and answers with one frame when it is done::
     {"ok": false, "error": "...", "tampered": true|false}
 
 The unsealer authenticates every chunk before writing its plaintext and stops at the
-first failure (exit status 2), so a modified blob never delivers its modified part; the
-supervisor does not let the VM run before this answer said ``ok``.
+first failure (its answer says ``tampered``; the worker exits 2), so a modified blob never
+delivers its modified part and QEMU's load fails on the cut stream; the supervisor hands
+out the restored VM only after this answer said ``ok``.
 """
 
 from __future__ import annotations
@@ -313,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2 or args[0] not in ("seal", "unseal"):
         print("usage: seal_stream.py seal|unseal CONTROL_SOCKET", file=sys.stderr)
         return 64
+    # QEMU (7.2) waits for the process it started when it closes the migration stream: the
+    # work goes on in a child, so QEMU's side ends when its last byte is written (the VM
+    # resumes) while the sealer still encrypts and hashes its last chunks and fsyncs.
+    if os.fork() != 0:
+        os._exit(0)
     try:
         return _run(args[0], args[1])
     except (OSError, EOFError, ValueError) as exc:
