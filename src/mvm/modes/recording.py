@@ -279,6 +279,8 @@ class RecordedSandbox:
         self._snapshots = 0
         self.commands = RecordedCommands(self)
         self.files = RecordedFiles(self)
+        self.ports = RecordedNetworkOps(self, "ports")
+        self.network = RecordedNetworkOps(self, "network")
 
     def __repr__(self) -> str:
         return f"<RecordedSandbox {self.name} ({self.mode} mode)>"
@@ -622,3 +624,25 @@ class RecordedFiles:
 
     def move(self, src: str, dst: str, *, overwrite: bool = False) -> None:
         self._sandbox._record("files.move", src=_absolute(src), dst=_absolute(dst), overwrite=bool(overwrite))
+
+
+class RecordedNetworkOps:
+    """``sandbox.ports`` / ``sandbox.network`` in record/plan mode: a forward or a policy
+    change needs a running sandbox, so each call says so (the policy given to
+    ``Sandbox.create`` is part of the recording already)."""
+
+    _HINT = ("port forwards and policy updates act on a running sandbox: use them in live mode "
+             "(mvmctl run --mode live), or `mvmctl port forward` / `mvmctl network update` on a live one")
+
+    def __init__(self, sandbox: RecordedSandbox, name: str):
+        self._sandbox = sandbox
+        self._name = name
+
+    def __getattr__(self, call: str) -> Any:
+        if call.startswith("_"):
+            raise AttributeError(call)
+
+        def unavailable(*args: Any, **kwargs: Any) -> NoReturn:
+            self._sandbox._unavailable(f"{self._name}.{call}", self._HINT)
+
+        return unavailable
