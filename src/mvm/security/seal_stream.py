@@ -11,8 +11,8 @@ migration::
 
 ``seal`` reads the migration stream on stdin and writes the sealed blob; ``unseal``
 writes the plain stream to stdout. The process QEMU starts forks and exits at once
-(QEMU waits for it when it closes the stream); its child does the work. Neither gets anything secret from its command line
-or its environment: it connects to ``CONTROL_SOCKET`` (a Unix socket in a private
+(QEMU waits for it when it closes the stream); its child does the work. Neither gets
+anything secret from its command line or its environment: it connects to ``CONTROL_SOCKET`` (a Unix socket in a private
 0700 directory, served by ``sealing.SealSink`` / ``sealing.UnsealSource`` in the
 supervisor, which only answers a peer of its own uid) and receives one frame::
 

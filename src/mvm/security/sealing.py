@@ -28,6 +28,14 @@ of the sealed bytes, plus name, sandbox_id, kind, created_at, expires_at, keep a
 details. :func:`verify_snapshot` checks the signature and every blob's size and hash
 before a single byte is unsealed; anything wrong raises :class:`SnapshotTampered`
 naming the file. The master key is ``$MVM_HOME/keys/snapshot.key`` (0600).
+
+Streams (a VM's memory image, which must never be a plain file): :meth:`SnapshotStore.begin`
+gives a :class:`PendingSnapshot` whose :meth:`~PendingSnapshot.stream` sink is a shell
+command (QEMU's ``exec:`` migration) sealing its stdin straight into the snapshot; and
+:meth:`SnapshotStore.restoring` verifies everything, then streams such a file back
+through an unsealer command (``-incoming exec:``) reading the very descriptor that was
+hashed. The helper process is :mod:`.seal_stream`; its key comes over a private control
+socket, never a command line or an environment.
 """
 
 from __future__ import annotations
