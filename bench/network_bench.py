@@ -273,7 +273,8 @@ def main() -> int:
     for name, value, base, unit in rows:
         ratio = value / base
         label = "of direct" if unit == "MiB/s" else "x direct"
-        print(f"{name:30} {value:>8.1f} {unit:<5} {base:>7.1f} {unit:<5} {ratio:>6.2f} {label}")
+        digits = 1 if unit == "MiB/s" else 3
+        print(f"{name:30} {value:>8.{digits}f} {unit:<5} {base:>7.{digits}f} {unit:<5} {ratio:>6.2f} {label}")
     forward_up = rows[0][1]
     if args.backend == "namespace":
         verdict = "met" if min(rows[0][1], rows[1][1]) >= 100 else "NOT met"
