@@ -157,10 +157,10 @@ def unseal_stream(read_into: ReadInto, write: Write, key: bytes, *, context: byt
     """Authenticate and decrypt a sealed stream through ``write``; returns the plain size.
     Each chunk is authenticated before its plaintext is written; the first failure
     raises :class:`Tampered` (nothing of that chunk or later is written)."""
-    header = bytearray(HEADER_SIZE)
-    if _fill(read_into, header) != HEADER_SIZE or header[:8] != MAGIC or header[8] != VERSION:
+    raw = bytearray(HEADER_SIZE)
+    if _fill(read_into, raw) != HEADER_SIZE or raw[:8] != MAGIC or raw[8] != VERSION:
         raise Tampered("not a sealed file (bad header)")
-    header = bytes(header)
+    header = bytes(raw)
     (chunk_size,) = struct.unpack(">I", header[12:16])
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise Tampered("bad chunk size in header")

@@ -40,6 +40,7 @@ socket, never a command line or an environment.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import hashlib
 import json
@@ -845,7 +846,7 @@ class SnapshotStore:
         return any(i.name == name and i.sandbox_id == sandbox_id for i in self._manifests())
 
     @staticmethod
-    def _collect(source: Path, files: Iterable[str] | None) -> list[str]:
+    def _collect(source: Path, files: Iterable[str] | None) -> builtins.list[str]:
         if not source.is_dir():
             raise InvalidArgument("files_dir", f"{source} is not a directory")
         rels: list[str] = []
@@ -969,7 +970,7 @@ class SnapshotStore:
             self._delete_dir(directory)
         return directory.name
 
-    def prune(self, now: float | datetime | None = None) -> list[SnapshotInfo]:
+    def prune(self, now: float | datetime | None = None) -> builtins.list[SnapshotInfo]:
         """Delete every snapshot past its ``expires_at`` (``keep`` does not protect from
         expiry) and leftovers of interrupted work; returns those deleted."""
         when = now.timestamp() if isinstance(now, datetime) else (time.time() if now is None else now)
@@ -990,7 +991,7 @@ class SnapshotStore:
             if match.group(1) == "trash" or not _pid_alive(int(match.group(3))):
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def remove_for_sandbox(self, sandbox_id: str) -> list[SnapshotInfo]:
+    def remove_for_sandbox(self, sandbox_id: str) -> builtins.list[SnapshotInfo]:
         """On destroy: delete the sandbox's snapshots except those created with ``keep=True``."""
         removed = []
         with self._locked():

@@ -16,12 +16,21 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
-from ..backends.base import MEMORY_IMAGE, BackendInstance, SnapshotArtifacts
+from ..backends.base import MEMORY_IMAGE, BackendInstance, MemorySink, MemorySource, SnapshotArtifacts
 from ..security.sealing import SnapshotInfo, SnapshotStore
 
 Runner = Callable[[Callable[[], Any]], Any]
+
+
+class _Streaming(Protocol):
+    """A backend instance with ``streams_memory`` (see ``mvm.backends.base``)."""
+
+    def snapshot(self, dest: Path, *, memory_sink: MemorySink | None = None) -> SnapshotArtifacts: ...
+
+    def restore(self, source: Path, artifacts: SnapshotArtifacts, *,
+                memory_source: MemorySource | None = None) -> socket.socket: ...
 
 
 def _direct(fn: Callable[[], Any]) -> Any:
@@ -36,8 +45,8 @@ def save(instance: BackendInstance, store: SnapshotStore, name: str, sandbox_id:
         sink = pending.stream(MEMORY_IMAGE) if instance.streams_memory else None
         staging = Path(tempfile.mkdtemp(prefix="snap-", dir=staging_parent))
         try:
-            call = (functools.partial(instance.snapshot, staging, memory_sink=sink) if sink is not None
-                    else functools.partial(instance.snapshot, staging))
+            call = (functools.partial(cast(_Streaming, instance).snapshot, staging, memory_sink=sink)
+                    if sink is not None else functools.partial(instance.snapshot, staging))
             artifacts: SnapshotArtifacts = run(call)
             if sink is not None and MEMORY_IMAGE not in artifacts.streamed:
                 pending.drop(MEMORY_IMAGE)
@@ -60,7 +69,7 @@ def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
         artifacts = SnapshotArtifacts(kind=opened.info.kind, files=tuple(opened.info.files),  # type: ignore[arg-type]
                                       details=dict(opened.info.details), streamed=stream)
         source = opened.source(MEMORY_IMAGE)
-        call = (functools.partial(instance.restore, opened.path, artifacts, memory_source=source) if source is not None
-                else functools.partial(instance.restore, opened.path, artifacts))
+        call = (functools.partial(cast(_Streaming, instance).restore, opened.path, artifacts, memory_source=source)
+                if source is not None else functools.partial(instance.restore, opened.path, artifacts))
         sock: socket.socket = run(call)
     return sock, opened.info
