@@ -163,7 +163,7 @@ def test_one_slow_reader_stalls_neither_other_connections_nor_commands(box: mvm.
     vm = _is_vm(box)
     source = box.ports.forward(guest_port=8002)
     hole = box.ports.forward(guest_port=8004)
-    total = 64 * 1024 * 1024
+    total = 96 * 1024 * 1024
     slow = connect(source.host_port, timeout=120)
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     slow.sendall(f"slow {total}\n".encode())  # ...and then read nothing for a while
@@ -182,7 +182,8 @@ def test_one_slow_reader_stalls_neither_other_connections_nor_commands(box: mvm.
     assert box.commands.run(["echo", "still here"], timeout_seconds=60).stdout == "still here\n"
     assert time.monotonic() - started < (30 if vm else 5)
     progress = int(box.files.read("/tmp/progress-slow") or b"0")
-    assert progress < 24 * 1024 * 1024, progress  # socket buffers and one window, not the whole stream
+    # kernel socket buffers (autotuned) and one window per side -- not the whole stream
+    assert progress < 48 * 1024 * 1024, progress
     assert pushed < 48 * 1024 * 1024, pushed
     if not vm:  # drain it: every byte arrives, in order
         got = read_all(slow)

@@ -215,6 +215,8 @@ class StreamMux:
         wake = False
         with self._lock:
             if frame.kind == "data":
+                if header["stream"] != TCP_STREAM:
+                    return  # not stream bytes (the owner routes only these here; be sure)
                 stream = self._streams.get(header["id"])
                 if stream is None:
                     return  # already gone here (reset crossed in flight)
@@ -537,7 +539,7 @@ class PendingStream:
                     mux._cond.wait(remaining)
                 if stream.done:
                     raise StreamClosed(stream.reason or "stream closed")
-                piece = bytes(view[: min(stream.credit, CHUNK_SIZE)])
+                piece = bytes(view[: min(stream.credit, STREAM_CHUNK)])
                 stream.credit -= len(piece)
                 stream.sent += len(piece)
                 view = view[len(piece):]
