@@ -666,7 +666,7 @@ class VmInstance(BackendInstance):
             self._state = "stopped"
             if memory_source is not None and not isinstance(exc, SnapshotTampered):
                 try:  # a stream that failed authentication explains a failed load best
-                    memory_source.finish(5.0)
+                    memory_source.finish(2.0)
                 except SnapshotTampered as tampered:
                     raise tampered from None
                 except MvmError:
