@@ -110,12 +110,15 @@ def test_policy_builders_validate_at_the_call() -> None:
 def test_stop_keeps_files_start_runs_again_and_states_are_enforced(backend: str) -> None:
     with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m") as sandbox:
         sandbox.files.write("/data/kept.txt", "still here")
+        assert sandbox.commands.run(["echo", "first boot"]).stdout == "first boot\n"
         assert sandbox.describe().state == "running"
         assert sandbox.stop().state == "stopped"
         with pytest.raises(errors.InvalidState, match="stopped"):
             sandbox.commands.run(["true"])
         assert sandbox.start().state == "running"
         assert sandbox.files.read("/data/kept.txt") == b"still here"
+        # pid numbers repeat in a new boot: nothing of the previous boot's output leaks in
+        assert sandbox.commands.run(["echo", "second boot"]).stdout == "second boot\n"
     with pytest.raises(errors.InvalidState, match="destroyed"):
         sandbox.commands.run(["true"])
     sandbox.kill()  # twice is fine

@@ -123,6 +123,13 @@ class ProcessTable:
             if not record.exited.is_set():
                 self.exit(record.pid, -1, None, time.time())
 
+    def new_boot(self) -> None:
+        """A new guest (start after stop, snapshot restore) reuses pid numbers: forget the
+        previous boot's records so none of its output or exit status leaks into a new pid."""
+        self.mark_all_lost()
+        with self._lock:
+            self._records.clear()
+
     def _trim(self) -> None:
         exited = [r for r in self._records.values() if r.exited.is_set() and not r.subscribers]
         for record in sorted(exited, key=lambda r: r.ended_at or 0)[: max(0, len(exited) - MAX_EXITED)]:

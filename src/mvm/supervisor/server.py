@@ -261,7 +261,7 @@ class Supervisor:
         assert self.instance is not None
         # Verified whole first; a VM's memory image then streams through the unsealer.
         sock, info = snapshots.restore(self.instance, SnapshotStore(), snapshot_id, run=self.on_backend)
-        self.processes.mark_all_lost()
+        self.processes.new_boot()
         self.agent.attach(sock)
         self._configure_agent()
         self.audit.record("snapshot.restore", {"snapshot": info.id, "name": info.name})
@@ -569,6 +569,7 @@ class Supervisor:
         self.require_state("start", "stopped", "running")
         if self.state == "stopped":
             assert self.instance is not None
+            self.processes.new_boot()
             self.agent.attach(self.on_backend(self.instance.start))
             self._configure_agent()
             self._set_state("running")
