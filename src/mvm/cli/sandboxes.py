@@ -42,10 +42,12 @@ def register(cli: click.Group) -> None:
     "--network", "network_mode", type=click.Choice(["deny", "allow", "open"]), default="deny", show_default=True
 )
 @click.option("--allow", multiple=True, help="host:port allowed with --network allow (repeatable).")
+@click.option("--allow-wildcards", is_flag=True, help="Accept *.domain, *, 0.0.0.0/:: and CIDR --allow entries.")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE (repeatable).")
 @click.option("--secret-env", multiple=True, help="KEY=SECRET_NAME: env from the keystore (repeatable).")
 @click.option("--include", multiple=True, help="Host path copied into /app (relative to the cwd).")
 @click.option("--workload-id")
+@click.option("--tag", "tag", multiple=True, help="KEY=VALUE label of the sandbox (repeatable).")
 @click.option("--from-snapshot", help="Start from this snapshot id or name.")
 @click.option(
     "--from-ir",
@@ -66,10 +68,12 @@ def up(
     backend: str | None,
     network_mode: str,
     allow: tuple[str, ...],
+    allow_wildcards: bool,
     env: tuple[str, ...],
     secret_env: tuple[str, ...],
     include: tuple[str, ...],
     workload_id: str | None,
+    tag: tuple[str, ...],
     from_snapshot: str | None,
     from_ir: str | None,
     as_json: bool,
@@ -92,11 +96,12 @@ def up(
         backend=backend,
         env=full_env,
         from_snapshot=from_snapshot,
+        tags=parse_env(tag, "--tag"),
         mode="live",
         resources=make_resources(
             cpu_cores=cpus, memory_mb=memory_mb, rootfs_size_mb=rootfs_size_mb, max_processes=max_processes
         ),
-        network=make_network(network_mode, list(allow)),
+        network=make_network(network_mode, list(allow), allow_wildcards=allow_wildcards),
     )
     info = sandbox.describe()
     sandbox.close()
