@@ -87,6 +87,14 @@ export class InvalidNetworkPolicy extends InvalidArgument {
   static override readonly wireType: string = "InvalidNetworkPolicy";
 }
 
+/**
+ * The host address and port a port forward asked for are already taken (a kind of
+ * `InvalidArgument`; `field` is `host_port`).
+ */
+export class PortInUse extends InvalidArgument {
+  static override readonly wireType: string = "PortInUse";
+}
+
 /** The template cannot be built on this host; `available` lists those that can. */
 export class TemplateNotFound extends MvmError {
   static override readonly wireType: string = "TemplateNotFound";
@@ -266,6 +274,24 @@ export class UnknownOp extends MvmError {
   static override readonly wireType: string = "UnknownOp";
 }
 
+// ---- network ------------------------------------------------------------------
+
+/**
+ * Nothing accepts the connection on the guest side (the agent's `tcp.connect`);
+ * `port` and `errno` say where and why.
+ */
+export class ConnectionRefused extends MvmError {
+  static override readonly wireType: string = "ConnectionRefused";
+
+  get port(): number | undefined {
+    return this.details.port as number | undefined;
+  }
+
+  get errno(): number | undefined {
+    return this.details.errno as number | undefined;
+  }
+}
+
 // ---- security -----------------------------------------------------------------
 
 export class KeystoreError extends MvmError {
@@ -281,11 +307,11 @@ export class AuditEntryNotFound extends AuditError {
 }
 
 const CLASSES: (typeof MvmError)[] = [
-  MvmError, InvalidArgument, InvalidNetworkPolicy, TemplateNotFound, TemplateBuildError, SecretNotFound,
+  MvmError, InvalidArgument, InvalidNetworkPolicy, PortInUse, TemplateNotFound, TemplateBuildError, SecretNotFound,
   BackendUnavailable, SandboxNotFound, InvalidState, SandboxPaused, SandboxError, NotAvailableInRecordMode,
   SnapshotNotFound, SnapshotTampered, CommandError, CommandTimeout, ProcessNotFound, FileNotFoundInSandbox,
   NotADirectory, IsADirectory, FileExistsInSandbox, DirectoryNotEmpty, PermissionDenied, TooLarge, ProtocolFailure,
-  Cancelled, UnknownOp, KeystoreError, AuditError, AuditEntryNotFound,
+  Cancelled, UnknownOp, ConnectionRefused, KeystoreError, AuditError, AuditEntryNotFound,
 ];
 
 /** Every wire type this SDK maps to a class (the others become a plain `MvmError`). */

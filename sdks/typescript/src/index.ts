@@ -20,12 +20,13 @@
 import "./polyfill.js";
 
 export {
-  Commands, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES, Files, Process, Sandbox, SIGNALS,
-  type CreateOptions, type LogsOptions, type OutputChunk, type RunOptions, type StartOptions,
+  Commands, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES, Files, Network, Ports, Process, Sandbox, SIGNALS,
+  type CreateOptions, type ForwardOptions, type LogsOptions, type NetworkUpdateOptions, type OutputChunk,
+  type RunOptions, type StartOptions,
 } from "./sandbox.js";
 export {
-  CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot,
-  type FileType, type SnapshotKind,
+  CommandResult, FileEntry, LogEvent, NetworkInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot,
+  type EgressInfo, type FileType, type PortForwardFields, type SnapshotKind,
 } from "./models.js";
 export {
   LIMITS, network, NETWORK_MODES, NetworkPolicy, resources, Resources, secret, SecretRef,
@@ -35,8 +36,8 @@ export * from "./errors.js";
 export { parseDuration, DURATION_HELP } from "./durations.js";
 export { currentMode, MODES, type Env, type EnvValue, type Mode } from "./spec.js";
 export {
-  currentRecording, RecordedCommands, RecordedFiles, RecordedProcess, RecordedSandbox, Recording, resetRecording,
-  RECORDING_ENV,
+  currentRecording, RecordedCommands, RecordedFiles, RecordedNetwork, RecordedPorts, RecordedProcess, RecordedSandbox,
+  Recording, resetRecording, RECORDING_ENV,
 } from "./recording.js";
 export { SupervisorClient, type CallOptions, type CallResult, type StreamChunk } from "./client.js";
 export * as protocol from "./protocol.js";

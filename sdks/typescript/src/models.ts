@@ -15,13 +15,18 @@
  * | `sandboxId`/`sizeBytes` | `sandbox_id`/`size_bytes` |
  * | `startedAt`           | `started_at`          |
  * | `hostPort`/`guestPort` | `host_port`/`guest_port` |
+ * | `PortForward.totalConnections`/`failedConnections` | `total_connections`/`failed_connections` |
+ * | `PortForward.bytesIn`/`bytesOut` | `bytes_in`/`bytes_out` |
  * | `Resources.cpuCores`… | `resources.cpu_cores`… |
  * | `NetworkPolicy.allowWildcards` | `network.allow_wildcards` |
  *
  * `SandboxInfo.details` is passed through as the supervisor sent it (snake_case keys).
  */
 
-import { NetworkPolicy, Resources } from "./policy.js";
+import "./polyfill.js";
+
+import { InvalidArgument, InvalidState, SandboxError, SandboxNotFound } from "./errors.js";
+import { NetworkPolicy, Resources, type NetworkMode } from "./policy.js";
 
 type Raw = Record<string, unknown>;
 
@@ -187,7 +192,7 @@ export class SandboxInfo {
     readonly backend: string,
     readonly isolation: string,
     readonly resources: Resources,
-    readonly network: NetworkPolicy,
+    readonly network: NetworkInfo,
     readonly createdAt: number,
     readonly expiresAt: number | null,
     readonly workloadId: string | null = null,
@@ -199,7 +204,7 @@ export class SandboxInfo {
   static fromWire(raw: Raw): SandboxInfo {
     return new SandboxInfo(String(raw.id), String(raw.name), String(raw.state ?? "creating"), String(raw.template),
       String(raw.backend ?? ""), String(raw.isolation ?? ""), Resources.fromDict((raw.resources ?? {}) as Raw),
-      NetworkPolicy.fromDict((raw.network ?? {}) as Raw), num(raw.created_at), optNum(raw.expires_at),
+      NetworkInfo.fromWire((raw.network ?? {}) as Raw), num(raw.created_at), optNum(raw.expires_at),
       optStr(raw.workload_id), (raw.details ?? {}) as Raw);
   }
 
@@ -242,23 +247,166 @@ export class Snapshot {
   }
 }
 
-/** A host port forwarded to a guest port (the model shared with Python's `PortForward`). */
-export class PortForward {
-  constructor(
-    readonly host: string,
-    readonly hostPort: number,
-    readonly guestPort: number,
-    readonly id: string | null = null,
-  ) {
+/** What a `PortForward` needs of its sandbox to close itself. @internal */
+export interface ForwardOwner {
+  readonly ports: { close(forward: PortForward | string | number): Promise<void> };
+}
+
+/** The fields of a `PortForward` (as `sandbox.ports.forward` / `sandbox.ports.list` give them). */
+export interface PortForwardFields {
+  host: string;
+  hostPort: number;
+  guestPort: number;
+  id?: string | null;
+  detached?: boolean;
+  connections?: number;
+  totalConnections?: number;
+  failedConnections?: number;
+  bytesIn?: number;
+  bytesOut?: number;
+  auditId?: string | null;
+}
+
+/**
+ * A host listener relayed to a guest port (`sandbox.ports.forward`); `close()` it, or
+ * let `await using` close it. The counters are as of the call that returned it
+ * (`sandbox.ports.list()` for fresh ones): `connections` open now, `bytesIn`
+ * (host → guest) and `bytesOut` (guest → host) of finished connections.
+ *
+ * ```ts
+ * await using fwd = await sandbox.ports.forward({ hostPort: 8080, guestPort: 8000 });
+ * await fetch(`http://${fwd.address}/`);
+ * ```
+ */
+export class PortForward implements AsyncDisposable {
+  readonly host: string;
+  readonly hostPort: number;
+  readonly guestPort: number;
+  readonly id: string | null;
+  readonly detached: boolean;
+  readonly connections: number;
+  readonly totalConnections: number;
+  readonly failedConnections: number;
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+  readonly auditId: string | null;
+  readonly #sandbox: ForwardOwner | null;
+
+  constructor(fields: PortForwardFields, sandbox: ForwardOwner | null = null) {
+    this.host = fields.host;
+    this.hostPort = fields.hostPort;
+    this.guestPort = fields.guestPort;
+    this.id = fields.id ?? null;
+    this.detached = fields.detached ?? true;
+    this.connections = fields.connections ?? 0;
+    this.totalConnections = fields.totalConnections ?? 0;
+    this.failedConnections = fields.failedConnections ?? 0;
+    this.bytesIn = fields.bytesIn ?? 0;
+    this.bytesOut = fields.bytesOut ?? 0;
+    this.auditId = fields.auditId ?? null;
+    this.#sandbox = sandbox;
     Object.freeze(this);
   }
 
-  static fromWire(raw: Raw): PortForward {
-    return new PortForward(String(raw.host), Math.trunc(num(raw.host_port)), Math.trunc(num(raw.guest_port)),
-      optStr(raw.id));
+  /** A supervisor `Forward` (snake_case); bound to `sandbox` so that `close()` works. */
+  static fromWire(raw: Raw, sandbox: ForwardOwner | null = null): PortForward {
+    return new PortForward({
+      host: String(raw.host), hostPort: Math.trunc(num(raw.host_port)), guestPort: Math.trunc(num(raw.guest_port)),
+      id: optStr(raw.id), detached: raw.detached === undefined || raw.detached === null ? true : Boolean(raw.detached),
+      connections: Math.trunc(num(raw.connections)), totalConnections: Math.trunc(num(raw.total_connections)),
+      failedConnections: Math.trunc(num(raw.failed_connections)), bytesIn: Math.trunc(num(raw.bytes_in)),
+      bytesOut: Math.trunc(num(raw.bytes_out)), auditId: optStr(raw.audit_id),
+    }, sandbox);
   }
 
+  /** `host:port` to connect to (`[::1]:port` for IPv6). */
+  get address(): string {
+    return this.host.includes(":") ? `[${this.host}]:${this.hostPort}` : `${this.host}:${this.hostPort}`;
+  }
+
+  /**
+   * Stop listening and reset this forward's connections. A no-op once closed (or once
+   * the sandbox is gone, and its forwards with it).
+   */
+  async close(): Promise<void> {
+    const sandbox = this.#sandbox;
+    if (sandbox === null) {
+      throw new InvalidState("this PortForward is not bound to a sandbox (close it with sandbox.ports.close(forward))");
+    }
+    try {
+      await sandbox.ports.close(this);
+    } catch (exc) {
+      if (exc instanceof InvalidArgument) return; // already closed
+      if (exc instanceof SandboxError || exc instanceof SandboxNotFound || exc instanceof InvalidState) return;
+      throw exc;
+    }
+  }
+
+  /** `await using fwd = await sandbox.ports.forward(...)` closes it at the end of the block. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  toString(): string {
+    return `<PortForward ${this.address} -> guest 127.0.0.1:${this.guestPort}${this.id ? ` (${this.id})` : ""}>`;
+  }
+
+  /** The Python/wire spelling (Python's `PortForward.to_dict()`). */
   toDict(): Raw {
-    return { host: this.host, host_port: this.hostPort, guest_port: this.guestPort, id: this.id };
+    return {
+      host: this.host, host_port: this.hostPort, guest_port: this.guestPort, id: this.id, detached: this.detached,
+      connections: this.connections, total_connections: this.totalConnections,
+      failed_connections: this.failedConnections, bytes_in: this.bytesIn, bytes_out: this.bytesOut,
+      audit_id: this.auditId,
+    };
+  }
+}
+
+/** The egress proxy of a `mode: "allow"` sandbox, as `describe()` reports it. */
+export interface EgressInfo {
+  /** The guest-side proxy URL (`http://127.0.0.1:3128`). */
+  proxy: string;
+  /** The guest listener is up. */
+  ready: boolean;
+  /** Destinations allowed and refused so far. */
+  allowed: number;
+  refused: number;
+}
+
+/**
+ * The network of a sandbox as `describe()`, `sandbox.network.policy()` and
+ * `sandbox.network.update()` report it: the policy (`mode`, `allow`,
+ * `allowWildcards`, as a `NetworkPolicy`) plus its open `forwards` and, in mode
+ * `allow`, the `egress` proxy's state. `toDict()` gives what the supervisor sent.
+ */
+export class NetworkInfo extends NetworkPolicy {
+  /** Open port forwards (not bound to a sandbox: close them with `sandbox.ports.close`). */
+  readonly forwards: readonly PortForward[];
+  readonly egress: EgressInfo | null;
+  readonly #raw: Raw;
+
+  /** @internal use `NetworkInfo.fromWire` */
+  constructor(policy: NetworkPolicy, forwards: readonly PortForward[], egress: EgressInfo | null, raw: Raw) {
+    super(policy.mode, policy.allow, policy.allowWildcards);
+    this.forwards = Object.freeze([...forwards]);
+    this.egress = egress === null ? null : Object.freeze({ ...egress });
+    this.#raw = JSON.parse(JSON.stringify(raw)) as Raw;
+    Object.freeze(this);
+  }
+
+  static fromWire(raw: Raw): NetworkInfo {
+    const policy = NetworkPolicy.fromDict(raw);
+    const forwards = Array.isArray(raw.forwards) ? raw.forwards.map((f) => PortForward.fromWire(f as Raw)) : [];
+    let egress: EgressInfo | null = null;
+    if (raw.egress && typeof raw.egress === "object") {
+      const e = raw.egress as Raw;
+      egress = { proxy: String(e.proxy ?? ""), ready: Boolean(e.ready), allowed: num(e.allowed), refused: num(e.refused) };
+    }
+    return new NetworkInfo(policy, forwards, egress, raw);
+  }
+
+  /** The supervisor's form: `{mode, allow, allow_wildcards, forwards?, egress?, ...}` (Python's dict). */
+  override toDict(): { mode: NetworkMode; allow: string[]; allow_wildcards: boolean } & Raw {
+    return { ...(JSON.parse(JSON.stringify(this.#raw)) as Raw), ...super.toDict() };
   }
 }

@@ -115,7 +115,7 @@ export class NetworkPolicy {
     readonly allowWildcards: boolean,
   ) {
     this.allow = Object.freeze([...allow]);
-    Object.freeze(this);
+    if (new.target === NetworkPolicy) Object.freeze(this); // a subclass (NetworkInfo) freezes itself
   }
 
   /** The wire/IR form (`{mode, allow, allow_wildcards}`). */
@@ -193,7 +193,8 @@ function validateDestination(entry: unknown, allowWildcards: boolean): void {
   }
   const wildcard = host.includes("*") || host === "0.0.0.0" || host === "::" || host.includes("/");
   if (wildcard && !allowWildcards) {
-    throw InvalidNetworkPolicy.create(field, "wildcards are refused unless allowWildcards is true");
+    // Python's message word for word (the option is `allowWildcards` here)
+    throw InvalidNetworkPolicy.create(field, "wildcards are refused unless allow_wildcards=True");
   }
   if (host.includes("/")) {
     if (!validNetwork(host)) throw InvalidNetworkPolicy.create(field, `${repr(host)} is not a valid network`);
@@ -212,11 +213,17 @@ function validNetwork(text: string): boolean {
   const bits = version === 4 ? 32 : 128;
   if (/^[0-9]+$/.test(prefix)) return parseInt(prefix, 10) <= bits;
   if (version === 4 && isIP(prefix) === 4) {
+    // a netmask (255.255.0.0) or, as Python's ipaddress also accepts, a hostmask (0.0.255.255)
     const mask = prefix.split(".").reduce((acc, octet) => acc * 256 + parseInt(octet, 10), 0);
-    const inverted = (~mask >>> 0) + 1;
-    return (inverted & (inverted - 1)) === 0 || mask === 0; // a contiguous netmask
+    return contiguousNetmask(mask) || contiguousNetmask(~mask >>> 0);
   }
   return false;
+}
+
+/** `mask` (32 bits) is ones then zeros. */
+function contiguousNetmask(mask: number): boolean {
+  const inverted = (~mask >>> 0) + 1; // 2**k for a netmask
+  return mask === 0 || (inverted & (inverted - 1)) === 0;
 }
 
 /**

@@ -11,6 +11,9 @@
  * * `commands.start` resolves to a recorded `Process` whose `pid` is `null`.
  * * Reads (`files.read/list/stat/exists`, `logs`, a process's output or exit code)
  *   throw `NotAvailableInRecordMode` naming the call.
+ * * `ports.*` and `network.*` (a forward, a policy change) need a running sandbox:
+ *   they throw `NotAvailableInRecordMode` too (the policy given to `Sandbox.create`
+ *   is part of the recording already).
  * * Secret references are recorded by name only; their values are never looked up.
  *
  * When `$MVM_RECORDING` names a file (`mvmctl compile`/`run` set it), each event is
@@ -25,13 +28,16 @@ import { join } from "node:path";
 import { InvalidArgument, InvalidState, NotAvailableInRecordMode, TemplateNotFound } from "./errors.js";
 import { parseDuration } from "./durations.js";
 import { collectIncludes, GUEST_ROOT } from "./includes.js";
-import { CommandResult, FileEntry, LogEvent, ProcessInfo, SandboxInfo, Snapshot } from "./models.js";
+import {
+  CommandResult, FileEntry, LogEvent, NetworkInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot,
+} from "./models.js";
 import { findMvmctl } from "./paths.js";
 import { SecretRef } from "./policy.js";
 import { repr, typeName } from "./pyrepr.js";
 import {
-  Commands, DEFAULT_MAX_OUTPUT_BYTES, Files, Process, Sandbox, SIGNALS, type CreateOptions, type LogsOptions,
-  type OutputChunk, type RunOptions, type StartOptions,
+  Commands, DEFAULT_MAX_OUTPUT_BYTES, Files, Network, Ports, Process, Sandbox, SIGNALS, type CreateOptions,
+  type ForwardOptions, type LogsOptions, type NetworkUpdateOptions, type OutputChunk, type RunOptions,
+  type StartOptions,
 } from "./sandbox.js";
 import {
   absolutePath, callerSite, defaultName, scriptDir, validateCommand, validatedSpec, type Env, type Mode, type Spec,
@@ -316,6 +322,14 @@ export class RecordedSandbox extends Sandbox {
     return new RecordedFiles(this);
   }
 
+  protected override makePorts(): Ports {
+    return new RecordedPorts(this);
+  }
+
+  protected override makeNetwork(): Network {
+    return new RecordedNetwork(this);
+  }
+
   override toString(): string {
     return `<RecordedSandbox ${this.name} (${this.mode} mode)>`;
   }
@@ -380,7 +394,7 @@ export class RecordedSandbox extends Sandbox {
 
   private describeNow(): SandboxInfo {
     return new SandboxInfo(this.id, this.name, this.destroyed ? "destroyed" : this.recordedState, this.spec.template,
-      this.spec.backend ?? "", "", this.spec.resources, this.spec.network, 0, null, this.spec.workloadId,
+      this.spec.backend ?? "", "", this.spec.resources, NetworkInfo.fromWire(this.spec.network.toDict()), 0, null, this.spec.workloadId,
       { mode: this.mode, recorded: true, ttl_seconds: this.spec.ttlSeconds, tags: this.spec.tags });
   }
 
@@ -667,5 +681,48 @@ export class RecordedFiles extends Files {
   override async move(src: string, dst: string, options: { overwrite?: boolean } = {}): Promise<void> {
     const at = callerSite();
     this.sb.record("files.move", { src: absolutePath(src), dst: absolutePath(dst), overwrite: Boolean(options.overwrite) }, at);
+  }
+}
+
+// ---- ports and network ------------------------------------------------------------------------
+
+/** Python's `RecordedNetworkOps._HINT`. */
+const NETWORK_OPS_HINT = "port forwards and policy updates act on a running sandbox: use them in live mode "
+  + "(mvmctl run --mode live), or `mvmctl port forward` / `mvmctl network update` on a live one";
+
+/** `sandbox.ports` in record/plan mode: a forward needs a running sandbox, so each call says so. */
+export class RecordedPorts extends Ports {
+  private unavailable(call: string): never {
+    return (this.sandbox as RecordedSandbox).unavailable(`ports.${call}`, NETWORK_OPS_HINT);
+  }
+
+  override async forward(_options: ForwardOptions): Promise<PortForward> {
+    return this.unavailable("forward");
+  }
+
+  override async list(): Promise<PortForward[]> {
+    return this.unavailable("list");
+  }
+
+  override async close(_forward: PortForward | string | number): Promise<void> {
+    return this.unavailable("close");
+  }
+}
+
+/**
+ * `sandbox.network` in record/plan mode: a policy change needs a running sandbox (the
+ * policy given to `Sandbox.create` is part of the recording already).
+ */
+export class RecordedNetwork extends Network {
+  private unavailable(call: string): never {
+    return (this.sandbox as RecordedSandbox).unavailable(`network.${call}`, NETWORK_OPS_HINT);
+  }
+
+  override async policy(): Promise<NetworkInfo> {
+    return this.unavailable("policy");
+  }
+
+  override async update(_options?: NetworkUpdateOptions | readonly string[]): Promise<NetworkInfo> {
+    return this.unavailable("update");
   }
 }

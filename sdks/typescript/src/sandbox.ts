@@ -23,15 +23,15 @@ import { TextDecoder } from "node:util";
 
 import { SupervisorClient, type CallOptions, type CallResult } from "./client.js";
 import {
-  CommandError, CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidState, MvmError,
-  SandboxError, SandboxNotFound, TooLarge,
+  CommandError, CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy, InvalidState,
+  MvmError, SandboxError, SandboxNotFound, TooLarge,
 } from "./errors.js";
 import { parseDuration } from "./durations.js";
-import { CommandResult, FileEntry, LogEvent, ProcessInfo, SandboxInfo, Snapshot } from "./models.js";
+import { CommandResult, FileEntry, LogEvent, NetworkInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot } from "./models.js";
 import { CONTROL_SOCKET, findMvmctl, sandboxesDir } from "./paths.js";
-import { NetworkPolicy, Resources, SecretRef } from "./policy.js";
+import { network as makeNetwork, NetworkPolicy, Resources, SecretRef, type NetworkMode } from "./policy.js";
 import { CHUNK_SIZE, type Header } from "./protocol.js";
-import { repr } from "./pyrepr.js";
+import { repr, typeName } from "./pyrepr.js";
 import { resolveSecret } from "./secrets.js";
 import {
   absolutePath, callerSite, currentMode, DEFAULT_TTL, scriptDir, splitEnv, validateCommand, validatedSpec, type Env,
@@ -101,6 +101,30 @@ export interface LogsOptions {
   /** Seconds since the epoch. */
   since?: number;
   redact?: boolean;
+}
+
+/** `sandbox.ports.forward`'s options (Python: `host=`, `host_port=`, `guest_port=`, ...). */
+export interface ForwardOptions {
+  /** The guest port, on the guest's `127.0.0.1` (required). */
+  guestPort: number;
+  /** The host port; `0` (default) picks a free one (`fwd.hostPort`). */
+  hostPort?: number;
+  /** The host address bound, exactly (default `"127.0.0.1"`). A wildcard needs `allowWildcard`. */
+  host?: string;
+  /** Accept `"0.0.0.0"`, `"::"` or `""`: every interface of this machine. */
+  allowWildcard?: boolean;
+  /** Keep the forward when this handle's connection closes (default `true`); `false` ties it to the connection. */
+  detach?: boolean;
+}
+
+/** `sandbox.network.update`'s options (Python: `allow`, `mode=`, `allow_wildcards=`). */
+export interface NetworkUpdateOptions {
+  /** The new allow-list (`host:port` entries); omitted or `null`: unchanged. */
+  allow?: readonly string[] | null;
+  /** `"allow"` or `"deny"`; default `"allow"` for a non-empty list, else `"deny"`. */
+  mode?: NetworkMode | null;
+  /** Accept `*`, `0.0.0.0`, `::` and CIDR destinations; omitted or `null`: unchanged. */
+  allowWildcards?: boolean | null;
 }
 
 export interface OutputChunk {
@@ -177,6 +201,10 @@ export class Sandbox implements AsyncDisposable, Disposable {
   readonly mode: Mode = "live";
   readonly commands: Commands;
   readonly files: Files;
+  /** Port forwards from this machine into the sandbox. */
+  readonly ports: Ports;
+  /** The sandbox's network policy (egress allow-list), changeable while it runs. */
+  readonly network: Network;
   /** @internal */
   protected readonly directory: string;
   private conn: Promise<SupervisorClient> | null = null;
@@ -192,6 +220,8 @@ export class Sandbox implements AsyncDisposable, Disposable {
     for (const [k, v] of secretValues ?? []) this.secretValues.set(k, v);
     this.commands = this.makeCommands();
     this.files = this.makeFiles();
+    this.ports = this.makePorts();
+    this.network = this.makeNetwork();
   }
 
   /** @internal */
@@ -202,6 +232,16 @@ export class Sandbox implements AsyncDisposable, Disposable {
   /** @internal */
   protected makeFiles(): Files {
     return new Files(this);
+  }
+
+  /** @internal */
+  protected makePorts(): Ports {
+    return new Ports(this);
+  }
+
+  /** @internal */
+  protected makeNetwork(): Network {
+    return new Network(this);
   }
 
   toString(): string {
@@ -229,13 +269,11 @@ export class Sandbox implements AsyncDisposable, Disposable {
       throw InvalidArgument.create("template", `${repr(template)} is not a template name`);
     }
     const spec = validatedSpec({ ...options, ttl: options.ttl === undefined ? DEFAULT_TTL : options.ttl });
-    if (spec.network.allowWildcards) {
-      throw InvalidArgument.create("network.allow_wildcards",
-        "live sandboxes with wildcard destinations are not supported by the TypeScript SDK yet (mvmctl up has no flag for it)");
-    }
-    if (Object.keys(spec.tags).length) {
-      throw InvalidArgument.create("tags", "live sandboxes with tags are not supported by the TypeScript SDK yet "
-        + "(mvmctl up has no flag for them)");
+    for (const key of Object.keys(spec.tags)) {
+      if (!key || key.includes("=")) { // mvmctl up --tag KEY=VALUE cannot carry them
+        throw InvalidArgument.create("tags", `${repr(key)} is not a tag name a live sandbox can have`,
+          "a non-empty name without '='");
+      }
     }
     const include = options.include ?? [];
     if (typeof include === "string" || !Array.isArray(include)) {
@@ -247,6 +285,8 @@ export class Sandbox implements AsyncDisposable, Disposable {
       "--cpus", String(r.cpuCores), "--memory", String(r.memoryMb), "--disk", String(r.rootfsSizeMb),
       "--max-processes", String(r.maxProcesses), "--network", spec.network.mode];
     for (const entry of spec.network.allow) args.push("--allow", entry);
+    if (spec.network.allowWildcards) args.push("--allow-wildcards");
+    for (const [key, value] of Object.entries(spec.tags)) args.push("--tag", `${key}=${value}`);
     if (spec.name !== null) args.push("--name", spec.name);
     if (spec.workloadId !== null) args.push("--workload-id", spec.workloadId);
     if (options.backend !== undefined && options.backend !== null) args.push("--backend", String(options.backend));
@@ -682,6 +722,121 @@ export class Process implements AsyncIterable<OutputChunk> {
 
   stderr(): AsyncGenerator<string, void, undefined> {
     return this.lines("stderr");
+  }
+}
+
+// ---- ports and network ------------------------------------------------------------------
+
+/**
+ * Port forwards of a sandbox. Reached as `sandbox.ports`. A forward travels over the
+ * supervisor's channel to the guest agent, so it needs no guest network interface
+ * (it works with `mode: "deny"`).
+ */
+export class Ports {
+  /** @internal */
+  constructor(protected readonly sandbox: Sandbox) {}
+
+  /**
+   * Listen on `host:hostPort` on this machine and relay every connection to the
+   * guest's `127.0.0.1:guestPort`.
+   *
+   * `hostPort: 0` (default) picks a free port (`fwd.hostPort`). Exactly `host` is bound:
+   * a wildcard (`"0.0.0.0"`, `"::"`, `""`) throws `InvalidArgument` unless
+   * `allowWildcard: true`; a port already taken throws `PortInUse`. The forward lasts
+   * until `fwd.close()` (or the `await using` block ends) or the sandbox ends; with
+   * `detach: false` also until this handle's connection closes.
+   *
+   * ```ts
+   * await using fwd = await sandbox.ports.forward({ hostPort: 8080, guestPort: 8000 });
+   * const page = await fetch(`http://${fwd.address}/`);
+   * ```
+   */
+  async forward(options: ForwardOptions): Promise<PortForward> {
+    const opts = (options ?? {}) as Partial<ForwardOptions>;
+    const host = opts.host === undefined ? "127.0.0.1" : opts.host;
+    const hostPort = opts.hostPort === undefined ? 0 : opts.hostPort;
+    const guestPort = opts.guestPort;
+    for (const [name, value, low] of [["guest_port", guestPort, 1], ["host_port", hostPort, 0]] as const) {
+      if (typeof value !== "number" || !Number.isInteger(value) || !(low <= value && value <= 65535)) {
+        throw InvalidArgument.create(name, `${repr(value)} is not a port number`, `${low}..65535`);
+      }
+    }
+    if (typeof host !== "string") {
+      throw InvalidArgument.create("host", `${repr(host)} is not an address`, "e.g. '127.0.0.1'");
+    }
+    const { result } = await this.sandbox.call("port.forward", {
+      host, host_port: hostPort, guest_port: guestPort, allow_wildcard: Boolean(opts.allowWildcard ?? false),
+      detach: Boolean(opts.detach ?? true),
+    });
+    return PortForward.fromWire(result, this.sandbox);
+  }
+
+  /** The sandbox's open forwards (with their connection counts), oldest first. */
+  async list(): Promise<PortForward[]> {
+    const { result } = await this.sandbox.call("port.list");
+    return (Array.isArray(result.forwards) ? result.forwards : []).map((raw) => PortForward.fromWire(raw as Header, this.sandbox));
+  }
+
+  /**
+   * Close a forward: a `PortForward`, its `id`, or its host port. Its open connections
+   * are reset. `InvalidArgument` when no (single) forward matches.
+   */
+  async close(forward: PortForward | string | number): Promise<void> {
+    let args: Header;
+    if (forward instanceof PortForward) args = { id: forward.id };
+    else if (typeof forward === "string") args = { id: forward };
+    else if (typeof forward === "number" && Number.isInteger(forward)) args = { host_port: forward };
+    else throw InvalidArgument.create("forward", repr(forward), "a PortForward, its id or its host port");
+    await this.sandbox.call("port.close", args);
+  }
+}
+
+/** The network policy of a running sandbox. Reached as `sandbox.network`. */
+export class Network {
+  /** @internal */
+  constructor(protected readonly sandbox: Sandbox) {}
+
+  /** The policy, open forwards and egress state, as `describe()` shows them. */
+  async policy(): Promise<NetworkInfo> {
+    return (await this.sandbox.describe()).network;
+  }
+
+  /**
+   * Replace the egress allow-list of this running sandbox (new connections follow it).
+   *
+   * `mode` defaults to `"allow"` for a non-empty list and `"deny"` for an empty one;
+   * switching between them starts or stops the egress proxy (processes started
+   * afterwards get, or lose, `HTTP(S)_PROXY`). A sandbox created with `mode: "open"`
+   * cannot be changed. Entries are validated like `network()`.
+   *
+   * ```ts
+   * await sandbox.network.update({ allow: ["pypi.org:443", "files.pythonhosted.org:443"] });
+   * await sandbox.network.update(["pypi.org:443"]); // the same, shorter
+   * ```
+   */
+  async update(options: NetworkUpdateOptions | readonly string[] = {}): Promise<NetworkInfo> {
+    const opts: NetworkUpdateOptions = Array.isArray(options) ? { allow: options as readonly string[] }
+      : ((options ?? {}) as NetworkUpdateOptions);
+    const allow: unknown = opts.allow ?? null;
+    const mode = opts.mode ?? null;
+    const wildcards = opts.allowWildcards ?? null;
+    if (typeof allow === "string") {
+      throw InvalidNetworkPolicy.create("network.allow", "must be a list of 'host:port' strings, not one string");
+    }
+    if (allow !== null && !Array.isArray(allow)) {
+      throw InvalidNetworkPolicy.create("network.allow", `${typeName(allow)} is not a list of 'host:port' strings`);
+    }
+    const entries = allow === null ? null : [...(allow as unknown[])];
+    if (entries !== null) {
+      const resolved = mode || (entries.length ? "allow" : "deny");
+      if (resolved === "allow" || resolved === "deny") { // the supervisor refuses other modes with its own message
+        // allowWildcards omitted keeps the sandbox's setting, which only the supervisor knows: it judges
+        // wildcard entries then (with the same error). Python's SDK refuses them here as if it were false.
+        makeNetwork(resolved, entries as string[], { allowWildcards: wildcards === null ? true : Boolean(wildcards) });
+      }
+    }
+    const { result } = await this.sandbox.call("network.update", { allow: entries, mode, allow_wildcards: wildcards });
+    return NetworkInfo.fromWire((result.network ?? {}) as Header);
   }
 }
 

@@ -140,7 +140,8 @@ describe("golden protocol frames (shared with the Python SDK)", () => {
     for (const op of ["exec.run", "proc.start", "proc.attach", "proc.wait", "proc.signal", "proc.stdin", "proc.list",
       "proc.info", "fs.write", "fs.write-chunked", "fs.read", "fs.list", "fs.stat", "fs.mkdir", "fs.remove", "fs.move",
       "sandbox.describe", "sandbox.logs", "sandbox.stop", "sandbox.start", "sandbox.pause", "sandbox.resume",
-      "sandbox.snapshot", "sandbox.destroy"]) {
+      "sandbox.snapshot", "sandbox.destroy", "port.forward", "port.forward-defaults", "port.forward-close", "port.list",
+      "port.close", "port.close-port", "network.update", "network.update-options", "network.update-deny"]) {
       assert.ok(names.has(op), `no golden fixture for ${op}`);
     }
   });

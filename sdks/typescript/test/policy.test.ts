@@ -12,9 +12,9 @@ import { join } from "node:path";
 import { describe, test } from "node:test";
 
 import {
-  CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy, InvalidState, MvmError,
-  network, NetworkPolicy, parseDuration, resources, Resources, SandboxPaused, secret, SecretRef, TemplateNotFound,
-  WIRE_TYPES,
+  CommandTimeout, ConnectionRefused, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy,
+  InvalidState, MvmError, network, NetworkInfo, NetworkPolicy, parseDuration, PortForward, PortInUse, resources,
+  Resources, SandboxInfo, SandboxPaused, secret, SecretRef, TemplateNotFound, WIRE_TYPES,
 } from "@mvm/sdk";
 
 import { REPO, thrown } from "./helpers.js";
@@ -37,6 +37,12 @@ const CASES: [() => unknown, string][] = [
   [() => network("allow", ["pypi.org:99999"]), "mvm.network('allow', ['pypi.org:99999'])"],
   [() => network("allow", ["bad_host!:80"]), "mvm.network('allow', ['bad_host!:80'])"],
   [() => network("allow", ["10.0.0.0/33:80"], { allowWildcards: true }), "mvm.network('allow', ['10.0.0.0/33:80'], allow_wildcards=True)"],
+  [() => network("allow", ["*.example.com:443"]), "mvm.network('allow', ['*.example.com:443'])"],
+  [() => network("allow", ["[::]:443"]), "mvm.network('allow', ['[::]:443'])"],
+  [() => network({ mode: "allow", allow: ["10.0.0.0/8:80"] }), "mvm.network(mode='allow', allow=['10.0.0.0/8:80'])"],
+  [() => network("allow", ["10.0.0.0/255.0.255.0:80"], { allowWildcards: true }), "mvm.network('allow', ['10.0.0.0/255.0.255.0:80'], allow_wildcards=True)"],
+  [() => network("allow", ["host:+80"]), "mvm.network('allow', ['host:+80'])"],
+  [() => network("allow", [5 as unknown as string]), "mvm.network('allow', [5])"],
   [() => secret("bad name"), "mvm.secret('bad name')"],
   [() => parseDuration("abc", "ttl"), "parse_duration('abc', field='ttl')"],
   [() => parseDuration(0, "ttl"), "parse_duration(0, field='ttl')"],
@@ -86,7 +92,17 @@ describe("policy builders", () => {
     const exc = await thrown(() => network("allow", ["*.example.com:443"]));
     assert.ok(exc instanceof InvalidNetworkPolicy && exc instanceof InvalidArgument);
     assert.equal((exc as InvalidArgument).field, "network.allow['*.example.com:443']");
-    assert.match(exc.message, /wildcards are refused unless allowWildcards is true/);
+    assert.equal(exc.message, "network.allow['*.example.com:443']: wildcards are refused unless allow_wildcards=True");
+  });
+
+  test("networks are read like Python's ipaddress (a netmask or a hostmask after the slash)", () => {
+    for (const entry of ["10.0.0.0/8:80", "10.0.0.1/8:80", "10.0.0.0/255.0.0.0:80", "10.0.0.0/0.255.255.255:80",
+      "0.0.0.0/0:443", "::/0:443", "fd00::/8:443", "10.0.0.0/0.0.0.0:80", "10.0.0.0/255.255.255.255:80"]) {
+      assert.deepEqual(network("allow", [entry], { allowWildcards: true }).allow, [entry]);
+    }
+    for (const entry of ["10.0.0.0/255.0.255.0:80", "10.0.0.0/33:80", "::1/129:80", "a/b:80", "1.2.3.4/8/8:80"]) {
+      assert.throws(() => network("allow", [entry], { allowWildcards: true }), InvalidNetworkPolicy, entry);
+    }
   });
 
   test("durations read like Python's", () => {
@@ -115,7 +131,8 @@ describe("typed errors", () => {
   test("every wire type of docs/protocol.md maps to a class", () => {
     for (const type of ["InvalidArgument", "FileNotFound", "NotADirectory", "IsADirectory", "FileExists",
       "DirectoryNotEmpty", "PermissionDenied", "TooLarge", "ProcessNotFound", "CommandTimeout", "SandboxPaused",
-      "InvalidState", "Cancelled", "UnknownOp", "Internal", "TemplateNotFound", "SandboxNotFound", "SecretNotFound"]) {
+      "InvalidState", "Cancelled", "UnknownOp", "Internal", "TemplateNotFound", "SandboxNotFound", "SecretNotFound",
+      "ConnectionRefused", "PortInUse", "InvalidNetworkPolicy"]) {
       assert.ok(type in WIRE_TYPES, type);
       assert.equal(fromWire({ type, message: "m" }).wireType, type);
     }
@@ -139,6 +156,18 @@ describe("typed errors", () => {
     assert.equal((timeout as CommandTimeout).pid, 3);
     assert.equal(timeout.auditId, "aud_1");
     assert.equal((timeout as CommandTimeout).stdout, "");
+    const inUse = fromWire({ type: "PortInUse", message: "host_port: 127.0.0.1:8080 is already in use on the host",
+      field: "host_port", allowed: "a free port, or 0 to pick one" });
+    assert.ok(inUse instanceof PortInUse && inUse instanceof InvalidArgument);
+    assert.equal(inUse.name, "PortInUse");
+    assert.equal((inUse as PortInUse).field, "host_port");
+    assert.equal((inUse as PortInUse).allowed, "a free port, or 0 to pick one");
+    const refused = fromWire({ type: "ConnectionRefused", message: "nothing accepts connections on 127.0.0.1:8000",
+      port: 8000, errno: 111 });
+    assert.ok(refused instanceof ConnectionRefused && !(refused instanceof InvalidArgument));
+    assert.equal((refused as ConnectionRefused).port, 8000);
+    assert.equal((refused as ConnectionRefused).errno, 111);
+    assert.deepEqual(refused.toWire(), { type: "ConnectionRefused", message: refused.message, port: 8000, errno: 111 });
     const unknown = fromWire({ type: "SomethingNew", message: "?" });
     assert.equal(unknown.constructor, MvmError);
     assert.equal(unknown.wireType, "SomethingNew");
@@ -150,5 +179,68 @@ describe("typed errors", () => {
     assert.equal(exc.message, "network.mode: unknown mode 'x' (allowed: ['deny', 'allow', 'open'])");
     assert.deepEqual(exc.toWire(), { type: "InvalidArgument", message: exc.message, field: "network.mode",
       allowed: ["deny", "allow", "open"] });
+  });
+});
+
+describe("network models", () => {
+  const FORWARD = { id: "fwd_0123456789ab", host: "::1", host_port: 8080, guest_port: 8000, detached: false,
+    connections: 1, total_connections: 3, failed_connections: 1, bytes_in: 10, bytes_out: 20, created_at: 1.5,
+    audit_id: "aud_x" };
+
+  test("PortForward: Python's fields in camelCase, toDict in Python's spelling", async () => {
+    const fwd = PortForward.fromWire(FORWARD);
+    assert.deepEqual([fwd.id, fwd.host, fwd.hostPort, fwd.guestPort, fwd.detached, fwd.connections,
+      fwd.totalConnections, fwd.failedConnections, fwd.bytesIn, fwd.bytesOut, fwd.auditId],
+    ["fwd_0123456789ab", "::1", 8080, 8000, false, 1, 3, 1, 10, 20, "aud_x"]);
+    assert.equal(fwd.address, "[::1]:8080");
+    assert.ok(Object.isFrozen(fwd));
+    const { created_at: _, ...expected } = FORWARD; // Python's PortForward has no created_at either
+    assert.deepEqual(fwd.toDict(), expected);
+    const defaults = new PortForward({ host: "127.0.0.1", hostPort: 1, guestPort: 2 });
+    assert.deepEqual([defaults.id, defaults.detached, defaults.connections, defaults.auditId], [null, true, 0, null]);
+    assert.equal(defaults.address, "127.0.0.1:1");
+    const unbound = await thrown(() => fwd.close());
+    assert.ok(unbound instanceof InvalidState);
+    assert.match(unbound.message, /not bound to a sandbox/);
+  });
+
+  test("PortForward.close asks its sandbox; already closed or sandbox gone is a no-op", async () => {
+    const closed: unknown[] = [];
+    let failure: Error | null = null;
+    const owner = { ports: { close: async (f: unknown) => { closed.push(f); if (failure) throw failure; } } };
+    const fwd = PortForward.fromWire(FORWARD, owner);
+    await fwd.close();
+    assert.deepEqual(closed, [fwd]);
+    for (const exc of [InvalidArgument.create("port", "no forward matches"), new InvalidState("destroyed"),
+      fromWire({ type: "SandboxError", message: "gone" }), fromWire({ type: "SandboxNotFound", message: "gone" })]) {
+      failure = exc;
+      await fwd.close();
+    }
+    failure = fromWire({ type: "Internal", message: "bug" });
+    assert.equal((await thrown(() => fwd.close())).message, "bug");
+    failure = null;
+    {
+      await using _scoped = fwd;
+    }
+    assert.equal(closed.length, 7);
+  });
+
+  test("NetworkInfo: a NetworkPolicy plus forwards and egress; toDict is what the supervisor sent", () => {
+    const raw = { mode: "allow", allow: ["pypi.org:443"], allow_wildcards: false, forwards: [FORWARD],
+      egress: { proxy: "http://127.0.0.1:3128", ready: true, allowed: 2, refused: 1 } };
+    const info = NetworkInfo.fromWire(raw);
+    assert.ok(info instanceof NetworkPolicy && Object.isFrozen(info));
+    assert.equal(info.mode, "allow");
+    assert.deepEqual(info.allow, ["pypi.org:443"]);
+    assert.equal(info.forwards[0].hostPort, 8080);
+    assert.deepEqual(info.egress, { proxy: "http://127.0.0.1:3128", ready: true, allowed: 2, refused: 1 });
+    assert.deepEqual(info.toDict(), raw);
+    const bare = NetworkInfo.fromWire({ mode: "deny", allow: [], allow_wildcards: false });
+    assert.deepEqual([bare.forwards, bare.egress], [[], null]);
+    assert.deepEqual(bare.toDict(), { mode: "deny", allow: [], allow_wildcards: false });
+    const sandbox = SandboxInfo.fromWire({ id: "sb-1", name: "n", template: "t", network: raw });
+    assert.ok(sandbox.network instanceof NetworkInfo);
+    assert.deepEqual(sandbox.toDict().network, raw);
+    assert.ok(Object.isFrozen(network()) && network() instanceof NetworkPolicy);
   });
 });

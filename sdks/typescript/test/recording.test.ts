@@ -8,17 +8,18 @@
 import "./helpers.js";
 
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, beforeEach, describe, test } from "node:test";
 
 import {
-  CommandResult, InvalidArgument, InvalidState, NotAvailableInRecordMode, RecordedSandbox, resetRecording, resources,
-  Sandbox, secret, TemplateNotFound,
+  CommandResult, InvalidArgument, InvalidState, network, NetworkInfo, NotAvailableInRecordMode, RecordedSandbox,
+  resetRecording, resources, Sandbox, secret, TemplateNotFound,
 } from "@mvm/sdk";
 
-import { HOME, thrown } from "./helpers.js";
+import { HOME, REPO, thrown } from "./helpers.js";
 
 const work = mkdtempSync("/tmp/mvm-rec-");
 const recording = join(work, "recording.jsonl");
@@ -156,6 +157,48 @@ describe("record mode", () => {
     assert.match((await thrown(() => sandbox.files.write("/x", "x", { mode: 0o17777 }))).message, /is not a file mode/);
     const stdin = await thrown(() => sandbox.commands.start(["cat"]).then((p) => p.sendStdin("x")));
     assert.ok(stdin instanceof InvalidState);
+  });
+
+  test("ports and network need a live sandbox: Python's NotAvailableInRecordMode, word for word", async () => {
+    const sandbox = await Sandbox.create("python-3.13", {
+      network: network({ mode: "allow", allow: ["pypi.org:443"] }), mode: "plan" });
+    const calls: [() => Promise<unknown>, string][] = [
+      [() => sandbox.ports.forward({ guestPort: 8000 }), "sandbox.ports.forward(guest_port=8000)"],
+      [() => sandbox.ports.list(), "sandbox.ports.list()"],
+      [() => sandbox.ports.close("fwd_x"), "sandbox.ports.close('fwd_x')"],
+      [() => sandbox.network.update({ allow: ["pypi.org:443"] }), "sandbox.network.update(['pypi.org:443'])"],
+      [() => sandbox.network.policy(), "sandbox.network.policy()"],
+    ];
+    const python = join(REPO, ".venv", "bin", "python");
+    let expected: string[] | null = null;
+    if (existsSync(python)) {
+      const script = `
+import json, mvm
+sandbox = mvm.Sandbox.create("python-3.13", mode="plan")
+out = []
+for source in json.loads(input()):
+    try:
+        eval(source)
+        out.append(None)
+    except mvm.errors.NotAvailableInRecordMode as exc:
+        out.append(exc.message)
+print(json.dumps(out))
+`;
+      const done = spawnSync(python, ["-c", script], { input: JSON.stringify(calls.map(([, py]) => py)) + "\n",
+        encoding: "utf8", env: { ...process.env, MVM_RECORDING: join(work, "python.jsonl") } });
+      assert.equal(done.status, 0, done.stderr);
+      expected = JSON.parse(done.stdout) as string[];
+    }
+    for (const [i, [call, py]] of calls.entries()) {
+      const exc = await thrown(call);
+      assert.ok(exc instanceof NotAvailableInRecordMode, String(exc));
+      assert.match(exc.message, /is not available in plan mode: .* use them in live mode/);
+      if (expected !== null) assert.equal(exc.message, expected[i], py);
+    }
+    const info = await sandbox.describe();
+    assert.ok(info.network instanceof NetworkInfo);
+    assert.deepEqual(info.network.toDict(), { mode: "allow", allow: ["pypi.org:443"], allow_wildcards: false });
+    assert.deepEqual(events().map((e) => e.op), ["sandbox.create"]); // nothing of the refused calls was recorded
   });
 
   test("included symlinks out of the tree and __pycache__ are skipped", async () => {
