@@ -45,6 +45,12 @@ class InvalidNetworkPolicy(InvalidArgument):
     wire_type = "InvalidNetworkPolicy"
 
 
+class ConnectionRefused(MvmError, ConnectionError):
+    """The guest refused a connection a port forward or stream asked for (nothing listens)."""
+
+    wire_type = "ConnectionRefused"
+
+
 class PortInUse(InvalidArgument):
     """The host address and port a port forward asked for are already taken."""
 
@@ -231,7 +237,7 @@ def from_wire(error: dict[str, Any]) -> MvmError:
             return cls(message, **details)
         if cls is CommandTimeout:
             return CommandTimeout(message, **details)
-        exc = MvmError.__new__(cls)
+        exc = cls.__new__(cls)
         MvmError.__init__(exc, message, **details)
         for key, value in details.items():
             setattr(exc, key, value)

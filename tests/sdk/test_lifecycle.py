@@ -105,6 +105,9 @@ def test_policy_builders_validate_at_the_call() -> None:
         mvm.network(mode="sometimes")
     with pytest.raises(mvm.InvalidArgument, match="backend"):
         mvm.Sandbox.create(TEMPLATE, backend="docker")
+    for sneaky in ("pypi.org\n:443", "pypi.org:\u0664\u0664\u0663", "pypi.org:\u00b2", "*.example.com:443"):
+        with pytest.raises(mvm.InvalidNetworkPolicy, match="network.allow"):
+            mvm.network(mode="allow", allow=[sneaky])
 
 
 def test_stop_keeps_files_start_runs_again_and_states_are_enforced(backend: str) -> None:

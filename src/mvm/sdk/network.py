@@ -96,7 +96,11 @@ class Network:
         if entries is not None:
             resolved = mode or ("allow" if entries else "deny")
             if resolved in ("allow", "deny"):  # the supervisor refuses other modes with its own message
-                make_network(resolved, entries, allow_wildcards=bool(allow_wildcards))
+                # allow_wildcards=None keeps the sandbox's own setting, which only the supervisor
+                # knows: check the entries' syntax here as if wildcards were allowed, and leave
+                # the wildcard decision to it.
+                wildcards = True if allow_wildcards is None else allow_wildcards
+                make_network(resolved, entries, allow_wildcards=wildcards)
         result, _ = self._sandbox._client().call("network.update", {
             "allow": entries, "mode": mode, "allow_wildcards": allow_wildcards})
         return dict(result.get("network") or {})

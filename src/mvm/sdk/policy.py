@@ -22,7 +22,7 @@ LIMITS = {
     "max_processes": (8, 65536),
 }
 NETWORK_MODES = ("deny", "allow", "open")
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+_HOST_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
 
 
 def resources(
@@ -88,7 +88,7 @@ def _validate_destination(entry: Any, allow_wildcards: bool) -> None:
         raise errors.InvalidNetworkPolicy(field, "must be 'host:port'", allowed="e.g. 'pypi.org:443'")
     host, _, port_text = entry.rpartition(":")
     host = host.strip("[]")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise errors.InvalidNetworkPolicy(field, f"port {port_text!r} is not valid", allowed="1..65535")
     wildcard = "*" in host or host in ("0.0.0.0", "::") or "/" in host
     if wildcard and not allow_wildcards:
@@ -104,7 +104,7 @@ def _validate_destination(entry: Any, allow_wildcards: bool) -> None:
         return
     except ValueError:
         pass
-    if not _HOST_RE.match(host):
+    if not _HOST_RE.fullmatch(host):
         raise errors.InvalidNetworkPolicy(field, f"{host!r} is not a valid host name")
 
 
