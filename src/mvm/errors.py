@@ -7,7 +7,7 @@ are rebuilt here by ``from_wire``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 
 class MvmError(Exception):
@@ -213,8 +213,11 @@ class UnknownOp(MvmError):
     wire_type = "UnknownOp"
 
 
-def _all_subclasses(cls: type) -> list[type]:
-    out = []
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _all_subclasses(cls: type[_E]) -> list[type[_E]]:
+    out: list[type[_E]] = []
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_all_subclasses(sub))
@@ -230,7 +233,8 @@ def from_wire(error: dict[str, Any]) -> MvmError:
     wire_type = str(error.get("type", "Internal"))
     message = str(error.get("message", wire_type))
     details = {k: v for k, v in error.items() if k not in ("type", "message")}
-    for cls in [MvmError, *_all_subclasses(MvmError)]:
+    classes: list[type[MvmError]] = [MvmError, *_all_subclasses(MvmError)]
+    for cls in classes:
         if getattr(cls, "wire_type", None) != wire_type:
             continue
         if issubclass(cls, FileError):

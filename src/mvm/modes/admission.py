@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import shutil
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,7 @@ def _describe_network(net: dict[str, Any]) -> str:
 
 def summarize_operation(op: dict[str, Any]) -> str:
     """One readable line for an IR operation."""
-    kind = op["op"]
+    kind: str = op["op"]
     if kind == "files.write":
         return f"write {op['path']} ({op['size']} bytes, mode {op['mode']:o}, sha256 {op['sha256'][:12]})"
     if kind in ("commands.run", "commands.start"):
@@ -331,7 +332,7 @@ def plan_workload(doc: dict[str, Any], sha256: str, policy: HostPolicy, *,
     return plan
 
 
-def make_plan(workloads: list[tuple[dict[str, Any], tuple[str | None, list[str | None]] | None]], *,
+def make_plan(workloads: Sequence[tuple[dict[str, Any], tuple[str | None, list[str | None]] | None]], *,
               policy: HostPolicy | None = None) -> dict[str, Any]:
     """The plan report for workload IRs (``(doc, sites)`` pairs, sites optional): each
     workload's plan and checks, every failed check as a reason, and ``admitted``."""

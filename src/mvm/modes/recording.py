@@ -143,6 +143,7 @@ class Recording:
 
     def script_outcome(self) -> dict[str, Any] | None:
         """The ``script.error`` / ``script.exit`` event the runner's child wrote, if any."""
+        event: dict[str, Any]  # mypy infers Any from reversed() over a list of dicts of Any
         for event in reversed(self.events):
             if event.get("op") in ("script.error", "script.exit"):
                 return event

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 PROTOCOL_NAME = "mvm"
 PROTOCOL_VERSION = 1
@@ -88,7 +88,7 @@ def _dumps_ascii(header: dict[str, Any]) -> bytes:
         raise ProtocolError(f"header is not JSON-serialisable: {exc}") from None
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

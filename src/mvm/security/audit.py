@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -472,7 +472,7 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
     return {"corrupt": True, "line": raw[:200].decode("utf-8", "replace")}
 
 
-def _tail_offset(fh: Any, size: int, n: int) -> int:
+def _tail_offset(fh: IO[bytes], size: int, n: int) -> int:
     """Offset where the last ``n`` complete lines start."""
     if n <= 0:
         return size
@@ -498,7 +498,7 @@ def _tail_offset(fh: Any, size: int, n: int) -> int:
     return 0
 
 
-def _complete_size(fh: Any) -> int:
+def _complete_size(fh: IO[bytes]) -> int:
     """Size up to and including the last newline (a torn tail is not a line yet)."""
     fh.seek(0, os.SEEK_END)
     size = fh.tell()

@@ -48,7 +48,7 @@ PUBLIC_KEY_FILE = "audit-ed25519.pub"
 SECRETS_KEY_FILE = "secrets.key"
 SNAPSHOT_KEY_FILE = "snapshot.key"
 
-PublicKeyLike = Ed25519PublicKey | Ed25519PrivateKey | bytes | str | os.PathLike | None
+PublicKeyLike = Ed25519PublicKey | Ed25519PrivateKey | bytes | str | os.PathLike[str] | None
 
 
 def keys_dir() -> Path:

@@ -43,7 +43,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -237,7 +237,7 @@ def grow_pipe(fd: int) -> None:
 # ---- control frames ----------------------------------------------------------------
 
 
-def send_frame(sock: socket.socket, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
+def send_frame(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
     data = json.dumps(message).encode()
     frame = struct.pack(">I", len(data)) + data
     if fds:
@@ -247,7 +247,7 @@ def send_frame(sock: socket.socket, message: dict, fds: list[int] | tuple[int, .
         sock.sendall(frame)
 
 
-def recv_frame(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
+def recv_frame(sock: socket.socket, want_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
     """One frame (and the fds sent with it); ``EOFError`` if the peer closed first."""
     buf = b""
     fds: list[int] = []

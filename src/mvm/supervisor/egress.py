@@ -203,7 +203,8 @@ def resolve_host(host: str, port: int) -> list[str]:
     worker.start()
     worker.join(RESOLVE_TIMEOUT)
     if "addresses" in result:
-        return result["addresses"]
+        addresses: list[str] = result["addresses"]
+        return addresses
     if "error" in result:
         raise result["error"]
     raise TimeoutError(f"resolving {host} took longer than {RESOLVE_TIMEOUT:.0f} s")

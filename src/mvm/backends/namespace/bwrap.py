@@ -222,7 +222,8 @@ def read_info(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> dict[st
             break
         buf += chunk
         try:
-            return json.loads(buf)
+            info: dict[str, Any] = json.loads(buf)  # bwrap's --info-fd writes one JSON object
+            return info
         except ValueError:
             continue
     try:

@@ -29,7 +29,7 @@ UID_COUNT_KEY = "MVM.uid_count"
 
 
 def _xattrs(path: str) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
@@ -132,7 +132,7 @@ def unpack(fileobj: IO[bytes], dest: Path, uid_base: int = 0) -> int:
     """Recreate an archive from ``pack`` into the empty directory ``dest``."""
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     count = 0
-    dir_times: list[tuple[list[str], int]] = []
+    dir_times: list[tuple[list[str], float]] = []
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tar:
             for member in tar:

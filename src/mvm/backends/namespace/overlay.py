@@ -394,9 +394,9 @@ class OverlayTmpfsRoot(RootLayer):
     def teardown(self) -> None:
         for path in reversed(self.mounts()):
             unmount(path)
-        for path in (self.root, self.run_dir, self.backend_dir / "lower", self.scratch):
+        for directory in (self.root, self.run_dir, self.backend_dir / "lower", self.scratch):
             try:
-                path.rmdir()
+                directory.rmdir()
             except OSError:
                 pass
 
