@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast, overload
 
 from mvm import paths
 from mvm.errors import InvalidArgument, KeystoreError, SecretNotFound
@@ -280,19 +280,23 @@ class Redactor:
     def __bool__(self) -> bool:
         return self._str_re is not None
 
-    def redact(self, data: AnyStr) -> AnyStr:
-        """``data`` with every known value replaced (same type as given)."""
+    @overload
+    def redact(self, data: str) -> str: ...
+    @overload
+    def redact(self, data: bytes | bytearray | memoryview) -> bytes: ...
+    def redact(self, data: str | bytes | bytearray | memoryview) -> str | bytes:
+        """``data`` with every known value replaced (``str`` for ``str``, else ``bytes``)."""
         if isinstance(data, str):
             if self._str_re is None:
                 return data
             str_map = self._str_map
-            return self._str_re.sub(lambda m: str_map[m.group(0)], data)  # type: ignore[return-value]
+            return self._str_re.sub(lambda m: str_map[m.group(0)], data)
         if isinstance(data, (bytes, bytearray, memoryview)):
             raw = bytes(data)
             if self._bytes_re is None:
-                return raw  # type: ignore[return-value]
+                return raw
             bytes_map = self._bytes_map
-            return self._bytes_re.sub(lambda m: bytes_map[m.group(0)], raw)  # type: ignore[return-value]
+            return self._bytes_re.sub(lambda m: bytes_map[m.group(0)], raw)
         raise TypeError(f"cannot redact {type(data).__name__}")
 
     def redact_obj(self, obj: Any) -> Any:
@@ -327,24 +331,25 @@ class StreamRedactor:
 
     def feed(self, chunk: AnyStr) -> AnyStr:
         r = self._r
-        is_str = isinstance(chunk, str)
         if not r:
             return chunk
-        if not is_str:
-            chunk = bytes(chunk)  # type: ignore[assignment]
+        if isinstance(chunk, str):
+            return self._feed(chunk, "", r._str_re, r._str_map, r.max_chars)
+        return self._feed(bytes(chunk), b"", r._bytes_re, r._bytes_map, r.max_bytes)
+
+    def _feed(self, chunk: AnyStr, empty: AnyStr, pattern: re.Pattern[AnyStr] | None,
+              mapping: Mapping[AnyStr, AnyStr], longest: int) -> AnyStr:
         if self._carry is None:
-            self._carry = "" if is_str else b""
-        elif isinstance(self._carry, str) != is_str:
+            self._carry = empty
+        elif isinstance(self._carry, str) != isinstance(chunk, str):
             raise TypeError("cannot mix str and bytes chunks in one stream")
-        buf = self._carry + chunk  # type: ignore[operator]
-        pattern = r._str_re if is_str else r._bytes_re
-        mapping: dict = r._str_map if is_str else r._bytes_map  # type: ignore[assignment]
-        longest = r.max_chars if is_str else r.max_bytes
+        # the check above leaves the carry of the chunk's type
+        buf = cast(AnyStr, self._carry) + chunk
         assert pattern is not None
         # A match starting before ``boundary`` is fully decided by ``buf``: every value
         # that could start there ends inside it.
         boundary = len(buf) - longest + 1
-        out = []
+        out: list[AnyStr] = []
         pos = 0
         for m in pattern.finditer(buf):
             if m.start() >= boundary:
@@ -355,14 +360,15 @@ class StreamRedactor:
         cut = max(pos, boundary, 0)
         out.append(buf[pos:cut])
         self._carry = buf[cut:]
-        return ("" if is_str else b"").join(out)  # type: ignore[return-value]
+        return empty.join(out)
 
-    def flush(self) -> AnyStr:  # type: ignore[type-var]
+    def flush(self) -> str | bytes:
+        """The held-back tail, redacted: of the chunks' type, or ``""`` if nothing was fed."""
         carry = self._carry
         self._carry = None
         if carry is None:
-            return ""  # type: ignore[return-value]
-        return self._r.redact(carry)  # type: ignore[return-value]
+            return ""
+        return self._r.redact(carry)
 
     @property
     def pending(self) -> int:
@@ -379,4 +385,4 @@ def redact_stream(chunks: Iterable[AnyStr], redactor: Redactor) -> Iterator[AnyS
             yield out
     tail = state.flush()
     if tail:
-        yield tail
+        yield cast(AnyStr, tail)  # a non-empty tail has the chunks' type

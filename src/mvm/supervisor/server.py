@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import errors
 from ..backends import get_backend
@@ -144,7 +144,8 @@ class OutputCapture:
     def finish(self) -> None:
         if self._redact is not None:
             for name in self.STREAMS:
-                self._emit(name, self._redact[name].flush())
+                # only bytes are fed; a stream never fed flushes "", which _emit drops as empty
+                self._emit(name, cast(bytes, self._redact[name].flush()))
             self._redact = None
 
     def _emit(self, stream: str, data: bytes) -> None:
