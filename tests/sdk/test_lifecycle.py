@@ -106,7 +106,7 @@ def test_policy_builders_validate_at_the_call() -> None:
     with pytest.raises(mvm.InvalidArgument, match="backend"):
         mvm.Sandbox.create(TEMPLATE, backend="docker")
     for sneaky in ("pypi.org\n:443", "pypi.org:\u0664\u0664\u0663", "pypi.org:\u00b2", "*.example.com:443"):
-        with pytest.raises(mvm.InvalidNetworkPolicy, match="network.allow"):
+        with pytest.raises(mvm.InvalidNetworkPolicy, match=r"network\.allow"):
             mvm.network(mode="allow", allow=[sneaky])
 
 

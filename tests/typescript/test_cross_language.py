@@ -228,7 +228,8 @@ def test_a_live_typescript_run_passes_the_exit_status_through_and_cleans_up(proj
         import { Sandbox } from "@mvm/sdk";
 
         const sandbox = await Sandbox.create("python-3.13", { ttl: "5m", include: ["src"] });
-        await sandbox.files.write("/app/main.py", "import sys; sys.path.insert(0, '/app/src'); import util; print('hello from mvm', util.VALUE)");
+        await sandbox.files.write("/app/main.py",
+            "import sys; sys.path.insert(0, '/app/src'); import util; print('hello from mvm', util.VALUE)");
         const result = await sandbox.commands.run(["python", "/app/main.py"]);
         console.log(`stdout: ${result.stdout.trim()}; exit ${result.exitCode}`);
         process.exitCode = 3; // and the sandbox is left running: mvmctl destroys it

@@ -210,7 +210,8 @@ class Supervisor:
             sandbox_id=self.sandbox_id,
             template=template,
             resources=Resources(**self.config["resources"]),
-            network=NetworkPolicy(**{**self.config["network"], "allow": tuple(self.config["network"].get("allow", ()))}),
+            network=NetworkPolicy(**{**self.config["network"],
+                                     "allow": tuple(self.config["network"].get("allow", ()))}),
             state_dir=self.directory,
         )
         spec.backend_dir.mkdir(exist_ok=True)
@@ -410,7 +411,8 @@ class Supervisor:
     def _start_process(self, ctx: RequestContext, op: str, stdin: bool) -> tuple[int, str]:
         argv = ctx.args.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise errors.InvalidArgument("argv", "must be a non-empty list of strings", allowed="e.g. ['python', 'main.py']")
+            raise errors.InvalidArgument("argv", "must be a non-empty list of strings",
+                                         allowed="e.g. ['python', 'main.py']")
         env = self._env_for(ctx.args.get("env") or {})
         secret_names = dict(ctx.args.get("secret_names") or {})
         self._learn_secrets(secret_names, env)
@@ -790,7 +792,8 @@ def run(directory: Path, ready_fd: int, secret_env: dict[str, str]) -> int:
         return 1
     except Exception as exc:
         traceback.print_exc()
-        report({"ok": False, "error": {"type": "SandboxError", "message": f"create failed: {type(exc).__name__}: {exc}"}})
+        report({"ok": False,
+                "error": {"type": "SandboxError", "message": f"create failed: {type(exc).__name__}: {exc}"}})
         supervisor.destroy("create failed")
         shutil.rmtree(directory, ignore_errors=True)
         return 1
