@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import math
 import os
-from typing import Any
+from typing import Any, Literal, overload
 
 #: errno -> protocol error type, for OSErrors raised by file and process operations.
 _ERRNO_TYPES = {
@@ -99,8 +99,18 @@ class Args:
             raise invalid(name, f"must be true or false, got {value!r}", allowed=[True, False])
         return value
 
+    @overload
+    def integer(self, name: str, default: int, *, minimum: int | None = None,
+                maximum: int | None = None, required: bool = False) -> int: ...
+    @overload
+    def integer(self, name: str, default: None = None, *, minimum: int | None = None,
+                maximum: int | None = None, required: Literal[True]) -> int: ...
+    @overload
+    def integer(self, name: str, default: int | None = None, *, minimum: int | None = None,
+                maximum: int | None = None, required: bool = False) -> int | None: ...
     def integer(self, name: str, default: int | None = None, *, minimum: int | None = None,
                 maximum: int | None = None, required: bool = False) -> int | None:
+        """An integer in ``minimum..maximum``; ``default`` when absent (never ``None`` when required)."""
         value = self._get(name, required)
         if value is None:
             return default

@@ -306,7 +306,7 @@ class Files:
     def _take(self, args: Args, *, remove: bool) -> _WriteHandle:
         handle = args.integer("handle", required=True)
         with self._lock:
-            found = self._handles.pop(handle, None) if remove else self._handles.get(handle)  # type: ignore[arg-type]
+            found = self._handles.pop(handle, None) if remove else self._handles.get(handle)
         if found is None:
             raise invalid("handle", f"no open write handle {handle} (finished, aborted, or dropped when the "
                           "host reconnected)")

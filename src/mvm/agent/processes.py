@@ -195,7 +195,7 @@ class ProcessManager:
     def _get(self, args: Args) -> Process:
         pid = args.integer("pid", required=True)
         with self._lock:
-            process = self._table.get(pid)  # type: ignore[arg-type]
+            process = self._table.get(pid)
         if process is None:
             raise AgentError("ProcessNotFound", f"no process {pid} was started by this agent", pid=pid)
         return process

@@ -128,7 +128,7 @@ class Tcp:
     def unlisten(self, args: Args) -> dict[str, Any]:
         port = args.integer("port", minimum=1, maximum=65535, required=True)
         with self._lock:
-            sock = self._listeners.pop(port, None)  # type: ignore[arg-type]
+            sock = self._listeners.pop(port, None)
         if sock is not None:
             self.mux.remove_listener(sock)
         return {"closed": sock is not None}

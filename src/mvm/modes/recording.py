@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 from .. import errors
@@ -208,12 +209,12 @@ def encode_env(env: Mapping[str, str | SecretRef]) -> dict[str, dict[str, str]]:
 
 def _caller() -> str | None:
     """``file:line`` of the first frame outside mvm: the script's line that made the call."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
         if not filename.startswith(_PACKAGE_DIR) and not filename.startswith("<"):
             return f"{os.path.basename(filename)}:{frame.f_lineno}"
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return None
 
 

@@ -199,9 +199,9 @@ class NamespaceInstance(BackendInstance):
 
     def _pasta_record(self) -> dict[str, Any]:
         proc = self._pasta
-        alive = proc is not None and proc.poll() is None
-        return {"pasta_pid": proc.pid if alive else None,  # type: ignore[union-attr]
-                "pasta_starttime": _proc_starttime(proc.pid) if alive else None}  # type: ignore[union-attr]
+        if proc is None or proc.poll() is not None:
+            return {"pasta_pid": None, "pasta_starttime": None}
+        return {"pasta_pid": proc.pid, "pasta_starttime": _proc_starttime(proc.pid)}
 
     def uid_map(self) -> dict[str, Any]:
         if self.idmap is not None:

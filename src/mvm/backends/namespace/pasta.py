@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 GUEST_ADDRESS = "10.0.2.15"
@@ -47,7 +48,9 @@ def argv(binary: str, pid_file: Path, userns_fd: int, netns_fd: int) -> list[str
     ]
 
 
-def attach(init_pid: int, work_dir: Path, launch: object, log_fd: int) -> subprocess.Popen[bytes]:
+def attach(init_pid: int, work_dir: Path,
+           launch: Callable[[Callable[[], subprocess.Popen[bytes]]], subprocess.Popen[bytes]],
+           log_fd: int) -> subprocess.Popen[bytes]:
     """Start pasta on the namespaces of ``init_pid`` and wait until the interface is up.
 
     ``launch(fn)`` runs ``fn`` on the long-lived launcher thread (PR_SET_PDEATHSIG is per
@@ -72,7 +75,7 @@ def attach(init_pid: int, work_dir: Path, launch: object, log_fd: int) -> subpro
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             )
 
-        proc: subprocess.Popen[bytes] = launch(spawn)  # type: ignore[operator]
+        proc = launch(spawn)
     finally:
         os.close(userns)
         os.close(netns)

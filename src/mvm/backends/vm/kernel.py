@@ -29,7 +29,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +240,7 @@ def ensure_kernel() -> Kernel:
     return _ensure_version(version, download)
 
 
-def _ensure_version(version: str, fetch) -> Kernel:  # type: ignore[no-untyped-def]
+def _ensure_version(version: str, fetch: Callable[[Path], Path]) -> Kernel:
     directory = kernels_dir() / version
     kernel = _load_cached(directory)
     if kernel is not None:
