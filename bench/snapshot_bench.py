@@ -14,7 +14,8 @@ save and a restore -> first result (a fresh VM restored from it, agent hello, on
   integrity checks.
 * ``sealed, streamed`` — what the supervisor does now (``mvm.supervisor.snapshots``):
   memory QEMU -> sealer -> store in one pass; restore verifies every blob (sha256 +
-  signed manifest), then QEMU reads the memory through the unsealer.
+  signed manifest; the memory blob's sha256 while QEMU starts), then QEMU reads the
+  memory through the unsealer, which gets it only once that check passed.
 * ``sealed via plain staging`` — what the supervisor did before: plain snapshot into a
   staging dir, ``SnapshotStore.create`` seals every file (a second full write),
   ``open_for_restore`` verifies and unseals everything to a directory, restore from it.

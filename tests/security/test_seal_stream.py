@@ -17,6 +17,7 @@ from mvm.errors import InvalidArgument, SandboxError, SnapshotTampered
 from mvm.security.sealing import (
     HEADER_SIZE,
     TAG_SIZE,
+    SnapshotInfo,
     SnapshotStore,
     snapshot_key,
     unseal_file,
@@ -195,6 +196,66 @@ def test_a_tampered_blob_is_refused_before_anything_streams(store: SnapshotStore
     with pytest.raises(SnapshotTampered, match="sha256 does not match"):
         with store.restoring(info.id, stream=["memory.bin"]):
             pytest.fail("the snapshot was opened")
+    assert _leftovers(store) == [info.id]
+
+
+def _streamed_snapshot(store: SnapshotStore, memory: bytes) -> SnapshotInfo:
+    with store.begin("s", "sb-1") as pending:
+        sink = pending.stream("memory.bin")
+        _run(sink.command(), memory)
+        sink.finish()
+        return pending.commit("full")
+
+
+def test_background_verification_streams_only_after_the_hash_matched(store: SnapshotStore) -> None:
+    memory = _data(64 * CHUNK + 5)
+    info = _streamed_snapshot(store, memory)
+    with store.restoring(info.id, stream=["memory.bin"], verify_in_background=True) as opened:
+        source = opened.source("memory.bin")
+        assert source is not None
+        out = _run(source.command())
+        source.finish()
+        assert out.returncode == 0 and out.stdout == memory and source.released
+    assert _leftovers(store) == [info.id]
+
+
+def test_background_verification_gives_a_tampered_blob_to_no_reader(store: SnapshotStore) -> None:
+    info = _streamed_snapshot(store, _data(64 * CHUNK))
+    blob = next(info.path.rglob("*.sealed"))
+    data = bytearray(blob.read_bytes())
+    data[len(data) - 100] ^= 1  # in the last chunk: the unsealer alone would deliver all the others
+    blob.write_bytes(bytes(data))
+    with store.restoring(info.id, stream=["memory.bin"], verify_in_background=True) as opened:
+        source = opened.source("memory.bin")
+        assert source is not None
+        out = _run(source.command())  # the reader (QEMU) gets an empty stream
+        assert out.stdout == b"" and not source.released
+        with pytest.raises(SnapshotTampered, match="sha256 does not match") as err:
+            source.verify()
+        assert err.value.details["path"] == "memory.bin" and err.value.details["snapshot"] == info.id
+        with pytest.raises(SnapshotTampered, match="sha256 does not match"):
+            source.finish()
+    assert _leftovers(store) == [info.id]
+
+
+def test_background_verification_still_checks_everything_else_first(store: SnapshotStore, tmp_path: Path) -> None:
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "vm.json").write_text("{}")
+    with store.begin("s", "sb-1") as pending:
+        sink = pending.stream("memory.bin")
+        _run(sink.command(), _data(4 * CHUNK))
+        sink.finish()
+        info = pending.commit("full", files)
+    manifest = verify_snapshot(info.path)
+    other = info.path / next(f.blob for f in manifest.files if f.path == "vm.json")
+    data = bytearray(other.read_bytes())
+    data[-1] ^= 1
+    other.write_bytes(bytes(data))
+    with pytest.raises(SnapshotTampered, match="sha256 does not match") as err:
+        with store.restoring(info.id, stream=["memory.bin"], verify_in_background=True):
+            pytest.fail("the snapshot was opened")
+    assert err.value.details["path"] == "vm.json"
     assert _leftovers(store) == [info.id]
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -335,18 +336,65 @@ def verify_snapshot(directory: Path | str, public_key: PublicKeyLike = None, *,
     that it was sealed with that key. Returns the manifest; raises
     :class:`SnapshotTampered` naming the first bad file.
     """
-    manifest, _ = _verify(Path(directory), public_key, key, keep_open=())
+    manifest, _, _ = _verify(Path(directory), public_key, key, keep_open=())
     return manifest
 
 
-def _verify(directory: Path, public_key: PublicKeyLike, key: bytes | None,
-            keep_open: Iterable[str]) -> tuple[SealedSnapshot, dict[str, int]]:
+class _BlobHash:
+    """The sha256 check of one blob, run on a thread (hashlib drops the GIL) while the
+    caller goes on (e.g. QEMU starts): :meth:`wait`, then :attr:`error` is None if the
+    blob's sha256 is the manifest's. Reads with ``pread`` (the fd's offset is left alone)."""
+
+    def __init__(self, fd: int, sha256: str, tampered: Callable[[], SnapshotTampered], label: str):
+        self._fd = fd
+        self._sha256 = sha256
+        self._tampered = tampered
+        self._label = label
+        self.error: SandboxError | SnapshotTampered | None = None
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mvm-verify-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            digest = hashlib.sha256()
+            buf = memoryview(bytearray(1 << 20))
+            offset = 0
+            while n := os.preadv(self._fd, [buf], offset):
+                if self._cancel.is_set():
+                    self.error = SandboxError(f"verifying {self._label} was cancelled")
+                    return
+                digest.update(buf[:n])
+                offset += n
+            if digest.hexdigest() != self._sha256:
+                self.error = self._tampered()
+        except OSError as exc:
+            self.error = SandboxError(f"verifying {self._label} failed: {exc}")
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the check is done (see :attr:`error`)."""
+        return self._done.wait(timeout)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._thread.join()
+
+
+def _verify(directory: Path, public_key: PublicKeyLike, key: bytes | None, keep_open: Iterable[str],
+            background: Iterable[str] = ()) -> tuple[SealedSnapshot, dict[str, int], dict[str, _BlobHash]]:
     """:func:`verify_snapshot`, also returning open read-only fds of the blobs of the
     files named in ``keep_open``: the very files that were hashed, for a reader that
-    must not reopen them by name (the caller closes them)."""
+    must not reopen them by name (the caller closes them). The sha256 of those also
+    named in ``background`` is checked on a thread, started before anything else is
+    checked: the caller must wait for its :class:`_BlobHash` (returned) before using
+    the blob, and cancel it before closing the fd. Everything else is checked here."""
     manifest = _read_manifest(directory, public_key)
     snap = manifest.id
     wanted = set(keep_open)
+    deferred = wanted & set(background)
 
     def tampered(file: str, problem: str, original: str | None = None) -> SnapshotTampered:
         label = f"{file} ({original})" if original else file
@@ -356,8 +404,9 @@ def _verify(directory: Path, public_key: PublicKeyLike, key: bytes | None,
         raise tampered(MANIFEST, "was sealed with a different snapshot key")
     expected = {f.blob for f in manifest.files}
     kept: dict[str, int] = {}
+    checks: dict[str, _BlobHash] = {}
     try:
-        for f in manifest.files:
+        for f in sorted(manifest.files, key=lambda f: f.path not in deferred):  # the background ones first
             blob = directory / f.blob
             try:
                 st = os.lstat(blob)
@@ -376,10 +425,15 @@ def _verify(directory: Path, public_key: PublicKeyLike, key: bytes | None,
                 if st.st_size != f.sealed_size:
                     raise tampered(f.blob, f"is {st.st_size} bytes, the manifest says {f.sealed_size} "
                                            "(truncated or extended)", f.path)
-                with open(fd, "rb", closefd=False) as fh:
-                    actual = hashlib.file_digest(fh, "sha256").hexdigest()
-                if actual != f.sealed_sha256:
-                    raise tampered(f.blob, "sha256 does not match the manifest (modified or swapped)", f.path)
+                mismatch = functools.partial(tampered, f.blob, "sha256 does not match the manifest (modified or "
+                                             "swapped)", f.path)
+                if f.path in deferred:
+                    checks[f.path] = _BlobHash(fd, f.sealed_sha256, mismatch, f"{f.blob} ({f.path})")
+                else:
+                    with open(fd, "rb", closefd=False) as fh:
+                        actual = hashlib.file_digest(fh, "sha256").hexdigest()
+                    if actual != f.sealed_sha256:
+                        raise mismatch()
             except BaseException:
                 os.close(fd)
                 raise
@@ -393,10 +447,12 @@ def _verify(directory: Path, public_key: PublicKeyLike, key: bytes | None,
                 if rel != MANIFEST and rel not in expected:
                     raise tampered(rel, "is not part of the snapshot (added)")
     except BaseException:
+        for check in checks.values():
+            check.cancel()
         for fd in kept.values():
             os.close(fd)
         raise
-    return manifest, kept
+    return manifest, kept, checks
 
 
 # ---- store ------------------------------------------------------------------------
@@ -566,6 +622,9 @@ class _StreamHelper:
             self._listener.close()
             self._conn = conn
             conn.settimeout(None)
+            if not self._release():  # the helper gets nothing, so its reader gets no byte
+                conn.shutdown(socket.SHUT_RDWR)
+                return
             send_frame(conn, {**self._params, "op": self.op, "label": self.label}, [self._fd])
             self._reply, _ = recv_frame(conn)  # when the helper is done (close() unblocks it)
         except (OSError, EOFError, ValueError) as exc:
@@ -573,6 +632,10 @@ class _StreamHelper:
                 self._error = f"the helper process ended without an answer ({exc})"
         finally:
             self._done.set()
+
+    def _release(self) -> bool:
+        """Whether the connected helper may have the key and the fd (it has none before)."""
+        return True
 
     def _wait(self, timeout: float) -> dict[str, Any]:
         if self._thread is None:
@@ -649,21 +712,56 @@ class SealSink(_StreamHelper):
 class UnsealSource(_StreamHelper):
     """A verified blob streamed back as plaintext: ``command()`` writes it to stdout
     (QEMU's ``-incoming exec:``), authenticating each chunk first. :meth:`finish` says
-    whether all of it was delivered intact. Made by :meth:`SnapshotStore.restoring`."""
+    whether all of it was delivered intact. Made by :meth:`SnapshotStore.restoring`.
+
+    With ``restoring(..., verify_in_background=True)`` the blob's sha256 is still being
+    checked when ``command()`` can already run: its helper then gets the key and the fd
+    only once the whole blob matched the signed manifest (until then it has nothing to
+    write); on a mismatch it gets neither — it exits without writing a byte, so its
+    reader sees an empty stream — and :meth:`verify` / :meth:`finish` raise
+    :class:`SnapshotTampered`."""
 
     op = "unseal"
     verb = "unsealing"
 
-    def __init__(self, fd: int, key: bytes, manifest: SealedSnapshot, sealed: SealedFile):
+    def __init__(self, fd: int, key: bytes, manifest: SealedSnapshot, sealed: SealedFile,
+                 check: _BlobHash | None = None):
         super().__init__({"key": bytes(key).hex(), "context": manifest.context(sealed.path).hex()}, fd,
                          f"{sealed.blob} ({sealed.path})")
         self.snapshot = manifest.id
         self.file = sealed
+        self._check = check
+        self.released = False  # whether a helper was given the key and the fd
+
+    def _release(self) -> bool:
+        check = self._check
+        if check is not None:
+            while not check.wait(0.05):
+                if self._closing.is_set():
+                    return False
+            if check.error is not None:
+                self._error = check.error.message
+                return False
+        self.released = not self._closing.is_set()
+        return self.released
+
+    def verify(self, timeout: float = _WAIT_TIMEOUT) -> None:
+        """Block until the blob's sha256 was checked against the signed manifest (at
+        once unless it runs in the background): :class:`SnapshotTampered` if it does not
+        match."""
+        check = self._check
+        if check is None:
+            return
+        if not check.wait(timeout):
+            raise SandboxError(f"verifying {self.label}: not done within {timeout:.0f} s")
+        if check.error is not None:
+            raise check.error
 
     def finish(self, timeout: float = _WAIT_TIMEOUT) -> None:
-        """Wait for the unsealer's verdict: :class:`SnapshotTampered` if a chunk failed
-        authentication (or the size is not the manifest's), :class:`SandboxError` if it
-        failed otherwise (e.g. its reader went away)."""
+        """Wait for the unsealer's verdict: :class:`SnapshotTampered` if the blob's
+        sha256 or a chunk failed authentication (or the size is not the manifest's),
+        :class:`SandboxError` if it failed otherwise (e.g. its reader went away)."""
+        self.verify(timeout)
         reply = self._wait(timeout)
         f = self.file
         if not reply.get("ok"):
@@ -676,6 +774,11 @@ class UnsealSource(_StreamHelper):
                                    f"{reply.get('size')} bytes, the manifest says {f.size}", file=f.blob,
                                    path=f.path, snapshot=self.snapshot)
         self.close()
+
+    def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()  # its thread reads the fd closed below
+        super().close()
 
 
 class SnapshotStore:
@@ -887,29 +990,39 @@ class SnapshotStore:
 
     @contextmanager
     def restoring(self, id_or_name: str, *, stream: Iterable[str] = (), dest_parent: Path | str | None = None,
-                  progress: Progress | None = None, now: float | None = None) -> Iterator[OpenedSnapshot]:
+                  progress: Progress | None = None, now: float | None = None,
+                  verify_in_background: bool = False) -> Iterator[OpenedSnapshot]:
         """Like :meth:`open_for_restore`, but the files named in ``stream`` (those the
         snapshot has) are not unsealed to disk: ``opened.source(rel)`` streams each as
         plaintext to its reader (QEMU's ``-incoming exec:``). Everything, streamed files
         included, is verified first (signature, every blob's size and sha256); a
         streamed file is then read through the very file descriptor that was hashed, and
         its unsealer still authenticates every chunk. The unsealed directory and every
-        source are removed/closed when the block ends."""
-        opened = self._open(id_or_name, tuple(stream), dest_parent, progress, now)
+        source are removed/closed when the block ends.
+
+        ``verify_in_background=True``: the sha256 of the streamed blobs is checked on a
+        thread instead, so their reader can start meanwhile (QEMU starts while a memory
+        image is hashed); everything else is verified before this returns as above. A
+        source's unsealer gets the key and the blob only after its whole sha256 matched,
+        so not one byte reaches its reader before; on a mismatch the reader gets an
+        empty stream and ``source.verify()`` / ``source.finish()`` raise
+        :class:`SnapshotTampered`."""
+        opened = self._open(id_or_name, tuple(stream), dest_parent, progress, now, verify_in_background)
         try:
             yield opened
         finally:
             opened.close()
 
     def _open(self, id_or_name: str, stream: tuple[str, ...], dest_parent: Path | str | None,
-              progress: Progress | None, now: float | None) -> OpenedSnapshot:
+              progress: Progress | None, now: float | None, background: bool = False) -> OpenedSnapshot:
         with self._locked(shared=True):
             info = self.get(id_or_name)
             if info.expired(now):
                 raise SnapshotNotFound(f"snapshot {info.id} ({info.name}) expired at "
                                        f"{format_ts(info.expires_at or 0)}", snapshot=info.id)
             key = self.key
-            manifest, fds = _verify(info.path, self.signer.public_key(), key, keep_open=stream)
+            manifest, fds, checks = _verify(info.path, self.signer.public_key(), key, keep_open=stream,
+                                            background=stream if background else ())
             parent = make_dirs(Path(dest_parent)) if dest_parent is not None else self.root
             sources: dict[str, UnsealSource] = {}
             out: Path | None = None
@@ -918,7 +1031,7 @@ class SnapshotStore:
                 os.chmod(out, 0o700)
                 for f in manifest.files:
                     if f.path in fds:
-                        sources[f.path] = UnsealSource(fds.pop(f.path), key, manifest, f)
+                        sources[f.path] = UnsealSource(fds.pop(f.path), key, manifest, f, checks.pop(f.path, None))
                 plain = [f for f in manifest.files if f.path not in sources]
                 total = sum(f.sealed_size for f in plain)
                 done_before = 0
@@ -943,6 +1056,8 @@ class SnapshotStore:
                                                snapshot=info.id)
                     done_before += f.sealed_size
             except BaseException:
+                for check in checks.values():
+                    check.cancel()
                 for fd in fds.values():
                     os.close(fd)
                 for source in sources.values():

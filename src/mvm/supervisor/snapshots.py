@@ -3,7 +3,9 @@
 A backend that streams its memory image (``streams_memory``: the VM) gets a sink
 from the snapshot store, so the image goes QEMU -> sealer -> store in one pass; on
 restore, after the whole snapshot was verified, it goes store -> unsealer -> QEMU.
-It is never a plain file. Everything else (the VM's disk layer and ``vm.json``, a
+It is never a plain file; its sha256 is checked while QEMU starts, and the unsealer gets
+it only once that check passed (``restoring(..., verify_in_background=True)``).
+Everything else (the VM's disk layer and ``vm.json``, a
 namespace sandbox's archive) is written to a private staging directory and sealed
 from there, as before.
 """
@@ -62,10 +64,12 @@ def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
             run: Runner = _direct) -> tuple[socket.socket, SnapshotInfo]:
     """Verify ``snapshot`` entirely, then restore ``instance`` from it (memory streamed
     when the backend can); returns the agent socket. ``SnapshotTampered`` before any
-    byte reaches the backend if anything is off."""
+    byte reaches the backend if anything is off. (A streamed memory image is hashed
+    while the backend starts its reader, which gets no byte before the whole image
+    matched; on a mismatch the backend kills it and ``SnapshotTampered`` is raised.)"""
     info = store.get(snapshot)
     stream = (MEMORY_IMAGE,) if instance.streams_memory and MEMORY_IMAGE in info.files else ()
-    with store.restoring(info.id, stream=stream) as opened:
+    with store.restoring(info.id, stream=stream, verify_in_background=True) as opened:
         artifacts = SnapshotArtifacts(kind=opened.info.kind, files=tuple(opened.info.files),  # type: ignore[arg-type]
                                       details=dict(opened.info.details), streamed=stream)
         source = opened.source(MEMORY_IMAGE)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import ctypes
 import os
 import secrets
+import shlex
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -234,22 +236,83 @@ def test_no_plaintext_memory_image_on_disk_during_save_or_restore(
         watch.close()
 
 
-def test_tampered_memory_is_refused_before_qemu_starts(
-    source: Source, store: SnapshotStore, make_instance, tmp_path: Path  # type: ignore[no-untyped-def]
+_COUNTER = """\
+import os, sys
+n = 0
+while block := os.read(0, 1 << 20):
+    view = memoryview(block)
+    while view:
+        view = view[os.write(1, view):]
+    n += len(block)
+sh = os.getppid()  # the /bin/sh QEMU runs the exec: command with
+with open(f"/proc/{sh}/stat") as fh:
+    qemu = int(fh.read().rsplit(")", 1)[1].split()[1])
+with open(f"/proc/{qemu}/comm") as fh:
+    comm = fh.read().strip()
+with open(sys.argv[1], "w") as fh:
+    fh.write(f"{n} {qemu} {comm}")
+"""
+
+
+def _count_what_qemu_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
+    """Put a byte counter between the unsealer and QEMU: ``unsealer | counter`` -> QEMU's
+    incoming pipe. At EOF it writes ``<bytes QEMU was given> <QEMU's pid> <its comm>``."""
+    script, out = tmp_path / "counter.py", tmp_path / f"{name}.count"
+    script.write_text(_COUNTER)
+    real = sealing.UnsealSource.command
+
+    def command(self: sealing.UnsealSource) -> str:
+        return f"{real(self)} | exec {shlex.quote(sys.executable)} {shlex.quote(str(script))} {shlex.quote(str(out))}"
+
+    monkeypatch.setattr(sealing.UnsealSource, "command", command)
+    return out
+
+
+def _read_count(path: Path) -> tuple[int, int, str]:
+    deadline = time.monotonic() + 10
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    n, pid, comm = path.read_text().split(" ", 2)
+    return int(n), int(pid), comm
+
+
+def test_tampered_memory_never_reaches_qemu(
+    source: Source, store: SnapshotStore, make_instance, tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The memory blob is hashed while QEMU starts; QEMU is given not one byte of it
+    before the hash matched, so a tampered image gives it an empty stream, it is
+    killed, and ``SnapshotTampered`` is raised as before."""
     info = _save(source, store, tmp_path)
+    # Positive control: the counter sees the whole image go to QEMU when nothing is wrong.
+    counted = _count_what_qemu_reads(monkeypatch, tmp_path, "intact")
+    clone = make_instance(memory_mb=MEMORY_MB)
+    sock, _ = snapshots.restore(clone, store, info.id)
+    agent = Agent(sock)
+    try:
+        assert agent.sh("head -1 /tmp/canary.txt").strip() == source.canary.decode()
+    finally:
+        agent.close()
+        clone.destroy()
+    n, _, comm = _read_count(counted)
+    assert n == info.details["memory_bytes"] > 32 << 20 and comm.startswith("qemu")
+
     blob = _memory_blob(info)
     with open(blob, "r+b") as fh:
         fh.seek(blob.stat().st_size // 2)
         byte = fh.read(1)
         fh.seek(-1, os.SEEK_CUR)
         fh.write(bytes([byte[0] ^ 0x01]))
+    counted = _count_what_qemu_reads(monkeypatch, tmp_path, "tampered")
     clone = make_instance(memory_mb=MEMORY_MB)
     with pytest.raises(SnapshotTampered, match="sha256 does not match") as err:
         snapshots.restore(clone, store, info.id)
     assert err.value.details["path"] == "memory.bin"
-    assert not (clone.dir / "qemu.log").exists()  # QEMU was never started
-    assert clone.host_pids() == [] and clone.describe()["state"] == "created"
+    n, qemu_pid, comm = _read_count(counted)
+    assert comm.startswith("qemu") and (clone.dir / "qemu.log").exists()  # QEMU was started...
+    assert n == 0  # ...and was given not one byte of the image
+    assert not Path(f"/proc/{qemu_pid}").exists()  # ...and is gone
+    assert clone.host_pids() == [] and clone.describe()["state"] == "stopped"
     assert sorted(p.name for p in store.root.iterdir() if p.name != ".lock") == [info.id]  # nothing unsealed
 
 
