@@ -66,6 +66,7 @@ class AgentClient:
         self._responses: dict[int, queue.Queue[Frame]] = {}
         self._lock = threading.Lock()
         self._events: list[Frame] = []
+        self.data: list[Frame] = []  # stream bytes (``data`` frames), e.g. of tcp.* streams
         self._cond = threading.Condition()
         self.hellos: queue.Queue[Frame] = queue.Queue()
         self.closed = threading.Event()
@@ -80,7 +81,11 @@ class AgentClient:
         try:
             while True:
                 frame = self.channel.recv()
-                if frame.kind == "response":
+                if frame.kind == "data":
+                    with self._cond:
+                        self.data.append(frame)
+                        self._cond.notify_all()
+                elif frame.kind == "response":
                     with self._lock:
                         box = self._responses.setdefault(frame.id, queue.Queue())  # type: ignore[arg-type]
                     box.put(frame)

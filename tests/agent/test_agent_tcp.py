@@ -3,7 +3,6 @@ here, so its loopback is ours): connect, listen, stream frames, errors, reconnec
 
 from __future__ import annotations
 
-import queue
 import socket
 import threading
 import time
@@ -13,36 +12,11 @@ import pytest
 from agent_harness import AgentClient, AgentProcess
 
 from mvm.protocol import codec
-from mvm.protocol.channel import ChannelClosed
-from mvm.protocol.codec import Frame, ProtocolError
+from mvm.protocol.codec import Frame
 
 
 class StreamClient(AgentClient):
-    """The harness client, also keeping the ``data`` frames it receives."""
-
-    def _read(self) -> None:
-        self.data: list[Frame] = []
-        try:
-            while True:
-                frame = self.channel.recv()
-                if frame.kind == "data":
-                    with self._cond:
-                        self.data.append(frame)
-                        self._cond.notify_all()
-                    continue
-                if frame.kind == "response":
-                    with self._lock:
-                        box = self._responses.setdefault(frame.id, queue.Queue())  # type: ignore[arg-type]
-                    box.put(frame)
-                elif frame.kind == "event":
-                    with self._cond:
-                        self._events.append(frame)
-                        self._cond.notify_all()
-                elif frame.kind == "hello":
-                    self.hellos.put(frame)
-        except (ChannelClosed, ProtocolError, OSError) as exc:
-            self.close_reason = str(exc)
-        self.closed.set()
+    """The harness client, with a helper to read one stream's bytes."""
 
     def stream_bytes(self, sid: int, until_eof: bool = True, timeout: float = 10) -> bytes:
         deadline = time.monotonic() + timeout
