@@ -24,10 +24,9 @@ def set_actor(actor: dict[str, Any] | None) -> None:
 
 
 class Auditor:
-    def __init__(self, sandbox_id: str, logs: LogBook, redact: Any = None):
+    def __init__(self, sandbox_id: str, logs: LogBook):
         self.sandbox_id = sandbox_id
         self._logs = logs
-        self._redact = redact
         # Loading the signing key (and the crypto library) overlaps with the guest's boot.
         self._log: Future[Any] = Future()
         threading.Thread(target=self._open, name="mvm-audit-open", daemon=True).start()
@@ -56,6 +55,3 @@ class Auditor:
         summary = f"{op} {outcome}" + (f" ({error_type})" if error_type else "")
         self._logs.write("audit", "system", summary, audit_id, force=True)
         return audit_id
-
-    def close(self) -> None:
-        pass

@@ -708,7 +708,6 @@ class Supervisor:
             traceback.print_exc()
         self.state = "destroyed"
         self.logs.close()
-        self.audit.close()
         self._keep_run_transcript()
         # Gone before the client hears back: destroy() returning means no trace is left.
         shutil.rmtree(self.directory, ignore_errors=True)
