@@ -1,5 +1,6 @@
-"""Allow-listed egress: the guest reaches host servers (on 127.0.0.1, listed explicitly)
-only through the supervisor's proxy; everything else is refused, logged and audited."""
+"""Allow-listed egress: the guest reaches host servers (on the host's 127.0.0.1, named
+``host.mvm.internal:PORT`` in the allow-list) only through the supervisor's proxy;
+everything else is refused, logged and audited."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from nethelpers import HostHttp, create
 
 import mvm
+from mvm.backends.base import HOST_ALIAS
 from mvm.supervisor.egress import EgressPolicy, is_sensitive, parse_request
 
 #: Run in the guest: GET through the proxy (plain HTTP) and a CONNECT tunnel, per port given.
@@ -38,16 +40,14 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def box(backend: str, host_http: tuple[HostHttp, HostHttp]) -> Iterator[mvm.Sandbox]:
     allowed, _ = host_http
-    with create(backend, mvm.network(mode="allow", allow=[f"127.0.0.1:{allowed.port}"])) as sandbox:
+    with create(backend, mvm.network(mode="allow", allow=[f"{HOST_ALIAS}:{allowed.port}"])) as sandbox:
         sandbox.files.write("/srv/client.py", GUEST_CLIENT)
         yield sandbox
 
 
-def _probe(box: mvm.Sandbox, *ports: int, host: str = "127.0.0.1") -> dict:
-    # NO_PROXY lists 127.0.0.1 (guest-local services): these host servers live there too,
-    # so the test clears it to send them through the proxy.
-    result = box.commands.run(["python3", "/srv/client.py", host, *map(str, ports)],
-                              env={"NO_PROXY": "", "no_proxy": ""}, timeout_seconds=120)
+def _probe(box: mvm.Sandbox, *ports: int, host: str = HOST_ALIAS, env: dict | None = None) -> dict:
+    result = box.commands.run(["python3", "/srv/client.py", host, *map(str, ports)], env=env,
+                              timeout_seconds=120)
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -62,18 +62,19 @@ def test_allowed_destination_works_and_the_rest_is_refused(box: mvm.Sandbox,
     refused_before = len(refused.requests)
     out = _probe(box, allowed.port, refused.port)
     assert out["env"] == {"HTTP_PROXY": "http://127.0.0.1:3128", "HTTPS_PROXY": "http://127.0.0.1:3128",
-                          "http_proxy": "http://127.0.0.1:3128", "NO_PROXY": ""}  # (cleared by _probe)
-    assert box.commands.run(["printenv", "NO_PROXY"]).stdout == "localhost,127.0.0.1\n"
+                          "http_proxy": "http://127.0.0.1:3128", "NO_PROXY": "localhost,127.0.0.1"}
     assert out[f"get:{allowed.port}"] == f"hello from {allowed.port} path=/get"
     assert out[f"connect:{allowed.port}"] == f"hello from {allowed.port} path=/tunnel"
     assert out[f"get:{refused.port}"].startswith("HTTPError: HTTP Error 403")
     assert "403" in out[f"connect:{refused.port}"]
     assert len(refused.requests) == refused_before  # the refused server never saw a byte
     log = _network_log(box)
-    assert f"egress allowed: GET 127.0.0.1:{allowed.port} -> 127.0.0.1" in log
-    assert f"egress allowed: CONNECT 127.0.0.1:{allowed.port} -> 127.0.0.1" in log
-    assert f"egress refused: GET 127.0.0.1:{refused.port} (not in the allow-list)" in log
-    assert f"egress refused: CONNECT 127.0.0.1:{refused.port} (not in the allow-list)" in log
+    assert f"egress allowed: GET {HOST_ALIAS}:{allowed.port} -> 127.0.0.1" in log
+    assert f"egress allowed: CONNECT {HOST_ALIAS}:{allowed.port} -> 127.0.0.1" in log
+    how = f"allow '{HOST_ALIAS}:{refused.port}' and connect to {HOST_ALIAS}:{refused.port} to reach the host's " \
+          f"127.0.0.1:{refused.port}"
+    assert f"egress refused: GET {HOST_ALIAS}:{refused.port} (not in the allow-list ({how}))" in log
+    assert f"egress refused: CONNECT {HOST_ALIAS}:{refused.port} (not in the allow-list ({how}))" in log
     audit = [e.message for e in box.logs() if e.source == "audit"]
     assert "network.egress ok" in audit and "network.egress error (EgressRefused)" in audit
     egress = box.describe().network["egress"]
@@ -88,19 +89,32 @@ def test_allow_mode_has_no_interface_either(box: mvm.Sandbox) -> None:
 def test_private_ranges_need_an_explicit_entry(box: mvm.Sandbox, host_http: tuple[HostHttp, HostHttp]) -> None:
     allowed, _ = host_http
     before = len(allowed.requests)
+    through_proxy = {"NO_PROXY": "", "no_proxy": ""}  # loopback names normally never reach the proxy
     try:
-        # a listed *name* that resolves to loopback is refused (DNS rebinding) ...
-        box.network.update(allow=[f"localhost:{allowed.port}"])
-        assert "403" in _probe(box, allowed.port, host="localhost")[f"get:{allowed.port}"]
-        assert any("resolves only to non-public addresses" in m for m in _network_log(box))
-        # ... and so is a loopback address matched only by a wildcard entry
+        # loopback asked of the proxy is refused with the way to the host's loopback ...
+        for host in ("127.0.0.1", "localhost"):
+            assert "403" in _probe(box, allowed.port, host=host, env=through_proxy)[f"get:{allowed.port}"]
+            assert any(f"({host} is the sandbox's own loopback; allow '{HOST_ALIAS}:{allowed.port}'" in m
+                       for m in _network_log(box))
+        # ... a wildcard entry never covers host.mvm.internal, nor private addresses
         box.network.update(allow=[f"*:{allowed.port}"], allow_wildcards=True)
         assert "403" in _probe(box, allowed.port)[f"get:{allowed.port}"]
-        assert any("127.0.0.1 is not a public address" in m for m in _network_log(box))
+        assert "403" in _probe(box, allowed.port, host="10.0.0.1")[f"get:{allowed.port}"]
+        assert any("10.0.0.1 is not a public address" in m for m in _network_log(box))
         assert len(allowed.requests) == before  # none of these got through
     finally:
-        box.network.update(allow=[f"127.0.0.1:{allowed.port}"], allow_wildcards=False)
+        box.network.update(allow=[f"{HOST_ALIAS}:{allowed.port}"], allow_wildcards=False)
     assert _probe(box, allowed.port)[f"get:{allowed.port}"].startswith("hello from")
+
+
+def test_a_loopback_entry_is_refused_with_the_host_alias_named(box: mvm.Sandbox) -> None:
+    for entry in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "127.0.0.0/8:8080"):
+        with pytest.raises(mvm.InvalidNetworkPolicy) as err:
+            mvm.network(mode="allow", allow=[entry], allow_wildcards=True)
+        assert err.value.field == f"network.allow[{entry!r}]"
+        assert f"allow '{HOST_ALIAS}:8080' and connect to {HOST_ALIAS}:8080" in err.value.message
+        with pytest.raises(mvm.InvalidNetworkPolicy):  # the same check on a running sandbox
+            box.network.update(allow=[entry])
 
 
 def test_network_update_validates_switches_modes_and_is_audited(box: mvm.Sandbox,
@@ -112,8 +126,8 @@ def test_network_update_validates_switches_modes_and_is_audited(box: mvm.Sandbox
     with pytest.raises(mvm.InvalidNetworkPolicy) as err:
         box.network.update(allow=["*.example.com:443"])
     assert "wildcards" in str(err.value)
-    policy = box.network.update(allow=[f"127.0.0.1:{refused.port}"])
-    assert policy["allow"] == [f"127.0.0.1:{refused.port}"]
+    policy = box.network.update(allow=[f"{HOST_ALIAS}:{refused.port}"])
+    assert policy["allow"] == [f"{HOST_ALIAS}:{refused.port}"]
     out = _probe(box, allowed.port, refused.port)
     assert out[f"get:{refused.port}"].startswith("hello from") and "403" in out[f"get:{allowed.port}"]
     try:
@@ -123,7 +137,7 @@ def test_network_update_validates_switches_modes_and_is_audited(box: mvm.Sandbox
         gone = box.commands.run(["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 3128))"])
         assert "ConnectionRefusedError" in gone.stderr  # the listener is gone too
     finally:
-        box.network.update(allow=[f"127.0.0.1:{allowed.port}"])
+        box.network.update(allow=[f"{HOST_ALIAS}:{allowed.port}"])
     assert box.describe().network["mode"] == "allow"
     assert any(m.startswith("network policy updated: mode deny") for m in _network_log(box))
     assert "network.update ok" in [e.message for e in box.logs() if e.source == "audit"]
@@ -148,19 +162,27 @@ def _resolver(table: dict[str, list[str]]):
 def test_policy_decisions() -> None:
     dns = _resolver({"pypi.org": ["151.101.0.223"], "files.pythonhosted.org": ["151.101.64.223"],
                      "evil.example": ["10.0.0.5"], "mixed.example": ["10.0.0.6", "93.184.216.34"],
-                     "a.example.com": ["93.184.216.35"], "example.com": ["93.184.216.34"]})
-    policy = _policy("pypi.org:443", "files.pythonhosted.org:443", "127.0.0.1:8080", "evil.example:443",
-                     "mixed.example:443")
+                     "a.example.com": ["93.184.216.35"], "example.com": ["93.184.216.34"],
+                     "rebind.example": ["127.0.0.1"]})
+    policy = _policy("pypi.org:443", "files.pythonhosted.org:443", "192.168.7.1:8080", "evil.example:443",
+                     "mixed.example:443", f"{HOST_ALIAS}:8080")
     assert policy.decide("pypi.org", 443, dns).addresses == ("151.101.0.223",)
     assert policy.decide("PyPI.org.", 443, dns).allowed  # case and a trailing dot do not matter
     assert not policy.decide("pypi.org", 80, dns).allowed  # the port is part of the entry
     assert not policy.decide("pypi.org.evil.example", 443, dns).allowed
-    assert policy.decide("127.0.0.1", 8080, dns).allowed  # listed explicitly
-    assert not policy.decide("127.0.0.2", 8080, dns).allowed
+    assert policy.decide("192.168.7.1", 8080, dns).allowed  # listed explicitly
+    assert not policy.decide("192.168.7.2", 8080, dns).allowed
+    assert policy.decide(HOST_ALIAS, 8080, dns).addresses == ("127.0.0.1",)  # the host's loopback, not resolved
+    assert not policy.decide(HOST_ALIAS, 8081, dns).allowed
+    for loopback in ("127.0.0.1", "::1", "localhost", "::ffff:127.0.0.1"):
+        assert "own loopback" in policy.decide(loopback, 8080, dns).reason
     assert not policy.decide("evil.example", 443, dns).allowed  # a name resolving to a private address
+    rebound = _policy("rebind.example:8080").decide("rebind.example", 8080, dns)
+    assert not rebound.allowed and f"allow '{HOST_ALIAS}:8080'" in rebound.reason  # ... or to loopback
     assert policy.decide("mixed.example", 443, dns).addresses == ("93.184.216.34",)  # private ones dropped
-    assert policy.decide("::ffff:127.0.0.1", 8080, dns).allowed  # v4-mapped: the same address
-    wild = _policy("*.example.com:443", "*:80", "10.1.0.0/16:22", wildcards=True)
+    assert policy.decide("::ffff:192.168.7.1", 8080, dns).allowed  # v4-mapped: the same address
+    wild = _policy("*.example.com:443", "*:80", "*.internal:80", "10.1.0.0/16:22", wildcards=True)
+    assert not wild.decide(HOST_ALIAS, 80, dns).allowed  # only its own entry reaches the host
     assert wild.decide("a.example.com", 443, dns).allowed
     assert not wild.decide("example.com", 443, dns).allowed  # "*." needs a subdomain
     assert wild.decide("93.184.216.34", 80, dns).allowed

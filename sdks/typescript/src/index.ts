@@ -29,7 +29,7 @@ export {
   type EgressInfo, type FileType, type PortForwardFields, type SnapshotKind,
 } from "./models.js";
 export {
-  LIMITS, network, NETWORK_MODES, NetworkPolicy, resources, Resources, secret, SecretRef,
+  HOST_ALIAS, LIMITS, network, NETWORK_MODES, NetworkPolicy, resources, Resources, secret, SecretRef,
   type NetworkMode, type NetworkOptions, type ResourcesOptions,
 } from "./policy.js";
 export * from "./errors.js";

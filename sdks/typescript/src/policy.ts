@@ -8,7 +8,7 @@
  * print. Options accept camelCase (`memoryMb`) or the Python spelling (`memory_mb`).
  */
 
-import { isIP } from "node:net";
+import { BlockList, isIP } from "node:net";
 
 import { InvalidArgument, InvalidNetworkPolicy } from "./errors.js";
 import { repr, typeName } from "./pyrepr.js";
@@ -22,6 +22,11 @@ export const LIMITS = {
 } as const;
 export const NETWORK_MODES = ["deny", "allow", "open"] as const;
 export type NetworkMode = (typeof NETWORK_MODES)[number];
+/**
+ * The guest's name for the host's own loopback (127.0.0.1) in mode `allow`, through the
+ * egress proxy, for ports listed as `host.mvm.internal:PORT` (the guest's 127.0.0.1 is the guest).
+ */
+export const HOST_ALIAS = "host.mvm.internal";
 
 const HOST_RE = /^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$/;
 const SECRET_NAME_RE = /^[A-Za-z0-9_.-]{1,128}$/;
@@ -143,8 +148,12 @@ export interface NetworkOptions {
  * `allow` (egress only to `host:port` entries, through mvm's egress proxy), or
  * `open` (full outbound access: an explicit opt-in).
  *
+ * The host's own loopback services are `host.mvm.internal:PORT`, listed explicitly;
+ * `127.0.0.1`/`localhost` entries are refused (in the guest they are the guest itself).
+ *
  * ```ts
  * network({ mode: "deny" })
+ * network({ mode: "allow", allow: ["host.mvm.internal:11434"] }) // http://host.mvm.internal:11434
  * network({ mode: "allow", allow: ["pypi.org:443", "files.pythonhosted.org:443"] })
  * network("allow", ["pypi.org:443"])
  * ```
@@ -191,6 +200,12 @@ function validateDestination(entry: unknown, allowWildcards: boolean): void {
   if (!/^[0-9]+$/.test(portText) || !(1 <= parseInt(portText, 10) && parseInt(portText, 10) <= 65535)) {
     throw InvalidNetworkPolicy.create(field, `port ${repr(portText)} is not valid`, "1..65535");
   }
+  if (isLoopback(host)) {
+    // Python's message word for word
+    throw InvalidNetworkPolicy.create(field, `${host} is the sandbox's own loopback, not the host's; to reach a `
+      + `service on the host's 127.0.0.1 allow '${HOST_ALIAS}:${portText}' and connect to ${HOST_ALIAS}:${portText} `
+      + "(through the egress proxy the guest's HTTP_PROXY points at)", `'${HOST_ALIAS}:${portText}'`);
+  }
   const wildcard = host.includes("*") || host === "0.0.0.0" || host === "::" || host.includes("/");
   if (wildcard && !allowWildcards) {
     // Python's message word for word (the option is `allowWildcards` here)
@@ -202,6 +217,27 @@ function validateDestination(entry: unknown, allowWildcards: boolean): void {
   }
   if (isIP(host)) return;
   if (!HOST_RE.test(host)) throw InvalidNetworkPolicy.create(field, `${repr(host)} is not a valid host name`);
+}
+
+/** `localhost`, a loopback address or a block inside the loopback range (as Python's `_is_loopback`). */
+function isLoopback(host: string): boolean {
+  if (host.toLowerCase().replace(/\.$/, "") === "localhost") return true;
+  const [address, prefix] = host.split("/");
+  const version = isIP(address);
+  if (version === 4) {
+    if (address.split(".")[0] !== "127") return false;
+    if (prefix === undefined) return true;
+    const bits = /^[0-9]+$/.test(prefix) ? parseInt(prefix, 10) : NaN;
+    return bits >= 8 && bits <= 32 && validNetwork(host);
+  }
+  if (version === 6) {
+    const loopback = new BlockList();
+    loopback.addAddress("::1", "ipv6");
+    loopback.addSubnet("127.0.0.0", 8, "ipv4");
+    if (prefix === undefined) return loopback.check(address, "ipv6");
+    return prefix === "128" && loopback.check(address, "ipv6");
+  }
+  return false;
 }
 
 function validNetwork(text: string): boolean {

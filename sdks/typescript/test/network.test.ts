@@ -3,7 +3,7 @@
  * a guest HTTP server fetched from Node through a forward, wildcard refusal, a port
  * in use, close/list, `detach: false`; an allow-list created through `mvmctl up` and
  * changed with `network.update`, checked against HTTP servers this file starts on the
- * host's 127.0.0.1 (no traffic leaves this machine). Argument checks are compared
+ * host's 127.0.0.1, which the guest calls host.mvm.internal (no traffic leaves this machine). Argument checks are compared
  * with the Python SDK's messages.
  */
 
@@ -18,20 +18,20 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import {
-  InvalidArgument, InvalidNetworkPolicy, MvmError, network, NetworkInfo, PortForward, PortInUse, resources, Sandbox,
+  HOST_ALIAS, InvalidArgument, InvalidNetworkPolicy, MvmError, network, NetworkInfo, PortForward, PortInUse, resources, Sandbox,
 } from "@mvm/sdk";
 
 import { REPO } from "./helpers.js";
 
 const PYTHON = join(REPO, ".venv", "bin", "python");
 
-/** Run in the guest: GET http://127.0.0.1:PORT/probe for each port (through $HTTP_PROXY when set). */
+/** Run in the guest: GET http://host.mvm.internal:PORT/probe for each port (through $HTTP_PROXY when set). */
 const PROBE = `
 import json, sys, urllib.error, urllib.request
 out = {}
 for port in sys.argv[1:]:
     try:
-        out[port] = [200, urllib.request.urlopen(f"http://127.0.0.1:{port}/probe", timeout=20).read().decode()]
+        out[port] = [200, urllib.request.urlopen(f"http://host.mvm.internal:{port}/probe", timeout=20).read().decode()]
     except urllib.error.HTTPError as exc:
         out[port] = [exc.code, ""]
     except Exception as exc:
@@ -103,7 +103,8 @@ before(async () => {
     Sandbox.create("python-3.13", { ttl: "10m", name: "ts-net-fwd", resources: resources({ cpuCores: 1, memoryMb: 256 }) }),
     Sandbox.create("python-3.13", {
       ttl: "10m", name: "ts-net-egress", resources: resources({ cpuCores: 1, memoryMb: 256 }),
-      network: network({ mode: "allow", allow: [`127.0.0.0/8:${allowed.port}`], allowWildcards: true }),
+      network: network({ mode: "allow", allow: [`${HOST_ALIAS}:${allowed.port}`, `10.0.0.0/8:${allowed.port}`],
+        allowWildcards: true }),
       tags: { team: "ts-sdk", suite: "network" },
     }),
   ]);
@@ -122,9 +123,7 @@ after(async () => {
 });
 
 async function probe(...ports: number[]): Promise<Record<string, [number, string]>> {
-  // NO_PROXY lists 127.0.0.1 (guest-local services): clear it so these host servers go through the proxy
-  const result = await eg.commands.run(["python3", "/srv/probe.py", ...ports.map(String)],
-    { env: { NO_PROXY: "", no_proxy: "" }, timeoutSeconds: 60 });
+  const result = await eg.commands.run(["python3", "/srv/probe.py", ...ports.map(String)], { timeoutSeconds: 60 });
   assert.equal(result.exitCode, 0, result.stderr);
   return JSON.parse(result.stdout);
 }
@@ -234,10 +233,11 @@ describe("network policy", () => {
   test("mode allow through mvmctl up: wildcards (a CIDR entry) and tags", async () => {
     const info = await eg.describe();
     assert.equal(info.network.mode, "allow");
-    assert.deepEqual(info.network.allow, [`127.0.0.0/8:${allowed.port}`]);
+    assert.deepEqual(info.network.allow, [`${HOST_ALIAS}:${allowed.port}`, `10.0.0.0/8:${allowed.port}`]);
     assert.equal(info.network.allowWildcards, true);
     assert.equal(info.network.egress?.proxy, "http://127.0.0.1:3128");
-    assert.deepEqual((await eg.network.policy()).toDict().allow, [`127.0.0.0/8:${allowed.port}`]);
+    assert.deepEqual((await eg.network.policy()).toDict().allow, [`${HOST_ALIAS}:${allowed.port}`,
+      `10.0.0.0/8:${allowed.port}`]);
     const listed = (await Sandbox.list()).find((s) => s.id === eg.id);
     assert.deepEqual(listed?.details.tags, { team: "ts-sdk", suite: "network" });
     const env = await eg.commands.run(["printenv", "HTTPS_PROXY"]);
@@ -249,10 +249,10 @@ describe("network policy", () => {
   });
 
   test("network.update replaces the allow-list of the running sandbox", async () => {
-    const info = await eg.network.update({ allow: [`127.0.0.1:${refused.port}`] });
+    const info = await eg.network.update({ allow: [`${HOST_ALIAS}:${refused.port}`] });
     assert.ok(info instanceof NetworkInfo);
     assert.equal(info.mode, "allow");
-    assert.deepEqual(info.allow, [`127.0.0.1:${refused.port}`]);
+    assert.deepEqual(info.allow, [`${HOST_ALIAS}:${refused.port}`]);
     assert.equal(info.allowWildcards, true); // unchanged unless given
     assert.ok(info.egress !== null);
     const before = allowed.requests.length;
@@ -260,7 +260,7 @@ describe("network policy", () => {
     assert.equal(out[allowed.port][0], 403);
     assert.deepEqual(out[refused.port], [200, `hello from ${refused.port} path=/probe`]);
     assert.equal(allowed.requests.length, before);
-    assert.deepEqual((await eg.describe()).network.allow, [`127.0.0.1:${refused.port}`]);
+    assert.deepEqual((await eg.describe()).network.allow, [`${HOST_ALIAS}:${refused.port}`]);
 
     // an empty list: mode deny, the proxy and its environment go away
     const denied = await eg.network.update({ allow: [] });
@@ -272,7 +272,7 @@ describe("network policy", () => {
     assert.equal(cut[refused.port][0], 0); // no proxy, no route: nothing reaches the host
 
     // and back, with the shorthand; a CIDR entry is accepted because the sandbox keeps allowWildcards
-    const again = await eg.network.update([`127.0.0.0/8:${allowed.port}`]);
+    const again = await eg.network.update([`${HOST_ALIAS}:${allowed.port}`, `10.0.0.0/8:${allowed.port}`]);
     assert.equal(again.mode, "allow");
     assert.equal(again.allowWildcards, true);
     assert.deepEqual((await probe(allowed.port))[allowed.port][0], 200);

@@ -43,6 +43,10 @@ const CASES: [() => unknown, string][] = [
   [() => network("allow", ["10.0.0.0/255.0.255.0:80"], { allowWildcards: true }), "mvm.network('allow', ['10.0.0.0/255.0.255.0:80'], allow_wildcards=True)"],
   [() => network("allow", ["host:+80"]), "mvm.network('allow', ['host:+80'])"],
   [() => network("allow", [5 as unknown as string]), "mvm.network('allow', [5])"],
+  [() => network("allow", ["127.0.0.1:11434"]), "mvm.network('allow', ['127.0.0.1:11434'])"],
+  [() => network("allow", ["localhost.:5432"]), "mvm.network('allow', ['localhost.:5432'])"],
+  [() => network("allow", ["[::ffff:127.0.0.1]:80"]), "mvm.network('allow', ['[::ffff:127.0.0.1]:80'])"],
+  [() => network("allow", ["127.0.0.0/8:80"], { allowWildcards: true }), "mvm.network('allow', ['127.0.0.0/8:80'], allow_wildcards=True)"],
   [() => secret("bad name"), "mvm.secret('bad name')"],
   [() => parseDuration("abc", "ttl"), "parse_duration('abc', field='ttl')"],
   [() => parseDuration(0, "ttl"), "parse_duration(0, field='ttl')"],
@@ -76,9 +80,10 @@ describe("policy builders", () => {
     assert.deepEqual(r.toDict(), { cpu_cores: 1, memory_mb: 512, rootfs_size_mb: 1024, max_processes: 256 });
     assert.deepEqual(resources({ cpuCores: 0.5, memoryMb: 256 }).toDict().cpu_cores, 0.5);
     assert.deepEqual(network().toDict(), { mode: "deny", allow: [], allow_wildcards: false });
-    const allow = network({ mode: "allow", allow: ["pypi.org:443", "1.2.3.4:80", "[::1]:8080"] });
+    const allow = network({ mode: "allow",
+      allow: ["pypi.org:443", "1.2.3.4:80", "[fd00::1]:8080", "host.mvm.internal:8080"] });
     assert.ok(allow instanceof NetworkPolicy);
-    assert.deepEqual(allow.allow, ["pypi.org:443", "1.2.3.4:80", "[::1]:8080"]);
+    assert.deepEqual(allow.allow, ["pypi.org:443", "1.2.3.4:80", "[fd00::1]:8080", "host.mvm.internal:8080"]);
     assert.equal(network("allow", ["*.example.com:443"], { allowWildcards: true }).allowWildcards, true);
     assert.equal(network({ mode: "open" }).mode, "open");
     const ref = secret("api-key");

@@ -36,6 +36,13 @@ class Resources:
     max_processes: int = 256
 
 
+#: The name a guest uses for the host's own loopback (127.0.0.1) in mode ``allow``: routed
+#: through the egress proxy, and only to ports whose ``host.mvm.internal:PORT`` entry is listed.
+#: (The guest's 127.0.0.1 is its own loopback.)
+HOST_ALIAS = "host.mvm.internal"
+HOST_ALIAS_ADDRESS = "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class NetworkPolicy:
     """``deny`` (no interface but loopback), ``allow`` (egress via the host proxy), ``open``."""

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from .. import errors
-from ..backends.base import NetworkPolicy, Resources
+from ..backends.base import HOST_ALIAS, NetworkPolicy, Resources
 from ..security.secrets import SecretRef
 
 #: Bounds a sandbox may ask for (the host policy of ``mvmctl run --mode plan`` may be tighter).
@@ -66,7 +66,12 @@ def network(
     ``allow`` (egress only to ``host:port`` entries, through mvm's egress proxy), or
     ``open`` (full outbound access: an explicit opt-in).
 
+    The host's own loopback services (a local model server, a database) are
+    ``host.mvm.internal:PORT`` -- listed explicitly; ``127.0.0.1``/``localhost``
+    entries are refused, since in the guest they are the guest itself.
+
     >>> mvm.network(mode="allow", allow=["pypi.org:443", "files.pythonhosted.org:443"])
+    >>> mvm.network(mode="allow", allow=["host.mvm.internal:11434"])  # http://host.mvm.internal:11434
     """
     if mode not in NETWORK_MODES:
         raise errors.InvalidNetworkPolicy("network.mode", f"unknown mode {mode!r}", allowed=list(NETWORK_MODES))
@@ -90,6 +95,11 @@ def _validate_destination(entry: Any, allow_wildcards: bool) -> None:
     host = host.strip("[]")
     if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise errors.InvalidNetworkPolicy(field, f"port {port_text!r} is not valid", allowed="1..65535")
+    if _is_loopback(host):
+        raise errors.InvalidNetworkPolicy(
+            field, f"{host} is the sandbox's own loopback, not the host's; to reach a service on the host's "
+            f"127.0.0.1 allow '{HOST_ALIAS}:{port_text}' and connect to {HOST_ALIAS}:{port_text} (through the "
+            "egress proxy the guest's HTTP_PROXY points at)", allowed=f"'{HOST_ALIAS}:{port_text}'")
     wildcard = "*" in host or host in ("0.0.0.0", "::") or "/" in host
     if wildcard and not allow_wildcards:
         raise errors.InvalidNetworkPolicy(field, "wildcards are refused unless allow_wildcards=True")
@@ -106,6 +116,23 @@ def _validate_destination(entry: Any, allow_wildcards: bool) -> None:
         pass
     if not _HOST_RE.fullmatch(host):
         raise errors.InvalidNetworkPolicy(field, f"{host!r} is not a valid host name")
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost``, a loopback address or a block inside the loopback range: in the guest
+    these are the guest itself (and ``NO_PROXY`` keeps clients off the proxy for them)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        if "/" in host:
+            net = ipaddress.ip_network(host, strict=False)
+            return net.prefixlen > 0 and net.network_address.is_loopback and net.broadcast_address.is_loopback
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def secret(name: str) -> SecretRef:

@@ -13,6 +13,9 @@ connection to it is carried over the agent channel (a ``tcp.open`` stream) to
   cloud metadata, CGNAT, ULA, multicast, reserved) is refused unless an entry
   names that address (or a CIDR block holding it) explicitly -- a listed *name*
   that resolves to one is refused too (DNS rebinding);
+* ``host.mvm.internal`` is the host's own ``127.0.0.1``: allowed only for ports an
+  entry ``host.mvm.internal:PORT`` names (no wildcard covers it); a loopback address
+  asked of the proxy is refused with that hint (the guest's 127.0.0.1 is the guest);
 * every allowed and refused destination goes into the sandbox's log (source
   ``network``) and its audit chain (op ``network.egress``).
 
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ..backends.base import HOST_ALIAS, HOST_ALIAS_ADDRESS
 from ..protocol.tcpmux import PendingStream, StreamClosed, StreamLimit
 
 if TYPE_CHECKING:
@@ -117,13 +121,21 @@ class EgressPolicy:
         if self.mode != "allow":
             return Decision(False, f"network mode is {self.mode}")
         rules = [rule for rule in self.rules if rule.port == port]
-        if not rules:
-            return Decision(False, "not in the allow-list")
         host = host.lower().rstrip(".")
+        hint = f"allow '{HOST_ALIAS}:{port}' and connect to {HOST_ALIAS}:{port} to reach the host's 127.0.0.1:{port}"
+        if host == HOST_ALIAS:  # only its own entries, never a wildcard
+            alias = next((r for r in rules if r.kind == "name" and r.value == HOST_ALIAS), None)
+            if alias is None:
+                return Decision(False, f"not in the allow-list ({hint})")
+            return Decision(True, "the host's loopback, listed explicitly", (HOST_ALIAS_ADDRESS,), alias.text)
         try:
             literal: IPAddress | None = _unmapped(ipaddress.ip_address(host.strip("[]")))
         except ValueError:
             literal = None
+        if host == "localhost" or (literal is not None and literal.is_loopback):
+            return Decision(False, f"{host} is the sandbox's own loopback; {hint}")
+        if not rules:
+            return Decision(False, "not in the allow-list")
         if literal is not None:
             explicit = _explicit_rule(rules, literal)
             if explicit is not None:
@@ -145,11 +157,12 @@ class EgressPolicy:
         usable = []
         for text in addresses:
             address = _unmapped(ipaddress.ip_address(text.split("%")[0]))
-            if not is_sensitive(address) or _explicit_rule(rules, address) is not None:
+            if not address.is_loopback and (not is_sensitive(address) or _explicit_rule(rules, address) is not None):
                 usable.append(str(address))
         if not usable:
-            return Decision(False, f"{host} resolves only to non-public addresses ({', '.join(addresses[:4])}); "
-                                   "list the address explicitly to allow it")
+            how = hint if all(_unmapped(ipaddress.ip_address(a.split("%")[0])).is_loopback for a in addresses) \
+                else "list the address explicitly to allow it"
+            return Decision(False, f"{host} resolves only to non-public addresses ({', '.join(addresses[:4])}); {how}")
         return Decision(True, "allow-list entry", tuple(dict.fromkeys(usable)), rule.text)
 
 
