@@ -7,6 +7,10 @@ never claim more.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -19,6 +23,12 @@ TEMPLATE = "python-3.13"
 COUNTER = (
     "import time\nn = 0\nwhile True:\n    n += 1\n    open('/tmp/count', 'w').write(str(n))\n    time.sleep(0.05)\n"
 )
+
+
+def mvmctl(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "mvm.cli", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def _count(sb: mvm.Sandbox) -> int:
@@ -49,7 +59,8 @@ def test_pause_freezes_execution_and_resume_continues(backend: str) -> None:
 
 
 def test_snapshot_restore_and_fork(backend: str) -> None:
-    with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m") as source:
+    shape = mvm.resources(cpu_cores=2, memory_mb=384)
+    with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m", resources=shape) as source:
         source.files.write("/srv/on-disk.txt", "disk state")
         source.files.write("/tmp/in-tmp.txt", "tmp state")
         long_running = source.commands.start(["sleep", "600"])
@@ -59,9 +70,13 @@ def test_snapshot_restore_and_fork(backend: str) -> None:
         assert snap.expires_at and snap.expires_at - time.time() > 3000
         source.files.write("/srv/on-disk.txt", "changed after the snapshot")
 
-        clones = [mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m", from_snapshot=snap.id) for _ in range(2)]
+        # no resources given: a restore takes the snapshot's shape (the SDK and mvmctl up alike)
+        clones = [mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m", from_snapshot=snap.id)]
+        made = mvmctl("up", "--backend", backend, "--ttl", "10m", "--from-snapshot", snap.id, "--json")
+        clones.append(mvm.Sandbox.connect(json.loads(made.stdout)["id"]))
         try:
             for clone in clones:
+                assert clone.describe().resources == dataclasses.asdict(shape)
                 assert clone.files.read("/srv/on-disk.txt") == b"disk state"
                 if backend == "vm":
                     assert clone.files.read("/tmp/in-tmp.txt") == b"tmp state"
@@ -69,6 +84,14 @@ def test_snapshot_restore_and_fork(backend: str) -> None:
                     assert alive.stdout == "alive\n"
             clones[0].files.write("/srv/on-disk.txt", "fork 0")
             assert clones[1].files.read("/srv/on-disk.txt") == b"disk state"
+            other = mvm.resources(cpu_cores=1, memory_mb=512)
+            if backend == "vm":  # a memory image has one shape: asking for another is refused, saying how
+                with pytest.raises(errors.InvalidArgument, match="memory_mb: snapshot has 384, this sandbox has 512"):
+                    mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m", from_snapshot=snap.id, resources=other)
+            else:  # a file system fits any shape: the one asked for
+                clones.append(mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m", from_snapshot=snap.id,
+                                                 resources=other))
+                assert clones[-1].describe().resources == dataclasses.asdict(other)
         finally:
             for clone in clones:
                 clone.kill()

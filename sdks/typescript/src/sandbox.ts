@@ -65,7 +65,7 @@ export interface CreateOptions {
   /** `"record"`, `"plan"` or `"live"`; default `$MVM_MODE`, else live. */
   mode?: Mode;
   tags?: Record<string, string>;
-  /** Start from this snapshot id or name. */
+  /** Start from this snapshot id or name; the sandbox takes the snapshot's resources unless `resources` is given. */
   fromSnapshot?: string;
 }
 
@@ -279,11 +279,14 @@ export class Sandbox implements AsyncDisposable, Disposable {
     if (typeof include === "string" || !Array.isArray(include)) {
       throw InvalidArgument.create("include", "must be a list of paths, not one string", "e.g. ['src']");
     }
-    const r = spec.resources;
     const args = ["up", "--json", "--template", template,
-      "--ttl", spec.ttlSeconds === null ? "none" : String(spec.ttlSeconds),
-      "--cpus", String(r.cpuCores), "--memory", String(r.memoryMb), "--disk", String(r.rootfsSizeMb),
-      "--max-processes", String(r.maxProcesses), "--network", spec.network.mode];
+      "--ttl", spec.ttlSeconds === null ? "none" : String(spec.ttlSeconds), "--network", spec.network.mode];
+    if (options.resources !== undefined && options.resources !== null) {
+      // without them mvmctl up picks the defaults, or a snapshot's own shape with fromSnapshot
+      const r = spec.resources;
+      args.push("--cpus", String(r.cpuCores), "--memory", String(r.memoryMb), "--disk", String(r.rootfsSizeMb),
+        "--max-processes", String(r.maxProcesses));
+    }
     for (const entry of spec.network.allow) args.push("--allow", entry);
     if (spec.network.allowWildcards) args.push("--allow-wildcards");
     for (const [key, value] of Object.entries(spec.tags)) args.push("--tag", `${key}=${value}`);

@@ -5,7 +5,7 @@ import { cleanup, thrown } from "./helpers.js";
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
-import { InvalidArgument, InvalidState, Sandbox, SandboxError, SandboxNotFound, SandboxPaused, Snapshot } from "@mvm/sdk";
+import { InvalidArgument, InvalidState, resources, Sandbox, SandboxError, SandboxNotFound, SandboxPaused, Snapshot } from "@mvm/sdk";
 
 after(cleanup);
 
@@ -38,8 +38,9 @@ describe("lifecycle", () => {
     await ticker.kill();
   });
 
-  test("snapshot, change, resume(snapshot) restores the files", async () => {
-    await using sb = await Sandbox.create("python-3.13", { ttl: "5m" });
+  test("snapshot, change, resume(snapshot) restores the files; a sandbox made from it takes its shape", async () => {
+    const shape = resources({ cpuCores: 2, memoryMb: 384 });
+    await using sb = await Sandbox.create("python-3.13", { ttl: "5m", resources: shape });
     await sb.files.write("/work/state.txt", "before");
     const snap = await sb.snapshot("before-change", { expires: "1h" });
     assert.ok(snap instanceof Snapshot);
@@ -53,6 +54,10 @@ describe("lifecycle", () => {
     assert.equal((await sb.resume(snap)).state, "running");
     assert.equal(await sb.files.readText("/work/state.txt"), "before");
     assert.ok((await thrown(() => sb.snapshot("x", { expires: "never" }))) instanceof InvalidArgument);
+    // no resources given: the snapshot's own (mvmctl up gets no --cpus/--memory from the SDK)
+    await using clone = await Sandbox.create("python-3.13", { ttl: "5m", fromSnapshot: snap.id });
+    assert.deepEqual((await clone.describe()).resources.toDict(), shape.toDict());
+    assert.equal(await clone.files.readText("/work/state.txt"), "before");
   });
 
   test("await using destroys the sandbox at the end of the block", async () => {

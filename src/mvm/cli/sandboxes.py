@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import TextIO
@@ -15,7 +16,8 @@ import click
 from .. import errors
 from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
-from ..sdk.sandbox import Sandbox
+from ..backends.base import Resources
+from ..sdk.sandbox import Sandbox, snapshot_shape
 from ..security.secrets import SecretRef
 from .common import emit, json_option, parse_env
 
@@ -33,10 +35,13 @@ def register(cli: click.Group) -> None:
 @click.option("--name", help="Sandbox name (default: derived from the id).")
 @click.option("--template", "-t", default="python-3.13", show_default=True)
 @click.option("--ttl", default="30m", show_default=True, help='Lifetime ("30m", "2h", seconds; "0" = none).')
-@click.option("--cpus", type=float, default=1, show_default=True)
-@click.option("--memory", "memory_mb", type=int, default=512, show_default=True, help="MiB")
-@click.option("--disk", "rootfs_size_mb", type=int, default=1024, show_default=True, help="Writable disk, MiB")
-@click.option("--max-processes", type=int, default=256, show_default=True)
+@click.option("--cpus", type=float, default=None, help=f"[default: {Resources.cpu_cores:g}, or the snapshot's]")
+@click.option("--memory", "memory_mb", type=int, default=None,
+              help=f"MiB [default: {Resources.memory_mb}, or the snapshot's]")
+@click.option("--disk", "rootfs_size_mb", type=int, default=None,
+              help=f"Writable disk, MiB [default: {Resources.rootfs_size_mb}, or the snapshot's]")
+@click.option("--max-processes", type=int, default=None,
+              help=f"[default: {Resources.max_processes}, or the snapshot's]")
 @click.option("--backend", type=click.Choice(["vm", "namespace"]), default=None)
 @click.option(
     "--network", "network_mode", type=click.Choice(["deny", "allow", "open"]), default="deny", show_default=True
@@ -61,10 +66,10 @@ def up(
     name: str | None,
     template: str,
     ttl: str,
-    cpus: float,
-    memory_mb: int,
-    rootfs_size_mb: int,
-    max_processes: int,
+    cpus: float | None,
+    memory_mb: int | None,
+    rootfs_size_mb: int | None,
+    max_processes: int | None,
     backend: str | None,
     network_mode: str,
     allow: tuple[str, ...],
@@ -85,6 +90,13 @@ def up(
         result = replay(from_ir, name=name, backend=backend, echo=None if as_json else click.echo)
         emit(as_json, result)
         return
+    asked = {"cpu_cores": cpus, "memory_mb": memory_mb, "rootfs_size_mb": rootfs_size_mb,
+             "max_processes": max_processes}
+    shape = None
+    if any(value is not None for value in asked.values()):
+        # flags not given keep the snapshot's values when restoring, the defaults otherwise
+        base = snapshot_shape(from_snapshot) if from_snapshot is not None else Resources()
+        shape = make_resources(**{**dataclasses.asdict(base), **{k: v for k, v in asked.items() if v is not None}})
     full_env: dict[str, str | SecretRef] = dict(parse_env(env))
     full_env.update({k: SecretRef(v) for k, v in parse_env(secret_env, "--secret-env").items()})
     sandbox = Sandbox.create(
@@ -98,9 +110,7 @@ def up(
         from_snapshot=from_snapshot,
         tags=parse_env(tag, "--tag"),
         mode="live",
-        resources=make_resources(
-            cpu_cores=cpus, memory_mb=memory_mb, rootfs_size_mb=rootfs_size_mb, max_processes=max_processes
-        ),
+        resources=shape,
         network=make_network(network_mode, list(allow), allow_wildcards=allow_wildcards),
     )
     info = sandbox.describe()

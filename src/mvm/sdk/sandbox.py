@@ -88,7 +88,9 @@ class Sandbox:
         process dies. ``include`` copies host paths (relative to the script's folder)
         into ``/app``. ``env`` values may be ``mvm.secret(name)`` references.
         ``backend`` is ``"vm"`` or ``"namespace"`` (default: ``$MVM_BACKEND``, else the
-        strongest this host can run).
+        strongest this host can run). ``from_snapshot`` starts from a snapshot (id or
+        name) and takes its sandbox's ``resources`` unless others are given (a VM's
+        memory image then refuses a different cpu or memory).
         """
         resolved_mode = current_mode(mode)
         if resolved_mode != "live":
@@ -108,6 +110,8 @@ class Sandbox:
                 tags=tags,
                 from_snapshot=from_snapshot,
             )
+        if from_snapshot is not None and resources is None:
+            resources = snapshot_shape(from_snapshot)  # a restore takes the snapshot's shape unless asked
         spec = _validated_spec(
             template,
             name=name,
@@ -337,6 +341,17 @@ def validate_command(
                 f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
             )
     return argv, env
+
+
+def snapshot_shape(snapshot: Any) -> Resources:
+    """The resources a sandbox created ``from_snapshot=snapshot`` gets when its creator
+    names none: those of the sandbox the snapshot was taken from."""
+    if not isinstance(snapshot, str) or not snapshot.strip():
+        raise errors.InvalidArgument("from_snapshot", f"{snapshot!r} must be a snapshot id or name")
+    from ..security.sealing import SnapshotStore
+    from ..supervisor.snapshots import shape
+
+    return shape(SnapshotStore(), snapshot)
 
 
 def _validated_spec(

@@ -12,6 +12,7 @@ from there, as before.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 import socket
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from ..backends.base import MEMORY_IMAGE, BackendInstance, MemorySink, MemorySource, SnapshotArtifacts
+from ..backends.base import MEMORY_IMAGE, BackendInstance, MemorySink, MemorySource, Resources, SnapshotArtifacts
 from ..security.sealing import SnapshotInfo, SnapshotStore
 
 Runner = Callable[[Callable[[], Any]], Any]
@@ -52,12 +53,28 @@ def save(instance: BackendInstance, store: SnapshotStore, name: str, sandbox_id:
             artifacts: SnapshotArtifacts = run(call)
             if sink is not None and MEMORY_IMAGE not in artifacts.streamed:
                 pending.drop(MEMORY_IMAGE)
+            # the sandbox's shape goes with it: a restore takes it unless asked for another
+            details = {**artifacts.details, "resources": dataclasses.asdict(instance.spec.resources)}
             info = pending.commit(artifacts.kind, staging,
                                   files=[f for f in artifacts.files if f not in artifacts.streamed],
-                                  details=artifacts.details)
+                                  details=details)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return info, artifacts
+
+
+def shape(store: SnapshotStore, snapshot: str) -> Resources:
+    """The resources of the sandbox ``snapshot`` was taken from (what a sandbox created
+    from it gets unless its creator asks for others). ``SnapshotNotFound`` if there is
+    none. Snapshots older than this record fall back to the VM's memory and vCPUs."""
+    details = store.get(snapshot).details
+    recorded = details.get("resources")
+    if isinstance(recorded, dict):
+        known = {f.name for f in dataclasses.fields(Resources)}
+        return Resources(**{k: v for k, v in recorded.items() if k in known})
+    defaults = Resources()
+    return Resources(cpu_cores=float(details.get("vcpus", defaults.cpu_cores)),
+                     memory_mb=int(details.get("memory_mb", defaults.memory_mb)))
 
 
 def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
