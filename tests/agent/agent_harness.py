@@ -118,6 +118,12 @@ class AgentClient:
         except queue.Empty:
             raise AssertionError(f"no response to request {ident} within {timeout} s") from None
 
+    def answered(self, ident: int) -> bool:
+        """Has a response to request ``ident`` arrived (and not been taken yet)?"""
+        with self._lock:
+            box = self._responses.get(ident)
+        return box is not None and not box.empty()
+
     def request(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"",
                 timeout: float = 10) -> Frame:
         return self.response(self.send_request(op, args, payload), timeout)

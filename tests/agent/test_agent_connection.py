@@ -166,10 +166,9 @@ def test_waiting_stdin_writes_do_not_hold_up_other_requests(agent: AgentClient) 
     pids = [agent.start(["sleep", "30"], stdin=True) for _ in range(12)]
     blob = b"x" * (1024 * 1024)  # more than a pipe holds: these writes wait for a reader that never comes
     pending = [agent.send_request("proc.stdin", {"pid": pid, "eof": False}, blob) for pid in pids]
-    started = time.monotonic()
-    assert agent.call("ping", timeout=5) == {}
+    assert agent.call("ping", timeout=30) == {}
     assert agent.call("fs.stat", path="/")["type"] == "dir"
-    assert time.monotonic() - started < 2
+    assert not any(agent.answered(ident) for ident in pending)  # answered while every write still waits
     for pid in pids:
         agent.call("proc.signal", pid=pid, signal="KILL", group=True)
     for ident in pending:  # the process died: the write is answered, not left hanging

@@ -170,12 +170,10 @@ def test_exit_waits_for_the_output_to_end(agent: AgentClient) -> None:
 
 
 def test_exit_is_reported_soon_after_the_reap_even_if_a_descendant_holds_the_pipes(agent: AgentClient) -> None:
-    started = time.monotonic()
-    done = agent.run(["sh", "-c", "sleep 5 & echo $!"])
-    assert time.monotonic() - started < 2.5
+    done = agent.run(["sh", "-c", "sleep 300 & echo $!"], timeout=60)
     assert done.exit_code == 0
     lingering = int(done.stdout)
-    assert pid_exists(lingering)
+    assert pid_exists(lingering)  # reported while the pipes' last holder still runs
     agent.call("proc.signal", pid=done.pid, signal="KILL", group=True)
     assert wait_until(lambda: not pid_exists(lingering))
 
@@ -204,7 +202,7 @@ def test_group_kill_reaches_a_daemon_left_behind_by_a_finished_process(agent: Ag
 
 def test_group_kill_stops_a_fork_loop(agent: AgentClient) -> None:
     pid = agent.start(["sh", "-c", "while true; do sleep 30 & done"])
-    time.sleep(0.3)
+    assert wait_until(lambda: len(_descendants_of(agent.process.pid)) >= 8)  # the loop is forking
     agent.call("proc.signal", pid=pid, signal="KILL", group=True)
     agent.wait_exit(pid)
     assert wait_until(lambda: not _descendants_of(agent.process.pid)), "fork loop members survived"

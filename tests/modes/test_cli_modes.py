@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from modes_helpers import CANARY, EXAMPLE, assert_nothing_booted, run_mvmctl
+from waiting import wait_for
 
 from mvm.security.secrets import Keystore
 
@@ -295,16 +296,16 @@ def test_script_that_loops_forever_hits_the_time_limit(home: Path, tmp_path: Pat
             n += 1
     """, name="forever.py")
     out = tmp_path / "out"
-    started = time.monotonic()
     proc = run_mvmctl("compile", str(script), "--out", str(out), "--timeout", "2")
-    elapsed = time.monotonic() - started
-    assert proc.returncode == 1 and elapsed < 30
+    assert proc.returncode == 1
     assert "did not finish within 2 s in record mode" in proc.stderr
     assert f'File "{script}", line 6' in proc.stderr or f'File "{script}", line 5' in proc.stderr
     assert not out.exists()
-    time.sleep(0.5)
-    leftovers = subprocess.run(["pgrep", "-f", "mvm-test-orphan"], capture_output=True, text=True).stdout
-    assert leftovers.strip() == ""
+
+    def orphans() -> str:
+        return subprocess.run(["pgrep", "-f", "mvm-test-orphan"], capture_output=True, text=True).stdout.strip()
+
+    wait_for(lambda: not orphans(), f"the script's child to be gone (still: {orphans()})", timeout=30)
 
 
 def test_sdk_misuse_gives_the_sdk_error_and_the_line(home: Path, tmp_path: Path, write_script) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from waiting import wait_stalled
 
 from mvm.protocol import codec
 from mvm.protocol.channel import ChannelClosed, FramedChannel
@@ -153,8 +154,7 @@ def test_a_slow_reader_holds_at_most_a_window_and_stalls_nobody_else(pair: Pair)
 
     slow = pair.connect(_server(flood))
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    time.sleep(0.5)
-    stalled_at = sent[0]
+    stalled_at = wait_stalled(lambda: sent[0], "the flood into a reader that reads nothing", settle=0.5)
     # The kernel's socket buffers (autotuned, up to tcp_wmem/tcp_rmem max on each of four
     # sockets) plus one window per mux -- not the whole flood.
     assert stalled_at < 40 * 1024 * 1024

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from waiting import wait_for
+
 import mvm
 from mvm import errors
 from mvm.paths import snapshots_dir
@@ -39,23 +41,19 @@ def test_pause_freezes_execution_and_resume_continues(backend: str) -> None:
     with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m") as sb:
         sb.files.write("/tmp/counter.py", COUNTER)
         sb.commands.start(["python", "/tmp/counter.py"])
-        deadline = time.monotonic() + 20
-        while not sb.files.exists("/tmp/count") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: sb.files.exists("/tmp/count"), "the counter's first write")
         assert sb.pause().state == "paused"
         with pytest.raises(errors.SandboxPaused, match="paused"):
             sb.files.read("/tmp/count")
         with pytest.raises(errors.SandboxPaused):
             sb.commands.run(["true"])
-        time.sleep(1.0)
         # auto_resume is an explicit opt-in
         assert sb.commands.run(["cat", "/tmp/count"], auto_resume=True).exit_code == 0
         assert sb.describe().state == "running"
         sb.pause()
         assert sb.resume().state == "running"
         frozen = _count(sb)
-        time.sleep(1.0)
-        assert _count(sb) > frozen
+        wait_for(lambda: _count(sb) > frozen, "the counter counting again after resume")
 
 
 def test_snapshot_restore_and_fork(backend: str) -> None:

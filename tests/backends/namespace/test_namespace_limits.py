@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from waiting import wait_for
+
 
 def test_memory_limit_oom_kills(sandbox):
     inst, guest = sandbox(memory_mb=64)
@@ -112,13 +114,13 @@ def test_pause_freezes_and_resume_continues(sandbox):
     def value() -> int:
         return int(counter.read_text())
 
-    time.sleep(0.1)
+    started = value()
+    wait_for(lambda: value() > started, "the counter counting")
     inst.pause()
     assert inst.describe()["state"] == "paused"
     frozen = value()
-    time.sleep(0.4)
+    time.sleep(0.4)  # the pause itself: ~40 ticks if it did not hold
     assert value() == frozen
     inst.resume()
-    time.sleep(0.4)
-    assert value() > frozen + 5
+    wait_for(lambda: value() > frozen + 5, "the counter counting again after resume")
     assert guest.py("print('alive')").out.strip() == "alive"
