@@ -12,9 +12,12 @@ run_example=1
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # 1. System packages: QEMU (microVM backend), bubblewrap (namespace backend), the
-#    template builder, busybox for the VM's initramfs, passt for opt-in networking.
+#    template builder, busybox for the VM's initramfs, passt for opt-in networking;
+#    skopeo/umoci/buildah for templates from OCI images and Dockerfiles, docker-registry
+#    and musl for their tests (a local registry, an Alpine-like image).
 packages=(qemu-system-x86 qemu-utils bubblewrap busybox-static mmdebstrap passt e2fsprogs cpio
-          xz-utils zstd lz4 python3 python3-venv ca-certificates fuse-overlayfs)
+          xz-utils zstd lz4 python3 python3-venv ca-certificates fuse-overlayfs
+          skopeo umoci buildah docker-registry musl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

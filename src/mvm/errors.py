@@ -77,6 +77,42 @@ class TemplateBuildError(MvmError):
     wire_type = "TemplateBuildError"
 
 
+class ImageError(TemplateBuildError):
+    """A template from an OCI image or a Dockerfile could not be made; ``image`` names it."""
+
+    wire_type = "ImageError"
+
+
+class ImageNotFound(ImageError, LookupError):
+    """The registry has no such repository, or no such tag/digest in it."""
+
+    wire_type = "ImageNotFound"
+
+
+class RegistryUnavailable(ImageError):
+    """The registry could not be reached (refused, no such host, timed out)."""
+
+    wire_type = "RegistryUnavailable"
+
+
+class RegistryAuthError(ImageError):
+    """The registry refused the credentials (or asked for some and none were given)."""
+
+    wire_type = "RegistryAuthError"
+
+
+class ImagePlatformMismatch(ImageError):
+    """The image is built for another OS/architecture than this host's; ``allowed`` is the host's."""
+
+    wire_type = "ImagePlatformMismatch"
+
+
+class DockerfileStepFailed(ImageError):
+    """A Dockerfile instruction failed; ``step`` is the instruction, ``index`` its number (1-based)."""
+
+    wire_type = "DockerfileStepFailed"
+
+
 class SecretNotFound(MvmError, LookupError):
     """A ``mvm.secret(name)`` reference has no value in the keystore or environment."""
 

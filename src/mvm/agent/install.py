@@ -40,8 +40,10 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def install_into(rootfs: Path) -> None:
-    """Install (or refresh) the agent under ``rootfs/opt/mvm``."""
+def install_into(rootfs: Path, *, precompile: bool = True) -> None:
+    """Install (or refresh) the agent under ``rootfs/opt/mvm``. ``precompile=False``
+    for roots whose ``/usr/bin/python3`` is not trusted to run on the host (OCI images:
+    ``mvm.templates.runtime`` compiles there, sandboxed)."""
     base = rootfs / "opt" / "mvm"
     package = base / "mvm"
     if package.exists():
@@ -56,7 +58,8 @@ def install_into(rootfs: Path) -> None:
     launcher = base / "bin" / "mvm-agent"
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)
-    _precompile(rootfs)
+    if precompile:
+        _precompile(rootfs)
 
 
 def _precompile(rootfs: Path) -> None:

@@ -112,8 +112,9 @@ def parse_signal(value: Any) -> int:
 class ProcessManager:
     """The process table and the ``proc.*`` handlers."""
 
-    def __init__(self, base_env: Callable[[], dict[str, str]], emit: Emit):
+    def __init__(self, base_env: Callable[[], dict[str, str]], emit: Emit, default_cwd: str = "/"):
         self._base_env = base_env
+        self._default_cwd = default_cwd
         self._lock = threading.Lock()
         self._table: dict[int, Process] = {}
         self.reaper = Reaper(self._on_exit)
@@ -129,7 +130,7 @@ class ProcessManager:
         """Spawn; returns the result and what to do once the response is sent (start pumping)."""
         argv = args.argv()
         request_env = args.env("env")
-        cwd = args.path("cwd", default="/")
+        cwd = args.path("cwd", default=self._default_cwd)
         want_stdin = args.boolean("stdin")
         env = self._base_env()
         env.update({key: value for key, value in request_env.items() if value is not None})

@@ -27,6 +27,10 @@ DEFAULT_ENV = {
     "HOME": "/root",
     "LANG": "C.UTF-8",
 }
+#: Written by ``mvm.templates.oci`` into templates made from OCI images: the image's
+#: ``Env`` (over ``DEFAULT_ENV``), ``WorkingDir`` (the default ``cwd`` of commands), ``User``,
+#: and ``Entrypoint``/``Cmd`` (recorded, never started by the agent).
+IMAGE_CONFIG_PATH = "/.mvm/image.json"
 MAX_ENTROPY_BYTES = 4096
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _PR_SET_CHILD_SUBREAPER = 36
@@ -120,12 +124,30 @@ def prepare_as_init() -> None:
     mount_if_missing("tmpfs", "/dev/shm", "tmpfs", "mode=1777", flags=ms_nosuid | ms_nodev)
 
 
+def load_image_config(path: str = IMAGE_CONFIG_PATH) -> dict[str, Any]:
+    """The image config of an OCI template (empty for a Debian one, or if unreadable)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class System:
     """Agent-wide settings: the base environment; ``agent.info``/``agent.configure``."""
 
-    def __init__(self) -> None:
+    def __init__(self, image_config: dict[str, Any] | None = None) -> None:
         self._lock = threading.Lock()
-        self._base_env = dict(DEFAULT_ENV)
+        image = load_image_config() if image_config is None else image_config
+        env = image.get("env")
+        self._default_env = {**DEFAULT_ENV, **({str(k): str(v) for k, v in env.items()}
+                                               if isinstance(env, dict) else {})}
+        cwd = image.get("working_dir")
+        self.default_cwd = cwd if isinstance(cwd, str) and cwd.startswith("/") else "/"
+        self._base_env = dict(self._default_env)
         self._started = time.monotonic()
 
     def base_env(self) -> dict[str, str]:
@@ -162,7 +184,7 @@ class System:
 
         result: dict[str, Any] = {}
         if env is not None:
-            merged = dict(DEFAULT_ENV)
+            merged = dict(self._default_env)
             for key, value in env.items():
                 if value is None:
                     merged.pop(key, None)

@@ -61,10 +61,10 @@ from typing import Any
 from ..agent import install as agent_install
 from ..errors import InvalidArgument, InvalidState, TemplateBuildError
 from ..paths import templates_dir
-from . import catalog, store
+from . import catalog, oci, store
 from .image import TemplateImage
 from .progress import BuildReporter, ProgressCallback, mmdebstrap_phase
-from .recipe import BUILD_FORMAT, Recipe, template_digest
+from .recipe import BUILD_FORMAT, Recipe, TemplateFile, template_digest
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 MERGED_USR_HOOK = Path("/usr/share/mmdebstrap/hooks/maybe-merged-usr")
@@ -107,6 +107,8 @@ def ensure_template(name: str | Path | Recipe, *, progress: ProgressCallback | N
     >>> image.rootfs, image.python_version               # doctest: +SKIP
     (PosixPath('/root/.mvm/templates/python-3.13-3f9c…/rootfs'), '3.13.5')
     """
+    if not isinstance(name, (Recipe, Path)) and (oci.is_image_name(name) or _image_template(name)):
+        return oci.ensure_image_template(str(name), progress=progress)
     recipe = name if isinstance(name, Recipe) else catalog.recipe(name)
     digest = current_digest(recipe)
     directory = templates_dir() / store.template_key(recipe.name, digest)
@@ -114,6 +116,13 @@ def ensure_template(name: str | Path | Recipe, *, progress: ProgressCallback | N
     if image is not None:
         return image
     return _build_locked(recipe, digest, directory, progress)
+
+
+def _image_template(name: str) -> bool:
+    """A plain name that is no recipe but a template built here from an image or Dockerfile."""
+    if name in catalog.BUILTIN or str(name).endswith(".toml"):
+        return False
+    return name not in catalog.custom_recipes() and name in oci.image_template_names()
 
 
 def current_digest(recipe: Recipe) -> str:
@@ -136,6 +145,7 @@ def load_image(directory: Path) -> TemplateImage | None:
         suite=manifest["suite"],
         python_version=manifest["python_version"],
         node_version=manifest.get("node_version"),
+        agent_argv=tuple(manifest["agent_command"]) if manifest.get("agent_command") else None,
     )
 
 
@@ -447,9 +457,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def finish_rootfs(recipe: Recipe, rootfs: Path) -> None:
     """The finishing steps every template gets (module docstring, step 2)."""
-    write_guest_file(rootfs, "/etc/hostname", b"sandbox\n")
-    write_guest_file(rootfs, "/etc/hosts", HOSTS.encode())
-    write_guest_file(rootfs, "/etc/resolv.conf", b"")
     for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
         marker.unlink()
     for cache in (rootfs / "var/lib/apt/lists", rootfs / "var/cache/apt"):
@@ -457,17 +464,27 @@ def finish_rootfs(recipe: Recipe, rootfs: Path) -> None:
             for path in cache.rglob("*"):
                 if (path.is_file() or path.is_symlink()) and path.name != "lock":
                     path.unlink()
+    finish_root(rootfs, recipe.files)
+
+
+def finish_root(rootfs: Path, files: tuple[TemplateFile, ...] | list[TemplateFile]) -> None:
+    """What every root needs, whatever made it (Debian or an OCI image): host name and
+    hosts, an empty resolv.conf, an empty ``/dev``, ``/proc``, ``/sys``, ``/app``, ``/tmp`` 1777."""
+    write_guest_file(rootfs, "/etc/hostname", b"sandbox\n")
+    write_guest_file(rootfs, "/etc/hosts", HOSTS.encode())
+    write_guest_file(rootfs, "/etc/resolv.conf", b"")
     dev = rootfs / "dev"
-    if dev.is_dir() and not dev.is_symlink():
+    if os.path.lexists(dev):
         store.remove_tree(dev)
     dev.mkdir(mode=0o755)
-    for file in recipe.files:
+    for file in files:
         write_guest_file(rootfs, file.dest, file.content, file.mode)
-    app = guest_path(rootfs, "/app")
-    app.mkdir(mode=0o755, exist_ok=True)
-    tmp = guest_path(rootfs, "/tmp")
-    tmp.mkdir(exist_ok=True)
-    tmp.chmod(0o1777)
+    for mount_point, mode in (("/app", 0o755), ("/proc", 0o555), ("/sys", 0o555), ("/tmp", 0o1777)):
+        directory = guest_path(rootfs, mount_point)
+        if directory.is_symlink() or (os.path.lexists(directory) and not directory.is_dir()):
+            directory.unlink()  # an image's link could point anywhere on the host: never follow it
+        directory.mkdir(exist_ok=True)
+        os.chmod(directory, mode, follow_symlinks=False)
 
 
 def guest_path(rootfs: Path, path: str, *, create_parents: bool = True) -> Path:
@@ -645,13 +662,17 @@ def list_templates() -> list[dict[str, Any]]:
             "python_version": image.python_version,
             "node_version": image.node_version,
             "raw_disk": image.raw_disk.exists(),
-            "current": _is_current(entry, image.digest),
+            "current": _is_current(entry, image.digest, manifest),
+            "source": oci.describe_source(manifest),
         })
     out.sort(key=lambda t: t["built_at"] or "", reverse=True)
     return sorted(out, key=lambda t: t["name"])
 
 
-def _is_current(directory: Path, digest: str) -> bool:
+def _is_current(directory: Path, digest: str, manifest: dict[str, Any]) -> bool:
+    if isinstance(manifest.get("source"), dict):  # from an OCI image: the newest build with today's agent
+        builds = oci.image_builds(manifest["name"])
+        return oci.is_current(manifest) and bool(builds) and builds[0][0] == directory
     try:
         recipe = Recipe.from_json(json.loads((directory / "recipe.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
@@ -671,6 +692,8 @@ def remove_template(name: str, *, force: bool = False) -> int:
     (``store.in_use``: its rootfs is an overlay's lower layer, QEMU has its disk open),
     unless ``force`` is set.
     """
+    if oci.image_builds(name):
+        return oci.remove_image_template(name, force=force)
     builds = _builds_of(name)
     busy = [] if force else [e.name for e in builds if store.in_use(e)]
     if busy:
@@ -699,6 +722,7 @@ def prune_templates(*, older_than_seconds: float = 0) -> int:
                     store.discard(entry)
                     removed += 1
     store.clean_stale()
+    oci.collect_garbage()
     return removed
 
 

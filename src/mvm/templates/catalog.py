@@ -90,8 +90,12 @@ def custom_recipes() -> dict[str, Recipe]:
 
 
 def available_templates() -> list[str]:
-    """Every template name this host can build: the built-in ones and custom ones built here."""
-    return sorted(set(BUILTIN) | set(custom_recipes()))
+    """Every template name this host can build: the built-in ones, custom ones built here,
+    and those made here from OCI images or Dockerfiles (``oci:`` names are not listed: any
+    pullable image is one)."""
+    from .oci import image_template_names
+
+    return sorted(set(BUILTIN) | set(custom_recipes()) | set(image_template_names()))
 
 
 def recipe(name: str | Path) -> Recipe:

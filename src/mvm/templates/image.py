@@ -22,6 +22,9 @@ class TemplateImage:
     suite: str
     python_version: str
     node_version: str | None = None  # only in templates with Node.js
+    #: The agent's argv when it is not the Debian ``/usr/bin/python3`` (templates from
+    #: OCI images run it on the runtime of ``mvm.templates.runtime``).
+    agent_argv: tuple[str, ...] | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -34,6 +37,8 @@ class TemplateImage:
 
     @property
     def agent_command(self) -> list[str]:
+        if self.agent_argv:
+            return list(self.agent_argv)
         return ["/usr/bin/python3", "-I", "/opt/mvm/bin/mvm-agent"]
 
     @property
