@@ -20,6 +20,7 @@ import mvm
 from mvm import errors
 from mvm.backends import availability
 from mvm.paths import templates_dir
+import mvm.templates
 from mvm.templates import list_templates, oci, remove_template
 
 from oci_registry import Buildah, Registry, bcrypt_htpasswd, busybox_root, scratch_dir
@@ -220,3 +221,20 @@ def test_private_registry_credentials_by_keystore_reference(images: Images, mvm_
                         assert password.encode() not in path.read_bytes(), path
         finally:
             registry.stop()
+
+
+def test_references_parse_and_record_mode_checks_them_without_pulling() -> None:
+    digest = "sha256:" + "ab" * 32
+    assert oci.parse_ref(f"oci:127.0.0.1:5000/team/app@{digest}") == oci.ImageRef(
+        "127.0.0.1:5000", "team/app", None, digest)
+    assert str(oci.parse_ref("localhost:5000/app")) == "localhost:5000/app:latest"
+    assert oci.parse_ref("busybox:1.36").registry == "docker.io"
+    for bad in ("oci:", "oci:127.0.0.1:5000/app@sha256:12", "oci:127.0.0.1:5000/App:1", "oci:a/b:bad tag"):
+        with pytest.raises(errors.InvalidArgument):
+            oci.parse_ref(bad)
+    # record mode validates the reference and never contacts the (absent) registry
+    assert mvm.templates.check_template("oci:127.0.0.1:9/team/app:1").repository == "team/app"
+    with pytest.raises(errors.InvalidArgument):
+        mvm.templates.check_template("oci:127.0.0.1:9/Team/app:1")
+    with pytest.raises(errors.InvalidArgument):
+        oci.validate_template_name("python-3.13")  # a built-in name

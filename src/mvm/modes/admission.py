@@ -157,7 +157,7 @@ def secret_names(doc: dict[str, Any]) -> list[str]:
 def check_workload(doc: dict[str, Any], policy: HostPolicy) -> list[dict[str, Any]]:
     """Every admission check on one workload IR, passed or not, in a fixed order."""
     from ..backends import backend_names
-    from ..templates import available_templates, recipe
+    from ..templates import available_templates, check_template
 
     checks = []
     template = doc["template"]
@@ -165,8 +165,8 @@ def check_workload(doc: dict[str, Any], policy: HostPolicy) -> list[dict[str, An
         checks.append(_check("template", True, "template", f"{template} can be built here"))
     else:
         try:
-            recipe(template)  # a custom template's TOML file: parses, never builds
-            checks.append(_check("template", True, "template", f"{template} (custom) can be built here"))
+            check_template(template)  # a custom TOML file parses, an oci: reference is well-formed; never builds
+            checks.append(_check("template", True, "template", f"{template} (custom or OCI image) can be built here"))
         except errors.MvmError as exc:
             checks.append(_check("template", False, "template", str(exc)))
 

@@ -309,10 +309,10 @@ class RecordedSandbox:
         """Validate like ``Sandbox.create`` and record the creation; nothing boots."""
         if mode not in RECORDED_MODES:
             raise errors.InvalidArgument("mode", f"{mode!r} is not a recording mode", allowed=list(RECORDED_MODES))
-        from ..templates import recipe  # what ensure_template checks a name with, without building
+        from ..templates import check_template  # what ensure_template checks a name with, without building
 
         spec = _live._validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
-                                     network=network, env=env, tags=tags, template_check=recipe)
+                                     network=network, env=env, tags=tags, template_check=check_template)
         files = collect_includes(include or [], base_dir=_live.script_dir())
         if backend is not None and backend not in backend_names():
             raise errors.InvalidArgument("backend", f"unknown backend {backend!r}", allowed=backend_names())

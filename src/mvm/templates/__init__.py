@@ -24,7 +24,7 @@ from .builder import (
     prune_templates,
     remove_template,
 )
-from .catalog import available_templates, load_custom, recipe
+from .catalog import available_templates, check_template, load_custom, recipe
 from .disk import build_raw_disk
 from .image import TemplateImage
 from .progress import ProgressCallback
@@ -38,6 +38,7 @@ __all__ = [
     "TemplateImage",
     "available_templates",
     "build_raw_disk",
+    "check_template",
     "current_digest",
     "debian_mirror",
     "ensure_template",

@@ -120,5 +120,27 @@ def recipe(name: str | Path) -> Recipe:
     raise TemplateNotFound(text, available=available, reason=reason)
 
 
-__all__ = ["BUILTIN", "RESERVED", "SUITES", "UNBUILDABLE", "available_templates", "custom_recipes",
-           "load_custom", "recipe"]
+def check_template(name: str | Path) -> object:
+    """What ``ensure_template`` checks a name with, without building anything (record and
+    plan modes): a recipe for a catalogue/custom name, the parsed reference for ``oci:``
+    names and templates made here from images. Raises ``TemplateNotFound``/``InvalidArgument``."""
+    from . import oci
+
+    if oci.is_image_name(name):
+        return oci.parse_ref(str(name))
+    if isinstance(name, str) and name in oci.image_template_names():
+        return name
+    return recipe(name)
+
+
+__all__ = [
+    "BUILTIN",
+    "RESERVED",
+    "SUITES",
+    "UNBUILDABLE",
+    "available_templates",
+    "check_template",
+    "custom_recipes",
+    "load_custom",
+    "recipe",
+]

@@ -235,9 +235,9 @@ def build_from_image(ref: str, *, name: str | None = None, creds_secret: str | N
     template_name = validate_template_name(name) if name is not None else image_ref.template_name
     _require_tools("skopeo", "umoci")
     layout_ref = _new_layout_ref(template_name)
-    with _layout_lock():
-        _ensure_layout()
-        try:
+    try:
+        with _layout_lock():
+            _ensure_layout()
             argv = [store.host_tool("skopeo"), "copy", "--quiet", "--retry-times", "2",
                     "--override-os", "linux",
                     f"docker://{image_ref}", f"oci:{layout_dir()}:{layout_ref}"]
@@ -246,11 +246,12 @@ def build_from_image(ref: str, *, name: str | None = None, creds_secret: str | N
             with _auth_file(image_ref.registry, creds_secret) as auth_args:
                 argv[2:2] = [a.replace("--authfile", "--src-authfile") for a in auth_args]
                 result = _run(argv, pass_fds=_fds(auth_args))
-            if result.returncode != 0:
-                raise _registry_error(str(image_ref), result.stderr or result.stdout)
-        except BaseException:
-            _drop_ref(layout_ref)
-            raise
+        if result.returncode != 0:
+            raise _registry_error(str(image_ref), result.stderr or result.stdout)
+    except BaseException:
+        _drop_ref(layout_ref)  # takes the layout lock itself (flock: not re-entrant)
+        collect_garbage()
+        raise
     source = {"kind": "image", "ref": str(image_ref)}
     return _build(template_name, source, layout_ref=layout_ref, progress=progress)
 
@@ -286,16 +287,17 @@ def build_from_dockerfile(dockerfile: str | Path, *, name: str, context: str | P
             result = _run([*argv, *auth_args, str(context_dir)], pass_fds=_fds(auth_args), timeout=3600)
         if result.returncode != 0:
             raise _dockerfile_error(str(path), result.stdout, result.stderr, bases)
-        with _layout_lock():
-            _ensure_layout()
-            try:
+        try:
+            with _layout_lock():
+                _ensure_layout()
                 pushed = _run([*buildah, "push", "--quiet", tag, f"oci:{layout_dir()}:{layout_ref}"])
-                if pushed.returncode != 0:
-                    raise ImageError(f"dockerfile {path}: exporting the built image failed: "
-                                     f"{pushed.stderr.strip()[-1000:]}", image=str(path))
-            except BaseException:
-                _drop_ref(layout_ref)
-                raise
+            if pushed.returncode != 0:
+                raise ImageError(f"dockerfile {path}: exporting the built image failed: "
+                                 f"{pushed.stderr.strip()[-1000:]}", image=str(path))
+        except BaseException:
+            _drop_ref(layout_ref)
+            collect_garbage()
+            raise
     finally:
         store.remove_tree(work)
     source = {"kind": "dockerfile", "dockerfile": str(path), "context": str(context_dir)}
