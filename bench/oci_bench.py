@@ -14,6 +14,7 @@ Everything it made (templates, blobs, registry, buildah storage) is removed afte
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -50,7 +51,7 @@ def main() -> None:
             buildah.push(buildah.image_from_dir(busybox_root(work / "root"), "bb"), base)
             extra = work / "extra" / "opt"
             extra.mkdir(parents=True)
-            (extra / "payload.bin").write_bytes(b"\0" * (4 << 20))
+            (extra / "payload.bin").write_bytes(os.urandom(4 << 20))  # incompressible: the new layer is ~4 MiB
             derived = f"{registry.address}/bench/derived:1"
             buildah.push(buildah.image_from_dir(work / "extra", "derived", base=base), derived)
 

@@ -460,7 +460,7 @@ def _blob(digest: str) -> bytes:
 
 
 def _read_image(layout_ref: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    for entry in _index().get("manifests", []):
+    for entry in _index().get("manifests") or []:
         if (entry.get("annotations") or {}).get("org.opencontainers.image.ref.name") == layout_ref:
             manifest = json.loads(_blob(entry["digest"]))
             config = json.loads(_blob(manifest["config"]["digest"]))
@@ -470,7 +470,7 @@ def _read_image(layout_ref: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 def layout_refs() -> list[str]:
     return [str((e.get("annotations") or {}).get("org.opencontainers.image.ref.name"))
-            for e in _index().get("manifests", [])]
+            for e in _index().get("manifests") or []]
 
 
 def _drop_ref(layout_ref: str, *, unless_used: bool = False) -> None:
