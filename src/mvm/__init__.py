@@ -34,6 +34,7 @@ _LAZY = {
     "Sandbox": "mvm.sdk.sandbox",
     "SandboxInfo": "mvm.sdk.models",
     "SandboxNotFound": "mvm.errors",
+    "UserNotFound": "mvm.errors",
     "SandboxPaused": "mvm.errors",
     "SecretNotFound": "mvm.errors",
     "Snapshot": "mvm.sdk.models",

@@ -193,6 +193,12 @@ class ProcessNotFound(MvmError, LookupError):
     wire_type = "ProcessNotFound"
 
 
+class UserNotFound(InvalidArgument):
+    """``commands.run(..., user=NAME)`` named a user the guest does not have."""
+
+    wire_type = "UserNotFound"
+
+
 # ---- files ------------------------------------------------------------------
 
 
@@ -207,19 +213,21 @@ class FileError(MvmError, OSError):
         return self.message
 
 
-class FileNotFoundInSandbox(FileError):
+# The builtin OSError subclasses are bases too, so ``except FileNotFoundError`` (what
+# frameworks such as Inspect expect of a sandbox) catches a guest path's error.
+class FileNotFoundInSandbox(FileError, FileNotFoundError):
     wire_type = "FileNotFound"
 
 
-class NotADirectory(FileError):
+class NotADirectory(FileError, NotADirectoryError):
     wire_type = "NotADirectory"
 
 
-class IsADirectory(FileError):
+class IsADirectory(FileError, IsADirectoryError):
     wire_type = "IsADirectory"
 
 
-class FileExistsInSandbox(FileError):
+class FileExistsInSandbox(FileError, FileExistsError):
     wire_type = "FileExists"
 
 
@@ -227,7 +235,7 @@ class DirectoryNotEmpty(FileError):
     wire_type = "DirectoryNotEmpty"
 
 
-class PermissionDenied(FileError):
+class PermissionDenied(FileError, PermissionError):
     wire_type = "PermissionDenied"
 
 

@@ -109,7 +109,9 @@ def test_a_missing_working_directory_is_FileNotFound_naming_it(agent: AgentClien
     assert "/no/such/dir" in error["message"]
     error = agent.error("proc.start", argv=["true"], cwd="/etc/hostname")
     assert error["type"] == "NotADirectory"
-    assert agent.error("proc.start", argv=["true"], cwd="tmp")["field"] == "cwd"
+    assert agent.error("proc.start", argv=["true"], cwd="")["field"] == "cwd"
+    # a relative cwd is taken from the default working directory "/"
+    assert agent.error("proc.start", argv=["true"], cwd="no/such/rel")["path"] == "/no/such/rel"
 
 
 def test_an_unknown_command_is_FileNotFound_naming_the_command(agent: AgentClient) -> None:

@@ -46,6 +46,14 @@ def test_exec_json_gives_the_result_with_audit_id(box: str) -> None:
     assert result["exit_code"] == 0 and result["stdout"] == "x\n" and result["audit_id"].startswith("aud_")
 
 
+def test_exec_user_relative_cwd_and_stdin(box: str) -> None:
+    proc = mvmctl("exec", box, "--user", "nobody", "--cwd", "tmp", "--stdin", "--", "sh", "-c", "id -un; pwd; cat",
+                  input="fed\0in")
+    assert proc.stdout == "nobody\n/tmp\nfed\0in"
+    unknown = mvmctl("exec", box, "--user", "no-such-account", "--", "id", check=False)
+    assert unknown.returncode == 2 and "no-such-account" in unknown.stderr
+
+
 def test_fs_verbs(box: str) -> None:
     mvmctl("fs", "write", box, "/work/in.txt", input="from stdin")
     mvmctl("fs", "write", box, "/work/c.txt", "--content", "inline")

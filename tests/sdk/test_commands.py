@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -103,6 +104,57 @@ def test_env_per_command_and_no_host_env_leak(sandbox: mvm.Sandbox, monkeypatch:
 def test_cwd(sandbox: mvm.Sandbox) -> None:
     sandbox.files.mkdir("/work/here")
     assert sandbox.commands.run(["pwd"], cwd="/work/here").stdout == "/work/here\n"
+    # relative: taken from the default working directory "/"
+    assert sandbox.commands.run(["pwd"], cwd="work/here").stdout == "/work/here\n"
+    assert sandbox.commands.run(["pwd"]).stdout == "/\n"
+
+
+def test_large_binary_stdin_reaches_the_process_intact(sandbox: mvm.Sandbox) -> None:
+    small = b"\xc3\x28\x00\xff\x01 nul-bearing bytes"
+    sandbox.commands.run(["sh", "-c", "cat > /tmp/stdin.bin"], stdin=small, check=True)
+    assert sandbox.files.read("/tmp/stdin.bin") == small
+    big = os.urandom(1024) * (50 * 1024)  # 50 MiB: more than one frame, staged as a guest file
+    result = sandbox.commands.run(["wc", "-c"], stdin=big, timeout_seconds=180)
+    assert result.stdout.strip() == str(len(big))
+    digest = sandbox.commands.run(["sha256sum"], stdin=big, timeout_seconds=180).stdout.split()[0]
+    assert digest == hashlib.sha256(big).hexdigest()
+    assert sandbox.files.list("/tmp/.mvm-stdin") == []  # the staged copies are gone
+
+
+def test_argv_of_a_mebibyte_round_trips(sandbox: mvm.Sandbox) -> None:
+    chunk = "x" * (64 * 1024)
+    result = sandbox.commands.run(["printf", "%s", *([chunk] * 16)])
+    assert result.exit_code == 0 and result.stdout == chunk * 16
+
+
+def test_run_as_another_user(sandbox: mvm.Sandbox) -> None:
+    out = sandbox.commands.run(["sh", "-c", "id -un; id -u; echo $HOME"], user="nobody")
+    assert out.stdout.split() == ["nobody", "65534", "/nonexistent"]
+    assert sandbox.commands.run(["id", "-un"], user="0").stdout == "root\n"
+    # the other user really lacks root's rights
+    sandbox.files.write("/tmp/root-only", "secret", mode=0o600)
+    denied = sandbox.commands.run(["cat", "/tmp/root-only"], user="nobody")
+    assert denied.exit_code != 0 and "Permission denied" in denied.stderr
+
+
+def test_unknown_user_is_a_typed_error_naming_it(sandbox: mvm.Sandbox) -> None:
+    with pytest.raises(mvm.UserNotFound, match="no-such-account") as info:
+        sandbox.commands.run(["id"], user="no-such-account")
+    assert info.value.field == "user"
+    with pytest.raises(mvm.InvalidArgument, match="user"):
+        sandbox.commands.run(["id"], user="")
+
+
+def test_self_sigterm_exits_143_and_is_not_a_timeout(sandbox: mvm.Sandbox) -> None:
+    result = sandbox.commands.run(["sh", "-c", "kill -TERM $$"], timeout_seconds=30)
+    assert result.exit_code == 143 and result.signal == 15
+
+
+def test_timeout_kills_background_children_too(sandbox: mvm.Sandbox) -> None:
+    with pytest.raises(TimeoutError):  # CommandTimeout is a TimeoutError
+        sandbox.commands.run(["sh", "-c", "sleep 301 # bg-child & sleep 302 # fg-parent"], timeout_seconds=2)
+    left = sandbox.commands.run(["python", "-c", LIST_PROCESSES]).stdout
+    assert "sleep 301" not in left and "sleep 302" not in left
 
 
 def test_start_wait_and_stdout_iteration(sandbox: mvm.Sandbox) -> None:

@@ -60,6 +60,13 @@ def test_errors_name_the_path(sandbox: mvm.Sandbox) -> None:
     with pytest.raises(mvm.FileNotFoundInSandbox) as info:
         sandbox.files.read("/no/such/file")
     assert info.value.path == "/no/such/file"
+    # the builtin exceptions catch them too, with the path in the message
+    with pytest.raises(FileNotFoundError, match="/no/such/file"):
+        sandbox.files.read("/no/such/file")
+    with pytest.raises(IsADirectoryError, match="/etc"):
+        sandbox.files.read("/etc")
+    with pytest.raises(PermissionError, match="/etc/passwd"):
+        sandbox.commands.run(["/etc/passwd"])
     sandbox.files.write("/tmp/plain", "x")
     with pytest.raises(mvm.NotADirectory):
         sandbox.files.list("/tmp/plain")

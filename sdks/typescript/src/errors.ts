@@ -95,6 +95,11 @@ export class PortInUse extends InvalidArgument {
   static override readonly wireType: string = "PortInUse";
 }
 
+/** `commands.run(..., { user })` named an account the guest does not have (`field` is `user`). */
+export class UserNotFound extends InvalidArgument {
+  static override readonly wireType: string = "UserNotFound";
+}
+
 /** The template cannot be built on this host; `available` lists those that can. */
 export class TemplateNotFound extends MvmError {
   static override readonly wireType: string = "TemplateNotFound";
@@ -309,7 +314,7 @@ export class AuditEntryNotFound extends AuditError {
 const CLASSES: (typeof MvmError)[] = [
   MvmError, InvalidArgument, InvalidNetworkPolicy, PortInUse, TemplateNotFound, TemplateBuildError, SecretNotFound,
   BackendUnavailable, SandboxNotFound, InvalidState, SandboxPaused, SandboxError, NotAvailableInRecordMode,
-  SnapshotNotFound, SnapshotTampered, CommandError, CommandTimeout, ProcessNotFound, FileNotFoundInSandbox,
+  SnapshotNotFound, SnapshotTampered, CommandError, CommandTimeout, ProcessNotFound, UserNotFound, FileNotFoundInSandbox,
   NotADirectory, IsADirectory, FileExistsInSandbox, DirectoryNotEmpty, PermissionDenied, TooLarge, ProtocolFailure,
   Cancelled, UnknownOp, ConnectionRefused, KeystoreError, AuditError, AuditEntryNotFound,
 ];

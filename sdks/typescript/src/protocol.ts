@@ -16,7 +16,8 @@ export const PROTOCOL_VERSION = 1;
 /** Size of the length prefix (two big-endian u32). */
 export const PREFIX_SIZE = 8;
 /** Largest header accepted (JSON metadata only; file bytes go in the payload). */
-export const MAX_HEADER = 64 * 1024;
+/** Largest header (JSON only): a command line as long as Linux takes (ARG_MAX, 2 MiB) with JSON escaping. */
+export const MAX_HEADER = 4 * 1024 * 1024;
 /** Largest payload accepted in one frame. Senders chunk at `CHUNK_SIZE`. */
 export const MAX_PAYLOAD = 4 * 1024 * 1024;
 /** Size senders use when splitting file and stream bytes into frames. */

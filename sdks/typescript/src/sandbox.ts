@@ -18,6 +18,7 @@
 import "./polyfill.js";
 
 import { spawn, spawnSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { TextDecoder } from "node:util";
 
@@ -69,9 +70,15 @@ export interface CreateOptions {
   fromSnapshot?: string;
 }
 
+/** Guest directory where a `run` stdin larger than one frame is staged (the agent unlinks it on start). */
+export const STDIN_STAGING_DIR = "/tmp/.mvm-stdin";
+
 export interface RunOptions {
   env?: Env;
+  /** Absolute, or relative to the default working directory (`/` or the template's). */
   cwd?: string;
+  /** Run as this guest account (name or uid); an unknown one throws `UserNotFound`. */
+  user?: string;
   /** Seconds; past it the whole process group is killed and `CommandTimeout` thrown. Default 60; `null`: none. */
   timeoutSeconds?: number | null;
   /** Capture limit per stream (default 4 MiB); `truncated` says when it was hit. */
@@ -90,6 +97,7 @@ export interface RunOptions {
 export interface StartOptions {
   env?: Env;
   cwd?: string;
+  user?: string;
   /** Keep the process's stdin open for `sendStdin`. */
   stdin?: boolean;
   autoResume?: boolean;
@@ -373,8 +381,11 @@ export class Sandbox implements AsyncDisposable, Disposable {
   }
 
   /** @internal argv/env/cwd checked; secret references resolved into `env` (live only). */
-  commandArgs(argv: string[] | string, env: Env | undefined, cwd: string | undefined): Header {
+  commandArgs(argv: string[] | string, env: Env | undefined, cwd: string | undefined, user?: string): Header {
     const checked = validateCommand(argv, env, cwd);
+    if (user !== undefined && user !== null && (typeof user !== "string" || !user || user.includes("\0"))) {
+      throw InvalidArgument.create("user", `${repr(user)} is not a user name`, "a guest user name or uid");
+    }
     const { literal, secrets } = splitEnv(checked.env);
     const merged: Record<string, string> = { ...literal };
     const names: Record<string, string> = {};
@@ -387,7 +398,9 @@ export class Sandbox implements AsyncDisposable, Disposable {
         this.redactCache = null;
       }
     }
-    return { argv: checked.argv, env: merged, cwd: cwd ?? null, secret_names: names };
+    const args: Header = { argv: checked.argv, env: merged, cwd: cwd ?? null, secret_names: names };
+    if (user !== undefined && user !== null) args.user = user;
+    return args;
   }
 
   // ---- information ----------------------------------------------------------------
@@ -524,12 +537,20 @@ export class Commands {
    */
   async run(argv: string[] | string, options: RunOptions = {}): Promise<CommandResult> {
     const sb = this.sandbox;
-    const args = sb.commandArgs(argv, options.env, options.cwd);
+    const args = sb.commandArgs(argv, options.env, options.cwd, options.user);
     args.timeout_seconds = options.timeoutSeconds === undefined ? 60 : options.timeoutSeconds;
     args.max_output_bytes = options.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
     args.auto_resume = options.autoResume ?? false;
     args.redact = options.redact ?? true;
-    const payload = options.stdin === undefined || options.stdin === null ? undefined : toBuffer(options.stdin, "stdin");
+    let payload = options.stdin === undefined || options.stdin === null ? undefined : toBuffer(options.stdin, "stdin");
+    let staged: string | null = null;
+    if (payload !== undefined && payload.length > CHUNK_SIZE) {
+      // too big for one frame: staged as a guest file the agent opens and unlinks
+      staged = `${STDIN_STAGING_DIR}/${randomBytes(8).toString("hex")}`;
+      await sb.files.write(staged, payload, { mode: 0o600 });
+      args.stdin_path = staged;
+      payload = undefined;
+    }
     const collected: Record<string, Buffer[]> = { stdout: [], stderr: [] };
     const decoders: Record<string, TextDecoder> = { stdout: new TextDecoder(), stderr: new TextDecoder() };
     const callbacks: Record<string, ((text: string) => void) | undefined> = { stdout: options.onStdout, stderr: options.onStderr };
@@ -553,6 +574,7 @@ export class Commands {
       result = (await sb.call("exec.run", args, payload, { onData })).result;
     } catch (exc) {
       if (exc instanceof CommandTimeout) throw exc.withOutput(textOf("stdout"), textOf("stderr"));
+      if (staged !== null) await sb.files.remove(staged).catch(() => undefined); // the process never started
       throw exc;
     }
     const commandResult = new CommandResult({
@@ -578,7 +600,7 @@ export class Commands {
   /** Start `argv` and resolve at once with a `Process` handle. */
   async start(argv: string[] | string, options: StartOptions = {}): Promise<Process> {
     const sb = this.sandbox;
-    const args = sb.commandArgs(argv, options.env, options.cwd);
+    const args = sb.commandArgs(argv, options.env, options.cwd, options.user);
     args.stdin = options.stdin ?? false;
     args.auto_resume = options.autoResume ?? false;
     const { result } = await sb.call("proc.start", args);

@@ -69,8 +69,8 @@ export function validateCommand(argv: unknown, env: unknown, cwd: unknown): { ar
     throw InvalidArgument.create("argv", "must be a non-empty list of strings (or one shell string)",
       "e.g. ['python', '/app/main.py']");
   }
-  if (cwd !== undefined && cwd !== null && (typeof cwd !== "string" || !cwd.startsWith("/"))) {
-    throw InvalidArgument.create("cwd", `${repr(cwd)} must be an absolute guest path`);
+  if (cwd !== undefined && cwd !== null && (typeof cwd !== "string" || !cwd || cwd.includes("\0"))) {
+    throw InvalidArgument.create("cwd", `${repr(cwd)} is not a guest directory`, "an absolute path, or one relative to the default working directory");
   }
   return { argv: list as string[], env: checkEnv(env) };
 }

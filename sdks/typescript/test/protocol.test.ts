@@ -97,7 +97,7 @@ describe("protocol codec", () => {
   });
 
   test("an oversized length prefix is refused before any of it is buffered", () => {
-    assert.throws(() => new FrameDecoder().feed(prefix(MAX_HEADER + 1, 0)), /header length 65537 outside 1..65536/);
+    assert.throws(() => new FrameDecoder().feed(prefix(MAX_HEADER + 1, 0)), new RegExp(`header length ${MAX_HEADER + 1} outside 1..${MAX_HEADER}$`));
     assert.throws(() => new FrameDecoder().feed(prefix(0, 0)), /header length 0/);
     assert.throws(() => new FrameDecoder().feed(prefix(10, MAX_PAYLOAD + 1)), /exceeds MAX_PAYLOAD/);
   });

@@ -12,7 +12,7 @@ import { after, before, describe, test } from "node:test";
 import {
   CommandError, CommandResult, CommandTimeout, DirectoryNotEmpty, FileEntry, FileNotFoundInSandbox, InvalidArgument,
   IsADirectory, LogEvent, Process, ProcessInfo, ProcessNotFound, resources, Sandbox, SandboxInfo, SandboxNotFound,
-  secret, TemplateNotFound, TooLarge,
+  secret, TemplateNotFound, TooLarge, UserNotFound,
 } from "@mvm/sdk";
 
 let sb: Sandbox;
@@ -84,6 +84,22 @@ describe("a live sandbox", () => {
     assert.equal(result.stdout, "/tmp\ndev\nfrom stdin\n");
     assert.equal(seen.filter((s) => s.startsWith("out:")).map((s) => s.slice(4)).join(""), result.stdout);
     assert.ok(seen.includes("err:err\n"));
+  });
+
+  test("user, relative cwd, binary stdin larger than a frame, exit 143", async () => {
+    const who = await sb.commands.run(["sh", "-c", "id -un; pwd"], { user: "nobody", cwd: "tmp" });
+    assert.equal(who.stdout, "nobody\n/tmp\n");
+    const unknown = await thrown(() => sb.commands.run(["id"], { user: "no-such-account" }));
+    assert.ok(unknown instanceof UserNotFound && unknown instanceof InvalidArgument);
+    assert.equal((unknown as UserNotFound).field, "user");
+    assert.match(unknown.message, /no-such-account/);
+    const big = Buffer.alloc(3 * 1024 * 1024 + 7, 0);
+    big.write("head\0bytes");
+    const counted = await sb.commands.run(["wc", "-c"], { stdin: big, timeoutSeconds: 120 });
+    assert.equal(counted.stdout.trim(), String(big.length));
+    assert.deepEqual(await sb.files.list("/tmp/.mvm-stdin"), []);
+    const term = await sb.commands.run(["sh", "-c", "kill -TERM $$"]);
+    assert.equal(term.exitCode, 143);
   });
 
   test("output capture is capped per stream and says so", async () => {

@@ -20,6 +20,7 @@ import logging
 import os
 import selectors
 import shutil
+import pwd
 import signal
 import stat
 import subprocess
@@ -130,9 +131,16 @@ class ProcessManager:
         """Spawn; returns the result and what to do once the response is sent (start pumping)."""
         argv = args.argv()
         request_env = args.env("env")
+        raw_cwd = args.raw.get("cwd")
+        if isinstance(raw_cwd, str) and raw_cwd and not raw_cwd.startswith("/"):  # relative: to the default
+            args.raw["cwd"] = os.path.normpath(os.path.join(self._default_cwd, raw_cwd))
         cwd = args.path("cwd", default=self._default_cwd)
         want_stdin = args.boolean("stdin")
+        stdin_path = args.path("stdin_path", default="") or None
+        account = _account(args.string("user", max_length=256))
         env = self._base_env()
+        if account is not None:
+            env.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name)
         env.update({key: value for key, value in request_env.items() if value is not None})
         try:
             is_dir = stat.S_ISDIR(os.stat(cwd).st_mode)
@@ -143,21 +151,30 @@ class ProcessManager:
         if not is_dir:
             raise AgentError("NotADirectory", f"working directory {cwd} is not a directory", path=cwd, field="cwd")
         executable = _resolve_command(argv[0], env.get("PATH", os.defpath), cwd)
+        staged_stdin = _take_staged_stdin(stdin_path) if stdin_path is not None else None
         with self.reaper.lock:
             started_at = time.time()
             try:
                 popen = subprocess.Popen(
                     argv, executable=executable, env=env, cwd=cwd, bufsize=0,
-                    stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
+                    stdin=staged_stdin if staged_stdin is not None
+                    else subprocess.PIPE if want_stdin else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True, close_fds=True, restore_signals=True,
+                    **_credentials(account),
                 )
             except FileNotFoundError as exc:
+                if staged_stdin is not None:
+                    os.close(staged_stdin)
                 missing = exc.filename if exc.filename is not None else argv[0]
                 what = f"working directory {cwd}" if missing == cwd else f"command {argv[0]!r}"
                 raise AgentError("FileNotFound", f"{what} not found", path=missing) from None
             except OSError as exc:
+                if staged_stdin is not None:
+                    os.close(staged_stdin)
                 raise from_os_error(exc, argv[0]) from None
+            if staged_stdin is not None:
+                os.close(staged_stdin)  # the child has its copy
             assert popen.stdout is not None and popen.stderr is not None
             streams = [popen.stdout, popen.stderr] + ([popen.stdin] if popen.stdin is not None else [])
             for stream in streams:  # the pump never blocks on one process
@@ -273,6 +290,51 @@ class ProcessManager:
 
 def _json_size(value: Any) -> int:
     return len(json.dumps(value)) + 1  # ensure_ascii: an upper bound on the encoded size
+
+
+def _take_staged_stdin(path: str) -> int:
+    """Open a file the client staged as a process's stdin (too big for one frame) and
+    unlink it: the process reads it to the end, nothing is left behind."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_os_error(exc, path) from None
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return fd
+
+
+def _account(user: str | None) -> pwd.struct_passwd | None:
+    """The guest account ``user`` names (a name or a numeric uid); unknown -> ``UserNotFound``."""
+    if user is None:
+        return None
+    try:
+        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        raise AgentError("UserNotFound", f"user: no user {user!r} in the guest (see /etc/passwd)",
+                         field="user", user=user) from None
+
+
+def _credentials(account: pwd.struct_passwd | None) -> dict[str, Any]:
+    """Popen arguments that run the child as ``account`` with its groups (nothing for the agent's own)."""
+    if account is None or (account.pw_uid, account.pw_gid) == (os.getuid(), os.getgid()):
+        return {}
+    credentials: dict[str, Any] = {"user": account.pw_uid, "group": account.pw_gid}
+    if _setgroups_allowed():
+        credentials["extra_groups"] = os.getgrouplist(account.pw_name, account.pw_gid)
+    return credentials
+
+
+def _setgroups_allowed() -> bool:
+    """False in a user namespace whose ``setgroups`` is denied (the namespace backend's
+    bubblewrap): there the child keeps the agent's (empty) supplementary groups."""
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read().strip() != "deny"
+    except OSError:
+        return True  # no user namespace: setgroups is allowed to root
 
 
 def _resolve_command(command: str, search_path: str, cwd: str) -> str:

@@ -148,8 +148,9 @@ def describe(name: str, as_json: bool) -> None:
 @click.argument("name")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE (repeatable).")
-@click.option("--cwd")
-@click.option("--timeout", "timeout_seconds", type=float, default=None, help="Seconds; kills the process group.")
+@click.option("--cwd", help="Working directory: absolute, or relative to the default one ('/' or the template's).")
+@click.option("--user", "-u", help="Run as this guest user (name or uid).")
+@click.option("--timeout", "timeout_seconds", type=float, default=None, help="Seconds; kills the process tree.")
 @click.option("--max-output", "max_output_bytes", type=int, default=4 * 1024 * 1024, show_default=True)
 @click.option("--stdin", "use_stdin", is_flag=True, help="Pass this command's stdin to the process.")
 @click.option("--receipt", "receipt", type=click.Path(dir_okay=False), help="Also write the signed receipt here.")
@@ -159,6 +160,7 @@ def exec_(
     argv: tuple[str, ...],
     env: tuple[str, ...],
     cwd: str | None,
+    user: str | None,
     timeout_seconds: float | None,
     max_output_bytes: int,
     use_stdin: bool,
@@ -173,6 +175,7 @@ def exec_(
             list(argv),
             env=parse_env(env),
             cwd=cwd,
+            user=user,
             timeout_seconds=timeout_seconds,
             max_output_bytes=max_output_bytes,
             stdin=sys.stdin.buffer.read() if use_stdin else None,

@@ -25,8 +25,9 @@ PROTOCOL_NAME = "mvm"
 PROTOCOL_VERSION = 1
 
 PREFIX = struct.Struct(">II")
-#: Largest header accepted (JSON metadata only; file bytes go in the payload).
-MAX_HEADER = 64 * 1024
+#: Largest header accepted (JSON metadata only; file bytes go in the payload). Big enough for
+#: a command line as long as Linux takes (argv + env up to ARG_MAX, 2 MiB) with JSON escaping.
+MAX_HEADER = 4 * 1024 * 1024
 #: Largest payload accepted in one frame. Senders chunk at ``CHUNK_SIZE``.
 MAX_PAYLOAD = 4 * 1024 * 1024
 #: Size senders use when splitting file and stream bytes into frames.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import secrets
 import signal as _signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -14,6 +15,9 @@ from .models import CommandResult, ProcessInfo
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
+
+#: Guest directory where a ``run`` stdin larger than one frame is staged (the agent unlinks it on start).
+STDIN_STAGING_DIR = "/tmp/.mvm-stdin"
 
 #: Default capture per stream for ``commands.run`` (the supervisor's default too).
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
@@ -33,6 +37,7 @@ class Commands:
         *,
         env: Mapping[str, Any] | None = None,
         cwd: str | None = None,
+        user: str | None = None,
         timeout_seconds: float | None = 60,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         stdin: bytes | str | None = None,
@@ -45,8 +50,13 @@ class Commands:
         """Run ``argv`` to completion and return its ``CommandResult``.
 
         A string is run by ``/bin/sh -c``. Non-zero exit is a result, not an error
-        (``check=True`` raises ``CommandError``). Past ``timeout_seconds`` the whole
-        process group is killed and ``CommandTimeout`` carries the partial output.
+        (``check=True`` raises ``CommandError``); a process killed by signal N exits
+        128+N (a shell that SIGTERMs itself: 143, not a timeout). Past ``timeout_seconds``
+        the whole process tree (background children too) is killed and ``CommandTimeout``
+        (a ``TimeoutError``) carries the partial output. ``stdin`` (bytes or text, any
+        size, NULs included) is fed to the process, then its stdin is closed. ``cwd`` is
+        absolute or relative to the default working directory (``/`` or the template's). ``user`` runs it as
+        another guest account (name or uid; an unknown one raises ``UserNotFound``).
         Each stream's capture stops at ``max_output_bytes`` (``truncated=True``).
         With ``redact`` (the default) every known secret value in the output reads
         ``[redacted:NAME]``. A signed receipt of the result is at ``result.receipt_path``
@@ -55,11 +65,16 @@ class Commands:
         >>> result = sandbox.commands.run(["python", "/app/main.py"], timeout_seconds=30)
         >>> result.exit_code, result.stdout, result.audit_id
         """
-        args = self._sandbox._command_args(argv, env, cwd)
+        args = self._sandbox._command_args(argv, env, cwd, user)
         args.update(
             timeout_seconds=timeout_seconds, max_output_bytes=max_output_bytes, auto_resume=auto_resume, redact=redact
         )
         payload = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        staged = None
+        if len(payload) > CHUNK_SIZE:  # too big for one frame: staged as a guest file the agent opens and unlinks
+            staged = f"{STDIN_STAGING_DIR}/{secrets.token_hex(8)}"
+            self._sandbox.files.write(staged, payload, mode=0o600)
+            args["stdin_path"], payload = staged, b""
         collected: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in collected}
         callbacks = {"stdout": on_stdout, "stderr": on_stderr}
@@ -86,6 +101,13 @@ class Commands:
             raise errors.CommandTimeout(
                 exc.message, stdout=text_of("stdout"), stderr=text_of("stderr"), **exc.details
             ) from None
+        except errors.MvmError:
+            if staged is not None:  # the process never started: the agent did not take the file
+                try:
+                    self._sandbox.files.remove(staged)
+                except errors.MvmError:
+                    pass
+            raise
         command_result = CommandResult(
             exit_code=result.get("exit_code"),
             stdout=text_of("stdout"),
@@ -113,6 +135,7 @@ class Commands:
         *,
         env: Mapping[str, Any] | None = None,
         cwd: str | None = None,
+        user: str | None = None,
         stdin: bool = False,
         auto_resume: bool = False,
     ) -> Process:
@@ -121,7 +144,7 @@ class Commands:
         >>> p = sandbox.commands.start(["python", "-m", "http.server"], env={"MODE": "dev"})
         >>> p.pid, p.is_running()
         """
-        args = self._sandbox._command_args(argv, env, cwd)
+        args = self._sandbox._command_args(argv, env, cwd, user)
         args.update(stdin=stdin, auto_resume=auto_resume)
         result, _ = self._sandbox._client().call("proc.start", args)
         return Process(self._sandbox, int(result["pid"]), audit_id=result.get("audit_id"), argv=list(args["argv"]))

@@ -198,12 +198,17 @@ class Sandbox:
         return Redactor(self._secret_values).redact(text) if self._secret_values else text
 
     def _command_args(
-        self, argv: Sequence[str] | str, env: Mapping[str, Any] | None, cwd: str | None
+        self, argv: Sequence[str] | str, env: Mapping[str, Any] | None, cwd: str | None, user: str | None = None
     ) -> dict[str, Any]:
         argv, env = validate_command(argv, env, cwd)
+        if user is not None and (not isinstance(user, str) or not user or "\0" in user):
+            raise errors.InvalidArgument("user", f"{user!r} is not a user name", allowed="a guest user name or uid")
         literal, secret_env, values = _split_env(env)
         self._secret_values.update(values)
-        return {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_names": _secret_names(env or {})}
+        args = {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_names": _secret_names(env or {})}
+        if user is not None:
+            args["user"] = user
+        return args
 
     # ---- information ---------------------------------------------------------------
 
@@ -330,8 +335,12 @@ def validate_command(
             "must be a non-empty list of strings (or one shell string)",
             allowed="e.g. ['python', '/app/main.py']",
         )
-    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
-        raise errors.InvalidArgument("cwd", f"{cwd!r} must be an absolute guest path")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
+        raise errors.InvalidArgument(
+            "cwd",
+            f"{cwd!r} is not a guest directory",
+            allowed="an absolute path, or one relative to the default working directory",
+        )
     env = dict(env or {})
     for key, value in env.items():
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:

@@ -417,10 +417,11 @@ class Supervisor:
         secret_names = dict(ctx.args.get("secret_names") or {})
         self._learn_secrets(secret_names, env)
         secret_keys = set(secret_names) | set(self.secret_env)
-        audit_args = {"argv": argv, "env_keys": sorted(env), "cwd": ctx.args.get("cwd")}
+        audit_args = {"argv": argv, "env_keys": sorted(env), "cwd": ctx.args.get("cwd"), "user": ctx.args.get("user")}
         try:
             result, _ = self.agent.call("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
-                                                       "stdin": stdin})
+                                                       "user": ctx.args.get("user"), "stdin": stdin,
+                                                       "stdin_path": ctx.args.get("stdin_path")})
         except errors.MvmError as exc:
             self.audit.record(op, audit_args, outcome="error", error_type=exc.wire_type)
             raise

@@ -8,6 +8,10 @@ One sandbox = one bwrap process tree:
   deny-list of ``seccomp.py``; ``--die-with-parent`` (the supervisor is the parent);
 * root: ``overlay.py`` (a size-limited tmpfs upper over the template);
 * limits: ``cgroups.py``, entered between fork and exec;
+* capabilities: none, except with idmapped uids, where the sandbox's root keeps
+  ``ACCOUNT_CAPS`` (switch user, own and override file modes) — all bounded by its own
+  user namespace, whose ids are unprivileged host ids — so ``commands.run(user=...)``,
+  ``adduser`` and ``chown`` work as in a VM; a process run as another user has none;
 * uids: as host root, the sandbox gets its own user namespace mapping sandbox ids
   0..65535 to an unprivileged host range (``IdMap``), bwrap runs as the range's first
   uid, and the template is seen through an idmapped mount so the sandbox's root owns
@@ -103,6 +107,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, handle, indent=1, sort_keys=True)
     os.replace(tmp, path)
 
+
+#: Capabilities the sandbox's root keeps when its uids are an idmapped, unprivileged range: what
+#: running commands as another guest account and managing accounts/files needs. They act only on
+#: ids and files of the sandbox's own user namespace (never host-privileged ones).
+ACCOUNT_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER")
 
 class _LogDrain(threading.Thread):
     """Reads what bwrap and the agent print (stdout+stderr share one pipe) into
@@ -288,6 +297,7 @@ class NamespaceInstance(BackendInstance):
                 command=[*self.spec.template.agent_command, "--fd", str(bw.AGENT_FD)],
                 shm_bytes=min(64, self.spec.resources.memory_mb) * 1024 * 1024,
                 env={"MVM_SANDBOX_ID": self.spec.sandbox_id},
+                cap_add=ACCOUNT_CAPS if self.uid_mode == "idmapped" else (),
             )
             keep = [fd for fd in (self._userns_fd, seccomp_fd, info_w) if fd is not None]
             proc = bw.spawn(

@@ -43,6 +43,7 @@ class BwrapConfig:
     hostname: str = "sandbox"
     shm_bytes: int = 64 * 1024 * 1024
     env: dict[str, str] = field(default_factory=dict)
+    cap_add: tuple[str, ...] = ()  # kept after --cap-drop ALL (only inside an unprivileged user namespace)
 
 
 def build_argv(cfg: BwrapConfig, bwrap: str = "bwrap") -> list[str]:
@@ -86,6 +87,7 @@ def build_argv(cfg: BwrapConfig, bwrap: str = "bwrap") -> list[str]:
         "/dev/shm",
         "--cap-drop",
         "ALL",
+        *[arg for cap in cfg.cap_add for arg in ("--cap-add", cap)],
         "--seccomp",
         str(cfg.seccomp_fd),
         "--info-fd",
