@@ -238,3 +238,34 @@ def test_references_parse_and_record_mode_checks_them_without_pulling() -> None:
         mvm.templates.check_template("oci:127.0.0.1:9/Team/app:1")
     with pytest.raises(errors.InvalidArgument):
         oci.validate_template_name("python-3.13")  # a built-in name
+
+
+def test_image_from_a_template_rootfs_keeps_its_own_python(images: Images) -> None:
+    """A Debian root (the python-3.13 template's) pushed as an image: its own Python is
+    untouched, the agent runs on the injected runtime; created the way the TypeScript
+    SDK does it (``mvmctl up --template oci:…``)."""
+    from mvm.templates import ensure_template
+
+    rootfs = ensure_template("python-3.13").rootfs
+    tag = images.buildah.image_from_dir(rootfs, "debian-py", config=("--env", "LANG=C.UTF-8", "--workingdir", "/app"))
+    ref = images.ref("test/debian-python:3.13")
+    images.buildah.push(tag, ref)
+    name = "oci:" + ref
+    images.made.append(name)
+    cli = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "mvmctl"
+    up = subprocess.run([str(cli), "up", "--json", "--template", name, "--backend", "namespace", "--ttl", "10m"],
+                        capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, up.stderr
+    box = json.loads(up.stdout)["name"]
+    try:
+        out = subprocess.run([str(cli), "exec", box, "--", "python3", "-c",
+                              "import os, sys; print(os.getcwd(), sys.executable, sys.version_info[:2] >= (3, 13))"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["/app", "/usr/bin/python3", "True"]
+        processes = subprocess.run([str(cli), "exec", box, "--", "sh", "-c",
+                                    "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '"],
+                                   capture_output=True, text=True, timeout=120).stdout
+        assert "/.mvm/runtime/bin/python3 -I /opt/mvm/bin/mvm-agent" in processes  # not the image's python
+    finally:
+        subprocess.run([str(cli), "down", box], capture_output=True, timeout=120)
