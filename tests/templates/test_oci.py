@@ -117,7 +117,8 @@ def test_dockerfile_with_run_env_workdir_copy(images: Images) -> None:
         "ENV APP_MODE=prod\n"
         "WORKDIR /srv/app\n"
         "COPY greeting.txt ./\n"
-        "RUN echo \"built in $APP_MODE\" > built.txt && mkdir -p /data\n")
+        "RUN echo \"built in $APP_MODE\" > built.txt && mkdir -p /data\n"
+        "USER nobody\n")
     images.made.append("df-app")
     cli = Path(os.environ.get("VIRTUAL_ENV", ".venv")) / "bin" / "mvmctl"
     cli = cli if cli.exists() else Path(__file__).resolve().parents[2] / ".venv" / "bin" / "mvmctl"
@@ -129,6 +130,8 @@ def test_dockerfile_with_run_env_workdir_copy(images: Images) -> None:
     with mvm.Sandbox.create("df-app", backend="namespace", ttl="10m") as sb:
         r = sb.commands.run(["sh", "-c", 'pwd; echo "$APP_MODE $FOO"; cat greeting.txt built.txt'])
         assert r.stdout.splitlines() == ["/srv/app", "prod bar", "hello from the context", "built in prod"]
+        assert sb.commands.run(["id", "-u"]).stdout == "65534\n"  # the image's USER by default
+        assert sb.commands.run(["id", "-u"], user="root").stdout == "0\n"
     ls = subprocess.run([str(cli), "template", "ls"], capture_output=True, text=True, check=True).stdout
     assert any(line.startswith("df-app ") and "dockerfile " in line for line in ls.splitlines())
 

@@ -113,9 +113,11 @@ def parse_signal(value: Any) -> int:
 class ProcessManager:
     """The process table and the ``proc.*`` handlers."""
 
-    def __init__(self, base_env: Callable[[], dict[str, str]], emit: Emit, default_cwd: str = "/"):
+    def __init__(self, base_env: Callable[[], dict[str, str]], emit: Emit, default_cwd: str = "/",
+                 default_user: str | None = None):
         self._base_env = base_env
         self._default_cwd = default_cwd
+        self._default_user = default_user  # an OCI image's User (agent.system.IMAGE_CONFIG_PATH)
         self._lock = threading.Lock()
         self._table: dict[int, Process] = {}
         self.reaper = Reaper(self._on_exit)
@@ -137,7 +139,7 @@ class ProcessManager:
         cwd = args.path("cwd", default=self._default_cwd)
         want_stdin = args.boolean("stdin")
         stdin_path = args.path("stdin_path", default="") or None
-        account = _account(args.string("user", max_length=256))
+        account = _account(args.string("user", max_length=256) or self._default_user)
         env = self._base_env()
         if account is not None:
             env.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name)

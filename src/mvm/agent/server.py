@@ -197,7 +197,8 @@ class Server:
         self.connector = connector
         self.system = System()
         self.files = Files()
-        self.processes = ProcessManager(self.system.base_env, self.emit_event, self.system.default_cwd)
+        self.processes = ProcessManager(self.system.base_env, self.emit_event, self.system.default_cwd,
+                                        self.system.default_user)
         self._send_lock = threading.Lock()
         self._link: Link | None = None
         self._link_changed = threading.Condition()

@@ -28,8 +28,8 @@ DEFAULT_ENV = {
     "LANG": "C.UTF-8",
 }
 #: Written by ``mvm.templates.oci`` into templates made from OCI images: the image's
-#: ``Env`` (over ``DEFAULT_ENV``), ``WorkingDir`` (the default ``cwd`` of commands), ``User``,
-#: and ``Entrypoint``/``Cmd`` (recorded, never started by the agent).
+#: ``Env`` (over ``DEFAULT_ENV``), ``WorkingDir`` and ``User`` (the default ``cwd`` and
+#: account of commands), and ``Entrypoint``/``Cmd`` (recorded, never started by the agent).
 IMAGE_CONFIG_PATH = "/.mvm/image.json"
 MAX_ENTROPY_BYTES = 4096
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -147,6 +147,9 @@ class System:
                                                if isinstance(env, dict) else {})}
         cwd = image.get("working_dir")
         self.default_cwd = cwd if isinstance(cwd, str) and cwd.startswith("/") else "/"
+        user = image.get("user")  # "name", "uid", "name:group" or "uid:gid"; the group follows the account
+        name = user.split(":", 1)[0] if isinstance(user, str) else ""
+        self.default_user = name if name not in ("", "root", "0") else None
         self._base_env = dict(self._default_env)
         self._started = time.monotonic()
 

@@ -347,6 +347,7 @@ def _build(name: str, source: dict[str, Any], *, layout_ref: str,
                     argv = runtime.install_runtime(runtime_dir, rootfs)
                     agent_install.install_into(rootfs, precompile=False)
                     runtime.precompile_agent(rootfs, argv)
+                    _check_user(str(what), rootfs, image_config["user"])
                     write_guest_file(rootfs, IMAGE_CONFIG_GUEST_PATH,
                                      (json.dumps(image_config, indent=1) + "\n").encode())
                     python_version = runtime.runtime_python_version(rootfs, argv)
@@ -412,6 +413,24 @@ def _image_config(config: dict[str, Any]) -> dict[str, Any]:
         "cmd": list(body.get("Cmd") or []),
         "exposed_ports": sorted(body.get("ExposedPorts") or {}),
     }
+
+
+def _check_user(what: str, rootfs: Path, user: str) -> None:
+    """The image's ``User`` must be an account of its ``/etc/passwd``: commands run as it by
+    default (read as a file, never by running anything of the image)."""
+    from .builder import guest_path
+
+    name = user.split(":", 1)[0]
+    if name in ("", "root", "0"):
+        return
+    try:
+        passwd = guest_path(rootfs, "/etc/passwd", create_parents=False).read_text(errors="replace")
+    except OSError:
+        passwd = ""
+    field = 2 if name.isdigit() else 0
+    if not any(line.split(":")[field:field + 1] == [name] for line in passwd.splitlines()):
+        raise ImageError(f"image {what}: its User {user!r} is not an account in its /etc/passwd "
+                         "(commands run as that user by default)", image=what, user=user)
 
 
 def _check_platform(what: str, config: dict[str, Any]) -> None:
