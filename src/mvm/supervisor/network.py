@@ -24,7 +24,8 @@ from .ports import PortForwards
 from .state import write_json_atomic
 
 if TYPE_CHECKING:
-    from .server import RequestContext, Supervisor
+    from .server import Supervisor
+    from .session import RequestContext
 
 NETWORK_OPS = frozenset({"port.forward", "port.list", "port.close", "network.update"})
 #: Receive window per stream on the host side.

@@ -26,7 +26,7 @@ from ..protocol.tcpmux import Stream, StreamLimit
 
 if TYPE_CHECKING:
     from .network import NetworkManager
-    from .server import RequestContext
+    from .session import RequestContext
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
 MAX_FORWARDS = 64

@@ -1,0 +1,226 @@
+"""The process operations: ``exec.run`` (run to completion: redacted, capped output, a
+timeout on the whole process group, a signed receipt) and ``proc.start`` / ``proc.attach``
+/ ``proc.wait`` / ``proc.info`` on the processes this supervisor started."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from .. import errors
+from ..paths import receipts_dir
+from ..protocol import CHUNK_SIZE
+from ..security.secrets import Redactor
+from .processes import ProcessRecord
+
+if TYPE_CHECKING:
+    from .server import Supervisor
+    from .session import Reply, RequestContext
+
+#: Default and largest capture per stream for ``exec.run``.
+DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
+MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
+
+
+class OutputCapture:
+    """What ``exec.run`` returns of a process's output: redacted across chunk boundaries,
+    capped per stream, counted in full; the bytes sent are kept for the receipt."""
+
+    STREAMS = ("stdout", "stderr")
+
+    def __init__(self, cap: int, redactor: Redactor | None, send: Callable[[str, bytes], None]):
+        self.cap = cap
+        self.send = send
+        self.total = dict.fromkeys(self.STREAMS, 0)
+        self.captured = {name: bytearray() for name in self.STREAMS}
+        self.truncated = False
+        self._redact = {name: redactor.stream() for name in self.STREAMS} if redactor else None
+
+    def deliver(self, stream: str, data: bytes) -> None:
+        if stream not in self.total:
+            return
+        self.total[stream] += len(data)
+        if self._redact is not None:
+            data = self._redact[stream].feed(data)
+        self._emit(stream, data)
+
+    def finish(self) -> None:
+        if self._redact is not None:
+            for name in self.STREAMS:
+                # only bytes are fed; a stream never fed flushes "", which _emit drops as empty
+                self._emit(name, cast(bytes, self._redact[name].flush()))
+            self._redact = None
+
+    def _emit(self, stream: str, data: bytes) -> None:
+        if not data:
+            return
+        room = self.cap - len(self.captured[stream])
+        piece = data[: max(room, 0)]
+        if len(piece) < len(data):
+            self.truncated = True
+        if piece:
+            self.captured[stream] += piece
+            self.send(stream, piece)
+
+
+def env_for(sup: Supervisor, env: dict[str, Any]) -> dict[str, str]:
+    """The environment a command runs with: the sandbox's, its secrets, then the call's own."""
+    merged = {**sup.config.get("env", {}), **sup.secret_env}
+    for key, value in (env or {}).items():
+        merged[str(key)] = str(value)
+    return merged
+
+
+def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) -> tuple[int, str]:
+    argv = ctx.args.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise errors.InvalidArgument("argv", "must be a non-empty list of strings",
+                                     allowed="e.g. ['python', 'main.py']")
+    env = env_for(sup, ctx.args.get("env") or {})
+    secret_names = dict(ctx.args.get("secret_names") or {})
+    sup.learn_secrets(secret_names, env)
+    secret_keys = set(secret_names) | set(sup.secret_env)
+    audit_args = {"argv": argv, "env_keys": sorted(env), "cwd": ctx.args.get("cwd"), "user": ctx.args.get("user")}
+    try:
+        result, _ = sup.agent.call("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
+                                                  "user": ctx.args.get("user"), "stdin": stdin,
+                                                  "stdin_path": ctx.args.get("stdin_path")})
+    except errors.MvmError as exc:
+        sup.audit.record(op, audit_args, outcome="error", error_type=exc.wire_type)
+        raise
+    pid = int(result["pid"])
+    audit_id = sup.audit.record(op, audit_args, details={"pid": pid, "secret_env_keys": sorted(secret_keys)})
+    sup.processes.started(pid, argv, audit_id)
+    sup.logs.system(f"started pid {pid}: {_argv_summary(argv)}", audit_id)
+    return pid, audit_id
+
+
+def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
+    sup.require_state(ctx.op, "running", auto_resume=bool(ctx.args.get("auto_resume")))
+    pid, audit_id = start_process(sup, ctx, "proc.start", stdin=bool(ctx.args.get("stdin")))
+    return {"pid": pid, "audit_id": audit_id}, b""
+
+
+def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
+    """Run to completion: stream (redacted, capped) output, enforce the timeout on the
+    whole process group, and leave a signed receipt of what was returned."""
+    sup.require_state(ctx.op, "running", auto_resume=bool(ctx.args.get("auto_resume")))
+    cap = int(ctx.args.get("max_output_bytes") or DEFAULT_MAX_OUTPUT)
+    if not 0 < cap <= MAX_OUTPUT_LIMIT:
+        raise errors.InvalidArgument("max_output_bytes", f"{cap} is out of range", allowed=f"1..{MAX_OUTPUT_LIMIT}")
+    timeout = ctx.args.get("timeout_seconds")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise errors.InvalidArgument("timeout_seconds", f"{timeout!r} must be a positive number")
+    started_wall = time.time()
+    started = time.monotonic()
+    capture = OutputCapture(cap, sup.redactor if ctx.args.get("redact", True) else None, ctx.send_data)
+    pid, audit_id = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
+    record = sup.processes.subscribe(pid, capture.deliver, replay=True)
+    try:
+        if ctx.payload:
+            for start in range(0, len(ctx.payload), CHUNK_SIZE):
+                sup.agent.call("proc.stdin", {"pid": pid, "eof": False}, ctx.payload[start : start + CHUNK_SIZE])
+            sup.agent.call("proc.stdin", {"pid": pid, "eof": True})
+        deadline = None if timeout is None else started + float(timeout)
+        while not record.exited.wait(0.1):
+            if ctx.cancelled.is_set() or ctx.session.closed.is_set():
+                _kill_group(sup, pid)
+                raise errors.Cancelled("exec.run cancelled by the client; its process group was killed")
+            if deadline is not None and time.monotonic() > deadline:
+                _kill_group(sup, pid)
+                record.exited.wait(5)
+                sup.processes.unsubscribe(pid, capture.deliver)
+                capture.finish()
+                sup.logs.system(f"pid {pid} killed after its {timeout} s timeout", audit_id)
+                raise errors.CommandTimeout(
+                    f"command timed out after {timeout} s; its process group was killed",
+                    pid=pid, audit_id=audit_id, timeout_seconds=timeout)
+    finally:
+        sup.processes.unsubscribe(pid, capture.deliver)
+    capture.finish()
+    duration = time.monotonic() - started
+    sup.logs.system(f"pid {pid} exited with {record.exit_code}", audit_id)
+    receipt = _write_receipt(sup, ctx, audit_id, record.exit_code, capture, started_wall)
+    return {
+        "exit_code": record.exit_code, "signal": record.signal, "timed_out": False,
+        "truncated": capture.truncated, "duration_seconds": duration, "pid": pid, "audit_id": audit_id,
+        "stdout_bytes": capture.total["stdout"], "stderr_bytes": capture.total["stderr"],
+        "receipt_path": str(receipt),
+    }, b""
+
+
+def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, exit_code: int | None,
+                   capture: OutputCapture, started_at: float) -> Path:
+    from ..security.receipts import write_receipt
+
+    return write_receipt(
+        receipts_dir(), sandbox_id=sup.sandbox_id, template=sup.config["template"],
+        template_digest=sup.template_digest, argv=ctx.args["argv"],
+        env_keys=env_for(sup, ctx.args.get("env") or {}).keys(), exit_code=exit_code,
+        stdout=bytes(capture.captured["stdout"]), stderr=bytes(capture.captured["stderr"]),
+        started_at=started_at, ended_at=time.time(), audit_id=audit_id,
+        truncated={name: capture.total[name] > len(capture.captured[name]) for name in ("stdout", "stderr")},
+    )
+
+
+def _kill_group(sup: Supervisor, pid: int) -> None:
+    try:
+        sup.agent.call("proc.signal", {"pid": pid, "signal": "KILL", "group": True}, timeout=10)
+    except errors.MvmError:
+        pass
+
+
+def _pid_arg(ctx: RequestContext) -> int:
+    pid = ctx.args.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise errors.InvalidArgument("pid", f"{pid!r} is not a process id")
+    return pid
+
+
+def _known_record(sup: Supervisor, pid: int) -> ProcessRecord:
+    record = sup.processes.get(pid)
+    if record is None:
+        raise errors.ProcessNotFound(f"no process with pid {pid} was started in this sandbox", pid=pid)
+    return record
+
+
+def proc_attach(sup: Supervisor, ctx: RequestContext) -> Reply:
+    pid = _pid_arg(ctx)
+    _known_record(sup, pid)
+
+    def deliver(stream: str, data: bytes) -> None:
+        ctx.send_data(stream, data)
+
+    record = sup.processes.subscribe(pid, deliver, replay=bool(ctx.args.get("replay", True)))
+    try:
+        while not record.exited.wait(0.2):
+            if ctx.cancelled.is_set() or ctx.session.closed.is_set():
+                raise errors.Cancelled("proc.attach cancelled")
+    finally:
+        sup.processes.unsubscribe(pid, deliver)
+    return {"exit_code": record.exit_code, "signal": record.signal, "truncated": record.dropped_bytes > 0}, b""
+
+
+def proc_wait(sup: Supervisor, ctx: RequestContext) -> Reply:
+    pid = _pid_arg(ctx)
+    record = _known_record(sup, pid)
+    timeout = ctx.args.get("timeout_seconds")
+    deadline = None if timeout is None else time.monotonic() + float(timeout)
+    while not record.exited.wait(0.2):
+        if ctx.cancelled.is_set() or ctx.session.closed.is_set():
+            raise errors.Cancelled("proc.wait cancelled")
+        if deadline is not None and time.monotonic() > deadline:
+            raise errors.CommandTimeout(f"pid {pid} still running after {timeout} s", pid=pid)
+    return {"exit_code": record.exit_code, "signal": record.signal}, b""
+
+
+def proc_info(sup: Supervisor, ctx: RequestContext) -> Reply:
+    pid = _pid_arg(ctx)
+    return _known_record(sup, pid).info(), b""
+
+
+def _argv_summary(argv: list[str]) -> str:
+    text = " ".join(argv)
+    return text if len(text) <= 200 else text[:200] + "…"

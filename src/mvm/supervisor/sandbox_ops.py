@@ -1,0 +1,124 @@
+"""The ``sandbox.*`` operations (and ``ping``): describe, logs, and the lifecycle
+stop / start / pause / resume / snapshot / destroy, run on the supervisor's backend thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .server import Supervisor
+    from .session import Reply, RequestContext
+
+
+def ping(sup: Supervisor, ctx: RequestContext) -> Reply:
+    return {"state": sup.state}, b""
+
+
+def describe(sup: Supervisor, ctx: RequestContext) -> Reply:
+    return sup.describe(), b""
+
+
+def logs(sup: Supervisor, ctx: RequestContext) -> Reply:
+    tail = ctx.args.get("tail")
+    since = ctx.args.get("since")
+    offset = sup.logs.size()
+    count = 0
+    for entry in sup.logs.read(tail=int(tail) if tail else None, since=since):
+        ctx.send_data("log", json.dumps(entry).encode())
+        count += 1
+    if ctx.args.get("follow"):
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not (ctx.cancelled.is_set() or ctx.session.closed.is_set() or sup.destroyed.is_set()):
+                time.sleep(0.2)
+            stop.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        for entry in sup.logs.follow(offset, stop):
+            ctx.send_data("log", json.dumps(entry).encode())
+            count += 1
+    return {"count": count}, b""
+
+
+def stop(sup: Supervisor, ctx: RequestContext) -> Reply:
+    sup.require_state("stop", "running", "paused", "stopped")
+    if sup.state != "stopped":
+        assert sup.instance is not None
+        if sup.state == "paused":
+            sup.resume_instance()
+        sup.sync_guest()
+        sup.agent.detach()
+        sup.on_backend(sup.instance.stop)
+        sup.processes.mark_all_lost()
+        sup.set_state("stopped")
+    sup.logs.system("sandbox stopped", sup.audit.record("sandbox.stop", {}))
+    return sup.describe(), b""
+
+
+def start(sup: Supervisor, ctx: RequestContext) -> Reply:
+    sup.require_state("start", "stopped", "running")
+    if sup.state == "stopped":
+        assert sup.instance is not None
+        sup.processes.new_boot()
+        sup.agent.attach(sup.on_backend(sup.instance.start))
+        sup.configure_agent()
+        sup.set_state("running")
+    sup.logs.system("sandbox started", sup.audit.record("sandbox.start", {}))
+    return sup.describe(), b""
+
+
+def pause(sup: Supervisor, ctx: RequestContext) -> Reply:
+    sup.require_state("pause", "running", "paused")
+    if sup.state == "running":
+        assert sup.instance is not None
+        sup.on_backend(sup.instance.pause)
+        sup.set_state("paused")
+    sup.logs.system("sandbox paused", sup.audit.record("sandbox.pause", {}))
+    return sup.describe(), b""
+
+
+def resume(sup: Supervisor, ctx: RequestContext) -> Reply:
+    snapshot = ctx.args.get("snapshot")
+    if snapshot:
+        sup.require_state("resume", "running", "paused", "stopped")
+        assert sup.instance is not None
+        sup.agent.detach()
+        sup.on_backend(sup.instance.stop)
+        sup.restore_from(str(snapshot))
+        sup.set_state("running")
+    else:
+        sup.require_state("resume", "paused", "running")
+        if sup.state == "paused":
+            sup.resume_instance()
+    sup.logs.system("sandbox resumed" + (f" from snapshot {snapshot}" if snapshot else ""),
+                    sup.audit.record("sandbox.resume", {"snapshot": snapshot}))
+    return sup.describe(), b""
+
+
+def snapshot(sup: Supervisor, ctx: RequestContext) -> Reply:
+    from ..security.sealing import SnapshotStore
+    from . import snapshots
+
+    sup.require_state("snapshot", "running", "paused", "stopped")
+    assert sup.instance is not None
+    name = str(ctx.args.get("name") or time.strftime("snap-%Y%m%d-%H%M%S"))
+    store = SnapshotStore()
+    if sup.state == "running":
+        sup.sync_guest()
+    # A VM's memory image streams QEMU -> sealer -> store; the rest is sealed from staging.
+    info, artifacts = snapshots.save(sup.instance, store, name, sup.sandbox_id, staging_parent=sup.directory,
+                                     expires=ctx.args.get("expires"), keep=bool(ctx.args.get("keep")),
+                                     run=sup.on_backend)
+    audit_id = sup.audit.record("snapshot.save", {"name": name, "snapshot": info.id},
+                                details={"kind": artifacts.kind})
+    sup.logs.system(f"snapshot {info.id} ({name}, {artifacts.kind}) saved", audit_id)
+    return {**info.to_wire(), "audit_id": audit_id}, b""
+
+
+def destroy(sup: Supervisor, ctx: RequestContext) -> Reply:
+    audit_id = sup.destroy("requested")
+    return {"audit_id": audit_id}, b""

@@ -1,0 +1,105 @@
+"""Client connections to the supervisor: one ``ClientSession`` per connection (a reader
+thread, a thread per request) and the ``RequestContext`` of each request being served."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from .. import errors
+from ..protocol import CHUNK_SIZE, codec
+from ..protocol.channel import ChannelClosed, FramedChannel
+from ..protocol.codec import Frame, ProtocolError
+from .audit import set_actor
+
+if TYPE_CHECKING:
+    from .server import Supervisor
+
+#: What an operation's handler returns: the response's result and its payload.
+Reply = tuple[dict[str, Any], bytes]
+
+
+class RequestContext:
+    """One client request being served: its id, its connection, and whether it was cancelled."""
+
+    def __init__(self, session: ClientSession, frame: Frame):
+        self.session = session
+        self.id = frame.header["id"]
+        self.op = frame.header["op"]
+        self.args: dict[str, Any] = frame.header.get("args") or {}
+        self.payload = frame.payload
+        self.cancelled = threading.Event()
+
+    def send_data(self, stream: str, payload: bytes) -> None:
+        for start in range(0, max(len(payload), 1), CHUNK_SIZE):
+            self.session.send(codec.data(self.id, stream, payload[start : start + CHUNK_SIZE]))
+
+
+class ClientSession:
+    """One client connection: a reader thread, a thread per request."""
+
+    def __init__(self, supervisor: Supervisor, sock: socket.socket):
+        self.supervisor = supervisor
+        self.channel = FramedChannel(sock)
+        self.actor = peer_actor(sock)
+        self.inflight: dict[int, RequestContext] = {}
+        self.closed = threading.Event()
+
+    def send(self, encoded: bytes) -> None:
+        try:
+            self.channel.send_raw(encoded)
+        except ChannelClosed:
+            self.closed.set()
+
+    def serve(self) -> None:
+        try:
+            self.channel.handshake("supervisor", sandbox_id=self.supervisor.sandbox_id)
+            while True:
+                frame = self.channel.recv()
+                if frame.kind == "request":
+                    ctx = RequestContext(self, frame)
+                    self.inflight[ctx.id] = ctx
+                    threading.Thread(target=self._run, args=(ctx,), daemon=True,
+                                     name=f"mvm-req-{ctx.op}").start()
+                elif frame.kind == "cancel":
+                    ctx_or_none = self.inflight.get(frame.header["id"])
+                    if ctx_or_none is not None:
+                        ctx_or_none.cancelled.set()
+        except (ChannelClosed, ProtocolError, OSError):
+            pass
+        finally:
+            self.closed.set()
+            for ctx in list(self.inflight.values()):
+                ctx.cancelled.set()
+            self.channel.close()
+
+    def _run(self, ctx: RequestContext) -> None:
+        set_actor(self.actor)
+        try:
+            result, payload = self.supervisor.handle(ctx)
+            self.send(codec.response_ok(ctx.id, result, payload))
+        except errors.MvmError as exc:
+            self.send(codec.encode({"kind": "response", "id": ctx.id, "ok": False, "error": exc.to_wire()}))
+        except Exception as exc:  # a bug: answer, log, keep serving
+            traceback.print_exc()
+            self.send(codec.response_error(ctx.id, "Internal", f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.inflight.pop(ctx.id, None)
+            if ctx.op == "sandbox.destroy":
+                self.supervisor.exit_after_destroy()
+
+
+def peer_actor(sock: socket.socket) -> dict[str, Any] | None:
+    """Who is on the other end of a client connection (pid, uid, user), from SO_PEERCRED."""
+    import struct
+
+    from ..security.audit import actor_for
+
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return dict(actor_for(pid, uid))
