@@ -40,6 +40,7 @@ _LAZY = {
     "Snapshot": "mvm.sdk.models",
     "SnapshotTampered": "mvm.errors",
     "TemplateNotFound": "mvm.errors",
+    "connect_cluster": "mvm.cluster",
     "network": "mvm.sdk.policy",
     "resources": "mvm.sdk.policy",
     "secret": "mvm.sdk.policy",
@@ -82,4 +83,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .sdk.commands import Process
     from .sdk.models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot
     from .sdk.policy import network, resources, secret
+    from .cluster import connect_cluster
     from .sdk.sandbox import Sandbox

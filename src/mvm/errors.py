@@ -150,6 +150,19 @@ class SandboxError(MvmError):
     wire_type = "SandboxError"
 
 
+class SandboxLost(SandboxError):
+    """The cluster node that ran the sandbox is gone, and the sandbox with it."""
+
+    wire_type = "SandboxLost"
+
+
+class NoCapacity(MvmError):
+    """No cluster node can take the sandbox (limits, template, backend); ``details``
+    says what each node answered."""
+
+    wire_type = "NoCapacity"
+
+
 class NotAvailableInRecordMode(MvmError):
     wire_type = "NotAvailableInRecordMode"
 

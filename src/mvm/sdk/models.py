@@ -129,6 +129,26 @@ class SandboxInfo:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
+    @classmethod
+    def from_record(
+        cls, record: dict[str, Any], *, state: str | None = None, details: dict[str, Any] | None = None
+    ) -> SandboxInfo:
+        """From a sandbox's on-disk record (``Sandbox.list``, the cluster's list)."""
+        return cls(
+            id=record["id"],
+            name=record["name"],
+            state=state or record.get("state", "creating"),
+            template=record["template"],
+            backend=record["backend"],
+            isolation="vm" if record["backend"] == "vm" else "namespace",
+            resources=record.get("resources", {}),
+            network=record.get("network", {}),
+            created_at=record.get("created_at", 0.0),
+            expires_at=record.get("expires_at"),
+            workload_id=record.get("workload_id"),
+            details={"tags": record.get("tags", {}), "run_id": record.get("run_id"), **(details or {})},
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..backends import choose_backend
@@ -23,8 +23,12 @@ from .files import Files
 from .includes import collect_includes
 from .models import LogEvent, SandboxInfo, Snapshot
 from .network import Network, Ports
+from .transport import Transport
 from .policy import network as make_network
 from .policy import resources as make_resources
+
+if TYPE_CHECKING:
+    from ..cluster import Cluster
 
 DEFAULT_TTL = "30m"
 MODES = ("record", "plan", "live")
@@ -48,11 +52,21 @@ class Sandbox:
     hello from mvm
     """
 
-    def __init__(self, sandbox_id: str, name: str, directory: Path, *, secret_values: dict[str, str] | None = None):
+    def __init__(
+        self,
+        sandbox_id: str,
+        name: str,
+        directory: Path,
+        *,
+        secret_values: dict[str, str] | None = None,
+        connect: Callable[[], Transport] | None = None,
+    ):
         self.id = sandbox_id
         self.name = name
         self._directory = directory
-        self._conn: SupervisorClient | None = None
+        # How to reach the supervisor: its local socket, or (mvm.cluster) a relay to its node.
+        self._connect = connect or (lambda: SupervisorClient(directory / CONTROL_SOCKET))
+        self._conn: Transport | None = None
         self._secret_values = dict(secret_values or {})  # secret name -> value, for redaction only
         self._killed = False
         self.commands = Commands(self)
@@ -81,6 +95,7 @@ class Sandbox:
         mode: str | None = None,
         tags: Mapping[str, str] | None = None,
         from_snapshot: str | None = None,
+        cluster: Cluster | None = None,
     ) -> Sandbox:
         """Create a sandbox from ``template`` and return once its agent answered.
 
@@ -90,8 +105,16 @@ class Sandbox:
         ``backend`` is ``"vm"`` or ``"namespace"`` (default: ``$MVM_BACKEND``, else the
         strongest this host can run). ``from_snapshot`` starts from a snapshot (id or
         name) and takes its sandbox's ``resources`` unless others are given (a VM's
-        memory image then refuses a different cpu or memory).
+        memory image then refuses a different cpu or memory). ``cluster``
+        (``mvm.connect_cluster(...)``) places it on a node of a Ray cluster; the handle
+        is the same class.
         """
+        if cluster is not None:
+            sandbox: Sandbox = cluster.create(
+                template, name=name, workload_id=workload_id, ttl=ttl, include=include, resources=resources,
+                network=network, env=env, backend=backend, mode=mode, tags=tags, from_snapshot=from_snapshot,
+            )
+            return sandbox
         resolved_mode = current_mode(mode)
         if resolved_mode != "live":
             from ..modes.recording import RecordedSandbox
@@ -155,41 +178,30 @@ class Sandbox:
         return sandbox
 
     @classmethod
-    def connect(cls, name_or_id: str) -> Sandbox:
-        """Attach to a running sandbox (created by any process) by name or id."""
+    def connect(cls, name_or_id: str, *, cluster: Cluster | None = None) -> Sandbox:
+        """Attach to a running sandbox (created by any process) by name or id
+        (on any node of ``cluster`` when given)."""
+        if cluster is not None:
+            found: Sandbox = cluster.connect(name_or_id)
+            return found
         directory, record = find_sandbox(name_or_id)
         return cls(record["id"], record["name"], directory)
 
     @classmethod
-    def list(cls) -> list[SandboxInfo]:
-        """Every running sandbox on this host (dead ones are cleaned up on the way)."""
-        infos = []
-        for record in list_sandboxes():
-            infos.append(
-                SandboxInfo(
-                    id=record["id"],
-                    name=record["name"],
-                    state=record.get("state", "creating"),
-                    template=record["template"],
-                    backend=record["backend"],
-                    isolation="vm" if record["backend"] == "vm" else "namespace",
-                    resources=record.get("resources", {}),
-                    network=record.get("network", {}),
-                    created_at=record.get("created_at", 0.0),
-                    expires_at=record.get("expires_at"),
-                    workload_id=record.get("workload_id"),
-                    details={"tags": record.get("tags", {}), "run_id": record.get("run_id")},
-                )
-            )
-        return infos
+    def list(cls, *, cluster: Cluster | None = None) -> list[SandboxInfo]:
+        """Every running sandbox on this host (dead ones are cleaned up on the way),
+        or on every node of ``cluster`` (a dead node's sandboxes with state ``lost``)."""
+        if cluster is not None:
+            return cluster.list()
+        return [SandboxInfo.from_record(record) for record in list_sandboxes()]
 
     # ---- plumbing ----------------------------------------------------------------
 
-    def _client(self) -> SupervisorClient:
+    def _client(self) -> Transport:
         if self._killed:
             raise errors.InvalidState(f"sandbox {self.name} was destroyed", state="destroyed")
         if self._conn is None:
-            self._conn = SupervisorClient(self._directory / CONTROL_SOCKET)
+            self._conn = self._connect()
         return self._conn
 
     def _redactor(self, text: str) -> str:

@@ -1,0 +1,325 @@
+"""The mvm node agent: one detached Ray actor per node (``mvm-node-<node id>``).
+
+It owns nothing the host cannot rebuild: sandboxes are found from the node's
+``$MVM_HOME/sandboxes`` records, each keeps its own detached supervisor (TTL included),
+and the agent's only memory is open supervisor connections. Restarting the agent (or
+the whole Ray node process tree while the machine lives) loses no sandbox.
+
+Every method answers plain data; an ``MvmError`` travels as ``("error", wire)`` and is
+rebuilt on the caller's side by ``errors.from_wire`` (the same as on the local socket).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import errors
+from .placement import NodeReport, SandboxRequest
+
+#: Bytes per item when a snapshot streams from one node to another.
+TRANSFER_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """What one node accepts. ``None`` = the host's own size (CPUs x ``cpu_overcommit``,
+    80% of its memory); ``max_sandboxes`` ``None`` = no count limit."""
+
+    max_sandboxes: int | None = None
+    cpu_cores: float | None = None
+    memory_mb: int | None = None
+    cpu_overcommit: float = 4.0
+
+
+Reply = tuple[str, Any, Any]
+
+
+def _error(exc: errors.MvmError) -> Reply:
+    return ("error", exc.to_wire(), None)
+
+
+class NodeAgent:
+    """The Ray actor's body (``mvm.cluster.nodes`` makes it remote)."""
+
+    def __init__(self, node_id: str, limits: NodeLimits | None = None):
+        self.node_id = node_id
+        self.limits = limits or NodeLimits()
+        self._lock = threading.Lock()  # creates are checked against the limits one at a time
+        self._clients_lock = threading.Lock()
+        self._clients: dict[str, Any] = {}  # sandbox id -> SupervisorClient (a cache, rebuildable)
+        self._streams: dict[str, Any] = {}  # stream token -> its own SupervisorClient, for cancel
+
+    # ---- what this node is ----------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """Capacity and health: the placement's input."""
+        from ..backends import availability, backend_names
+        from ..paths import mvm_home
+        from ..templates import list_templates
+
+        records = self._records()
+        cpus = os.cpu_count() or 1
+        total_mb = _mem_total_mb()
+        report = NodeReport(
+            node_id=self.node_id,
+            home=str(mvm_home()),
+            backends=[name for name in backend_names() if availability(name).ok],
+            templates=sorted({t["name"] for t in list_templates()}),
+            sandboxes=len(records),
+            cpu_used=sum(float(r.get("resources", {}).get("cpu_cores", 1)) for r in records),
+            memory_used_mb=sum(int(r.get("resources", {}).get("memory_mb", 512)) for r in records),
+            cpu_limit=self.limits.cpu_cores if self.limits.cpu_cores is not None else cpus * self.limits.cpu_overcommit,
+            memory_limit_mb=self.limits.memory_mb if self.limits.memory_mb is not None else int(total_mb * 0.8),
+            max_sandboxes=self.limits.max_sandboxes,
+            memory_available_mb=_mem_available_mb(),
+            load_average=os.getloadavg()[0],
+        )
+        return asdict(report)
+
+    def ping(self) -> str:
+        return self.node_id
+
+    # ---- sandboxes on this node ----------------------------------------------------
+
+    def create(self, template: str, options: dict[str, Any]) -> Reply:
+        """Create a sandbox here if the node's limits allow it (checked under a lock, so
+        concurrent creates cannot overshoot). Returns ``("ok", record, None)``."""
+        from ..sdk.sandbox import Sandbox
+
+        try:
+            with self._lock:
+                request = SandboxRequest.of(template, options)
+                fits, reason = NodeReport(**self.report()).fits(request)
+                if not fits:
+                    raise errors.NoCapacity(f"node {self.node_id[:12]} is full: {reason}", node=self.node_id,
+                                            reason=reason)
+                sandbox = Sandbox.create(template, **options)
+            sandbox.close()
+            record = self._record(sandbox.id)
+            return ("ok", record, None)
+        except errors.MvmError as exc:
+            return _error(exc)
+
+    def sandboxes(self) -> list[dict[str, Any]]:
+        """This node's live sandbox records (the supervisor's own files, not a copy)."""
+        return self._records()
+
+    def locate(self, name_or_id: str) -> dict[str, Any] | None:
+        for record in self._records():
+            if name_or_id in (record.get("id"), record.get("name")):
+                return dict(record)
+        return None
+
+    # ---- the data path: requests relayed to the local supervisor -------------------
+
+    def call(self, sandbox_id: str, op: str, args: dict[str, Any] | None, payload: bytes,
+             timeout: float | None) -> Reply:
+        """One request, no data frames wanted: ``("ok", result, payload)``."""
+        try:
+            result, data = self._client(sandbox_id).call(op, args, payload, timeout=timeout)
+        except errors.MvmError as exc:
+            self._forget_if_gone(sandbox_id, op)
+            return _error(exc)
+        self._forget_if_gone(sandbox_id, op)
+        return ("ok", result, data)
+
+    def call_streaming(self, sandbox_id: str, op: str, args: dict[str, Any] | None, payload: bytes,
+                       timeout: float | None) -> Iterator[Reply]:
+        """A request whose ``data`` frames the caller wants as they come (a Ray streaming
+        generator): ``("data", stream, bytes)`` items, then ``("ok", result, payload)``."""
+        import queue
+
+        items: queue.Queue[Reply | None] = queue.Queue()
+
+        def run() -> None:
+            try:
+                result, data = self._client(sandbox_id).call(
+                    op, args, payload, timeout=timeout, on_data=lambda s, b: items.put(("data", s, b))
+                )
+                items.put(("ok", result, data))
+            except errors.MvmError as exc:
+                items.put(_error(exc))
+            finally:
+                items.put(None)
+
+        threading.Thread(target=run, name=f"mvm-relay-{op}", daemon=True).start()
+        while (item := items.get()) is not None:
+            yield item
+
+    def open_stream(self) -> str:
+        return uuid.uuid4().hex
+
+    def stream(self, token: str, sandbox_id: str, op: str, args: dict[str, Any] | None) -> Iterator[Reply]:
+        """A streaming op (``proc.attach``, ``sandbox.logs``) on its own connection, so
+        ``cancel_stream(token)`` can end it from another request."""
+        from ..supervisor.client import SupervisorClient
+
+        try:
+            client = SupervisorClient(self._socket(sandbox_id))
+        except errors.MvmError as exc:
+            yield _error(exc)
+            return
+        self._streams[token] = client
+        try:
+            for stream, data in client.stream(op, args):
+                yield ("data", stream, data)
+            yield ("ok", {}, b"")
+        except errors.MvmError as exc:
+            yield _error(exc)
+        finally:
+            self._streams.pop(token, None)
+            client.close()
+
+    def cancel_stream(self, token: str) -> None:
+        client = self._streams.pop(token, None)
+        if client is not None:
+            client.close()
+
+    # ---- snapshots move between nodes ----------------------------------------------
+
+    def export_snapshot(self, snapshot_id: str) -> Iterator[bytes]:
+        """The snapshot directory as a tar stream (sealed blobs and the signed manifest;
+        never a key), in ``TRANSFER_CHUNK`` pieces."""
+        from ..paths import snapshots_dir
+
+        directory = snapshots_dir() / snapshot_id
+        if not directory.is_dir():
+            raise errors.SnapshotNotFound(f"no snapshot {snapshot_id!r} on node {self.node_id[:12]}",
+                                          snapshot=snapshot_id)
+        buffer = _ChunkSink()
+        with tarfile.open(fileobj=buffer, mode="w|") as tar:
+            for path in sorted(directory.rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+                yield from buffer.drain()
+        yield from buffer.drain(final=True)
+
+    def import_snapshot(self, snapshot_id: str, source: Any) -> Reply:
+        """Pull ``snapshot_id`` from the node agent ``source`` (node to node: the bytes do
+        not pass the caller), unpack it into this node's store and verify the manifest's
+        signature and every blob's sha256 with this node's keys."""
+        from ..paths import snapshots_dir
+        from ..security.sealing import verify_snapshot
+
+        import ray
+
+        target = snapshots_dir() / snapshot_id
+        if target.exists():
+            return ("ok", {"snapshot": snapshot_id, "bytes": 0, "already": True}, None)
+        staging = snapshots_dir() / f".import-{snapshot_id}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        archive = staging.with_name(staging.name + ".tar")
+        received = 0
+        try:
+            with open(archive, "wb") as out:
+                for ref in source.export_snapshot.options(num_returns="streaming").remote(snapshot_id):
+                    chunk = ray.get(ref)
+                    received += len(chunk)
+                    out.write(chunk)
+            with tarfile.open(archive, mode="r:") as tar:
+                tar.extractall(staging, filter="data")
+            verify_snapshot(staging, key=_snapshot_key())
+            os.replace(staging, target)
+        except (errors.MvmError, ray.exceptions.RayTaskError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            cause = getattr(exc, "cause", exc)
+            if isinstance(cause, errors.MvmError):
+                return _error(cause)
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            archive.unlink(missing_ok=True)
+        return ("ok", {"snapshot": snapshot_id, "bytes": received, "already": False}, None)
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _records(self) -> list[dict[str, Any]]:
+        from ..supervisor.state import list_sandboxes
+
+        records = list_sandboxes()
+        for record in records:
+            record["node_id"] = self.node_id
+        return records
+
+    def _record(self, sandbox_id: str) -> dict[str, Any]:
+        record = self.locate(sandbox_id)
+        if record is None:
+            raise errors.SandboxNotFound(f"sandbox {sandbox_id} is not on node {self.node_id[:12]}")
+        return record
+
+    def _socket(self, sandbox_id: str) -> Path:
+        from ..paths import sandboxes_dir
+        from ..supervisor.state import CONTROL_SOCKET
+
+        if not sandbox_id.startswith("sb-") or "/" in sandbox_id:
+            raise errors.InvalidArgument("sandbox_id", f"{sandbox_id!r} is not a sandbox id", allowed="sb-<hex>")
+        return sandboxes_dir() / sandbox_id / CONTROL_SOCKET
+
+    def _client(self, sandbox_id: str) -> Any:
+        from ..supervisor.client import SupervisorClient
+
+        with self._clients_lock:
+            client = self._clients.get(sandbox_id)
+            if client is None or client._closed:
+                client = SupervisorClient(self._socket(sandbox_id))
+                self._clients[sandbox_id] = client
+            return client
+
+    def _forget_if_gone(self, sandbox_id: str, op: str) -> None:
+        if op == "sandbox.destroy":
+            client = self._clients.pop(sandbox_id, None)
+            if client is not None:
+                client.close()
+
+
+class _ChunkSink(io.RawIOBase):
+    """A write-only file tarfile streams into; ``drain`` hands out whole chunks."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._buffer += data
+        return len(data)
+
+    def drain(self, final: bool = False) -> Iterator[bytes]:
+        while len(self._buffer) >= TRANSFER_CHUNK or (final and self._buffer):
+            chunk = bytes(self._buffer[:TRANSFER_CHUNK])
+            del self._buffer[:TRANSFER_CHUNK]
+            yield chunk
+
+
+def _snapshot_key() -> bytes:
+    from ..security.sealing import snapshot_key
+
+    return snapshot_key()
+
+
+def _meminfo(field: str) -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def _mem_total_mb() -> int:
+    return _meminfo("MemTotal")
+
+
+def _mem_available_mb() -> int:
+    return _meminfo("MemAvailable")

@@ -1,0 +1,394 @@
+"""``mvm.connect_cluster``: the same ``Sandbox`` API over a Ray cluster.
+
+    cluster = mvm.connect_cluster("auto")              # or "ray://head:10001", or an initialised Ray
+    with cluster.create("python-3.13", backend="namespace") as sandbox:   # an mvm.Sandbox
+        print(sandbox.commands.run(["uname", "-n"]).stdout)
+    cluster.list()                                     # every node's sandboxes; a dead node's are "lost"
+    mvm.Sandbox.connect(sandbox.id, cluster=cluster)   # from any process of the cluster
+
+Requests go from the caller straight to the node agent of the node that owns the
+sandbox (a Ray actor call to that node), which relays them to the sandbox's supervisor
+socket there; nothing passes the head node except when the caller itself is a
+``ray://`` client (Ray Client proxies every call through the head).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import errors
+from ..sdk.models import SandboxInfo
+from .agent import NodeLimits
+from .placement import DEFAULT_STRATEGY, NodeReport, SandboxRequest, rank, validate_strategy
+
+NAMESPACE = "mvm"
+AGENT_PREFIX = "mvm-node-"
+#: How long a node may take to answer a report before placement skips it.
+REPORT_TIMEOUT = 15.0
+#: Grace added to a request's own timeout before the relay is declared lost.
+RELAY_GRACE = 30.0
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise errors.BackendUnavailable(
+            "the cluster path needs Ray: pip install 'mvm[ray]'", backend="ray"
+        ) from None
+    return ray
+
+
+def agent_name(node_id: str) -> str:
+    return AGENT_PREFIX + node_id
+
+
+def connect_cluster(
+    address: str | None = "auto",
+    *,
+    strategy: str = DEFAULT_STRATEGY,
+    limits: NodeLimits | None = None,
+    node_homes: Mapping[str, str] | None = None,
+) -> Cluster:
+    """Attach to a Ray cluster (``"auto"``, ``"ray://host:port"``, or ``None`` when this
+    process already called ``ray.init``) and make sure every alive node runs its mvm
+    node agent. ``node_homes`` (node id -> ``MVM_HOME``) is for simulated nodes sharing
+    one machine; real nodes use their own ``~/.mvm``."""
+    ray = _ray()
+    if not ray.is_initialized():
+        if address is None:
+            raise errors.InvalidArgument("address", "Ray is not initialised", allowed=["auto", "ray://host:port"])
+        ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+    cluster = Cluster(strategy=strategy, limits=limits, node_homes=node_homes)
+    cluster.ensure_agents()
+    return cluster
+
+
+class Cluster:
+    """A handle on the mvm node agents of one Ray cluster. Cheap; any process may make one."""
+
+    def __init__(
+        self,
+        *,
+        strategy: str = DEFAULT_STRATEGY,
+        limits: NodeLimits | None = None,
+        node_homes: Mapping[str, str] | None = None,
+    ):
+        self.strategy = validate_strategy(strategy)
+        self.limits = limits
+        self.node_homes = dict(node_homes or {})
+        self._routes: dict[str, str] = {}  # sandbox id -> node id, learned (a cache)
+        self._known: dict[str, dict[str, Any]] = {}  # sandbox id -> last record seen (for "lost")
+
+    # ---- nodes ------------------------------------------------------------------
+
+    def alive_nodes(self) -> list[str]:
+        ray = _ray()
+        return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+
+    def ensure_agents(self) -> dict[str, Any]:
+        """Start (or find) the detached node agent on every alive node."""
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from .nodes import NodeAgentActor
+
+        agents = {}
+        for node_id in self.alive_nodes():
+            options: dict[str, Any] = {
+                "name": agent_name(node_id),
+                "namespace": NAMESPACE,
+                "lifetime": "detached",
+                "get_if_exists": True,
+                "num_cpus": 0,
+                "max_concurrency": 64,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            }
+            home = self.node_homes.get(node_id)
+            if home:
+                options["runtime_env"] = {"env_vars": {"MVM_HOME": home}}
+            agents[node_id] = NodeAgentActor.options(**options).remote(node_id, self.limits)
+        ray.get([agent.ping.remote() for agent in agents.values()], timeout=120)
+        return agents
+
+    def agent(self, node_id: str) -> Any:
+        ray = _ray()
+        try:
+            return ray.get_actor(agent_name(node_id), namespace=NAMESPACE)
+        except ValueError:
+            raise errors.SandboxLost(f"node {node_id[:12]} has no mvm node agent (node gone?)",
+                                     node=node_id) from None
+
+    def reports(self) -> list[NodeReport]:
+        """Every alive node's capacity and health; a node that does not answer within
+        ``REPORT_TIMEOUT`` is left out (placement never waits on a dying node)."""
+        ray = _ray()
+        pending = {}
+        for node_id in self.alive_nodes():
+            try:
+                pending[node_id] = self.agent(node_id).report.remote()
+            except errors.SandboxLost:
+                continue
+        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=REPORT_TIMEOUT)
+        out = []
+        for ref in ready:
+            try:
+                out.append(NodeReport(**ray.get(ref)))
+            except ray.exceptions.RayError:
+                continue
+        return sorted(out, key=lambda r: r.node_id)
+
+    # ---- sandboxes --------------------------------------------------------------
+
+    def create(
+        self,
+        template: str = "python-3.13",
+        *,
+        placement: str | None = None,
+        node: str | None = None,
+        include: Sequence[str] | None = None,
+        **options: Any,
+    ) -> Any:
+        """``Sandbox.create`` on a node the placement picks (or on ``node``); returns an
+        ``mvm.Sandbox`` whose requests go to that node. Keyword options are
+        ``Sandbox.create``'s. ``NoCapacity`` when no node can take it, naming each
+        node's reason."""
+        from ..sdk.includes import collect_includes
+        from ..sdk.sandbox import script_dir
+
+        strategy = validate_strategy(placement or self.strategy)
+        files = collect_includes(include or [], base_dir=script_dir())  # host paths are the caller's
+        request = SandboxRequest.of(template, options)
+        if node is not None:
+            candidates = [node]
+            refused: dict[str, str] = {}
+        else:
+            ordered, refused = rank(self.reports(), request, strategy)
+            candidates = [r.node_id for r in ordered]
+        for node_id in candidates:
+            try:
+                kind, record, _ = self._get(self.agent(node_id).create.remote(template, options), None)
+            except errors.SandboxLost as exc:
+                refused[node_id] = exc.message
+                continue
+            if kind == "error":
+                failure = errors.from_wire(record)
+                if isinstance(failure, errors.NoCapacity):
+                    refused[node_id] = failure.message
+                    continue
+                raise failure
+            sandbox = self._handle(record)
+            try:
+                for guest_path, data, mode_bits in files:
+                    sandbox.files.write(guest_path, data, mode=mode_bits)
+            except BaseException:
+                sandbox.kill()
+                raise
+            return sandbox
+        raise errors.NoCapacity(
+            f"no node can take a {template} sandbox: "
+            + ("; ".join(f"{n[:12]}: {why}" for n, why in refused.items()) or "no alive node"),
+            refused=[f"{n}: {why}" for n, why in refused.items()],
+        )
+
+    def connect(self, name_or_id: str) -> Any:
+        """The running sandbox ``name_or_id`` on whichever node holds it."""
+        record = self._locate(name_or_id)
+        if record is None:
+            raise errors.SandboxNotFound(f"no sandbox named {name_or_id!r} on any alive node", name=name_or_id)
+        return self._handle(record)
+
+    def list(self) -> list[SandboxInfo]:
+        """Every node's sandboxes (``details["node_id"]``); one this handle saw on a node
+        that has since died is listed with state ``lost``."""
+        ray = _ray()
+        alive = self.alive_nodes()
+        refs = {}
+        for node_id in alive:
+            try:
+                refs[node_id] = self.agent(node_id).sandboxes.remote()
+            except errors.SandboxLost:
+                continue
+        seen: dict[str, dict[str, Any]] = {}
+        answered: set[str] = set()
+        for node_id, ref in refs.items():
+            try:
+                records = ray.get(ref, timeout=REPORT_TIMEOUT)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue
+            answered.add(node_id)
+            for record in records:
+                seen[record["id"]] = record
+        infos = [_info(record, record.get("state", "creating")) for record in seen.values()]
+        for sandbox_id, record in list(self._known.items()):
+            if sandbox_id in seen:
+                continue
+            if record["node_id"] in answered:  # its node is fine: it was destroyed or expired
+                del self._known[sandbox_id]
+                continue
+            infos.append(_info(record, "lost"))
+        self._known.update(seen)
+        self._routes.update({i: r["node_id"] for i, r in seen.items()})
+        return sorted(infos, key=lambda i: (i.created_at, i.id))
+
+    # ---- snapshots --------------------------------------------------------------
+
+    def copy_snapshot(self, snapshot_id: str, *, source: str, target: str) -> dict[str, Any]:
+        """Copy a sealed snapshot from node ``source`` to node ``target`` (node to node).
+        Only sealed blobs and the signed manifest travel; the target needs the same
+        snapshot key and signing key in its keystore (docs/scale-out.md)."""
+        kind, result, _ = self._get(self.agent(target).import_snapshot.remote(snapshot_id, self.agent(source)), None)
+        if kind == "error":
+            raise errors.from_wire(result)
+        return dict(result)
+
+    def restore(self, snapshot_id: str, *, source: str, node: str | None = None, **options: Any) -> Any:
+        """A sandbox from ``snapshot_id`` (saved on node ``source``) on ``node`` (default:
+        the placement's pick other than ``source``... or ``source`` if it is the only one)."""
+        if node is None:
+            template = str(options.get("template", "python-3.13"))
+            ordered, _ = rank(self.reports(), SandboxRequest.of(template, options), self.strategy)
+            others = [r.node_id for r in ordered if r.node_id != source]
+            node = others[0] if others else source
+        if node != source:
+            self.copy_snapshot(snapshot_id, source=source, target=node)
+        template = options.pop("template", "python-3.13")
+        return self.create(template, node=node, from_snapshot=snapshot_id, **options)
+
+    # ---- internals --------------------------------------------------------------
+
+    def _locate(self, name_or_id: str) -> dict[str, Any] | None:
+        ray = _ray()
+        node_id = self._routes.get(name_or_id)
+        nodes = [node_id] if node_id else self.alive_nodes()
+        refs = []
+        for node in nodes:
+            try:
+                refs.append(self.agent(node).locate.remote(name_or_id))
+            except errors.SandboxLost:
+                continue
+        for ref in refs:
+            try:
+                record = ray.get(ref, timeout=REPORT_TIMEOUT)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue
+            if record is not None:
+                return dict(record)
+        if node_id:  # stale route: look everywhere
+            del self._routes[name_or_id]
+            return self._locate(name_or_id)
+        return None
+
+    def _handle(self, record: dict[str, Any]) -> Any:
+        from ..sdk.sandbox import Sandbox
+
+        node_id = record["node_id"]
+        self._routes[record["id"]] = node_id
+        self._known[record["id"]] = record
+        sandbox_id = record["id"]
+        return Sandbox(
+            sandbox_id,
+            record["name"],
+            Path(record.get("directory", "")),
+            connect=lambda: ClusterTransport(self, node_id, sandbox_id),
+        )
+
+    def _get(self, ref: Any, timeout: float | None) -> Any:
+        """``ray.get`` where a dead node or actor becomes ``SandboxLost`` (never a hang:
+        Ray fails pending calls to a dead actor)."""
+        ray = _ray()
+        try:
+            return ray.get(ref, timeout=timeout)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                ray.exceptions.NodeDiedError, ray.exceptions.OwnerDiedError) as exc:
+            raise errors.SandboxLost(f"the node agent went away: {type(exc).__name__}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise errors.SandboxError(f"no answer from the node agent within {timeout} s") from None
+
+
+class ClusterTransport:
+    """``SupervisorClient``'s shape over the owning node's agent: what a cluster
+    ``Sandbox`` speaks through."""
+
+    def __init__(self, cluster: Cluster, node_id: str, sandbox_id: str):
+        self._cluster = cluster
+        self.node_id = node_id
+        self.sandbox_id = sandbox_id
+        self._agent = cluster.agent(node_id)
+        self._closed = False
+
+    def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        *,
+        on_data: Callable[[str, bytes], None] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[dict[str, Any], bytes]:
+        self._check_open()
+        wait = None if timeout is None else timeout + RELAY_GRACE
+        if on_data is None:
+            reply = self._lost_guard(lambda: self._cluster._get(
+                self._agent.call.remote(self.sandbox_id, op, args, payload, timeout), wait))
+            return _unwrap(reply)
+        generator = self._agent.call_streaming.options(num_returns="streaming").remote(
+            self.sandbox_id, op, args, payload, timeout
+        )
+        for item in self._items(generator):
+            if item[0] == "data":
+                on_data(item[1], item[2])
+                continue
+            return _unwrap(item)
+        raise errors.SandboxLost(f"{op}: the relay ended without an answer")
+
+    def stream(self, op: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, bytes]]:
+        self._check_open()
+        token = self._lost_guard(lambda: self._cluster._get(self._agent.open_stream.remote(), REPORT_TIMEOUT))
+        generator = self._agent.stream.options(num_returns="streaming").remote(token, self.sandbox_id, op, args)
+        finished = False
+        try:
+            for item in self._items(generator):
+                if item[0] == "data":
+                    yield item[1], item[2]
+                    continue
+                finished = True
+                _unwrap(item)
+                return
+        finally:
+            if not finished:
+                self._agent.cancel_stream.remote(token)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.SandboxError("this sandbox handle is closed")
+
+    def _items(self, generator: Any) -> Iterator[Any]:
+        for ref in generator:
+            yield self._lost_guard(partial(self._cluster._get, ref, None))
+
+    def _lost_guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except errors.SandboxLost:
+            raise errors.SandboxLost(
+                f"sandbox {self.sandbox_id} is lost: its node {self.node_id[:12]} is gone",
+                sandbox=self.sandbox_id, node=self.node_id,
+            ) from None
+
+
+def _unwrap(reply: Any) -> tuple[dict[str, Any], bytes]:
+    kind, result, payload = reply
+    if kind == "error":
+        raise errors.from_wire(result)
+    return dict(result), bytes(payload or b"")
+
+
+def _info(record: dict[str, Any], state: str) -> SandboxInfo:
+    return SandboxInfo.from_record(record, state=state, details={"node_id": record["node_id"]})

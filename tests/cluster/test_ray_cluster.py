@@ -1,0 +1,188 @@
+"""The cluster path on three Ray nodes (tests/cluster/conftest.py): placement, routing
+from any process, the relayed data path, limits, TTLs, snapshots moving between nodes,
+and a node dying mid-run. The node-death test removes a node, so it runs last."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import ray
+
+import mvm
+from mvm import errors
+from mvm.backends import availability
+from mvm.cluster import Cluster
+from mvm.supervisor.state import load_record, pid_alive
+
+from ..waiting import wait_for
+from .conftest import MAX_SANDBOXES_PER_NODE, SimulatedCluster
+
+TEMPLATE = "python-3.13"
+BACKENDS = [name for name in ("namespace", "vm") if availability(name).ok] or ["namespace"]
+
+
+def _node_of(sim: SimulatedCluster, sandbox: mvm.Sandbox) -> str:
+    """Which node's MVM_HOME holds the sandbox's records (the ground truth, on disk)."""
+    owners = [node for node, home in sim.homes.items() if (home / "sandboxes" / sandbox.id / "state.json").exists()]
+    assert len(owners) == 1, owners
+    return owners[0]
+
+
+def test_every_node_runs_an_agent_reporting_its_own_home(ray_cluster: SimulatedCluster) -> None:
+    reports = ray_cluster.mvm.reports()
+    assert sorted(r.node_id for r in reports) == sorted(ray_cluster.nodes)
+    for report in reports:
+        assert report.home == str(ray_cluster.homes[report.node_id])
+        assert "namespace" in report.backends
+        assert TEMPLATE in report.templates
+        assert report.max_sandboxes == MAX_SANDBOXES_PER_NODE
+        assert report.cpu_limit > 0 and report.memory_limit_mb > 0
+
+
+def test_spread_places_on_every_node_and_the_same_sandbox_api_works(ray_cluster: SimulatedCluster) -> None:
+    sim = ray_cluster
+    sandboxes = [
+        mvm.Sandbox.create(TEMPLATE, backend="namespace", ttl="10m", cluster=sim.mvm, name=f"spread-{i}")
+        for i in range(3)
+    ]
+    try:
+        assert all(type(sb) is mvm.Sandbox for sb in sandboxes)
+        assert sorted(_node_of(sim, sb) for sb in sandboxes) == sorted(sim.nodes)
+        sb = sandboxes[1]
+        sb.files.write("/tmp/big.bin", os.urandom(300_000))  # chunked writes through the relay
+        assert sb.files.stat("/tmp/big.bin").size == 300_000
+        lines: list[str] = []
+        result = sb.commands.run(["sh", "-c", "echo out; echo err >&2; exit 3"], on_stdout=lines.append)
+        assert (result.exit_code, result.stdout, result.stderr) == (3, "out\n", "err\n")
+        assert "".join(lines) == "out\n"
+        process = sb.commands.start(["sh", "-c", "for i in 1 2 3; do echo line$i; done"])
+        assert process.wait().exit_code == 0
+        assert "".join(process.stdout) == "line1\nline2\nline3\n" if hasattr(process, "stdout") else True
+        with pytest.raises(errors.FileNotFoundInSandbox):
+            sb.files.read("/no/such/file")
+        listed = {info.id: info for info in mvm.Sandbox.list(cluster=sim.mvm)}
+        for made in sandboxes:
+            assert listed[made.id].details["node_id"] == _node_of(sim, made)
+            assert listed[made.id].state == "running"
+    finally:
+        for sb in sandboxes:
+            sb.kill()
+    remaining = {info.id for info in sim.mvm.list()}
+    assert not remaining & {sb.id for sb in sandboxes}
+
+
+def test_an_id_routes_to_its_node_from_another_process_on_another_node(ray_cluster: SimulatedCluster) -> None:
+    sim = ray_cluster
+    with sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=sim.nodes[2]) as sb:
+        sb.files.write("/tmp/greeting", "hello from node 2")
+
+        @ray.remote(num_cpus=0)
+        def read_elsewhere(sandbox_id: str) -> tuple[str, str]:
+            fresh = Cluster()  # a new handle: no routes learned, finds the node by asking
+            remote = mvm.Sandbox.connect(sandbox_id, cluster=fresh)
+            return ray.get_runtime_context().get_node_id(), remote.files.read("/tmp/greeting").decode()
+
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        where, text = ray.get(
+            read_elsewhere.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(sim.nodes[1], soft=False)
+            ).remote(sb.id)
+        )
+        assert (where, text) == (sim.nodes[1], "hello from node 2")
+        by_name = mvm.Sandbox.connect(sb.name, cluster=Cluster())
+        assert by_name.id == sb.id
+    with pytest.raises(errors.SandboxNotFound):
+        mvm.Sandbox.connect(sb.id, cluster=Cluster())
+
+
+def test_per_node_limits_hold_and_a_full_cluster_says_why(ray_cluster: SimulatedCluster) -> None:
+    sim = ray_cluster
+    node = sim.nodes[1]
+    made = []
+    try:
+        for _ in range(MAX_SANDBOXES_PER_NODE):
+            made.append(sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=node))
+        with pytest.raises(errors.NoCapacity, match="max_sandboxes=4"):
+            sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=node)
+        # pack now skips the full node and fills the next one
+        packed = [sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", placement="pack") for _ in range(2)]
+        made += packed
+        assert len({_node_of(sim, sb) for sb in packed}) == 1 and _node_of(sim, packed[0]) != node
+        before = {info.id for info in sim.mvm.list()}
+        with pytest.raises(errors.NoCapacity) as caught:
+            sim.mvm.create(TEMPLATE, backend="namespace", resources=mvm.resources(memory_mb=262144))
+        assert all(n[:12] in caught.value.message for n in sim.nodes)
+        assert {info.id for info in sim.mvm.list()} == before  # nothing half-made
+        with pytest.raises(errors.InvalidArgument, match="placement"):
+            sim.mvm.create(TEMPLATE, placement="random")
+    finally:
+        for sb in made:
+            sb.kill()
+
+
+def test_ttl_is_enforced_by_the_owning_node(ray_cluster: SimulatedCluster) -> None:
+    sim = ray_cluster
+    sb = sim.mvm.create(TEMPLATE, backend="namespace", ttl=2, node=sim.nodes[2])
+    assert sb.id in {info.id for info in sim.mvm.list()}
+    wait_for(lambda: sb.id not in {info.id for info in sim.mvm.list()}, timeout=60, what="TTL expiry on node 2")
+    with pytest.raises(errors.MvmError):
+        sb.commands.run(["true"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_snapshot_saved_on_one_node_restores_on_another(ray_cluster: SimulatedCluster, backend: str) -> None:
+    sim = ray_cluster
+    source_node, target_node = sim.nodes[1], sim.nodes[2]
+    with sim.mvm.create(TEMPLATE, backend=backend, ttl="10m", node=source_node) as source:
+        source.files.write("/root/state.txt", f"saved on {source_node}")
+        snap = source.snapshot(keep=True)
+    copied = sim.mvm.copy_snapshot(snap.id, source=source_node, target=target_node)
+    assert copied["bytes"] > 0
+    target_store = sim.homes[target_node] / "snapshots" / snap.id
+    assert sorted(p.name for p in target_store.iterdir()) == sorted(
+        p.name for p in (sim.homes[source_node] / "snapshots" / snap.id).iterdir()
+    )
+    assert not any("key" in p.name for p in target_store.rglob("*"))  # sealed bytes only
+    restored = sim.mvm.create(TEMPLATE, backend=backend, ttl="10m", node=target_node, from_snapshot=snap.id)
+    with restored:
+        assert _node_of(sim, restored) == target_node
+        assert restored.files.read("/root/state.txt").decode() == f"saved on {source_node}"
+
+
+def test_a_dead_node_takes_its_sandboxes_and_nothing_hangs(ray_cluster: SimulatedCluster) -> None:
+    """Runs last: removes node 2."""
+    sim = ray_cluster
+    doomed_node = sim.nodes[2]
+    doomed = [sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=doomed_node) for _ in range(2)]
+    survivor = sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=sim.nodes[1])
+    running = doomed[0].commands.start(["sleep", "600"])
+    try:
+        # The machine dies: its raylet and workers, and every process on it (the
+        # supervisors of its sandboxes, found by their records under that node's home).
+        supervisors = [load_record(sim.homes[doomed_node] / "sandboxes" / sb.id)["supervisor_pid"] for sb in doomed]
+        sim.ray_cluster.remove_node(sim.raylets[doomed_node])
+        for pid in supervisors:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: doomed_node not in sim.mvm.alive_nodes(), timeout=60, what="node declared dead")
+        with pytest.raises(errors.SandboxLost):
+            running.wait()
+        with pytest.raises(errors.SandboxLost):
+            doomed[1].commands.run(["true"])
+        states = {info.id: info.state for info in sim.mvm.list()}
+        assert states[doomed[0].id] == states[doomed[1].id] == "lost"
+        assert states[survivor.id] == "running"
+        assert survivor.commands.run(["true"]).exit_code == 0
+        replacement = sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m")
+        with replacement:
+            assert _node_of(sim, replacement) != doomed_node
+        assert not any(pid_alive(pid) for pid in supervisors)
+    finally:
+        survivor.kill()
+        from mvm.supervisor.state import reap
+
+        for directory in (Path(sim.homes[doomed_node]) / "sandboxes").glob("sb-*"):
+            reap(directory, load_record(directory))
