@@ -39,6 +39,7 @@ class SimulatedCluster:
     homes: dict[str, Path]  # node id -> that node's MVM_HOME
     raylets: dict[str, object]  # node id -> ray._private.node.Node (for remove_node)
     mvm: Cluster
+    max_sandboxes: int = MAX_SANDBOXES_PER_NODE
 
 
 @pytest.fixture(scope="session")

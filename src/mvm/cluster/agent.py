@@ -214,10 +214,13 @@ class NodeAgent:
         target = snapshots_dir() / snapshot_id
         if target.exists():
             return ("ok", {"snapshot": snapshot_id, "bytes": 0, "already": True}, None)
-        staging = snapshots_dir() / f".import-{snapshot_id}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o700)
-        archive = staging.with_name(staging.name + ".tar")
+        # Unpacked under a private parent, in a directory already named as the snapshot
+        # (the manifest names its directory), then moved into the store in one rename.
+        parent = snapshots_dir() / f".import-{snapshot_id}-{os.getpid()}"
+        shutil.rmtree(parent, ignore_errors=True)
+        parent.mkdir(mode=0o700)
+        staging = parent / snapshot_id
+        archive = parent / "transfer.tar"
         received = 0
         try:
             with open(archive, "wb") as out:
@@ -225,21 +228,18 @@ class NodeAgent:
                     chunk = ray.get(ref)
                     received += len(chunk)
                     out.write(chunk)
+            staging.mkdir(mode=0o700)
             with tarfile.open(archive, mode="r:") as tar:
                 tar.extractall(staging, filter="data")
             verify_snapshot(staging, key=_snapshot_key())
             os.replace(staging, target)
         except (errors.MvmError, ray.exceptions.RayTaskError) as exc:
-            shutil.rmtree(staging, ignore_errors=True)
             cause = getattr(exc, "cause", exc)
             if isinstance(cause, errors.MvmError):
                 return _error(cause)
             raise
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         finally:
-            archive.unlink(missing_ok=True)
+            shutil.rmtree(parent, ignore_errors=True)
         return ("ok", {"snapshot": snapshot_id, "bytes": received, "already": False}, None)
 
     # ---- internals ------------------------------------------------------------------
