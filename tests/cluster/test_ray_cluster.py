@@ -177,9 +177,11 @@ def test_a_dead_node_takes_its_sandboxes_and_nothing_hangs(ray_cluster: Simulate
             running.wait()
         with pytest.raises(errors.SandboxLost):
             doomed[1].commands.run(["true"])
-        states = {info.id: info.state for info in sim.mvm.list()}
+        states = {info.id: info.state for info in mvm.Sandbox.list(cluster=Cluster())}  # any process's view
         assert states[doomed[0].id] == states[doomed[1].id] == "lost"
         assert states[survivor.id] == "running"
+        with pytest.raises(errors.SandboxLost):
+            mvm.Sandbox.connect(doomed[0].id, cluster=Cluster())
         assert survivor.commands.run(["true"]).exit_code == 0
         replacement = sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m")
         with replacement:
@@ -187,6 +189,8 @@ def test_a_dead_node_takes_its_sandboxes_and_nothing_hangs(ray_cluster: Simulate
         assert not any(pid_alive(pid) for pid in supervisors)
     finally:
         survivor.kill()
+        for sb in doomed:
+            sim.mvm.forget(sb.id)
         from mvm.supervisor.state import reap
 
         for directory in (Path(sim.homes[doomed_node]) / "sandboxes").glob("sb-*"):

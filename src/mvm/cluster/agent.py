@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
+from . import directory
 from .placement import NodeReport, SandboxRequest
 
 #: Bytes per item when a snapshot streams from one node to another.
@@ -105,6 +106,7 @@ class NodeAgent:
                 sandbox = Sandbox.create(template, **options)
             sandbox.close()
             record = self._record(sandbox.id)
+            directory.remember(record)
             return ("ok", record, None)
         except errors.MvmError as exc:
             return _error(exc)
@@ -278,6 +280,7 @@ class NodeAgent:
 
     def _forget_if_gone(self, sandbox_id: str, op: str) -> None:
         if op == "sandbox.destroy":
+            directory.forget(sandbox_id)
             client = self._clients.pop(sandbox_id, None)
             if client is not None:
                 client.close()

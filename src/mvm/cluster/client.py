@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import errors
 from ..sdk.models import SandboxInfo
+from . import directory
 from .agent import NodeLimits
 from .placement import DEFAULT_STRATEGY, NodeReport, SandboxRequest, rank, validate_strategy
 
@@ -81,7 +82,6 @@ class Cluster:
         self.limits = limits
         self.node_homes = dict(node_homes or {})
         self._routes: dict[str, str] = {}  # sandbox id -> node id, learned (a cache)
-        self._known: dict[str, dict[str, Any]] = {}  # sandbox id -> last record seen (for "lost")
 
     # ---- nodes ------------------------------------------------------------------
 
@@ -223,16 +223,19 @@ class Cluster:
             for record in records:
                 seen[record["id"]] = record
         infos = [_info(record, record.get("state", "creating")) for record in seen.values()]
-        for sandbox_id, record in list(self._known.items()):
-            if sandbox_id in seen:
+        for entry in directory.entries():
+            if entry["id"] in seen:
                 continue
-            if record["node_id"] in answered:  # its node is fine: it was destroyed or expired
-                del self._known[sandbox_id]
-                continue
-            infos.append(_info(record, "lost"))
-        self._known.update(seen)
+            if entry["node_id"] in answered:  # its node is fine: destroyed or expired there
+                directory.forget(entry["id"])
+            elif entry["node_id"] not in alive:
+                infos.append(_info(entry, "lost"))
         self._routes.update({i: r["node_id"] for i, r in seen.items()})
         return sorted(infos, key=lambda i: (i.created_at, i.id))
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop a ``lost`` sandbox from the cluster's directory."""
+        directory.forget(sandbox_id)
 
     # ---- snapshots --------------------------------------------------------------
 
@@ -262,7 +265,11 @@ class Cluster:
 
     def _locate(self, name_or_id: str) -> dict[str, Any] | None:
         ray = _ray()
-        node_id = self._routes.get(name_or_id)
+        entry = None if name_or_id in self._routes else directory.lookup(name_or_id)
+        node_id = self._routes.get(name_or_id) or (entry["node_id"] if entry else None)
+        if entry and node_id and node_id not in self.alive_nodes():
+            raise errors.SandboxLost(f"sandbox {name_or_id} is lost: its node {node_id[:12]} is gone",
+                                     sandbox=name_or_id, node=node_id)
         nodes = [node_id] if node_id else self.alive_nodes()
         refs = []
         for node in nodes:
@@ -278,7 +285,9 @@ class Cluster:
             if record is not None:
                 return dict(record)
         if node_id:  # stale route: look everywhere
-            del self._routes[name_or_id]
+            self._routes.pop(name_or_id, None)
+            if entry:
+                directory.forget(name_or_id)
             return self._locate(name_or_id)
         return None
 
@@ -287,7 +296,6 @@ class Cluster:
 
         node_id = record["node_id"]
         self._routes[record["id"]] = node_id
-        self._known[record["id"]] = record
         sandbox_id = record["id"]
         return Sandbox(
             sandbox_id,
