@@ -646,12 +646,19 @@ class NamespaceBackend(Backend):
         if binary is None:
             return Availability(False, "bubblewrap (bwrap) is not installed: apt-get install bubblewrap", details)
         details["bwrap"] = bw.bwrap_version(binary) or binary
-        try:
-            run = subprocess.run(
-                [binary, "--unshare-all", "--ro-bind", "/", "/", "true"], capture_output=True, text=True, timeout=30
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            return Availability(False, f"bwrap does not run: {exc}", details)
+        # The probe binds the whole tree recursively: a mount another process removes at
+        # that moment (another sandbox's overlay ending) fails it with ENOENT on remount.
+        # That says nothing about this host, so such a failure is retried.
+        for _attempt in range(5):
+            try:
+                run = subprocess.run(
+                    [binary, "--unshare-all", "--ro-bind", "/", "/", "true"], capture_output=True, text=True,
+                    timeout=30,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                return Availability(False, f"bwrap does not run: {exc}", details)
+            if run.returncode == 0 or "Unable to apply mount flags: remount" not in run.stderr:
+                break
         if run.returncode != 0:
             return Availability(
                 False, f"bwrap cannot create namespaces here: {run.stderr.strip() or run.returncode}", details
