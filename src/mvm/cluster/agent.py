@@ -55,6 +55,7 @@ class NodeAgent:
         self.node_id = node_id
         self.limits = limits or NodeLimits()
         self._lock = threading.Lock()  # creates are checked against the limits one at a time
+        self._reserved: list[SandboxRequest] = []  # creates admitted and still starting
         self._clients_lock = threading.Lock()
         self._clients: dict[str, Any] = {}  # sandbox id -> SupervisorClient (a cache, rebuildable)
         self._streams: dict[str, Any] = {}  # stream token -> its own SupervisorClient, for cancel
@@ -68,6 +69,8 @@ class NodeAgent:
         from ..templates import list_templates
 
         records = self._records()
+        with_starting = [*records, *({"resources": {"cpu_cores": r.cpu_cores, "memory_mb": r.memory_mb}}
+                                     for r in list(self._reserved))]
         cpus = os.cpu_count() or 1
         total_mb = _mem_total_mb()
         report = NodeReport(
@@ -75,9 +78,9 @@ class NodeAgent:
             home=str(mvm_home()),
             backends=[name for name in backend_names() if availability(name).ok],
             templates=sorted({t["name"] for t in list_templates()}),
-            sandboxes=len(records),
-            cpu_used=sum(float(r.get("resources", {}).get("cpu_cores", 1)) for r in records),
-            memory_used_mb=sum(int(r.get("resources", {}).get("memory_mb", 512)) for r in records),
+            sandboxes=len(with_starting),
+            cpu_used=sum(float(r.get("resources", {}).get("cpu_cores", 1)) for r in with_starting),
+            memory_used_mb=sum(int(r.get("resources", {}).get("memory_mb", 512)) for r in with_starting),
             cpu_limit=self.limits.cpu_cores if self.limits.cpu_cores is not None else cpus * self.limits.cpu_overcommit,
             memory_limit_mb=self.limits.memory_mb if self.limits.memory_mb is not None else int(total_mb * 0.8),
             max_sandboxes=self.limits.max_sandboxes,
@@ -97,13 +100,18 @@ class NodeAgent:
         from ..sdk.sandbox import Sandbox
 
         try:
-            with self._lock:
-                request = SandboxRequest.of(template, options)
+            request = SandboxRequest.of(template, options)
+            with self._lock:  # check and reserve together; the create itself runs unlocked
                 fits, reason = NodeReport(**self.report()).fits(request)
                 if not fits:
                     raise errors.NoCapacity(f"node {self.node_id[:12]} is full: {reason}", node=self.node_id,
                                             reason=reason)
+                self._reserved.append(request)
+            try:
                 sandbox = Sandbox.create(template, **options)
+            finally:
+                with self._lock:
+                    self._reserved.remove(request)
             sandbox.close()
             record = self._record(sandbox.id)
             directory.remember(record)
