@@ -9,7 +9,9 @@ cached by content hash under ``$MVM_TEMPLATES`` (default ``$MVM_HOME/templates``
     image.rootfs                              # .../python-3.13-<digest16>/rootfs
     image.python_version                      # '3.13.5'
 
-Built-in names: ``available_templates()``. A custom template is a TOML file
+Built-in names: ``available_templates()``. Templates from OCI images and Dockerfiles:
+``ensure_template("oci:REGISTRY/REPO:TAG")``, ``build_from_image``, ``build_from_dockerfile``
+(``mvm.templates.oci``). A custom template is a TOML file
 (``load_custom``, format in ``mvm.templates.recipe``); pass its path to
 ``ensure_template``, and once built it is also known by its name.
 """
@@ -27,6 +29,7 @@ from .builder import (
 from .catalog import available_templates, check_template, load_custom, recipe
 from .disk import build_raw_disk
 from .image import TemplateImage
+from .oci import build_from_dockerfile, build_from_image
 from .progress import ProgressCallback
 from .recipe import BUILD_FORMAT, Recipe, TemplateFile
 
@@ -37,6 +40,8 @@ __all__ = [
     "TemplateFile",
     "TemplateImage",
     "available_templates",
+    "build_from_dockerfile",
+    "build_from_image",
     "build_raw_disk",
     "check_template",
     "current_digest",

@@ -234,26 +234,26 @@ def build_from_image(ref: str, *, name: str | None = None, creds_secret: str | N
     image_ref = parse_ref(ref)
     template_name = validate_template_name(name) if name is not None else image_ref.template_name
     _require_tools("skopeo", "umoci")
-    layout_ref = _new_layout_ref(template_name)
-    try:
-        with _layout_lock():
-            _ensure_layout()
-            argv = [store.host_tool("skopeo"), "copy", "--quiet", "--retry-times", "2",
-                    "--override-os", "linux",
-                    f"docker://{image_ref}", f"oci:{layout_dir()}:{layout_ref}"]
-            if image_ref.loopback:
-                argv.insert(2, "--src-tls-verify=false")
-            with _auth_file(image_ref.registry, creds_secret) as auth_args:
-                argv[2:2] = [a.replace("--authfile", "--src-authfile") for a in auth_args]
-                result = _run(argv, pass_fds=_fds(auth_args))
-        if result.returncode != 0:
-            raise _registry_error(str(image_ref), result.stderr or result.stdout)
-    except BaseException:
-        _drop_ref(layout_ref)  # takes the layout lock itself (flock: not re-entrant)
-        collect_garbage()
-        raise
-    source = {"kind": "image", "ref": str(image_ref)}
-    return _build(template_name, source, layout_ref=layout_ref, progress=progress)
+    with _claimed_ref(template_name) as layout_ref:
+        try:
+            with _layout_lock():
+                _ensure_layout()
+                argv = [store.host_tool("skopeo"), "copy", "--quiet", "--retry-times", "2",
+                        "--override-os", "linux",
+                        f"docker://{image_ref}", f"oci:{layout_dir()}:{layout_ref}"]
+                if image_ref.loopback:
+                    argv.insert(2, "--src-tls-verify=false")
+                with _auth_file(image_ref.registry, creds_secret) as auth_args:
+                    argv[2:2] = [a.replace("--authfile", "--src-authfile") for a in auth_args]
+                    result = _run(argv, pass_fds=_fds(auth_args))
+            if result.returncode != 0:
+                raise _registry_error(str(image_ref), result.stderr or result.stdout)
+        except BaseException:
+            _drop_ref(layout_ref)  # takes the layout lock itself (flock: not re-entrant)
+            collect_garbage()
+            raise
+        source = {"kind": "image", "ref": str(image_ref)}
+        return _build(template_name, source, layout_ref=layout_ref, progress=progress)
 
 
 def build_from_dockerfile(dockerfile: str | Path, *, name: str, context: str | Path | None = None,
@@ -277,31 +277,31 @@ def build_from_dockerfile(dockerfile: str | Path, *, name: str, context: str | P
     buildah = [store.host_tool("buildah"), "--root", str(work / "storage"), "--runroot", str(work / "run"),
                "--storage-driver", "vfs"]
     tag = f"localhost/mvm-build-{secrets.token_hex(6)}"
-    layout_ref = _new_layout_ref(template_name)
-    try:
-        argv = [*buildah, "bud", "--isolation", "chroot", "--layers=false", "--pull", "-f", str(path), "-t", tag]
-        registry = bases[0].registry if bases else None
-        # Loopback registries are plain HTTP (module docstring); any other base keeps TLS.
-        argv.append(f"--tls-verify={'false' if bases and all(b.loopback for b in bases) else 'true'}")
-        with _auth_file(registry, creds_secret) as auth_args:
-            result = _run([*argv, *auth_args, str(context_dir)], pass_fds=_fds(auth_args), timeout=3600)
-        if result.returncode != 0:
-            raise _dockerfile_error(str(path), result.stdout, result.stderr, bases)
+    with _claimed_ref(template_name) as layout_ref:
         try:
-            with _layout_lock():
-                _ensure_layout()
-                pushed = _run([*buildah, "push", "--quiet", tag, f"oci:{layout_dir()}:{layout_ref}"])
-            if pushed.returncode != 0:
-                raise ImageError(f"dockerfile {path}: exporting the built image failed: "
-                                 f"{pushed.stderr.strip()[-1000:]}", image=str(path))
-        except BaseException:
-            _drop_ref(layout_ref)
-            collect_garbage()
-            raise
-    finally:
-        store.remove_tree(work)
-    source = {"kind": "dockerfile", "dockerfile": str(path), "context": str(context_dir)}
-    return _build(template_name, source, layout_ref=layout_ref, progress=progress)
+            argv = [*buildah, "bud", "--isolation", "chroot", "--layers=false", "--pull", "-f", str(path), "-t", tag]
+            registry = bases[0].registry if bases else None
+            # Loopback registries are plain HTTP (module docstring); any other base keeps TLS.
+            argv.append(f"--tls-verify={'false' if bases and all(b.loopback for b in bases) else 'true'}")
+            with _auth_file(registry, creds_secret) as auth_args:
+                result = _run([*argv, *auth_args, str(context_dir)], pass_fds=_fds(auth_args), timeout=3600)
+            if result.returncode != 0:
+                raise _dockerfile_error(str(path), result.stdout, result.stderr, bases)
+            try:
+                with _layout_lock():
+                    _ensure_layout()
+                    pushed = _run([*buildah, "push", "--quiet", tag, f"oci:{layout_dir()}:{layout_ref}"])
+                if pushed.returncode != 0:
+                    raise ImageError(f"dockerfile {path}: exporting the built image failed: "
+                                     f"{pushed.stderr.strip()[-1000:]}", image=str(path))
+            except BaseException:
+                _drop_ref(layout_ref)
+                collect_garbage()
+                raise
+        finally:
+            store.remove_tree(work)
+        source = {"kind": "dockerfile", "dockerfile": str(path), "context": str(context_dir)}
+        return _build(template_name, source, layout_ref=layout_ref, progress=progress)
 
 
 def _build(name: str, source: dict[str, Any], *, layout_ref: str,
@@ -461,8 +461,20 @@ def _ensure_layout() -> None:
         raise TemplateBuildError(f"umoci init {layout} failed: {result.stderr.strip()}")
 
 
-def _new_layout_ref(name: str) -> str:
-    return f"{directory_prefix(name)[:100]}-{secrets.token_hex(6)}"
+@contextmanager
+def _claimed_ref(name: str) -> Iterator[str]:
+    """A fresh layout reference for a build of ``name``, locked until the build ends, so
+    ``collect_garbage`` never drops a reference whose template is still being made."""
+    ref = f"{directory_prefix(name)[:100]}-{secrets.token_hex(6)}"
+    try:
+        with store.build_lock(_ref_lock(ref)):
+            yield ref
+    finally:
+        (templates_dir() / ".locks" / f"{_ref_lock(ref)}.lock").unlink(missing_ok=True)
+
+
+def _ref_lock(ref: str) -> str:
+    return f"oci-ref-{ref}"
 
 
 def _index() -> dict[str, Any]:
@@ -508,9 +520,12 @@ def collect_garbage() -> int:
     if not (layout / "index.json").is_file():
         return 0
     with _layout_lock():
+        # A ref whose build still runs is skipped; "used" is read after that check, so a
+        # build that finished in between is seen with its template in place.
+        idle = [ref for ref in layout_refs() if store.lock_is_free(_ref_lock(ref))]
         used = {m["source"].get("layout_ref") for _, m in image_builds()}
         umoci = store.host_tool("umoci")
-        for ref in layout_refs():
+        for ref in idle:
             if ref not in used:
                 _run([umoci, "rm", "--image", f"{layout}:{ref}"])
         before = sum(1 for _ in (layout / "blobs").rglob("*"))
