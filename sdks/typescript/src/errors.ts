@@ -126,6 +126,36 @@ export class TemplateBuildError extends MvmError {
   static override readonly wireType: string = "TemplateBuildError";
 }
 
+/** A template from an OCI image or Dockerfile could not be made; `detail("image")` names it. */
+export class ImageError extends TemplateBuildError {
+  static override readonly wireType: string = "ImageError";
+}
+
+/** The registry has no such repository, or no such tag/digest in it. */
+export class ImageNotFound extends ImageError {
+  static override readonly wireType: string = "ImageNotFound";
+}
+
+/** The registry could not be reached. */
+export class RegistryUnavailable extends ImageError {
+  static override readonly wireType: string = "RegistryUnavailable";
+}
+
+/** The registry refused the credentials (or wanted some). */
+export class RegistryAuthError extends ImageError {
+  static override readonly wireType: string = "RegistryAuthError";
+}
+
+/** The image is for another OS/architecture; `detail("allowed")` is this host's. */
+export class ImagePlatformMismatch extends ImageError {
+  static override readonly wireType: string = "ImagePlatformMismatch";
+}
+
+/** A Dockerfile instruction failed: `detail("step")`, `detail("index")` (1-based). */
+export class DockerfileStepFailed extends ImageError {
+  static override readonly wireType: string = "DockerfileStepFailed";
+}
+
 /** A `secret(name)` reference has no value in the keystore or environment. */
 export class SecretNotFound extends MvmError {
   static override readonly wireType: string = "SecretNotFound";
@@ -313,6 +343,7 @@ export class AuditEntryNotFound extends AuditError {
 
 const CLASSES: (typeof MvmError)[] = [
   MvmError, InvalidArgument, InvalidNetworkPolicy, PortInUse, TemplateNotFound, TemplateBuildError, SecretNotFound,
+  ImageError, ImageNotFound, RegistryUnavailable, RegistryAuthError, ImagePlatformMismatch, DockerfileStepFailed,
   BackendUnavailable, SandboxNotFound, InvalidState, SandboxPaused, SandboxError, NotAvailableInRecordMode,
   SnapshotNotFound, SnapshotTampered, CommandError, CommandTimeout, ProcessNotFound, UserNotFound, FileNotFoundInSandbox,
   NotADirectory, IsADirectory, FileExistsInSandbox, DirectoryNotEmpty, PermissionDenied, TooLarge, ProtocolFailure,

@@ -271,6 +271,7 @@ function checkTemplate(template: unknown): string {
     throw InvalidArgument.create("template", `${repr(template)} is not a template name`);
   }
   if (template.endsWith(".toml")) return template; // a custom template file: admission checks it
+  if (template.startsWith("oci:")) return template; // an OCI image: admission checks the reference, never pulls
   const catalog = templateCatalog();
   if (catalog === null || catalog.available.includes(template)) return template;
   const available = [...catalog.available].sort();

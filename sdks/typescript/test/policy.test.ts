@@ -137,7 +137,8 @@ describe("typed errors", () => {
     for (const type of ["InvalidArgument", "FileNotFound", "NotADirectory", "IsADirectory", "FileExists",
       "DirectoryNotEmpty", "PermissionDenied", "TooLarge", "ProcessNotFound", "CommandTimeout", "SandboxPaused",
       "InvalidState", "Cancelled", "UnknownOp", "Internal", "TemplateNotFound", "SandboxNotFound", "SecretNotFound",
-      "ConnectionRefused", "PortInUse", "InvalidNetworkPolicy"]) {
+      "ConnectionRefused", "PortInUse", "InvalidNetworkPolicy", "ImageNotFound", "RegistryUnavailable",
+      "RegistryAuthError", "ImagePlatformMismatch", "DockerfileStepFailed", "ImageError"]) {
       assert.ok(type in WIRE_TYPES, type);
       assert.equal(fromWire({ type, message: "m" }).wireType, type);
     }
