@@ -20,7 +20,7 @@ import pytest
 
 from mvm.backends.base import SnapshotArtifacts
 from mvm.backends.vm import VmBackend, VmInstance, probe_accelerator, ready
-from mvm.backends.vm.backend import CONSOLE_MAX, _trim_console
+from mvm.backends.vm.machine import CONSOLE_MAX, trim_console
 from mvm.backends.vm.accel import kvm_device_status
 from mvm.errors import InvalidArgument, SandboxError
 from mvm.protocol import codec
@@ -481,7 +481,7 @@ def test_rootfs_smaller_than_the_template_is_refused(
 def test_console_log_stays_bounded(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     log.write_bytes(b"x" * (CONSOLE_MAX + 10) + b"last line\n")
-    _trim_console(log)
+    trim_console(log)
     assert log.stat().st_size == 0
     kept = (tmp_path / "console.log.1").read_bytes()
     assert kept.endswith(b"last line\n") and len(kept) <= CONSOLE_MAX

@@ -9,12 +9,8 @@ Files of one instance, all under ``spec.backend_dir``::
     qemu.log          QEMU's own stderr
     agent.sock, qmp.sock  (or in /tmp/mvm-<uid>/<id>/ when the path would be too long)
 
-A snapshot directory holds ``memory.bin`` (QMP ``migrate`` to ``exec:cat``),
-``disk.qcow2`` (the disk frozen at the same instant, one qcow2 layer over the
-template's read-only base) and ``vm.json`` (what a restore must match). Given a
-``memory_sink``, the memory image is migrated to ``exec:<its command>`` instead (the
-supervisor's sealer) and never lands in the directory; given a ``memory_source``,
-a restore reads it from ``-incoming exec:<its command>`` (the unsealer).
+The QEMU process itself (launch, QMP, console, reaching the agent) is ``machine.py``;
+what a snapshot holds and how its memory moves is ``snapshot.py``.
 """
 
 from __future__ import annotations
@@ -24,15 +20,12 @@ import os
 import shlex
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ...errors import InvalidArgument, InvalidState, MvmError, SandboxError, SnapshotTampered
-from ...protocol.channel import ChannelClosed, FramedChannel
-from ...protocol.codec import ProtocolError
 from ..base import (
     Availability,
     Backend,
@@ -44,9 +37,10 @@ from ..base import (
 )
 from . import disk, ready
 from .accel import probe_accelerator
-from .initramfs import INIT_FAIL_PREFIX, busybox_path, ensure_initramfs, initramfs_digest
+from .initramfs import busybox_path, ensure_initramfs, initramfs_digest
 from .kernel import Kernel, ensure_kernel, kernel_obtainable
-from .process import kill_recorded, spawn, start_time, terminate
+from .machine import QemuMachine, socket_dir_for
+from .process import kill_recorded, start_time
 from .qemu import (
     MACHINE,
     QemuConfig,
@@ -57,12 +51,8 @@ from .qemu import (
     qemu_version,
     vcpus_for,
 )
-from .qmp import QmpClient
+from .snapshot import DETAILS_FILE, SNAPSHOT_FORMAT, await_incoming, check_compatible, migrate_memory
 
-SNAPSHOT_FORMAT = 1
-CONSOLE_MAX = 1024 * 1024  # console.log is rotated to console.log.1 past this
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes including the NUL
-_MIGRATE_TIMEOUT = 300.0
 
 
 def _boot_timeout(accel: str) -> float:
@@ -154,7 +144,7 @@ class VmInstance(BackendInstance):
         created_dir = next((d for d in (spec.state_dir, self.dir) if not d.exists()), None)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            self.socket_dir = self._choose_socket_dir()
+            self.socket_dir = socket_dir_for(self.dir, spec.sandbox_id)
             self.kernel: Kernel = ensure_kernel()
             self.initrd = ensure_initramfs(self.kernel)
             verdict = probe_accelerator(kernel=self.kernel)
@@ -175,44 +165,19 @@ class VmInstance(BackendInstance):
                 shutil.rmtree(created_dir, ignore_errors=True)
             raise
 
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._qmp: QmpClient | None = None
+        self.machine = QemuMachine(self.dir, self.socket_dir, on_change=self._write_record)
         self._state = "created"  # created | running | paused | stopped | destroyed
         self._boot: str | None = None  # "cold" | "restored"
         self._layers: list[str] = []  # disk files in this dir, bottom first; the last is active
         self._layer_seq = 0
-        self._console_thread: threading.Thread | None = None
-        self._console_stop = threading.Event()
         self._ready_note = ""
         self._write_record()
 
     # ------------------------------------------------------------------ paths and records
 
-    def _choose_socket_dir(self) -> Path:
-        if len(str(self.dir / "agent.sock").encode()) <= _SUN_PATH_MAX - 4:
-            return self.dir
-        short = Path(f"/tmp/mvm-{os.getuid()}") / self.spec.sandbox_id
-        if len(str(short / "agent.sock").encode()) > _SUN_PATH_MAX:
-            raise InvalidArgument("sandbox_id", "too long for a Unix socket path", allowed="<= 64 characters")
-        short.parent.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(short.parent, 0o700)
-        short.mkdir(mode=0o700, exist_ok=True)
-        return short
-
-    @property
-    def agent_socket(self) -> Path:
-        return self.socket_dir / "agent.sock"
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.socket_dir / "qmp.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.dir / "console.log"
-
     def _write_record(self) -> None:
-        proc = getattr(self, "_proc", None)
+        machine: QemuMachine | None = getattr(self, "machine", None)
+        proc = machine.proc if machine is not None else None
         record = {
             "backend": "vm",
             "sandbox_id": self.spec.sandbox_id,
@@ -245,125 +210,16 @@ class VmInstance(BackendInstance):
             kernel=self.kernel.boot_image,
             initrd=self.initrd,
             cmdline=self.cmdline,
-            console_log=self.console_log,
-            qmp_socket=self.qmp_socket,
-            agent_socket=self.agent_socket,
+            console_log=self.machine.console_log,
+            qmp_socket=self.machine.qmp_socket,
+            agent_socket=self.machine.agent_socket,
             disk=self.dir / self._layers[-1],
             incoming=incoming,
             net=self.net,
         )
 
     def _launch(self, incoming: str | None = None) -> None:
-        for sock in (self.agent_socket, self.qmp_socket):
-            sock.unlink(missing_ok=True)
-        self._proc = spawn(self._config(incoming).argv(), self.dir / "qemu.log")
-        self._write_record()
-        self._start_console_watch()
-        qmp = QmpClient(self.qmp_socket, timeout=_MIGRATE_TIMEOUT)
-        try:
-            qmp.connect(time.monotonic() + 10, alive=lambda: self._proc is not None and self._proc.poll() is None)
-        except SandboxError:
-            self._kill()
-            raise SandboxError(f"vm: QEMU did not start: {self._diagnostics()}") from None
-        self._qmp = qmp
-
-    def _alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _kill(self) -> None:
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
-        if self._proc is not None:
-            terminate(self._proc, grace=2.0)
-            self._proc = None
-        self._console_stop.set()
-        for sock in (self.agent_socket, self.qmp_socket):
-            sock.unlink(missing_ok=True)
-        self._write_record()
-
-    def _connect_agent(self, deadline: float) -> socket.socket:
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(self.agent_socket))
-                return sock
-            except OSError:
-                sock.close()
-            if time.monotonic() > deadline or not self._alive():
-                raise SandboxError(f"vm: cannot connect to the agent socket: {self._diagnostics()}")
-            time.sleep(0.005)
-
-    def _await_agent(self, deadline: float) -> socket.socket:
-        """Connect and exchange hellos: proves the guest booted to a working agent."""
-        sock = self._connect_agent(deadline)
-        channel = FramedChannel(sock)
-        result: dict[str, Any] = {}
-
-        def handshake() -> None:
-            try:
-                result["hello"] = channel.handshake("supervisor")
-            except (ChannelClosed, ProtocolError, OSError) as exc:
-                result["error"] = exc
-
-        worker = threading.Thread(target=handshake, daemon=True, name="mvm-vm-hello")
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.05)
-            if time.monotonic() > deadline or not self._alive():
-                break
-        if "hello" in result:
-            return sock
-        timed_out = "error" not in result
-        sock.close()  # unblocks the worker
-        if self._proc is not None:
-            try:  # a guest that died resets the channel a moment before QEMU exits
-                self._proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
-        exited = not self._alive()
-        self._kill()
-        if exited:
-            why = "the VM exited before the agent answered (guest init or agent failed)"
-        elif not timed_out:
-            why = f"the agent channel failed ({result['error']})"
-        else:
-            why = f"the guest agent did not answer within {self.boot_timeout:.0f} s (accelerator {self.accel})"
-        raise SandboxError(f"vm: boot failed: {why}; {self._diagnostics()}", console_tail=self.console_tail())
-
-    def console_tail(self, lines: int = 25) -> str:
-        try:
-            data = self.console_log.read_bytes()[-16384:]
-        except OSError:
-            return ""
-        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
-
-    def _diagnostics(self) -> str:
-        parts = []
-        tail = self.console_tail()
-        init_lines = [line for line in tail.splitlines() if line.startswith(INIT_FAIL_PREFIX)]
-        if init_lines:
-            parts.append("guest init said: " + " | ".join(init_lines))
-        if tail:
-            parts.append("console tail:\n" + tail)
-        try:
-            qlog = (self.dir / "qemu.log").read_bytes()[-2000:].decode(errors="replace").strip()
-        except OSError:
-            qlog = ""
-        if qlog:
-            parts.append("qemu said: " + qlog)
-        return "\n".join(parts) or "no console output"
-
-    def _start_console_watch(self) -> None:
-        self._console_stop = threading.Event()
-        stop = self._console_stop
-
-        def watch() -> None:
-            while not stop.wait(2.0):
-                _trim_console(self.console_log)
-
-        self._console_thread = threading.Thread(target=watch, daemon=True, name="mvm-vm-console")
-        self._console_thread.start()
+        self.machine.launch(self._config(incoming))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -405,7 +261,7 @@ class VmInstance(BackendInstance):
                     self._ready_note = f"could not save the ready snapshot: {exc}"[:300]
                 # A fresh connection for the caller: our hello stays on ours.
                 sock.close()
-                return self._connect_agent(time.monotonic() + 10)
+                return self.machine.connect_agent(time.monotonic() + 10)
 
     def _ready_parts(self) -> dict[str, Any]:
         st = self.base.stat()
@@ -425,9 +281,10 @@ class VmInstance(BackendInstance):
 
     def _cold_boot(self, keep_hello_socket: bool = False) -> socket.socket:
         started = time.monotonic()
-        _rotate_console(self.console_log)
+        self.machine.rotate_console()
         self._launch()
-        sock = self._await_agent(started + self.boot_timeout)
+        sock = self.machine.await_agent(started + self.boot_timeout, boot_timeout=self.boot_timeout,
+                                        accel=self.accel)
         self._state = "running"
         self._boot = "cold"
         self.boot_seconds = time.monotonic() - started
@@ -435,39 +292,29 @@ class VmInstance(BackendInstance):
         if keep_hello_socket:
             return sock
         sock.close()
-        return self._connect_agent(time.monotonic() + 10)
+        return self.machine.connect_agent(time.monotonic() + 10)
 
     def stop(self) -> None:
         with self._lock:
             if self._state not in ("running", "paused"):
                 return
-            if self._qmp is not None and self._alive():
-                try:
-                    self._qmp.execute("quit")
-                except SandboxError:
-                    pass
-                assert self._proc is not None
-                try:
-                    self._proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-            self._kill()
+            self.machine.quit()
             self._state = "stopped"
             self._write_record()
 
     def pause(self) -> None:
         with self._lock:
             self._require("running", "paused")
-            assert self._qmp is not None
-            self._qmp.execute("stop")
+            assert self.machine.qmp is not None
+            self.machine.qmp.execute("stop")
             self._state = "paused"
             self._write_record()
 
     def resume(self) -> None:
         with self._lock:
             self._require("running", "paused")
-            assert self._qmp is not None
-            self._qmp.execute("cont")
+            assert self.machine.qmp is not None
+            self.machine.qmp.execute("cont")
             self._state = "running"
             self._write_record()
 
@@ -476,10 +323,10 @@ class VmInstance(BackendInstance):
             raise InvalidState(
                 f"vm: sandbox {self.spec.sandbox_id} is {self._state}; this needs one of {', '.join(states)}"
             )
-        if not self._alive():
-            self._kill()
+        if not self.machine.alive():
+            self.machine.kill()
             self._state = "stopped"
-            raise SandboxError(f"vm: QEMU is no longer running: {self._diagnostics()}")
+            raise SandboxError(f"vm: QEMU is no longer running: {self.machine.diagnostics()}")
 
     # ------------------------------------------------------------------ snapshots
 
@@ -492,15 +339,15 @@ class VmInstance(BackendInstance):
             try:
                 return self._snapshot_into(dest, memory_sink)
             except BaseException:
-                for name in (ready.MEMORY_FILE, ready.DISK_FILE, "vm.json"):  # no half snapshot
+                for name in (ready.MEMORY_FILE, ready.DISK_FILE, DETAILS_FILE):  # no half snapshot
                     (dest / name).unlink(missing_ok=True)
                 raise
 
     def _snapshot_into(self, dest: Path, memory_sink: MemorySink | None = None) -> SnapshotArtifacts:
         """Stop, freeze the disk, stream memory to ``dest`` (or ``memory_sink``), continue;
         disk layer copied last."""
-        assert self._qmp is not None
-        qmp = self._qmp
+        assert self.machine.qmp is not None
+        qmp = self.machine.qmp
         # Straight into the sealer when there is one: no plain memory image on disk.
         target = f"exec:{memory_sink.command()}" if memory_sink is not None else None
         t0 = time.monotonic()
@@ -523,20 +370,7 @@ class VmInstance(BackendInstance):
             if target is None:
                 os.close(os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # cat keeps the mode
                 target = f"exec:cat > {shlex.quote(str(memory))}"
-            qmp.execute("migrate-set-parameters", **{"max-bandwidth": 10_000_000_000})
-            qmp.execute("migrate", uri=target)
-            deadline = time.monotonic() + _MIGRATE_TIMEOUT
-            while True:
-                info = qmp.execute("query-migrate")
-                status = info.get("status")
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled"):
-                    raise SandboxError(f"vm: memory snapshot failed: {info.get('error-desc', status)}")
-                if time.monotonic() > deadline:
-                    qmp.execute("migrate_cancel")
-                    raise SandboxError(f"vm: memory snapshot did not finish within {_MIGRATE_TIMEOUT:.0f} s")
-                time.sleep(0.005)
+            migrate_memory(qmp, target)
         finally:
             if was_running:
                 qmp.execute("cont")
@@ -568,9 +402,9 @@ class VmInstance(BackendInstance):
             "paused_seconds": round(paused_seconds, 4),
             "saved_seconds": round(time.monotonic() - t0, 4),
         }
-        (dest / "vm.json").write_text(json.dumps(details, indent=2) + "\n")
-        os.chmod(dest / "vm.json", 0o600)
-        return SnapshotArtifacts(kind="full", files=(ready.MEMORY_FILE, ready.DISK_FILE, "vm.json"), details=details,
+        (dest / DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+        os.chmod(dest / DETAILS_FILE, 0o600)
+        return SnapshotArtifacts(kind="full", files=(ready.MEMORY_FILE, ready.DISK_FILE, DETAILS_FILE), details=details,
                                  streamed=(ready.MEMORY_FILE,) if memory_sink is not None else ())
 
     def restore(self, source: Path, artifacts: SnapshotArtifacts, *,
@@ -585,17 +419,17 @@ class VmInstance(BackendInstance):
             details = dict(artifacts.details)
             if not details:
                 try:
-                    details = json.loads((source / "vm.json").read_text())
+                    details = json.loads((source / DETAILS_FILE).read_text())
                 except (OSError, ValueError):
-                    raise SandboxError(f"vm: snapshot {source} has no vm.json") from None
+                    raise SandboxError(f"vm: snapshot {source} has no {DETAILS_FILE}") from None
             if self._state in ("running", "paused"):
-                self._kill()
+                self.machine.kill()
                 self._state = "stopped"
             self._discard_layers()
             return self._restore_from(source, details, boot="restored", memory_source=memory_source)
 
     def _check_compatible(self, details: dict[str, Any]) -> None:
-        mine = {
+        mine: dict[str, Any] = {
             "qemu_version": qemu_version(),
             "machine": MACHINE,
             "accel": self.accel,
@@ -605,23 +439,7 @@ class VmInstance(BackendInstance):
             "kernel_version": self.kernel.version,
             "template_digest": self.spec.template.digest,
         }
-        mismatched = [
-            f"{name}: snapshot has {details.get(name)!r}, this sandbox has {value!r}"
-            for name, value in mine.items()
-            if details.get(name) != value
-        ]
-        if mismatched:
-            raise InvalidArgument(
-                "snapshot", "was taken by an incompatible VM (" + "; ".join(mismatched) + ")",
-                allowed="a snapshot of the same template, kernel, QEMU, accelerator, cpu and memory",
-            )
-        base = Path(str(details.get("base_disk", "")))
-        try:
-            st = base.stat()
-        except OSError:
-            raise SandboxError(f"vm: the snapshot's base disk {base} is gone (template removed?)") from None
-        if (st.st_size, str(st.st_mtime_ns)) != (details.get("base_disk_size"), str(details.get("base_disk_mtime_ns"))):
-            raise SandboxError(f"vm: the snapshot's base disk {base} changed since the snapshot was taken")
+        check_compatible(mine, details)
 
     def _restore_from(self, source: Path, details: dict[str, Any], boot: str,
                       memory_source: MemorySource | None = None) -> socket.socket:
@@ -638,31 +456,23 @@ class VmInstance(BackendInstance):
         disk.create_overlay(self.dir / top, self.dir / pinned, "qcow2")
         self._layers.append(top)
         self._write_record()
-        _rotate_console(self.console_log)
+        self.machine.rotate_console()
         try:
             self._launch(incoming=f"exec:{memory_source.command()}" if memory_source is not None
                          else f"exec:cat {shlex.quote(str(memory))}")
-            assert self._qmp is not None
+            assert self.machine.qmp is not None
             deadline = started + self.boot_timeout
-            while True:
-                status = self._qmp.status()
-                if status not in ("inmigrate", "prelaunch"):
-                    break
-                if time.monotonic() > deadline:
-                    raise SandboxError(f"vm: restoring memory did not finish within {self.boot_timeout:.0f} s")
-                time.sleep(0.003)
-            if status not in ("paused", "postmigrate", "running"):
-                raise SandboxError(f"vm: restore ended in state {status!r}")
+            status = await_incoming(self.machine.qmp, deadline, self.boot_timeout)
             if memory_source is not None:
                 # The unsealer authenticated every chunk before QEMU got its bytes (so a load
                 # can only complete on the whole, authentic image); its verdict comes first.
                 memory_source.finish(max(deadline - time.monotonic(), 5.0))
             if status != "running":
-                self._qmp.execute("cont")
-            sock = self._connect_agent(deadline)
+                self.machine.qmp.execute("cont")
+            sock = self.machine.connect_agent(deadline)
         except (SandboxError, SnapshotTampered) as exc:
-            diag = self._diagnostics()
-            self._kill()
+            diag = self.machine.diagnostics()
+            self.machine.kill()
             self._state = "stopped"
             if memory_source is not None and not isinstance(exc, SnapshotTampered):
                 try:  # a stream that failed authentication explains a failed load best
@@ -692,7 +502,7 @@ class VmInstance(BackendInstance):
         with self._lock:
             if self._state == "destroyed":
                 return
-            self._kill()
+            self.machine.kill()
             self._state = "destroyed"
             if self.socket_dir != self.dir:
                 shutil.rmtree(self.socket_dir, ignore_errors=True)
@@ -742,30 +552,8 @@ class VmInstance(BackendInstance):
         }
 
     def host_pids(self) -> list[int]:
-        return [self._proc.pid] if self._alive() and self._proc is not None else []
-
-
-def _rotate_console(path: Path) -> None:
-    try:
-        if path.stat().st_size > 0:
-            os.replace(path, path.with_name(path.name + ".1"))
-    except OSError:
-        pass
-
-
-def _trim_console(path: Path) -> None:
-    """Keep the guest's console bounded: past CONSOLE_MAX, keep the last part in ``.1`` and empty
-    the live file (QEMU appends, so it keeps writing at the new end)."""
-    try:
-        if path.stat().st_size <= CONSOLE_MAX:
-            return
-        with path.open("rb") as f:
-            f.seek(-CONSOLE_MAX // 4, os.SEEK_END)
-            tail = f.read()
-        path.with_name(path.name + ".1").write_bytes(tail)
-        os.truncate(path, 0)
-    except OSError:
-        pass
+        proc = self.machine.proc
+        return [proc.pid] if proc is not None and self.machine.alive() else []
 
 
 __all__ = ["VmBackend", "VmInstance", "probe"]
