@@ -7,8 +7,8 @@ Both directions of allowed traffic travel over the agent channel as TCP streams
 the guest has no network interface at all; ``open`` mode is the backends'
 business (QEMU user networking, pasta) and only gets a resolver here.
 
-Supervisor operations (docs/protocol.md): ``port.forward``, ``port.list``,
-``port.close``, ``network.update``.
+Supervisor operations (docs/protocol.md; rows of ``ops.py``): ``port.forward``,
+``port.list``, ``port.close``, ``network.update``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from .state import write_json_atomic
 
 if TYPE_CHECKING:
     from .server import Supervisor
-    from .session import RequestContext
+    from .session import Reply, RequestContext
 
-NETWORK_OPS = frozenset({"port.forward", "port.list", "port.close", "network.update"})
 #: Receive window per stream on the host side.
 WINDOW = 1024 * 1024
 #: In open mode, the guest's resolver (QEMU's slirp DNS; pasta forwards it to the host's resolver).
@@ -92,22 +91,9 @@ class NetworkManager:
 
     # ---- client operations ------------------------------------------------------------------
 
-    def handle(self, ctx: RequestContext) -> tuple[dict[str, Any], bytes]:
-        if ctx.op == "port.forward":
-            self.sup.require_state(ctx.op, "running", "paused", "stopped")
-            return self.forwards.open(ctx), b""
-        if ctx.op == "port.list":
-            return {"forwards": self.forwards.list()}, b""
-        if ctx.op == "port.close":
-            return self.forwards.close(ctx), b""
-        if ctx.op == "network.update":
-            return self._update(ctx), b""
-        raise errors.UnknownOp(f"unknown operation {ctx.op!r}", allowed=sorted(NETWORK_OPS))
-
-    def _update(self, ctx: RequestContext) -> dict[str, Any]:
+    def update(self, ctx: RequestContext) -> dict[str, Any]:
         from ..sdk.policy import network as make_network
 
-        self.sup.require_state(ctx.op, "running", "paused", "stopped")
         args = ctx.args
         with self._lock:
             old = self.policy
@@ -160,3 +146,22 @@ class NetworkManager:
         """The sandbox ends: so do its forwards and streams."""
         self.forwards.close_all("the sandbox was destroyed")
         self.mux.close()
+
+
+# ---- the op table's handlers (supervisor/ops.py) -------------------------------------------
+
+
+def port_forward(sup: Supervisor, ctx: RequestContext) -> Reply:
+    return sup.network.forwards.open(ctx), b""
+
+
+def port_list(sup: Supervisor, ctx: RequestContext) -> Reply:
+    return {"forwards": sup.network.forwards.list()}, b""
+
+
+def port_close(sup: Supervisor, ctx: RequestContext) -> Reply:
+    return sup.network.forwards.close(ctx), b""
+
+
+def network_update(sup: Supervisor, ctx: RequestContext) -> Reply:
+    return sup.network.update(ctx), b""

@@ -98,7 +98,6 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
 
 
 def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
-    sup.require_state(ctx.op, "running", auto_resume=bool(ctx.args.get("auto_resume")))
     pid, audit_id = start_process(sup, ctx, "proc.start", stdin=bool(ctx.args.get("stdin")))
     return {"pid": pid, "audit_id": audit_id}, b""
 
@@ -106,7 +105,6 @@ def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
 def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     """Run to completion: stream (redacted, capped) output, enforce the timeout on the
     whole process group, and leave a signed receipt of what was returned."""
-    sup.require_state(ctx.op, "running", auto_resume=bool(ctx.args.get("auto_resume")))
     cap = int(ctx.args.get("max_output_bytes") or DEFAULT_MAX_OUTPUT)
     if not 0 < cap <= MAX_OUTPUT_LIMIT:
         raise errors.InvalidArgument("max_output_bytes", f"{cap} is out of range", allowed=f"1..{MAX_OUTPUT_LIMIT}")

@@ -2,7 +2,7 @@
 
 It is started detached by ``launch.spawn_supervisor`` and serves clients on
 ``control.sock`` with the protocol of docs/protocol.md: ``session.py`` reads the
-requests, ``dispatch.py`` picks each one's handler (``process_ops.py``,
+requests, ``ops.py`` (the op table) picks each one's handler (``process_ops.py``,
 ``sandbox_ops.py``, ``network.py``, or the agent for forwarded guest operations).
 This module is the sandbox itself: boot, lifecycle state, agent events, end of life.
 """
@@ -30,7 +30,7 @@ from ..paths import runs_dir
 from ..protocol.codec import Frame
 from ..security.secrets import Redactor
 from ..templates import ensure_template
-from . import dispatch
+from . import ops
 from .agent_link import AgentLink
 from .audit import Auditor
 from .logbook import LogBook
@@ -229,7 +229,7 @@ class Supervisor:
     # ---- dispatch -----------------------------------------------------------
 
     def handle(self, ctx: RequestContext) -> Reply:
-        return dispatch.handle(self, ctx)
+        return ops.dispatch(self, ctx)
 
     def resume_instance(self) -> None:
         assert self.instance is not None
