@@ -6,7 +6,7 @@ one host, in the same run.
 Rows:
   create N namespace sandboxes   plain SDK on this host vs mvm.connect_cluster across 3
                                  nodes (placement "spread"), both with --threads callers
-  destroy N                      the same, back down to zero
+  destroy N-1                    the same (one of each is kept for the next row)
   commands.run(["true"])         median per call on one sandbox: local socket vs relayed
                                  through the owning node's agent (Ray actor call + streaming)
 The three nodes share this machine's cores, so the create row shows the cluster path's
@@ -52,15 +52,16 @@ def destroy_all(sandboxes: list[mvm.Sandbox], threads: int) -> float:
     return seconds
 
 
-def per_call(sandbox: mvm.Sandbox, runs: int) -> float:
-    for _ in range(10):
-        sandbox.commands.run(["true"])
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sandbox.commands.run(["true"])
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def per_call(local: mvm.Sandbox, remote: mvm.Sandbox, runs: int) -> tuple[float, float]:
+    """Medians of commands.run(["true"]) on each, calls alternated so load drifts hit both."""
+    samples: dict[str, list[float]] = {"local": [], "remote": []}
+    for index in range(runs + 10):
+        for label, sandbox in (("local", local), ("remote", remote)):
+            start = time.perf_counter()
+            sandbox.commands.run(["true"])
+            if index >= 10:  # warm-up
+                samples[label].append(time.perf_counter() - start)
+    return statistics.median(samples["local"]), statistics.median(samples["remote"])
 
 
 def main() -> None:
@@ -94,7 +95,7 @@ def main() -> None:
             lambda i: mvm.Sandbox.create(TEMPLATE, backend="namespace", ttl="30m", resources=RESOURCES),
             args.sandboxes, args.threads,
         )
-        local_call = per_call(local[0], args.runs)
+        kept_local = local.pop()
         local_destroy = destroy_all(local, args.threads)
 
         cluster_create, remote = create_all(
@@ -104,7 +105,11 @@ def main() -> None:
         per_node: dict[str, int] = {}
         for info in cluster.list():
             per_node[info.details["node_id"][:8]] = per_node.get(info.details["node_id"][:8], 0) + 1
-        cluster_call = per_call(remote[0], args.runs)
+        kept_remote = remote.pop()
+        assert type(kept_remote._client()).__name__ == "ClusterTransport"
+        local_call, cluster_call = per_call(kept_local, kept_remote, args.runs)
+        kept_local.kill()
+        kept_remote.kill()
         cluster_destroy = destroy_all(remote, args.threads)
 
         n = args.sandboxes
@@ -112,7 +117,7 @@ def main() -> None:
         print(f"{f'create {n} (threads={args.threads})':34} {local_create:11.2f}s {cluster_create:11.2f}s "
               f"{cluster_create / local_create:6.2f}x")
         print(f"{'  per sandbox':34} {local_create / n * 1000:10.1f}ms {cluster_create / n * 1000:10.1f}ms")
-        print(f"{f'destroy {n}':34} {local_destroy:11.2f}s {cluster_destroy:11.2f}s "
+        print(f"{f'destroy {n - 1}':34} {local_destroy:11.2f}s {cluster_destroy:11.2f}s "
               f"{cluster_destroy / local_destroy:6.2f}x")
         print(f"{'commands.run([true]) median':34} {local_call * 1000:10.2f}ms {cluster_call * 1000:10.2f}ms "
               f"{cluster_call / local_call:6.2f}x  (+{(cluster_call - local_call) * 1000:.2f} ms per op)")

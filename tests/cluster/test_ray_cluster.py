@@ -138,6 +138,18 @@ def test_ttl_is_enforced_by_the_owning_node(ray_cluster: SimulatedCluster) -> No
         sb.commands.run(["true"])
 
 
+def test_a_restarted_node_agent_finds_the_sandboxes_of_its_node(ray_cluster: SimulatedCluster) -> None:
+    sim = ray_cluster
+    with sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=sim.nodes[1]) as sb:
+        sb.files.write("/tmp/kept", "still here")
+        ray.kill(sim.mvm.agent(sim.nodes[1]))  # the agent process dies; the node and supervisors live
+        with pytest.raises(errors.SandboxError) as caught:
+            sb.commands.run(["true"])
+        assert not isinstance(caught.value, errors.SandboxLost) and "restarted" in caught.value.message
+        assert sb.files.read("/tmp/kept") == b"still here"  # the same handle, through the new agent
+        assert sb.id in {info.id for info in mvm.Sandbox.list(cluster=Cluster())}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_snapshot_saved_on_one_node_restores_on_another(ray_cluster: SimulatedCluster, backend: str) -> None:
     sim = ray_cluster

@@ -385,6 +385,15 @@ class ClusterTransport:
         try:
             return fn()
         except errors.SandboxLost:
+            if self.node_id in self._cluster.alive_nodes():
+                # Only the agent died (the node and its supervisors live): the request's
+                # fate is unknown, so it is not retried; the next one uses a new agent.
+                self._cluster.ensure_agents()
+                self._agent = self._cluster.agent(self.node_id)
+                raise errors.SandboxError(
+                    f"the node agent of {self.node_id[:12]} restarted during the request; the sandbox is still there",
+                    sandbox=self.sandbox_id, node=self.node_id,
+                ) from None
             raise errors.SandboxLost(
                 f"sandbox {self.sandbox_id} is lost: its node {self.node_id[:12]} is gone",
                 sandbox=self.sandbox_id, node=self.node_id,
