@@ -104,6 +104,27 @@ def test_an_id_routes_to_its_node_from_another_process_on_another_node(ray_clust
         mvm.Sandbox.connect(sb.id, cluster=Cluster())
 
 
+def test_a_separate_driver_connects_with_auto_and_reaches_the_sandbox(ray_cluster: SimulatedCluster) -> None:
+    """Another Python process (not a Ray worker) joins with connect_cluster("auto")."""
+    import subprocess
+    import sys
+
+    sim = ray_cluster
+    with sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=sim.nodes[1]) as sb:
+        script = (
+            "import sys, mvm\n"
+            "cluster = mvm.connect_cluster('auto')\n"
+            "ids = [info.id for info in mvm.Sandbox.list(cluster=cluster)]\n"
+            "sb = mvm.Sandbox.connect(sys.argv[1], cluster=cluster)\n"
+            "print(sys.argv[1] in ids, sb.commands.run(['echo', 'hi']).stdout.strip())\n"
+        )
+        env = {**os.environ, "RAY_ADDRESS": sim.ray_cluster.address}
+        run = subprocess.run([sys.executable, "-c", script, sb.id], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == ["True", "hi"]
+
+
 def test_per_node_limits_hold_and_a_full_cluster_says_why(ray_cluster: SimulatedCluster) -> None:
     sim = ray_cluster
     node = sim.nodes[1]
