@@ -134,6 +134,8 @@ def test_dockerfile_with_run_env_workdir_copy(images: Images) -> None:
         assert sb.commands.run(["id", "-u"], user="root").stdout == "0\n"
     ls = subprocess.run([str(cli), "template", "ls"], capture_output=True, text=True, check=True).stdout
     assert any(line.startswith("df-app ") and "dockerfile " in line for line in ls.splitlines())
+    doctor = json.loads(subprocess.run([str(cli), "doctor", "--json"], capture_output=True, text=True).stdout)
+    assert doctor["oci_tools"] == {"skopeo": True, "umoci": True, "buildah": True}
 
 
 def test_second_image_sharing_layers_downloads_only_the_new_one(images: Images) -> None:

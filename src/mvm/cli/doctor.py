@@ -31,6 +31,9 @@ def doctor(as_json: bool) -> None:
         report["default_backend_error"] = str(exc)
     usage = shutil.disk_usage(mvm_home())
     report["free_disk_gb"] = round(usage.free / 1e9, 1)
+    from ..templates.oci import tool_status
+
+    report["oci_tools"] = tool_status()  # templates from OCI images / Dockerfiles
 
     def human() -> None:
         for name in PREFERENCE:
@@ -45,5 +48,10 @@ def doctor(as_json: bool) -> None:
                     click.echo(f"        {key}: {value}")
         click.echo(f"default backend: {report['default_backend'] or report.get('default_backend_error')}")
         click.echo(f"state directory: {report['mvm_home']} ({report['free_disk_gb']} GB free)")
+        tools = report["oci_tools"]
+        assert isinstance(tools, dict)
+        missing = [name for name, ok in tools.items() if not ok]
+        click.echo("OCI images/Dockerfiles: " + ("skopeo, umoci, buildah installed" if not missing
+                                                 else f"missing {', '.join(missing)} (./setup.sh installs them)"))
 
     emit(as_json, report, human)

@@ -542,6 +542,21 @@ def layout_usage() -> dict[str, int]:
 # ---- tools, credentials, errors ----------------------------------------------------
 
 
+TOOLS = ("skopeo", "umoci", "buildah")
+
+
+def tool_status() -> dict[str, bool]:
+    """Which of the OCI tools are installed (``mvmctl doctor``)."""
+    status = {}
+    for name in TOOLS:
+        try:
+            store.host_tool(name)
+            status[name] = True
+        except TemplateBuildError:
+            status[name] = False
+    return status
+
+
 def _require_tools(*names: str) -> None:
     for name in names:
         try:
