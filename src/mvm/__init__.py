@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 # Public names are loaded on first use (PEP 562), so importing one submodule (the
 # supervisor, the CLI) does not pay for the whole SDK.
 _LAZY = {
+    "AsyncProcess": "mvm.sdk.async_sandbox",
+    "AsyncSandbox": "mvm.sdk.async_sandbox",
     "CommandError": "mvm.errors",
     "CommandResult": "mvm.sdk.models",
     "CommandTimeout": "mvm.errors",
@@ -38,6 +40,7 @@ _LAZY = {
     "SandboxPaused": "mvm.errors",
     "SecretNotFound": "mvm.errors",
     "Snapshot": "mvm.sdk.models",
+    "StreamIdle": "mvm.errors",
     "SnapshotTampered": "mvm.errors",
     "TemplateNotFound": "mvm.errors",
     "connect_cluster": "mvm.cluster",
@@ -78,8 +81,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         SandboxPaused,
         SecretNotFound,
         SnapshotTampered,
+        StreamIdle,
         TemplateNotFound,
     )
+    from .sdk.async_sandbox import AsyncProcess, AsyncSandbox
     from .sdk.commands import Process
     from .sdk.models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot
     from .sdk.policy import network, resources, secret

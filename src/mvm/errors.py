@@ -202,6 +202,13 @@ class CommandTimeout(MvmError, TimeoutError):
         self.stderr = stderr
 
 
+class StreamIdle(SandboxError, TimeoutError):
+    """A stream (process output, logs) sent nothing for ``idle_timeout`` seconds; the
+    request was cancelled. Raised on the client side only (``AsyncSandbox`` readers)."""
+
+    wire_type = "StreamIdle"
+
+
 class ProcessNotFound(MvmError, LookupError):
     wire_type = "ProcessNotFound"
 

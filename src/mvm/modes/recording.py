@@ -39,7 +39,7 @@ from ..backends.base import NetworkPolicy, Resources
 from ..durations import parse_duration
 from ..sdk import sandbox as _live
 from ..sdk.commands import _SIGNALS, DEFAULT_MAX_OUTPUT_BYTES
-from ..sdk.files import _absolute
+from ..sdk.files import absolute_path as _absolute
 from ..sdk.includes import GUEST_ROOT, collect_includes
 from ..sdk.models import CommandResult, FileEntry, LogEvent, ProcessInfo, SandboxInfo, Snapshot
 from ..security.secrets import SecretRef

@@ -66,41 +66,17 @@ class Commands:
         >>> result.exit_code, result.stdout, result.audit_id
         """
         args = self._sandbox._command_args(argv, env, cwd, user)
-        args.update(
-            timeout_seconds=timeout_seconds, max_output_bytes=max_output_bytes, auto_resume=auto_resume, redact=redact
-        )
-        payload = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-        staged = None
-        if len(payload) > CHUNK_SIZE:  # too big for one frame: staged as a guest file the agent opens and unlinks
-            staged = f"{STDIN_STAGING_DIR}/{secrets.token_hex(8)}"
+        args.update(run_options(timeout_seconds, max_output_bytes, auto_resume, redact))
+        payload, staged = stdin_payload(stdin)
+        if staged is not None:  # too big for one frame: staged as a guest file the agent opens and unlinks
             self._sandbox.files.write(staged, payload, mode=0o600)
             args["stdin_path"], payload = staged, b""
-        collected: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-        decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in collected}
-        callbacks = {"stdout": on_stdout, "stderr": on_stderr}
-        redactor = self._sandbox._redactor if redact else None
-
-        def on_data(stream: str, data: bytes) -> None:
-            if stream not in collected:
-                return
-            collected[stream] += data
-            callback = callbacks[stream]
-            if callback is not None:
-                text = decoders[stream].decode(data)
-                if text:
-                    callback(redactor(text) if redactor else text)
-
-        def text_of(stream: str) -> str:
-            text = bytes(collected[stream]).decode("utf-8", errors="replace")
-            return redactor(text) if redactor else text
-
+        capture = OutputCapture(on_stdout, on_stderr, self._sandbox._redactor if redact else None)
         started = time.monotonic()
         try:
-            result, _ = self._sandbox._client().call("exec.run", args, payload, on_data=on_data)
+            result, _ = self._sandbox._client().call("exec.run", args, payload, on_data=capture.on_data)
         except errors.CommandTimeout as exc:
-            raise errors.CommandTimeout(
-                exc.message, stdout=text_of("stdout"), stderr=text_of("stderr"), **exc.details
-            ) from None
+            raise capture.timeout(exc) from None
         except errors.MvmError:
             if staged is not None:  # the process never started: the agent did not take the file
                 try:
@@ -108,26 +84,7 @@ class Commands:
                 except errors.MvmError:
                     pass
             raise
-        command_result = CommandResult(
-            exit_code=result.get("exit_code"),
-            stdout=text_of("stdout"),
-            stderr=text_of("stderr"),
-            audit_id=result.get("audit_id"),
-            duration_seconds=float(result.get("duration_seconds", time.monotonic() - started)),
-            truncated=bool(result.get("truncated")),
-            signal=result.get("signal"),
-            pid=result.get("pid"),
-            stdout_bytes=int(result.get("stdout_bytes", 0)),
-            stderr_bytes=int(result.get("stderr_bytes", 0)),
-            receipt_path=result.get("receipt_path"),
-        )
-        if check and command_result.exit_code != 0:
-            raise errors.CommandError(
-                f"command {list(args['argv'])!r} exited with {command_result.exit_code}: "
-                f"{command_result.stderr.strip()[-500:]}",
-                result=command_result,
-            )
-        return command_result
+        return capture.result(args, result, started, check=check)
 
     def start(
         self,
@@ -207,10 +164,7 @@ class Process:
 
     def signal(self, sig: str | int = "TERM", *, group: bool = True) -> None:
         """Send a signal to the process (and by default its whole process group)."""
-        if isinstance(sig, str) and sig.upper().removeprefix("SIG") not in _SIGNALS:
-            raise errors.InvalidArgument("signal", f"unknown signal {sig!r}", allowed=sorted(_SIGNALS))
-        name = sig.upper().removeprefix("SIG") if isinstance(sig, str) else int(sig)
-        self._sandbox._client().call("proc.signal", {"pid": self.pid, "signal": name, "group": group})
+        self._sandbox._client().call("proc.signal", signal_args(self.pid, sig, group))
 
     def kill(self) -> None:
         """SIGKILL the process group and every descendant."""
@@ -228,23 +182,18 @@ class Process:
     def output(self, *, replay: bool = True) -> Iterator[tuple[str, str]]:
         """Yield ``(stream, text)`` chunks as the process prints them, until it exits.
         With ``replay`` the output printed before the call comes first."""
-        decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in ("stdout", "stderr")}
+        decode = StreamDecoder(self._sandbox._redactor)
         for stream, data in self._sandbox._client().stream("proc.attach", {"pid": self.pid, "replay": replay}):
-            text = decoders[stream].decode(data) if stream in decoders else data.decode("utf-8", "replace")
+            text = decode(stream, data)
             if text:
-                yield stream, self._sandbox._redactor(text)
+                yield stream, text
 
     def _lines(self, which: str) -> Iterator[str]:
-        pending = ""
+        lines = LineSplitter()
         for stream, text in self.output():
-            if stream != which:
-                continue
-            pending += text
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                yield line + "\n"
-        if pending:
-            yield pending
+            if stream == which:
+                yield from lines.feed(text)
+        yield from lines.rest()
 
     @property
     def stdout(self) -> Iterator[str]:
@@ -254,3 +203,120 @@ class Process:
     @property
     def stderr(self) -> Iterator[str]:
         return self._lines("stderr")
+
+
+# ---- request building and response parsing, shared with ``mvm.AsyncSandbox`` ----------------
+
+
+def run_options(
+    timeout_seconds: float | None, max_output_bytes: int, auto_resume: bool, redact: bool
+) -> dict[str, Any]:
+    """The ``exec.run`` arguments besides the command itself."""
+    return {
+        "timeout_seconds": timeout_seconds,
+        "max_output_bytes": max_output_bytes,
+        "auto_resume": auto_resume,
+        "redact": redact,
+    }
+
+
+def stdin_payload(stdin: bytes | str | None) -> tuple[bytes, str | None]:
+    """``(bytes, staging path or None)``: stdin larger than one frame is staged as a guest file."""
+    payload = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+    if len(payload) > CHUNK_SIZE:
+        return payload, f"{STDIN_STAGING_DIR}/{secrets.token_hex(8)}"
+    return payload, None
+
+
+def signal_args(pid: int, sig: str | int, group: bool) -> dict[str, Any]:
+    """``proc.signal`` arguments; an unknown signal name raises ``InvalidArgument``."""
+    if isinstance(sig, str) and sig.upper().removeprefix("SIG") not in _SIGNALS:
+        raise errors.InvalidArgument("signal", f"unknown signal {sig!r}", allowed=sorted(_SIGNALS))
+    name = sig.upper().removeprefix("SIG") if isinstance(sig, str) else int(sig)
+    return {"pid": pid, "signal": name, "group": group}
+
+
+class StreamDecoder:
+    """Incremental UTF-8 per stream (a character split across frames stays whole), redacted."""
+
+    def __init__(self, redactor: Callable[[str], str] | None):
+        self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in ("stdout", "stderr")}
+        self._redactor = redactor
+
+    def __call__(self, stream: str, data: bytes) -> str:
+        decoder = self._decoders.get(stream)
+        text = decoder.decode(data) if decoder is not None else data.decode("utf-8", "replace")
+        return self._redactor(text) if self._redactor and text else text
+
+
+class LineSplitter:
+    """Whole lines (with their newline) out of text chunks."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        return [line + "\n" for line in lines]
+
+    def rest(self) -> list[str]:
+        rest, self._pending = self._pending, ""
+        return [rest] if rest else []
+
+
+class OutputCapture:
+    """Collects an ``exec.run``'s data frames and turns its response into a ``CommandResult``."""
+
+    def __init__(
+        self,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        redactor: Callable[[str], str] | None,
+    ):
+        self._collected: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self._decode = StreamDecoder(redactor)
+        self._redactor = redactor
+
+    def on_data(self, stream: str, data: bytes) -> None:
+        if stream not in self._collected:
+            return
+        self._collected[stream] += data
+        callback = self._callbacks[stream]
+        if callback is not None:
+            text = self._decode(stream, data)
+            if text:
+                callback(text)
+
+    def text_of(self, stream: str) -> str:
+        text = bytes(self._collected[stream]).decode("utf-8", errors="replace")
+        return self._redactor(text) if self._redactor else text
+
+    def timeout(self, exc: errors.CommandTimeout) -> errors.CommandTimeout:
+        """The supervisor's ``CommandTimeout`` with the output printed before it."""
+        return errors.CommandTimeout(
+            exc.message, stdout=self.text_of("stdout"), stderr=self.text_of("stderr"), **exc.details
+        )
+
+    def result(self, args: dict[str, Any], result: dict[str, Any], started: float, *, check: bool) -> CommandResult:
+        command_result = CommandResult(
+            exit_code=result.get("exit_code"),
+            stdout=self.text_of("stdout"),
+            stderr=self.text_of("stderr"),
+            audit_id=result.get("audit_id"),
+            duration_seconds=float(result.get("duration_seconds", time.monotonic() - started)),
+            truncated=bool(result.get("truncated")),
+            signal=result.get("signal"),
+            pid=result.get("pid"),
+            stdout_bytes=int(result.get("stdout_bytes", 0)),
+            stderr_bytes=int(result.get("stderr_bytes", 0)),
+            receipt_path=result.get("receipt_path"),
+        )
+        if check and command_result.exit_code != 0:
+            raise errors.CommandError(
+                f"command {list(args['argv'])!r} exited with {command_result.exit_code}: "
+                f"{command_result.stderr.strip()[-500:]}",
+                result=command_result,
+            )
+        return command_result

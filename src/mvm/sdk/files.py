@@ -3,7 +3,7 @@ every read is bounded by ``max_bytes``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..protocol import CHUNK_SIZE
@@ -27,7 +27,7 @@ class Files:
 
         >>> sandbox.files.write("/app/main.py", "print('hello from mvm')")
         """
-        path = _absolute(path)
+        path = absolute_path(path)
         raw = data.encode() if isinstance(data, str) else bytes(data)
         client = self._sandbox._client()
         if len(raw) <= CHUNK_SIZE:
@@ -54,9 +54,8 @@ class Files:
 
         >>> data = sandbox.files.read("/work/output.json")
         """
-        path = _absolute(path)
-        if max_bytes <= 0:
-            raise errors.InvalidArgument("max_bytes", f"{max_bytes} must be positive")
+        path = absolute_path(path)
+        check_max_bytes(max_bytes)
         client = self._sandbox._client()
         chunks: list[bytes] = []
         offset = 0
@@ -64,14 +63,7 @@ class Files:
             result, payload = client.call("fs.read", {"path": path, "offset": offset, "length": CHUNK_SIZE})
             chunks.append(payload)
             offset += len(payload)
-            if offset > max_bytes:
-                raise errors.TooLarge(
-                    f"{path} is larger than max_bytes={max_bytes}",
-                    path=path,
-                    max_bytes=max_bytes,
-                    size=result.get("size"),
-                )
-            if result.get("eof") or not payload:
+            if read_done(path, result, payload, offset, max_bytes):
                 return b"".join(chunks)
 
     def read_text(self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES) -> str:
@@ -79,11 +71,11 @@ class Files:
 
     def list(self, path: str = "/") -> list[FileEntry]:
         """Entries of a directory, sorted by name."""
-        result, _ = self._sandbox._client().call("fs.list", {"path": _absolute(path)})
+        result, _ = self._sandbox._client().call("fs.list", {"path": absolute_path(path)})
         return sorted((FileEntry.from_wire(e) for e in result.get("entries", [])), key=lambda e: e.name)
 
     def stat(self, path: str) -> FileEntry:
-        result, _ = self._sandbox._client().call("fs.stat", {"path": _absolute(path)})
+        result, _ = self._sandbox._client().call("fs.stat", {"path": absolute_path(path)})
         return FileEntry.from_wire(result)
 
     def exists(self, path: str) -> bool:
@@ -94,17 +86,32 @@ class Files:
             return False
 
     def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
-        self._sandbox._client().call("fs.mkdir", {"path": _absolute(path), "parents": parents, "mode": mode})
+        self._sandbox._client().call("fs.mkdir", {"path": absolute_path(path), "parents": parents, "mode": mode})
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a file, or a directory (``recursive=True`` for a non-empty one)."""
-        self._sandbox._client().call("fs.remove", {"path": _absolute(path), "recursive": recursive})
+        self._sandbox._client().call("fs.remove", {"path": absolute_path(path), "recursive": recursive})
 
     def move(self, src: str, dst: str, *, overwrite: bool = False) -> None:
-        self._sandbox._client().call("fs.move", {"src": _absolute(src), "dst": _absolute(dst), "overwrite": overwrite})
+        args = {"src": absolute_path(src), "dst": absolute_path(dst), "overwrite": overwrite}
+        self._sandbox._client().call("fs.move", args)
 
 
-def _absolute(path: str) -> str:
+def check_max_bytes(max_bytes: int) -> None:
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise errors.InvalidArgument("max_bytes", f"{max_bytes!r} must be a positive integer")
+
+
+def read_done(path: str, result: dict[str, Any], payload: bytes, offset: int, max_bytes: int) -> bool:
+    """After one ``fs.read`` answer: whether the file is whole; ``TooLarge`` past ``max_bytes``."""
+    if offset > max_bytes:
+        raise errors.TooLarge(
+            f"{path} is larger than max_bytes={max_bytes}", path=path, max_bytes=max_bytes, size=result.get("size")
+        )
+    return bool(result.get("eof")) or not payload
+
+
+def absolute_path(path: str) -> str:
     if not isinstance(path, str) or not path.startswith("/"):
         raise errors.InvalidArgument("path", f"{path!r} must be an absolute guest path", allowed="e.g. '/app/main.py'")
     return path

@@ -37,14 +37,8 @@ class Ports:
         >>> with sandbox.ports.forward(host_port=8080, guest_port=8000) as fwd:
         ...     urllib.request.urlopen(f"http://127.0.0.1:{fwd.host_port}/")
         """
-        for name, value, low in (("guest_port", guest_port, 1), ("host_port", host_port, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
-                raise errors.InvalidArgument(name, f"{value!r} is not a port number", allowed=f"{low}..65535")
-        if not isinstance(host, str):
-            raise errors.InvalidArgument("host", f"{host!r} is not an address", allowed="e.g. '127.0.0.1'")
-        result, _ = self._sandbox._client().call("port.forward", {
-            "host": host, "host_port": host_port, "guest_port": guest_port,
-            "allow_wildcard": bool(allow_wildcard), "detach": bool(detach)})
+        args = forward_args(guest_port, host_port, host, allow_wildcard, detach)
+        result, _ = self._sandbox._client().call("port.forward", args)
         return self._model(result)
 
     def list(self) -> list[PortForward]:
@@ -55,15 +49,7 @@ class Ports:
     def close(self, forward: PortForward | str | int) -> None:
         """Close a forward: a ``PortForward``, its ``id``, or its host port. Its open
         connections are reset."""
-        if isinstance(forward, PortForward):
-            args: dict[str, Any] = {"id": forward.id}
-        elif isinstance(forward, str):
-            args = {"id": forward}
-        elif isinstance(forward, int) and not isinstance(forward, bool):
-            args = {"host_port": forward}
-        else:
-            raise errors.InvalidArgument("forward", f"{forward!r}", allowed="a PortForward, its id or its host port")
-        self._sandbox._client().call("port.close", args)
+        self._sandbox._client().call("port.close", close_args(forward))
 
     def _model(self, raw: dict[str, Any]) -> PortForward:
         return PortForward.from_wire(raw, sandbox=self._sandbox)
@@ -90,17 +76,48 @@ class Network:
 
         >>> sandbox.network.update(allow=["pypi.org:443", "files.pythonhosted.org:443"])
         """
-        if allow is not None and isinstance(allow, str):
-            raise errors.InvalidNetworkPolicy("network.allow", "must be a list of 'host:port' strings, not one string")
-        entries = list(allow) if allow is not None else None
-        if entries is not None:
-            resolved = mode or ("allow" if entries else "deny")
-            if resolved in ("allow", "deny"):  # the supervisor refuses other modes with its own message
-                # allow_wildcards=None keeps the sandbox's own setting, which only the supervisor
-                # knows: check the entries' syntax here as if wildcards were allowed, and leave
-                # the wildcard decision to it.
-                wildcards = True if allow_wildcards is None else allow_wildcards
-                make_network(resolved, entries, allow_wildcards=wildcards)
-        result, _ = self._sandbox._client().call("network.update", {
-            "allow": entries, "mode": mode, "allow_wildcards": allow_wildcards})
+        result, _ = self._sandbox._client().call("network.update", update_args(allow, mode, allow_wildcards))
         return dict(result.get("network") or {})
+
+
+# ---- request building, shared with ``mvm.AsyncSandbox`` ------------------------------------
+
+
+def forward_args(guest_port: int, host_port: int, host: str, allow_wildcard: bool, detach: bool) -> dict[str, Any]:
+    """``port.forward`` arguments, checked."""
+    for name, value, low in (("guest_port", guest_port, 1), ("host_port", host_port, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+            raise errors.InvalidArgument(name, f"{value!r} is not a port number", allowed=f"{low}..65535")
+    if not isinstance(host, str):
+        raise errors.InvalidArgument("host", f"{host!r} is not an address", allowed="e.g. '127.0.0.1'")
+    return {"host": host, "host_port": host_port, "guest_port": guest_port,
+            "allow_wildcard": bool(allow_wildcard), "detach": bool(detach)}
+
+
+def close_args(forward: PortForward | str | int) -> dict[str, Any]:
+    """``port.close`` arguments for a ``PortForward``, its id or its host port."""
+    if isinstance(forward, PortForward):
+        return {"id": forward.id}
+    if isinstance(forward, str):
+        return {"id": forward}
+    if isinstance(forward, int) and not isinstance(forward, bool):
+        return {"host_port": forward}
+    raise errors.InvalidArgument("forward", f"{forward!r}", allowed="a PortForward, its id or its host port")
+
+
+def update_args(
+    allow: list[str] | tuple[str, ...] | None, mode: str | None, allow_wildcards: bool | None
+) -> dict[str, Any]:
+    """``network.update`` arguments; entries are validated like ``mvm.network``."""
+    if allow is not None and isinstance(allow, str):
+        raise errors.InvalidNetworkPolicy("network.allow", "must be a list of 'host:port' strings, not one string")
+    entries = list(allow) if allow is not None else None
+    if entries is not None:
+        resolved = mode or ("allow" if entries else "deny")
+        if resolved in ("allow", "deny"):  # the supervisor refuses other modes with its own message
+            # allow_wildcards=None keeps the sandbox's own setting, which only the supervisor
+            # knows: check the entries' syntax here as if wildcards were allowed, and leave
+            # the wildcard decision to it.
+            wildcards = True if allow_wildcards is None else allow_wildcards
+            make_network(resolved, entries, allow_wildcards=wildcards)
+    return {"allow": entries, "mode": mode, "allow_wildcards": allow_wildcards}

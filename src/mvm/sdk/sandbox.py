@@ -212,15 +212,7 @@ class Sandbox:
     def _command_args(
         self, argv: Sequence[str] | str, env: Mapping[str, Any] | None, cwd: str | None, user: str | None = None
     ) -> dict[str, Any]:
-        argv, env = validate_command(argv, env, cwd)
-        if user is not None and (not isinstance(user, str) or not user or "\0" in user):
-            raise errors.InvalidArgument("user", f"{user!r} is not a user name", allowed="a guest user name or uid")
-        literal, secret_env, values = _split_env(env)
-        self._secret_values.update(values)
-        args = {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_names": _secret_names(env or {})}
-        if user is not None:
-            args["user"] = user
-        return args
+        return command_args(argv, env, cwd, user, self._secret_values)
 
     # ---- information ---------------------------------------------------------------
 
@@ -279,9 +271,7 @@ class Sandbox:
 
         >>> snap = sandbox.snapshot(name="after-index", expires="24h")
         """
-        if expires is not None:
-            parse_duration(expires, field="expires")
-        result, _ = self._client().call("sandbox.snapshot", {"name": name, "expires": expires, "keep": keep})
+        result, _ = self._client().call("sandbox.snapshot", snapshot_args(name, expires, keep))
         return Snapshot.from_wire(result)
 
     def destroy(self) -> None:
@@ -362,6 +352,32 @@ def validate_command(
                 f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
             )
     return argv, env
+
+
+def command_args(
+    argv: Sequence[str] | str,
+    env: Mapping[str, Any] | None,
+    cwd: str | None,
+    user: str | None,
+    secret_values: dict[str, str],
+) -> dict[str, Any]:
+    """The command part of ``exec.run``/``proc.start`` arguments (checked, secrets resolved;
+    their values are added to ``secret_values`` for redaction). Shared by ``AsyncSandbox``."""
+    argv, env = validate_command(argv, env, cwd)
+    if user is not None and (not isinstance(user, str) or not user or "\0" in user):
+        raise errors.InvalidArgument("user", f"{user!r} is not a user name", allowed="a guest user name or uid")
+    literal, secret_env, values = _split_env(env)
+    secret_values.update(values)
+    args = {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_names": _secret_names(env or {})}
+    if user is not None:
+        args["user"] = user
+    return args
+
+
+def snapshot_args(name: str | None, expires: str | int | None, keep: bool) -> dict[str, Any]:
+    if expires is not None:
+        parse_duration(expires, field="expires")
+    return {"name": name, "expires": expires, "keep": keep}
 
 
 def snapshot_shape(snapshot: Any) -> Resources:

@@ -77,7 +77,7 @@ class SupervisorClient:
                     if on_data is not None:
                         on_data(frame.header["stream"], frame.payload)
                     continue
-                return _unwrap(frame)
+                return unwrap_response(frame)
         finally:
             with self._lock:
                 self._waiting.pop(ident, None)
@@ -97,7 +97,7 @@ class SupervisorClient:
                     yield item.header["stream"], item.payload
                     continue
                 finished = True
-                _unwrap(item)
+                unwrap_response(item)
                 return
         finally:
             if not finished:
@@ -150,7 +150,8 @@ class SupervisorClient:
                 box.put(_CLOSED)
 
 
-def _unwrap(frame: Frame) -> tuple[dict[str, Any], bytes]:
+def unwrap_response(frame: Frame) -> tuple[dict[str, Any], bytes]:
+    """A response frame's ``(result, payload)``, or its error raised as the mapped ``MvmError``."""
     if frame.header.get("ok"):
         return dict(frame.header.get("result") or {}), frame.payload
     raise errors.from_wire(frame.header.get("error") or {})

@@ -1,0 +1,457 @@
+"""``mvm.AsyncSandbox``: the ``Sandbox`` surface for asyncio programs.
+
+Every per-sandbox operation is native asyncio over ``AsyncSupervisorClient`` (one
+connection per handle, shared by all tasks). Requests are built and answers parsed by
+the same functions the sync SDK uses (``sdk.commands``, ``sdk.files``, ``sdk.network``,
+``sdk.sandbox``), so both check arguments and shape results alike.
+
+``create`` runs the blocking launch path (template build on first use, supervisor spawn,
+agent handshake) in a worker thread (``asyncio.to_thread``); ``list`` and ``connect``'s
+lookup read the state directory there too.
+
+Cancellation: cancelling a task awaiting ``commands.run`` sends the request's ``cancel``
+frame; the supervisor kills the process's whole group and the call ends with
+``CancelledError`` in the task. Cancelling a reader of ``process.output()`` or ``logs()``
+ends only the stream, not the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import errors
+from ..backends.base import NetworkPolicy, Resources
+from ..protocol import CHUNK_SIZE
+from ..security.secrets import Redactor, SecretRef
+from ..supervisor.async_client import AsyncSupervisorClient
+from ..supervisor.state import CONTROL_SOCKET, find_sandbox
+from .commands import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    LineSplitter,
+    OutputCallback,
+    OutputCapture,
+    StreamDecoder,
+    run_options,
+    signal_args,
+    stdin_payload,
+)
+from .files import DEFAULT_MAX_READ_BYTES, absolute_path, check_max_bytes, read_done
+from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot
+from .network import close_args, forward_args, update_args
+from .sandbox import DEFAULT_TTL, Sandbox, command_args, snapshot_args
+
+
+class AsyncSandbox:
+    """A live sandbox driven from asyncio.
+
+    >>> async with await mvm.AsyncSandbox.create("python-3.13") as sandbox:
+    ...     results = await asyncio.gather(*(sandbox.commands.run(["echo", str(i)]) for i in range(50)))
+    """
+
+    def __init__(
+        self, sandbox_id: str, name: str, directory: Path, *, secret_values: dict[str, str] | None = None
+    ):
+        self.id = sandbox_id
+        self.name = name
+        self._directory = directory
+        self._secret_values = dict(secret_values or {})
+        self._conn: AsyncSupervisorClient | None = None
+        self._connecting = asyncio.Lock()
+        self._killed = False
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+        self.ports = AsyncPorts(self)
+        self.network = AsyncNetwork(self)
+
+    def __repr__(self) -> str:
+        return f"<AsyncSandbox {self.name} ({self.id})>"
+
+    # ---- creation and discovery ----------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        template: str = "python-3.13",
+        *,
+        name: str | None = None,
+        workload_id: str | None = None,
+        ttl: str | int | float | None = DEFAULT_TTL,
+        include: Sequence[str] | None = None,
+        resources: Resources | None = None,
+        network: NetworkPolicy | None = None,
+        env: Mapping[str, str | SecretRef] | None = None,
+        backend: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        from_snapshot: str | None = None,
+    ) -> AsyncSandbox:
+        """Create a sandbox (arguments as ``Sandbox.create``). The launch path blocks,
+        so it runs in a worker thread; the returned handle is native asyncio."""
+        sync = await asyncio.to_thread(
+            Sandbox.create, template, name=name, workload_id=workload_id, ttl=ttl, include=include,
+            resources=resources, network=network, env=env, backend=backend, mode="live", tags=tags,
+            from_snapshot=from_snapshot,
+        )
+        sync.close()
+        return cls(sync.id, sync.name, sync._directory, secret_values=sync._secret_values)
+
+    @classmethod
+    async def connect(cls, name_or_id: str) -> AsyncSandbox:
+        """Attach to a running sandbox by name or id."""
+        directory, record = await asyncio.to_thread(find_sandbox, name_or_id)
+        sandbox = cls(record["id"], record["name"], directory)
+        await sandbox._client()  # a dead supervisor raises SandboxNotFound here, as in Sandbox.connect's first call
+        return sandbox
+
+    @classmethod
+    async def list(cls) -> list[SandboxInfo]:
+        """Every running sandbox on this host (``Sandbox.list`` in a worker thread)."""
+        return await asyncio.to_thread(Sandbox.list)
+
+    # ---- plumbing ----------------------------------------------------------------
+
+    async def _client(self) -> AsyncSupervisorClient:
+        if self._killed:
+            raise errors.InvalidState(f"sandbox {self.name} was destroyed", state="destroyed")
+        if self._conn is None:
+            async with self._connecting:
+                if self._conn is None:
+                    self._conn = await AsyncSupervisorClient.open(self._directory / CONTROL_SOCKET)
+        return self._conn
+
+    async def _call(
+        self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"", **kwargs: Any
+    ) -> tuple[dict[str, Any], bytes]:
+        return await (await self._client()).call(op, args, payload, **kwargs)
+
+    def _redactor(self, text: str) -> str:
+        return Redactor(self._secret_values).redact(text) if self._secret_values else text
+
+    # ---- information ---------------------------------------------------------------
+
+    async def describe(self) -> SandboxInfo:
+        return SandboxInfo.from_wire((await self._call("sandbox.describe"))[0])
+
+    async def state(self) -> str:
+        return (await self.describe()).state
+
+    async def logs(
+        self,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        redact: bool = True,
+        idle_timeout: float | None = None,
+    ) -> AsyncIterator[LogEvent]:
+        """``async for event in sandbox.logs(follow=True)``; ``idle_timeout`` raises
+        ``StreamIdle`` when nothing was logged for that long."""
+        client = await self._client()
+        args = {"follow": follow, "tail": tail, "since": since}
+        async for _, data in client.stream("sandbox.logs", args, idle_timeout=idle_timeout):
+            event = LogEvent.from_wire(json.loads(data))
+            if redact:
+                event = LogEvent(
+                    event.timestamp, event.source, event.stream, self._redactor(event.message), event.audit_id
+                )
+            yield event
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def stop(self) -> SandboxInfo:
+        return SandboxInfo.from_wire((await self._call("sandbox.stop"))[0])
+
+    async def start(self) -> SandboxInfo:
+        return SandboxInfo.from_wire((await self._call("sandbox.start"))[0])
+
+    async def pause(self) -> SandboxInfo:
+        return SandboxInfo.from_wire((await self._call("sandbox.pause"))[0])
+
+    async def resume(self, snapshot: str | Snapshot | None = None) -> SandboxInfo:
+        snap_id = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+        return SandboxInfo.from_wire((await self._call("sandbox.resume", {"snapshot": snap_id}))[0])
+
+    async def snapshot(
+        self, name: str | None = None, *, expires: str | int | None = None, keep: bool = False
+    ) -> Snapshot:
+        return Snapshot.from_wire((await self._call("sandbox.snapshot", snapshot_args(name, expires, keep)))[0])
+
+    async def destroy(self) -> None:
+        """Remove the sandbox and everything it made; safe to call twice."""
+        if self._killed:
+            return
+        try:
+            await self._call("sandbox.destroy", timeout=120)
+        except (errors.SandboxError, errors.SandboxNotFound):
+            pass  # already gone: the supervisor exits right after answering
+        finally:
+            self._killed = True
+            await self.close()
+
+    async def kill(self) -> None:
+        await self.destroy()
+
+    async def close(self) -> None:
+        """Drop this handle's connection without touching the sandbox."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.aclose()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+
+class AsyncCommands:
+    """Processes in the sandbox. Reached as ``sandbox.commands``."""
+
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sandbox = sandbox
+
+    async def run(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        env: Mapping[str, Any] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout_seconds: float | None = 60,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        stdin: bytes | str | None = None,
+        check: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        redact: bool = True,
+        auto_resume: bool = False,
+    ) -> CommandResult:
+        """As ``Sandbox.commands.run``. Cancelling the awaiting task kills the process
+        (its whole group) in the sandbox."""
+        sandbox = self._sandbox
+        args = command_args(argv, env, cwd, user, sandbox._secret_values)
+        args.update(run_options(timeout_seconds, max_output_bytes, auto_resume, redact))
+        payload, staged = stdin_payload(stdin)
+        if staged is not None:  # too big for one frame: staged as a guest file the agent opens and unlinks
+            await sandbox.files.write(staged, payload, mode=0o600)
+            args["stdin_path"], payload = staged, b""
+        capture = OutputCapture(on_stdout, on_stderr, sandbox._redactor if redact else None)
+        started = time.monotonic()
+        try:
+            result, _ = await sandbox._call("exec.run", args, payload, on_data=capture.on_data)
+        except errors.CommandTimeout as exc:
+            raise capture.timeout(exc) from None
+        except errors.MvmError:
+            if staged is not None:
+                try:
+                    await sandbox.files.remove(staged)
+                except errors.MvmError:
+                    pass
+            raise
+        return capture.result(args, result, started, check=check)
+
+    async def start(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        env: Mapping[str, Any] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bool = False,
+        auto_resume: bool = False,
+    ) -> AsyncProcess:
+        args = command_args(argv, env, cwd, user, self._sandbox._secret_values)
+        args.update(stdin=stdin, auto_resume=auto_resume)
+        result, _ = await self._sandbox._call("proc.start", args)
+        return AsyncProcess(self._sandbox, int(result["pid"]), audit_id=result.get("audit_id"), argv=list(args["argv"]))
+
+    async def connect(self, pid: int) -> AsyncProcess:
+        info, _ = await self._sandbox._call("proc.info", {"pid": int(pid)})
+        return AsyncProcess(self._sandbox, int(pid), audit_id=info.get("audit_id"), argv=list(info.get("argv", [])))
+
+    async def list(self) -> list[ProcessInfo]:
+        result, _ = await self._sandbox._call("proc.list", {})
+        return [ProcessInfo.from_wire(p) for p in result.get("processes", [])]
+
+
+class AsyncProcess:
+    """A process started in the sandbox (``await sandbox.commands.start(...)``)."""
+
+    def __init__(self, sandbox: AsyncSandbox, pid: int, *, audit_id: str | None = None, argv: list[str] | None = None):
+        self._sandbox = sandbox
+        self.pid = pid
+        self.audit_id = audit_id
+        self.argv = argv or []
+        self._exit_code: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncProcess pid={self.pid} argv={self.argv!r}>"
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Its exit code (128+N if killed by signal N); ``CommandTimeout`` past ``timeout``."""
+        if self._exit_code is None:
+            args: dict[str, Any] = {"pid": self.pid}
+            if timeout is not None:
+                args["timeout_seconds"] = timeout
+            result, _ = await self._sandbox._call("proc.wait", args)
+            code = result.get("exit_code")
+            self._exit_code = -1 if code is None else int(code)
+        return self._exit_code
+
+    async def info(self) -> ProcessInfo:
+        return ProcessInfo.from_wire((await self._sandbox._call("proc.info", {"pid": self.pid}))[0])
+
+    async def is_running(self) -> bool:
+        return (await self.info()).running
+
+    async def signal(self, sig: str | int = "TERM", *, group: bool = True) -> None:
+        await self._sandbox._call("proc.signal", signal_args(self.pid, sig, group))
+
+    async def kill(self) -> None:
+        await self.signal("KILL")
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        for start in range(0, len(raw), CHUNK_SIZE):
+            await self._sandbox._call("proc.stdin", {"pid": self.pid, "eof": False}, raw[start : start + CHUNK_SIZE])
+
+    async def close_stdin(self) -> None:
+        await self._sandbox._call("proc.stdin", {"pid": self.pid, "eof": True})
+
+    async def output(self, *, replay: bool = True, idle_timeout: float | None = None) -> AsyncIterator[tuple[str, str]]:
+        """``(stream, text)`` chunks as the process prints them, until it exits. With
+        ``idle_timeout`` a process silent for that long raises ``StreamIdle`` (the process
+        keeps running)."""
+        client = await self._sandbox._client()
+        decode = StreamDecoder(self._sandbox._redactor)
+        args = {"pid": self.pid, "replay": replay}
+        async for stream, data in client.stream("proc.attach", args, idle_timeout=idle_timeout):
+            text = decode(stream, data)
+            if text:
+                yield stream, text
+
+    async def lines(self, which: str = "stdout", *, idle_timeout: float | None = None) -> AsyncIterator[str]:
+        """Lines of ``which`` (``"stdout"`` or ``"stderr"``) from the process's start until it exits."""
+        if which not in ("stdout", "stderr"):
+            raise errors.InvalidArgument("which", f"{which!r}", allowed=["stdout", "stderr"])
+        splitter = LineSplitter()
+        async for stream, text in self.output(idle_timeout=idle_timeout):
+            if stream == which:
+                for line in splitter.feed(text):
+                    yield line
+        for line in splitter.rest():
+            yield line
+
+
+class AsyncFiles:
+    """Files in the sandbox. Reached as ``sandbox.files``; paths are absolute guest paths."""
+
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sandbox = sandbox
+
+    async def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> FileEntry:
+        path = absolute_path(path)
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        client = await self._sandbox._client()
+        if len(raw) <= CHUNK_SIZE:
+            args = {"path": path, "mode": mode, "make_parents": make_parents, "append": False}
+            await client.call("fs.write", args, raw)
+            return await self.stat(path)
+        result, _ = await client.call("fs.write_begin", {"path": path, "mode": mode, "make_parents": make_parents})
+        handle = result["handle"]
+        committed = False
+        try:
+            for start in range(0, len(raw), CHUNK_SIZE):
+                await client.call("fs.write_chunk", {"handle": handle}, raw[start : start + CHUNK_SIZE])
+            await client.call("fs.write_end", {"handle": handle, "commit": True})
+            committed = True
+        finally:
+            if not committed:
+                try:
+                    await asyncio.shield(client.call("fs.write_end", {"handle": handle, "commit": False}))
+                except errors.MvmError:
+                    pass
+        return await self.stat(path)
+
+    async def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
+        path = absolute_path(path)
+        check_max_bytes(max_bytes)
+        client = await self._sandbox._client()
+        chunks: list[bytes] = []
+        offset = 0
+        while True:
+            result, payload = await client.call("fs.read", {"path": path, "offset": offset, "length": CHUNK_SIZE})
+            chunks.append(payload)
+            offset += len(payload)
+            if read_done(path, result, payload, offset, max_bytes):
+                return b"".join(chunks)
+
+    async def read_text(self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES) -> str:
+        return (await self.read(path, max_bytes=max_bytes)).decode(encoding, errors="replace")
+
+    async def list(self, path: str = "/") -> list[FileEntry]:
+        result, _ = await self._sandbox._call("fs.list", {"path": absolute_path(path)})
+        return sorted((FileEntry.from_wire(e) for e in result.get("entries", [])), key=lambda e: e.name)
+
+    async def stat(self, path: str) -> FileEntry:
+        return FileEntry.from_wire((await self._sandbox._call("fs.stat", {"path": absolute_path(path)}))[0])
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+            return True
+        except errors.FileNotFoundInSandbox:
+            return False
+
+    async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        await self._sandbox._call("fs.mkdir", {"path": absolute_path(path), "parents": parents, "mode": mode})
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._sandbox._call("fs.remove", {"path": absolute_path(path), "recursive": recursive})
+
+    async def move(self, src: str, dst: str, *, overwrite: bool = False) -> None:
+        args = {"src": absolute_path(src), "dst": absolute_path(dst), "overwrite": overwrite}
+        await self._sandbox._call("fs.move", args)
+
+
+class AsyncPorts:
+    """Port forwards (``await sandbox.ports.forward(guest_port=8000)``); close one with
+    ``await sandbox.ports.close(fwd)``."""
+
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sandbox = sandbox
+
+    async def forward(
+        self, *, guest_port: int, host_port: int = 0, host: str = "127.0.0.1", allow_wildcard: bool = False,
+        detach: bool = True,
+    ) -> PortForward:
+        args = forward_args(guest_port, host_port, host, allow_wildcard, detach)
+        return PortForward.from_wire((await self._sandbox._call("port.forward", args))[0])
+
+    async def list(self) -> list[PortForward]:
+        result, _ = await self._sandbox._call("port.list")
+        return [PortForward.from_wire(raw) for raw in result.get("forwards", [])]
+
+    async def close(self, forward: PortForward | str | int) -> None:
+        await self._sandbox._call("port.close", close_args(forward))
+
+
+class AsyncNetwork:
+    """The network policy of a running sandbox. Reached as ``sandbox.network``."""
+
+    def __init__(self, sandbox: AsyncSandbox):
+        self._sandbox = sandbox
+
+    async def policy(self) -> dict[str, Any]:
+        return dict((await self._sandbox.describe()).network)
+
+    async def update(
+        self, allow: list[str] | tuple[str, ...] | None = None, *, mode: str | None = None,
+        allow_wildcards: bool | None = None,
+    ) -> dict[str, Any]:
+        result, _ = await self._sandbox._call("network.update", update_args(allow, mode, allow_wildcards))
+        return dict(result.get("network") or {})
