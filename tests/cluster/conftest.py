@@ -6,8 +6,9 @@ Kept small for a shared 2-core host: one CPU per node, no dashboard, the smalles
 object store Ray accepts. Key distribution: every node's ``keys/`` holds copies of the
 test session's keys (signing key and snapshot key), as a real deployment would
 provision them from a secret store (docs/scale-out.md); nothing else is shared
-between the nodes' homes except the read-only template and kernel caches
-(``MVM_TEMPLATES``/``MVM_CACHE``, as in every test).
+between the nodes' homes except the kernel cache (``MVM_CACHE``) and, for the first
+two nodes, the read-only template cache (``MVM_TEMPLATES``, as in every test); the
+third node starts with an empty template store of its own.
 """
 
 from __future__ import annotations
@@ -66,11 +67,15 @@ def ray_cluster() -> Iterator[SimulatedCluster]:
         for key_file in keys_dir().iterdir():
             shutil.copy2(key_file, home / "keys" / key_file.name)
         homes[raylet.node_id] = home
+    # The last node has a template store of its own, empty: it gets templates copied
+    # from another node (tests/cluster/test_ray_cluster.py), as a fresh host would.
+    last = raylets[-1].node_id
     handle = connect_cluster(
         None,
         strategy="spread",
         limits=NodeLimits(max_sandboxes=MAX_SANDBOXES_PER_NODE),
         node_homes={node: str(home) for node, home in homes.items()},
+        node_env={last: {"MVM_TEMPLATES": str(homes[last] / "templates")}},
     )
     try:
         yield SimulatedCluster(cluster, [r.node_id for r in raylets], homes,

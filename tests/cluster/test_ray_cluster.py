@@ -40,9 +40,37 @@ def test_every_node_runs_an_agent_reporting_its_own_home(ray_cluster: SimulatedC
     for report in reports:
         assert report.home == str(ray_cluster.homes[report.node_id])
         assert "namespace" in report.backends
-        assert TEMPLATE in report.templates
         assert report.max_sandboxes == ray_cluster.max_sandboxes
         assert report.cpu_limit > 0 and report.memory_limit_mb > 0
+
+
+def test_a_node_without_the_template_gets_it_copied_not_built(ray_cluster: SimulatedCluster) -> None:
+    sim = ray_cluster
+    fresh = sim.nodes[2]
+    reports = {r.node_id: r for r in sim.mvm.reports()}
+    assert TEMPLATE in reports[sim.nodes[0]].templates and TEMPLATE not in reports[fresh].templates
+    # locality puts the nodes holding it first
+    sb = sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", placement="locality")
+    with sb:
+        assert _node_of(sim, sb) != fresh
+    # a create pinned to the fresh node copies the build from a holder, agent to agent
+    with sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=fresh) as sb:
+        assert sb.commands.run(["python3", "-c", "print(6 * 7)"]).stdout == "42\n"
+    copied = sim.homes[fresh] / "templates" / _current_key()
+    assert (copied / "manifest.json").read_bytes() == (
+        Path(os.environ["MVM_TEMPLATES"]) / _current_key() / "manifest.json"
+    ).read_bytes()
+    assert TEMPLATE in {r.node_id: r for r in sim.mvm.reports()}[fresh].templates
+    again = sim.mvm.copy_template(TEMPLATE, source=sim.nodes[0], target=fresh)
+    assert again["already"] is True
+
+
+def _current_key() -> str:
+    from mvm.templates import store
+    from mvm.templates.builder import current_digest
+    from mvm.templates.catalog import recipe
+
+    return store.template_key(TEMPLATE, current_digest(recipe(TEMPLATE)))
 
 
 def test_spread_places_on_every_node_and_the_same_sandbox_api_works(ray_cluster: SimulatedCluster) -> None:
@@ -174,7 +202,7 @@ def test_a_restarted_node_agent_finds_the_sandboxes_of_its_node(ray_cluster: Sim
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_snapshot_saved_on_one_node_restores_on_another(ray_cluster: SimulatedCluster, backend: str) -> None:
     sim = ray_cluster
-    source_node, target_node = sim.nodes[1], sim.nodes[2]
+    source_node, target_node = sim.nodes[1], sim.nodes[0]
     with sim.mvm.create(TEMPLATE, backend=backend, ttl="10m", node=source_node) as source:
         source.files.write("/root/state.txt", f"saved on {source_node}")
         snap = source.snapshot(keep=True)

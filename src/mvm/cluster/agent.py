@@ -252,6 +252,74 @@ class NodeAgent:
             shutil.rmtree(parent, ignore_errors=True)
         return ("ok", {"snapshot": snapshot_id, "bytes": received, "already": False}, None)
 
+    # ---- templates move between nodes ----------------------------------------------
+
+    def export_template(self, name: str) -> Iterator[bytes]:
+        """This node's current build of catalog template ``name`` as a tar stream
+        (system ``tar``: owners, modes, xattrs and device nodes of the rootfs kept)."""
+        import subprocess
+
+        built = _current_build(name)
+        if built is None:
+            raise errors.TemplateNotFound(name, [], reason=f"not built on node {self.node_id[:12]}")
+        tar = subprocess.Popen(["tar", "-C", str(built), "--xattrs", "--numeric-owner", "-cf", "-", "."],
+                               stdout=subprocess.PIPE)
+        assert tar.stdout is not None
+        try:
+            while chunk := tar.stdout.read(TRANSFER_CHUNK):
+                yield chunk
+        finally:
+            tar.stdout.close()
+            if tar.wait() != 0:
+                raise errors.TemplateBuildError(f"tar of template {name} failed on node {self.node_id[:12]}")
+
+    def import_template(self, name: str, source: Any) -> Reply:
+        """Pull template ``name`` from the node agent ``source`` instead of building it.
+        The build key (name + content digest of recipe and agent) is computed here, so a
+        node with different mvm code refuses a foreign build rather than using it."""
+        import subprocess
+
+        import ray
+
+        from ..templates import store
+        from ..templates.builder import load_image
+
+        try:
+            key = store.template_key(name, _current_digest(name))
+            target = _templates_dir() / key
+            with store.build_lock(key):
+                if load_image(target) is not None:
+                    return ("ok", {"template": name, "bytes": 0, "already": True}, None)
+                staging = store.make_temp_dir(key)
+                received = 0
+                try:
+                    tar = subprocess.Popen(["tar", "-C", str(staging), "--xattrs", "--numeric-owner", "-xf", "-"],
+                                           stdin=subprocess.PIPE)
+                    assert tar.stdin is not None
+                    try:
+                        for ref in source.export_template.options(num_returns="streaming").remote(name):
+                            chunk = ray.get(ref)
+                            received += len(chunk)
+                            tar.stdin.write(chunk)
+                    finally:
+                        tar.stdin.close()
+                        code = tar.wait()
+                    image = load_image(staging)
+                    if code != 0 or image is None or store.template_key(image.name, image.digest) != key:
+                        raise errors.TemplateBuildError(
+                            f"template {name} from node {source!r} is not this node's build {key}", template=name)
+                    os.replace(staging, target)
+                except BaseException:
+                    store.discard(staging)
+                    raise
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, errors.MvmError):
+                return _error(exc.cause)
+            raise
+        except errors.MvmError as exc:
+            return _error(exc)
+        return ("ok", {"template": name, "bytes": received, "already": False}, None)
+
     # ---- internals ------------------------------------------------------------------
 
     def _records(self) -> list[dict[str, Any]]:
@@ -312,6 +380,28 @@ class _ChunkSink(io.RawIOBase):
             chunk = bytes(self._buffer[:TRANSFER_CHUNK])
             del self._buffer[:TRANSFER_CHUNK]
             yield chunk
+
+
+def _templates_dir() -> Path:
+    from ..paths import templates_dir
+
+    return templates_dir()
+
+
+def _current_digest(name: str) -> str:
+    from ..templates.builder import current_digest
+    from ..templates.catalog import recipe
+
+    return current_digest(recipe(name))
+
+
+def _current_build(name: str) -> Path | None:
+    """The directory of this node's build of ``name`` with today's recipe and agent."""
+    from ..templates import store
+    from ..templates.builder import load_image
+
+    directory = _templates_dir() / store.template_key(name, _current_digest(name))
+    return directory if load_image(directory) is not None else None
 
 
 def _snapshot_key() -> bytes:

@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import errors
 from ..sdk.models import SandboxInfo
+from ..templates.catalog import BUILTIN
 from . import directory
 from .agent import NodeLimits
 from .placement import DEFAULT_STRATEGY, NodeReport, SandboxRequest, rank, validate_strategy
@@ -53,17 +54,19 @@ def connect_cluster(
     strategy: str = DEFAULT_STRATEGY,
     limits: NodeLimits | None = None,
     node_homes: Mapping[str, str] | None = None,
+    node_env: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Cluster:
     """Attach to a Ray cluster (``"auto"``, ``"ray://host:port"``, or ``None`` when this
     process already called ``ray.init``) and make sure every alive node runs its mvm
     node agent. ``node_homes`` (node id -> ``MVM_HOME``) is for simulated nodes sharing
-    one machine; real nodes use their own ``~/.mvm``."""
+    one machine; real nodes use their own ``~/.mvm``. ``node_env`` (node id -> variables)
+    adds environment for a node's agent (e.g. its own ``MVM_TEMPLATES``)."""
     ray = _ray()
     if not ray.is_initialized():
         if address is None:
             raise errors.InvalidArgument("address", "Ray is not initialised", allowed=["auto", "ray://host:port"])
         ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
-    cluster = Cluster(strategy=strategy, limits=limits, node_homes=node_homes)
+    cluster = Cluster(strategy=strategy, limits=limits, node_homes=node_homes, node_env=node_env)
     cluster.ensure_agents()
     return cluster
 
@@ -77,10 +80,13 @@ class Cluster:
         strategy: str = DEFAULT_STRATEGY,
         limits: NodeLimits | None = None,
         node_homes: Mapping[str, str] | None = None,
+        node_env: Mapping[str, Mapping[str, str]] | None = None,
     ):
         self.strategy = validate_strategy(strategy)
         self.limits = limits
-        self.node_homes = dict(node_homes or {})
+        self.node_env = {node: dict(env) for node, env in (node_env or {}).items()}
+        for node, home in (node_homes or {}).items():
+            self.node_env.setdefault(node, {})["MVM_HOME"] = home
         self._routes: dict[str, str] = {}  # sandbox id -> node id, learned (a cache)
 
     # ---- nodes ------------------------------------------------------------------
@@ -107,9 +113,8 @@ class Cluster:
                 "max_concurrency": 64,
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
             }
-            home = self.node_homes.get(node_id)
-            if home:
-                options["runtime_env"] = {"env_vars": {"MVM_HOME": home}}
+            if self.node_env.get(node_id):
+                options["runtime_env"] = {"env_vars": self.node_env[node_id]}
             agents[node_id] = NodeAgentActor.options(**options).remote(node_id, self.limits)
         ray.get([agent.ping.remote() for agent in agents.values()], timeout=120)
         return agents
@@ -162,13 +167,18 @@ class Cluster:
         strategy = validate_strategy(placement or self.strategy)
         files = collect_includes(include or [], base_dir=script_dir())  # host paths are the caller's
         request = SandboxRequest.of(template, options)
+        reports = self.reports()
+        holders = [r.node_id for r in reports if template in r.templates]
         if node is not None:
             candidates = [node]
             refused: dict[str, str] = {}
         else:
-            ordered, refused = rank(self.reports(), request, strategy)
+            ordered, refused = rank(reports, request, strategy)
             candidates = [r.node_id for r in ordered]
         for node_id in candidates:
+            if holders and node_id not in holders and template in BUILTIN:
+                # copied from a node that has it rather than built again here
+                self.copy_template(template, source=holders[0], target=node_id)
             try:
                 kind, record, _ = self._get(self.agent(node_id).create.remote(template, options), None)
             except errors.SandboxLost as exc:
@@ -237,7 +247,15 @@ class Cluster:
         """Drop a ``lost`` sandbox from the cluster's directory."""
         directory.forget(sandbox_id)
 
-    # ---- snapshots --------------------------------------------------------------
+    # ---- templates and snapshots ------------------------------------------------
+
+    def copy_template(self, name: str, *, source: str, target: str) -> dict[str, Any]:
+        """Copy the built catalog template ``name`` from node ``source`` to ``target``
+        (agent to agent, as a tar stream); ``target`` checks it is its own build key."""
+        kind, result, _ = self._get(self.agent(target).import_template.remote(name, self.agent(source)), None)
+        if kind == "error":
+            raise errors.from_wire(result)
+        return dict(result)
 
     def copy_snapshot(self, snapshot_id: str, *, source: str, target: str) -> dict[str, Any]:
         """Copy a sealed snapshot from node ``source`` to node ``target`` (node to node).
