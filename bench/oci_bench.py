@@ -79,10 +79,10 @@ def main() -> None:
             print(f"  OCI template (busybox)         {o * 1000:7.0f} ms")
             print(f"  catalogue python-3.13          {c * 1000:7.0f} ms  (OCI/catalogue = {o / c:.2f}x)")
         finally:
+            registry.stop()  # first: a failing cleanup below must not leave it running
             for name in made:
                 remove_template(name, force=True)
             oci.collect_garbage()
-            registry.stop()
 
 
 if __name__ == "__main__":

@@ -57,13 +57,13 @@ def images() -> Iterator[Images]:
             buildah.push(musl, imgs.ref("test/alpine-like:3"))
             yield imgs
         finally:
+            registry.stop()  # first: a failing cleanup below must not leave it running
             for name in imgs.made:
                 try:
                     remove_template(name, force=True)
                 except errors.MvmError:
                     pass
             oci.collect_garbage()
-            registry.stop()
 
 
 def _clean_state() -> tuple[set[str], set[str]]:
