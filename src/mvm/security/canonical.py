@@ -40,6 +40,9 @@ def canonical_json(obj: Any, *, field: str = "value") -> bytes:
         return rfc8785.dumps(obj)
     except rfc8785.CanonicalizationError as exc:
         raise InvalidArgument(field, f"cannot be written as canonical JSON: {exc}") from None
+    except UnicodeError:  # a lone surrogate (a str decoded with surrogateescape, or \ud800 off the wire)
+        raise InvalidArgument(field, "holds a string that is not valid Unicode (a lone surrogate)",
+                              allowed="valid Unicode text") from None
     except TypeError as exc:  # an object type JSON has no form for
         raise InvalidArgument(
             field, f"cannot be written as canonical JSON: {exc}",

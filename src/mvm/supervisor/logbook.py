@@ -101,12 +101,13 @@ class LogBook:
                 entries.append(entry)
         return entries[-tail:] if tail else entries
 
-    def follow(self, offset: int, stop: threading.Event) -> Iterator[dict[str, Any]]:
-        """Yield entries appended after byte ``offset`` until ``stop`` is set."""
+    def follow(self, offset: int, stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
+        """Yield entries appended after byte ``offset`` until ``stop()`` is true (checked
+        at least every half second)."""
         with open(self.path, encoding="utf-8") as fh:
             fh.seek(offset)
             pending = ""
-            while not stop.is_set():
+            while not stop():
                 chunk = fh.readline()
                 if chunk:
                     pending += chunk

@@ -74,12 +74,10 @@ def env_for(sup: Supervisor, env: dict[str, Any]) -> dict[str, str]:
 
 
 def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) -> tuple[int, str]:
-    argv = ctx.args.get("argv")
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise errors.InvalidArgument("argv", "must be a non-empty list of strings",
-                                     allowed="e.g. ['python', 'main.py']")
-    env = env_for(sup, ctx.args.get("env") or {})
-    secret_names = dict(ctx.args.get("secret_names") or {})
+    argv = ctx.arg.argv()
+    env = env_for(sup, ctx.arg.env())
+    # env key -> secret name: the shape of an env (never a null value without allow_unset)
+    secret_names = {key: str(name) for key, name in ctx.arg.env("secret_names").items()}
     sup.learn_secrets(secret_names, env)
     secret_keys = set(secret_names) | set(sup.secret_env)
     audit_args = {"argv": argv, "env_keys": sorted(env), "cwd": ctx.args.get("cwd"), "user": ctx.args.get("user")}
@@ -98,22 +96,18 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
 
 
 def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
-    pid, audit_id = start_process(sup, ctx, "proc.start", stdin=bool(ctx.args.get("stdin")))
+    pid, audit_id = start_process(sup, ctx, "proc.start", stdin=ctx.arg.boolean("stdin"))
     return {"pid": pid, "audit_id": audit_id}, b""
 
 
 def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     """Run to completion: stream (redacted, capped) output, enforce the timeout on the
     whole process group, and leave a signed receipt of what was returned."""
-    cap = int(ctx.args.get("max_output_bytes") or DEFAULT_MAX_OUTPUT)
-    if not 0 < cap <= MAX_OUTPUT_LIMIT:
-        raise errors.InvalidArgument("max_output_bytes", f"{cap} is out of range", allowed=f"1..{MAX_OUTPUT_LIMIT}")
-    timeout = ctx.args.get("timeout_seconds")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise errors.InvalidArgument("timeout_seconds", f"{timeout!r} must be a positive number")
+    cap = ctx.arg.integer("max_output_bytes", DEFAULT_MAX_OUTPUT, minimum=1, maximum=MAX_OUTPUT_LIMIT)
+    timeout = _timeout_arg(ctx)
     started_wall = time.time()
     started = time.monotonic()
-    capture = OutputCapture(cap, sup.redactor if ctx.args.get("redact", True) else None, ctx.send_data)
+    capture = OutputCapture(cap, sup.redactor if ctx.arg.boolean("redact", True) else None, ctx.send_data)
     pid, audit_id = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
     record = sup.processes.subscribe(pid, capture.deliver, replay=True)
     try:
@@ -171,10 +165,14 @@ def _kill_group(sup: Supervisor, pid: int) -> None:
 
 
 def _pid_arg(ctx: RequestContext) -> int:
-    pid = ctx.args.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool):
-        raise errors.InvalidArgument("pid", f"{pid!r} is not a process id")
-    return pid
+    return ctx.arg.integer("pid", minimum=1, required=True)
+
+
+def _timeout_arg(ctx: RequestContext) -> float | None:
+    timeout = ctx.arg.number("timeout_seconds")
+    if timeout is not None and timeout <= 0:
+        raise errors.InvalidArgument("timeout_seconds", f"{timeout!r} must be a positive number")
+    return timeout
 
 
 def _known_record(sup: Supervisor, pid: int) -> ProcessRecord:
@@ -191,7 +189,7 @@ def proc_attach(sup: Supervisor, ctx: RequestContext) -> Reply:
     def deliver(stream: str, data: bytes) -> None:
         ctx.send_data(stream, data)
 
-    record = sup.processes.subscribe(pid, deliver, replay=bool(ctx.args.get("replay", True)))
+    record = sup.processes.subscribe(pid, deliver, replay=ctx.arg.boolean("replay", True))
     try:
         while not record.exited.wait(0.2):
             if ctx.cancelled.is_set() or ctx.session.closed.is_set():
@@ -204,8 +202,8 @@ def proc_attach(sup: Supervisor, ctx: RequestContext) -> Reply:
 def proc_wait(sup: Supervisor, ctx: RequestContext) -> Reply:
     pid = _pid_arg(ctx)
     record = _known_record(sup, pid)
-    timeout = ctx.args.get("timeout_seconds")
-    deadline = None if timeout is None else time.monotonic() + float(timeout)
+    timeout = _timeout_arg(ctx)
+    deadline = None if timeout is None else time.monotonic() + timeout
     while not record.exited.wait(0.2):
         if ctx.cancelled.is_set() or ctx.session.closed.is_set():
             raise errors.Cancelled("proc.wait cancelled")

@@ -5,7 +5,6 @@ The states each is allowed in are its row in ``ops.py``."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -23,22 +22,18 @@ def describe(sup: Supervisor, ctx: RequestContext) -> Reply:
 
 
 def logs(sup: Supervisor, ctx: RequestContext) -> Reply:
-    tail = ctx.args.get("tail")
-    since = ctx.args.get("since")
+    tail = ctx.arg.integer("tail", minimum=0) or None
+    since = ctx.arg.number("since")
+    follow = ctx.arg.boolean("follow")
     offset = sup.logs.size()
     count = 0
-    for entry in sup.logs.read(tail=int(tail) if tail else None, since=since):
+    for entry in sup.logs.read(tail=tail, since=since):
         ctx.send_data("log", json.dumps(entry).encode())
         count += 1
-    if ctx.args.get("follow"):
-        stop = threading.Event()
+    if follow:
+        def stop() -> bool:
+            return ctx.cancelled.is_set() or ctx.session.closed.is_set() or sup.destroyed.is_set()
 
-        def watch() -> None:
-            while not (ctx.cancelled.is_set() or ctx.session.closed.is_set() or sup.destroyed.is_set()):
-                time.sleep(0.2)
-            stop.set()
-
-        threading.Thread(target=watch, daemon=True).start()
         for entry in sup.logs.follow(offset, stop):
             ctx.send_data("log", json.dumps(entry).encode())
             count += 1

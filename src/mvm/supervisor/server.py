@@ -169,7 +169,10 @@ class Supervisor:
             except OSError:
                 break
             conn.settimeout(None)
-            threading.Thread(target=ClientSession(self, conn).serve, daemon=True, name="mvm-client").start()
+            try:
+                ClientSession.accept(self, conn)
+            except RuntimeError:  # no thread for it now: that connection fails, the supervisor goes on
+                continue
 
     # ---- state --------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..agent.errors import AgentError, Args
 from ..protocol import CHUNK_SIZE, codec
 from ..protocol.channel import ChannelClosed, FramedChannel
 from ..protocol.codec import Frame, ProtocolError
@@ -19,6 +20,11 @@ if TYPE_CHECKING:
 
 #: What an operation's handler returns: the response's result and its payload.
 Reply = tuple[dict[str, Any], bytes]
+#: Client connections served at once, and requests in flight on each: every one costs a
+#: thread, and a client that never reads nor stops asking must not exhaust the supervisor's.
+MAX_SESSIONS = 128
+MAX_INFLIGHT = 64
+_sessions = threading.BoundedSemaphore(MAX_SESSIONS)
 
 
 class RequestContext:
@@ -31,6 +37,12 @@ class RequestContext:
         self.args: dict[str, Any] = frame.header.get("args") or {}
         self.payload = frame.payload
         self.cancelled = threading.Event()
+
+    @property
+    def arg(self) -> Args:
+        """Typed reading of ``args`` (the agent's checks: one definition of each); a wrong
+        value raises an ``InvalidArgument`` naming its field."""
+        return Args(self.args)
 
     def send_data(self, stream: str, payload: bytes) -> None:
         for start in range(0, max(len(payload), 1), CHUNK_SIZE):
@@ -53,6 +65,20 @@ class ClientSession:
         except ChannelClosed:
             self.closed.set()
 
+    @classmethod
+    def accept(cls, supervisor: Supervisor, sock: socket.socket) -> None:
+        """Serve a new connection on a thread of its own, or close it at once when
+        ``MAX_SESSIONS`` are served already (the client sees the handshake fail)."""
+        if not _sessions.acquire(blocking=False):
+            sock.close()
+            return
+        try:
+            threading.Thread(target=cls(supervisor, sock).serve, daemon=True, name="mvm-client").start()
+        except BaseException:
+            _sessions.release()
+            sock.close()
+            raise
+
     def serve(self) -> None:
         try:
             self.channel.handshake("supervisor", sandbox_id=self.supervisor.sandbox_id)
@@ -60,9 +86,23 @@ class ClientSession:
                 frame = self.channel.recv()
                 if frame.kind == "request":
                     ctx = RequestContext(self, frame)
+                    if ctx.id in self.inflight:
+                        self.send(codec.response_error(ctx.id, "InvalidArgument", f"id: request {ctx.id} is "
+                                                       "still in flight on this connection", field="id"))
+                        continue
+                    if len(self.inflight) >= MAX_INFLIGHT:
+                        self.send(codec.response_error(
+                            ctx.id, "TooLarge", f"{ctx.op}: {MAX_INFLIGHT} requests are in flight on this "
+                            "connection already; retry when some have been answered", limit=MAX_INFLIGHT))
+                        continue
                     self.inflight[ctx.id] = ctx
-                    threading.Thread(target=self._run, args=(ctx,), daemon=True,
-                                     name=f"mvm-req-{ctx.op}").start()
+                    try:
+                        threading.Thread(target=self._run, args=(ctx,), daemon=True,
+                                         name=f"mvm-req-{ctx.op}").start()
+                    except RuntimeError:  # no thread to be had: answer, do not fall over
+                        self.inflight.pop(ctx.id, None)
+                        self.send(codec.response_error(ctx.id, "TooLarge", f"{ctx.op}: the supervisor cannot "
+                                                       "start another thread now; retry later"))
                 elif frame.kind == "cancel":
                     ctx_or_none = self.inflight.get(frame.header["id"])
                     if ctx_or_none is not None:
@@ -74,6 +114,7 @@ class ClientSession:
             for ctx in list(self.inflight.values()):
                 ctx.cancelled.set()
             self.channel.close()
+            _sessions.release()
 
     def _run(self, ctx: RequestContext) -> None:
         set_actor(self.actor)
@@ -82,6 +123,8 @@ class ClientSession:
             self.send(codec.response_ok(ctx.id, result, payload))
         except errors.MvmError as exc:
             self.send(codec.encode({"kind": "response", "id": ctx.id, "ok": False, "error": exc.to_wire()}))
+        except AgentError as exc:  # an argument ``ctx.arg`` refused: the same wire error the agent gives
+            self.send(codec.response_error(ctx.id, exc.type, exc.message, **exc.details))
         except Exception as exc:  # a bug: answer, log, keep serving
             traceback.print_exc()
             self.send(codec.response_error(ctx.id, "Internal", f"{type(exc).__name__}: {exc}"))

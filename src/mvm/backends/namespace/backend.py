@@ -638,7 +638,7 @@ class NamespaceBackend(Backend):
                 self._availability = self._probe()
             return self._availability
 
-    def _probe(self) -> Availability:
+    def _probe(self) -> Availability:  # (the result is kept for the process's life: it must not flake)
         details: dict[str, Any] = {}
         if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
             return Availability(False, f"needs Linux on x86_64 (seccomp filter), not {platform.machine()}", details)
@@ -646,19 +646,11 @@ class NamespaceBackend(Backend):
         if binary is None:
             return Availability(False, "bubblewrap (bwrap) is not installed: apt-get install bubblewrap", details)
         details["bwrap"] = bw.bwrap_version(binary) or binary
-        # The probe binds the whole tree recursively: a mount another process removes at
-        # that moment (another sandbox's overlay ending) fails it with ENOENT on remount.
-        # That says nothing about this host, so such a failure is retried.
-        for _attempt in range(5):
-            try:
-                run = subprocess.run(
-                    [binary, "--unshare-all", "--ro-bind", "/", "/", "true"], capture_output=True, text=True,
-                    timeout=30,
-                )
-            except (OSError, subprocess.SubprocessError) as exc:
-                return Availability(False, f"bwrap does not run: {exc}", details)
-            if run.returncode == 0 or "Unable to apply mount flags: remount" not in run.stderr:
-                break
+        try:
+            run = subprocess.run([binary, "--unshare-all", *_probe_root(), "true"], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return Availability(False, f"bwrap does not run: {exc}", details)
         if run.returncode != 0:
             return Availability(
                 False, f"bwrap cannot create namespaces here: {run.stderr.strip() or run.returncode}", details
@@ -779,3 +771,16 @@ def cleanup_orphan(state_dir: Path) -> None:
 
 
 backend = NamespaceBackend()
+
+
+def _probe_root() -> list[str]:
+    """bwrap arguments giving ``true`` a root: just the program folders (bound, or their
+    merged-/usr symlinks). Not ``--ro-bind / /``: that re-mounts every host mount read-only,
+    and fails when one of them (another sandbox's) goes away meanwhile."""
+    argv: list[str] = []
+    for name in ("/usr", "/bin", "/sbin", "/lib", "/lib64"):
+        if os.path.islink(name):
+            argv += ["--symlink", os.readlink(name), name]
+        elif os.path.isdir(name):
+            argv += ["--ro-bind", name, name]
+    return argv
