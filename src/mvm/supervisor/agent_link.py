@@ -136,28 +136,33 @@ class AgentLink:
             with self._lock:
                 self._waiting.pop(ident, None)
 
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.kind == "event":
+            if self.on_stream is not None and frame.header["event"] in codec.TCP_EVENTS:
+                self.on_stream(frame)
+            else:
+                self._on_event(frame)
+        elif frame.kind == "data":
+            if self.on_stream is not None:
+                self.on_stream(frame)
+        elif frame.kind == "response":
+            with self._lock:
+                box = self._waiting.get(frame.id) if frame.id is not None else None
+            if box is not None:
+                box.put(frame)
+
     def _read_loop(self, channel: FramedChannel, generation: int) -> None:
         reason = "the agent closed the channel"
         try:
             while True:
                 frame = channel.recv()
-                if frame.kind == "event":
-                    if self.on_stream is not None and frame.header["event"] in codec.TCP_EVENTS:
-                        self.on_stream(frame)
-                    else:
-                        self._on_event(frame)
-                elif frame.kind == "data":
-                    if self.on_stream is not None:
-                        self.on_stream(frame)
-                elif frame.kind == "response":
-                    with self._lock:
-                        box = self._waiting.get(frame.id) if frame.id is not None else None
-                    if box is not None:
-                        box.put(frame)
-                elif frame.kind == "hello":
-                    continue
+                try:
+                    self._dispatch(frame)
+                except Exception as exc:  # a well-framed lie (an event without its fields, ...)
+                    raise ProtocolError(f"unusable {frame.kind} frame: {type(exc).__name__}: {exc}") from None
         except ProtocolError as exc:
             reason = f"the agent broke the protocol: {exc}"
+            channel.close()  # the guest is not to be trusted with the rest of this stream
         except (ChannelClosed, OSError) as exc:
             reason = f"agent channel closed: {exc}"
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ class LogBook:
         self._partial: dict[tuple[int, str], str] = {}
         self._capped = False
         self._closed = False
+        self._lost = 0  # lines that could not be written (disk full), reported once it can again
 
     def write(
         self, source: str, stream: str, message: str, audit_id: str | None = None, *, force: bool = False
@@ -63,10 +65,36 @@ class LogBook:
                     self._fh.flush()
                     self._lock.notify_all()
                 return
-            self._fh.write(line)
-            self._fh.flush()
+            if self._lost:
+                notice = json.dumps({"timestamp": time.time(), "source": "supervisor", "stream": "system",
+                                     "message": f"{self._lost} log lines were dropped: the log could not be "
+                                                "written"}) + "\n"
+                line = notice + line
+            try:
+                self._fh.write(line)
+                self._fh.flush()
+            except (OSError, ValueError) as exc:  # MVM_HOME full (ENOSPC): the sandbox goes on, its log loses lines
+                self._lost += 1
+                if self._lost == 1:
+                    print(f"mvm supervisor: cannot write the sandbox log ({exc}); lines are dropped until it can",
+                          file=sys.stderr, flush=True)
+                self._drop_buffer()
+                return
+            self._lost = 0
             self._size += len(line)
             self._lock.notify_all()
+
+    def _drop_buffer(self) -> None:
+        """After a failed write: forget what the file object still buffers (a later flush
+        must not write half a line)."""
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+        try:
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the sandbox's life
+        except OSError:
+            pass  # still closed: the next write fails the same way and is counted
 
     def system(self, message: str, audit_id: str | None = None) -> None:
         self.write("supervisor", "system", message, audit_id, force=True)
