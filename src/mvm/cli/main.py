@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "mvm.cli.security",
     "mvm.cli.modes",
     "mvm.cli.network",
+    "mvm.cli.mcp",
 )
 
 

@@ -54,13 +54,20 @@ class AsyncSandbox:
     """
 
     def __init__(
-        self, sandbox_id: str, name: str, directory: Path, *, secret_values: dict[str, str] | None = None
+        self,
+        sandbox_id: str,
+        name: str,
+        directory: Path,
+        *,
+        secret_values: dict[str, str] | None = None,
+        on_behalf_of: dict[str, str] | None = None,
     ):
         self.id = sandbox_id
         self.name = name
         self._directory = directory
         self._secret_values = dict(secret_values or {})
         self._conn: AsyncSupervisorClient | None = None
+        self._on_behalf_of = on_behalf_of
         self._connecting = asyncio.Lock()
         self._killed = False
         self.commands = AsyncCommands(self)
@@ -88,16 +95,19 @@ class AsyncSandbox:
         backend: str | None = None,
         tags: Mapping[str, str] | None = None,
         from_snapshot: str | None = None,
+        on_behalf_of: dict[str, str] | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox (arguments as ``Sandbox.create``). The launch path blocks,
-        so it runs in a worker thread; the returned handle is native asyncio."""
+        so it runs in a worker thread; the returned handle is native asyncio.
+        ``on_behalf_of`` is audited with every request of this handle (see
+        ``AsyncSupervisorClient.open``)."""
         sync = await asyncio.to_thread(
             Sandbox.create, template, name=name, workload_id=workload_id, ttl=ttl, include=include,
             resources=resources, network=network, env=env, backend=backend, mode="live", tags=tags,
             from_snapshot=from_snapshot,
         )
         sync.close()
-        return cls(sync.id, sync.name, sync._directory, secret_values=sync._secret_values)
+        return cls(sync.id, sync.name, sync._directory, secret_values=sync._secret_values, on_behalf_of=on_behalf_of)
 
     @classmethod
     async def connect(cls, name_or_id: str) -> AsyncSandbox:
@@ -120,7 +130,9 @@ class AsyncSandbox:
         if self._conn is None:
             async with self._connecting:
                 if self._conn is None:
-                    self._conn = await AsyncSupervisorClient.open(self._directory / CONTROL_SOCKET)
+                    self._conn = await AsyncSupervisorClient.open(
+                        self._directory / CONTROL_SOCKET, on_behalf_of=self._on_behalf_of
+                    )
         return self._conn
 
     async def _call(

@@ -41,7 +41,11 @@ class AsyncSupervisorClient:
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop(), name="mvm-async-client-reader")
 
     @classmethod
-    async def open(cls, socket_path: Path, *, connect_timeout: float = 5.0) -> AsyncSupervisorClient:
+    async def open(
+        cls, socket_path: Path, *, connect_timeout: float = 5.0, on_behalf_of: dict[str, str] | None = None
+    ) -> AsyncSupervisorClient:
+        """Connect and shake hands. ``on_behalf_of`` names who this client acts for (an MCP
+        client, say); the supervisor audits it next to this process's own credentials."""
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(socket_path), limit=READ_SIZE), connect_timeout
@@ -50,7 +54,7 @@ class AsyncSupervisorClient:
             raise errors.SandboxNotFound(f"sandbox supervisor is not running ({exc})") from None
         decoder = FrameDecoder()
         try:
-            writer.write(codec.hello("client"))
+            writer.write(codec.hello("client", **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})))
             frames: list[Frame] = []
             while not frames:
                 chunk = await asyncio.wait_for(reader.read(READ_SIZE), connect_timeout)

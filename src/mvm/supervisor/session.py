@@ -81,7 +81,8 @@ class ClientSession:
 
     def serve(self) -> None:
         try:
-            self.channel.handshake("supervisor", sandbox_id=self.supervisor.sandbox_id)
+            peer = self.channel.handshake("supervisor", sandbox_id=self.supervisor.sandbox_id)
+            self.actor = with_principal(self.actor, peer.get("on_behalf_of"))
             while True:
                 frame = self.channel.recv()
                 if frame.kind == "request":
@@ -132,6 +133,16 @@ class ClientSession:
             self.inflight.pop(ctx.id, None)
             if ctx.op == "sandbox.destroy":
                 self.supervisor.exit_after_destroy()
+
+
+def with_principal(actor: dict[str, Any] | None, claimed: Any) -> dict[str, Any] | None:
+    """Add who a host client acts for (``on_behalf_of`` in its hello: e.g. ``mvmctl mcp``
+    names its MCP client) to the actor its socket credentials prove. It is recorded as the
+    client's claim next to those credentials, never instead of them; bounded in size."""
+    if not isinstance(claimed, dict) or not claimed:
+        return actor
+    principal = {str(k)[:64]: str(v)[:256] for k, v in list(claimed.items())[:8]}
+    return {**(actor or {}), "on_behalf_of": principal}
 
 
 def peer_actor(sock: socket.socket) -> dict[str, Any] | None:

@@ -1,0 +1,1 @@
+"""mvm as a Model Context Protocol server: ``mvmctl mcp`` (``pip install 'mvm[mcp]'``)."""
