@@ -173,6 +173,8 @@ def test_per_node_limits_hold_and_a_full_cluster_says_why(ray_cluster: Simulated
         assert {info.id for info in sim.mvm.list()} == before  # nothing half-made
         with pytest.raises(errors.InvalidArgument, match="placement"):
             sim.mvm.create(TEMPLATE, placement="random")
+        with pytest.raises(errors.InvalidArgument, match="mode"):
+            sim.mvm.create(TEMPLATE, mode="record")
     finally:
         for sb in made:
             sb.kill()

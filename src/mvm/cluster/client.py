@@ -165,6 +165,9 @@ class Cluster:
         from ..sdk.sandbox import script_dir
 
         strategy = validate_strategy(placement or self.strategy)
+        if options.setdefault("mode", "live") != "live":
+            raise errors.InvalidArgument("mode", "a cluster creates live sandboxes; record and plan run locally",
+                                         allowed=["live"])
         files = collect_includes(include or [], base_dir=script_dir())  # host paths are the caller's
         request = SandboxRequest.of(template, options)
         reports = self.reports()

@@ -109,13 +109,13 @@ class Sandbox:
         (``mvm.connect_cluster(...)``) places it on a node of a Ray cluster; the handle
         is the same class.
         """
-        if cluster is not None:
+        resolved_mode = current_mode(mode)
+        if cluster is not None and resolved_mode == "live":  # record/plan record it like any other
             sandbox: Sandbox = cluster.create(
                 template, name=name, workload_id=workload_id, ttl=ttl, include=include, resources=resources,
-                network=network, env=env, backend=backend, mode=mode, tags=tags, from_snapshot=from_snapshot,
+                network=network, env=env, backend=backend, mode="live", tags=tags, from_snapshot=from_snapshot,
             )
             return sandbox
-        resolved_mode = current_mode(mode)
         if resolved_mode != "live":
             from ..modes.recording import RecordedSandbox
 
