@@ -59,6 +59,8 @@ fi
 # 4. The default template (built once, cached by content hash) and a health report.
 say "building the default template (python-3.13) — cached after the first time"
 .venv/bin/mvmctl template build python-3.13
+say "building the framework adapters' template (eval-tools: python-3.13 + adduser/passwd/procps)"
+.venv/bin/mvmctl template build src/mvm/integrations/eval-tools.toml
 .venv/bin/mvmctl doctor
 
 # 5. The main job: the seed's example, live, then every cookbook operation with its output.
