@@ -48,6 +48,10 @@ def test_surface_commands_files_processes_logs() -> None:
             with pytest.raises(mvm.FileNotFoundInSandbox):
                 await sandbox.files.read("/app/missing")
 
+            # More requests at once than the supervisor takes per connection: the rest queue.
+            many = await asyncio.gather(*(sandbox.commands.run(["echo", str(i)]) for i in range(100)))
+            assert [r.stdout for r in many] == [f"{i}\n" for i in range(100)]
+
             echoed = await sandbox.commands.run(["wc", "-c"], stdin=big)  # staged stdin, bigger than a frame
             assert echoed.stdout.strip() == str(len(big))
 

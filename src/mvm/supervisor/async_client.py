@@ -20,6 +20,7 @@ from .. import errors
 from ..protocol import codec
 from ..protocol.codec import Frame, FrameDecoder, ProtocolError
 from .client import unwrap_response
+from .session import MAX_INFLIGHT
 
 DataCallback = Callable[[str, bytes], None]
 READ_SIZE = 1024 * 1024
@@ -37,6 +38,9 @@ class AsyncSupervisorClient:
         self._decoder = FrameDecoder()
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Queue[Any]] = {}
+        # The supervisor refuses more than MAX_INFLIGHT requests per connection: the rest wait
+        # here, in arrival order, instead of failing with TooLarge.
+        self._slots = asyncio.Semaphore(MAX_INFLIGHT)
         self._closed = False
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop(), name="mvm-async-client-reader")
 
@@ -105,7 +109,7 @@ class AsyncSupervisorClient:
         except TimeoutError:
             raise errors.SandboxError(f"{op}: no answer from the sandbox within {timeout} s") from None
         finally:
-            self._waiting.pop(ident, None)
+            self._done(ident)
             if not finished:
                 self._cancel(ident)
 
@@ -136,7 +140,7 @@ class AsyncSupervisorClient:
                 unwrap_response(item)
                 return
         finally:
-            self._waiting.pop(ident, None)
+            self._done(ident)
             if not finished:
                 self._cancel(ident)
 
@@ -156,16 +160,26 @@ class AsyncSupervisorClient:
     async def _open(self, op: str, args: dict[str, Any] | None, payload: bytes) -> tuple[int, asyncio.Queue[Any]]:
         if self._closed or self._read_task.done():
             raise errors.SandboxError(f"{op}: this sandbox connection is closed")
+        await self._slots.acquire()
         ident = next(self._ids)
         box: asyncio.Queue[Any] = asyncio.Queue()
         self._waiting[ident] = box
         try:
             self._writer.write(codec.request(ident, op, args, payload))
             await self._writer.drain()
-        except (ConnectionError, OSError):
-            self._waiting.pop(ident, None)
-            raise errors.SandboxError(f"{op}: the sandbox is gone (its supervisor closed the connection)") from None
+        except BaseException as exc:
+            self._done(ident)
+            self._cancel(ident)  # cancelled while flushing: the request may have gone out
+            if isinstance(exc, (ConnectionError, OSError)):
+                raise errors.SandboxError(
+                    f"{op}: the sandbox is gone (its supervisor closed the connection)"
+                ) from None
+            raise
         return ident, box
+
+    def _done(self, ident: int) -> None:
+        if self._waiting.pop(ident, None) is not None:
+            self._slots.release()
 
     def _cancel(self, ident: int) -> None:
         # Synchronous on purpose: it runs in ``finally`` of a cancelled task, where awaiting

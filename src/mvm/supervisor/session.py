@@ -120,19 +120,26 @@ class ClientSession:
     def _run(self, ctx: RequestContext) -> None:
         set_actor(self.actor)
         try:
+            answer = self._answer(ctx)
+        finally:
+            # Leave the in-flight set before answering: a client that sends its next request
+            # the moment it reads this answer must find a free slot (MAX_INFLIGHT).
+            self.inflight.pop(ctx.id, None)
+        self.send(answer)
+        if ctx.op == "sandbox.destroy":
+            self.supervisor.exit_after_destroy()
+
+    def _answer(self, ctx: RequestContext) -> bytes:
+        try:
             result, payload = self.supervisor.handle(ctx)
-            self.send(codec.response_ok(ctx.id, result, payload))
+            return codec.response_ok(ctx.id, result, payload)
         except errors.MvmError as exc:
-            self.send(codec.encode({"kind": "response", "id": ctx.id, "ok": False, "error": exc.to_wire()}))
+            return codec.encode({"kind": "response", "id": ctx.id, "ok": False, "error": exc.to_wire()})
         except AgentError as exc:  # an argument ``ctx.arg`` refused: the same wire error the agent gives
-            self.send(codec.response_error(ctx.id, exc.type, exc.message, **exc.details))
+            return codec.response_error(ctx.id, exc.type, exc.message, **exc.details)
         except Exception as exc:  # a bug: answer, log, keep serving
             traceback.print_exc()
-            self.send(codec.response_error(ctx.id, "Internal", f"{type(exc).__name__}: {exc}"))
-        finally:
-            self.inflight.pop(ctx.id, None)
-            if ctx.op == "sandbox.destroy":
-                self.supervisor.exit_after_destroy()
+            return codec.response_error(ctx.id, "Internal", f"{type(exc).__name__}: {exc}")
 
 
 def with_principal(actor: dict[str, Any] | None, claimed: Any) -> dict[str, Any] | None:
