@@ -131,6 +131,7 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
                     pid=pid, audit_id=audit_id, timeout_seconds=timeout)
     finally:
         sup.processes.unsubscribe(pid, capture.deliver)
+    _check_not_lost(record)
     capture.finish()
     duration = time.monotonic() - started
     sup.logs.system(f"pid {pid} exited with {record.exit_code}", audit_id)
@@ -162,6 +163,12 @@ def _kill_group(sup: Supervisor, pid: int) -> None:
         sup.agent.call("proc.signal", {"pid": pid, "signal": "KILL", "group": True}, timeout=10)
     except errors.MvmError:
         pass
+
+
+def _check_not_lost(record: ProcessRecord) -> None:
+    if record.lost:
+        raise errors.SandboxError(f"pid {record.pid}: {record.lost} while it ran; its outcome is unknown",
+                                  pid=record.pid)
 
 
 def _pid_arg(ctx: RequestContext) -> int:
@@ -196,6 +203,7 @@ def proc_attach(sup: Supervisor, ctx: RequestContext) -> Reply:
                 raise errors.Cancelled("proc.attach cancelled")
     finally:
         sup.processes.unsubscribe(pid, deliver)
+    _check_not_lost(record)
     return {"exit_code": record.exit_code, "signal": record.signal, "truncated": record.dropped_bytes > 0}, b""
 
 
@@ -209,6 +217,7 @@ def proc_wait(sup: Supervisor, ctx: RequestContext) -> Reply:
             raise errors.Cancelled("proc.wait cancelled")
         if deadline is not None and time.monotonic() > deadline:
             raise errors.CommandTimeout(f"pid {pid} still running after {timeout} s", pid=pid)
+    _check_not_lost(record)
     return {"exit_code": record.exit_code, "signal": record.signal}, b""
 
 

@@ -37,6 +37,8 @@ class ProcessRecord:
     dropped_bytes: int = 0
     subscribers: list[Subscriber] = field(default_factory=list)
     exited: threading.Event = field(default_factory=threading.Event)
+    #: Why its end is unknown (the guest agent was lost while it ran), else None.
+    lost: str | None = None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -117,10 +119,13 @@ class ProcessTable:
         with self._lock:
             return list(self._records.values())
 
-    def mark_all_lost(self) -> None:
-        """The guest went away (stop/destroy): every running process is gone."""
+    def mark_all_lost(self, reason: str | None = None) -> None:
+        """The guest went away (stop/destroy): every running process is gone. With a
+        ``reason`` (the agent was lost, not told to stop) their outcome is unknown, and
+        the calls waiting for them say so instead of reporting an exit."""
         for record in self.all():
             if not record.exited.is_set():
+                record.lost = reason
                 self.exit(record.pid, -1, None, time.time())
 
     def new_boot(self) -> None:

@@ -268,7 +268,7 @@ class Supervisor:
     def _on_agent_lost(self, reason: str) -> None:
         if self.state in ("running", "paused") and not self.destroyed.is_set():
             self.logs.system(f"guest agent lost: {reason}")
-            self.processes.mark_all_lost()
+            self.processes.mark_all_lost(f"the guest agent was lost ({reason})")
             self.set_state("error", error=reason)
 
     # ---- end of life --------------------------------------------------------
