@@ -97,3 +97,52 @@ def test_stdio_server_tools_policy_and_audit(mvm_home: Path) -> None:
         assert {"pid", "uid", "user"} <= set(runs[0]["actor"])
 
     asyncio.run(scenario())
+
+
+def test_streamable_http_needs_the_bearer_token(mvm_home: Path) -> None:
+    import socket
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    from waiting import wait_for
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = "t0ken-for-this-test"
+    server = subprocess.Popen([MVMCTL, "mcp", "--http", str(port), "--token", token, "--backend", "namespace"],
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/mcp"
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(listening, "the MCP HTTP server to listen")
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json", **headers})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 401
+
+        async def scenario() -> None:
+            client = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+            async with client, streamable_http_client(url, http_client=client) as (read, write):
+                async with ClientSession(read, write, client_info=Implementation(name="http-agent", version="1")) as s:
+                    await s.initialize()
+                    assert "run_command" in {tool.name for tool in (await s.list_tools()).tools}
+                    created = _payload(await s.call_tool("create_sandbox", {"ttl": "10m", "memory_mb": 256}))
+                    name = created["sandbox"]
+                    ran = _payload(await s.call_tool("run_command", {"sandbox": name, "command": "echo ok"}))
+                    assert ran["stdout"] == "ok\n"
+                    assert not (await s.call_tool("destroy_sandbox", {"sandbox": name})).is_error
+
+        asyncio.run(scenario())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -160,3 +160,11 @@ def test_a_reader_of_a_silent_process_times_out_and_the_process_lives_on() -> No
                     pass
 
     asyncio.run(scenario())
+
+
+def test_record_and_plan_modes_refuse_rather_than_create_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MVM_MODE", "record")
+    before = {s.id for s in mvm.Sandbox.list()}
+    with pytest.raises(mvm.errors.NotAvailableInRecordMode):
+        asyncio.run(_create())
+    assert {s.id for s in mvm.Sandbox.list()} == before

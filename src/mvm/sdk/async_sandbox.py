@@ -43,7 +43,7 @@ from .commands import (
 from .files import DEFAULT_MAX_READ_BYTES, absolute_path, check_max_bytes, read_done
 from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot
 from .network import close_args, forward_args, update_args
-from .sandbox import DEFAULT_TTL, Sandbox, command_args, snapshot_args
+from .sandbox import DEFAULT_TTL, Sandbox, command_args, current_mode, snapshot_args
 
 
 class AsyncSandbox:
@@ -101,6 +101,11 @@ class AsyncSandbox:
         so it runs in a worker thread; the returned handle is native asyncio.
         ``on_behalf_of`` is audited with every request of this handle (see
         ``AsyncSupervisorClient.open``)."""
+        mode = current_mode()
+        if mode != "live":  # record/plan of async scripts awaits the recording transport (sync SDK only now)
+            raise errors.NotAvailableInRecordMode(
+                f"AsyncSandbox runs live only; $MVM_MODE is {mode!r} (record/plan: use mvm.Sandbox)", mode=mode
+            )
         sync = await asyncio.to_thread(
             Sandbox.create, template, name=name, workload_id=workload_id, ttl=ttl, include=include,
             resources=resources, network=network, env=env, backend=backend, mode="live", tags=tags,
