@@ -35,13 +35,13 @@ class SupervisorClient:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise errors.SandboxNotFound(f"sandbox supervisor is not running ({exc})") from None
-        sock.settimeout(None)
         self._channel = FramedChannel(sock)
-        try:
+        try:  # still under connect_timeout: a supervisor that accepts but never answers must not hang us
             self.peer = self._channel.handshake("client")
-        except (ChannelClosed, ProtocolError) as exc:
+        except (ChannelClosed, ProtocolError, OSError) as exc:
             self._channel.close()
             raise errors.ProtocolFailure(f"supervisor handshake failed: {exc}") from None
+        sock.settimeout(None)
         self._ids = itertools.count(1)
         self._waiting: dict[int, queue.Queue[Any]] = {}
         self._lock = threading.Lock()

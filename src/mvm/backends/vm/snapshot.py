@@ -66,8 +66,11 @@ def check_compatible(mine: dict[str, Any], details: dict[str, Any]) -> None:
         if details.get(name) != value
     ]
     if mismatched:
+        hint = ""
+        if any(name in ("memory_mb", "vcpus") and details.get(name) != value for name, value in mine.items()):
+            hint = "; create it without resources= to take the snapshot's own"
         raise InvalidArgument(
-            "snapshot", "was taken by an incompatible VM (" + "; ".join(mismatched) + ")",
+            "snapshot", "was taken by an incompatible VM (" + "; ".join(mismatched) + ")" + hint,
             allowed="a snapshot of the same template, kernel, QEMU, accelerator, cpu and memory",
         )
     base = Path(str(details.get("base_disk", "")))
