@@ -88,7 +88,8 @@ def open_conn():
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     else:
         sock = socket.create_connection((proxy.hostname, proxy.port), timeout=60)
-        sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        target = f"host.mvm.internal:{port}"
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(1)
@@ -240,7 +241,7 @@ def main() -> int:
                 ("forward request round trip", round_trip(port, conns * 5), direct["rtt"], "ms"),
             ]
 
-    allow = [f"127.0.0.1:{host_port}"]
+    allow = [f"host.mvm.internal:{host_port}"]  # the host's loopback, through the egress proxy
     with mvm.Sandbox.create(TEMPLATE, backend=args.backend, ttl="30m", network=mvm.network(mode="allow", allow=allow),
                             resources=mvm.resources(cpu_cores=1, memory_mb=512)) as sandbox:
         sandbox.files.write("/srv/bench_server.py", SERVER)

@@ -153,3 +153,37 @@ def test_raw_file_descriptors_work_like_a_socket() -> None:
 def test_a_channel_needs_a_transport() -> None:
     with pytest.raises(ValueError):
         FramedChannel(read_fd=0)
+
+
+@pytest.mark.parametrize("transport", ["socket", "fds"])
+def test_big_payloads_sent_in_parts_and_read_in_place_arrive_intact_between_small_frames(transport: str) -> None:
+    if transport == "socket":
+        left, right = socket.socketpair()
+        a, b = FramedChannel(left), FramedChannel(right)
+    else:
+        up_r, up_w = os.pipe()
+        down_r, down_w = os.pipe()
+        a, b = FramedChannel(read_fd=down_r, write_fd=up_w), FramedChannel(read_fd=up_r, write_fd=down_w)
+    tcp = [os.urandom(size) for size in (codec.DIRECT_MIN, 3 * codec.DIRECT_MIN + 7, codec.CHUNK_SIZE)]
+    file_chunk = os.urandom(codec.CHUNK_SIZE + 1)
+
+    def send() -> None:
+        for n, payload in enumerate(tcp, start=1):
+            a.send_raw(codec.data_parts(n, codec.TCP_STREAM, payload))  # gathered: header and payload apart
+            a.send_raw(codec.event("tcp.window", stream=n, bytes=1))
+        a.send_raw(codec.response_ok(9, {"size": len(file_chunk)}, file_chunk))
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    try:
+        for n, payload in enumerate(tcp, start=1):
+            frame = b.recv()
+            assert (frame.kind, frame.id, frame.payload) == ("data", n, payload)
+            assert b.recv().header["event"] == "tcp.window"
+        frame = b.recv()
+        assert frame.payload == file_chunk
+        assert type(frame.payload) is bytes, "payloads other than TCP stream bytes stay bytes"
+    finally:
+        thread.join(10)
+        a.close()
+        b.close()

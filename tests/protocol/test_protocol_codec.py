@@ -278,3 +278,22 @@ def test_any_length_prefix_is_refused_or_waited_for_within_bounds(header_len: in
         assert decoder.buffered == 0
     else:
         assert 0 < header_len <= MAX_HEADER and payload_len <= MAX_PAYLOAD
+
+
+def test_a_big_payload_assembled_in_place_decodes_like_one_fed_through_the_buffer() -> None:
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    wire = codec.data(3, codec.TCP_STREAM, payload) + codec.event("tcp.window", stream=3, bytes=5)
+    fed = FrameDecoder()
+    frames = [f for i in range(0, len(wire), 10_000) for f in fed.feed(wire[i : i + 10_000])]
+    direct = FrameDecoder()
+    head = len(wire) - len(payload) - len(codec.event("tcp.window", stream=3, bytes=5))
+    assert direct.feed(wire[: head + 100]) == []
+    view = direct.direct_payload()
+    assert view is not None and len(view) == len(payload) - 100
+    view[:] = payload[100:]
+    assert direct.filled(len(view)) != []
+    assert direct.direct_payload() is None
+    assert direct.feed(wire[head + len(payload) :])[0].header["event"] == "tcp.window"
+    assert [(f.header, bytes(f.payload)) for f in frames] == [
+        ({"kind": "data", "id": 3, "stream": "tcp"}, payload), ({"kind": "event", "event": "tcp.window",
+                                                                 "stream": 3, "bytes": 5}, b"")]

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from ..protocol import codec
 from ..protocol.channel import ChannelClosed
-from ..protocol.codec import Frame, ProtocolError
+from ..protocol.codec import Encoded, Frame, ProtocolError
 from . import AGENT_VERSION
 from .errors import AgentError, Args, from_os_error
 from .files import Files
@@ -50,7 +50,7 @@ WORKERS = 8
 
 
 class Session(Protocol):
-    def send_raw(self, encoded: bytes) -> None: ...
+    def send_raw(self, encoded: Encoded) -> None: ...
     def recv(self) -> Frame: ...
     def close(self, *, broken: bool = False) -> None: ...
 
@@ -83,7 +83,7 @@ class Link:
         self.alive = True
         self._send_lock = send_lock
 
-    def send(self, encoded: bytes) -> bool:
+    def send(self, encoded: Encoded) -> bool:
         """Send one frame; False if this link is gone (the frame is dropped)."""
         with self._send_lock:
             if not self.alive:

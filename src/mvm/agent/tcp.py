@@ -30,7 +30,7 @@ from .errors import AgentError, Args, invalid
 log = logging.getLogger("mvm.agent")
 
 #: Receive window per stream (more than the protocol's initial 256 KiB: fewer grants in bulk transfers).
-WINDOW = 1024 * 1024
+WINDOW = 2 * 1024 * 1024
 MAX_STREAMS = 1024
 MAX_LISTENERS = 16
 CONNECT_TIMEOUT = 10.0
@@ -148,8 +148,8 @@ class Tcp:
             conn.close()
 
 
-def _sender(link: Any) -> Callable[[bytes], None]:
-    def send(encoded: bytes) -> None:
+def _sender(link: Any) -> Callable[[codec.Encoded], None]:
+    def send(encoded: codec.Encoded) -> None:
         if not link.send(encoded):
             raise ChannelClosed("the host connection is gone")
 

@@ -26,7 +26,7 @@ import threading
 import time
 
 from ..protocol.channel import ChannelClosed, FramedChannel
-from ..protocol.codec import Frame, FrameDecoder
+from ..protocol.codec import Encoded, Frame, FrameDecoder
 
 log = logging.getLogger("mvm.agent")
 
@@ -43,7 +43,7 @@ class FdSession:
     def __init__(self, channel: FramedChannel):
         self._channel = channel
 
-    def send_raw(self, encoded: bytes) -> None:
+    def send_raw(self, encoded: Encoded) -> None:
         self._channel.send_raw(encoded)
 
     def recv(self) -> Frame:
@@ -182,8 +182,8 @@ class VirtioSession:
             self._pending.extend(self._decoder.feed(chunk))
         return self._pending.pop(0)
 
-    def send_raw(self, encoded: bytes) -> None:
-        view = memoryview(encoded)
+    def send_raw(self, encoded: Encoded) -> None:
+        view = memoryview(encoded if isinstance(encoded, bytes) else b"".join(encoded))
         with self._port.write_lock:
             poller = select.poll()
             poller.register(self._port.fd, select.POLLOUT)

@@ -13,9 +13,11 @@ import threading
 from typing import Any
 
 from . import codec
-from .codec import Frame, FrameDecoder, ProtocolError
+from .codec import Encoded, Frame, FrameDecoder, ProtocolError
 
-READ_SIZE = 1024 * 1024
+#: Bytes asked for per read while looking for frame headers: small, because a big payload
+#: after a header is read separately, straight into its own buffer (``FrameDecoder``).
+READ_SIZE = 64 * 1024
 
 
 class ChannelClosed(Exception):
@@ -38,19 +40,22 @@ class FramedChannel:
 
     # -- sending --------------------------------------------------------------
 
-    def send_raw(self, encoded: bytes) -> None:
-        """Send an already-encoded frame (from the ``codec`` constructors)."""
+    def send_raw(self, encoded: Encoded) -> None:
+        """Send an already-encoded frame (from the ``codec`` constructors; a (head, payload)
+        pair from ``encode_parts`` goes out in one gathering write, without joining it)."""
         with self._send_lock:
             if self._closed:
                 raise ChannelClosed("channel is closed")
             try:
-                if self._sock is not None:
-                    self._sock.sendall(encoded)
+                if isinstance(encoded, bytes):
+                    if self._sock is not None:
+                        self._sock.sendall(encoded)
+                    else:
+                        _write_all(self._write_fd, [memoryview(encoded)])  # type: ignore[arg-type]
+                elif self._sock is not None:
+                    _sendmsg_all(self._sock, [memoryview(part) for part in encoded])
                 else:
-                    view = memoryview(encoded)
-                    while view:
-                        written = os.write(self._write_fd, view)  # type: ignore[arg-type]
-                        view = view[written:]
+                    _write_all(self._write_fd, [memoryview(part) for part in encoded])  # type: ignore[arg-type]
             except (BrokenPipeError, ConnectionResetError, OSError) as exc:
                 raise ChannelClosed(f"send failed: {exc}") from None
 
@@ -62,6 +67,13 @@ class FramedChannel:
     def recv(self) -> Frame:
         """Block until one whole frame arrives. Raises ``ChannelClosed`` at EOF."""
         while not self._pending:
+            direct = self._decoder.direct_payload()
+            if direct is not None:  # the rest of a big stream payload: straight into its buffer
+                count = self._read_into(direct)
+                if not count:
+                    raise ChannelClosed("peer closed the channel mid-frame")
+                self._pending.extend(self._decoder.filled(count))
+                continue
             chunk = self._read_some()
             if not chunk:
                 if self._decoder.buffered:
@@ -75,6 +87,16 @@ class FramedChannel:
             if self._sock is not None:
                 return self._sock.recv(READ_SIZE)
             return os.read(self._read_fd, READ_SIZE)  # type: ignore[arg-type]
+        except (ConnectionResetError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            raise ChannelClosed(f"receive failed: {exc}") from None
+
+    def _read_into(self, view: memoryview) -> int:
+        try:
+            if self._sock is not None:
+                return self._sock.recv_into(view)
+            return os.readv(self._read_fd, [view])  # type: ignore[arg-type]
         except (ConnectionResetError, OSError) as exc:
             if isinstance(exc, TimeoutError):
                 raise
@@ -96,6 +118,24 @@ class FramedChannel:
             except OSError:
                 pass
             self._sock.close()
+
+
+def _sendmsg_all(sock: socket.socket, views: list[memoryview]) -> None:
+    while views:
+        _advance(views, sock.sendmsg(views))
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    while views:
+        _advance(views, os.writev(fd, views))
+
+
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop ``sent`` bytes from the front of ``views`` (in place)."""
+    while views and sent >= len(views[0]):
+        sent -= len(views.pop(0))
+    if sent:
+        views[0] = views[0][sent:]
 
 
 __all__ = ["ChannelClosed", "Frame", "FramedChannel", "ProtocolError"]

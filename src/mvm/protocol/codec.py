@@ -82,6 +82,19 @@ def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
     return PREFIX.pack(len(raw), len(payload)) + raw + bytes(payload)
 
 
+def encode_parts(header: dict[str, Any], payload: bytes) -> tuple[bytes, bytes]:
+    """``encode`` as (prefix + header, payload) for a gathering write: a big payload is not
+    copied into one buffer with its header (``FramedChannel.send_raw`` takes either form)."""
+    head = encode(header)
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds MAX_PAYLOAD={MAX_PAYLOAD}")
+    return PREFIX.pack(len(head) - PREFIX.size, len(payload)) + head[PREFIX.size:], payload
+
+
+#: One encoded frame: its bytes, or (prefix + header, payload) from ``encode_parts``.
+Encoded = bytes | tuple[bytes, bytes]
+
+
 def _dumps_ascii(header: dict[str, Any]) -> bytes:
     try:
         return json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -157,37 +170,77 @@ def _validate_tcp_event(header: dict[str, Any]) -> None:
         raise ProtocolError("tcp.close's 'reason' must be a string")
 
 
+#: A payload at least this big, not yet fully received, is read straight into its own buffer
+#: (``FrameDecoder.direct_payload``) instead of through the decoder's buffer.
+DIRECT_MIN = 64 * 1024
+
+
 @dataclass
 class FrameDecoder:
     """Incremental decoder: ``feed`` bytes as they arrive, get whole frames back.
 
     After a ``ProtocolError`` the decoder is poisoned (the stream is out of sync)
     and every later ``feed`` raises again.
+
+    A big payload (``DIRECT_MIN``) is assembled in a buffer of its own once its header
+    has arrived: a reader that can ``recv_into`` asks for the rest with
+    ``direct_payload``/``filled``, and the bytes are copied once from the kernel into that
+    buffer instead of three times through this one; ``feed`` keeps working either way.
+    A TCP stream payload stays that ``bytearray`` (its consumer, the stream mux, only
+    takes a memoryview of it); any other payload becomes ``bytes`` (one copy).
     """
 
     _buffer: bytearray = field(default_factory=bytearray)
     _failed: str | None = None
+    _direct: bytearray | None = None  # the payload being assembled in place
+    _direct_filled: int = 0
+    _direct_header: dict[str, Any] = field(default_factory=dict)
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._failed is not None:
             raise ProtocolError(self._failed)
-        self._buffer += data
         frames: list[Frame] = []
+        if self._direct is not None:
+            take = min(len(self._direct) - self._direct_filled, len(data))
+            with memoryview(data) as view:
+                self._direct[self._direct_filled : self._direct_filled + take] = view[:take]
+            data = data[take:]
+            frames += self.filled(take)
+        self._buffer += data
         try:
-            while True:
+            while self._direct is None:
                 frame = self._next()
                 if frame is None:
                     return frames
                 frames.append(frame)
+            return frames
         except ProtocolError as exc:
             self._failed = str(exc)
             self._buffer.clear()
             raise
 
+    def direct_payload(self) -> memoryview | None:
+        """Where the rest of a big stream payload goes (read into it, then call ``filled``)."""
+        if self._direct is None:
+            return None
+        return memoryview(self._direct)[self._direct_filled :]
+
+    def filled(self, count: int) -> list[Frame]:
+        """``count`` bytes were written into ``direct_payload()``; the frame once complete."""
+        assert self._direct is not None
+        self._direct_filled += count
+        if self._direct_filled < len(self._direct):
+            return []
+        header, payload = self._direct_header, self._direct
+        self._direct, self._direct_filled, self._direct_header = None, 0, {}
+        if header["kind"] == "data" and header["stream"] == TCP_STREAM:
+            return [Frame(header, payload)]  # type: ignore[arg-type]  # the mux takes a memoryview
+        return [Frame(header, bytes(payload))]
+
     @property
     def buffered(self) -> int:
         """Bytes held waiting for the rest of a frame."""
-        return len(self._buffer)
+        return len(self._buffer) + self._direct_filled
 
     def _next(self) -> Frame | None:
         if len(self._buffer) < PREFIX.size:
@@ -197,21 +250,37 @@ class FrameDecoder:
             raise ProtocolError(f"header length {header_len} outside 1..{MAX_HEADER}")
         if payload_len > MAX_PAYLOAD:
             raise ProtocolError(f"payload length {payload_len} exceeds MAX_PAYLOAD={MAX_PAYLOAD}")
-        end = PREFIX.size + header_len + payload_len
+        start = PREFIX.size + header_len
+        end = start + payload_len
         if len(self._buffer) < end:
+            if payload_len >= DIRECT_MIN and len(self._buffer) >= start:
+                self._start_direct(start, payload_len)
             return None
         with memoryview(self._buffer) as view:  # one copy each (a bytearray slice would be two)
-            raw = bytes(view[PREFIX.size : PREFIX.size + header_len])
-            payload = bytes(view[PREFIX.size + header_len : end])
+            raw = bytes(view[PREFIX.size : start])
+            payload = bytes(view[start:end])
         del self._buffer[:end]
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
-        except RecursionError:
-            raise ProtocolError("header JSON is nested too deeply") from None
-        validate_header(header)
-        return Frame(header, payload)
+        return Frame(_parse_header(raw), payload)
+
+    def _start_direct(self, start: int, payload_len: int) -> None:
+        payload = bytearray(payload_len)
+        have = len(self._buffer) - start
+        with memoryview(self._buffer) as view:
+            header = _parse_header(bytes(view[PREFIX.size : start]))
+            payload[:have] = view[start:]
+        self._buffer.clear()
+        self._direct, self._direct_filled, self._direct_header = payload, have, header
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("header JSON is nested too deeply") from None
+    validate_header(header)
+    return header  # type: ignore[no-any-return]
 
 
 # ---- constructors: one per frame kind, so no caller spells headers by hand ----
@@ -236,6 +305,11 @@ def response_error(ident: int, error_type: str, message: str, **details: Any) ->
 
 def data(ident: int, stream: str, payload: bytes, **extra: Any) -> bytes:
     return encode({"kind": "data", "id": ident, "stream": stream, **extra}, payload)
+
+
+def data_parts(ident: int, stream: str, payload: bytes, **extra: Any) -> tuple[bytes, bytes]:
+    """``data`` for a gathering write (see ``encode_parts``)."""
+    return encode_parts({"kind": "data", "id": ident, "stream": stream, **extra}, payload)
 
 
 def event(name: str, payload: bytes = b"", **fields: Any) -> bytes:

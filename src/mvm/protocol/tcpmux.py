@@ -40,7 +40,7 @@ from . import codec
 from .codec import CHUNK_SIZE, TCP_STREAM, TCP_WINDOW, Frame
 
 #: ``send(encoded)`` puts one frame on the channel (blocking); raises when the channel is gone.
-Send = Callable[[bytes], None]
+Send = Callable[[codec.Encoded], None]
 #: Called (under the mux lock: keep it short, never call back into the mux) when a stream ends.
 OnDone = Callable[["Stream"], None]
 #: ``on_accept(conn, addr)`` for a listener; runs on the pump thread outside the lock.
@@ -49,7 +49,7 @@ OnAccept = Callable[[socket.socket, Any], None]
 #: A peer cannot push our send credit past this (bounds nothing of ours, but keeps numbers sane).
 MAX_CREDIT = 1 << 32
 #: Bytes per stream frame: small enough that a command frame never waits long behind one.
-STREAM_CHUNK = 256 * 1024
+STREAM_CHUNK = 512 * 1024
 DEFAULT_MAX_STREAMS = 1024
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
@@ -102,7 +102,7 @@ class StreamMux:
         self._cond = threading.Condition(self._lock)
         self._streams: dict[int, Stream] = {}
         self._dirty: set[Stream] = set()
-        self._notices: list[tuple[Send, bytes, Stream | None]] = []
+        self._notices: list[tuple[Send, codec.Encoded, Stream | None]] = []
         self._listeners: dict[int, tuple[socket.socket, OnAccept]] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -352,7 +352,7 @@ class StreamMux:
             return
         stream.mask = mask
 
-    def _read(self, stream: Stream, out: list[tuple[Send, bytes, Stream | None]]) -> None:
+    def _read(self, stream: Stream, out: list[tuple[Send, codec.Encoded, Stream | None]]) -> None:
         size = min(stream.credit, STREAM_CHUNK)
         if size <= 0 or stream.sock is None:
             return
@@ -365,13 +365,13 @@ class StreamMux:
             return
         if not data:
             stream.local_eof = True
-            out.append((stream.send, codec.data(stream.id, TCP_STREAM, b"", eof=True), stream))
+            out.append((stream.send, codec.data_parts(stream.id, TCP_STREAM, b"", eof=True), stream))
             return
         stream.credit -= len(data)
         stream.sent += len(data)
-        out.append((stream.send, codec.data(stream.id, TCP_STREAM, data), stream))
+        out.append((stream.send, codec.data_parts(stream.id, TCP_STREAM, data), stream))
 
-    def _write(self, stream: Stream, out: list[tuple[Send, bytes, Stream | None]]) -> None:
+    def _write(self, stream: Stream, out: list[tuple[Send, codec.Encoded, Stream | None]]) -> None:
         sock = stream.sock
         assert sock is not None
         while stream.outbuf:
@@ -414,7 +414,7 @@ class StreamMux:
 
     def _step(self) -> bool:
         events = self._selector.select()
-        out: list[tuple[Send, bytes, Stream | None]] = []
+        out: list[tuple[Send, codec.Encoded, Stream | None]] = []
         accepted: list[tuple[OnAccept, socket.socket, Any]] = []
         with self._lock:
             for key, mask in events:
@@ -443,7 +443,7 @@ class StreamMux:
                 self._notices = []
             closed = self._closed
         for send, frame, owner in out:
-            if owner is not None and owner.aborted and _is_data(frame):
+            if owner is not None and owner.aborted and isinstance(frame, tuple):  # (data frames are parts)
                 continue  # reset meanwhile: its bytes would only be refused
             try:
                 send(frame)
@@ -480,11 +480,6 @@ class StreamMux:
             self._listeners.clear()
             self._closed = True
         self._wake()
-
-
-def _is_data(frame: bytes) -> bool:
-    # Cheap test on the encoded header: data frames carry "kind":"data" first.
-    return frame[8:24].startswith(b'{"kind":"data"')
 
 
 def _prepare(sock: socket.socket) -> None:
@@ -546,7 +541,7 @@ class PendingStream:
                 last = eof and not view
                 if last:
                     stream.local_eof = True
-            stream.send(codec.data(stream.id, TCP_STREAM, piece, **({"eof": True} if last else {})))
+            stream.send(codec.data_parts(stream.id, TCP_STREAM, piece, **({"eof": True} if last else {})))
             if last:
                 return
 

@@ -95,7 +95,7 @@ class AgentLink:
             except Exception:
                 pass
 
-    def send(self, encoded: bytes) -> None:
+    def send(self, encoded: codec.Encoded) -> None:
         """Put one already-encoded frame on the current channel (TCP stream frames)."""
         channel = self._channel
         if channel is None:

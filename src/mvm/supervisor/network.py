@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .session import Reply, RequestContext
 
 #: Receive window per stream on the host side.
-WINDOW = 1024 * 1024
+WINDOW = 2 * 1024 * 1024
 #: In open mode, the guest's resolver (QEMU's slirp DNS; pasta forwards it to the host's resolver).
 OPEN_MODE_RESOLVER = "10.0.2.3"
 
