@@ -15,8 +15,10 @@ Needs the extras (``pip install -e '.[test]'``); runs in a throw-away MVM_HOME.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MVM_TEMPLATES", str(Path.home() / ".mvm" / "templates"))
 os.environ.setdefault("MVM_CACHE", str(Path.home() / ".mvm" / "cache"))
 os.environ["MVM_HOME"] = tempfile.mkdtemp(prefix="mvmb-", dir="/tmp")
+atexit.register(shutil.rmtree, os.environ["MVM_HOME"], True)
 
 SUITES = {
     "inspect self-check": ("tests/integrations/test_inspect_self_check.py", "{backend}"),
