@@ -26,6 +26,14 @@ def backend_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def isolation_of(name: str) -> str:
+    """The kind of isolation a backend gives (``Backend.isolation``), for listings."""
+    try:
+        return get_backend(name).isolation
+    except errors.MvmError:
+        return "unknown"
+
+
 @cache
 def get_backend(name: str) -> Backend:
     if name not in _REGISTRY:

@@ -23,33 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
+# Resources, NetworkPolicy and the host alias are defined in mvm.spec; re-exported for backends.
+from ..spec import HOST_ALIAS as HOST_ALIAS
+from ..spec import HOST_ALIAS_ADDRESS as HOST_ALIAS_ADDRESS
+from ..spec import NetworkPolicy as NetworkPolicy
+from ..spec import Resources as Resources
 from ..templates.image import TemplateImage
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Limits every backend enforces (not just records)."""
-
-    cpu_cores: float = 1
-    memory_mb: int = 512
-    rootfs_size_mb: int = 1024
-    max_processes: int = 256
-
-
-#: The name a guest uses for the host's own loopback (127.0.0.1) in mode ``allow``: routed
-#: through the egress proxy, and only to ports whose ``host.mvm.internal:PORT`` entry is listed.
-#: (The guest's 127.0.0.1 is its own loopback.)
-HOST_ALIAS = "host.mvm.internal"
-HOST_ALIAS_ADDRESS = "127.0.0.1"
-
-
-@dataclass(frozen=True)
-class NetworkPolicy:
-    """``deny`` (no interface but loopback), ``allow`` (egress via the host proxy), ``open``."""
-
-    mode: Literal["deny", "allow", "open"] = "deny"
-    allow: tuple[str, ...] = ()
-    allow_wildcards: bool = False
 
 
 @dataclass(frozen=True)

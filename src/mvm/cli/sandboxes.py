@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from typing import TextIO
@@ -16,7 +15,8 @@ import click
 from .. import errors
 from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
-from ..backends.base import Resources
+from ..backends import backend_names
+from ..spec import NETWORK_MODES, Resources
 from ..sdk.sandbox import Sandbox, snapshot_shape
 from ..security.secrets import SecretRef
 from .common import emit, json_option, parse_env
@@ -42,9 +42,9 @@ def register(cli: click.Group) -> None:
               help=f"Writable disk, MiB [default: {Resources.rootfs_size_mb}, or the snapshot's]")
 @click.option("--max-processes", type=int, default=None,
               help=f"[default: {Resources.max_processes}, or the snapshot's]")
-@click.option("--backend", type=click.Choice(["vm", "namespace"]), default=None)
+@click.option("--backend", type=click.Choice(backend_names()), default=None)
 @click.option(
-    "--network", "network_mode", type=click.Choice(["deny", "allow", "open"]), default="deny", show_default=True
+    "--network", "network_mode", type=click.Choice(NETWORK_MODES), default="deny", show_default=True
 )
 @click.option("--allow", multiple=True, help="host:port allowed with --network allow (repeatable).")
 @click.option("--allow-wildcards", is_flag=True, help="Accept *.domain, *, 0.0.0.0/:: and CIDR --allow entries.")
@@ -96,7 +96,7 @@ def up(
     if any(value is not None for value in asked.values()):
         # flags not given keep the snapshot's values when restoring, the defaults otherwise
         base = snapshot_shape(from_snapshot) if from_snapshot is not None else Resources()
-        shape = make_resources(**{**dataclasses.asdict(base), **{k: v for k, v in asked.items() if v is not None}})
+        shape = make_resources(**{**base.to_json(), **{k: v for k, v in asked.items() if v is not None}})
     full_env: dict[str, str | SecretRef] = dict(parse_env(env))
     full_env.update({k: SecretRef(v) for k, v in parse_env(secret_env, "--secret-env").items()})
     sandbox = Sandbox.create(

@@ -42,9 +42,7 @@ from typing import Any
 from .. import errors
 from ..durations import format_duration, parse_duration
 from ..security.secrets import env_var_for, secret_available
-from ..sdk.policy import LIMITS, NETWORK_MODES
-from ..sdk.policy import network as make_network
-from ..sdk.policy import resources as make_resources
+from ..spec import LIMITS, NETWORK_MODES, NetworkPolicy, Resources
 
 PLAN_VERSION = "plan-v1"
 POLICY_FILE = "policy.toml"
@@ -172,7 +170,7 @@ def check_workload(doc: dict[str, Any], policy: HostPolicy) -> list[dict[str, An
 
     res = doc["resources"]
     try:
-        make_resources(**res)
+        Resources.validated(**res)
         bounds_ok = True
     except errors.InvalidArgument as exc:
         checks.append(_check("resources", False, exc.field, str(exc)))
@@ -192,7 +190,7 @@ def check_workload(doc: dict[str, Any], policy: HostPolicy) -> list[dict[str, An
 
     net = doc["network"]
     try:
-        make_network(net["mode"], list(net["allow"]), allow_wildcards=net["allow_wildcards"])
+        NetworkPolicy.validated(net["mode"], list(net["allow"]), allow_wildcards=net["allow_wildcards"])
         if net["mode"] in policy.network_modes:
             checks.append(_check("network", True, "network.mode", _describe_network(net)))
         else:

@@ -28,17 +28,17 @@ import os
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 from .. import errors
 from ..backends import backend_names
-from ..backends.base import NetworkPolicy, Resources
+from ..spec import NetworkPolicy, Resources
 from ..durations import parse_duration
 from ..sdk import sandbox as _live
-from ..sdk.commands import _SIGNALS, DEFAULT_MAX_OUTPUT_BYTES
+from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES, check_run_limits
+from ..sdk.commands import _SIGNALS
 from ..sdk.files import absolute_path as _absolute
 from ..sdk.includes import GUEST_ROOT, collect_includes
 from ..sdk.models import CommandResult, FileEntry, LogEvent, ProcessInfo, SandboxInfo, Snapshot
@@ -60,8 +60,6 @@ __all__ = [
 #: The file ``mvmctl`` tells a recorded script to append its events to.
 RECORDING_ENV = "MVM_RECORDING"
 RECORDED_MODES = ("record", "plan")
-#: Largest ``max_output_bytes`` the supervisor accepts for ``commands.run``.
-MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
 
@@ -235,18 +233,6 @@ def _check_mode_bits(mode: Any, field: str = "mode") -> int:
     return mode
 
 
-def _check_run_limits(timeout_seconds: Any, max_output_bytes: Any) -> None:
-    """The checks the supervisor makes on ``exec.run`` (it is not there to make them)."""
-    if isinstance(max_output_bytes, bool) or not isinstance(max_output_bytes, int) \
-            or not 0 < max_output_bytes <= MAX_OUTPUT_LIMIT:
-        raise errors.InvalidArgument("max_output_bytes", f"{max_output_bytes!r} is out of range",
-                                     allowed=f"1..{MAX_OUTPUT_LIMIT}")
-    if timeout_seconds is not None and (isinstance(timeout_seconds, bool)
-                                        or not isinstance(timeout_seconds, (int, float))
-                                        or not timeout_seconds > 0 or timeout_seconds == float("inf")):
-        raise errors.InvalidArgument("timeout_seconds", f"{timeout_seconds!r} must be a positive number")
-
-
 def _bytes_of(data: Any, field: str) -> bytes:
     if isinstance(data, str):
         return data.encode()
@@ -331,7 +317,7 @@ class RecordedSandbox:
         recording.append({
             "op": "sandbox.create", "sandbox": index, "mode": mode, "at": _caller(),
             "template": template, "name": name, "workload_id": workload_id, "backend": backend,
-            "resources": asdict(resolved),
+            "resources": resolved.to_json(),
             "network": {"mode": policy.mode, "allow": list(policy.allow), "allow_wildcards": policy.allow_wildcards},
             "ttl_seconds": spec["ttl_seconds"], "tags": dict(tags or {}), "from_snapshot": from_snapshot,
             "env": encode_env(dict(env or {})),
@@ -363,7 +349,7 @@ class RecordedSandbox:
 
     def describe(self) -> SandboxInfo:
         """What was asked for (state ``recorded``): the limits and policy, no backend facts."""
-        resources = asdict(self._spec["resources"])
+        resources = self._spec["resources"].to_json()
         policy = self._spec["network"]
         return SandboxInfo(
             id=self.id, name=self.name, state="destroyed" if self._destroyed else self._state,
@@ -470,7 +456,7 @@ class RecordedCommands:
     ) -> CommandResult:
         """Record the command; the result says ``recorded=True`` and has no exit code."""
         argv, env = _live.validate_command(argv, env, cwd)
-        _check_run_limits(timeout_seconds, max_output_bytes)
+        check_run_limits({"timeout_seconds": timeout_seconds, "max_output_bytes": max_output_bytes})
         payload = _bytes_of(stdin, "stdin") if stdin is not None else b""
         sb = self._sandbox
         stdin_sha = sb._recording.store(payload) if payload else None

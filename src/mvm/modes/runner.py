@@ -404,8 +404,7 @@ def replay(path: Path | str, *, name: str | None = None, backend: str | None = N
     included files, then replay every operation in order. Each result is reported through
     ``echo`` (``None``: silent) and returned. On any failure the sandbox is destroyed.
     A workload that does not end with ``sandbox.destroy`` is left running (like ``mvmctl up``)."""
-    from ..sdk.policy import network as make_network
-    from ..sdk.policy import resources as make_resources
+    from ..spec import NetworkPolicy, Resources
     from ..sdk.sandbox import Sandbox
 
     say = echo or (lambda _text: None)
@@ -419,8 +418,8 @@ def replay(path: Path | str, *, name: str | None = None, backend: str | None = N
         net = doc["network"]
         sandbox = Sandbox.create(
             doc["template"], mode="live", name=name or doc["name"], workload_id=doc["workload_id"],
-            ttl=doc["ttl_seconds"], include=None, resources=make_resources(**doc["resources"]),
-            network=make_network(net["mode"], list(net["allow"]), allow_wildcards=net["allow_wildcards"]),
+            ttl=doc["ttl_seconds"], include=None, resources=Resources.from_json(doc["resources"]),
+            network=NetworkPolicy.from_json(net),
             env=decode_env(doc["env"]), backend=backend or doc["backend"], tags=doc["tags"],
             from_snapshot=doc["from_snapshot"])
         say(f"sandbox {sandbox.name} ({sandbox.id}) from workload {doc['workload_id'] or ''} "

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..protocol import CHUNK_SIZE
+from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES as DEFAULT_MAX_OUTPUT_BYTES  # the supervisor's default
 from .models import CommandResult, ProcessInfo
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
 #: Guest directory where a ``run`` stdin larger than one frame is staged (the agent unlinks it on start).
 STDIN_STAGING_DIR = "/tmp/.mvm-stdin"
 
-#: Default capture per stream for ``commands.run`` (the supervisor's default too).
-DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 
 OutputCallback = Callable[[str], None]
 

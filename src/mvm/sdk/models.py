@@ -134,13 +134,15 @@ class SandboxInfo:
         cls, record: dict[str, Any], *, state: str | None = None, details: dict[str, Any] | None = None
     ) -> SandboxInfo:
         """From a sandbox's on-disk record (``Sandbox.list``, the cluster's list)."""
+        from ..backends import isolation_of  # the registry knows each backend's isolation
+
         return cls(
             id=record["id"],
             name=record["name"],
             state=state or record.get("state", "creating"),
             template=record["template"],
             backend=record["backend"],
-            isolation="vm" if record["backend"] == "vm" else "namespace",
+            isolation=isolation_of(record["backend"]),
             resources=record.get("resources", {}),
             network=record.get("network", {}),
             created_at=record.get("created_at", 0.0),

@@ -11,12 +11,20 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..backends import choose_backend
-from ..backends.base import NetworkPolicy, Resources
 from ..durations import parse_duration
 from ..security.secrets import Redactor, SecretRef, resolve_secret
+from ..spec import (
+    NetworkPolicy,
+    Resources,
+    SandboxConfig,
+    validate_env_names,
+    validate_name,
+    validate_tags,
+    validate_workload_id,
+)
 from ..supervisor.client import SupervisorClient
 from ..supervisor.launch import spawn_supervisor
-from ..supervisor.state import CONTROL_SOCKET, find_sandbox, list_sandboxes, new_sandbox_id, validate_name
+from ..supervisor.state import CONTROL_SOCKET, find_sandbox, list_sandboxes, new_sandbox_id
 from ..templates import available_templates, ensure_template
 from .commands import Commands
 from .files import Files
@@ -24,8 +32,6 @@ from .includes import collect_includes
 from .models import LogEvent, SandboxInfo, Snapshot
 from .network import Network, Ports
 from .transport import Transport
-from .policy import network as make_network
-from .policy import resources as make_resources
 
 if TYPE_CHECKING:
     from ..cluster import Cluster
@@ -150,24 +156,24 @@ class Sandbox:
         ensure_template(template)  # builds on first use, with progress on a terminal
         literal_env, secret_env, secret_values = _split_env(env or {})
         sandbox_id = new_sandbox_id()
-        config = {
-            "id": sandbox_id,
-            "name": spec["name"] or _default_name(workload_id, sandbox_id),
-            "template": template,
-            "backend": backend_name,
-            "resources": spec["resources"].__dict__,
-            "network": {**spec["network"].__dict__, "allow": list(spec["network"].allow)},
-            "ttl_seconds": spec["ttl_seconds"],
-            "env": literal_env,
-            "secret_env_names": {k: ref for k, ref in _secret_names(env or {}).items()},
-            "workload_id": workload_id,
-            "tags": dict(tags or {}),
-            "created_at": time.time(),
-            "from_snapshot": from_snapshot,
-            "run_id": os.environ.get("MVM_RUN_ID"),
-        }
-        _ensure_name_free(config["name"])
-        state = spawn_supervisor(config, secret_env)
+        config = SandboxConfig(
+            id=sandbox_id,
+            name=spec["name"] or _default_name(workload_id, sandbox_id),
+            template=template,
+            backend=backend_name,
+            resources=spec["resources"],
+            network=spec["network"],
+            ttl_seconds=spec["ttl_seconds"],
+            env=literal_env,
+            secret_env_names=_secret_names(env or {}),
+            workload_id=workload_id,
+            tags=dict(tags or {}),
+            created_at=time.time(),
+            from_snapshot=from_snapshot,
+            run_id=os.environ.get("MVM_RUN_ID"),
+        )
+        _ensure_name_free(config.name)
+        state = spawn_supervisor(config.to_json(), secret_env)
         sandbox = cls(sandbox_id, state["name"], _dir_of(sandbox_id), secret_values=secret_values)
         try:
             for guest_path, data, mode_bits in files:
@@ -413,29 +419,25 @@ def _validated_spec(
         (template_check or ensure_template)(template)  # raises TemplateNotFound with the buildable names
     if name is not None:
         validate_name(name)
-    if workload_id is not None and (not isinstance(workload_id, str) or not workload_id.strip()):
-        raise errors.InvalidArgument("workload_id", f"{workload_id!r} must be a non-empty string")
+    validate_workload_id(workload_id)
     if resources is not None and not isinstance(resources, Resources):
         raise errors.InvalidArgument("resources", "use mvm.resources(...)", allowed="mvm.resources(cpu_cores=..., ...)")
     if network is not None and not isinstance(network, NetworkPolicy):
         raise errors.InvalidArgument(
             "network", "use mvm.network(...)", allowed="mvm.network(mode='deny'|'allow'|'open')"
         )
+    validate_env_names(env or {})
     for key, value in (env or {}).items():
-        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
-            raise errors.InvalidArgument("env", f"{key!r} is not a valid variable name")
         if not isinstance(value, (str, SecretRef)):
             raise errors.InvalidArgument(
                 f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
             )
-    for key, value in (tags or {}).items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise errors.InvalidArgument("tags", "keys and values must be strings")
+    validate_tags(tags or {})
     ttl_seconds = None if ttl is None else parse_duration(ttl, field="ttl")
     return {
         "name": name,
-        "resources": resources or make_resources(),
-        "network": network or make_network(),
+        "resources": resources or Resources(),
+        "network": network or NetworkPolicy(),
         "ttl_seconds": ttl_seconds,
     }
 

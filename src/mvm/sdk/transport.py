@@ -1,7 +1,34 @@
-"""What a ``Sandbox`` speaks through: the shape of ``SupervisorClient``.
+"""The seam between the SDK and whatever answers its requests.
 
-The local path is a ``SupervisorClient`` on the sandbox's ``control.sock``; the cluster
-path (``mvm.cluster``) relays the same requests to the node that owns the sandbox.
+``Sandbox``, ``Commands``, ``Files``, ``Process``, ``Ports`` and ``Network`` never
+open sockets. They build wire requests with pure functions (``command_args``,
+``run_options``, ``signal_args`` in ``sdk/sandbox.py`` / ``sdk/commands.py``, ``forward_args``
+in ``sdk/network.py``...: an op name, a JSON-able ``args`` dict, optional payload bytes),
+hand them to a :class:`Transport`, and turn the answers into models. A transport is
+anything with this shape:
+
+``call(op, args=None, payload=b"", *, on_data=None, timeout=None) -> (result, payload)``
+    Send one request and block until its final answer. ``data`` frames that arrive
+    before it (a command's output, a file's bytes) go to ``on_data(stream, bytes)``.
+    An error answer is raised as the :mod:`mvm.errors` type it names.
+``stream(op, args=None) -> Iterator[(stream, bytes)]``
+    Yield the ``data`` frames of one request until its answer; closing the
+    iterator early cancels the request.
+``close()``
+    Drop the connection; the sandbox keeps running.
+
+Implementations:
+
+* :class:`mvm.supervisor.client.SupervisorClient` -- the live transport: the
+  framed protocol over the sandbox supervisor's Unix socket.
+* :class:`mvm.supervisor.async_client.AsyncSupervisorClient` -- the same shape awaited
+  (``AsyncSandbox``).
+* :mod:`mvm.cluster` -- relays the same requests to the Ray node that owns the
+  sandbox (``Sandbox(..., connect=...)`` gives the handle its transport factory).
+
+The wire vocabulary (op names, args, result fields) is the supervisor's
+(``docs/protocol.md``); the supervisor validates every request (its op table), so a
+transport forwards without checking again.
 """
 
 from __future__ import annotations
@@ -13,6 +40,8 @@ DataCallback = Callable[[str, bytes], None]
 
 
 class Transport(Protocol):
+    """What the SDK sends its wire requests to (see the module docstring)."""
+
     def call(
         self,
         op: str,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .. import errors
 from ..protocol.codec import Frame
 from ..protocol.tcpmux import StreamMux, id_counter
+from ..spec import NetworkPolicy
 from .egress import EGRESS_GUEST_PORT, PROXY_ENV, PROXY_URL, EgressPolicy, EgressProxy
 from .ports import PortForwards
 from .state import write_json_atomic
@@ -92,8 +93,6 @@ class NetworkManager:
     # ---- client operations ------------------------------------------------------------------
 
     def update(self, ctx: RequestContext) -> dict[str, Any]:
-        from ..sdk.policy import network as make_network
-
         args = ctx.args
         with self._lock:
             old = self.policy
@@ -112,7 +111,8 @@ class NetworkManager:
                                                   allowed=["allow", "deny"])
             wildcards = args.get("allow_wildcards")
             wildcards = old.allow_wildcards if wildcards is None else bool(wildcards)
-            policy = make_network(mode, allow, allow_wildcards=wildcards)  # InvalidNetworkPolicy names the entry
+            # InvalidNetworkPolicy names the entry
+            policy = NetworkPolicy.validated(mode, allow, allow_wildcards=wildcards)
             new = EgressPolicy.from_config({"mode": policy.mode, "allow": list(policy.allow),
                                             "allow_wildcards": policy.allow_wildcards})
             self.policy = new

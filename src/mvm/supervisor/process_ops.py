@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import errors
 from ..paths import receipts_dir
 from ..protocol import CHUNK_SIZE
+from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES, MAX_OUTPUT_LIMIT
 from ..security.secrets import Redactor
 from .processes import ProcessRecord
 
@@ -19,9 +20,6 @@ if TYPE_CHECKING:
     from .server import Supervisor
     from .session import Reply, RequestContext
 
-#: Default and largest capture per stream for ``exec.run``.
-DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
-MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
 
 
 class OutputCapture:
@@ -103,7 +101,7 @@ def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
 def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     """Run to completion: stream (redacted, capped) output, enforce the timeout on the
     whole process group, and leave a signed receipt of what was returned."""
-    cap = ctx.arg.integer("max_output_bytes", DEFAULT_MAX_OUTPUT, minimum=1, maximum=MAX_OUTPUT_LIMIT)
+    cap = ctx.arg.integer("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES, minimum=1, maximum=MAX_OUTPUT_LIMIT)
     timeout = _timeout_arg(ctx)
     started_wall = time.time()
     started = time.monotonic()

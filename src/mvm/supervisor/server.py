@@ -25,10 +25,11 @@ from typing import Any
 
 from .. import errors
 from ..backends import get_backend
-from ..backends.base import BackendInstance, NetworkPolicy, Resources, SandboxSpec
+from ..backends.base import BackendInstance, SandboxSpec
 from ..paths import runs_dir
 from ..protocol.codec import Frame
 from ..security.secrets import Redactor
+from ..spec import SandboxConfig
 from ..templates import ensure_template
 from . import ops
 from .agent_link import AgentLink
@@ -83,15 +84,15 @@ class Supervisor:
         self._phase_start = now
 
     def boot(self) -> None:
-        template = ensure_template(self.config["template"])
+        config = SandboxConfig.from_json(self.config)  # the trust boundary: checked here, whoever wrote it
+        template = ensure_template(config.template)
         self.template_digest = template.digest
         self._mark("template")
         spec = SandboxSpec(
             sandbox_id=self.sandbox_id,
             template=template,
-            resources=Resources(**self.config["resources"]),
-            network=NetworkPolicy(**{**self.config["network"],
-                                     "allow": tuple(self.config["network"].get("allow", ()))}),
+            resources=config.resources,
+            network=config.network,
             state_dir=self.directory,
         )
         spec.backend_dir.mkdir(exist_ok=True)

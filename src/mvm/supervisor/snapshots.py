@@ -54,7 +54,7 @@ def save(instance: BackendInstance, store: SnapshotStore, name: str, sandbox_id:
             if sink is not None and MEMORY_IMAGE not in artifacts.streamed:
                 pending.drop(MEMORY_IMAGE)
             # the sandbox's shape goes with it: a restore takes it unless asked for another
-            details = {**artifacts.details, "resources": dataclasses.asdict(instance.spec.resources)}
+            details = {**artifacts.details, "resources": instance.spec.resources.to_json()}
             info = pending.commit(artifacts.kind, staging,
                                   files=[f for f in artifacts.files if f not in artifacts.streamed],
                                   details=details)
@@ -71,7 +71,7 @@ def shape(store: SnapshotStore, snapshot: str) -> Resources:
     recorded = details.get("resources")
     if isinstance(recorded, dict):
         known = {f.name for f in dataclasses.fields(Resources)}
-        return Resources(**{k: v for k, v in recorded.items() if k in known})
+        return Resources.from_json({k: v for k, v in recorded.items() if k in known})
     defaults = Resources()
     return Resources(cpu_cores=float(details.get("vcpus", defaults.cpu_cores)),
                      memory_mb=int(details.get("memory_mb", defaults.memory_mb)))

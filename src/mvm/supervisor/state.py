@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -20,24 +19,14 @@ from typing import Any
 
 from .. import errors
 from ..paths import sandboxes_dir
+from ..spec import validate_name as validate_name  # defined with the rest of the sandbox spec
 
 STATES = ("creating", "running", "paused", "stopped", "destroyed", "error")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 CONTROL_SOCKET = "control.sock"
 
 
 def new_sandbox_id() -> str:
     return "sb-" + secrets.token_hex(5)
-
-
-def validate_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise errors.InvalidArgument(
-            "name",
-            f"{name!r} is not a valid sandbox name",
-            allowed="lowercase letters, digits, '-', '_', '.'; 1-63 chars",
-        )
-    return name
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o600) -> None:

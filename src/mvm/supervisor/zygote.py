@@ -164,10 +164,10 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     # Import everything a supervisor needs once, here, so each fork starts warm.
     from . import server  # noqa: F401
-    from ..backends import get_backend
+    from ..backends import backend_names, get_backend
     from ..security import audit, receipts, sealing  # noqa: F401
 
-    for name in ("namespace", "vm"):
+    for name in backend_names():
         try:
             get_backend(name)
         except Exception:

@@ -1,0 +1,37 @@
+"""Limits of the wire requests, defined once: the supervisor enforces them (the trust
+boundary: the Python SDK, the TypeScript SDK and raw clients all talk to it), the SDK
+uses them as defaults, and record/plan mode checks a recorded ``exec.run`` against the
+same bounds so a script fails in ``mvmctl compile`` exactly as it would live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .. import errors
+
+#: Default capture per stream for ``exec.run`` / ``commands.run``.
+DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+#: Largest ``max_output_bytes`` an ``exec.run`` may ask for.
+MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
+
+
+def check_run_limits(args: Mapping[str, Any]) -> tuple[int, float | None]:
+    """``exec.run``: ``max_output_bytes`` in ``1..MAX_OUTPUT_LIMIT`` (default
+    :data:`DEFAULT_MAX_OUTPUT_BYTES`), ``timeout_seconds`` positive and finite or
+    ``None``. Returns ``(cap, timeout)``."""
+    cap = args.get("max_output_bytes")
+    if cap is None:
+        cap = DEFAULT_MAX_OUTPUT_BYTES
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= MAX_OUTPUT_LIMIT:
+        raise errors.InvalidArgument("max_output_bytes", f"{cap!r} is out of range", allowed=f"1..{MAX_OUTPUT_LIMIT}")
+    timeout = args.get("timeout_seconds")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not timeout > 0
+        or timeout == float("inf")
+    ):
+        raise errors.InvalidArgument("timeout_seconds", f"{timeout!r} must be a positive number")
+    return cap, None if timeout is None else float(timeout)
