@@ -196,7 +196,7 @@ def test_bad_resource_names_the_field() -> None:
 @pytest.mark.parametrize("call, field", [
     (lambda sb: sb.commands.run([]), "argv"),
     (lambda sb: sb.commands.run(["ls", 3]), "argv"),
-    (lambda sb: sb.commands.run(["ls"], cwd="relative"), "cwd"),
+    (lambda sb: sb.commands.run(["ls"], cwd=""), "cwd"),  # relative is allowed (from the default cwd)
     (lambda sb: sb.commands.run(["ls"], env={"K": 1}), "env['K']"),
     (lambda sb: sb.commands.run(["ls"], timeout_seconds=-1), "timeout_seconds"),
     (lambda sb: sb.commands.run(["ls"], max_output_bytes=0), "max_output_bytes"),
