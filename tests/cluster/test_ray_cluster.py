@@ -16,7 +16,8 @@ import mvm
 from mvm import errors
 from mvm.backends import availability
 from mvm.cluster import Cluster
-from mvm.supervisor.state import load_record, pid_alive
+from mvm.osutil import pid_alive
+from mvm.supervisor.state import load_record
 
 from waiting import wait_for
 

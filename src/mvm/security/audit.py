@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mvm import paths
 from mvm.errors import AuditEntryNotFound, AuditError, InvalidArgument, KeystoreError
 
-from ._fs import ensure_private_dir, make_dirs
+from ..osutil import ensure_private_dir, make_dirs
 from .canonical import canonical_json, canonical_object, format_ts, sha256_digest, sha256_hex, utc_now
 from .keys import PublicKeyLike, host_signing_key, key_id, load_public_key, sign, verify_signature
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from mvm import paths
 from mvm.errors import InvalidArgument, KeystoreError
 
-from ._fs import create_private_exclusive, ensure_private_dir, read_private, write_private_atomic
+from ..osutil import create_private_exclusive, ensure_private_dir, read_private, write_private_atomic
 from .canonical import b64decode, b64encode
 
 __all__ = [

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mvm.errors import InvalidArgument, KeystoreError
 
-from ._fs import make_dirs, write_private_atomic
+from ..osutil import make_dirs, write_private_atomic
 from .canonical import canonical_json, format_ts, parse_ts, sha256_digest
 from .keys import PublicKeyLike, host_signing_key, key_id, load_public_key, sign, verify_signature
 

@@ -71,7 +71,7 @@ from mvm.durations import DURATION_HELP, parse_duration
 from mvm.errors import InvalidArgument, SandboxError, SnapshotNotFound, SnapshotTampered
 
 from . import seal_stream as _seal_stream_module
-from ._fs import ensure_private_dir, fsync_dir, make_dirs, write_private_atomic
+from ..osutil import ensure_private_dir, fsync_dir, make_dirs, write_private_atomic
 from .canonical import canonical_json, format_ts, parse_ts
 from .seal_stream import (
     DEFAULT_CHUNK_SIZE,

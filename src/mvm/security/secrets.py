@@ -24,7 +24,7 @@ from typing import Any, AnyStr, cast, overload
 from mvm import paths
 from mvm.errors import InvalidArgument, KeystoreError, SecretNotFound
 
-from ._fs import ensure_private_dir, read_private, write_private_atomic
+from ..osutil import ensure_private_dir, read_private, write_private_atomic
 from .canonical import b64decode, b64encode, format_ts, utc_now
 
 # The crypto library (and the key module that needs it) is imported where a value is

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import errors
 from ..paths import sandboxes_dir
-from .state import write_json_atomic
+from ..osutil import write_json_atomic
 from .zygote import Zygote
 
 #: How long a create may take once the template exists (a cold TCG boot plus the
@@ -107,7 +107,8 @@ def _log_tail(path: Path) -> str:
 def _abandon(directory: Path) -> None:
     """Kill a supervisor that failed to come up (its SIGTERM handler cleans the backend),
     then remove whatever is left."""
-    from .state import load_record, pid_alive, reap
+    from ..osutil import pid_alive
+    from .state import load_record, reap
 
     try:
         pid = int((directory / "supervisor.pid").read_text())

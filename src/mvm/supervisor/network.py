@@ -17,12 +17,12 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..osutil import write_json_atomic
 from ..protocol.codec import Frame
 from ..protocol.tcpmux import StreamMux, id_counter
 from ..spec import NetworkPolicy
 from .egress import EGRESS_GUEST_PORT, PROXY_ENV, PROXY_URL, EgressPolicy, EgressProxy
 from .ports import PortForwards
-from .state import write_json_atomic
 
 if TYPE_CHECKING:
     from .server import Supervisor

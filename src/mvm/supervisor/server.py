@@ -26,6 +26,7 @@ from typing import Any
 from .. import errors
 from ..backends import get_backend
 from ..backends.base import BackendInstance, SandboxSpec
+from ..osutil import write_json_atomic
 from ..paths import runs_dir
 from ..protocol.codec import Frame
 from ..security.secrets import Redactor
@@ -38,7 +39,7 @@ from .logbook import LogBook
 from .network import NetworkManager
 from .processes import ProcessTable
 from .session import ClientSession, Reply, RequestContext
-from .state import CONTROL_SOCKET, write_json_atomic
+from .state import CONTROL_SOCKET
 
 
 class Supervisor:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
+from ..osutil import pid_alive
 from ..paths import sandboxes_dir
 from ..spec import validate_name as validate_name  # defined with the rest of the sandbox spec
 
@@ -27,14 +28,6 @@ CONTROL_SOCKET = "control.sock"
 
 def new_sandbox_id() -> str:
     return "sb-" + secrets.token_hex(5)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -53,22 +46,6 @@ def load_record(directory: Path) -> dict[str, Any] | None:
         except (FileNotFoundError, ValueError, json.JSONDecodeError):
             continue
     return None
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def supervisor_alive(directory: Path, record: dict[str, Any]) -> bool:

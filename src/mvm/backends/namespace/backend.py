@@ -48,6 +48,7 @@ from ...errors import (
     InvalidState,
     SandboxError,
 )
+from ...osutil import write_json_atomic
 from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
 from . import bwrap as bw
 from . import cgroups, layer, pasta, seccomp
@@ -98,14 +99,6 @@ def _proc_starttime(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 #: Capabilities the sandbox's root keeps when its uids are an idmapped, unprivileged range: what
@@ -188,7 +181,7 @@ class NamespaceInstance(BackendInstance):
 
     def _write_record(self) -> None:
         proc = self._proc
-        _write_json(
+        write_json_atomic(
             self.record_path,
             {
                 "version": 1,

@@ -22,7 +22,8 @@ from typing import Any
 from ...errors import BackendUnavailable, InvalidArgument
 from ...paths import cache_dir
 from .initramfs import PROBE_MARKER, ensure_initramfs
-from .kernel import Kernel, ensure_kernel, file_lock
+from ...osutil import file_lock
+from .kernel import Kernel, ensure_kernel
 from .process import spawn, terminate
 from .qemu import QemuConfig, kernel_cmdline, qemu_binary, qemu_version
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...osutil import write_json_atomic
 from ...errors import InvalidArgument, InvalidState, MvmError, SandboxError, SnapshotTampered
 from ..base import (
     Availability,
@@ -190,9 +191,7 @@ class VmInstance(BackendInstance):
         }
         if getattr(self, "_state", "") == "destroyed" or not self.dir.is_dir():
             return
-        tmp = self.dir / "backend.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.dir / "backend.json")
+        write_json_atomic(self.dir / "backend.json", record)
 
     def _new_layer_name(self, prefix: str = "disk") -> str:
         self._layer_seq += 1

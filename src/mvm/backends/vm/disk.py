@@ -22,7 +22,7 @@ from typing import Any
 from ...errors import BackendUnavailable, InvalidArgument, SandboxError
 from ...paths import cache_dir
 from ...templates.image import TemplateImage
-from .kernel import file_lock
+from ...osutil import file_lock
 from .qemu import qemu_img
 
 MIB = 1024 * 1024

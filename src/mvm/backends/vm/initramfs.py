@@ -28,7 +28,8 @@ from pathlib import Path
 
 from ...errors import BackendUnavailable
 from ...paths import cache_dir
-from .kernel import BOOT_MODULES, NET_MODULES, Kernel, file_lock
+from ...osutil import file_lock
+from .kernel import BOOT_MODULES, NET_MODULES, Kernel
 
 PROBE_MARKER = "MVM-PROBE-OK"
 INIT_FAIL_PREFIX = "mvm-init:"

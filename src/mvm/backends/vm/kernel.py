@@ -19,7 +19,6 @@ A file lock makes concurrent first uses download it once.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import lzma
 import os
@@ -29,12 +28,12 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BackendUnavailable
+from ...osutil import file_lock
 from ...paths import cache_dir
 
 METAPACKAGE = "linux-image-cloud-amd64"
@@ -91,19 +90,6 @@ def kernels_dir() -> Path:
     path = cache_dir() / "kernels"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing), released on exit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _run(argv: list[str], timeout: float = 300, cwd: Path | None = None) -> str:

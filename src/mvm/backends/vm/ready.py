@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ...paths import cache_dir
-from .kernel import file_lock
+from ...osutil import file_lock
 
 #: Bump when the VM layout changes in a way the other key parts do not capture.
 FORMAT_VERSION = 1

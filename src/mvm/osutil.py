@@ -1,11 +1,19 @@
-"""Small private-file helpers: 0700 directories, 0600 files, atomic writes, no symlinks."""
+"""Host OS helpers every layer shares (stdlib only, imports nothing of mvm, so security,
+backends and the supervisor may all use it): private files (0700 directories, 0600 files,
+no symlinks followed), atomic writes (one for bytes, one for JSON), an exclusive file
+lock, and whether a process is alive."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import secrets
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -59,27 +67,37 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _write_temp(tmp: Path, data: bytes) -> None:
+def _write_temp(tmp: Path, data: bytes, durable: bool = True) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
     try:
         os.fchmod(fd, PRIVATE_FILE)
         _write_all(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_private_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600) atomically: temp file, fsync, rename."""
+def write_private_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` (mode 0600) atomically: temp file beside it, rename over it.
+    A reader sees the old or the new content, never a mix. ``durable``: fsync the file and
+    its directory too (keys, manifests, receipts), not needed for a record a running
+    process rewrites (``state.json``, ``backend.json``)."""
     path = Path(path)
     tmp = _temp_beside(path)
     try:
-        _write_temp(tmp, data)
+        _write_temp(tmp, data, durable)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
+    """``data`` as JSON (indented, keys sorted) by :func:`write_private_atomic`."""
+    write_private_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", durable=durable)
 
 
 def create_private_exclusive(path: Path, data: bytes) -> bool:
@@ -132,3 +150,33 @@ def open_private_for_write(path: Path, *, append: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing), released on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (also when it is another user's)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
