@@ -30,7 +30,7 @@ def _timed(fn) -> float:
 
 
 def bench_sealing(work: Path, size_mib: int, repeat: int) -> None:
-    from mvm.security.sealing import seal_file, snapshot_key, unseal_file
+    from mvm.snapshots import seal_file, snapshot_key, unseal_file
 
     key = snapshot_key()
     src = work / "plain.img"

@@ -12,7 +12,7 @@ save and a restore -> first result (a fresh VM restored from it, agent hello, on
   made durable (fsync of every file, like the store does), and a restore from those plain
   files (``-incoming exec:cat memory.bin``). What a snapshot costs without encryption and
   integrity checks.
-* ``sealed, streamed`` — what the supervisor does now (``mvm.supervisor.snapshots``):
+* ``sealed, streamed`` — what the supervisor does now (``mvm.snapshots.save_restore``):
   memory QEMU -> sealer -> store in one pass; restore verifies every blob (sha256 +
   signed manifest; the memory blob's sha256 while QEMU starts), then QEMU reads the
   memory through the unsealer, which gets it only once that check passed.
@@ -82,7 +82,7 @@ class Agent:
 
 class Bench:
     def __init__(self, work: Path, memory_mb: int):
-        from mvm.security.sealing import SnapshotStore
+        from mvm.snapshots import SnapshotStore
         from mvm.templates import ensure_template
 
         self.work = work
@@ -135,7 +135,7 @@ class Bench:
     # -- sealed, streamed: the supervisor's path now --
 
     def sealed_streamed(self, source: Any) -> tuple[float, float, dict[str, Any]]:
-        from mvm.supervisor import snapshots
+        from mvm import snapshots
 
         start = time.perf_counter()
         info, artifacts = snapshots.save(source, self.store, next(self.names), "bench", staging_parent=self.work)

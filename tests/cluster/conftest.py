@@ -26,7 +26,7 @@ from ray.cluster_utils import Cluster as RayCluster
 from mvm.cluster import Cluster, NodeLimits, connect_cluster
 from mvm.paths import keys_dir
 from mvm.security.keys import host_signing_key
-from mvm.security.sealing import snapshot_key
+from mvm.snapshots import snapshot_key
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
 #: Per-node limit the agents enforce in these tests.

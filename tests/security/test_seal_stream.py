@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import InvalidArgument, SandboxError, SnapshotTampered
-from mvm.security.sealing import (
+from mvm.snapshots import (
     HEADER_SIZE,
     TAG_SIZE,
     SnapshotInfo,

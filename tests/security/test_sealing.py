@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import InvalidArgument, SnapshotTampered
-from mvm.security.sealing import HEADER_SIZE, TAG_SIZE, seal_file, unseal_file
+from mvm.snapshots import HEADER_SIZE, TAG_SIZE, seal_file, unseal_file
 
 CHUNK = 4096
 KEY = bytes(range(32))

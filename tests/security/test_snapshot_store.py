@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import InvalidArgument, SnapshotNotFound, SnapshotTampered
-from mvm.security import sealing
+from mvm import snapshots
+from mvm.snapshots import store as snapshot_store
 from mvm.security.canonical import canonical_json
 from mvm.security.keys import host_signing_key, sign
-from mvm.security.sealing import SnapshotStore, verify_snapshot
+from mvm.snapshots import SnapshotStore, verify_snapshot
 
 from .conftest import files_under, mode
 
@@ -167,7 +168,7 @@ def _resign(snap_dir: Path, edit) -> None:
     manifest.pop("signature")
     edit(manifest)
     manifest["signature"] = {"alg": "ed25519", "key_id": "ignored",
-                             "sig": sign(host_signing_key(), sealing.SIG_DOMAIN, canonical_json(manifest))}
+                             "sig": sign(host_signing_key(), snapshots.SIG_DOMAIN, canonical_json(manifest))}
     from mvm.security.keys import key_id
 
     manifest["signature"]["key_id"] = key_id(host_signing_key())
@@ -182,7 +183,7 @@ def _flip(path: Path, offset: int) -> None:
 
 def _swap_chunks(path: Path) -> None:
     raw = path.read_bytes()
-    h, c = sealing.HEADER_SIZE, CHUNK + sealing.TAG_SIZE
+    h, c = snapshots.HEADER_SIZE, CHUNK + snapshots.TAG_SIZE
     path.write_bytes(raw[:h] + raw[h + c:h + 2 * c] + raw[h:h + c] + raw[h + 2 * c:])
 
 
@@ -201,7 +202,7 @@ def _edit_manifest(d: Path) -> None:
 
 TAMPERINGS = {
     "flip a byte": (lambda d: _flip(d / "blobs" / "000001.sealed", 5000), "000001.sealed (memory.img)"),
-    "truncate": (lambda d: os.truncate(d / "blobs" / "000001.sealed", sealing.HEADER_SIZE + CHUNK + 16),
+    "truncate": (lambda d: os.truncate(d / "blobs" / "000001.sealed", snapshots.HEADER_SIZE + CHUNK + 16),
                  "000001.sealed"),
     "swap two chunks": (lambda d: _swap_chunks(d / "blobs" / "000000.sealed"), "000000.sealed"),
     "swap two files": (lambda d: _swap_files(d / "blobs" / "000000.sealed", d / "blobs" / "000001.sealed"),
@@ -225,7 +226,7 @@ def test_tampered_snapshot_is_refused_naming_the_file(mvm_home: Path, monkeypatc
     tamper, names = TAMPERINGS[how]
     tamper(info.path)
     unsealed: list[object] = []
-    monkeypatch.setattr(sealing, "unseal_file", lambda *a, **k: unsealed.append(a))
+    monkeypatch.setattr(snapshot_store, "unseal_file", lambda *a, **k: unsealed.append(a))
     with pytest.raises(SnapshotTampered) as exc:
         store.open_for_restore(info.id)
     assert names in str(exc.value), str(exc.value)

@@ -79,7 +79,7 @@ def save(name: str, snapshot_name: str | None, expires: str | None, keep: bool, 
 @json_option
 def restore(name: str, snapshot_ref: str, as_json: bool) -> None:
     """Replace sandbox NAME's state with SNAPSHOT_REF (id or name)."""
-    from ..security.sealing import SnapshotStore
+    from ..snapshots import SnapshotStore
 
     snap_id = SnapshotStore().get(snapshot_ref).id
     info = Sandbox.connect(name).resume(snapshot=snap_id)
@@ -89,7 +89,7 @@ def restore(name: str, snapshot_ref: str, as_json: bool) -> None:
 @snapshot.command("ls")
 @json_option
 def snapshot_ls(as_json: bool) -> None:
-    from ..security.sealing import SnapshotStore
+    from ..snapshots import SnapshotStore
 
     snaps = SnapshotStore().list()
 
@@ -110,7 +110,7 @@ def snapshot_ls(as_json: bool) -> None:
 @click.argument("snapshot_ref")
 @json_option
 def snapshot_rm(snapshot_ref: str, as_json: bool) -> None:
-    from ..security.sealing import SnapshotStore
+    from ..snapshots import SnapshotStore
 
     store = SnapshotStore()
     snap_id = store.get(snapshot_ref).id
@@ -122,7 +122,7 @@ def snapshot_rm(snapshot_ref: str, as_json: bool) -> None:
 @json_option
 def prune(as_json: bool) -> None:
     """Delete every expired snapshot."""
-    from ..security.sealing import SnapshotStore
+    from ..snapshots import SnapshotStore
 
     removed = SnapshotStore().prune(time.time())
     emit(as_json, {"removed": [i.to_wire() for i in removed]}, f"removed {len(removed)} expired snapshot(s)")

@@ -217,7 +217,7 @@ class NodeAgent:
         not pass the caller), unpack it into this node's store and verify the manifest's
         signature and every blob's sha256 with this node's keys."""
         from ..paths import snapshots_dir
-        from ..security.sealing import verify_snapshot
+        from ..snapshots import verify_snapshot
 
         import ray
 
@@ -405,7 +405,7 @@ def _current_build(name: str) -> Path | None:
 
 
 def _snapshot_key() -> bytes:
-    from ..security.sealing import snapshot_key
+    from ..snapshots import snapshot_key
 
     return snapshot_key()
 

@@ -391,8 +391,8 @@ def snapshot_shape(snapshot: Any) -> Resources:
     names none: those of the sandbox the snapshot was taken from."""
     if not isinstance(snapshot, str) or not snapshot.strip():
         raise errors.InvalidArgument("from_snapshot", f"{snapshot!r} must be a snapshot id or name")
-    from ..security.sealing import SnapshotStore
-    from ..supervisor.snapshots import shape
+    from ..snapshots import SnapshotStore
+    from ..snapshots import shape
 
     return shape(SnapshotStore(), snapshot)
 

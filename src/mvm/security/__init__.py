@@ -5,10 +5,10 @@
 * :mod:`.audit`     — ``AuditLog`` (hash-chained, Ed25519-signed JSON lines), ``verify``,
   ``tail``, ``follow``, ``find``.
 * :mod:`.receipts`  — ``write_receipt`` / ``verify_receipt``.
-* :mod:`.sealing`   — ``seal_file`` / ``unseal_file`` (streamed AES-256-GCM),
-  ``verify_snapshot``, ``SnapshotStore``.
 * :mod:`.keys`      — host keys under ``$MVM_HOME/keys`` (created on first use, 0600).
 * :mod:`.canonical` — ``canonical_json`` (RFC 8785), used for everything hashed or signed.
+
+Snapshot sealing (keys and canonical JSON from here) is the :mod:`mvm.snapshots` package.
 
 Nothing is imported here, so ``import mvm.security.secrets`` stays cheap.
 """

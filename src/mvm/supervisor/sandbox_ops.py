@@ -92,12 +92,11 @@ def resume(sup: Supervisor, ctx: RequestContext) -> Reply:
 
 
 def snapshot(sup: Supervisor, ctx: RequestContext) -> Reply:
-    from ..security.sealing import SnapshotStore
-    from . import snapshots
+    from .. import snapshots
 
     assert sup.instance is not None
     name = str(ctx.args.get("name") or time.strftime("snap-%Y%m%d-%H%M%S"))
-    store = SnapshotStore()
+    store = snapshots.SnapshotStore()
     if sup.state == "running":
         sup.sync_guest()
     # A VM's memory image streams QEMU -> sealer -> store; the rest is sealed from staging.

@@ -139,12 +139,11 @@ class Supervisor:
         self.network.agent_attached()
 
     def restore_from(self, snapshot_id: str) -> None:
-        from ..security.sealing import SnapshotStore
-        from . import snapshots
+        from .. import snapshots
 
         assert self.instance is not None
         # Verified whole first; a VM's memory image then streams through the unsealer.
-        sock, info = snapshots.restore(self.instance, SnapshotStore(), snapshot_id, run=self.on_backend)
+        sock, info = snapshots.restore(self.instance, snapshots.SnapshotStore(), snapshot_id, run=self.on_backend)
         self.processes.new_boot()
         self.agent.attach(sock)
         self.configure_agent()
@@ -299,7 +298,7 @@ class Supervisor:
             except Exception:
                 traceback.print_exc()
         try:
-            from ..security.sealing import SnapshotStore
+            from ..snapshots import SnapshotStore
 
             SnapshotStore().remove_for_sandbox(self.sandbox_id)
         except Exception:

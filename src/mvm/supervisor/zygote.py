@@ -164,8 +164,9 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     # Import everything a supervisor needs once, here, so each fork starts warm.
     from . import server  # noqa: F401
+    from .. import snapshots  # noqa: F401
     from ..backends import backend_names, get_backend
-    from ..security import audit, receipts, sealing  # noqa: F401
+    from ..security import audit, receipts  # noqa: F401
 
     for name in backend_names():
         try:

@@ -1,5 +1,5 @@
 """Sealed VM snapshots against real QEMU (TCG) and real crypto, through the supervisor's own
-save/restore path (``mvm.supervisor.snapshots``): the memory image streams QEMU -> sealer ->
+save/restore path (``mvm.snapshots.save_restore``): the memory image streams QEMU -> sealer ->
 store and back, and is never a plain file anywhere.
 
 The proof uses fanotify: every file modified on this machine's filesystems while a save or a
@@ -29,9 +29,8 @@ from test_vm_backend import Agent
 
 from mvm.backends.base import SnapshotArtifacts
 from mvm.errors import SandboxError, SnapshotTampered
-from mvm.security import sealing
-from mvm.security.sealing import SnapshotStore
-from mvm.supervisor import snapshots
+from mvm import snapshots
+from mvm.snapshots import SnapshotStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -176,13 +175,13 @@ def store(tmp_path: Path) -> SnapshotStore:
     return SnapshotStore(tmp_path / "snapshots")
 
 
-def _save(source: Source, store: SnapshotStore, tmp_path: Path, name: str = "s") -> sealing.SnapshotInfo:
+def _save(source: Source, store: SnapshotStore, tmp_path: Path, name: str = "s") -> snapshots.SnapshotInfo:
     info, _ = snapshots.save(source.instance, store, name, "sb-test", staging_parent=tmp_path)
     return info
 
 
-def _memory_blob(info: sealing.SnapshotInfo) -> Path:
-    manifest = sealing.verify_snapshot(info.path)
+def _memory_blob(info: snapshots.SnapshotInfo) -> Path:
+    manifest = snapshots.verify_snapshot(info.path)
     return info.path / next(f.blob for f in manifest.files if f.path == "memory.bin")
 
 
@@ -259,12 +258,12 @@ def _count_what_qemu_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name
     incoming pipe. At EOF it writes ``<bytes QEMU was given> <QEMU's pid> <its comm>``."""
     script, out = tmp_path / "counter.py", tmp_path / f"{name}.count"
     script.write_text(_COUNTER)
-    real = sealing.UnsealSource.command
+    real = snapshots.UnsealSource.command
 
-    def command(self: sealing.UnsealSource) -> str:
+    def command(self: snapshots.UnsealSource) -> str:
         return f"{real(self)} | exec {shlex.quote(sys.executable)} {shlex.quote(str(script))} {shlex.quote(str(out))}"
 
-    monkeypatch.setattr(sealing.UnsealSource, "command", command)
+    monkeypatch.setattr(snapshots.UnsealSource, "command", command)
     return out
 
 
@@ -339,14 +338,14 @@ def test_memory_changed_after_verification_fails_hard_at_the_unsealer(
 def test_sealer_killed_mid_stream_leaves_no_half_snapshot(
     source: Source, store: SnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sinks: list[sealing.SealSink] = []
-    real_stream = sealing.PendingSnapshot.stream
+    sinks: list[snapshots.SealSink] = []
+    real_stream = snapshots.PendingSnapshot.stream
 
-    def stream(self: sealing.PendingSnapshot, rel: str) -> sealing.SealSink:
+    def stream(self: snapshots.PendingSnapshot, rel: str) -> snapshots.SealSink:
         sinks.append(real_stream(self, rel))
         return sinks[-1]
 
-    monkeypatch.setattr(sealing.PendingSnapshot, "stream", stream)
+    monkeypatch.setattr(snapshots.PendingSnapshot, "stream", stream)
     outcome: dict[str, Any] = {}
 
     def save() -> None:
@@ -378,4 +377,4 @@ def test_sealer_killed_mid_stream_leaves_no_half_snapshot(
     monkeypatch.undo()
     info = _save(source, store, tmp_path, "after")
     assert [i.name for i in store.list()] == ["after"]
-    sealing.verify_snapshot(info.path)
+    snapshots.verify_snapshot(info.path)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from ..backends.base import MEMORY_IMAGE, BackendInstance, MemorySink, MemorySource, Resources, SnapshotArtifacts
-from ..security.sealing import SnapshotInfo, SnapshotStore
+from .store import SnapshotInfo, SnapshotStore
 
 Runner = Callable[[Callable[[], Any]], Any]
 

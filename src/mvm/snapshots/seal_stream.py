@@ -1,13 +1,13 @@
 """Streaming seal/unseal: the sealed-file format's core, and the helper process QEMU runs.
 
-The format is the one :mod:`mvm.security.sealing` documents (``seal_file`` and
+The format is the one :mod:`mvm.snapshots.seal` documents (``seal_file`` and
 ``unseal_file`` use the functions here, so a streamed blob and a sealed file are the
 same bytes). This module imports only the standard library and ``cryptography``, so
 it also runs as a small, fast-starting program (~30 ms) that QEMU starts for a
 migration::
 
-    python -P .../mvm/security/seal_stream.py seal   CONTROL_SOCKET   # QMP migrate "exec:…"
-    python -P .../mvm/security/seal_stream.py unseal CONTROL_SOCKET   # -incoming "exec:…"
+    python -P .../mvm/snapshots/seal_stream.py seal   CONTROL_SOCKET   # QMP migrate "exec:…"
+    python -P .../mvm/snapshots/seal_stream.py unseal CONTROL_SOCKET   # -incoming "exec:…"
 
 ``seal`` reads the migration stream on stdin and writes the sealed blob; ``unseal``
 writes the plain stream to stdout. The process QEMU starts forks and exits at once

@@ -1,0 +1,263 @@
+"""A snapshot's signed manifest (Ed25519, domain ``mvm-snapshot-v1``): what it lists,
+how it is read and checked, and the verification of the blobs it lists (size and sha256
+of every one, nothing added) before a single byte is unsealed."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..errors import InvalidArgument, SandboxError, SnapshotTampered
+from ..security.canonical import canonical_json
+from ..security.keys import PublicKeyLike, key_id, load_public_key, sign, verify_signature
+
+SIG_DOMAIN = b"mvm-snapshot-v1"
+MANIFEST = "manifest.json"
+BLOBS = "blobs"
+
+
+@dataclass(frozen=True)
+class SealedFile:
+    path: str  # relative path of the original file
+    blob: str  # relative path of the sealed blob in the snapshot directory
+    size: int
+    sealed_size: int
+    sealed_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "blob": self.blob, "size": self.size, "sealed_size": self.sealed_size,
+                "sealed_sha256": self.sealed_sha256}
+
+
+@dataclass(frozen=True)
+class SealedSnapshot:
+    """The signed manifest of a sealed snapshot."""
+
+    id: str
+    name: str
+    sandbox_id: str
+    kind: str
+    created_at: str
+    expires_at: str | None
+    keep: bool
+    chunk_size: int
+    key_check: str
+    files: tuple[SealedFile, ...]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"v": 1, "type": "mvm.snapshot", "id": self.id, "name": self.name, "sandbox_id": self.sandbox_id,
+                "kind": self.kind, "created_at": self.created_at, "expires_at": self.expires_at,
+                "keep": self.keep, "chunk_size": self.chunk_size, "key_check": self.key_check,
+                "files": [f.to_dict() for f in self.files], "details": self.details}
+
+    def signed(self, signer: Ed25519PrivateKey) -> bytes:
+        body = self.body()
+        body["signature"] = {"alg": "ed25519", "key_id": key_id(signer),
+                             "sig": sign(signer, SIG_DOMAIN, canonical_json(body, field="details"))}
+        return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> SealedSnapshot:
+        return cls(id=body["id"], name=body["name"], sandbox_id=body["sandbox_id"], kind=body["kind"],
+                   created_at=body["created_at"], expires_at=body["expires_at"], keep=bool(body["keep"]),
+                   chunk_size=int(body["chunk_size"]), key_check=body["key_check"],
+                   files=tuple(SealedFile(**f) for f in body["files"]), details=dict(body.get("details") or {}))
+
+    def context(self, rel: str) -> bytes:
+        return context_for(self.id, rel)
+
+
+def context_for(snapshot_id: str, rel: str) -> bytes:
+    """What binds a sealed file to its snapshot and path (the AEAD's associated data)."""
+    return b"mvm-snapshot-v1\0" + snapshot_id.encode() + b"\0" + rel.encode("utf-8")
+
+
+def key_check(key: bytes) -> str:
+    return hashlib.sha256(b"mvm-snapshot-key-check\0" + bytes(key)).hexdigest()[:16]
+
+
+def safe_rel(rel: Any) -> bool:
+    if not isinstance(rel, str) or not rel or "\0" in rel or "\\" in rel:
+        return False
+    pure = PurePosixPath(rel)
+    return not pure.is_absolute() and all(p not in ("", ".", "..") for p in rel.split("/"))
+
+
+def read_manifest(directory: Path, public_key: PublicKeyLike = None) -> SealedSnapshot:
+    snap = directory.name
+
+    def tampered(problem: str, file: str = MANIFEST) -> SnapshotTampered:
+        return SnapshotTampered(f"snapshot {snap}: {file}: {problem}", file=file, path=None, snapshot=snap)
+
+    path = directory / MANIFEST
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise tampered("is not a regular file")
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise tampered("is missing") from None
+    except (OSError, ValueError) as exc:
+        raise tampered(f"is unreadable ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("type") != "mvm.snapshot" or raw.get("v") != 1:
+        raise tampered("is not an mvm snapshot manifest")
+    signature = raw.pop("signature", None)
+    if not isinstance(signature, dict) or signature.get("alg") != "ed25519":
+        raise tampered("has no ed25519 signature")
+    public = load_public_key(public_key)
+    if signature.get("key_id") != key_id(public):
+        raise tampered(f"signed by key {signature.get('key_id')}, not by this host's key {key_id(public)}")
+    try:
+        body_bytes = canonical_json(raw)
+    except InvalidArgument:
+        raise tampered("cannot be canonicalised (modified)") from None
+    if not verify_signature(public, SIG_DOMAIN, body_bytes, str(signature.get("sig", ""))):
+        raise tampered("signature does not verify (manifest modified)")
+    try:
+        manifest = SealedSnapshot.from_body(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise tampered(f"is malformed ({exc})") from None
+    if manifest.id != snap:
+        raise tampered(f"belongs to snapshot {manifest.id}, not {snap} (directories swapped or renamed)")
+    for f in manifest.files:
+        if not safe_rel(f.path) or not safe_rel(f.blob):
+            raise tampered(f"has an unsafe path {f.path!r} / {f.blob!r}")
+    return manifest
+
+
+def verify_snapshot(directory: Path | str, public_key: PublicKeyLike = None, *,
+                    key: bytes | None = None) -> SealedSnapshot:
+    """Check a snapshot directory before anything is unsealed: the manifest's signature
+    (default: host key), that it is this directory's, that every listed blob exists with
+    the listed size and sha256, that nothing else is there, and (if ``key`` is given)
+    that it was sealed with that key. Returns the manifest; raises
+    :class:`SnapshotTampered` naming the first bad file.
+    """
+    manifest, _, _ = verify_blobs(Path(directory), public_key, key, keep_open=())
+    return manifest
+
+
+class BlobHash:
+    """The sha256 check of one blob, run on a thread (hashlib drops the GIL) while the
+    caller goes on (e.g. QEMU starts): :meth:`wait`, then :attr:`error` is None if the
+    blob's sha256 is the manifest's. Reads with ``pread`` (the fd's offset is left alone)."""
+
+    def __init__(self, fd: int, sha256: str, tampered: Callable[[], SnapshotTampered], label: str):
+        self._fd = fd
+        self._sha256 = sha256
+        self._tampered = tampered
+        self._label = label
+        self.error: SandboxError | SnapshotTampered | None = None
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mvm-verify-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            digest = hashlib.sha256()
+            buf = memoryview(bytearray(1 << 20))
+            offset = 0
+            while n := os.preadv(self._fd, [buf], offset):
+                if self._cancel.is_set():
+                    self.error = SandboxError(f"verifying {self._label} was cancelled")
+                    return
+                digest.update(buf[:n])
+                offset += n
+            if digest.hexdigest() != self._sha256:
+                self.error = self._tampered()
+        except OSError as exc:
+            self.error = SandboxError(f"verifying {self._label} failed: {exc}")
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the check is done (see :attr:`error`)."""
+        return self._done.wait(timeout)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._thread.join()
+
+
+def verify_blobs(directory: Path, public_key: PublicKeyLike, key: bytes | None, keep_open: Iterable[str],
+            background: Iterable[str] = ()) -> tuple[SealedSnapshot, dict[str, int], dict[str, BlobHash]]:
+    """:func:`verify_snapshot`, also returning open read-only fds of the blobs of the
+    files named in ``keep_open``: the very files that were hashed, for a reader that
+    must not reopen them by name (the caller closes them). The sha256 of those also
+    named in ``background`` is checked on a thread, started before anything else is
+    checked: the caller must wait for its :class:`BlobHash` (returned) before using
+    the blob, and cancel it before closing the fd. Everything else is checked here."""
+    manifest = read_manifest(directory, public_key)
+    snap = manifest.id
+    wanted = set(keep_open)
+    deferred = wanted & set(background)
+
+    def tampered(file: str, problem: str, original: str | None = None) -> SnapshotTampered:
+        label = f"{file} ({original})" if original else file
+        return SnapshotTampered(f"snapshot {snap}: {label}: {problem}", file=file, path=original, snapshot=snap)
+
+    if key is not None and key_check(key) != manifest.key_check:
+        raise tampered(MANIFEST, "was sealed with a different snapshot key")
+    expected = {f.blob for f in manifest.files}
+    kept: dict[str, int] = {}
+    checks: dict[str, BlobHash] = {}
+    try:
+        for f in sorted(manifest.files, key=lambda f: f.path not in deferred):  # the background ones first
+            blob = directory / f.blob
+            try:
+                st = os.lstat(blob)
+            except FileNotFoundError:
+                raise tampered(f.blob, "is missing", f.path) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise tampered(f.blob, "is not a regular file", f.path)
+            try:
+                fd = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise tampered(f.blob, f"cannot be opened ({exc.strerror})", f.path) from None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise tampered(f.blob, "is not a regular file", f.path)
+                if st.st_size != f.sealed_size:
+                    raise tampered(f.blob, f"is {st.st_size} bytes, the manifest says {f.sealed_size} "
+                                           "(truncated or extended)", f.path)
+                mismatch = functools.partial(tampered, f.blob, "sha256 does not match the manifest (modified or "
+                                             "swapped)", f.path)
+                if f.path in deferred:
+                    checks[f.path] = BlobHash(fd, f.sealed_sha256, mismatch, f"{f.blob} ({f.path})")
+                else:
+                    with open(fd, "rb", closefd=False) as fh:
+                        actual = hashlib.file_digest(fh, "sha256").hexdigest()
+                    if actual != f.sealed_sha256:
+                        raise mismatch()
+            except BaseException:
+                os.close(fd)
+                raise
+            if f.path in wanted:
+                kept[f.path] = fd
+            else:
+                os.close(fd)
+        for root, dirs, files in os.walk(directory):
+            for entry in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                rel = os.path.relpath(os.path.join(root, entry), directory)
+                if rel != MANIFEST and rel not in expected:
+                    raise tampered(rel, "is not part of the snapshot (added)")
+    except BaseException:
+        for check in checks.values():
+            check.cancel()
+        for fd in kept.values():
+            os.close(fd)
+        raise
+    return manifest, kept, checks
