@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from mvm.errors import InvalidArgument, SnapshotNotFound, SnapshotTampered
 from mvm import snapshots
-from mvm.snapshots import store as snapshot_store
+from mvm.errors import InvalidArgument, SnapshotNotFound, SnapshotTampered
 from mvm.security.canonical import canonical_json
 from mvm.security.keys import host_signing_key, sign
 from mvm.snapshots import SnapshotStore, verify_snapshot
+from mvm.snapshots import manifest as snapshot_manifest
+from mvm.snapshots import store as snapshot_store
 
 from .conftest import files_under, mode
 
@@ -272,3 +273,23 @@ def test_swapped_blobs_are_caught_by_authentication_even_with_a_forged_manifest(
         store.open_for_restore(info.id)
     assert "000000.sealed (disk/overlay.qcow2)" in str(exc.value) and "authentication" in str(exc.value)
     _no_leftovers(store)
+
+
+def test_a_restore_reads_and_verifies_the_manifest_once(mvm_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store()
+    info = store.create("s", "sb-1", "full", _files(mvm_home), expires="1h")
+    reads: list[Path] = []
+    real = snapshot_manifest.read_manifest
+
+    def counting(directory: Path, public_key: object = None) -> snapshots.SealedSnapshot:
+        reads.append(directory)
+        return real(directory, public_key)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(snapshot_manifest, "read_manifest", counting)
+    monkeypatch.setattr(snapshot_store, "read_manifest", counting)
+    for ref in (info.id, "s"):  # by id, and by name (which reads the manifests to find it)
+        reads.clear()
+        with store.restoring(ref, stream=["memory.img"]) as opened:
+            assert opened.source("memory.img") is not None
+            assert (opened.path / "state.json").read_text() == '{"pc": 1}'
+        assert reads == [info.path], reads

@@ -192,14 +192,17 @@ class BlobHash:
 
 
 def verify_blobs(directory: Path, public_key: PublicKeyLike, key: bytes | None, keep_open: Iterable[str],
-            background: Iterable[str] = ()) -> tuple[SealedSnapshot, dict[str, int], dict[str, BlobHash]]:
+                 background: Iterable[str] = (), manifest: SealedSnapshot | None = None,
+                 ) -> tuple[SealedSnapshot, dict[str, int], dict[str, BlobHash]]:
     """:func:`verify_snapshot`, also returning open read-only fds of the blobs of the
     files named in ``keep_open``: the very files that were hashed, for a reader that
     must not reopen them by name (the caller closes them). The sha256 of those also
     named in ``background`` is checked on a thread, started before anything else is
     checked: the caller must wait for its :class:`BlobHash` (returned) before using
-    the blob, and cancel it before closing the fd. Everything else is checked here."""
-    manifest = read_manifest(directory, public_key)
+    the blob, and cancel it before closing the fd. Everything else is checked here.
+    ``manifest``: this directory's, already read by :func:`read_manifest` (not read again)."""
+    if manifest is None:
+        manifest = read_manifest(directory, public_key)
     snap = manifest.id
     wanted = set(keep_open)
     deferred = wanted & set(background)

@@ -84,12 +84,14 @@ def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
     byte reaches the backend if anything is off. (A streamed memory image is hashed
     while the backend starts its reader, which gets no byte before the whole image
     matched; on a mismatch the backend kills it and ``SnapshotTampered`` is raised.)"""
-    info = store.get(snapshot)
-    stream = (MEMORY_IMAGE,) if instance.streams_memory and MEMORY_IMAGE in info.files else ()
-    with store.restoring(info.id, stream=stream, verify_in_background=True) as opened:
+    # One read of the manifest: restoring() finds the snapshot, verifies it and opens it;
+    # a snapshot without a memory image simply has no source for it.
+    wanted = (MEMORY_IMAGE,) if instance.streams_memory else ()
+    with store.restoring(snapshot, stream=wanted, verify_in_background=True) as opened:
+        source = opened.source(MEMORY_IMAGE)
+        stream = (MEMORY_IMAGE,) if source is not None else ()
         artifacts = SnapshotArtifacts(kind=opened.info.kind, files=tuple(opened.info.files),  # type: ignore[arg-type]
                                       details=dict(opened.info.details), streamed=stream)
-        source = opened.source(MEMORY_IMAGE)
         call = (functools.partial(cast(_Streaming, instance).restore, opened.path, artifacts, memory_source=source)
                 if source is not None else functools.partial(instance.restore, opened.path, artifacts))
         sock: socket.socket = run(call)

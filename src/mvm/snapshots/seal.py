@@ -1,7 +1,6 @@
 """The seal format: files encrypted chunk by chunk with AES-256-GCM (the chunk codec
 itself is :mod:`.seal_stream`, shared with the helper process QEMU streams through).
 
-
 Sealed file format (``seal_file``)::
 
     header (40 bytes): b"MVMSEAL1" | version u8 = 1 | 3 zero bytes | chunk_size u32 BE

@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,6 @@ from .manifest import (
     read_manifest,
     safe_rel,
     verify_blobs,
-    verify_snapshot,
 )
 from .seal import Progress, seal_file, snapshot_key, unseal_file
 from .seal_stream import DEFAULT_CHUNK_SIZE
@@ -88,6 +87,9 @@ class SnapshotInfo:
     files: tuple[str, ...]
     details: dict[str, Any]
     path: Path
+    #: The signed manifest this was read from (its signature verified): a restore checks
+    #: the blobs against it instead of reading and verifying the manifest again.
+    manifest: SealedSnapshot | None = field(default=None, compare=False, repr=False)
 
     def age_seconds(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.created_at
@@ -111,7 +113,8 @@ class SnapshotInfo:
                    created_at=_ts_float(manifest.created_at) or 0.0, expires_at=_ts_float(manifest.expires_at),
                    size_bytes=sum(f.sealed_size for f in manifest.files) + _file_size(path / MANIFEST),
                    plain_bytes=sum(f.size for f in manifest.files), keep=manifest.keep,
-                   files=tuple(f.path for f in manifest.files), details=dict(manifest.details), path=path)
+                   files=tuple(f.path for f in manifest.files), details=dict(manifest.details), path=path,
+                   manifest=manifest)
 
 
 def _file_size(path: Path) -> int:
@@ -214,7 +217,7 @@ class SnapshotStore:
     def verify(self, id_or_name: str) -> SnapshotInfo:
         """Full check (signature, every blob, the key) without unsealing."""
         info = self.get(id_or_name)
-        verify_snapshot(info.path, self.signer.public_key(), key=self.key)
+        verify_blobs(info.path, self.signer.public_key(), self.key, keep_open=(), manifest=info.manifest)
         return info
 
     # -- writing --
@@ -365,8 +368,9 @@ class SnapshotStore:
                 raise SnapshotNotFound(f"snapshot {info.id} ({info.name}) expired at "
                                        f"{format_ts(info.expires_at or 0)}", snapshot=info.id)
             key = self.key
+            # the manifest get() read and verified, under this same lock: not read a second time
             manifest, fds, checks = verify_blobs(info.path, self.signer.public_key(), key, keep_open=stream,
-                                            background=stream if background else ())
+                                                 background=stream if background else (), manifest=info.manifest)
             parent = make_dirs(Path(dest_parent)) if dest_parent is not None else self.root
             sources: dict[str, UnsealSource] = {}
             out: Path | None = None
