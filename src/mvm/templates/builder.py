@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent import install as agent_install
-from ..errors import InvalidArgument, InvalidState, TemplateBuildError
+from ..errors import InvalidArgument, TemplateBuildError
 from ..paths import templates_dir
 from . import catalog, oci, store
 from .image import TemplateImage
@@ -694,18 +694,7 @@ def remove_template(name: str, *, force: bool = False) -> int:
     """
     if oci.image_builds(name):
         return oci.remove_image_template(name, force=force)
-    builds = _builds_of(name)
-    busy = [] if force else [e.name for e in builds if store.in_use(e)]
-    if busy:
-        raise InvalidState(f"template {name}: {', '.join(busy)} in use by a sandbox; destroy it first "
-                           "(or force=True)", template=name, in_use=busy)
-    removed = 0
-    for entry in builds:
-        with store.build_lock(entry.name):
-            if os.path.lexists(entry):
-                store.discard(entry)
-                removed += 1
-    return removed
+    return store.remove_builds(name, _builds_of(name), force=force)
 
 
 def prune_templates(*, older_than_seconds: float = 0) -> int:

@@ -674,19 +674,7 @@ def _dockerfile_error(path: str, stdout: str, stderr: str, bases: list[ImageRef]
 def remove_image_template(name: str, *, force: bool = False) -> int:
     """Remove every build of image template ``name`` (refusing builds in use unless
     ``force``), then the layout references and blobs only they used."""
-    from ..errors import InvalidState
-
-    builds = [entry for entry, _ in image_builds(name)]
-    busy = [] if force else [e.name for e in builds if store.in_use(e)]
-    if busy:
-        raise InvalidState(f"template {name}: {', '.join(busy)} in use by a sandbox; destroy it first "
-                           "(or force=True)", template=name, in_use=busy)
-    removed = 0
-    for entry in builds:
-        with store.build_lock(entry.name):
-            if os.path.lexists(entry):
-                store.discard(entry)
-                removed += 1
+    removed = store.remove_builds(name, [entry for entry, _ in image_builds(name)], force=force)
     collect_garbage()
     return removed
 

@@ -143,6 +143,24 @@ def remove_tree(path: Path) -> None:
             pass
 
 
+def remove_builds(name: str, builds: list[Path], *, force: bool = False) -> int:
+    """Discard the template builds ``builds`` of ``name``, each under its build lock;
+    ``InvalidState`` (removing nothing) when one is in use by a sandbox, unless ``force``."""
+    from ..errors import InvalidState
+
+    busy = [] if force else [e.name for e in builds if in_use(e)]
+    if busy:
+        raise InvalidState(f"template {name}: {', '.join(busy)} in use by a sandbox; destroy it first "
+                           "(or force=True)", template=name, in_use=busy)
+    removed = 0
+    for entry in builds:
+        with build_lock(entry.name):
+            if os.path.lexists(entry):
+                discard(entry)
+                removed += 1
+    return removed
+
+
 def mounts_under(path: Path) -> list[str]:
     """Mount points at or below ``path``, deepest first."""
     prefix = os.path.realpath(path)
