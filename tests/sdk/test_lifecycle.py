@@ -110,6 +110,21 @@ def test_policy_builders_validate_at_the_call() -> None:
             mvm.network(mode="allow", allow=[sneaky])
 
 
+def test_bad_arguments_are_refused_before_the_supervisor_is_reached() -> None:
+    """Argument errors come first, whatever state the sandbox is in: a handle to a
+    sandbox that does not exist still names the bad field, not SandboxNotFound."""
+    gone = mvm.Sandbox("sb-nothing0001", "nothing", Path("/nonexistent"))
+    calls = [
+        (lambda: gone.ports.close(1.5), "forward"),
+        (lambda: gone.network.update("x.org:1"), "network.allow"),
+        (lambda: gone.snapshot(expires="soon"), "expires"),
+    ]
+    for call, field in calls:
+        with pytest.raises(mvm.InvalidArgument) as info:
+            call()
+        assert field in str(info.value)
+
+
 def test_stop_keeps_files_start_runs_again_and_states_are_enforced(backend: str) -> None:
     with mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m") as sandbox:
         sandbox.files.write("/data/kept.txt", "still here")

@@ -163,7 +163,8 @@ class Process:
 
     def signal(self, sig: str | int = "TERM", *, group: bool = True) -> None:
         """Send a signal to the process (and by default its whole process group)."""
-        self._sandbox._client().call("proc.signal", signal_args(self.pid, sig, group))
+        args = signal_args(self.pid, sig, group)  # bad input is refused before connecting
+        self._sandbox._client().call("proc.signal", args)
 
     def kill(self) -> None:
         """SIGKILL the process group and every descendant."""

@@ -49,7 +49,8 @@ class Ports:
     def close(self, forward: PortForward | str | int) -> None:
         """Close a forward: a ``PortForward``, its ``id``, or its host port. Its open
         connections are reset."""
-        self._sandbox._client().call("port.close", close_args(forward))
+        args = close_args(forward)  # bad input is refused before connecting
+        self._sandbox._client().call("port.close", args)
 
     def _model(self, raw: dict[str, Any]) -> PortForward:
         return PortForward.from_wire(raw, sandbox=self._sandbox)
@@ -76,7 +77,8 @@ class Network:
 
         >>> sandbox.network.update(allow=["pypi.org:443", "files.pythonhosted.org:443"])
         """
-        result, _ = self._sandbox._client().call("network.update", update_args(allow, mode, allow_wildcards))
+        args = update_args(allow, mode, allow_wildcards)  # bad input is refused before connecting
+        result, _ = self._sandbox._client().call("network.update", args)
         return dict(result.get("network") or {})
 
 

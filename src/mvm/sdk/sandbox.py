@@ -277,7 +277,8 @@ class Sandbox:
 
         >>> snap = sandbox.snapshot(name="after-index", expires="24h")
         """
-        result, _ = self._client().call("sandbox.snapshot", snapshot_args(name, expires, keep))
+        args = snapshot_args(name, expires, keep)  # bad input is refused before connecting
+        result, _ = self._client().call("sandbox.snapshot", args)
         return Snapshot.from_wire(result)
 
     def destroy(self) -> None:
