@@ -35,15 +35,20 @@ def sandboxes_dir() -> Path:
     return _sub("sandboxes", private=True)
 
 
-def templates_dir() -> Path:
-    """Built templates; ``MVM_TEMPLATES`` may point elsewhere so that several homes
-    (e.g. test runs) share one cache of read-only template trees."""
-    override = os.environ.get("MVM_TEMPLATES")
+def _shareable(variable: str, name: str) -> Path:
+    """``$variable`` if set (a folder several homes share), else ``<home>/name``."""
+    override = os.environ.get(variable)
     if override:
         path = Path(override)
         path.mkdir(parents=True, exist_ok=True)
         return path
-    return _sub("templates")
+    return _sub(name)
+
+
+def templates_dir() -> Path:
+    """Built templates; ``MVM_TEMPLATES`` may point elsewhere so that several homes
+    (e.g. test runs) share one cache of read-only template trees."""
+    return _shareable("MVM_TEMPLATES", "templates")
 
 
 def snapshots_dir() -> Path:
@@ -53,12 +58,7 @@ def snapshots_dir() -> Path:
 def cache_dir() -> Path:
     """Kernels, initramfs, KVM probe verdicts, VM ready snapshots; ``MVM_CACHE`` may
     point elsewhere so several homes share them (all are derived, none is secret)."""
-    override = os.environ.get("MVM_CACHE")
-    if override:
-        path = Path(override)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return _sub("cache")
+    return _shareable("MVM_CACHE", "cache")
 
 
 def receipts_dir() -> Path:

@@ -60,6 +60,18 @@ class AgentLink:
             channel.close()
             raise errors.SandboxError(f"the guest agent did not answer hello: {exc}") from None
         sock.settimeout(None)
+        generation = self._replace_channel(channel)
+        self.agent_hello = hello
+        threading.Thread(target=self._read_loop, args=(channel, generation), name="mvm-agent-reader",
+                         daemon=True).start()
+        return hello
+
+    def detach(self) -> None:
+        self._replace_channel(None)
+
+    def _replace_channel(self, channel: FramedChannel | None) -> int:
+        """Put ``channel`` in place of the current one (closed), fail every call waiting on
+        the old one with ``_LOST``, tell the listeners; returns the new generation."""
         with self._lock:
             old, self._channel = self._channel, channel
             self._generation += 1
@@ -71,22 +83,7 @@ class AgentLink:
         for box in stale:
             box.put(_LOST)
         self._changed()
-        self.agent_hello = hello
-        threading.Thread(target=self._read_loop, args=(channel, generation), name="mvm-agent-reader",
-                         daemon=True).start()
-        return hello
-
-    def detach(self) -> None:
-        with self._lock:
-            old, self._channel = self._channel, None
-            self._generation += 1
-            stale = list(self._waiting.values())
-            self._waiting.clear()
-        if old is not None:
-            old.close()
-        for box in stale:
-            box.put(_LOST)
-        self._changed()
+        return generation
 
     def _changed(self) -> None:
         for callback in list(self.on_change):

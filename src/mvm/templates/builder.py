@@ -60,6 +60,7 @@ from typing import Any
 
 from ..agent import install as agent_install
 from ..errors import InvalidArgument, TemplateBuildError
+from ..osutil import fsync_dir, write_json_atomic
 from ..paths import templates_dir
 from . import catalog, oci, store
 from .image import TemplateImage
@@ -247,14 +248,14 @@ def _build(recipe: Recipe, digest: str, directory: Path, progress: ProgressCallb
             reporter.phase("checking the root filesystem")
             manifest = _manifest(recipe, final_digest, agent_digest, rootfs, mirror, reporter.elapsed(), reuse)
             (tmp / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=1) + "\n")
-            _write_json_durably(tmp / "manifest.json", manifest)
+            write_json_atomic(tmp / "manifest.json", manifest, durable=True)
             try:
                 os.rename(tmp, directory)
             except OSError:
                 if load_image(directory) is None:
                     raise
                 store.remove_tree(tmp)  # an identical build got there first
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
             size_mib = manifest["size"] / 2**20
             reporter.done(f"built template {recipe.name} in {reporter.elapsed():.1f}s ({size_mib:.0f} MiB)")
             return directory
@@ -618,23 +619,6 @@ def _upstream_version(debian_version: str) -> str:
     """``1:20.19.2+dfsg-1+deb13u3`` → ``20.19.2``."""
     version = debian_version.split(":", 1)[-1]
     return re.split(r"[-+~]", version, maxsplit=1)[0]
-
-
-def _write_json_durably(path: Path, value: Any) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 
 # ---- the cache as a user sees it --------------------------------------------------

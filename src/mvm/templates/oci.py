@@ -62,6 +62,7 @@ from ..errors import (
     RegistryUnavailable,
     TemplateBuildError,
 )
+from ..osutil import fsync_dir, write_json_atomic
 from ..paths import templates_dir
 from . import catalog, runtime, store
 from .image import TemplateImage
@@ -307,7 +308,7 @@ def build_from_dockerfile(dockerfile: str | Path, *, name: str, context: str | P
 def _build(name: str, source: dict[str, Any], *, layout_ref: str,
            progress: ProgressCallback | None) -> TemplateImage:
     """Unpack layout reference ``layout_ref`` into a template directory for ``name``."""
-    from .builder import _fsync_dir, _write_json_durably, finish_root, guest_path, load_image, write_guest_file
+    from .builder import finish_root, guest_path, load_image, write_guest_file
 
     what = source.get("ref") or source.get("dockerfile")
     try:
@@ -380,9 +381,9 @@ def _build(name: str, source: dict[str, Any], *, layout_ref: str,
                         "build_seconds": round(reporter.elapsed(), 2),
                         "builtin": False,
                     }
-                    _write_json_durably(tmp / "manifest.json", manifest)
+                    write_json_atomic(tmp / "manifest.json", manifest, durable=True)
                     os.rename(tmp, directory)
-                    _fsync_dir(directory.parent)
+                    fsync_dir(directory.parent)
                     reporter.done(f"made template {name} in {reporter.elapsed():.1f}s ({size / 2**20:.0f} MiB)")
             except BaseException:
                 store.remove_tree(tmp)
