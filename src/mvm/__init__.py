@@ -39,7 +39,7 @@ _LAZY = {
     "UserNotFound": "mvm.errors",
     "SandboxPaused": "mvm.errors",
     "SecretNotFound": "mvm.errors",
-    "Snapshot": "mvm.sdk.models",
+    "Snapshot": "mvm.snapshots.model",
     "StreamIdle": "mvm.errors",
     "SnapshotTampered": "mvm.errors",
     "TemplateNotFound": "mvm.errors",
@@ -86,7 +86,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     )
     from .sdk.async_sandbox import AsyncProcess, AsyncSandbox
     from .sdk.commands import Process
-    from .sdk.models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot
+    from .sdk.models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
+    from .snapshots.model import Snapshot
     from .sdk.policy import network, resources, secret
     from .cluster import connect_cluster
     from .sdk.sandbox import Sandbox

@@ -17,7 +17,7 @@ from mvm.errors import InvalidArgument, SandboxError, SnapshotTampered
 from mvm.snapshots import (
     HEADER_SIZE,
     TAG_SIZE,
-    SnapshotInfo,
+    Snapshot,
     SnapshotStore,
     snapshot_key,
     unseal_file,
@@ -63,9 +63,9 @@ def test_streamed_blob_round_trips_and_is_a_sealed_file(store: SnapshotStore, tm
         assert sink.finish() == size
         info = pending.commit("full", files, details={"x": 1})
     assert info.files == ("memory.bin", "vm.json") and info.plain_bytes == size + 2
-    manifest = verify_snapshot(info.path, key=snapshot_key())
+    manifest = verify_snapshot(store.path(info), key=snapshot_key())
     entry = next(f for f in manifest.files if f.path == "memory.bin")
-    blob = info.path / entry.blob
+    blob = store.path(info) / entry.blob
     assert entry.sealed_sha256 == hashlib.sha256(blob.read_bytes()).hexdigest()
     assert blob.stat().st_size == HEADER_SIZE + size + TAG_SIZE * max(1, -(-size // CHUNK))
     assert blob.stat().st_mode & 0o777 == 0o600
@@ -169,7 +169,7 @@ def test_a_blob_changed_after_verification_fails_at_the_unsealer(store: Snapshot
     with store.restoring(info.id, stream=["memory.bin"]) as opened:
         entry = next(f for f in opened.manifest.files if f.path == "memory.bin")
         # Verified; now chunk 5 changes on disk before the unsealer reads it (same inode).
-        with open(info.path / entry.blob, "r+b") as fh:
+        with open(store.path(info) / entry.blob, "r+b") as fh:
             fh.seek(HEADER_SIZE + 5 * (CHUNK + TAG_SIZE) + 10)
             byte = fh.read(1)
             fh.seek(-1, os.SEEK_CUR)
@@ -189,7 +189,7 @@ def test_a_tampered_blob_is_refused_before_anything_streams(store: SnapshotStore
         _run(sink.command(), _data(4 * CHUNK))
         sink.finish()
         info = pending.commit("full")
-    blob = next(info.path.rglob("*.sealed"))
+    blob = next(store.path(info).rglob("*.sealed"))
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 1
     blob.write_bytes(bytes(data))
@@ -199,7 +199,7 @@ def test_a_tampered_blob_is_refused_before_anything_streams(store: SnapshotStore
     assert _leftovers(store) == [info.id]
 
 
-def _streamed_snapshot(store: SnapshotStore, memory: bytes) -> SnapshotInfo:
+def _streamed_snapshot(store: SnapshotStore, memory: bytes) -> Snapshot:
     with store.begin("s", "sb-1") as pending:
         sink = pending.stream("memory.bin")
         _run(sink.command(), memory)
@@ -221,7 +221,7 @@ def test_background_verification_streams_only_after_the_hash_matched(store: Snap
 
 def test_background_verification_gives_a_tampered_blob_to_no_reader(store: SnapshotStore) -> None:
     info = _streamed_snapshot(store, _data(64 * CHUNK))
-    blob = next(info.path.rglob("*.sealed"))
+    blob = next(store.path(info).rglob("*.sealed"))
     data = bytearray(blob.read_bytes())
     data[len(data) - 100] ^= 1  # in the last chunk: the unsealer alone would deliver all the others
     blob.write_bytes(bytes(data))
@@ -247,8 +247,8 @@ def test_background_verification_still_checks_everything_else_first(store: Snaps
         _run(sink.command(), _data(4 * CHUNK))
         sink.finish()
         info = pending.commit("full", files)
-    manifest = verify_snapshot(info.path)
-    other = info.path / next(f.blob for f in manifest.files if f.path == "vm.json")
+    manifest = verify_snapshot(store.path(info))
+    other = store.path(info) / next(f.blob for f in manifest.files if f.path == "vm.json")
     data = bytearray(other.read_bytes())
     data[-1] ^= 1
     other.write_bytes(bytes(data))

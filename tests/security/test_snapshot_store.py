@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import mvm
 from mvm import snapshots
 from mvm.errors import InvalidArgument, SnapshotNotFound, SnapshotTampered
 from mvm.security.canonical import canonical_json
 from mvm.security.keys import host_signing_key, sign
-from mvm.snapshots import SnapshotStore, verify_snapshot
+from mvm.snapshots import Snapshot, SnapshotStore, verify_snapshot
 from mvm.snapshots import manifest as snapshot_manifest
 from mvm.snapshots import store as snapshot_store
 
@@ -53,7 +54,10 @@ def test_create_list_get_restore(mvm_home: Path) -> None:
     assert info.details == {"qemu": "9.0"} and not info.keep
     assert seen and seen[-1] == (info.plain_bytes, info.plain_bytes)
     wire = info.to_wire()
-    assert json.loads(json.dumps(wire)) == wire and 0 <= wire["age_seconds"] < 60
+    assert json.loads(json.dumps(wire)) == wire and 0 <= info.age_seconds() < 60
+    # one type on every layer: what the store returns is what the SDK reads off the wire
+    assert mvm.Snapshot is Snapshot and Snapshot.from_wire(wire) == info
+    assert Snapshot.from_wire(wire).details == info.details and Snapshot.from_wire(wire).files == info.files
 
     snap_dir = mvm_home / "snapshots" / info.id
     assert mode(mvm_home / "snapshots") == 0o700 and mode(snap_dir) == 0o700 and mode(snap_dir / "blobs") == 0o700
@@ -131,7 +135,7 @@ def test_prune_remove_and_destroy_sparing_keep(mvm_home: Path) -> None:
     pruned = store.prune(datetime.fromtimestamp(now + 7200, UTC))
     assert sorted(i.name for i in pruned) == ["kept", "short"]  # keep does not outlive expiry
     for gone in (short, kept):
-        assert not gone.path.exists()
+        assert not store.path(gone).exists()
         with pytest.raises(SnapshotNotFound):
             store.get(gone.id)
 
@@ -140,7 +144,7 @@ def test_prune_remove_and_destroy_sparing_keep(mvm_home: Path) -> None:
     assert {i.name for i in store.list()} == {"kept-long", "other"}
 
     assert store.remove("other") == other.id
-    assert not other.path.exists()
+    assert not store.path(other).exists()
     remaining = [p for p in (mvm_home / "snapshots").rglob("*") if other.id in str(p)]
     assert remaining == [], "remove left files behind"
     with pytest.raises(SnapshotNotFound):
@@ -225,7 +229,7 @@ def test_tampered_snapshot_is_refused_naming_the_file(mvm_home: Path, monkeypatc
     store = _store()
     info = store.create("s", "sb-1", "full", src, expires="1h")
     tamper, names = TAMPERINGS[how]
-    tamper(info.path)
+    tamper(store.path(info))
     unsealed: list[object] = []
     monkeypatch.setattr(snapshot_store, "unseal_file", lambda *a, **k: unsealed.append(a))
     with pytest.raises(SnapshotTampered) as exc:
@@ -234,10 +238,10 @@ def test_tampered_snapshot_is_refused_naming_the_file(mvm_home: Path, monkeypatc
     assert exc.value.details["file"].removeprefix("blobs/") in names
     assert unsealed == [], "bytes were unsealed before the snapshot was verified"
     with pytest.raises(SnapshotTampered):
-        verify_snapshot(info.path)
+        verify_snapshot(store.path(info))
     _no_leftovers(store)
     assert store.remove(info.id) == info.id  # a tampered snapshot can still be deleted
-    assert not info.path.exists()
+    assert not store.path(info).exists()
 
 
 def test_swapped_directories_are_refused(mvm_home: Path) -> None:
@@ -245,10 +249,10 @@ def test_swapped_directories_are_refused(mvm_home: Path) -> None:
     store = _store()
     a = store.create("a", "sb-1", "full", src, expires="1h")
     b = store.create("b", "sb-1", "full", src, expires="1h")
-    tmp = a.path.with_name("x")
-    a.path.rename(tmp)
-    b.path.rename(a.path)
-    tmp.rename(b.path)
+    tmp = store.path(a).with_name("x")
+    store.path(a).rename(tmp)
+    store.path(b).rename(store.path(a))
+    tmp.rename(store.path(b))
     with pytest.raises(SnapshotTampered, match="directories swapped"):
         store.open_for_restore(a.id)
     assert set(store.problems()) == {a.id, b.id} and store.list() == []
@@ -260,15 +264,15 @@ def test_swapped_blobs_are_caught_by_authentication_even_with_a_forged_manifest(
     src = _files(mvm_home)
     store = _store()
     info = store.create("s", "sb-1", "full", src, expires="1h")
-    blobs = info.path / "blobs"
+    blobs = store.path(info) / "blobs"
     _swap_files(blobs / "000000.sealed", blobs / "000001.sealed")
 
     def swap_hashes(m: dict) -> None:
         f0, f1 = m["files"][0], m["files"][1]
         f0["sealed_sha256"], f1["sealed_sha256"] = f1["sealed_sha256"], f0["sealed_sha256"]
 
-    _resign(info.path, swap_hashes)
-    verify_snapshot(info.path)  # the forged manifest itself checks out
+    _resign(store.path(info), swap_hashes)
+    verify_snapshot(store.path(info))  # the forged manifest itself checks out
     with pytest.raises(SnapshotTampered) as exc:
         store.open_for_restore(info.id)
     assert "000000.sealed (disk/overlay.qcow2)" in str(exc.value) and "authentication" in str(exc.value)
@@ -281,7 +285,7 @@ def test_a_restore_reads_and_verifies_the_manifest_once(mvm_home: Path, monkeypa
     reads: list[Path] = []
     real = snapshot_manifest.read_manifest
 
-    def counting(directory: Path, public_key: object = None) -> snapshots.SealedSnapshot:
+    def counting(directory: Path, public_key: object = None) -> snapshots.Manifest:
         reads.append(directory)
         return real(directory, public_key)  # type: ignore[arg-type]
 
@@ -292,4 +296,4 @@ def test_a_restore_reads_and_verifies_the_manifest_once(mvm_home: Path, monkeypa
         with store.restoring(ref, stream=["memory.img"]) as opened:
             assert opened.source("memory.img") is not None
             assert (opened.path / "state.json").read_text() == '{"pc": 1}'
-        assert reads == [info.path], reads
+        assert reads == [store.path(info)], reads

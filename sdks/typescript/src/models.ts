@@ -219,7 +219,13 @@ export class SandboxInfo {
 
 export type SnapshotKind = "full" | "filesystem" | "recorded";
 
-/** A saved sandbox state. `kind` is `full` (memory+disk, VM) or `filesystem` (namespace). */
+/**
+ * A saved sandbox state, sealed at rest: the one snapshot type, field for field Python's
+ * `mvm.Snapshot` (`mvm/snapshots/model.py`), which the store, the supervisor and the CLI
+ * use too. `kind` is `full` (memory+disk, VM), `filesystem` (namespace) or `recorded`
+ * (record/plan mode). Times are epoch seconds; `sizeBytes` on disk, `plainBytes` unsealed;
+ * `auditId` is set on the reply to `sandbox.snapshot()` only.
+ */
 export class Snapshot {
   constructor(
     readonly id: string,
@@ -230,6 +236,9 @@ export class Snapshot {
     readonly expiresAt: number | null,
     readonly sizeBytes: number,
     readonly keep: boolean = false,
+    readonly plainBytes: number = 0,
+    readonly files: readonly string[] = [],
+    readonly details: Raw = {},
     readonly auditId: string | null = null,
   ) {
     Object.freeze(this);
@@ -238,12 +247,15 @@ export class Snapshot {
   static fromWire(raw: Raw): Snapshot {
     return new Snapshot(String(raw.id), String(raw.name), String(raw.sandbox_id), raw.kind as SnapshotKind,
       num(raw.created_at), optNum(raw.expires_at), Math.trunc(num(raw.size_bytes)), Boolean(raw.keep),
-      optStr(raw.audit_id));
+      Math.trunc(num(raw.plain_bytes)), Array.isArray(raw.files) ? raw.files.map(String) : [],
+      (raw.details ?? {}) as Raw, optStr(raw.audit_id));
   }
 
+  /** The wire dict (Python's `Snapshot.to_wire()`). */
   toDict(): Raw {
     return { id: this.id, name: this.name, sandbox_id: this.sandboxId, kind: this.kind, created_at: this.createdAt,
-      expires_at: this.expiresAt, size_bytes: this.sizeBytes, keep: this.keep, audit_id: this.auditId };
+      expires_at: this.expiresAt, size_bytes: this.sizeBytes, keep: this.keep, plain_bytes: this.plainBytes,
+      files: [...this.files], details: this.details, audit_id: this.auditId };
   }
 }
 

@@ -41,7 +41,8 @@ from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES, check_run_limits
 from ..sdk.commands import _SIGNALS
 from ..sdk.files import absolute_path as _absolute
 from ..sdk.includes import GUEST_ROOT, collect_includes
-from ..sdk.models import CommandResult, FileEntry, LogEvent, ProcessInfo, SandboxInfo, Snapshot
+from ..sdk.models import CommandResult, FileEntry, LogEvent, ProcessInfo, SandboxInfo
+from ..snapshots.model import Snapshot
 from ..security.secrets import SecretRef
 
 __all__ = [
@@ -407,7 +408,7 @@ class RecordedSandbox:
                      snapshot=index)
         self._snapshots += 1
         return Snapshot(id=f"{self.id}-snapshot-{index + 1}", name=name or f"snapshot-{index + 1}",
-                        sandbox_id=self.id, kind="recorded", created_at=0.0,  # type: ignore[arg-type]
+                        sandbox_id=self.id, kind="recorded", created_at=0.0,
                         expires_at=None, size_bytes=0, keep=bool(keep))
 
     def destroy(self) -> None:

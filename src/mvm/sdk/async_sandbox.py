@@ -41,7 +41,8 @@ from .commands import (
     stdin_payload,
 )
 from .files import DEFAULT_MAX_READ_BYTES, absolute_path, check_max_bytes, read_done
-from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo, Snapshot
+from ..snapshots.model import Snapshot
+from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
 from .network import close_args, forward_args, update_args
 from .sandbox import DEFAULT_TTL, Sandbox, command_args, current_mode, snapshot_args
 

@@ -156,29 +156,6 @@ class SandboxInfo:
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """A saved sandbox state. ``kind`` is ``full`` (memory+disk, VM) or ``filesystem``."""
-
-    id: str
-    name: str
-    sandbox_id: str
-    kind: Literal["full", "filesystem"]
-    created_at: float
-    expires_at: float | None
-    size_bytes: int
-    keep: bool = False
-    audit_id: str | None = None
-
-    @classmethod
-    def from_wire(cls, raw: dict[str, Any]) -> Snapshot:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in raw.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class PortForward:
     """A host listener relayed to a guest port (``sandbox.ports.forward``); ``close()`` it,
     or use it as a context manager. The counters are as of the call that returned it

@@ -29,7 +29,8 @@ from ..templates import available_templates, ensure_template
 from .commands import Commands
 from .files import Files
 from .includes import collect_includes
-from .models import LogEvent, SandboxInfo, Snapshot
+from ..snapshots.model import Snapshot
+from .models import LogEvent, SandboxInfo
 from .network import Network, Ports
 from .transport import Transport
 

@@ -40,7 +40,7 @@ class SealedFile:
 
 
 @dataclass(frozen=True)
-class SealedSnapshot:
+class Manifest:
     """The signed manifest of a sealed snapshot."""
 
     id: str
@@ -68,7 +68,7 @@ class SealedSnapshot:
         return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> SealedSnapshot:
+    def from_body(cls, body: Mapping[str, Any]) -> Manifest:
         return cls(id=body["id"], name=body["name"], sandbox_id=body["sandbox_id"], kind=body["kind"],
                    created_at=body["created_at"], expires_at=body["expires_at"], keep=bool(body["keep"]),
                    chunk_size=int(body["chunk_size"]), key_check=body["key_check"],
@@ -94,7 +94,7 @@ def safe_rel(rel: Any) -> bool:
     return not pure.is_absolute() and all(p not in ("", ".", "..") for p in rel.split("/"))
 
 
-def read_manifest(directory: Path, public_key: PublicKeyLike = None) -> SealedSnapshot:
+def read_manifest(directory: Path, public_key: PublicKeyLike = None) -> Manifest:
     snap = directory.name
 
     def tampered(problem: str, file: str = MANIFEST) -> SnapshotTampered:
@@ -125,7 +125,7 @@ def read_manifest(directory: Path, public_key: PublicKeyLike = None) -> SealedSn
     if not verify_signature(public, SIG_DOMAIN, body_bytes, str(signature.get("sig", ""))):
         raise tampered("signature does not verify (manifest modified)")
     try:
-        manifest = SealedSnapshot.from_body(raw)
+        manifest = Manifest.from_body(raw)
     except (KeyError, TypeError, ValueError) as exc:
         raise tampered(f"is malformed ({exc})") from None
     if manifest.id != snap:
@@ -137,7 +137,7 @@ def read_manifest(directory: Path, public_key: PublicKeyLike = None) -> SealedSn
 
 
 def verify_snapshot(directory: Path | str, public_key: PublicKeyLike = None, *,
-                    key: bytes | None = None) -> SealedSnapshot:
+                    key: bytes | None = None) -> Manifest:
     """Check a snapshot directory before anything is unsealed: the manifest's signature
     (default: host key), that it is this directory's, that every listed blob exists with
     the listed size and sha256, that nothing else is there, and (if ``key`` is given)
@@ -192,8 +192,8 @@ class BlobHash:
 
 
 def verify_blobs(directory: Path, public_key: PublicKeyLike, key: bytes | None, keep_open: Iterable[str],
-                 background: Iterable[str] = (), manifest: SealedSnapshot | None = None,
-                 ) -> tuple[SealedSnapshot, dict[str, int], dict[str, BlobHash]]:
+                 background: Iterable[str] = (), manifest: Manifest | None = None,
+                 ) -> tuple[Manifest, dict[str, int], dict[str, BlobHash]]:
     """:func:`verify_snapshot`, also returning open read-only fds of the blobs of the
     files named in ``keep_open``: the very files that were hashed, for a reader that
     must not reopen them by name (the caller closes them). The sha256 of those also

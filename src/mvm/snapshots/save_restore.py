@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from ..backends.base import MEMORY_IMAGE, BackendInstance, MemorySink, MemorySource, Resources, SnapshotArtifacts
-from .store import SnapshotInfo, SnapshotStore
+from .model import Snapshot
+from .store import SnapshotStore
 
 Runner = Callable[[Callable[[], Any]], Any]
 
@@ -41,7 +42,7 @@ def _direct(fn: Callable[[], Any]) -> Any:
 
 
 def save(instance: BackendInstance, store: SnapshotStore, name: str, sandbox_id: str, *, staging_parent: Path,
-         expires: Any = None, keep: bool = False, run: Runner = _direct) -> tuple[SnapshotInfo, SnapshotArtifacts]:
+         expires: Any = None, keep: bool = False, run: Runner = _direct) -> tuple[Snapshot, SnapshotArtifacts]:
     """Snapshot ``instance`` into ``store``; ``run`` executes backend calls (the
     supervisor's backend thread). Nothing is left in the store on failure."""
     with store.begin(name, sandbox_id, expires, keep) as pending:
@@ -78,7 +79,7 @@ def shape(store: SnapshotStore, snapshot: str) -> Resources:
 
 
 def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
-            run: Runner = _direct) -> tuple[socket.socket, SnapshotInfo]:
+            run: Runner = _direct) -> tuple[socket.socket, Snapshot]:
     """Verify ``snapshot`` entirely, then restore ``instance`` from it (memory streamed
     when the backend can); returns the agent socket. ``SnapshotTampered`` before any
     byte reaches the backend if anything is off. (A streamed memory image is hashed
@@ -90,7 +91,7 @@ def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
     with store.restoring(snapshot, stream=wanted, verify_in_background=True) as opened:
         source = opened.source(MEMORY_IMAGE)
         stream = (MEMORY_IMAGE,) if source is not None else ()
-        artifacts = SnapshotArtifacts(kind=opened.info.kind, files=tuple(opened.info.files),  # type: ignore[arg-type]
+        artifacts = SnapshotArtifacts(kind=opened.info.kind, files=opened.info.files,  # type: ignore[arg-type]
                                       details=dict(opened.info.details), streamed=stream)
         call = (functools.partial(cast(_Streaming, instance).restore, opened.path, artifacts, memory_source=source)
                 if source is not None else functools.partial(instance.restore, opened.path, artifacts))

@@ -9,7 +9,9 @@ Snapshot directory (``SnapshotStore``; dirs 0700, files 0600)::
         manifest.json               signed (host Ed25519 key, domain "mvm-snapshot-v1")
         blobs/000000.sealed ...     one sealed file per snapshotted file
 
-The manifest lists, per file, its relative path, plain size, sealed size and the sha256
+A stored snapshot is described by one type, :class:`~.model.Snapshot` (what ``list``,
+``get`` and ``commit`` return and what goes over the wire). The manifest lists, per
+file, its relative path, plain size, sealed size and the sha256
 of the sealed bytes, plus name, sandbox_id, kind, created_at, expires_at, keep and
 details. :func:`verify_snapshot` checks the signature and every blob's size and hash
 before a single byte is unsealed; anything wrong raises :class:`SnapshotTampered`
@@ -30,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ from .manifest import (
     BLOBS,
     MANIFEST,
     SealedFile,
-    SealedSnapshot,
+    Manifest,
     context_for,
     key_check,
     read_manifest,
@@ -55,6 +57,7 @@ from .manifest import (
     verify_blobs,
 )
 from .seal import Progress, seal_file, snapshot_key, unseal_file
+from .model import Snapshot
 from .seal_stream import DEFAULT_CHUNK_SIZE
 from .streams import SealSink, UnsealSource
 
@@ -70,51 +73,15 @@ def _ts_float(text: str | None) -> float | None:
     return None if text is None else parse_ts(text).timestamp()
 
 
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """One stored snapshot as ``list``/``get`` see it. Times are epoch seconds
-    (``expires_at`` ``None``: never expires); ``size_bytes`` is what it takes on disk."""
-
-    id: str
-    name: str
-    sandbox_id: str
-    kind: str
-    created_at: float
-    expires_at: float | None
-    size_bytes: int
-    plain_bytes: int
-    keep: bool
-    files: tuple[str, ...]
-    details: dict[str, Any]
-    path: Path
-    #: The signed manifest this was read from (its signature verified): a restore checks
-    #: the blobs against it instead of reading and verifying the manifest again.
-    manifest: SealedSnapshot | None = field(default=None, compare=False, repr=False)
-
-    def age_seconds(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.created_at
-
-    def expired(self, now: float | None = None) -> bool:
-        return self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at
-
-    def to_wire(self, now: float | None = None) -> dict[str, Any]:
-        """A JSON-able dict (the SDK's ``Snapshot`` fields plus ``plain_bytes``,
-        ``files``, ``details``, ``age_seconds``)."""
-        return {"id": self.id, "name": self.name, "sandbox_id": self.sandbox_id, "kind": self.kind,
-                "created_at": self.created_at, "expires_at": self.expires_at, "size_bytes": self.size_bytes,
-                "plain_bytes": self.plain_bytes, "keep": self.keep, "files": list(self.files),
-                "details": dict(self.details), "age_seconds": round(self.age_seconds(now), 3)}
-
-    to_dict = to_wire
-
-    @classmethod
-    def from_manifest(cls, manifest: SealedSnapshot, path: Path) -> SnapshotInfo:
-        return cls(id=manifest.id, name=manifest.name, sandbox_id=manifest.sandbox_id, kind=manifest.kind,
-                   created_at=_ts_float(manifest.created_at) or 0.0, expires_at=_ts_float(manifest.expires_at),
-                   size_bytes=sum(f.sealed_size for f in manifest.files) + _file_size(path / MANIFEST),
-                   plain_bytes=sum(f.size for f in manifest.files), keep=manifest.keep,
-                   files=tuple(f.path for f in manifest.files), details=dict(manifest.details), path=path,
-                   manifest=manifest)
+def snapshot_of(manifest: Manifest, directory: Path) -> Snapshot:
+    """The :class:`Snapshot` a verified manifest describes (``directory``: where it is
+    stored, for its size on disk)."""
+    return Snapshot(id=manifest.id, name=manifest.name, sandbox_id=manifest.sandbox_id,
+                    kind=manifest.kind,  # type: ignore[arg-type]  # checked by _KIND_RE when sealed
+                    created_at=_ts_float(manifest.created_at) or 0.0, expires_at=_ts_float(manifest.expires_at),
+                    size_bytes=sum(f.sealed_size for f in manifest.files) + _file_size(directory / MANIFEST),
+                    keep=manifest.keep, plain_bytes=sum(f.size for f in manifest.files),
+                    files=tuple(f.path for f in manifest.files), details=dict(manifest.details))
 
 
 def _file_size(path: Path) -> int:
@@ -168,21 +135,35 @@ class SnapshotStore:
     def _ids(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if _ID_RE.fullmatch(p.name) and p.is_dir())
 
-    def _manifests(self) -> list[SnapshotInfo]:
+    def path(self, snapshot: Snapshot | str) -> Path:
+        """The directory a snapshot (or snapshot id) is stored in."""
+        snap_id = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+        if not isinstance(snap_id, str) or not _ID_RE.fullmatch(snap_id):
+            raise InvalidArgument("snapshot", f"{snap_id!r} is not a snapshot id", allowed="snap_ and 16 hex digits")
+        return self.root / snap_id
+
+    def _read(self, snap_id: str) -> tuple[Snapshot, Manifest]:
+        directory = self.root / snap_id
+        manifest = read_manifest(directory, self.signer.public_key())
+        return snapshot_of(manifest, directory), manifest
+
+    def _manifests(self) -> list[tuple[Snapshot, Manifest]]:
         out = []
-        public = self.signer.public_key()
         for sid in self._ids():
             try:
-                out.append(SnapshotInfo.from_manifest(read_manifest(self.root / sid, public), self.root / sid))
+                out.append(self._read(sid))
             except SnapshotTampered:
                 continue
         return out
 
-    def list(self, *, sandbox_id: str | None = None) -> list[SnapshotInfo]:
+    def list(self, *, sandbox_id: str | None = None) -> list[Snapshot]:
         """Every snapshot whose manifest verifies (oldest first), optionally one sandbox's.
         See :meth:`problems` for those that do not."""
-        infos = [i for i in self._manifests() if sandbox_id is None or i.sandbox_id == sandbox_id]
-        return sorted(infos, key=lambda i: (i.created_at, i.id))
+        return [snap for snap, _ in self._find_all(sandbox_id)]
+
+    def _find_all(self, sandbox_id: str | None = None) -> builtins.list[tuple[Snapshot, Manifest]]:
+        found = [pair for pair in self._manifests() if sandbox_id is None or pair[0].sandbox_id == sandbox_id]
+        return sorted(found, key=lambda pair: (pair[0].created_at, pair[0].id))
 
     def problems(self) -> dict[str, str]:
         """``{snapshot id: why its manifest is refused}`` for snapshots ``list`` leaves out."""
@@ -195,30 +176,34 @@ class SnapshotStore:
                 out[sid] = exc.message
         return out
 
-    def get(self, id_or_name: str, *, sandbox_id: str | None = None) -> SnapshotInfo:
+    def get(self, id_or_name: str, *, sandbox_id: str | None = None) -> Snapshot:
         """By id (``snap_…``) or by name (optionally within one sandbox). A name used by
         several sandboxes' snapshots must be qualified (``sandbox_id``) or given as an id.
         :class:`SnapshotNotFound`; :class:`SnapshotTampered` if its manifest is bad."""
+        return self._find(id_or_name, sandbox_id=sandbox_id)[0]
+
+    def _find(self, id_or_name: str, *, sandbox_id: str | None = None) -> tuple[Snapshot, Manifest]:
+        """:meth:`get`, with the signed manifest it was read from (its signature verified):
+        a restore checks the blobs against it instead of reading the manifest again."""
         if not isinstance(id_or_name, str) or not id_or_name:
             raise InvalidArgument("snapshot", f"{id_or_name!r}", allowed="a snapshot id (snap_…) or name")
         if _ID_RE.fullmatch(id_or_name):
-            directory = self.root / id_or_name
-            if not directory.is_dir():
+            if not (self.root / id_or_name).is_dir():
                 raise SnapshotNotFound(f"no snapshot {id_or_name}", snapshot=id_or_name)
-            return SnapshotInfo.from_manifest(read_manifest(directory, self.signer.public_key()), directory)
-        matches = [i for i in self.list(sandbox_id=sandbox_id) if i.name == id_or_name]
+            return self._read(id_or_name)
+        matches = [pair for pair in self._find_all(sandbox_id) if pair[0].name == id_or_name]
         if not matches:
             raise SnapshotNotFound(f"no snapshot named {id_or_name!r}", snapshot=id_or_name)
         if len(matches) > 1:
             raise InvalidArgument("snapshot", f"name {id_or_name!r} is used by several snapshots",
-                                  allowed=", ".join(f"{i.id} (sandbox {i.sandbox_id})" for i in matches))
+                                  allowed=", ".join(f"{s.id} (sandbox {s.sandbox_id})" for s, _ in matches))
         return matches[0]
 
-    def verify(self, id_or_name: str) -> SnapshotInfo:
+    def verify(self, id_or_name: str) -> Snapshot:
         """Full check (signature, every blob, the key) without unsealing."""
-        info = self.get(id_or_name)
-        verify_blobs(info.path, self.signer.public_key(), self.key, keep_open=(), manifest=info.manifest)
-        return info
+        snap, manifest = self._find(id_or_name)
+        verify_blobs(self.path(snap), self.signer.public_key(), self.key, keep_open=(), manifest=manifest)
+        return snap
 
     # -- writing --
 
@@ -275,7 +260,7 @@ class SnapshotStore:
 
     def create(self, name: str, sandbox_id: str, kind: str, files_dir: Path | str, expires: Any = None,
                keep: bool = False, *, files: Iterable[str] | None = None, details: Mapping[str, Any] | None = None,
-               progress: Progress | None = None, now: datetime | float | None = None) -> SnapshotInfo:
+               progress: Progress | None = None, now: datetime | float | None = None) -> Snapshot:
         """Seal ``files_dir`` (every regular file under it, or just ``files``, relative
         names) into a new snapshot and return it.
 
@@ -293,7 +278,7 @@ class SnapshotStore:
             return pending.commit(kind, files_dir, files=files, details=details, progress=progress)
 
     def _name_taken(self, name: str, sandbox_id: str) -> bool:
-        return any(i.name == name and i.sandbox_id == sandbox_id for i in self._manifests())
+        return any(s.name == name and s.sandbox_id == sandbox_id for s, _ in self._manifests())
 
     @staticmethod
     def _collect(source: Path, files: Iterable[str] | None) -> builtins.list[str]:
@@ -363,14 +348,15 @@ class SnapshotStore:
     def _open(self, id_or_name: str, stream: tuple[str, ...], dest_parent: Path | str | None,
               progress: Progress | None, now: float | None, background: bool = False) -> OpenedSnapshot:
         with self._locked(shared=True):
-            info = self.get(id_or_name)
+            info, manifest = self._find(id_or_name)
+            directory = self.path(info)
             if info.expired(now):
                 raise SnapshotNotFound(f"snapshot {info.id} ({info.name}) expired at "
                                        f"{format_ts(info.expires_at or 0)}", snapshot=info.id)
             key = self.key
             # the manifest get() read and verified, under this same lock: not read a second time
-            manifest, fds, checks = verify_blobs(info.path, self.signer.public_key(), key, keep_open=stream,
-                                                 background=stream if background else (), manifest=info.manifest)
+            manifest, fds, checks = verify_blobs(directory, self.signer.public_key(), key, keep_open=stream,
+                                                 background=stream if background else (), manifest=manifest)
             parent = make_dirs(Path(dest_parent)) if dest_parent is not None else self.root
             sources: dict[str, UnsealSource] = {}
             out: Path | None = None
@@ -393,7 +379,7 @@ class SnapshotStore:
                             progress(base + done, total)
 
                     try:
-                        size = unseal_file(info.path / f.blob, target, key, context=manifest.context(f.path),
+                        size = unseal_file(directory / f.blob, target, key, context=manifest.context(f.path),
                                            name=f"{f.blob} ({f.path})", progress=step)
                     except SnapshotTampered as exc:
                         raise SnapshotTampered(f"snapshot {info.id}: {exc.message}", file=f.blob, path=f.path,
@@ -429,19 +415,19 @@ class SnapshotStore:
                 if not directory.is_dir():
                     raise SnapshotNotFound(f"no snapshot {id_or_name}", snapshot=id_or_name)
             else:
-                directory = self.get(id_or_name).path
+                directory = self.path(self.get(id_or_name))
             self._delete_dir(directory)
         return directory.name
 
-    def prune(self, now: float | datetime | None = None) -> builtins.list[SnapshotInfo]:
+    def prune(self, now: float | datetime | None = None) -> builtins.list[Snapshot]:
         """Delete every snapshot past its ``expires_at`` (``keep`` does not protect from
         expiry) and leftovers of interrupted work; returns those deleted."""
         when = now.timestamp() if isinstance(now, datetime) else (time.time() if now is None else now)
         removed = []
         with self._locked():
-            for info in self._manifests():
+            for info, _ in self._manifests():
                 if info.expired(when):
-                    self._delete_dir(info.path)
+                    self._delete_dir(self.path(info))
                     removed.append(info)
             self._sweep_leftovers()
         return removed
@@ -454,19 +440,20 @@ class SnapshotStore:
             if match.group(1) == "trash" or not pid_alive(int(match.group(3))):
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def remove_for_sandbox(self, sandbox_id: str) -> builtins.list[SnapshotInfo]:
+    def remove_for_sandbox(self, sandbox_id: str) -> builtins.list[Snapshot]:
         """On destroy: delete the sandbox's snapshots except those created with ``keep=True``."""
         removed = []
         with self._locked():
-            for info in self._manifests():
+            for info, _ in self._manifests():
                 if info.sandbox_id == sandbox_id and not info.keep:
-                    self._delete_dir(info.path)
+                    self._delete_dir(self.path(info))
                     removed.append(info)
         return removed
 
 
 class PendingSnapshot:
-    """A snapshot being written (:meth:`SnapshotStore.begin`): ``id``, a private staging
+    """A write in progress (:meth:`SnapshotStore.begin`), not yet a :class:`Snapshot`
+    (that is what :meth:`commit` returns): ``id``, a private staging
     directory in the store, blobs streamed in with :meth:`stream`. :meth:`commit` seals
     the rest, signs the manifest and publishes it atomically; :meth:`discard` (also on
     leaving the ``with`` block without a commit) removes every trace."""
@@ -516,7 +503,7 @@ class PendingSnapshot:
             (self.staging / sink.blob).unlink(missing_ok=True)
 
     def commit(self, kind: str, files_dir: Path | str | None = None, *, files: Iterable[str] | None = None,
-               details: Mapping[str, Any] | None = None, progress: Progress | None = None) -> SnapshotInfo:
+               details: Mapping[str, Any] | None = None, progress: Progress | None = None) -> Snapshot:
         """Wait for every streamed blob (:class:`SandboxError` if one failed), seal the
         files of ``files_dir`` (all, or just ``files``), sign the manifest and publish
         the snapshot. On any error the whole pending snapshot is discarded."""
@@ -555,7 +542,7 @@ class PendingSnapshot:
                 done_before += info.size
                 sealed_files.append(SealedFile(rel, blob, info.size, info.sealed_size, info.sealed_sha256))
             sealed_files.sort(key=lambda f: f.path)
-            manifest = SealedSnapshot(id=self.id, name=self.name, sandbox_id=self.sandbox_id, kind=kind,
+            manifest = Manifest(id=self.id, name=self.name, sandbox_id=self.sandbox_id, kind=kind,
                                       created_at=format_ts(self._when), expires_at=self._expires_at, keep=self._keep,
                                       chunk_size=self.store.chunk_size, key_check=key_check(key),
                                       files=tuple(sealed_files), details=clean_details)
@@ -571,7 +558,7 @@ class PendingSnapshot:
         except BaseException:
             self.discard()
             raise
-        return SnapshotInfo.from_manifest(manifest, root / self.id)
+        return snapshot_of(manifest, root / self.id)
 
     def discard(self) -> None:
         """Stop every stream and remove the staging directory (idempotent)."""
@@ -591,11 +578,13 @@ class PendingSnapshot:
 
 @dataclass
 class OpenedSnapshot:
-    """A verified snapshot opened for restore (:meth:`SnapshotStore.restoring`):
-    ``path`` holds the unsealed files, :meth:`source` streams the others."""
+    """A handle on a verified snapshot opened for restore (:meth:`SnapshotStore.restoring`),
+    not a snapshot itself: ``info`` is the :class:`Snapshot`, ``manifest`` what was
+    verified, ``path`` a private directory with the unsealed files, :meth:`source`
+    streams the others."""
 
-    info: SnapshotInfo
-    manifest: SealedSnapshot
+    info: Snapshot
+    manifest: Manifest
     path: Path
     sources: dict[str, UnsealSource]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import InvalidArgument, SandboxError, SnapshotTampered
 from . import seal_stream as _seal_stream_module
-from .manifest import BlobHash, SealedFile, SealedSnapshot
+from .manifest import BlobHash, Manifest, SealedFile
 from .seal_stream import SealInfo, recv_frame, send_frame
 
 #: The helper process QEMU starts for a streamed (un)seal (see :mod:`.seal_stream`).
@@ -224,7 +224,7 @@ class UnsealSource(_StreamHelper):
     op = "unseal"
     verb = "unsealing"
 
-    def __init__(self, fd: int, key: bytes, manifest: SealedSnapshot, sealed: SealedFile,
+    def __init__(self, fd: int, key: bytes, manifest: Manifest, sealed: SealedFile,
                  check: BlobHash | None = None):
         super().__init__({"key": bytes(key).hex(), "context": manifest.context(sealed.path).hex()}, fd,
                          f"{sealed.blob} ({sealed.path})")

@@ -4,6 +4,7 @@ The states each is allowed in are its row in ``ops.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import TYPE_CHECKING
@@ -106,7 +107,7 @@ def snapshot(sup: Supervisor, ctx: RequestContext) -> Reply:
     audit_id = sup.audit.record("snapshot.save", {"name": name, "snapshot": info.id},
                                 details={"kind": artifacts.kind})
     sup.logs.system(f"snapshot {info.id} ({name}, {artifacts.kind}) saved", audit_id)
-    return {**info.to_wire(), "audit_id": audit_id}, b""
+    return dataclasses.replace(info, audit_id=audit_id).to_wire(), b""
 
 
 def destroy(sup: Supervisor, ctx: RequestContext) -> Reply:

@@ -164,7 +164,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     # Import everything a supervisor needs once, here, so each fork starts warm.
     from . import server  # noqa: F401
-    from .. import snapshots  # noqa: F401
+    from ..snapshots import save_restore, store  # noqa: F401
     from ..backends import backend_names, get_backend
     from ..security import audit, receipts  # noqa: F401
 

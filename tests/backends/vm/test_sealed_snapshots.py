@@ -175,14 +175,14 @@ def store(tmp_path: Path) -> SnapshotStore:
     return SnapshotStore(tmp_path / "snapshots")
 
 
-def _save(source: Source, store: SnapshotStore, tmp_path: Path, name: str = "s") -> snapshots.SnapshotInfo:
+def _save(source: Source, store: SnapshotStore, tmp_path: Path, name: str = "s") -> snapshots.Snapshot:
     info, _ = snapshots.save(source.instance, store, name, "sb-test", staging_parent=tmp_path)
     return info
 
 
-def _memory_blob(info: snapshots.SnapshotInfo) -> Path:
-    manifest = snapshots.verify_snapshot(info.path)
-    return info.path / next(f.blob for f in manifest.files if f.path == "memory.bin")
+def _memory_blob(store: SnapshotStore, info: snapshots.Snapshot) -> Path:
+    manifest = snapshots.verify_snapshot(store.path(info))
+    return store.path(info) / next(f.blob for f in manifest.files if f.path == "memory.bin")
 
 
 # ---- tests ----------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_no_plaintext_memory_image_on_disk_during_save_or_restore(
 
     info, watch = watched(_save, source, store, tmp_path)
     try:
-        blob = _memory_blob(info).stat()
+        blob = _memory_blob(store, info).stat()
         assert (blob.st_dev, blob.st_ino) in watch.files  # the sealed blob was watched being written...
         assert watch.containing(source.canary) == []  # ...and nothing written held plaintext memory
     finally:
@@ -296,7 +296,7 @@ def test_tampered_memory_never_reaches_qemu(
     n, _, comm = _read_count(counted)
     assert n == info.details["memory_bytes"] > 32 << 20 and comm.startswith("qemu")
 
-    blob = _memory_blob(info)
+    blob = _memory_blob(store, info)
     with open(blob, "r+b") as fh:
         fh.seek(blob.stat().st_size // 2)
         byte = fh.read(1)
@@ -322,7 +322,7 @@ def test_memory_changed_after_verification_fails_hard_at_the_unsealer(
     clone = make_instance(memory_mb=MEMORY_MB)
     with store.restoring(info.id, stream=["memory.bin"]) as opened:
         entry = next(f for f in opened.manifest.files if f.path == "memory.bin")
-        with open(info.path / entry.blob, "r+b") as fh:  # same inode as the verified fd
+        with open(store.path(info) / entry.blob, "r+b") as fh:  # same inode as the verified fd
             fh.seek(entry.sealed_size * 2 // 3)
             byte = fh.read(1)
             fh.seek(-1, os.SEEK_CUR)
@@ -377,4 +377,4 @@ def test_sealer_killed_mid_stream_leaves_no_half_snapshot(
     monkeypatch.undo()
     info = _save(source, store, tmp_path, "after")
     assert [i.name for i in store.list()] == ["after"]
-    snapshots.verify_snapshot(info.path)
+    snapshots.verify_snapshot(store.path(info))
