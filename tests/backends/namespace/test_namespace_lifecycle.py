@@ -19,6 +19,7 @@ from nshelpers import Guest
 from mvm.backends.base import NetworkPolicy, SandboxSpec
 from mvm.backends.namespace import NamespaceBackend, cleanup_orphan
 from mvm.errors import InvalidArgument, InvalidNetworkPolicy, InvalidState
+from mvm.osutil import pid_alive
 
 
 def fingerprint(root: Path) -> dict[str, tuple]:
@@ -43,14 +44,6 @@ def traces(inst) -> dict[str, object]:
     }
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.fixture(scope="module")
 def template_fingerprint(template):
     before = fingerprint(template.rootfs)
@@ -64,7 +57,7 @@ def test_stop_keeps_files_and_start_sees_them(sandbox, template_fingerprint):
     pids = inst.host_pids()
     assert pids
     inst.stop()
-    assert not any(alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     assert inst.host_pids() == []
     assert all(Path(m) for m in inst.layer.mounts())
     guest2 = Guest(inst.start())
@@ -81,7 +74,7 @@ def test_destroy_leaves_nothing(sandbox, template_fingerprint):
     assert record["mounts"] and record["cgroup"]["dirs"]
     inst.destroy()
     assert traces(inst) == {"mounts": [], "cgroup_dirs": [], "backend_dir": False, "run_dir": False}
-    assert not any(alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     with pytest.raises(InvalidState):
         inst.start()
     inst.destroy()  # idempotent
@@ -171,9 +164,9 @@ def test_cleanup_orphan_after_everything_was_killed(template, state_root, templa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not any(alive(p) for p in pids), "the sandbox outlived its supervisor"
+    assert not any(pid_alive(p) for p in pids), "the sandbox outlived its supervisor"
     record = json.loads((state_dir / "backend" / "backend.json").read_text())
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert all(f" {m} " in mountinfo for m in record["mounts"])  # left behind, for now
@@ -195,7 +188,7 @@ def test_cleanup_orphan_kills_live_processes(backend, make_spec):
     pids = inst.host_pids()
     record = json.loads((spec.backend_dir / "backend.json").read_text())
     backend.cleanup_orphan(spec.state_dir)
-    assert not any(alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert not any(f" {m} " in mountinfo for m in record["mounts"])
     assert not any(Path(d).exists() for d in record["cgroup"]["dirs"])
