@@ -1,5 +1,6 @@
 """Fault injection on both backends: SIGKILL of the supervisor, and of the guest agent
-(namespace: bwrap's child; VM: QEMU), in the middle of a ``commands.run``.
+(namespace: bwrap's child; VM: QEMU), in the middle of a ``commands.run``, a 64 MiB
+``files.write``, a snapshot save and a restore.
 
 After each: the SDK call ends with a typed error in bounded time (never hangs), the
 sandbox's host processes are gone, ``Sandbox.list`` (``mvmctl ls``) tells the truth,
@@ -8,8 +9,11 @@ and the sandbox's audit chain still verifies.
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -18,22 +22,13 @@ from waiting import wait_for
 
 import mvm
 from mvm import errors
+from mvm import paths
 from mvm.backends import PREFERENCE, availability
+from mvm.osutil import pid_alive
 from mvm.security.audit import log_path, verify
+from mvm.snapshots import SnapshotStore
 
 BACKENDS = [name for name in PREFERENCE if availability(name).ok] or ["namespace"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead too
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _run_in_background(sb: mvm.Sandbox) -> tuple[threading.Thread, list[object]]:
@@ -96,7 +91,190 @@ def test_sigkill_mid_command_gives_a_typed_error_and_leaves_nothing(backend: str
         except errors.MvmError:
             pass
     # nothing of it is left running, and the listing is true
-    wait_for(lambda: not any(_alive(pid) for pid in host_pids), "the sandbox's host processes to be gone",
+    wait_for(lambda: not any(pid_alive(pid) for pid in host_pids), "the sandbox's host processes to be gone",
              timeout=60)
     assert sandbox_id not in [info.id for info in mvm.Sandbox.list()]
     verify(log_path(sandbox_id), sandbox_id=sandbox_id)  # the audit chain still verifies
+
+
+# ---- mid files.write / snapshot save / restore ------------------------------------------
+
+MiB = 1 << 20
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _guest_pids(supervisor_pid: int) -> list[int]:
+    """The guest side as it is right now (a restore starts a new one): QEMU, or bwrap
+    and the agent under it."""
+    return [pid for pid in _descendants(supervisor_pid) if _comm(pid) in ("bwrap", "qemu-system-x86")]
+
+
+def _in_progress(kind: str) -> Callable[[], bool]:
+    """Whether the supervisor is in the middle of writing a snapshot (``staging``) or
+    unsealing one for a restore (``restore``): its private directory in the store has bytes."""
+    root = paths.snapshots_dir()
+
+    def check() -> bool:
+        for entry in root.glob(f".{kind}-snap_*"):
+            try:
+                if any(f.is_file() and f.stat().st_size > 0 for f in entry.rglob("*")):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    return check
+
+
+def _mounts_mentioning(text: str) -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        return [line for line in fh if text in line]
+
+
+def _loop_devices_under(prefix: str) -> list[str]:
+    out = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        with open(backing) as fh:
+            if fh.read().strip().startswith(prefix):
+                out.append(backing)
+    return out
+
+
+def _cgroups_of(sandbox_id: str) -> list[str]:
+    found = subprocess.run(["find", "/sys/fs/cgroup", "-maxdepth", "8", "-type", "d", "-name", f"mvm-{sandbox_id}"],
+                           capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
+def _assert_nothing_left(sandbox_id: str, pids: list[int]) -> None:
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), "the sandbox's host processes to be gone", timeout=60)
+    listed = subprocess.run([sys.executable, "-m", "mvm.cli", "ls", "--json"], capture_output=True, text=True,
+                            check=True, timeout=120)
+    assert sandbox_id not in listed.stdout, listed.stdout  # `mvmctl ls` tells the truth
+    home = str(paths.mvm_home())
+    assert not _mounts_mentioning(sandbox_id) and not _mounts_mentioning(home + "/sandboxes")
+    assert not _loop_devices_under(home)
+    assert not _cgroups_of(sandbox_id)
+    verify(log_path(sandbox_id), sandbox_id=sandbox_id)  # the audit chain still verifies
+    # no partial snapshot: every listed one verifies, nothing half-written or unsealed stays
+    store = SnapshotStore()
+    for info in store.list():
+        store.verify(info.id)
+    assert not store.problems()
+    assert not list(store.root.glob(".staging-*")) and not list(store.root.glob(".restore-*"))
+
+
+def _call_in_background(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _write_under_way(sb: mvm.Sandbox) -> Callable[[], bool]:
+    def check() -> bool:  # the agent's temp file is growing (asked over the same connection)
+        return any(e.name.startswith(".big.mvm-") and e.size > 0 for e in sb.files.list("/w"))
+    return check
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("stage", ["write", "save", "restore"])
+def test_sigkill_mid_write_save_or_restore(backend: str, fault: str, stage: str) -> None:
+    sb = mvm.Sandbox.create("python-3.13", backend=backend, ttl="10m")
+    sandbox_id = sb.id
+    store = SnapshotStore()
+    base = None
+    pids: list[int] = []
+    try:
+        supervisor_pid = int(sb.describe().details["supervisor_pid"])
+        sb.files.write("/w/state", os.urandom(32 * MiB))  # enough state that saving and restoring take a while
+        if stage == "restore":
+            base = sb.snapshot("base", keep=True)
+        pids = [supervisor_pid, *_descendants(supervisor_pid)]
+        if stage == "write":
+            thread, outcome = _call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
+            wait_for(_write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
+        elif stage == "save":
+            thread, outcome = _call_in_background(lambda: sb.snapshot("cut"))
+            wait_for(_in_progress("staging"), "the snapshot save to be under way", timeout=120, interval=0.005)
+        else:
+            thread, outcome = _call_in_background(lambda: sb.resume("base"))
+            wait_for(_in_progress("restore"), "the restore to be under way", timeout=120, interval=0.005)
+        if fault == "supervisor":
+            os.kill(supervisor_pid, signal.SIGKILL)
+        else:
+            for pid in _guest_pids(supervisor_pid):
+                pids.append(pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        thread.join(120)  # a generous hang guard, not a speed check
+        assert not thread.is_alive(), f"the {stage} hung after the {fault} was killed"
+        result = outcome[0]
+        if not isinstance(result, Exception):
+            # the guest died when the supervisor no longer needed it (a save had read the
+            # sandbox's state; a restore was about to replace it): then the result is whole
+            assert fault == "guest" and stage in ("save", "restore"), (stage, fault, result)
+            if stage == "save":
+                assert isinstance(result, mvm.Snapshot)
+                store.verify(result.id)
+            else:  # the sandbox goes on, in the snapshot's state
+                assert sb.describe().state == "running"
+                assert sb.commands.run(["sh", "-c", "wc -c < /w/state"]).stdout.strip() == str(32 * MiB)
+        else:
+            assert isinstance(result, (errors.SandboxError, errors.InvalidState, errors.SandboxNotFound)), result
+            if fault == "guest":
+                info = sb.describe()  # the supervisor survives and says what happened
+                assert info.state == "error", info
+                assert info.details.get("error"), info
+        assert not [i for i in store.list() if i.name == "cut" and isinstance(result, Exception)]
+        pids.extend(_descendants(supervisor_pid))
+    finally:
+        try:
+            sb.kill()
+        except errors.MvmError:
+            pass
+    _assert_nothing_left(sandbox_id, pids)
+    if base is not None:  # the earlier snapshot is intact and can still be used
+        store.verify(base.id)
+        with mvm.Sandbox.create("python-3.13", backend=backend, from_snapshot=base.id, ttl="10m") as again:
+            assert len(again.files.read("/w/state", max_bytes=64 * MiB)) == 32 * MiB
+        store.remove(base.id)

@@ -432,6 +432,13 @@ class SnapshotStore:
             self._sweep_leftovers()
         return removed
 
+    def sweep_leftovers(self) -> None:
+        """Remove what a killed writer or restorer left in the store (a half-written
+        ``.staging-`` snapshot, a ``.restore-`` directory of unsealed files) once its
+        process is gone. The reaper of a dead sandbox calls it."""
+        with self._locked():
+            self._sweep_leftovers()
+
     def _sweep_leftovers(self) -> None:
         for entry in self.root.iterdir():
             match = re.fullmatch(r"\.(staging|restore|trash)-(snap_[0-9a-f]{16})-(\d+)(?:-.*)?", entry.name)

@@ -79,6 +79,10 @@ def reap(directory: Path, record: dict[str, Any] | None) -> None:
                 get_backend(backend_name).cleanup_orphan(directory)
             except errors.BackendUnavailable:
                 pass
+        # a supervisor killed mid snapshot save / restore left a staging or unsealed directory
+        from ..snapshots import SnapshotStore
+
+        SnapshotStore().sweep_leftovers()
     shutil.rmtree(directory, ignore_errors=True)
 
 
