@@ -13,6 +13,7 @@ from there, as before.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import shutil
 import socket
@@ -22,8 +23,10 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from ..backends.base import MEMORY_IMAGE, BackendInstance, MemorySink, MemorySource, Resources, SnapshotArtifacts
+from .. import errors
 from .model import Snapshot
 from .store import SnapshotStore
+from .streams import SealSink
 
 Runner = Callable[[Callable[[], Any]], Any]
 
@@ -44,14 +47,30 @@ def _direct(fn: Callable[[], Any]) -> Any:
 def save(instance: BackendInstance, store: SnapshotStore, name: str, sandbox_id: str, *, staging_parent: Path,
          expires: Any = None, keep: bool = False, run: Runner = _direct) -> tuple[Snapshot, SnapshotArtifacts]:
     """Snapshot ``instance`` into ``store``; ``run`` executes backend calls (the
-    supervisor's backend thread). Nothing is left in the store on failure."""
+    supervisor's backend thread). Nothing is left in the store on failure; a full disk
+    is a :class:`SandboxError` saying so."""
+    try:
+        return _save(instance, store, name, sandbox_id, staging_parent=staging_parent, expires=expires, keep=keep,
+                     run=run)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise errors.SandboxError(f"snapshot {name!r} was not saved: {exc.strerror} "
+                                  f"({exc.filename or store.root}); the earlier snapshots are intact") from exc
+
+
+def _save(instance: BackendInstance, store: SnapshotStore, name: str, sandbox_id: str, *, staging_parent: Path,
+          expires: Any, keep: bool, run: Runner) -> tuple[Snapshot, SnapshotArtifacts]:
     with store.begin(name, sandbox_id, expires, keep) as pending:
         sink = pending.stream(MEMORY_IMAGE) if instance.streams_memory else None
         staging = Path(tempfile.mkdtemp(prefix="snap-", dir=staging_parent))
         try:
             call = (functools.partial(cast(_Streaming, instance).snapshot, staging, memory_sink=sink)
                     if sink is not None else functools.partial(instance.snapshot, staging))
-            artifacts: SnapshotArtifacts = run(call)
+            try:
+                artifacts: SnapshotArtifacts = run(call)
+            except errors.MvmError as exc:
+                raise _root_cause(sink, exc) from exc
             if sink is not None and MEMORY_IMAGE not in artifacts.streamed:
                 pending.drop(MEMORY_IMAGE)
             # the sandbox's shape goes with it: a restore takes it unless asked for another
@@ -62,6 +81,17 @@ def save(instance: BackendInstance, store: SnapshotStore, name: str, sandbox_id:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return info, artifacts
+
+
+def _root_cause(sink: SealSink | None, failure: errors.MvmError) -> errors.MvmError:
+    """The sealer's own error when the memory stream broke because sealing failed (the
+    disk is full): the backend only saw a broken pipe."""
+    if sink is not None:
+        try:
+            sink.finish(timeout=10)
+        except errors.SandboxError as sealing:
+            return errors.SandboxError(f"snapshot was not saved: {sealing.message}")
+    return failure
 
 
 def shape(store: SnapshotStore, snapshot: str) -> Resources:
