@@ -10,7 +10,7 @@ save and a restore -> first result (a fresh VM restored from it, agent hello, on
 * ``unsealed baseline`` — BENCHMARK ONLY, not reachable from the SDK or the CLI: the
   backend's own snapshot (QMP migrate to ``exec:cat > memory.bin``, disk layer, vm.json)
   made durable (fsync of every file, like the store does), and a restore from those plain
-  files (``-incoming exec:cat memory.bin``). What a snapshot costs without encryption and
+  files (``-incoming fd:N``, memory.bin opened). What a snapshot costs without encryption and
   integrity checks.
 * ``sealed, streamed`` — what the supervisor does now (``mvm.snapshots.save_restore``):
   memory QEMU -> sealer -> store in one pass; restore verifies every blob (sha256 +

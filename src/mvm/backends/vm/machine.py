@@ -68,10 +68,10 @@ class QemuMachine:
     def console_log(self) -> Path:
         return self.dir / "console.log"
 
-    def launch(self, config: QemuConfig) -> None:
+    def launch(self, config: QemuConfig, pass_fds: tuple[int, ...] = ()) -> None:
         for sock in (self.agent_socket, self.qmp_socket):
             sock.unlink(missing_ok=True)
-        self.proc = spawn(config.argv(), self.dir / "qemu.log")
+        self.proc = spawn(config.argv(), self.dir / "qemu.log", pass_fds)
         self._on_change()
         self._start_console_watch()
         qmp = QmpClient(self.qmp_socket, timeout=QMP_TIMEOUT)

@@ -40,8 +40,9 @@ def _preexec(parent: int) -> None:
         os._exit(1)
 
 
-def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` detached from our terminal, stdout/stderr appended to ``log_path``."""
+def spawn(argv: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start ``argv`` detached from our terminal, stdout/stderr appended to ``log_path``;
+    ``pass_fds`` stay open in it under the same numbers."""
 
     parent = os.getpid()
 
@@ -55,6 +56,7 @@ def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
                 start_new_session=True,
                 preexec_fn=lambda: _preexec(parent),
                 close_fds=True,
+                pass_fds=pass_fds,
             )
 
     return _executor().submit(run_checked).result()

@@ -119,7 +119,7 @@ class QemuConfig:
     qmp_socket: Path
     agent_socket: Path | None = None  # None only for the probe
     disk: Path | None = None  # the qcow2 overlay; None only for the probe
-    incoming: str | None = None  # "exec:cat <file>" to restore a snapshot
+    incoming: str | None = None  # "fd:N" (a plain image) or "exec:<unsealer>" to restore a snapshot
     net: str | None = None  # "user": a virtio NIC on QEMU user networking (network mode open)
 
     def argv(self) -> list[str]:
@@ -135,7 +135,7 @@ class QemuConfig:
             "-no-user-config", "-nodefaults", "-display", "none", "-no-reboot",
             "-global", "virtio-mmio.force-legacy=false",
             # QEMU confines itself too: no privilege gain, no obsolete syscalls. (spawn must stay
-            # allowed: snapshots migrate through `exec:cat`.)
+            # allowed: snapshots migrate through `exec:` helpers.)
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
             "-kernel", str(self.kernel),
             "-initrd", str(self.initrd),
