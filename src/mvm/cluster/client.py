@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import errors
 from ..sdk.models import SandboxInfo
+from ..supervisor import client_core
 from ..templates.catalog import BUILTIN
 from . import directory
 from .agent import NodeLimits
@@ -396,7 +397,7 @@ class ClusterTransport:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise errors.SandboxError("this sandbox handle is closed")
+            raise client_core.handle_closed()
 
     def _items(self, generator: Any) -> Iterator[Any]:
         for ref in generator:

@@ -5,26 +5,26 @@ per connection feeds a ``FrameDecoder`` and hands each frame to the queue of the
 it answers, so many tasks share one connection without waiting on each other. A task
 cancelled while its request runs sends the request's ``cancel`` frame (the supervisor
 then kills an ``exec.run``'s process group and ends a ``proc.attach``/``proc.wait``).
+The protocol logic (hello, request ids, answer routing and unwrapping, connection errors)
+is ``client_core``'s, shared with ``SupervisorClient``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from .. import errors
 from ..protocol import codec
 from ..protocol.codec import Frame, FrameDecoder, ProtocolError
-from .client import unwrap_response
+from . import client_core
+from .client_core import CLOSED, DataCallback, PendingRequests, answer
 from .session import MAX_INFLIGHT
 
-DataCallback = Callable[[str, bytes], None]
 READ_SIZE = 1024 * 1024
-_CLOSED = object()
 
 
 class AsyncSupervisorClient:
@@ -36,8 +36,7 @@ class AsyncSupervisorClient:
         self._writer = writer
         self.peer = peer
         self._decoder = FrameDecoder()
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Queue[Any]] = {}
+        self._pending: PendingRequests[asyncio.Queue[Any]] = PendingRequests()
         # The supervisor refuses more than MAX_INFLIGHT requests per connection: the rest wait
         # here, in arrival order, instead of failing with TooLarge.
         self._slots = asyncio.Semaphore(MAX_INFLIGHT)
@@ -49,26 +48,29 @@ class AsyncSupervisorClient:
         cls, socket_path: Path, *, connect_timeout: float = 5.0, on_behalf_of: dict[str, str] | None = None
     ) -> AsyncSupervisorClient:
         """Connect and shake hands. ``on_behalf_of`` names who this client acts for (an MCP
-        client, say); the supervisor audits it next to this process's own credentials."""
+        client, say; see ``client_core.hello``)."""
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(socket_path), limit=READ_SIZE), connect_timeout
             )
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise errors.SandboxNotFound(f"sandbox supervisor is not running ({exc})") from None
+            raise client_core.not_running(exc) from None
         decoder = FrameDecoder()
         try:
-            writer.write(codec.hello("client", **({"on_behalf_of": on_behalf_of} if on_behalf_of else {})))
+            writer.write(client_core.hello(on_behalf_of))
             frames: list[Frame] = []
             while not frames:
                 chunk = await asyncio.wait_for(reader.read(READ_SIZE), connect_timeout)
                 if not chunk:
                     raise ProtocolError("supervisor closed the connection before its hello")
                 frames = decoder.feed(chunk)
-            peer = codec.check_hello(frames[0])
+            peer = client_core.accept_hello(frames[0])
         except (ProtocolError, OSError, TimeoutError) as exc:
             writer.close()
-            raise errors.ProtocolFailure(f"supervisor handshake failed: {exc}") from None
+            raise client_core.handshake_failed(exc) from None
+        except BaseException:
+            writer.close()
+            raise
         client = cls(reader, writer, peer)
         client._decoder = decoder
         for frame in frames[1:]:
@@ -95,19 +97,12 @@ class AsyncSupervisorClient:
             async with asyncio.timeout(timeout):
                 while True:
                     item = await box.get()
-                    if item is _CLOSED:
-                        finished = True
-                        raise errors.SandboxError(
-                            f"{op}: the sandbox closed the connection (it may have been destroyed)"
-                        )
-                    if item.kind == "data":
-                        if on_data is not None:
-                            on_data(item.header["stream"], item.payload)
-                        continue
-                    finished = True
-                    return unwrap_response(item)
+                    finished = item is CLOSED or item.kind != "data"
+                    done = answer(op, item, on_data)
+                    if done is not None:
+                        return done
         except TimeoutError:
-            raise errors.SandboxError(f"{op}: no answer from the sandbox within {timeout} s") from None
+            raise client_core.no_answer(op, timeout) from None
         finally:
             self._done(ident)
             if not finished:
@@ -130,14 +125,14 @@ class AsyncSupervisorClient:
                     raise errors.StreamIdle(
                         f"{op}: nothing from the sandbox for {idle_timeout} s", idle_timeout=idle_timeout
                     ) from None
-                if item is _CLOSED:
+                if item is CLOSED:
                     finished = True
                     return
                 if item.kind == "data":
                     yield item.header["stream"], item.payload
                     continue
                 finished = True
-                unwrap_response(item)
+                answer(op, item, None)
                 return
         finally:
             self._done(ident)
@@ -158,27 +153,26 @@ class AsyncSupervisorClient:
     # -- internals ------------------------------------------------------------
 
     async def _open(self, op: str, args: dict[str, Any] | None, payload: bytes) -> tuple[int, asyncio.Queue[Any]]:
-        if self._closed or self._read_task.done():
-            raise errors.SandboxError(f"{op}: this sandbox connection is closed")
+        if self._closed:
+            raise client_core.handle_closed()
+        if self._read_task.done():
+            raise client_core.gone(op)
         await self._slots.acquire()
-        ident = next(self._ids)
         box: asyncio.Queue[Any] = asyncio.Queue()
-        self._waiting[ident] = box
+        ident, request = self._pending.open(op, args, payload, box)
         try:
-            self._writer.write(codec.request(ident, op, args, payload))
+            self._writer.write(request)
             await self._writer.drain()
         except BaseException as exc:
             self._done(ident)
             self._cancel(ident)  # cancelled while flushing: the request may have gone out
             if isinstance(exc, (ConnectionError, OSError)):
-                raise errors.SandboxError(
-                    f"{op}: the sandbox is gone (its supervisor closed the connection)"
-                ) from None
+                raise client_core.gone(op) from None
             raise
         return ident, box
 
     def _done(self, ident: int) -> None:
-        if self._waiting.pop(ident, None) is not None:
+        if self._pending.finish(ident):
             self._slots.release()
 
     def _cancel(self, ident: int) -> None:
@@ -190,8 +184,7 @@ class AsyncSupervisorClient:
             self._writer.write(codec.cancel(ident))
 
     def _deliver(self, frame: Frame) -> None:
-        ident = frame.id
-        box = self._waiting.get(ident) if ident is not None else None
+        box = self._pending.box_of(frame)
         if box is not None:
             box.put_nowait(frame)
 
@@ -206,6 +199,6 @@ class AsyncSupervisorClient:
         except (ProtocolError, ConnectionError, OSError):
             pass
         finally:
-            for box in list(self._waiting.values()):
-                box.put_nowait(_CLOSED)
+            for box in self._pending.boxes():
+                box.put_nowait(CLOSED)
 

@@ -2,48 +2,54 @@
 
 One connection, one reader thread; each request gets its own queue so several
 threads (a ``commands.run``, a ``Process.stdout`` iterator, a ``logs(follow=True)``)
-can share a sandbox handle without blocking each other.
+can share a sandbox handle without blocking each other. The protocol logic (hello,
+request ids, answer routing and unwrapping, connection errors) is ``client_core``'s,
+shared with ``AsyncSupervisorClient``.
 """
 
 from __future__ import annotations
 
-import itertools
 import queue
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import errors
 from ..protocol import codec
 from ..protocol.channel import ChannelClosed, FramedChannel
-from ..protocol.codec import Frame, ProtocolError
+from ..protocol.codec import ProtocolError
+from . import client_core
+from .client_core import CLOSED, DataCallback, PendingRequests, answer
 
-DataCallback = Callable[[str, bytes], None]
-_CLOSED = object()
+__all__ = ["DataCallback", "SupervisorClient"]
 
 
 class SupervisorClient:
     """A connection to one sandbox's supervisor."""
 
-    def __init__(self, socket_path: Path, *, connect_timeout: float = 5.0):
+    def __init__(
+        self, socket_path: Path, *, connect_timeout: float = 5.0, on_behalf_of: dict[str, str] | None = None
+    ):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(connect_timeout)
         try:
             sock.connect(str(socket_path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            raise errors.SandboxNotFound(f"sandbox supervisor is not running ({exc})") from None
+            raise client_core.not_running(exc) from None
         self._channel = FramedChannel(sock)
         try:  # still under connect_timeout: a supervisor that accepts but never answers must not hang us
-            self.peer = self._channel.handshake("client")
+            self._channel.send_raw(client_core.hello(on_behalf_of))
+            self.peer = client_core.accept_hello(self._channel.recv())
         except (ChannelClosed, ProtocolError, OSError) as exc:
             self._channel.close()
-            raise errors.ProtocolFailure(f"supervisor handshake failed: {exc}") from None
+            raise client_core.handshake_failed(exc) from None
+        except BaseException:
+            self._channel.close()
+            raise
         sock.settimeout(None)
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, queue.Queue[Any]] = {}
+        self._pending: PendingRequests[queue.Queue[Any]] = PendingRequests()
         self._lock = threading.Lock()
         self._closed = False
         self._reader = threading.Thread(target=self._read_loop, name="mvm-client-reader", daemon=True)
@@ -69,18 +75,12 @@ class SupervisorClient:
                     item = box.get(timeout=timeout)
                 except queue.Empty:
                     self._cancel(ident)
-                    raise errors.SandboxError(f"{op}: no answer from the sandbox within {timeout} s") from None
-                if item is _CLOSED:
-                    raise errors.SandboxError(f"{op}: the sandbox closed the connection (it may have been destroyed)")
-                frame: Frame = item
-                if frame.kind == "data":
-                    if on_data is not None:
-                        on_data(frame.header["stream"], frame.payload)
-                    continue
-                return unwrap_response(frame)
+                    raise client_core.no_answer(op, timeout) from None
+                done = answer(op, item, on_data)
+                if done is not None:
+                    return done
         finally:
-            with self._lock:
-                self._waiting.pop(ident, None)
+            self._finish(ident)
 
     def stream(self, op: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, bytes]]:
         """Yield ``(stream, bytes)`` of ``data`` frames until the response; closing the
@@ -90,20 +90,19 @@ class SupervisorClient:
         try:
             while True:
                 item = box.get()
-                if item is _CLOSED:
+                if item is CLOSED:
                     finished = True
                     return
                 if item.kind == "data":
                     yield item.header["stream"], item.payload
                     continue
                 finished = True
-                unwrap_response(item)
+                answer(op, item, None)
                 return
         finally:
             if not finished:
                 self._cancel(ident)
-            with self._lock:
-                self._waiting.pop(ident, None)
+            self._finish(ident)
 
     def close(self) -> None:
         self._closed = True
@@ -113,18 +112,20 @@ class SupervisorClient:
 
     def _open(self, op: str, args: dict[str, Any] | None, payload: bytes) -> tuple[int, queue.Queue[Any]]:
         if self._closed:
-            raise errors.SandboxError("this sandbox handle is closed")
-        ident = next(self._ids)
+            raise client_core.handle_closed()
         box: queue.Queue[Any] = queue.Queue()
         with self._lock:
-            self._waiting[ident] = box
+            ident, request = self._pending.open(op, args, payload, box)
         try:
-            self._channel.send_raw(codec.request(ident, op, args, payload))
+            self._channel.send_raw(request)
         except ChannelClosed:
-            with self._lock:
-                self._waiting.pop(ident, None)
-            raise errors.SandboxError(f"{op}: the sandbox is gone (its supervisor closed the connection)") from None
+            self._finish(ident)
+            raise client_core.gone(op) from None
         return ident, box
+
+    def _finish(self, ident: int) -> None:
+        with self._lock:
+            self._pending.finish(ident)
 
     def _cancel(self, ident: int) -> None:
         try:
@@ -136,22 +137,14 @@ class SupervisorClient:
         try:
             while True:
                 frame = self._channel.recv()
-                ident = frame.id
                 with self._lock:
-                    box = self._waiting.get(ident) if ident is not None else None
+                    box = self._pending.box_of(frame)
                 if box is not None:
                     box.put(frame)
         except (ChannelClosed, ProtocolError, OSError):
             pass
         finally:
             with self._lock:
-                boxes = list(self._waiting.values())
+                boxes = self._pending.boxes()
             for box in boxes:
-                box.put(_CLOSED)
-
-
-def unwrap_response(frame: Frame) -> tuple[dict[str, Any], bytes]:
-    """A response frame's ``(result, payload)``, or its error raised as the mapped ``MvmError``."""
-    if frame.header.get("ok"):
-        return dict(frame.header.get("result") or {}), frame.payload
-    raise errors.from_wire(frame.header.get("error") or {})
+                box.put(CLOSED)

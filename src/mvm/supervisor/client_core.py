@@ -1,0 +1,110 @@
+"""The sans-I/O half of a supervisor client, shared by ``SupervisorClient`` (threads)
+and ``AsyncSupervisorClient`` (asyncio).
+
+Both keep one connection and many requests in flight on it. What does not depend on how
+bytes move lives here, once: the hello exchange, request ids and the table routing each
+answer frame to the waiter of its request, turning an answer into ``(result, payload)``
+or the mapped ``MvmError``, and the errors a client raises when the connection fails.
+The two clients only add their I/O (a reader thread and ``queue.Queue`` boxes, or a
+reader task and ``asyncio.Queue`` boxes).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from .. import errors
+from ..protocol import codec
+from ..protocol.codec import Frame, ProtocolError
+
+Box = TypeVar("Box")
+DataCallback = Callable[[str, bytes], None]
+
+#: Put into every waiting box when the connection ends (the reader saw EOF or an error).
+CLOSED = object()
+
+
+def hello(on_behalf_of: dict[str, str] | None = None) -> bytes:
+    """The client's hello. ``on_behalf_of`` names who the client acts for (an MCP client,
+    say); the supervisor audits it next to the connecting process's own credentials."""
+    return codec.hello("client", **({"on_behalf_of": on_behalf_of} if on_behalf_of else {}))
+
+
+def accept_hello(frame: Frame) -> dict[str, Any]:
+    """The supervisor's hello header, or ``ProtocolFailure``."""
+    try:
+        return codec.check_hello(frame)
+    except ProtocolError as exc:
+        raise handshake_failed(exc) from None
+
+
+class PendingRequests(Generic[Box]):
+    """Requests in flight on one connection: each id's box (where its frames go)."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._boxes: dict[int, Box] = {}
+
+    def open(self, op: str, args: dict[str, Any] | None, payload: bytes, box: Box) -> tuple[int, bytes]:
+        """Register ``box`` under a fresh id; returns the id and the encoded request."""
+        ident = next(self._ids)
+        self._boxes[ident] = box
+        return ident, codec.request(ident, op, args, payload)
+
+    def box_of(self, frame: Frame) -> Box | None:
+        """The box waiting for ``frame`` (``None``: an answer nobody waits for any more)."""
+        ident = frame.id
+        return self._boxes.get(ident) if ident is not None else None
+
+    def finish(self, ident: int) -> bool:
+        """Forget a request; ``True`` if it was still registered."""
+        return self._boxes.pop(ident, None) is not None
+
+    def boxes(self) -> list[Box]:
+        return list(self._boxes.values())
+
+
+def answer(op: str, item: Any, on_data: DataCallback | None) -> tuple[dict[str, Any], bytes] | None:
+    """One item taken from a request's box: ``None`` for a ``data`` frame (handed to
+    ``on_data``), else the request's final ``(result, payload)``; an error answer or a
+    closed connection raises."""
+    if item is CLOSED:
+        raise errors.SandboxError(f"{op}: the sandbox closed the connection (it may have been destroyed)")
+    frame: Frame = item
+    if frame.kind == "data":
+        if on_data is not None:
+            on_data(frame.header["stream"], frame.payload)
+        return None
+    return unwrap_response(frame)
+
+
+def unwrap_response(frame: Frame) -> tuple[dict[str, Any], bytes]:
+    """A response frame's ``(result, payload)``, or its error raised as the mapped ``MvmError``."""
+    if frame.header.get("ok"):
+        return dict(frame.header.get("result") or {}), frame.payload
+    raise errors.from_wire(frame.header.get("error") or {})
+
+
+# ---- the errors of a failing connection (one wording for both clients) -----------------------
+
+
+def not_running(exc: BaseException) -> errors.SandboxNotFound:
+    return errors.SandboxNotFound(f"sandbox supervisor is not running ({exc})")
+
+
+def handshake_failed(exc: BaseException) -> errors.ProtocolFailure:
+    return errors.ProtocolFailure(f"supervisor handshake failed: {exc}")
+
+
+def no_answer(op: str, timeout: float | None) -> errors.SandboxError:
+    return errors.SandboxError(f"{op}: no answer from the sandbox within {timeout} s")
+
+
+def gone(op: str) -> errors.SandboxError:
+    return errors.SandboxError(f"{op}: the sandbox is gone (its supervisor closed the connection)")
+
+
+def handle_closed() -> errors.SandboxError:
+    return errors.SandboxError("this sandbox handle is closed")
