@@ -109,16 +109,20 @@ def shape(store: SnapshotStore, snapshot: str) -> Resources:
 
 
 def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
-            run: Runner = _direct) -> tuple[socket.socket, Snapshot]:
+            run: Runner = _direct, replacing: Callable[[], None] | None = None) -> tuple[socket.socket, Snapshot]:
     """Verify ``snapshot`` entirely, then restore ``instance`` from it (memory streamed
     when the backend can); returns the agent socket. ``SnapshotTampered`` before any
     byte reaches the backend if anything is off. (A streamed memory image is hashed
     while the backend starts its reader, which gets no byte before the whole image
-    matched; on a mismatch the backend kills it and ``SnapshotTampered`` is raised.)"""
+    matched; on a mismatch the backend kills it and ``SnapshotTampered`` is raised.)
+    ``replacing`` stops what runs now; it is called once the snapshot was found and
+    opened, so an unknown snapshot leaves a running sandbox untouched."""
     # One read of the manifest: restoring() finds the snapshot, verifies it and opens it;
     # a snapshot without a memory image simply has no source for it.
     wanted = (MEMORY_IMAGE,) if instance.streams_memory else ()
     with store.restoring(snapshot, stream=wanted, verify_in_background=True) as opened:
+        if replacing is not None:
+            replacing()
         source = opened.source(MEMORY_IMAGE)
         stream = (MEMORY_IMAGE,) if source is not None else ()
         artifacts = SnapshotArtifacts(kind=opened.info.kind, files=opened.info.files,  # type: ignore[arg-type]

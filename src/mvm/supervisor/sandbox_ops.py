@@ -78,10 +78,7 @@ def pause(sup: Supervisor, ctx: RequestContext) -> Reply:
 def resume(sup: Supervisor, ctx: RequestContext) -> Reply:
     snapshot = ctx.args.get("snapshot")
     if snapshot:
-        assert sup.instance is not None
-        sup.agent.detach()
-        sup.on_backend(sup.instance.stop)
-        sup.restore_from(str(snapshot))
+        sup.restore_from(str(snapshot), replace_running=True)
         sup.set_state("running")
     else:
         sup.require_state(ctx.op, "paused", "running")  # narrower than the table's row

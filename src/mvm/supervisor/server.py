@@ -138,12 +138,21 @@ class Supervisor:
         }, timeout=15)
         self.network.agent_attached()
 
-    def restore_from(self, snapshot_id: str) -> None:
+    def restore_from(self, snapshot_id: str, *, replace_running: bool = False) -> None:
+        """Restore the instance from a snapshot; with ``replace_running`` the running guest
+        is stopped first, but only once the snapshot was found (an unknown one changes nothing)."""
         from .. import snapshots
 
-        assert self.instance is not None
+        instance = self.instance
+        assert instance is not None
+
+        def stop_running() -> None:
+            self.agent.detach()
+            self.on_backend(instance.stop)
+
         # Verified whole first; a VM's memory image then streams through the unsealer.
-        sock, info = snapshots.restore(self.instance, snapshots.SnapshotStore(), snapshot_id, run=self.on_backend)
+        sock, info = snapshots.restore(instance, snapshots.SnapshotStore(), snapshot_id, run=self.on_backend,
+                                       replacing=stop_running if replace_running else None)
         self.processes.new_boot()
         self.agent.attach(sock)
         self.configure_agent()
