@@ -1,5 +1,7 @@
-"""mvm.AsyncSandbox on real sandboxes (namespace backend: many at once stay cheap;
-the shared request builders are covered on the VM by the sync SDK's conformance tests)."""
+"""mvm.AsyncSandbox on real sandboxes. The surface tests run on every backend this machine
+can run (one shared sandbox per backend for the read-mostly ones, one more for the
+lifecycle); the many-sandboxes concurrency test runs on namespaces, where ten at once
+stay cheap."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import pytest
 
 import mvm
 from mvm.backends import availability
+from mvm.backends.base import HOST_ALIAS
 
 TEMPLATE = "python-3.13"
 
-pytestmark = pytest.mark.skipif(not availability("namespace").ok, reason="namespace backend unavailable here")
+namespace_only = pytest.mark.skipif(not availability("namespace").ok, reason="namespace backend unavailable here")
 
 
 async def _create(**kwargs: object) -> mvm.AsyncSandbox:
@@ -23,65 +26,233 @@ async def _create(**kwargs: object) -> mvm.AsyncSandbox:
     )
 
 
-async def _wait_until(predicate: object, what: str, timeout: float = 30) -> None:
+async def _wait_until(predicate: object, what: str, timeout: float = 60) -> None:
     async with asyncio.timeout(timeout):
         while not await predicate():  # type: ignore[operator]
             await asyncio.sleep(0.05)
 
 
-def test_surface_commands_files_processes_logs() -> None:
+def test_surface_commands_files_processes_logs(sandbox: mvm.Sandbox) -> None:
     async def scenario() -> None:
-        async with await _create() as sandbox:
-            entry = await sandbox.files.write("/app/main.py", "import sys\nprint('hi', sys.argv[1])\n")
+        listed = {s.id for s in await mvm.AsyncSandbox.list()}
+        assert sandbox.id in listed
+        handle = await mvm.AsyncSandbox.connect(sandbox.name)
+        try:
+            assert (handle.id, handle.name) == (sandbox.id, sandbox.name)
+            entry = await handle.files.write("/app/main.py", "import sys\nprint('hi', sys.argv[1])\n")
             assert entry.size == len("import sys\nprint('hi', sys.argv[1])\n")
-            result = await sandbox.commands.run(["python", "/app/main.py", "async"])
+            result = await handle.commands.run(["python", "/app/main.py", "async"])
             assert (result.exit_code, result.stdout) == (0, "hi async\n")
             assert result.audit_id and result.audit_id.startswith("aud_")
 
             big = os.urandom(3 * 1024 * 1024 + 17)  # more than one frame: the chunked write path
-            await sandbox.files.write("/app/big.bin", big)
-            assert await sandbox.files.read("/app/big.bin") == big
+            await handle.files.write("/app/big.bin", big)
+            assert await handle.files.read("/app/big.bin") == big
             with pytest.raises(mvm.errors.TooLarge):
-                await sandbox.files.read("/app/big.bin", max_bytes=1024)
-            names = [e.name for e in await sandbox.files.list("/app")]
-            assert names == ["big.bin", "main.py"]
+                await handle.files.read("/app/big.bin", max_bytes=1024)
+            names = [e.name for e in await handle.files.list("/app")]
+            assert {"big.bin", "main.py"} <= set(names) and names == sorted(names)
             with pytest.raises(mvm.FileNotFoundInSandbox):
-                await sandbox.files.read("/app/missing")
+                await handle.files.read("/app/missing")
+            await handle.files.move("/app/big.bin", "/app/moved.bin")
+            assert not await handle.files.exists("/app/big.bin")
+            await handle.files.remove("/app/moved.bin")
 
             # More requests at once than the supervisor takes per connection: the rest queue.
-            many = await asyncio.gather(*(sandbox.commands.run(["echo", str(i)]) for i in range(100)))
+            many = await asyncio.gather(*(handle.commands.run(["echo", str(i)]) for i in range(100)))
             assert [r.stdout for r in many] == [f"{i}\n" for i in range(100)]
 
-            echoed = await sandbox.commands.run(["wc", "-c"], stdin=big)  # staged stdin, bigger than a frame
+            echoed = await handle.commands.run(["wc", "-c"], stdin=big)  # staged stdin, bigger than a frame
             assert echoed.stdout.strip() == str(len(big))
 
-            process = await sandbox.commands.start(["sh", "-c", "for i in 1 2 3; do echo line $i; done; exit 7"])
-            lines = [line async for line in process.lines("stdout")]
+            process = await handle.commands.start(["sh", "-c", "for i in 1 2 3; do echo line $i; done; exit 7"])
+            lines = [line async for line in process.stdout]
             assert lines == ["line 1\n", "line 2\n", "line 3\n"]
             assert await process.wait() == 7
+            assert await process.exit_code() == 7 and not await process.is_running()
+            again = await handle.commands.connect(process.pid)
+            assert again.argv == process.argv and await again.exit_code() == 7
+            with pytest.raises(mvm.InvalidArgument):
+                [line async for line in process.lines("stdin")]
 
             with pytest.raises(mvm.CommandError):
-                await sandbox.commands.run(["false"], check=True)
+                await handle.commands.run(["false"], check=True)
             with pytest.raises(mvm.InvalidArgument) as bad:
-                await sandbox.commands.run([])
+                await handle.commands.run([])
             assert bad.value.field == "argv"
             with pytest.raises(mvm.InvalidArgument):
-                await sandbox.files.write("relative/path", "x")
+                await handle.files.write("relative/path", "x")
 
-            messages = [event.message async for event in sandbox.logs()]
+            messages = [event.message async for event in handle.logs()]
             assert any("hi async" in message for message in messages)
-            info = await sandbox.describe()
-            assert info.id == sandbox.id and info.state == "running"
-            listed = {s.id for s in await mvm.AsyncSandbox.list()}
-            assert sandbox.id in listed
-            other = await mvm.AsyncSandbox.connect(sandbox.name)
-            assert (await other.files.read("/app/main.py")).startswith(b"import sys")
-            await other.close()
-        assert sandbox.id not in {s.id for s in await mvm.AsyncSandbox.list()}
+            info = await handle.describe()
+            assert info.id == sandbox.id and await handle.state() == "running"
+        finally:
+            await handle.close()
+        assert sandbox.id in {s.id for s in await mvm.AsyncSandbox.list()}  # close() leaves it running
 
     asyncio.run(scenario())
 
 
+def test_streaming_reads_time_out_on_silence_and_follow_sees_new_output(sandbox: mvm.Sandbox) -> None:
+    async def scenario() -> None:
+        handle = await mvm.AsyncSandbox.connect(sandbox.id)
+        try:
+            process = await handle.commands.start(["sh", "-c", "echo ready; exec sleep 300"])
+            seen: list[str] = []
+            with pytest.raises(mvm.StreamIdle) as idle:
+                async for stream, text in process.output(idle_timeout=1.0):
+                    assert stream == "stdout"
+                    seen.append(text)
+            assert seen == ["ready\n"]
+            assert isinstance(idle.value, TimeoutError)
+            assert await process.is_running()  # a reader's timeout leaves the process alone
+            await process.kill()
+            assert await process.wait() == 128 + 9
+
+            # logs(follow=True) delivers lines printed after it started, then times out on silence.
+            followed: list[str] = []
+
+            async def follow() -> None:
+                async for event in handle.logs(follow=True, tail=0, idle_timeout=3.0):
+                    followed.append(event.message)
+                    if "followed-marker" in event.message:
+                        return
+
+            reader = asyncio.create_task(follow())
+            await asyncio.sleep(0)  # the follow request goes out before the marker is printed
+            await handle.commands.run(["echo", "followed-marker"])
+            await asyncio.wait_for(reader, 60)
+            assert any("followed-marker" in m for m in followed)
+            with pytest.raises(mvm.StreamIdle):
+                async for _ in handle.logs(follow=True, since=1e12, idle_timeout=0.5):
+                    pass
+        finally:
+            await handle.close()
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_a_run_kills_its_process_and_leaves_the_handle_usable(sandbox: mvm.Sandbox) -> None:
+    async def scenario() -> None:
+        handle = await mvm.AsyncSandbox.connect(sandbox.id)
+        try:
+            await handle.files.remove("/tmp/pid") if await handle.files.exists("/tmp/pid") else None
+            task = asyncio.create_task(
+                handle.commands.run(["sh", "-c", "echo $$ > /tmp/pid; exec sleep 300"], timeout_seconds=None)
+            )
+            await _wait_until(lambda: handle.files.exists("/tmp/pid"), "the command to start")
+            pid = int((await handle.files.read_text("/tmp/pid")).strip())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+            async def gone() -> bool:
+                probe = await handle.commands.run(["sh", "-c", f"kill -0 {pid} 2>/dev/null"])
+                return probe.exit_code != 0
+
+            await _wait_until(gone, "the cancelled command's process to be killed")
+            processes = await handle.commands.list()
+            assert not [p for p in processes if p.pid == pid and p.running]
+            again = await handle.commands.run(["echo", "still here"])
+            assert again.stdout == "still here\n"
+        finally:
+            await handle.close()
+
+    asyncio.run(scenario())
+
+
+def test_ports_and_network_policy(sandbox: mvm.Sandbox) -> None:
+    async def host_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nhello host")
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        handle = await mvm.AsyncSandbox.connect(sandbox.id)
+        server = await handle.commands.start(["python", "-m", "http.server", "8123", "--bind", "127.0.0.1",
+                                              "--directory", "/app"])
+        try:
+            await handle.files.write("/app/page.txt", "from the guest")
+
+            async def listening() -> bool:
+                probe = await handle.commands.run(
+                    ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 8123), 1)"]
+                )
+                return probe.exit_code == 0
+
+            await _wait_until(listening, "the guest HTTP server")
+            async with await handle.ports.forward(guest_port=8123) as fwd:
+                assert [f.id for f in await handle.ports.list()] == [fwd.id]
+                reader, writer = await asyncio.open_connection(fwd.host, fwd.host_port)
+                writer.write(b"GET /page.txt HTTP/1.0\r\n\r\n")
+                body = await asyncio.wait_for(reader.read(), 60)
+                writer.close()
+                assert body.endswith(b"from the guest")
+            assert await handle.ports.list() == []  # async with closed it
+            with pytest.raises(mvm.InvalidArgument):
+                await handle.ports.forward(guest_port=0)
+
+            # Egress through the policy: the guest reaches a server of this event loop once allowed.
+            host = await asyncio.start_server(host_server, "127.0.0.1", 0)
+            port = host.sockets[0].getsockname()[1]
+            fetch = ["python", "-c", f"import urllib.request; print(urllib.request.urlopen("
+                     f"'http://{HOST_ALIAS}:{port}/', timeout=30).read().decode())"]
+            try:
+                with pytest.raises(mvm.InvalidNetworkPolicy):
+                    await handle.network.update(allow=["pypi.org:99999"])
+                policy = await handle.network.update(allow=[f"{HOST_ALIAS}:{port}"])
+                assert (policy["mode"], policy["allow"]) == ("allow", [f"{HOST_ALIAS}:{port}"])
+                assert (await handle.network.policy())["allow"] == [f"{HOST_ALIAS}:{port}"]
+                fetched = await handle.commands.run(fetch, timeout_seconds=120)
+                assert fetched.stdout == "hello host\n", fetched.stderr
+            finally:
+                assert (await handle.network.update(allow=[]))["mode"] == "deny"
+                host.close()
+            refused = await handle.commands.run(fetch, timeout_seconds=120)
+            assert refused.exit_code != 0
+        finally:
+            await server.kill()
+            await handle.close()
+
+    asyncio.run(scenario())
+
+
+def test_lifecycle_pause_snapshot_restore_stop_start_and_async_with(backend: str) -> None:
+    async def scenario() -> None:
+        async with await mvm.AsyncSandbox.create(
+            TEMPLATE, backend=backend, ttl="10m", resources=mvm.resources(cpu_cores=1, memory_mb=512)
+        ) as sb:
+            await sb.files.write("/app/state.txt", "before")
+            assert (await sb.pause()).state == "paused"
+            with pytest.raises(mvm.SandboxPaused):
+                await sb.commands.run(["true"])
+            resumed = await sb.commands.run(["cat", "/app/state.txt"], auto_resume=True)  # wakes it
+            assert resumed.stdout == "before" and await sb.state() == "running"
+
+            snap = await sb.snapshot(name="async-snap")
+            assert snap.kind == ("full" if backend == "vm" else "filesystem")
+            await sb.files.write("/app/state.txt", "after")
+            with pytest.raises(mvm.errors.SnapshotNotFound):  # an unknown snapshot leaves it running as it was
+                await sb.resume("no-such-snapshot")
+            assert (await sb.commands.run(["cat", "/app/state.txt"])).stdout == "after"
+            assert (await sb.resume(snap)).state == "running"
+            assert await sb.files.read_text("/app/state.txt") == "before"
+
+            assert (await sb.stop()).state == "stopped"
+            assert (await sb.start()).state == "running"
+            assert (await sb.commands.run(["echo", "back"])).stdout == "back\n"
+            sandbox_id = sb.id
+        assert sandbox_id not in {s.id for s in await mvm.AsyncSandbox.list()}  # async with destroyed it
+        with pytest.raises(mvm.InvalidState):
+            await sb.commands.run(["true"])
+        await sb.kill()  # twice is fine
+
+    asyncio.run(scenario())
+
+
+@namespace_only
 def test_200_commands_and_50_file_transfers_over_10_sandboxes_from_one_loop() -> None:
     async def scenario() -> None:
         sandboxes = await asyncio.gather(*(_create() for _ in range(10)))
@@ -115,53 +286,7 @@ def test_200_commands_and_50_file_transfers_over_10_sandboxes_from_one_loop() ->
     asyncio.run(scenario())
 
 
-def test_cancelling_a_run_kills_its_process_and_leaves_the_handle_usable() -> None:
-    async def scenario() -> None:
-        async with await _create() as sandbox:
-            task = asyncio.create_task(
-                sandbox.commands.run(["sh", "-c", "echo $$ > /tmp/pid; exec sleep 300"], timeout_seconds=None)
-            )
-            await _wait_until(lambda: sandbox.files.exists("/tmp/pid"), "the command to start")
-            pid = int((await sandbox.files.read_text("/tmp/pid")).strip())
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
-            async def gone() -> bool:
-                probe = await sandbox.commands.run(["sh", "-c", f"kill -0 {pid} 2>/dev/null"])
-                return probe.exit_code != 0
-
-            await _wait_until(gone, "the cancelled command's process to be killed")
-            processes = await sandbox.commands.list()
-            assert not [p for p in processes if p.pid == pid and p.running]
-            again = await sandbox.commands.run(["echo", "still here"])
-            assert again.stdout == "still here\n"
-
-    asyncio.run(scenario())
-
-
-def test_a_reader_of_a_silent_process_times_out_and_the_process_lives_on() -> None:
-    async def scenario() -> None:
-        async with await _create() as sandbox:
-            process = await sandbox.commands.start(["sh", "-c", "echo ready; exec sleep 300"])
-            seen: list[str] = []
-            with pytest.raises(mvm.StreamIdle) as idle:
-                async for stream, text in process.output(idle_timeout=1.0):
-                    assert stream == "stdout"
-                    seen.append(text)
-            assert seen == ["ready\n"]
-            assert isinstance(idle.value, TimeoutError)
-            assert await process.is_running()
-            await process.kill()
-            assert await process.wait() == 128 + 9
-
-            with pytest.raises(mvm.StreamIdle):
-                async for _ in sandbox.logs(follow=True, since=1e12, idle_timeout=0.5):
-                    pass
-
-    asyncio.run(scenario())
-
-
+@namespace_only
 def test_record_and_plan_modes_refuse_rather_than_create_live(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MVM_MODE", "record")
     before = {s.id for s in mvm.Sandbox.list()}

@@ -320,11 +320,20 @@ class AsyncProcess:
             self._exit_code = -1 if code is None else int(code)
         return self._exit_code
 
+    async def exit_code(self) -> int | None:
+        """The exit code once it exited, else ``None`` (does not wait)."""
+        if self._exit_code is None:
+            info = await self.info()
+            if info.running:
+                return None
+            self._exit_code = -1 if info.exit_code is None else int(info.exit_code)
+        return self._exit_code
+
     async def info(self) -> ProcessInfo:
         return ProcessInfo.from_wire((await self._sandbox._call("proc.info", {"pid": self.pid}))[0])
 
     async def is_running(self) -> bool:
-        return (await self.info()).running
+        return await self.exit_code() is None
 
     async def signal(self, sig: str | int = "TERM", *, group: bool = True) -> None:
         await self._sandbox._call("proc.signal", signal_args(self.pid, sig, group))
@@ -354,15 +363,21 @@ class AsyncProcess:
 
     async def lines(self, which: str = "stdout", *, idle_timeout: float | None = None) -> AsyncIterator[str]:
         """Lines of ``which`` (``"stdout"`` or ``"stderr"``) from the process's start until it exits."""
-        if which not in ("stdout", "stderr"):
-            raise errors.InvalidArgument("which", f"{which!r}", allowed=["stdout", "stderr"])
-        splitter = LineSplitter()
+        splitter = LineSplitter(which)
         async for stream, text in self.output(idle_timeout=idle_timeout):
-            if stream == which:
-                for line in splitter.feed(text):
-                    yield line
+            for line in splitter.feed(stream, text):
+                yield line
         for line in splitter.rest():
             yield line
+
+    @property
+    def stdout(self) -> AsyncIterator[str]:
+        """``async for line in process.stdout``: its stdout lines (from its start) until it exits."""
+        return self.lines("stdout")
+
+    @property
+    def stderr(self) -> AsyncIterator[str]:
+        return self.lines("stderr")
 
 
 class AsyncFiles:
@@ -438,7 +453,7 @@ class AsyncFiles:
 
 class AsyncPorts:
     """Port forwards (``await sandbox.ports.forward(guest_port=8000)``); close one with
-    ``await sandbox.ports.close(fwd)``."""
+    ``await fwd.aclose()``, ``async with`` or ``await sandbox.ports.close(fwd)``."""
 
     def __init__(self, sandbox: AsyncSandbox):
         self._sandbox = sandbox
@@ -448,11 +463,11 @@ class AsyncPorts:
         detach: bool = True,
     ) -> PortForward:
         args = forward_args(guest_port, host_port, host, allow_wildcard, detach)
-        return PortForward.from_wire((await self._sandbox._call("port.forward", args))[0])
+        return PortForward.from_wire((await self._sandbox._call("port.forward", args))[0], sandbox=self._sandbox)
 
     async def list(self) -> list[PortForward]:
         result, _ = await self._sandbox._call("port.list")
-        return [PortForward.from_wire(raw) for raw in result.get("forwards", [])]
+        return [PortForward.from_wire(raw, sandbox=self._sandbox) for raw in result.get("forwards", [])]
 
     async def close(self, forward: PortForward | str | int) -> None:
         await self._sandbox._call("port.close", close_args(forward))

@@ -188,21 +188,21 @@ class Process:
             if text:
                 yield stream, text
 
-    def _lines(self, which: str) -> Iterator[str]:
-        lines = LineSplitter()
+    def lines(self, which: str = "stdout") -> Iterator[str]:
+        """Lines of ``which`` (``"stdout"`` or ``"stderr"``) from the process's start until it exits."""
+        lines = LineSplitter(which)
         for stream, text in self.output():
-            if stream == which:
-                yield from lines.feed(text)
+            yield from lines.feed(stream, text)
         yield from lines.rest()
 
     @property
     def stdout(self) -> Iterator[str]:
         """Iterate over the process's stdout lines (from its start) until it exits."""
-        return self._lines("stdout")
+        return self.lines("stdout")
 
     @property
     def stderr(self) -> Iterator[str]:
-        return self._lines("stderr")
+        return self.lines("stderr")
 
 
 # ---- request building and response parsing, shared with ``mvm.AsyncSandbox`` ----------------
@@ -250,12 +250,17 @@ class StreamDecoder:
 
 
 class LineSplitter:
-    """Whole lines (with their newline) out of text chunks."""
+    """Whole lines (with their newline) of one stream out of ``(stream, text)`` chunks."""
 
-    def __init__(self) -> None:
+    def __init__(self, which: str):
+        if which not in ("stdout", "stderr"):
+            raise errors.InvalidArgument("which", f"{which!r}", allowed=["stdout", "stderr"])
+        self._which = which
         self._pending = ""
 
-    def feed(self, text: str) -> list[str]:
+    def feed(self, stream: str, text: str) -> list[str]:
+        if stream != self._which:
+            return []
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
         return [line + "\n" for line in lines]

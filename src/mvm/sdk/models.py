@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -188,14 +191,17 @@ class PortForward:
         """Stop listening and reset this forward's connections (a no-op once closed)."""
         if self._sandbox is None:
             raise RuntimeError("this PortForward is not bound to a sandbox")
-        from .. import errors
-
-        try:
+        if inspect.iscoroutinefunction(self._sandbox.ports.close):
+            raise TypeError("this forward belongs to an AsyncSandbox: await fwd.aclose()")
+        with _closing_forward():
             self._sandbox.ports.close(self)
-        except errors.InvalidArgument:
-            pass  # already closed
-        except (errors.SandboxError, errors.SandboxNotFound, errors.InvalidState):
-            pass  # the sandbox is gone, and its forwards with it
+
+    async def aclose(self) -> None:
+        """``close()`` for a forward of an ``AsyncSandbox``."""
+        if self._sandbox is None:
+            raise RuntimeError("this PortForward is not bound to a sandbox")
+        with _closing_forward():
+            await self._sandbox.ports.close(self)
 
     def __enter__(self) -> PortForward:
         return self
@@ -203,5 +209,24 @@ class PortForward:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> PortForward:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__ if not f.startswith("_")}
+
+
+@contextlib.contextmanager
+def _closing_forward() -> Iterator[None]:
+    """Closing a forward that is already closed, or whose sandbox is gone, is a no-op."""
+    from .. import errors
+
+    try:
+        yield
+    except errors.InvalidArgument:
+        pass  # already closed
+    except (errors.SandboxError, errors.SandboxNotFound, errors.InvalidState):
+        pass  # the sandbox is gone, and its forwards with it
