@@ -12,8 +12,9 @@ this process's own credentials. Secrets are passed as names (``mvm.secret``), ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets as _secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from ... import errors
 from ...sdk.async_sandbox import AsyncSandbox
+from ...sdk.commands import signal_args
 from ...sdk.policy import network as make_network
 from ...sdk.policy import resources as make_resources
 from ...sdk.policy import secret
@@ -81,12 +83,19 @@ def client_identity(ctx: Context[Any, Any], transport: str) -> dict[str, str]:
     return identity
 
 
-async def _tool_call(action: Awaitable[T]) -> T:
-    """Run a tool body; mvm's typed errors become tool errors the model can read."""
+@contextlib.contextmanager
+def tool_errors() -> Iterator[None]:
+    """mvm's typed errors become tool errors the model can read (any other exception
+    would reach the client as a bare "Error executing tool")."""
     try:
-        return await action
+        yield
     except errors.MvmError as exc:
         raise ToolError(f"{type(exc).__name__}: {exc}") from None
+
+
+async def _tool_call(action: Awaitable[T]) -> T:
+    with tool_errors():
+        return await action
 
 
 def build_server(policy: OperatorPolicy, *, transport: str = "stdio") -> tuple[MCPServer, SandboxRegistry]:
@@ -130,8 +139,8 @@ def build_server(policy: OperatorPolicy, *, transport: str = "stdio") -> tuple[M
             raise ToolError(f"the operator allows at most {policy.max_sandboxes} sandboxes; destroy one first")
         registry.creating += 1
         try:
-            sandbox = await _tool_call(
-                AsyncSandbox.create(
+            with tool_errors():
+                sandbox = await AsyncSandbox.create(
                     template,
                     ttl=ttl,
                     resources=make_resources(cpu_cores=cpu_cores, memory_mb=memory_mb),
@@ -141,7 +150,6 @@ def build_server(policy: OperatorPolicy, *, transport: str = "stdio") -> tuple[M
                     tags={"mcp": "true"},
                     on_behalf_of=client_identity(ctx, transport),
                 )
-            )
         finally:
             registry.creating -= 1
         registry.sandboxes[sandbox.name] = sandbox
@@ -169,7 +177,10 @@ def build_server(policy: OperatorPolicy, *, transport: str = "stdio") -> tuple[M
     @tool
     async def stop_process(sandbox: str, pid: int, signal: str = "TERM") -> dict[str, Any]:
         """Signal a process (TERM, KILL, INT or HUP) and its group."""
-        process = await _tool_call(registry.get(sandbox).commands.connect(pid))
+        target = registry.get(sandbox)
+        with tool_errors():
+            signal_args(pid, signal, True)  # a bad signal is refused before the sandbox is asked
+        process = await _tool_call(target.commands.connect(pid))
         await _tool_call(process.signal(signal))
         return {"pid": pid, "signal": signal}
 
