@@ -218,6 +218,17 @@ def validate_tags(tags: Any) -> dict[str, str]:
     return dict(tags)
 
 
+def validate_on_behalf_of(principal: Any) -> dict[str, str] | None:
+    """Who a host client acts for (an MCP server names its MCP client): audited with
+    each request as a claim next to the client's own credentials."""
+    if principal is None:
+        return None
+    if (not isinstance(principal, Mapping) or not principal
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in principal.items())):
+        raise errors.InvalidArgument("on_behalf_of", f"{principal!r}", allowed="a non-empty dict of str to str")
+    return dict(principal)
+
+
 def validate_workload_id(workload_id: Any) -> str | None:
     if workload_id is not None and (not isinstance(workload_id, str) or not workload_id.strip()):
         raise errors.InvalidArgument("workload_id", f"{workload_id!r} must be a non-empty string")
@@ -261,6 +272,7 @@ class SandboxConfig:
     created_at: float = 0.0
     from_snapshot: str | None = None
     run_id: str | None = None
+    on_behalf_of: Mapping[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -278,6 +290,7 @@ class SandboxConfig:
             "created_at": self.created_at,
             "from_snapshot": self.from_snapshot,
             "run_id": self.run_id,
+            "on_behalf_of": dict(self.on_behalf_of) if self.on_behalf_of is not None else None,
         }
 
     @classmethod
@@ -310,4 +323,5 @@ class SandboxConfig:
             created_at=float(created_at),
             from_snapshot=validate_snapshot_ref(data.get("from_snapshot")),
             run_id=run_id,
+            on_behalf_of=validate_on_behalf_of(data.get("on_behalf_of")),
         )

@@ -179,8 +179,8 @@ def test_stdio_server_tools_policy_and_audit(mvm_home: Path) -> None:
         by_op: dict[str, list[dict[str, Any]]] = {}
         for entry in entries:
             by_op.setdefault(entry.get("op", ""), []).append(entry)
-        tool_ops = ["exec.run", "fs.write", "fs.read", "fs.list", "proc.start", "port.forward", "proc.signal",
-                    "snapshot.save", "sandbox.resume", "snapshot.restore", "sandbox.destroy"]
+        tool_ops = ["sandbox.create", "exec.run", "fs.write", "fs.read", "fs.list", "proc.start", "port.forward",
+                    "proc.signal", "snapshot.save", "sandbox.resume", "snapshot.restore", "sandbox.destroy"]
         for op in tool_ops:
             assert op in by_op, (op, sorted(by_op))
             for entry in by_op[op]:

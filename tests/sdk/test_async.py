@@ -293,3 +293,23 @@ def test_record_and_plan_modes_refuse_rather_than_create_live(monkeypatch: pytes
     with pytest.raises(mvm.errors.NotAvailableInRecordMode):
         asyncio.run(_create())
     assert {s.id for s in mvm.Sandbox.list()} == before
+
+
+@namespace_only
+def test_on_behalf_of_is_checked_and_audited_for_sync_handles_too(mvm_home: object) -> None:
+    import json
+    from pathlib import Path
+
+    before = {s.id for s in mvm.Sandbox.list()}
+    with pytest.raises(mvm.InvalidArgument) as bad:
+        mvm.Sandbox.create(TEMPLATE, backend="namespace", on_behalf_of={"client": 7})  # type: ignore[dict-item]
+    assert bad.value.field == "on_behalf_of"
+    assert {s.id for s in mvm.Sandbox.list()} == before
+    principal = {"via": "test", "client": "sync-caller"}
+    with mvm.Sandbox.create(TEMPLATE, backend="namespace", ttl="5m", on_behalf_of=principal) as sb:
+        sb.commands.run(["true"])
+    audit = Path(str(mvm_home)) / "audit" / f"{sb.id}.jsonl"
+    entries = {e["op"]: e for e in map(json.loads, audit.read_text().splitlines())}
+    for op in ("sandbox.create", "exec.run", "sandbox.destroy"):
+        assert entries[op]["actor"]["on_behalf_of"] == principal, entries[op]
+        assert {"pid", "uid", "user"} <= set(entries[op]["actor"])

@@ -41,7 +41,6 @@ ONLY_SYNC = {
     ("Sandbox", "list"): {"cluster": "mvm.cluster relays are a sync transport"},
 }
 ONLY_ASYNC = {
-    ("AsyncSandbox", "create"): {"on_behalf_of": "the principal an async server (mvmctl mcp) acts for, audited"},
     ("AsyncSandbox", "logs"): {"idle_timeout": "asyncio readers get a read timeout (StreamIdle)"},
     ("AsyncProcess", "output"): {"idle_timeout": "asyncio readers get a read timeout (StreamIdle)"},
     ("AsyncProcess", "lines"): {"idle_timeout": "asyncio readers get a read timeout (StreamIdle)"},

@@ -96,12 +96,10 @@ class AsyncSandbox:
         backend: str | None = None,
         tags: Mapping[str, str] | None = None,
         from_snapshot: str | None = None,
-        on_behalf_of: dict[str, str] | None = None,
+        on_behalf_of: Mapping[str, str] | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox (arguments as ``Sandbox.create``). The launch path blocks,
-        so it runs in a worker thread; the returned handle is native asyncio.
-        ``on_behalf_of`` is audited with every request of this handle (see
-        ``AsyncSupervisorClient.open``)."""
+        so it runs in a worker thread; the returned handle is native asyncio."""
         mode = current_mode()
         if mode != "live":  # record/plan of async scripts awaits the recording transport (sync SDK only now)
             raise errors.NotAvailableInRecordMode(
@@ -110,10 +108,11 @@ class AsyncSandbox:
         sync = await asyncio.to_thread(
             Sandbox.create, template, name=name, workload_id=workload_id, ttl=ttl, include=include,
             resources=resources, network=network, env=env, backend=backend, mode="live", tags=tags,
-            from_snapshot=from_snapshot,
+            from_snapshot=from_snapshot, on_behalf_of=on_behalf_of,
         )
         sync.close()
-        return cls(sync.id, sync.name, sync._directory, secret_values=sync._secret_values, on_behalf_of=on_behalf_of)
+        principal = dict(on_behalf_of) if on_behalf_of else None  # checked by Sandbox.create
+        return cls(sync.id, sync.name, sync._directory, secret_values=sync._secret_values, on_behalf_of=principal)
 
     @classmethod
     async def connect(cls, name_or_id: str) -> AsyncSandbox:

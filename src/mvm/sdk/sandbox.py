@@ -19,6 +19,7 @@ from ..spec import (
     SandboxConfig,
     validate_env_names,
     validate_name,
+    validate_on_behalf_of,
     validate_tags,
     validate_workload_id,
 )
@@ -103,6 +104,7 @@ class Sandbox:
         tags: Mapping[str, str] | None = None,
         from_snapshot: str | None = None,
         cluster: Cluster | None = None,
+        on_behalf_of: Mapping[str, str] | None = None,
     ) -> Sandbox:
         """Create a sandbox from ``template`` and return once its agent answered.
 
@@ -114,7 +116,9 @@ class Sandbox:
         name) and takes its sandbox's ``resources`` unless others are given (a VM's
         memory image then refuses a different cpu or memory). ``cluster``
         (``mvm.connect_cluster(...)``) places it on a node of a Ray cluster; the handle
-        is the same class.
+        is the same class. ``on_behalf_of`` names who this program acts for (an MCP
+        server names its client): the sandbox's audit chain records it with the creation
+        and with every request of this handle, next to this process's own credentials.
         """
         resolved_mode = current_mode(mode)
         if cluster is not None and resolved_mode == "live":  # record/plan record it like any other
@@ -140,6 +144,7 @@ class Sandbox:
                 tags=tags,
                 from_snapshot=from_snapshot,
             )
+        principal = validate_on_behalf_of(on_behalf_of)
         if from_snapshot is not None and resources is None:
             resources = snapshot_shape(from_snapshot)  # a restore takes the snapshot's shape unless asked
         spec = _validated_spec(
@@ -172,10 +177,13 @@ class Sandbox:
             created_at=time.time(),
             from_snapshot=from_snapshot,
             run_id=os.environ.get("MVM_RUN_ID"),
+            on_behalf_of=principal,
         )
         _ensure_name_free(config.name)
         state = spawn_supervisor(config.to_json(), secret_env)
-        sandbox = cls(sandbox_id, state["name"], _dir_of(sandbox_id), secret_values=secret_values)
+        directory = _dir_of(sandbox_id)
+        sandbox = cls(sandbox_id, state["name"], directory, secret_values=secret_values,
+                      connect=lambda: SupervisorClient(directory / CONTROL_SOCKET, on_behalf_of=principal))
         try:
             for guest_path, data, mode_bits in files:
                 sandbox.files.write(guest_path, data, mode=mode_bits)

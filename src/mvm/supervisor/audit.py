@@ -47,9 +47,12 @@ class Auditor:
         outcome: str = "ok",
         error_type: str | None = None,
         details: dict[str, Any] | None = None,
+        actor: dict[str, Any] | None = None,
     ) -> str:
+        """``actor`` (default: the client this thread serves, else the supervisor itself)."""
+        actor = actor or getattr(_current, "actor", None)
         entry = self._log.result().append(
-            op, args, outcome=outcome, error_type=error_type, details=details, actor=getattr(_current, "actor", None)
+            op, args, outcome=outcome, error_type=error_type, details=details, actor=actor
         )
         audit_id = str(entry["audit_id"])
         summary = f"{op} {outcome}" + (f" ({error_type})" if error_type else "")

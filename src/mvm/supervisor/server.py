@@ -29,6 +29,7 @@ from ..backends.base import BackendInstance, SandboxSpec
 from ..osutil import write_json_atomic
 from ..paths import runs_dir
 from ..protocol.codec import Frame
+from ..security.audit import current_actor
 from ..security.secrets import Redactor
 from ..spec import SandboxConfig
 from ..templates import ensure_template
@@ -38,7 +39,7 @@ from .audit import Auditor
 from .logbook import LogBook
 from .network import NetworkManager
 from .processes import ProcessTable
-from .session import ClientSession, Reply, RequestContext
+from .session import ClientSession, Reply, RequestContext, with_principal
 from .state import CONTROL_SOCKET
 
 
@@ -109,8 +110,10 @@ class Supervisor:
             self._mark("agent_hello")
             self.configure_agent()
         self._mark("agent_configure")
+        # Made by whoever spawned us; a creator acting for someone (mvmctl mcp) names them.
+        creator = with_principal(current_actor(), config.on_behalf_of) if config.on_behalf_of else None
         audit_id = self.audit.record("sandbox.create", {"template": self.config["template"],
-                                                        "backend": self.config["backend"]})
+                                                        "backend": self.config["backend"]}, actor=creator)
         self._mark("audit")
         self.logs.system(f"sandbox created from template {self.config['template']} on backend "
                          f"{self.config['backend']}", audit_id)
