@@ -296,6 +296,51 @@ def test_record_and_plan_modes_refuse_rather_than_create_live(monkeypatch: pytes
 
 
 @namespace_only
+def test_cancelling_a_chunked_write_or_a_reader_leaves_nothing_behind() -> None:
+    async def scenario() -> None:
+        async with await _create() as sandbox:
+            await sandbox.files.mkdir("/srv/in")
+            data = os.urandom(96 * 1024 * 1024)  # many frames: the transfer is still running when cancelled
+            writer = asyncio.create_task(sandbox.files.write("/srv/in/big.bin", data))
+
+            async def transfer_open() -> bool:
+                return bool([e for e in await sandbox.files.list("/srv/in") if e.name.endswith(".tmp")])
+
+            await _wait_until(transfer_open, "the write's temporary file")
+            assert not writer.done()
+            writer.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await writer
+
+            async def cleaned_up() -> bool:
+                return await sandbox.files.list("/srv/in") == []
+
+            await _wait_until(cleaned_up, "the aborted write's temporary file to go")  # no partial file either
+
+            # A cancelled reader ends its stream only; the process and the handle go on.
+            process = await sandbox.commands.start(["sh", "-c", "while :; do echo tick; sleep 0.1; done"])
+
+            reading = asyncio.Event()
+
+            async def read_forever() -> None:
+                async for _ in process.output():
+                    reading.set()
+
+            reader = asyncio.create_task(read_forever())
+            await asyncio.wait_for(reading.wait(), 60)
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            assert await process.is_running()
+            await process.kill()
+            assert await process.wait() == 128 + 9
+            small = await sandbox.files.write("/srv/in/small.txt", "ok")
+            assert small.size == 2 and [e.name for e in await sandbox.files.list("/srv/in")] == ["small.txt"]
+
+    asyncio.run(scenario())
+
+
+@namespace_only
 def test_on_behalf_of_is_checked_and_audited_for_sync_handles_too(mvm_home: object) -> None:
     import json
     from pathlib import Path
