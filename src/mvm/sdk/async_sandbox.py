@@ -18,7 +18,6 @@ ends only the stream, not the process.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -44,7 +43,7 @@ from .files import DEFAULT_MAX_READ_BYTES, absolute_path, check_max_bytes, read_
 from ..snapshots.model import Snapshot
 from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
 from .network import close_args, forward_args, update_args
-from .sandbox import DEFAULT_TTL, Sandbox, command_args, current_mode, snapshot_args
+from .sandbox import DEFAULT_TTL, Sandbox, command_args, current_mode, log_event, resume_args, snapshot_args
 
 
 class AsyncSandbox:
@@ -170,12 +169,7 @@ class AsyncSandbox:
         client = await self._client()
         args = {"follow": follow, "tail": tail, "since": since}
         async for _, data in client.stream("sandbox.logs", args, idle_timeout=idle_timeout):
-            event = LogEvent.from_wire(json.loads(data))
-            if redact:
-                event = LogEvent(
-                    event.timestamp, event.source, event.stream, self._redactor(event.message), event.audit_id
-                )
-            yield event
+            yield log_event(data, self._redactor if redact else None)
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -189,8 +183,7 @@ class AsyncSandbox:
         return SandboxInfo.from_wire((await self._call("sandbox.pause"))[0])
 
     async def resume(self, snapshot: str | Snapshot | None = None) -> SandboxInfo:
-        snap_id = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
-        return SandboxInfo.from_wire((await self._call("sandbox.resume", {"snapshot": snap_id}))[0])
+        return SandboxInfo.from_wire((await self._call("sandbox.resume", resume_args(snapshot)))[0])
 
     async def snapshot(
         self, name: str | None = None, *, expires: str | int | None = None, keep: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -252,15 +253,8 @@ class Sandbox:
         >>> for event in sandbox.logs(follow=False):
         ...     print(event.source, event.message)
         """
-        import json
-
         for _, data in self._client().stream("sandbox.logs", {"follow": follow, "tail": tail, "since": since}):
-            event = LogEvent.from_wire(json.loads(data))
-            if redact:
-                event = LogEvent(
-                    event.timestamp, event.source, event.stream, self._redactor(event.message), event.audit_id
-                )
-            yield event
+            yield log_event(data, self._redactor if redact else None)
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -277,8 +271,7 @@ class Sandbox:
 
     def resume(self, snapshot: str | Snapshot | None = None) -> SandboxInfo:
         """Continue after ``pause()``, or replace the sandbox's state with ``snapshot``."""
-        snap_id = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
-        return SandboxInfo.from_wire(self._client().call("sandbox.resume", {"snapshot": snap_id})[0])
+        return SandboxInfo.from_wire(self._client().call("sandbox.resume", resume_args(snapshot))[0])
 
     def snapshot(self, name: str | None = None, *, expires: str | int | None = None, keep: bool = False) -> Snapshot:
         """Save the sandbox's state (memory+disk on a VM: ``kind="full"``; the writable
@@ -388,6 +381,18 @@ def command_args(
     if user is not None:
         args["user"] = user
     return args
+
+
+def log_event(data: bytes, redactor: Callable[[str], str] | None) -> LogEvent:
+    """One ``sandbox.logs`` data frame as a ``LogEvent``, its message masked by ``redactor``."""
+    event = LogEvent.from_wire(json.loads(data))
+    if redactor is None:
+        return event
+    return LogEvent(event.timestamp, event.source, event.stream, redactor(event.message), event.audit_id)
+
+
+def resume_args(snapshot: str | Snapshot | None) -> dict[str, Any]:
+    return {"snapshot": snapshot.id if isinstance(snapshot, Snapshot) else snapshot}
 
 
 def snapshot_args(name: str | None, expires: str | int | None, keep: bool) -> dict[str, Any]:
