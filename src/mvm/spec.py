@@ -265,6 +265,8 @@ class SandboxConfig:
     resources: Resources = field(default_factory=Resources)
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     ttl_seconds: int | None = None
+    #: Pause after this many idle seconds, resume on the next request (supervisor/idle.py).
+    auto_pause_seconds: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     secret_env_names: Mapping[str, str] = field(default_factory=dict)
     workload_id: str | None = None
@@ -283,6 +285,7 @@ class SandboxConfig:
             "resources": self.resources.to_json(),
             "network": self.network.to_json(),
             "ttl_seconds": self.ttl_seconds,
+            "auto_pause_seconds": self.auto_pause_seconds,
             "env": dict(self.env),
             "secret_env_names": dict(self.secret_env_names),
             "workload_id": self.workload_id,
@@ -302,6 +305,7 @@ class SandboxConfig:
             if not isinstance(data.get(key), str) or not data[key]:
                 raise errors.InvalidArgument(key, f"{data.get(key)!r} must be a non-empty string")
         ttl = data.get("ttl_seconds")
+        auto_pause = data.get("auto_pause_seconds")
         created_at = data.get("created_at") or 0.0
         if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
             raise errors.InvalidArgument("created_at", f"{created_at!r} is not a timestamp")
@@ -316,6 +320,7 @@ class SandboxConfig:
             resources=Resources.from_json(data.get("resources") or {}),
             network=NetworkPolicy.from_json(data.get("network") or {}),
             ttl_seconds=None if ttl is None else parse_duration(ttl, field="ttl"),
+            auto_pause_seconds=None if auto_pause is None else parse_duration(auto_pause, field="auto_pause"),
             env=_str_map(data.get("env"), "env"),
             secret_env_names=_str_map(data.get("secret_env_names"), "secret_env_names"),
             workload_id=validate_workload_id(data.get("workload_id")),

@@ -106,3 +106,14 @@ def test_down_all(tmp_path: Path) -> None:
     out = json.loads(mvmctl("down", "cli-doomed", "--json").stdout)
     assert out["destroyed"] == ["cli-doomed"]
     assert "cli-doomed" not in [s["name"] for s in json.loads(mvmctl("ls", "--json").stdout)]
+
+
+def test_up_auto_pause() -> None:
+    proc = mvmctl("up", "--name", "cli-napper", "--backend", "namespace", "--auto-pause", "soon", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: auto_pause:") and "30m" in proc.stderr
+    info = json.loads(mvmctl("up", "--name", "cli-napper", "--backend", "namespace", "--auto-pause", "2m",
+                             "--json").stdout)
+    try:
+        assert info["details"]["auto_pause_seconds"] == 120 and info["details"]["paused_by_idle"] is False
+    finally:
+        mvmctl("down", "cli-napper")

@@ -68,6 +68,8 @@ export interface CreateOptions {
   tags?: Record<string, string>;
   /** Start from this snapshot id or name; the sandbox takes the snapshot's resources unless `resources` is given. */
   fromSnapshot?: string;
+  /** Pause after this long idle (`"5m"`, seconds), resume on the next request; default never. */
+  autoPause?: string | number | null;
 }
 
 /** Guest directory where a `run` stdin larger than one frame is staged (the agent unlinks it on start). */
@@ -267,6 +269,8 @@ export class Sandbox implements AsyncDisposable, Disposable {
    * and a recorded sandbox with the same surface is returned.
    */
   static async create(template = "python-3.13", options: CreateOptions = {}): Promise<Sandbox> {
+    const autoPause = options.autoPause === undefined || options.autoPause === null
+      ? null : parseDuration(options.autoPause, "auto_pause");
     const mode = currentMode(options.mode);
     if (mode !== "live") {
       const at = callerSite(); // before any await: the script's frame is still on the stack
@@ -304,6 +308,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
     if (options.fromSnapshot !== undefined && options.fromSnapshot !== null) {
       args.push("--from-snapshot", String(options.fromSnapshot));
     }
+    if (autoPause !== null) args.push("--auto-pause", String(autoPause));
     const { literal, secrets } = splitEnv(spec.env);
     for (const [key, value] of Object.entries(literal)) args.push("--env", `${key}=${value}`);
     for (const [key, ref] of Object.entries(secrets)) args.push("--secret-env", `${key}=${ref.name}`);

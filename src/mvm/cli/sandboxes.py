@@ -42,6 +42,7 @@ def register(cli: click.Group) -> None:
               help=f"Writable disk, MiB [default: {Resources.rootfs_size_mb}, or the snapshot's]")
 @click.option("--max-processes", type=int, default=None,
               help=f"[default: {Resources.max_processes}, or the snapshot's]")
+@click.option("--auto-pause", help='Pause after this long idle, resume on the next request ("5m", seconds).')
 @click.option("--backend", type=click.Choice(backend_names()), default=None)
 @click.option(
     "--network", "network_mode", type=click.Choice(NETWORK_MODES), default="deny", show_default=True
@@ -70,6 +71,7 @@ def up(
     memory_mb: int | None,
     rootfs_size_mb: int | None,
     max_processes: int | None,
+    auto_pause: str | None,
     backend: str | None,
     network_mode: str,
     allow: tuple[str, ...],
@@ -112,6 +114,7 @@ def up(
         mode="live",
         resources=shape,
         network=make_network(network_mode, list(allow), allow_wildcards=allow_wildcards),
+        auto_pause=auto_pause,
     )
     info = sandbox.describe()
     sandbox.close()

@@ -96,6 +96,7 @@ class AsyncSandbox:
         tags: Mapping[str, str] | None = None,
         from_snapshot: str | None = None,
         on_behalf_of: Mapping[str, str] | None = None,
+        auto_pause: str | int | float | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox (arguments as ``Sandbox.create``). The launch path blocks,
         so it runs in a worker thread; the returned handle is native asyncio."""
@@ -107,7 +108,7 @@ class AsyncSandbox:
         sync = await asyncio.to_thread(
             Sandbox.create, template, name=name, workload_id=workload_id, ttl=ttl, include=include,
             resources=resources, network=network, env=env, backend=backend, mode="live", tags=tags,
-            from_snapshot=from_snapshot, on_behalf_of=on_behalf_of,
+            from_snapshot=from_snapshot, on_behalf_of=on_behalf_of, auto_pause=auto_pause,
         )
         sync.close()
         principal = dict(on_behalf_of) if on_behalf_of else None  # checked by Sandbox.create

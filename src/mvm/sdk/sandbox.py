@@ -106,6 +106,7 @@ class Sandbox:
         from_snapshot: str | None = None,
         cluster: Cluster | None = None,
         on_behalf_of: Mapping[str, str] | None = None,
+        auto_pause: str | int | float | None = None,
     ) -> Sandbox:
         """Create a sandbox from ``template`` and return once its agent answered.
 
@@ -120,7 +121,11 @@ class Sandbox:
         is the same class. ``on_behalf_of`` names who this program acts for (an MCP
         server names its client): the sandbox's audit chain records it with the creation
         and with every request of this handle, next to this process's own credentials.
+        ``auto_pause`` ("5m", seconds; default ``None`` = never) pauses the sandbox once
+        it was idle that long and resumes it on the next request, state intact (what
+        counts as idle: ``mvm/supervisor/idle.py``, README).
         """
+        auto_pause_seconds = None if auto_pause is None else parse_duration(auto_pause, field="auto_pause")
         resolved_mode = current_mode(mode)
         if cluster is not None and resolved_mode == "live":  # record/plan record it like any other
             sandbox: Sandbox = cluster.create(
@@ -171,6 +176,7 @@ class Sandbox:
             resources=spec["resources"],
             network=spec["network"],
             ttl_seconds=spec["ttl_seconds"],
+            auto_pause_seconds=auto_pause_seconds,
             env=literal_env,
             secret_env_names=_secret_names(env or {}),
             workload_id=workload_id,

@@ -67,6 +67,7 @@ def start(sup: Supervisor, ctx: RequestContext) -> Reply:
 
 
 def pause(sup: Supervisor, ctx: RequestContext) -> Reply:
+    sup.idle.paused_by_user()
     if sup.state == "running":
         assert sup.instance is not None
         sup.on_backend(sup.instance.pause)
@@ -82,6 +83,7 @@ def resume(sup: Supervisor, ctx: RequestContext) -> Reply:
         sup.set_state("running")
     else:
         sup.require_state(ctx.op, "paused", "running")  # narrower than the table's row
+        sup.idle.paused_by_user()
         if sup.state == "paused":
             sup.resume_instance()
     sup.logs.system("sandbox resumed" + (f" from snapshot {snapshot}" if snapshot else ""),

@@ -34,6 +34,7 @@ from ..security.secrets import Redactor
 from ..spec import SandboxConfig
 from ..templates import ensure_template
 from . import ops
+from .idle import IdleWatch
 from .agent_link import AgentLink
 from .audit import Auditor
 from .logbook import LogBook
@@ -76,6 +77,7 @@ class Supervisor:
         self._stop_serving = threading.Event()
         self.destroyed = threading.Event()
         self.network = NetworkManager(self)  # port forwards, egress proxy (TCP streams over the agent link)
+        self.idle = IdleWatch(self, config.get("auto_pause_seconds"))
 
     # ---- boot ---------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class Supervisor:
     def serve_forever(self) -> None:
         assert self.listener is not None
         threading.Thread(target=self._ttl_watch, name="mvm-ttl", daemon=True).start()
+        threading.Thread(target=self.idle.watch, name="mvm-idle", daemon=True).start()
         self.listener.settimeout(0.5)
         while not self._stop_serving.is_set():
             try:
@@ -225,7 +228,7 @@ class Supervisor:
             "details": {**details, "boot_ms": self.boot_ms, "error": self.error,
                         "host_pids": self.instance.host_pids() if self.instance else [], "supervisor_pid": os.getpid(),
                         "env_keys": sorted(self.config.get("env", {})), "secret_env_keys": sorted(self.secret_env),
-                        "agent": self.agent.agent_hello},
+                        "agent": self.agent.agent_hello, **self.idle.describe()},
         }
 
     def require_state(self, op: str, *allowed: str, auto_resume: bool = False) -> None:
@@ -245,7 +248,8 @@ class Supervisor:
     # ---- dispatch -----------------------------------------------------------
 
     def handle(self, ctx: RequestContext) -> Reply:
-        return ops.dispatch(self, ctx)
+        with self.idle.request(ctx.op):
+            return ops.dispatch(self, ctx)
 
     def resume_instance(self) -> None:
         assert self.instance is not None
