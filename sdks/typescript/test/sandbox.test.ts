@@ -256,6 +256,11 @@ describe("a live sandbox", () => {
     assert.equal((name as InvalidArgument).field, "name");
     const ttl = await thrown(() => Sandbox.create("python-3.13", { ttl: "soon" }));
     assert.equal((ttl as InvalidArgument).field, "ttl");
+    for (const autoPause of ["soon", 0, -5]) {
+      const idle = await thrown(() => Sandbox.create("python-3.13", { autoPause }));
+      assert.ok(idle instanceof InvalidArgument);
+      assert.equal((idle as InvalidArgument).field, "auto_pause");
+    }
     const policy = await thrown(() => Sandbox.create("python-3.13", { resources: { cpuCores: 1 } as never }));
     assert.match(policy.message, /^resources: use resources\(\.\.\.\)/);
     const template = await thrown(() => Sandbox.create("python-3.12"));
