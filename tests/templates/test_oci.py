@@ -73,10 +73,20 @@ def _clean_state() -> tuple[set[str], set[str]]:
     return names, blobs
 
 
-def test_busybox_image_runs_with_its_env_and_workdir(images: Images) -> None:
+def test_busybox_image_runs_with_its_env_and_workdir(images: Images, monkeypatch: pytest.MonkeyPatch) -> None:
     name = "oci:" + images.ref("test/busybox:1")
     images.made.append(name)
+    from mvm.templates import oci
+
+    real_ensure, ensured = oci.ensure_image_template, []
+
+    def counting_ensure(*args: object, **kwargs: object) -> object:
+        ensured.append(args[0])
+        return real_ensure(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(oci, "ensure_image_template", counting_ensure)
     with mvm.Sandbox.create(name, backend="namespace", ttl="10m") as sb:
+        assert ensured == [name]  # the create resolves/builds the image once (validation only checks it)
         result = sb.commands.run(["sh", "-c", 'pwd; echo "$FOO"; test -e /usr/bin/python3 || echo no-python'])
         assert result.stdout.split() == ["/work", "bar", "no-python"]
         assert sb.commands.run(["sh", "-c", "echo hi > /work/f && cat /work/f"]).stdout == "hi\n"

@@ -28,6 +28,7 @@ from ..supervisor.client import SupervisorClient
 from ..supervisor.launch import spawn_supervisor
 from ..supervisor.state import CONTROL_SOCKET, find_sandbox, list_sandboxes, new_sandbox_id
 from ..templates import available_templates, ensure_template
+from ..templates.catalog import check_template
 from .commands import Commands
 from .files import Files
 from .includes import collect_includes
@@ -432,12 +433,12 @@ def _validated_spec(
 ) -> dict[str, Any]:
     """Validate ``Sandbox.create``'s arguments (live and record/plan modes alike).
 
-    ``template_check`` replaces ``ensure_template`` for a name not in
-    ``available_templates()``: record/plan mode passes one that raises
-    ``TemplateNotFound`` the same way but never builds.
+    A name not in ``available_templates()`` is checked without building
+    (``check_template``, or ``template_check`` when given): the live create builds the
+    template once afterwards, so validation never builds it a second time.
     """
     if not isinstance(template, str) or template not in available_templates():
-        (template_check or ensure_template)(template)  # raises TemplateNotFound with the buildable names
+        (template_check or check_template)(template)  # raises TemplateNotFound with the buildable names
     if name is not None:
         validate_name(name)
     validate_workload_id(workload_id)
