@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,8 +42,8 @@ def small_templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 def _small_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, size: int) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a loop file system needs root")
-    image, mount = tmp_path / f"{variable}.ext4", tmp_path / variable
-    mount.mkdir()
+    image = tmp_path / f"{variable}.ext4"
+    mount = Path(tempfile.mkdtemp(prefix="mvmf-", dir="/tmp"))  # short: sockets live under MVM_HOME
     with open(image, "wb") as fh:
         fh.truncate(size)  # sparse: costs only what is written
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
@@ -55,6 +56,7 @@ def _small_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, si
         wait_for(lambda: subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0,
                  "the small file system to be unmounted (nothing of the sandbox left on it)", timeout=60)
         image.unlink()
+        mount.rmdir()
 
 
 def _fill(directory: Path, leave: int) -> Path:
