@@ -1,7 +1,7 @@
 """Host OS helpers every layer shares (stdlib only, imports nothing of mvm, so security,
 backends and the supervisor may all use it): private files (0700 directories, 0600 files,
 no symlinks followed), atomic writes (one for bytes, one for JSON), an exclusive file
-lock, and whether a process is alive."""
+lock, a background fsync for files written without one, and whether a process is alive."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import fcntl
 import json
 import os
 import secrets
+import queue
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,6 +95,65 @@ def write_private_atomic(path: Path, data: bytes, *, durable: bool = True) -> No
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+class DeferredSync:
+    """Makes files written with ``durable=False`` durable off the caller's path: a thread
+    of its own fsyncs the files added, then the directories holding them, in batches at
+    most every ``interval`` seconds (an fsync commits the file system's journal, which
+    stalls concurrent creates: one commit per batch, not per file). A file added is already
+    complete and visible (renamed into place); only its survival of a host crash waits, for
+    at most ``interval`` plus the fsyncs. :meth:`flush` waits for all of it."""
+
+    def __init__(self, name: str, interval: float = 0.05):
+        self._queue: queue.Queue[Path] = queue.Queue()
+        self._name = name
+        self._interval = interval
+        self._flushing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def add(self, path: Path) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._queue.put(path)
+
+    def flush(self) -> None:
+        """Return once every file added so far (and its directory) is fsynced."""
+        self._flushing.set()
+        self._queue.join()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            # wait out the window (cut short by flush), taking what arrives meanwhile
+            self._flushing.wait(self._interval)
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                for path in batch:
+                    _fsync_path(path)
+                for directory in {path.parent for path in batch}:
+                    _fsync_path(directory)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:  # removed meanwhile (its sandbox destroyed): nothing to keep
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:

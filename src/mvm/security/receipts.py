@@ -61,12 +61,15 @@ def write_receipt(directory: Path | str, *, sandbox_id: str, template: str, temp
                   argv: Iterable[str], env_keys: Iterable[str], exit_code: int | None, stdout: bytes,
                   stderr: bytes, started_at: datetime | float | str, ended_at: datetime | float | str,
                   audit_id: str | None, truncated: bool | Mapping[str, bool],
-                  signer: Ed25519PrivateKey | None = None, filename: str | None = None) -> Path:
+                  signer: Ed25519PrivateKey | None = None, filename: str | None = None,
+                  durable: bool = True) -> Path:
     """Write a signed receipt into ``directory`` (created 0700 if missing; the file is 0600) and
     return its path: ``<directory>/<receipt_id>.json`` unless ``filename`` is given.
 
     ``truncated``: one bool for both streams, or ``{"stdout": bool, "stderr": bool}``.
     Times: datetime, epoch seconds or ISO strings. ``signer`` defaults to the host key.
+    ``durable=False``: not fsynced here (still written atomically); the caller makes it
+    durable later (the supervisor: ``osutil.DeferredSync``, off the reply's path).
     """
     argv_list = list(argv)
     if not all(isinstance(a, str) for a in argv_list):
@@ -101,7 +104,7 @@ def write_receipt(directory: Path | str, *, sandbox_id: str, template: str, temp
                          "sig": sign(key, SIG_DOMAIN, canonical_json(body))}
     directory = make_dirs(Path(directory))
     path = directory / (filename or f"{receipt_id}.json")
-    write_private_atomic(path, json.dumps(body, indent=2, sort_keys=True).encode() + b"\n")
+    write_private_atomic(path, json.dumps(body, indent=2, sort_keys=True).encode() + b"\n", durable=durable)
     return path
 
 

@@ -146,14 +146,22 @@ def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, exit_cod
                    capture: OutputCapture, started_at: float) -> Path:
     from ..security.receipts import write_receipt
 
-    return write_receipt(
+    # Durability: the exec.run audit entry (argv digest, pid) was fdatasync'ed before the
+    # process started. The receipt is complete and visible (renamed into place) before the
+    # reply, so it survives any crash of this process; its fsync runs off the reply's path
+    # (sup.receipt_sync: batched, <= 50 ms + the fsync; flushed by destroy), so only a host crash
+    # within that window loses it.
+    path = write_receipt(
         receipts_dir(), sandbox_id=sup.sandbox_id, template=sup.config["template"],
         template_digest=sup.template_digest, argv=ctx.args["argv"],
         env_keys=env_for(sup, ctx.args.get("env") or {}).keys(), exit_code=exit_code,
         stdout=bytes(capture.captured["stdout"]), stderr=bytes(capture.captured["stderr"]),
         started_at=started_at, ended_at=time.time(), audit_id=audit_id,
         truncated={name: capture.total[name] > len(capture.captured[name]) for name in ("stdout", "stderr")},
+        durable=False,
     )
+    sup.receipt_sync.add(path)
+    return path
 
 
 def _kill_group(sup: Supervisor, pid: int) -> None:

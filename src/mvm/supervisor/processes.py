@@ -19,6 +19,8 @@ from typing import Any
 REPLAY_BYTES = 4 * 1024 * 1024
 #: Exited processes remembered for ``proc.wait``/``proc.list``.
 MAX_EXITED = 1000
+#: Trimmed in batches of this many, so a process start does not scan the table each time.
+_TRIM_BATCH = 100
 
 Subscriber = Callable[[str, bytes], None]
 
@@ -62,7 +64,8 @@ class ProcessTable:
             record = self._records.get(pid)
             if record is None and create:
                 record = self._records[pid] = ProcessRecord(pid)
-                self._trim()
+                if len(self._records) > MAX_EXITED + _TRIM_BATCH:
+                    self._trim()
             return record
 
     def started(self, pid: int, argv: list[str], audit_id: str | None) -> ProcessRecord:

@@ -26,7 +26,7 @@ from typing import Any
 from .. import errors
 from ..backends import get_backend
 from ..backends.base import BackendInstance, SandboxSpec
-from ..osutil import write_json_atomic
+from ..osutil import DeferredSync, write_json_atomic
 from ..paths import runs_dir
 from ..protocol.codec import Frame
 from ..security.audit import current_actor
@@ -63,6 +63,7 @@ class Supervisor:
         self.logs = LogBook(directory / "logs.jsonl", redact=self._redact)
         self.audit = Auditor(self.sandbox_id, self.logs)
         self.processes = ProcessTable()
+        self.receipt_sync = DeferredSync("mvm-receipt-sync")
         self.agent = AgentLink(on_event=self._on_agent_event, on_lost=self._on_agent_lost)
         self.backend = get_backend(config["backend"])
         self.instance: BackendInstance | None = None
@@ -320,6 +321,7 @@ class Supervisor:
         except Exception:
             traceback.print_exc()
         self.state = "destroyed"
+        self.receipt_sync.flush()
         self.logs.close()
         self._keep_run_transcript()
         # Gone before the client hears back: destroy() returning means no trace is left.
