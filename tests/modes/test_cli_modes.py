@@ -373,7 +373,7 @@ def test_plain_python_in_record_mode_via_env(home: Path, write_script) -> None:
     """)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                           env={**__import__("os").environ, "MVM_MODE": "record"})
-    assert proc.stdout.strip() == "RecordedSandbox True", proc.stderr
+    assert proc.stdout.strip() == "Sandbox True", proc.stderr
 
 
 def test_help_lists_the_verbs(home: Path) -> None:

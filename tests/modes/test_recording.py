@@ -1,4 +1,5 @@
-"""RecordedSandbox in-process: the live surface, recorded in order, validated like the live path."""
+"""Record mode in-process: the live Sandbox over a record transport, recorded in order, validated
+like the live path."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 import mvm
 from mvm import errors
-from mvm.modes.recording import RecordedProcess, RecordedSandbox, current_recording, reset_recording
+from mvm.modes.recording import current_recording, reset_recording
 from mvm.security.secrets import Keystore
 
 from modes_helpers import CANARY, assert_nothing_booted
@@ -28,6 +29,13 @@ def rec(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert_nothing_booted(home)
 
 
+def _in_record_mode(call):
+    """What a script run by `mvmctl compile` sees: $MVM_MODE=record."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MVM_MODE", "record")
+        return call()
+
+
 def create(**kw):
     kw.setdefault("mode", "record")
     return mvm.Sandbox.create("python-3.13", **kw)
@@ -35,7 +43,7 @@ def create(**kw):
 
 def test_create_in_record_mode_returns_a_recorded_sandbox(rec) -> None:
     sb = create(workload_id="agent-tool", include=["src"], resources=mvm.resources(cpu_cores=2, memory_mb=256))
-    assert isinstance(sb, RecordedSandbox) and sb.mode == "record"
+    assert type(sb) is mvm.Sandbox and sb.mode == "record" and sb.recorded
     info = sb.describe()
     assert info.state == "running" and info.details["recorded"] is True
     assert info.resources["memory_mb"] == 256
@@ -71,7 +79,7 @@ def test_commands_run_is_recorded_never_invented(rec) -> None:
 def test_commands_start_gives_a_recorded_process(rec) -> None:
     sb = create()
     proc = sb.commands.start(["sleep", "100"], stdin=True)
-    assert isinstance(proc, RecordedProcess) and proc.pid is None
+    assert type(proc) is mvm.Process and proc.recorded and proc.pid is None
     proc.send_stdin("data")
     proc.close_stdin()
     proc.signal("SIGTERM")
@@ -97,7 +105,11 @@ def test_commands_start_gives_a_recorded_process(rec) -> None:
     (lambda sb: sb.logs(), "Sandbox.logs"),
     (lambda sb: sb.commands.list(), "commands.list"),
     (lambda sb: sb.commands.connect(12), "commands.connect"),
-    (lambda sb: RecordedSandbox.connect("other"), "Sandbox.connect"),
+    (lambda sb: _in_record_mode(lambda: mvm.Sandbox.connect("other")), "Sandbox.connect"),
+    (lambda sb: _in_record_mode(mvm.Sandbox.list), "Sandbox.list"),
+    (lambda sb: sb.ports.forward(guest_port=8000), "ports.forward"),
+    (lambda sb: sb.network.update(["pypi.org:443"]), "network.update"),
+    (lambda sb: list(sb.commands.start(["true"]).stdout), "Process.stdout"),
 ])
 def test_reads_say_they_cannot_be_recorded(rec, call, name) -> None:
     sb = create()

@@ -287,11 +287,18 @@ def test_200_commands_and_50_file_transfers_over_10_sandboxes_from_one_loop() ->
 
 
 @namespace_only
-def test_record_and_plan_modes_refuse_rather_than_create_live(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MVM_MODE", "record")
+def test_record_mode_records_rather_than_create_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In record mode AsyncSandbox.create records (tests/modes/test_async_modes.py has the IR
+    parity with the sync SDK); nothing live is made."""
     before = {s.id for s in mvm.Sandbox.list()}
-    with pytest.raises(mvm.errors.NotAvailableInRecordMode):
-        asyncio.run(_create())
+    monkeypatch.setenv("MVM_MODE", "record")
+
+    async def script() -> bool:
+        async with await _create() as sandbox:
+            return sandbox.recorded and (await sandbox.commands.run(["true"])).recorded
+
+    assert asyncio.run(script()) is True
+    monkeypatch.delenv("MVM_MODE")
     assert {s.id for s in mvm.Sandbox.list()} == before
 
 

@@ -1,7 +1,7 @@
 """The same workload written in Python and in TypeScript compiles to the same IR.
 
 `mvmctl compile|run` runs a `.ts`/`.mjs` script with Node and the TypeScript SDK, which
-appends the recording events Python's RecordedSandbox appends; both lower to one
+appends the recording events Python's RecordTransport appends; both lower to one
 workload-v1 document, so the IR hash (its id) is the same. Also: plan and record mode,
 error reporting with the script's own line, the record-mode time limit, and a live run
 of a TypeScript script on the namespace backend.

@@ -1,8 +1,8 @@
 """Record, plan and live: one workload script, three ways to run it (DESIGN §2).
 
-* :mod:`mvm.modes.recording` — ``RecordedSandbox``, what ``mvm.Sandbox.create``
-  returns in record/plan mode: every call is validated like the live path and
-  appended to a process-wide recording; nothing boots.
+* :mod:`mvm.modes.recording` — ``RecordTransport``: in record/plan mode
+  ``mvm.Sandbox`` / ``mvm.AsyncSandbox`` send their wire requests to it instead of a
+  supervisor; it appends them to a process-wide recording; nothing boots.
 * :mod:`mvm.modes.ir` — the workload IR (``workload-v1``): built from a recording,
   validated against ``schema/workload-v1.json``, canonical JSON (RFC 8785), sha256 id.
 * :mod:`mvm.modes.admission` — plan-mode admission against the host policy.

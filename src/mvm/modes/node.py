@@ -7,7 +7,7 @@ transpiled by the repo's ``typescript`` package; nothing is downloaded at run ti
 SDK is (re)built with that ``tsc`` when its sources are newer than the build.
 
 In record/plan mode the TypeScript SDK appends the same recording events as
-:class:`mvm.modes.recording.RecordedSandbox`, so both languages lower to the same IR.
+:class:`mvm.modes.recording.RecordTransport`, so both languages lower to the same IR.
 """
 
 from __future__ import annotations

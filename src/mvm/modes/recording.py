@@ -1,16 +1,19 @@
-"""Record and plan mode: ``RecordedSandbox`` and the process-wide recording.
+"""Record and plan mode: the record transport and the process-wide recording.
 
-In record/plan mode ``mvm.Sandbox.create(...)`` returns a :class:`RecordedSandbox`.
-It offers the live ``Sandbox``'s surface; each call is validated exactly as the
-live path validates it (the same SDK helpers) and appended, in order, to the
-process's :class:`Recording`. Nothing boots and no sandbox state is created.
+In record/plan mode ``mvm.Sandbox.create(...)`` (and ``mvm.AsyncSandbox.create``)
+returns the same class as in live mode, talking to a :class:`RecordTransport`
+instead of a supervisor: the mode only picks the transport (:mod:`mvm.sdk.transport`).
+The SDK builds and checks its wire requests exactly as it does live; the record
+transport checks what the supervisor would check, appends each request, in order and
+in the IR's vocabulary, to the process's :class:`Recording`, and answers with a
+recorded result. Nothing boots and no sandbox state is created.
 
 * ``commands.run`` returns ``CommandResult(recorded=True, exit_code=None, ...)``:
   no exit code is invented.
-* ``commands.start`` returns a :class:`RecordedProcess` (``pid`` is ``None``).
+* ``commands.start`` returns a ``Process`` whose ``pid`` is ``None`` (``recorded``).
 * Reads (``files.read/list/stat/exists``, ``logs``, a process's output or exit
-  code) raise :class:`~mvm.errors.NotAvailableInRecordMode` naming the call: a
-  sandbox that never existed has nothing to read.
+  code, port forwards) raise :class:`~mvm.errors.NotAvailableInRecordMode` naming
+  the SDK call: a sandbox that never existed has nothing to read.
 * Secret references are recorded by name only; their values are never looked up.
 
 Events are plain JSON objects, already in the IR's operation vocabulary
@@ -27,34 +30,31 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import errors
-from ..backends import backend_names
-from ..spec import NetworkPolicy, Resources
 from ..durations import parse_duration
-from ..sdk import sandbox as _live
-from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES, check_run_limits
-from ..sdk.commands import _SIGNALS
-from ..sdk.files import absolute_path as _absolute
-from ..sdk.includes import GUEST_ROOT, collect_includes
-from ..sdk.models import CommandResult, FileEntry, LogEvent, ProcessInfo, SandboxInfo
-from ..snapshots.model import Snapshot
+from ..protocol.requests import check_run_limits
+from ..sdk.commands import STDIN_STAGING_DIR
+from ..sdk.files import absolute_path
+from ..sdk.includes import GUEST_ROOT
 from ..security.secrets import SecretRef
+
+if TYPE_CHECKING:
+    from ..sdk.sandbox import CreateRequest
 
 __all__ = [
     "RECORDED_MODES",
     "RECORDING_ENV",
-    "RecordedCommands",
-    "RecordedFiles",
-    "RecordedProcess",
-    "RecordedSandbox",
+    "AsyncRecordTransport",
+    "RecordTransport",
     "Recording",
     "current_recording",
     "encode_env",
+    "not_available",
     "reset_recording",
 ]
 
@@ -217,421 +217,325 @@ def _caller() -> str | None:
     return None
 
 
-def _not_available(call: str, mode: str, hint: str) -> NoReturn:
+_SDK_DIR = _PACKAGE_DIR + "sdk" + os.sep
+#: SDK classes a script reaches as attributes (``sandbox.files``...), and the async twins
+#: named as their sync class, so an error names the call the same way in both.
+_CALL_OWNERS = {
+    "Commands": "commands", "Files": "files", "Ports": "ports", "Network": "network",
+    "AsyncCommands": "commands", "AsyncFiles": "files", "AsyncPorts": "ports", "AsyncNetwork": "network",
+    "AsyncSandbox": "Sandbox", "AsyncProcess": "Process",
+}
+
+
+def public_call() -> str:
+    """The SDK call the script made (``files.read_text``, ``Process.exit_code``, ...): the
+    outermost ``mvm.sdk`` frame below the script's own (coroutine frames chain the same way)."""
+    frame: FrameType | None = sys._getframe(1)
+    name = "Sandbox"
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_SDK_DIR):
+            owner, _, method = frame.f_code.co_qualname.rpartition(".")
+            name = f"{_CALL_OWNERS.get(owner, owner)}.{method}"
+        elif not filename.startswith(_PACKAGE_DIR) and not filename.startswith("<"):
+            break
+        frame = frame.f_back
+    return name
+
+
+def not_available(call: str, mode: str, hint: str) -> NoReturn:
     raise errors.NotAvailableInRecordMode(
         f"{call} is not available in {mode} mode: nothing runs while a script is recorded, "
         f"so there is no sandbox to read from; {hint}", call=call, mode=mode)
 
 
-def _recorded_mode() -> str:
-    mode = os.environ.get("MVM_MODE")
-    return mode if mode in RECORDED_MODES else "record"
-
-
 def _check_mode_bits(mode: Any, field: str = "mode") -> int:
+    """What the guest agent accepts as a file mode (it refuses the rest the same way)."""
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
         raise errors.InvalidArgument(field, f"{mode!r} is not a file mode", allowed="0..0o7777, e.g. 0o644")
     return mode
 
 
-def _bytes_of(data: Any, field: str) -> bytes:
-    if isinstance(data, str):
-        return data.encode()
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    raise errors.InvalidArgument(field, f"{type(data).__name__} is not bytes or str")
+def _ir_env(args: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """A command request's env in IR form: its literals, and its secrets by name
+    (a recorded request never carries secret values: ``secret_names`` maps key -> name)."""
+    names = dict(args.get("secret_names") or {})
+    env: dict[str, str | SecretRef] = {k: v for k, v in (args.get("env") or {}).items() if k not in names}
+    env.update({key: SecretRef(name) for key, name in names.items()})
+    return encode_env(env)
 
 
-# ---- the sandbox -----------------------------------------------------------------------
+# ---- the record transport --------------------------------------------------------------
+
+_FILES_HINT = "a recorded sandbox has no files yet (read them from a live sandbox, e.g. `mvmctl fs read`)"
+_PROCESS_HINT = ("a recorded process never ran, so it has no exit code or output (use commands.run in live "
+                 "mode, or `mvmctl proc` on a live sandbox)")
+_NETWORK_HINT = ("port forwards and policy updates act on a running sandbox: use them in live mode "
+                 "(mvmctl run --mode live), or `mvmctl port forward` / `mvmctl network update` on a live one")
+#: Ops that need a live answer, with the hint of their NotAvailableInRecordMode error.
+_UNAVAILABLE = {
+    "fs.read": _FILES_HINT,
+    "fs.list": "a recorded sandbox has no files yet (`mvmctl fs ls` on a live one)",
+    "fs.stat": "a recorded sandbox has no files yet (`mvmctl fs stat` on a live one)",
+    "sandbox.logs": "read logs of a live sandbox with `mvmctl logs NAME`",
+    "proc.list": "list processes of a live sandbox with `mvmctl proc ls NAME`",
+    "proc.wait": _PROCESS_HINT,
+    "proc.attach": _PROCESS_HINT,
+    "port.forward": _NETWORK_HINT,
+    "port.list": _NETWORK_HINT,
+    "port.close": _NETWORK_HINT,
+    "network.update": _NETWORK_HINT,
+}
+_NO_PROCESSES_HINT = "a recorded sandbox has no running processes to attach to"
 
 
-class RecordedSandbox:
-    """What ``mvm.Sandbox.create`` returns in record/plan mode: same surface, nothing boots.
+class RecordTransport:
+    """The transport of a sandbox created in record/plan mode (see :mod:`mvm.sdk.transport`).
 
-    >>> with mvm.Sandbox.create("python-3.13", mode="record") as sandbox:
-    ...     sandbox.commands.run(["python", "-V"]).recorded
-    True
+    ``Sandbox``, ``Commands``, ``Files`` and ``Process`` send it the wire requests they
+    send a live supervisor. It checks what the supervisor would check, appends each
+    request to the recording in the IR's vocabulary, and answers like the supervisor
+    with recorded results (``recorded: true``, no exit code, no pid: a started process
+    is named by its index, ``{"process": i}``). A request that needs a live answer
+    raises :class:`~mvm.errors.NotAvailableInRecordMode` naming the SDK call.
     """
 
-    recorded = True
-
-    def __init__(self, recording: Recording, index: int, mode: str, spec: dict[str, Any]):
-        self._recording = recording
-        self._index = index
+    def __init__(self, recording: Recording, index: int, mode: str, describe: dict[str, Any]):
+        self.recording = recording
+        self.index = index
         self.mode = mode
-        self._spec = spec
-        self.id = f"recorded-{index + 1}"
-        self.name = spec["name"] or _live._default_name(spec["workload_id"], f"sb-recorded-{index + 1}")
-        self._state = "running"
-        self._destroyed = False
-        self._processes = 0
+        self.sandbox_id: str = describe["id"]
+        self.name: str = describe["name"]
+        self._describe = describe
+        self._processes: list[bool] = []  # per recorded process: started with stdin=True
         self._snapshots = 0
-        self.commands = RecordedCommands(self)
-        self.files = RecordedFiles(self)
-        self.ports = RecordedNetworkOps(self, "ports")
-        self.network = RecordedNetworkOps(self, "network")
-
-    def __repr__(self) -> str:
-        return f"<RecordedSandbox {self.name} ({self.mode} mode)>"
-
-    # ---- creation and discovery ----
+        self._writes: dict[str, tuple[dict[str, Any], bytearray]] = {}  # handle -> chunked fs.write
+        self._staged: dict[str, bytes] = {}  # a run's stdin staged as a guest file: it is the run's stdin
+        self._destroyed = False
 
     @classmethod
-    def create(
-        cls,
-        template: str = "python-3.13",
-        *,
-        mode: str = "record",
-        name: str | None = None,
-        workload_id: str | None = None,
-        ttl: str | int | float | None = _live.DEFAULT_TTL,
-        include: Sequence[str] | None = None,
-        resources: Resources | None = None,
-        network: NetworkPolicy | None = None,
-        env: Mapping[str, str | SecretRef] | None = None,
-        backend: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        from_snapshot: str | None = None,
-    ) -> RecordedSandbox:
-        """Validate like ``Sandbox.create`` and record the creation; nothing boots."""
+    def open(cls, mode: str, request: CreateRequest, default_name: Callable[[str], str]) -> RecordTransport:
+        """Record ``request`` as a ``sandbox.create`` (included files stored by sha256)."""
         if mode not in RECORDED_MODES:
             raise errors.InvalidArgument("mode", f"{mode!r} is not a recording mode", allowed=list(RECORDED_MODES))
-        from ..templates import check_template  # what ensure_template checks a name with, without building
-
-        spec = _live._validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
-                                     network=network, env=env, tags=tags, template_check=check_template)
-        files = collect_includes(include or [], base_dir=_live.script_dir())
-        if backend is not None and backend not in backend_names():
-            raise errors.InvalidArgument("backend", f"unknown backend {backend!r}", allowed=backend_names())
-        if from_snapshot is not None and (not isinstance(from_snapshot, str) or not from_snapshot.strip()):
-            raise errors.InvalidArgument("from_snapshot", f"{from_snapshot!r} must be a snapshot id or name")
         recording = current_recording()
-        by_path = {guest_path: (data, mode_bits) for guest_path, data, mode_bits in files}
+        by_path = {guest_path: (data, mode_bits) for guest_path, data, mode_bits in request.files}
         included = []
         for guest_path in sorted(by_path):
             data, mode_bits = by_path[guest_path]
             included.append({"path": guest_path[len(GUEST_ROOT) + 1:], "size": len(data),
                              "sha256": recording.store(data), "mode": mode_bits})
-        resolved = spec["resources"]
-        policy = spec["network"]
         index = recording.new_sandbox()
         recording.append({
             "op": "sandbox.create", "sandbox": index, "mode": mode, "at": _caller(),
-            "template": template, "name": name, "workload_id": workload_id, "backend": backend,
-            "resources": resolved.to_json(),
-            "network": {"mode": policy.mode, "allow": list(policy.allow), "allow_wildcards": policy.allow_wildcards},
-            "ttl_seconds": spec["ttl_seconds"], "tags": dict(tags or {}), "from_snapshot": from_snapshot,
-            "env": encode_env(dict(env or {})),
-            "include": {"guest_root": GUEST_ROOT, "paths": list(include or []), "files": included},
+            "template": request.template, "name": request.name, "workload_id": request.workload_id,
+            "backend": request.backend, "resources": request.resources.to_json(),
+            "network": request.network.to_json(), "ttl_seconds": request.ttl_seconds, "tags": dict(request.tags),
+            "from_snapshot": request.from_snapshot, "env": encode_env(dict(request.env)),
+            "include": {"guest_root": GUEST_ROOT, "paths": list(request.include), "files": included},
         })
-        return cls(recording, index, mode, {**spec, "template": template, "workload_id": workload_id,
-                                             "backend": backend, "tags": dict(tags or {})})
+        sandbox_id = f"recorded-{index + 1}"
+        describe = {
+            "id": sandbox_id, "name": request.name or default_name(f"sb-{sandbox_id}"), "state": "running",
+            "template": request.template, "backend": request.backend or "", "isolation": "",
+            "resources": request.resources.to_json(), "network": request.network.to_json(),
+            "created_at": 0.0, "expires_at": None, "workload_id": request.workload_id,
+            "details": {"mode": mode, "recorded": True, "ttl_seconds": request.ttl_seconds,
+                        "tags": dict(request.tags)},
+        }
+        return cls(recording, index, mode, describe)
 
-    @classmethod
-    def connect(cls, name_or_id: str) -> NoReturn:
-        _not_available("Sandbox.connect", _recorded_mode(), "a recording can only describe sandboxes the "
-                       "script creates (connect to a running one in live mode)")
+    def __repr__(self) -> str:
+        return f"<RecordTransport {self.name} ({self.mode} mode)>"
 
-    @classmethod
-    def list(cls) -> NoReturn:
-        _not_available("Sandbox.list", _recorded_mode(), "list running sandboxes with `mvmctl ls`")
+    # ---- the Transport shape ----
 
-    # ---- plumbing ----
-
-    def _record(self, op: str, **fields: Any) -> dict[str, Any]:
+    def call(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"", *,
+             on_data: Callable[[str, bytes], None] | None = None,
+             timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        args = dict(args or {})
+        if op in _UNAVAILABLE:
+            not_available(public_call(), self.mode, _UNAVAILABLE[op])
+        if op == "proc.info":  # a recorded process has no info; commands.connect(pid) has nothing to attach to
+            not_available(public_call(), self.mode, _PROCESS_HINT if "process" in args else _NO_PROCESSES_HINT)
+        if op == "sandbox.describe":
+            return self._info(), b""
         if self._destroyed:
             raise errors.InvalidState(f"sandbox {self.name} was destroyed", state="destroyed")
-        return self._recording.append({"op": op, "sandbox": self._index, "at": _caller(), **fields})
+        handler = getattr(self, "_" + op.replace(".", "_"), None)
+        if handler is None:
+            raise errors.UnknownOp(f"{op} cannot be recorded")
+        result: dict[str, Any] = handler(args, payload)
+        return result, b""
 
-    def _unavailable(self, call: str, hint: str) -> NoReturn:
-        _not_available(call, self.mode, hint)
+    def stream(self, op: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, bytes]]:
+        not_available(public_call(), self.mode, _UNAVAILABLE.get(op, _PROCESS_HINT))
 
-    # ---- information ----
+    def close(self) -> None:
+        """Nothing to disconnect from."""
 
-    def describe(self) -> SandboxInfo:
-        """What was asked for (state ``recorded``): the limits and policy, no backend facts."""
-        resources = self._spec["resources"].to_json()
-        policy = self._spec["network"]
-        return SandboxInfo(
-            id=self.id, name=self.name, state="destroyed" if self._destroyed else self._state,
-            template=self._spec["template"], backend=self._spec["backend"] or "", isolation="",
-            resources=resources,
-            network={"mode": policy.mode, "allow": list(policy.allow), "allow_wildcards": policy.allow_wildcards},
-            created_at=0.0, expires_at=None, workload_id=self._spec["workload_id"],
-            details={"mode": self.mode, "recorded": True, "ttl_seconds": self._spec["ttl_seconds"],
-                     "tags": self._spec["tags"]},
-        )
+    # ---- ops (``_`` + the op name with dots as underscores) ----
 
-    @property
-    def state(self) -> str:
-        return self.describe().state
+    def _record(self, op: str, **fields: Any) -> dict[str, Any]:
+        return self.recording.append({"op": op, "sandbox": self.index, "at": _caller(), **fields})
 
-    def logs(self, *, follow: bool = False, tail: int | None = None, since: float | None = None,
-             redact: bool = True) -> Iterator[LogEvent]:
-        self._unavailable("Sandbox.logs", "read logs of a live sandbox with `mvmctl logs NAME`")
+    def _info(self) -> dict[str, Any]:
+        return {**self._describe, "state": "destroyed" if self._destroyed else self._describe["state"]}
 
-    # ---- lifecycle ----
-
-    def _transition(self, op: str, state: str, **fields: Any) -> SandboxInfo:
+    def _transition(self, op: str, state: str, **fields: Any) -> dict[str, Any]:
         self._record(op, **fields)
-        self._state = state
-        return self.describe()
+        self._describe["state"] = state
+        return self._info()
 
-    def stop(self) -> SandboxInfo:
+    def _exec_run(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._refuse_user(args)
+        check_run_limits(args)
+        stdin = self._staged.pop(args["stdin_path"]) if args.get("stdin_path") in self._staged else payload
+        self._record("commands.run", argv=args["argv"], env=_ir_env(args), cwd=args.get("cwd"),
+                     timeout_seconds=args.get("timeout_seconds"), max_output_bytes=args.get("max_output_bytes"),
+                     stdin_sha256=self.recording.store(stdin) if stdin else None, check=bool(args.get("check")),
+                     auto_resume=bool(args.get("auto_resume")))
+        return {"recorded": True, "exit_code": None, "duration_seconds": 0.0, "pid": None}
+
+    def _proc_start(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._refuse_user(args)
+        index = len(self._processes)
+        self._record("commands.start", argv=args["argv"], env=_ir_env(args), cwd=args.get("cwd"),
+                     stdin=bool(args.get("stdin")), auto_resume=bool(args.get("auto_resume")), process=index)
+        self._processes.append(bool(args.get("stdin")))
+        return {"recorded": True, "pid": None, "process": index}
+
+    def _refuse_user(self, args: dict[str, Any]) -> None:
+        if args.get("user") is not None:  # workload-v1 has no field for it: recording would drop it
+            not_available(public_call(), self.mode, "the workload IR has no user field; run a command as "
+                          "another user in live mode")
+
+    def _process(self, args: dict[str, Any]) -> int:
+        index = args.get("process")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self._processes):
+            raise errors.InvalidArgument("process", f"{index!r} is not a process this recording started")
+        return index
+
+    def _proc_signal(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        index = self._process(args)
+        self._record("process.signal", process=index, signal=args["signal"], group=bool(args.get("group", True)))
+        return {}
+
+    def _proc_stdin(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        index = self._process(args)
+        if not self._processes[index]:
+            raise errors.InvalidState("the process was not started with stdin=True", state="no-stdin")
+        if args.get("eof"):
+            self._record("process.close_stdin", process=index)
+        else:
+            self._record("process.stdin", process=index, sha256=self.recording.store(payload), size=len(payload))
+        return {}
+
+    def _fs_write(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        path = absolute_path(args.get("path"))  # type: ignore[arg-type]
+        mode = _check_mode_bits(args.get("mode", 0o644))
+        if path.startswith(STDIN_STAGING_DIR + "/"):  # the SDK stages a large run stdin: it is the run's stdin
+            self._staged[path] = payload
+        else:
+            self._record("files.write", path=path, sha256=self.recording.store(payload), size=len(payload),
+                         mode=mode, make_parents=bool(args.get("make_parents", True)))
+        entry = {"name": path.rstrip("/").rsplit("/", 1)[-1], "path": path, "type": "file", "size": len(payload),
+                 "mode": mode, "mtime": 0.0}
+        return {"recorded": True, "size": len(payload), "entry": entry}
+
+    def _fs_write_begin(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        absolute_path(args.get("path"))  # type: ignore[arg-type]
+        _check_mode_bits(args.get("mode", 0o644))
+        handle = f"w{len(self._writes) + 1}"
+        self._writes[handle] = (args, bytearray())
+        return {"handle": handle}
+
+    def _fs_write_chunk(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._writes[args["handle"]][1].extend(payload)
+        return {}
+
+    def _fs_write_end(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        begun, data = self._writes.pop(args["handle"])
+        if not args.get("commit"):
+            return {"committed": False}
+        return {**self._fs_write(begun, bytes(data)), "committed": True}
+
+    def _fs_mkdir(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        path = absolute_path(args.get("path"))  # type: ignore[arg-type]
+        self._record("files.mkdir", path=path, parents=bool(args.get("parents", True)),
+                     mode=_check_mode_bits(args.get("mode", 0o755)))
+        return {}
+
+    def _fs_remove(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        path = absolute_path(args.get("path"))  # type: ignore[arg-type]
+        if self._staged.pop(path, None) is None:  # a staged stdin whose run was refused is simply dropped
+            self._record("files.remove", path=path, recursive=bool(args.get("recursive")))
+        return {}
+
+    def _fs_move(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._record("files.move", src=args["src"], dst=args["dst"], overwrite=bool(args.get("overwrite")))
+        return {}
+
+    def _sandbox_stop(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         return self._transition("sandbox.stop", "stopped")
 
-    def start(self) -> SandboxInfo:
+    def _sandbox_start(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         return self._transition("sandbox.start", "running")
 
-    def pause(self) -> SandboxInfo:
+    def _sandbox_pause(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         return self._transition("sandbox.pause", "paused")
 
-    def resume(self, snapshot: str | Snapshot | None = None) -> SandboxInfo:
+    def _sandbox_resume(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        snap_id = args.get("snapshot")
         ref: dict[str, Any] | None
-        snap_id = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
         if snap_id is None:
             ref = None
         elif not isinstance(snap_id, str) or not snap_id:
-            raise errors.InvalidArgument("snapshot", f"{snapshot!r} is not a snapshot", allowed="a Snapshot or its id")
-        elif snap_id.startswith(f"{self.id}-snapshot-"):
+            raise errors.InvalidArgument("snapshot", f"{snap_id!r} is not a snapshot", allowed="a Snapshot or its id")
+        elif snap_id.startswith(f"{self.sandbox_id}-snapshot-"):
             ref = {"recorded": int(snap_id.rsplit("-", 1)[1]) - 1}
         else:
             ref = {"id": snap_id}
         return self._transition("sandbox.resume", "running", snapshot=ref)
 
-    def snapshot(self, name: str | None = None, *, expires: str | int | None = None, keep: bool = False) -> Snapshot:
+    def _sandbox_snapshot(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        name, expires, keep = args.get("name"), args.get("expires"), bool(args.get("keep"))
         expires_seconds = None if expires is None else parse_duration(expires, field="expires")
         if name is not None and (not isinstance(name, str) or not name):
             raise errors.InvalidArgument("name", f"{name!r} is not a snapshot name")
         index = self._snapshots
-        self._record("sandbox.snapshot", name=name, expires_seconds=expires_seconds, keep=bool(keep),
-                     snapshot=index)
+        self._record("sandbox.snapshot", name=name, expires_seconds=expires_seconds, keep=keep, snapshot=index)
         self._snapshots += 1
-        return Snapshot(id=f"{self.id}-snapshot-{index + 1}", name=name or f"snapshot-{index + 1}",
-                        sandbox_id=self.id, kind="recorded", created_at=0.0,
-                        expires_at=None, size_bytes=0, keep=bool(keep))
+        return {"id": f"{self.sandbox_id}-snapshot-{index + 1}", "name": name or f"snapshot-{index + 1}",
+                "sandbox_id": self.sandbox_id, "kind": "recorded", "created_at": 0.0, "expires_at": None,
+                "size_bytes": 0, "keep": keep}
 
-    def destroy(self) -> None:
-        """Recorded once; safe to call twice (like the live one)."""
-        if self._destroyed:
-            return
+    def _sandbox_destroy(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         self._record("sandbox.destroy")
         self._destroyed = True
-
-    def kill(self) -> None:
-        self.destroy()
-
-    def close(self) -> None:
-        """Nothing to disconnect from."""
-
-    def __enter__(self) -> RecordedSandbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
+        return {}
 
 
-# ---- commands --------------------------------------------------------------------------
+class AsyncRecordTransport:
+    """:class:`RecordTransport` awaited (``AsyncSandbox`` in record/plan mode). Recording
+    never waits on anything, so each call runs inline: the order of the recording is
+    the order in which the script's tasks made their calls."""
 
-
-class RecordedCommands:
-    """``sandbox.commands`` in record/plan mode."""
-
-    def __init__(self, sandbox: RecordedSandbox):
-        self._sandbox = sandbox
-
-    def run(
-        self,
-        argv: Sequence[str] | str,
-        *,
-        env: Mapping[str, Any] | None = None,
-        cwd: str | None = None,
-        timeout_seconds: float | None = 60,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
-        stdin: bytes | str | None = None,
-        check: bool = False,
-        on_stdout: Any = None,
-        on_stderr: Any = None,
-        redact: bool = True,
-        auto_resume: bool = False,
-    ) -> CommandResult:
-        """Record the command; the result says ``recorded=True`` and has no exit code."""
-        argv, env = _live.validate_command(argv, env, cwd)
-        check_run_limits({"timeout_seconds": timeout_seconds, "max_output_bytes": max_output_bytes})
-        payload = _bytes_of(stdin, "stdin") if stdin is not None else b""
-        sb = self._sandbox
-        stdin_sha = sb._recording.store(payload) if payload else None
-        sb._record("commands.run", argv=argv, env=encode_env(env), cwd=cwd, timeout_seconds=timeout_seconds,
-                   max_output_bytes=max_output_bytes, stdin_sha256=stdin_sha, check=bool(check),
-                   auto_resume=bool(auto_resume))
-        return CommandResult(exit_code=None, stdout="", stderr="", audit_id=None, duration_seconds=0.0,
-                             recorded=True)
-
-    def start(
-        self,
-        argv: Sequence[str] | str,
-        *,
-        env: Mapping[str, Any] | None = None,
-        cwd: str | None = None,
-        stdin: bool = False,
-        auto_resume: bool = False,
-    ) -> RecordedProcess:
-        """Record the start; returns a handle whose ``pid`` is ``None``."""
-        argv, env = _live.validate_command(argv, env, cwd)
-        sb = self._sandbox
-        index = sb._processes
-        sb._record("commands.start", argv=argv, env=encode_env(env), cwd=cwd, stdin=bool(stdin),
-                   auto_resume=bool(auto_resume), process=index)
-        sb._processes += 1
-        return RecordedProcess(sb, index, argv, bool(stdin))
-
-    def connect(self, pid: int) -> NoReturn:
-        self._sandbox._unavailable("commands.connect", "a recorded sandbox has no running processes to attach to")
-
-    def list(self) -> NoReturn:
-        self._sandbox._unavailable("commands.list", "list processes of a live sandbox with `mvmctl proc ls NAME`")
-
-
-class RecordedProcess:
-    """A process ``commands.start`` recorded. Signals and stdin are recorded; anything that
-    would need the real process (its exit code, output, info) raises ``NotAvailableInRecordMode``."""
-
-    pid: int | None = None
-    audit_id: str | None = None
-    recorded = True
-
-    def __init__(self, sandbox: RecordedSandbox, index: int, argv: list[str], stdin: bool):
-        self._sandbox = sandbox
-        self.index = index
-        self.argv = argv
-        self._stdin = stdin
+    def __init__(self, transport: RecordTransport):
+        self.transport = transport
 
     def __repr__(self) -> str:
-        return f"<RecordedProcess #{self.index + 1} argv={self.argv!r}>"
+        return f"<AsyncRecordTransport {self.transport.name} ({self.transport.mode} mode)>"
 
-    def _unavailable(self, call: str) -> NoReturn:
-        self._sandbox._unavailable(f"Process.{call}", "a recorded process never ran, so it has no exit code "
-                                   "or output (use commands.run in live mode, or `mvmctl proc` on a live sandbox)")
+    async def call(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"", *,
+                   on_data: Callable[[str, bytes], None] | None = None,
+                   timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        return self.transport.call(op, args, payload, on_data=on_data, timeout=timeout)
 
-    def wait(self, timeout: float | None = None) -> int:
-        self._unavailable("wait")
+    async def stream(self, op: str, args: dict[str, Any] | None = None, *,
+                     idle_timeout: float | None = None) -> AsyncIterator[tuple[str, bytes]]:
+        for item in self.transport.stream(op, args):  # raises NotAvailableInRecordMode
+            yield item
 
-    @property
-    def exit_code(self) -> int | None:
-        self._unavailable("exit_code")
-
-    def is_running(self) -> bool:
-        self._unavailable("is_running")
-
-    def info(self) -> ProcessInfo:
-        self._unavailable("info")
-
-    def output(self, *, replay: bool = True) -> Iterator[tuple[str, str]]:
-        self._unavailable("output")
-
-    @property
-    def stdout(self) -> Iterator[str]:
-        self._unavailable("stdout")
-
-    @property
-    def stderr(self) -> Iterator[str]:
-        self._unavailable("stderr")
-
-    def signal(self, sig: str | int = "TERM", *, group: bool = True) -> None:
-        if isinstance(sig, str) and sig.upper().removeprefix("SIG") not in _SIGNALS:
-            raise errors.InvalidArgument("signal", f"unknown signal {sig!r}", allowed=sorted(_SIGNALS))
-        if not isinstance(sig, str) and (isinstance(sig, bool) or not isinstance(sig, int) or not 0 < sig < 65):
-            raise errors.InvalidArgument("signal", f"{sig!r} is not a signal", allowed=sorted(_SIGNALS))
-        name: str | int = sig.upper().removeprefix("SIG") if isinstance(sig, str) else int(sig)
-        self._sandbox._record("process.signal", process=self.index, signal=name, group=bool(group))
-
-    def kill(self) -> None:
-        self.signal("KILL")
-
-    def send_stdin(self, data: bytes | str) -> None:
-        if not self._stdin:
-            raise errors.InvalidState("the process was not started with stdin=True", state="no-stdin")
-        raw = _bytes_of(data, "data")
-        sb = self._sandbox
-        sb._record("process.stdin", process=self.index, sha256=sb._recording.store(raw), size=len(raw))
-
-    def close_stdin(self) -> None:
-        if not self._stdin:
-            raise errors.InvalidState("the process was not started with stdin=True", state="no-stdin")
-        self._sandbox._record("process.close_stdin", process=self.index)
-
-
-# ---- files -----------------------------------------------------------------------------
-
-
-class RecordedFiles:
-    """``sandbox.files`` in record/plan mode: writes are recorded, reads raise."""
-
-    _READ_HINT = "a recorded sandbox has no files yet (read them from a live sandbox, e.g. `mvmctl fs read`)"
-
-    def __init__(self, sandbox: RecordedSandbox):
-        self._sandbox = sandbox
-
-    def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> FileEntry:
-        path = _absolute(path)
-        raw = _bytes_of(data, "data")
-        _check_mode_bits(mode)
-        sb = self._sandbox
-        digest = sb._recording.store(raw)
-        sb._record("files.write", path=path, sha256=digest, size=len(raw), mode=mode, make_parents=bool(make_parents))
-        return FileEntry(name=path.rstrip("/").rsplit("/", 1)[-1], path=path, type="file", size=len(raw),
-                         mode=mode, mtime=0.0)
-
-    def read(self, path: str, *, max_bytes: int = 0) -> bytes:
-        _absolute(path)
-        self._sandbox._unavailable("files.read", self._READ_HINT)
-
-    def read_text(self, path: str, *, encoding: str = "utf-8", max_bytes: int = 0) -> str:
-        _absolute(path)
-        self._sandbox._unavailable("files.read_text", self._READ_HINT)
-
-    def list(self, path: str = "/") -> list[FileEntry]:
-        _absolute(path)
-        self._sandbox._unavailable("files.list", "a recorded sandbox has no files yet (`mvmctl fs ls` on a live one)")
-
-    def stat(self, path: str) -> FileEntry:
-        _absolute(path)
-        self._sandbox._unavailable("files.stat", "a recorded sandbox has no files yet (`mvmctl fs stat` on a live one)")
-
-    def exists(self, path: str) -> bool:
-        _absolute(path)
-        self._sandbox._unavailable("files.exists",
-                                   "a recorded sandbox has no files yet (`mvmctl fs stat` on a live one)")
-
-    def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
-        path = _absolute(path)
-        _check_mode_bits(mode)
-        self._sandbox._record("files.mkdir", path=path, parents=bool(parents), mode=mode)
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self._sandbox._record("files.remove", path=_absolute(path), recursive=bool(recursive))
-
-    def move(self, src: str, dst: str, *, overwrite: bool = False) -> None:
-        self._sandbox._record("files.move", src=_absolute(src), dst=_absolute(dst), overwrite=bool(overwrite))
-
-
-class RecordedNetworkOps:
-    """``sandbox.ports`` / ``sandbox.network`` in record/plan mode: a forward or a policy
-    change needs a running sandbox, so each call says so (the policy given to
-    ``Sandbox.create`` is part of the recording already)."""
-
-    _HINT = ("port forwards and policy updates act on a running sandbox: use them in live mode "
-             "(mvmctl run --mode live), or `mvmctl port forward` / `mvmctl network update` on a live one")
-
-    def __init__(self, sandbox: RecordedSandbox, name: str):
-        self._sandbox = sandbox
-        self._name = name
-
-    def __getattr__(self, call: str) -> Any:
-        if call.startswith("_"):
-            raise AttributeError(call)
-
-        def unavailable(*args: Any, **kwargs: Any) -> NoReturn:
-            self._sandbox._unavailable(f"{self._name}.{call}", self._HINT)
-
-        return unavailable
+    async def aclose(self) -> None:
+        """Nothing to disconnect from."""

@@ -7,7 +7,10 @@ the same functions the sync SDK uses (``sdk.commands``, ``sdk.files``, ``sdk.net
 
 ``create`` runs the blocking launch path (template build on first use, supervisor spawn,
 agent handshake) in a worker thread (``asyncio.to_thread``); ``list`` and ``connect``'s
-lookup read the state directory there too.
+lookup read the state directory there too. In record/plan mode ``create`` records like
+``Sandbox.create`` (inline: nothing blocks) and the handle's transport is the recording
+(:class:`mvm.modes.recording.AsyncRecordTransport`), so an async script compiles to the
+same IR as its sync twin.
 
 Cancellation: cancelling a task awaiting ``commands.run`` sends the request's ``cancel``
 frame; the supervisor kills the process's whole group and the call ends with
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +38,28 @@ from .commands import (
     OutputCallback,
     OutputCapture,
     StreamDecoder,
+    process_ref,
+    process_repr,
     run_options,
     signal_args,
+    started_process,
     stdin_payload,
 )
-from .files import DEFAULT_MAX_READ_BYTES, absolute_path, check_max_bytes, read_done
 from ..snapshots.model import Snapshot
+from .files import DEFAULT_MAX_READ_BYTES, absolute_path, check_max_bytes, payload_bytes, read_done, written_entry
 from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
 from .network import close_args, forward_args, update_args
-from .sandbox import DEFAULT_TTL, Sandbox, command_args, current_mode, log_event, resume_args, snapshot_args
+from .sandbox import (
+    DEFAULT_TTL,
+    Sandbox,
+    command_args,
+    current_mode,
+    live_only,
+    log_event,
+    resume_args,
+    snapshot_args,
+)
+from .transport import AsyncTransport
 
 
 class AsyncSandbox:
@@ -61,12 +77,17 @@ class AsyncSandbox:
         *,
         secret_values: dict[str, str] | None = None,
         on_behalf_of: dict[str, str] | None = None,
+        connect: Callable[[], Awaitable[AsyncTransport]] | None = None,
+        mode: str = "live",
     ):
         self.id = sandbox_id
         self.name = name
+        self.mode = mode
         self._directory = directory
         self._secret_values = dict(secret_values or {})
-        self._conn: AsyncSupervisorClient | None = None
+        self._conn: AsyncTransport | None = None
+        # How to reach the supervisor: its local socket, or (record/plan mode) the recording.
+        self._connect = connect or self._open_supervisor
         self._on_behalf_of = on_behalf_of
         self._connecting = asyncio.Lock()
         self._killed = False
@@ -101,10 +122,22 @@ class AsyncSandbox:
         """Create a sandbox (arguments as ``Sandbox.create``). The launch path blocks,
         so it runs in a worker thread; the returned handle is native asyncio."""
         mode = current_mode()
-        if mode != "live":  # record/plan of async scripts awaits the recording transport (sync SDK only now)
-            raise errors.NotAvailableInRecordMode(
-                f"AsyncSandbox runs live only; $MVM_MODE is {mode!r} (record/plan: use mvm.Sandbox)", mode=mode
+        if mode != "live":  # recorded inline (nothing blocks), by the one create path; same IR as sync
+            from ..modes.recording import AsyncRecordTransport, RecordTransport
+
+            recorded = Sandbox.create(
+                template, name=name, workload_id=workload_id, ttl=ttl, include=include, resources=resources,
+                network=network, env=env, backend=backend, mode=mode, tags=tags, from_snapshot=from_snapshot,
+                on_behalf_of=on_behalf_of, auto_pause=auto_pause,
             )
+            recording = recorded._client()
+            assert isinstance(recording, RecordTransport)
+            transport = AsyncRecordTransport(recording)
+
+            async def connect() -> AsyncTransport:
+                return transport
+
+            return cls(recorded.id, recorded.name, recorded._directory, connect=connect, mode=mode)
         sync = await asyncio.to_thread(
             Sandbox.create, template, name=name, workload_id=workload_id, ttl=ttl, include=include,
             resources=resources, network=network, env=env, backend=backend, mode="live", tags=tags,
@@ -117,6 +150,8 @@ class AsyncSandbox:
     @classmethod
     async def connect(cls, name_or_id: str) -> AsyncSandbox:
         """Attach to a running sandbox by name or id."""
+        live_only("Sandbox.connect", "a recording can only describe sandboxes the script creates "
+                  "(connect to a running one in live mode)")
         directory, record = await asyncio.to_thread(find_sandbox, name_or_id)
         sandbox = cls(record["id"], record["name"], directory)
         await sandbox._client()  # a dead supervisor raises SandboxNotFound here, as in Sandbox.connect's first call
@@ -125,20 +160,31 @@ class AsyncSandbox:
     @classmethod
     async def list(cls) -> list[SandboxInfo]:
         """Every running sandbox on this host (``Sandbox.list`` in a worker thread)."""
+        live_only("Sandbox.list", "list running sandboxes with `mvmctl ls`")
         return await asyncio.to_thread(Sandbox.list)
 
     # ---- plumbing ----------------------------------------------------------------
 
-    async def _client(self) -> AsyncSupervisorClient:
+    @property
+    def recorded(self) -> bool:
+        """True in record/plan mode: calls are recorded, nothing runs."""
+        return self.mode != "live"
+
+    async def _open_supervisor(self) -> AsyncTransport:
+        return await AsyncSupervisorClient.open(self._directory / CONTROL_SOCKET, on_behalf_of=self._on_behalf_of)
+
+    async def _client(self) -> AsyncTransport:
         if self._killed:
             raise errors.InvalidState(f"sandbox {self.name} was destroyed", state="destroyed")
         if self._conn is None:
             async with self._connecting:
                 if self._conn is None:
-                    self._conn = await AsyncSupervisorClient.open(
-                        self._directory / CONTROL_SOCKET, on_behalf_of=self._on_behalf_of
-                    )
+                    self._conn = await self._connect()
         return self._conn
+
+    def _secrets(self) -> dict[str, str] | None:
+        """Where resolved secret values go (``None`` in record/plan mode: never resolved)."""
+        return None if self.recorded else self._secret_values
 
     async def _call(
         self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"", **kwargs: Any
@@ -244,8 +290,9 @@ class AsyncCommands:
         """As ``Sandbox.commands.run``. Cancelling the awaiting task kills the process
         (its whole group) in the sandbox."""
         sandbox = self._sandbox
-        args = command_args(argv, env, cwd, user, sandbox._secret_values)
-        args.update(run_options(timeout_seconds, max_output_bytes, auto_resume, redact))
+        args = command_args(argv, env, cwd, user, sandbox._secrets())
+        args.update(run_options(timeout_seconds, max_output_bytes, auto_resume, redact,
+                                check if sandbox.recorded else None))
         payload, staged = stdin_payload(stdin)
         if staged is not None:  # too big for one frame: staged as a guest file the agent opens and unlinks
             await sandbox.files.write(staged, payload, mode=0o600)
@@ -275,10 +322,11 @@ class AsyncCommands:
         stdin: bool = False,
         auto_resume: bool = False,
     ) -> AsyncProcess:
-        args = command_args(argv, env, cwd, user, self._sandbox._secret_values)
+        args = command_args(argv, env, cwd, user, self._sandbox._secrets())
         args.update(stdin=stdin, auto_resume=auto_resume)
         result, _ = await self._sandbox._call("proc.start", args)
-        return AsyncProcess(self._sandbox, int(result["pid"]), audit_id=result.get("audit_id"), argv=list(args["argv"]))
+        pid, index = started_process(result)
+        return AsyncProcess(self._sandbox, pid, index, audit_id=result.get("audit_id"), argv=list(args["argv"]))
 
     async def connect(self, pid: int) -> AsyncProcess:
         info, _ = await self._sandbox._call("proc.info", {"pid": int(pid)})
@@ -292,20 +340,36 @@ class AsyncCommands:
 class AsyncProcess:
     """A process started in the sandbox (``await sandbox.commands.start(...)``)."""
 
-    def __init__(self, sandbox: AsyncSandbox, pid: int, *, audit_id: str | None = None, argv: list[str] | None = None):
+    def __init__(
+        self,
+        sandbox: AsyncSandbox,
+        pid: int | None,
+        recorded_index: int | None = None,
+        *,
+        audit_id: str | None = None,
+        argv: list[str] | None = None,
+    ):
         self._sandbox = sandbox
         self.pid = pid
+        self.index = recorded_index
         self.audit_id = audit_id
         self.argv = argv or []
         self._exit_code: int | None = None
 
+    @property
+    def recorded(self) -> bool:
+        return self.index is not None
+
     def __repr__(self) -> str:
-        return f"<AsyncProcess pid={self.pid} argv={self.argv!r}>"
+        return process_repr("AsyncProcess", self.pid, self.index, self.argv)
+
+    def _ref(self) -> dict[str, Any]:
+        return process_ref(self.pid, self.index)
 
     async def wait(self, timeout: float | None = None) -> int:
         """Its exit code (128+N if killed by signal N); ``CommandTimeout`` past ``timeout``."""
         if self._exit_code is None:
-            args: dict[str, Any] = {"pid": self.pid}
+            args: dict[str, Any] = self._ref()
             if timeout is not None:
                 args["timeout_seconds"] = timeout
             result, _ = await self._sandbox._call("proc.wait", args)
@@ -323,24 +387,24 @@ class AsyncProcess:
         return self._exit_code
 
     async def info(self) -> ProcessInfo:
-        return ProcessInfo.from_wire((await self._sandbox._call("proc.info", {"pid": self.pid}))[0])
+        return ProcessInfo.from_wire((await self._sandbox._call("proc.info", self._ref()))[0])
 
     async def is_running(self) -> bool:
         return await self.exit_code() is None
 
     async def signal(self, sig: str | int = "TERM", *, group: bool = True) -> None:
-        await self._sandbox._call("proc.signal", signal_args(self.pid, sig, group))
+        await self._sandbox._call("proc.signal", signal_args(self._ref(), sig, group))
 
     async def kill(self) -> None:
         await self.signal("KILL")
 
     async def send_stdin(self, data: bytes | str) -> None:
-        raw = data.encode() if isinstance(data, str) else data
+        raw = payload_bytes(data, "data")
         for start in range(0, len(raw), CHUNK_SIZE):
-            await self._sandbox._call("proc.stdin", {"pid": self.pid, "eof": False}, raw[start : start + CHUNK_SIZE])
+            await self._sandbox._call("proc.stdin", {**self._ref(), "eof": False}, raw[start : start + CHUNK_SIZE])
 
     async def close_stdin(self) -> None:
-        await self._sandbox._call("proc.stdin", {"pid": self.pid, "eof": True})
+        await self._sandbox._call("proc.stdin", {**self._ref(), "eof": True})
 
     async def output(self, *, replay: bool = True, idle_timeout: float | None = None) -> AsyncIterator[tuple[str, str]]:
         """``(stream, text)`` chunks as the process prints them, until it exits. With
@@ -348,7 +412,7 @@ class AsyncProcess:
         keeps running)."""
         client = await self._sandbox._client()
         decode = StreamDecoder(self._sandbox._redactor)
-        args = {"pid": self.pid, "replay": replay}
+        args = {**self._ref(), "replay": replay}
         async for stream, data in client.stream("proc.attach", args, idle_timeout=idle_timeout):
             text = decode(stream, data)
             if text:
@@ -381,19 +445,19 @@ class AsyncFiles:
 
     async def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> FileEntry:
         path = absolute_path(path)
-        raw = data.encode() if isinstance(data, str) else bytes(data)
+        raw = payload_bytes(data, "data")
         client = await self._sandbox._client()
         if len(raw) <= CHUNK_SIZE:
             args = {"path": path, "mode": mode, "make_parents": make_parents, "append": False}
-            await client.call("fs.write", args, raw)
-            return await self.stat(path)
+            answer, _ = await client.call("fs.write", args, raw)
+            return written_entry(answer) or await self.stat(path)
         result, _ = await client.call("fs.write_begin", {"path": path, "mode": mode, "make_parents": make_parents})
         handle = result["handle"]
         committed = False
         try:
             for start in range(0, len(raw), CHUNK_SIZE):
                 await client.call("fs.write_chunk", {"handle": handle}, raw[start : start + CHUNK_SIZE])
-            await client.call("fs.write_end", {"handle": handle, "commit": True})
+            answer, _ = await client.call("fs.write_end", {"handle": handle, "commit": True})
             committed = True
         finally:
             if not committed:
@@ -401,7 +465,7 @@ class AsyncFiles:
                     await asyncio.shield(client.call("fs.write_end", {"handle": handle, "commit": False}))
                 except errors.MvmError:
                     pass
-        return await self.stat(path)
+        return written_entry(answer) or await self.stat(path)
 
     async def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
         path = absolute_path(path)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .. import errors
 from ..protocol import CHUNK_SIZE
 from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES as DEFAULT_MAX_OUTPUT_BYTES  # the supervisor's default
+from .files import payload_bytes
 from .models import CommandResult, ProcessInfo
 
 if TYPE_CHECKING:
@@ -65,7 +66,8 @@ class Commands:
         >>> result.exit_code, result.stdout, result.audit_id
         """
         args = self._sandbox._command_args(argv, env, cwd, user)
-        args.update(run_options(timeout_seconds, max_output_bytes, auto_resume, redact))
+        args.update(run_options(timeout_seconds, max_output_bytes, auto_resume, redact,
+                                check if self._sandbox.recorded else None))
         payload, staged = stdin_payload(stdin)
         if staged is not None:  # too big for one frame: staged as a guest file the agent opens and unlinks
             self._sandbox.files.write(staged, payload, mode=0o600)
@@ -103,7 +105,8 @@ class Commands:
         args = self._sandbox._command_args(argv, env, cwd, user)
         args.update(stdin=stdin, auto_resume=auto_resume)
         result, _ = self._sandbox._client().call("proc.start", args)
-        return Process(self._sandbox, int(result["pid"]), audit_id=result.get("audit_id"), argv=list(args["argv"]))
+        pid, index = started_process(result)
+        return Process(self._sandbox, pid, index, audit_id=result.get("audit_id"), argv=list(args["argv"]))
 
     def connect(self, pid: int) -> Process:
         """A handle on a process started earlier (by this or another client)."""
@@ -120,23 +123,43 @@ _SIGNALS = {"TERM": _signal.SIGTERM, "KILL": _signal.SIGKILL, "INT": _signal.SIG
 
 
 class Process:
-    """A process started in the sandbox. Usable from any client that knows its pid."""
+    """A process started in the sandbox. Usable from any client that knows its pid.
 
-    def __init__(self, sandbox: Sandbox, pid: int, *, audit_id: str | None = None, argv: list[str] | None = None):
+    A process started in record/plan mode has ``pid=None`` and ``recorded=True``: its
+    signals and stdin are recorded, its exit code and output do not exist.
+    """
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        pid: int | None,
+        recorded_index: int | None = None,
+        *,
+        audit_id: str | None = None,
+        argv: list[str] | None = None,
+    ):
         self._sandbox = sandbox
         self.pid = pid
+        self.index = recorded_index
         self.audit_id = audit_id
         self.argv = argv or []
         self._exit: tuple[int | None, int | None] | None = None
 
+    @property
+    def recorded(self) -> bool:
+        return self.index is not None
+
     def __repr__(self) -> str:
-        return f"<Process pid={self.pid} argv={self.argv!r}>"
+        return process_repr("Process", self.pid, self.index, self.argv)
+
+    def _ref(self) -> dict[str, Any]:
+        return process_ref(self.pid, self.index)
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the process exits; returns its exit code (128+N if killed by signal N).
         Raises ``CommandTimeout`` if it is still running after ``timeout`` seconds."""
         if self._exit is None:
-            args: dict[str, Any] = {"pid": self.pid}
+            args: dict[str, Any] = self._ref()
             if timeout is not None:
                 args["timeout_seconds"] = timeout
             result, _ = self._sandbox._client().call("proc.wait", args)
@@ -158,12 +181,12 @@ class Process:
         return self.exit_code is None
 
     def info(self) -> ProcessInfo:
-        result, _ = self._sandbox._client().call("proc.info", {"pid": self.pid})
+        result, _ = self._sandbox._client().call("proc.info", self._ref())
         return ProcessInfo.from_wire(result)
 
     def signal(self, sig: str | int = "TERM", *, group: bool = True) -> None:
         """Send a signal to the process (and by default its whole process group)."""
-        args = signal_args(self.pid, sig, group)  # bad input is refused before connecting
+        args = signal_args(self._ref(), sig, group)  # bad input is refused before connecting
         self._sandbox._client().call("proc.signal", args)
 
     def kill(self) -> None:
@@ -172,28 +195,30 @@ class Process:
 
     def send_stdin(self, data: bytes | str) -> None:
         """Write to the process's stdin (it must have been started with ``stdin=True``)."""
-        raw = data.encode() if isinstance(data, str) else data
+        raw = payload_bytes(data, "data")
         for start in range(0, len(raw), CHUNK_SIZE):
-            self._sandbox._client().call("proc.stdin", {"pid": self.pid, "eof": False}, raw[start : start + CHUNK_SIZE])
+            self._sandbox._client().call("proc.stdin", {**self._ref(), "eof": False}, raw[start : start + CHUNK_SIZE])
 
     def close_stdin(self) -> None:
-        self._sandbox._client().call("proc.stdin", {"pid": self.pid, "eof": True})
+        self._sandbox._client().call("proc.stdin", {**self._ref(), "eof": True})
 
     def output(self, *, replay: bool = True) -> Iterator[tuple[str, str]]:
         """Yield ``(stream, text)`` chunks as the process prints them, until it exits.
         With ``replay`` the output printed before the call comes first."""
+        frames = self._sandbox._client().stream("proc.attach", {**self._ref(), "replay": replay})
+        return self._decoded(frames)  # requested now: record mode refuses at the call
+
+    def _decoded(self, frames: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:
         decode = StreamDecoder(self._sandbox._redactor)
-        for stream, data in self._sandbox._client().stream("proc.attach", {"pid": self.pid, "replay": replay}):
+        for stream, data in frames:
             text = decode(stream, data)
             if text:
                 yield stream, text
 
     def lines(self, which: str = "stdout") -> Iterator[str]:
         """Lines of ``which`` (``"stdout"`` or ``"stderr"``) from the process's start until it exits."""
-        lines = LineSplitter(which)
-        for stream, text in self.output():
-            yield from lines.feed(stream, text)
-        yield from lines.rest()
+        splitter = LineSplitter(which)  # a bad ``which`` and record mode refuse at the call
+        return _split_lines(self.output(), splitter)
 
     @property
     def stdout(self) -> Iterator[str]:
@@ -209,31 +234,55 @@ class Process:
 
 
 def run_options(
-    timeout_seconds: float | None, max_output_bytes: int, auto_resume: bool, redact: bool
+    timeout_seconds: float | None, max_output_bytes: int, auto_resume: bool, redact: bool, recorded_check: bool | None
 ) -> dict[str, Any]:
-    """The ``exec.run`` arguments besides the command itself."""
-    return {
+    """The ``exec.run`` arguments besides the command itself. ``check`` is the SDK's own
+    (the supervisor has no use for it, so live it is not sent); a recording keeps it in
+    the IR, so a recorded handle passes ``recorded_check`` and it travels as ``check``."""
+    options: dict[str, Any] = {
         "timeout_seconds": timeout_seconds,
         "max_output_bytes": max_output_bytes,
         "auto_resume": auto_resume,
         "redact": redact,
     }
+    if recorded_check is not None:
+        options["check"] = bool(recorded_check)
+    return options
+
+
+def started_process(result: dict[str, Any]) -> tuple[int | None, int | None]:
+    """``(pid, recorded index)`` of a ``proc.start`` answer (a recording names its process
+    by index and has no pid)."""
+    pid, index = result.get("pid"), result.get("process")
+    return (None if pid is None else int(pid)), (None if index is None else int(index))
+
+
+def process_ref(pid: int | None, index: int | None) -> dict[str, Any]:
+    """How requests name a process: its pid, or its index in a recording."""
+    return {"process": index} if index is not None else {"pid": pid}
+
+
+def process_repr(kind: str, pid: int | None, index: int | None, argv: list[str]) -> str:
+    if index is not None:
+        return f"<{kind} #{index + 1} (recorded) argv={argv!r}>"
+    return f"<{kind} pid={pid} argv={argv!r}>"
 
 
 def stdin_payload(stdin: bytes | str | None) -> tuple[bytes, str | None]:
     """``(bytes, staging path or None)``: stdin larger than one frame is staged as a guest file."""
-    payload = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+    payload = b"" if stdin is None else payload_bytes(stdin, "stdin")
     if len(payload) > CHUNK_SIZE:
         return payload, f"{STDIN_STAGING_DIR}/{secrets.token_hex(8)}"
     return payload, None
 
 
-def signal_args(pid: int, sig: str | int, group: bool) -> dict[str, Any]:
-    """``proc.signal`` arguments; an unknown signal name raises ``InvalidArgument``."""
+def signal_args(process: dict[str, Any], sig: str | int, group: bool) -> dict[str, Any]:
+    """``proc.signal`` arguments for ``process`` (:func:`process_ref`); an unknown signal
+    name raises ``InvalidArgument``."""
     if isinstance(sig, str) and sig.upper().removeprefix("SIG") not in _SIGNALS:
         raise errors.InvalidArgument("signal", f"unknown signal {sig!r}", allowed=sorted(_SIGNALS))
     name = sig.upper().removeprefix("SIG") if isinstance(sig, str) else int(sig)
-    return {"pid": pid, "signal": name, "group": group}
+    return {**process, "signal": name, "group": group}
 
 
 class StreamDecoder:
@@ -268,6 +317,12 @@ class LineSplitter:
     def rest(self) -> list[str]:
         rest, self._pending = self._pending, ""
         return [rest] if rest else []
+
+
+def _split_lines(chunks: Iterator[tuple[str, str]], lines: LineSplitter) -> Iterator[str]:
+    for stream, text in chunks:
+        yield from lines.feed(stream, text)
+    yield from lines.rest()
 
 
 class OutputCapture:
@@ -317,8 +372,9 @@ class OutputCapture:
             stdout_bytes=int(result.get("stdout_bytes", 0)),
             stderr_bytes=int(result.get("stderr_bytes", 0)),
             receipt_path=result.get("receipt_path"),
+            recorded=bool(result.get("recorded")),
         )
-        if check and command_result.exit_code != 0:
+        if check and not command_result.recorded and command_result.exit_code != 0:
             raise errors.CommandError(
                 f"command {list(args['argv'])!r} exited with {command_result.exit_code}: "
                 f"{command_result.stderr.strip()[-500:]}",

@@ -28,10 +28,11 @@ class Files:
         >>> sandbox.files.write("/app/main.py", "print('hello from mvm')")
         """
         path = absolute_path(path)
-        raw = data.encode() if isinstance(data, str) else bytes(data)
+        raw = payload_bytes(data, "data")
         client = self._sandbox._client()
         if len(raw) <= CHUNK_SIZE:
-            client.call("fs.write", {"path": path, "mode": mode, "make_parents": make_parents, "append": False}, raw)
+            args = {"path": path, "mode": mode, "make_parents": make_parents, "append": False}
+            answer, _ = client.call("fs.write", args, raw)
         else:
             result, _ = client.call("fs.write_begin", {"path": path, "mode": mode, "make_parents": make_parents})
             handle = result["handle"]
@@ -39,7 +40,7 @@ class Files:
             try:
                 for start in range(0, len(raw), CHUNK_SIZE):
                     client.call("fs.write_chunk", {"handle": handle}, raw[start : start + CHUNK_SIZE])
-                client.call("fs.write_end", {"handle": handle, "commit": True})
+                answer, _ = client.call("fs.write_end", {"handle": handle, "commit": True})
                 committed = True
             finally:
                 if not committed:
@@ -47,7 +48,7 @@ class Files:
                         client.call("fs.write_end", {"handle": handle, "commit": False})
                     except errors.MvmError:
                         pass
-        return self.stat(path)
+        return written_entry(answer) or self.stat(path)
 
     def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
         """Read a whole file; raises ``TooLarge`` if it holds more than ``max_bytes``.
@@ -109,6 +110,21 @@ def read_done(path: str, result: dict[str, Any], payload: bytes, offset: int, ma
             f"{path} is larger than max_bytes={max_bytes}", path=path, max_bytes=max_bytes, size=result.get("size")
         )
     return bool(result.get("eof")) or not payload
+
+
+def payload_bytes(data: Any, field: str) -> bytes:
+    """Bytes to send: ``bytes``-like as is, ``str`` as UTF-8; anything else (an ``int``
+    would become that many NULs) is refused naming ``field``."""
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise errors.InvalidArgument(field, f"{type(data).__name__} is not bytes or str")
+
+
+def written_entry(answer: dict[str, Any]) -> FileEntry | None:
+    """The entry a write's answer carries (a recording's does: it has nothing to stat)."""
+    return FileEntry.from_wire(answer["entry"]) if "entry" in answer else None
 
 
 def absolute_path(path: str) -> str:

@@ -7,11 +7,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
-from ..backends import choose_backend
+from ..backends import backend_names, choose_backend
 from ..durations import parse_duration
 from ..security.secrets import Redactor, SecretRef, resolve_secret
 from ..spec import (
@@ -21,6 +22,7 @@ from ..spec import (
     validate_env_names,
     validate_name,
     validate_on_behalf_of,
+    validate_snapshot_ref,
     validate_tags,
     validate_workload_id,
 )
@@ -70,11 +72,14 @@ class Sandbox:
         *,
         secret_values: dict[str, str] | None = None,
         connect: Callable[[], Transport] | None = None,
+        mode: str = "live",
     ):
         self.id = sandbox_id
         self.name = name
+        self.mode = mode
         self._directory = directory
-        # How to reach the supervisor: its local socket, or (mvm.cluster) a relay to its node.
+        # How to reach the supervisor: its local socket, (mvm.cluster) a relay to its node,
+        # or (record/plan mode) the recording.
         self._connect = connect or (lambda: SupervisorClient(directory / CONTROL_SOCKET))
         self._conn: Transport | None = None
         self._secret_values = dict(secret_values or {})  # secret name -> value, for redaction only
@@ -134,54 +139,31 @@ class Sandbox:
                 network=network, env=env, backend=backend, mode="live", tags=tags, from_snapshot=from_snapshot,
             )
             return sandbox
-        if resolved_mode != "live":
-            from ..modes.recording import RecordedSandbox
-
-            return RecordedSandbox.create(  # type: ignore[return-value]
-                template,
-                mode=resolved_mode,
-                name=name,
-                workload_id=workload_id,
-                ttl=ttl,
-                include=include,
-                resources=resources,
-                network=network,
-                env=env,
-                backend=backend,
-                tags=tags,
-                from_snapshot=from_snapshot,
-            )
         principal = validate_on_behalf_of(on_behalf_of)
-        if from_snapshot is not None and resources is None:
-            resources = snapshot_shape(from_snapshot)  # a restore takes the snapshot's shape unless asked
-        spec = _validated_spec(
-            template,
-            name=name,
-            workload_id=workload_id,
-            ttl=ttl,
-            resources=resources,
-            network=network,
-            env=env,
-            tags=tags,
+        request = create_request(
+            template, name=name, workload_id=workload_id, ttl=ttl, include=include, resources=resources,
+            network=network, env=env, backend=backend, tags=tags, from_snapshot=from_snapshot,
+            live=resolved_mode == "live",
         )
-        files = collect_includes(include or [], base_dir=script_dir())
+        if resolved_mode != "live":
+            return cls.recorded_by(resolved_mode, request)
         backend_name = choose_backend(backend)
         ensure_template(template)  # builds on first use, with progress on a terminal
-        literal_env, secret_env, secret_values = _split_env(env or {})
+        literal_env, secret_env, secret_values = _split_env(request.env)
         sandbox_id = new_sandbox_id()
         config = SandboxConfig(
             id=sandbox_id,
-            name=spec["name"] or _default_name(workload_id, sandbox_id),
+            name=request.name or _default_name(workload_id, sandbox_id),
             template=template,
             backend=backend_name,
-            resources=spec["resources"],
-            network=spec["network"],
-            ttl_seconds=spec["ttl_seconds"],
+            resources=request.resources,
+            network=request.network,
+            ttl_seconds=request.ttl_seconds,
             auto_pause_seconds=auto_pause_seconds,
             env=literal_env,
-            secret_env_names=_secret_names(env or {}),
+            secret_env_names=_secret_names(request.env),
             workload_id=workload_id,
-            tags=dict(tags or {}),
+            tags=dict(request.tags),
             created_at=time.time(),
             from_snapshot=from_snapshot,
             run_id=os.environ.get("MVM_RUN_ID"),
@@ -193,12 +175,26 @@ class Sandbox:
         sandbox = cls(sandbox_id, state["name"], directory, secret_values=secret_values,
                       connect=lambda: SupervisorClient(directory / CONTROL_SOCKET, on_behalf_of=principal))
         try:
-            for guest_path, data, mode_bits in files:
+            for guest_path, data, mode_bits in request.files:
                 sandbox.files.write(guest_path, data, mode=mode_bits)
         except BaseException:
             sandbox.kill()
             raise
         return sandbox
+
+    @classmethod
+    def recorded_by(cls, mode: str, request: CreateRequest) -> Sandbox:
+        """Record/plan mode: ``request`` recorded as a ``sandbox.create``, and the handle
+        that records every further call (a :class:`~mvm.modes.recording.RecordTransport`)."""
+        from ..modes.recording import RecordTransport
+
+        transport = RecordTransport.open(mode, request, lambda fallback: _default_name(request.workload_id, fallback))
+        return cls(transport.sandbox_id, transport.name, Path(), connect=lambda: transport, mode=mode)
+
+    @property
+    def recorded(self) -> bool:
+        """True in record/plan mode: calls are recorded, nothing runs."""
+        return self.mode != "live"
 
     @classmethod
     def connect(cls, name_or_id: str, *, cluster: Cluster | None = None) -> Sandbox:
@@ -207,6 +203,8 @@ class Sandbox:
         if cluster is not None:
             found: Sandbox = cluster.connect(name_or_id)
             return found
+        live_only("Sandbox.connect", "a recording can only describe sandboxes the script creates "
+                  "(connect to a running one in live mode)")
         directory, record = find_sandbox(name_or_id)
         return cls(record["id"], record["name"], directory)
 
@@ -216,6 +214,7 @@ class Sandbox:
         or on every node of ``cluster`` (a dead node's sandboxes with state ``lost``)."""
         if cluster is not None:
             return cluster.list()
+        live_only("Sandbox.list", "list running sandboxes with `mvmctl ls`")
         return [SandboxInfo.from_record(record) for record in list_sandboxes()]
 
     # ---- plumbing ----------------------------------------------------------------
@@ -235,7 +234,7 @@ class Sandbox:
     def _command_args(
         self, argv: Sequence[str] | str, env: Mapping[str, Any] | None, cwd: str | None, user: str | None = None
     ) -> dict[str, Any]:
-        return command_args(argv, env, cwd, user, self._secret_values)
+        return command_args(argv, env, cwd, user, None if self.recorded else self._secret_values)
 
     # ---- information ---------------------------------------------------------------
 
@@ -260,8 +259,9 @@ class Sandbox:
         >>> for event in sandbox.logs(follow=False):
         ...     print(event.source, event.message)
         """
-        for _, data in self._client().stream("sandbox.logs", {"follow": follow, "tail": tail, "since": since}):
-            yield log_event(data, self._redactor if redact else None)
+        frames = self._client().stream("sandbox.logs", {"follow": follow, "tail": tail, "since": since})
+        return (log_event(data, self._redactor if redact else None) for _, data in frames)  # requested now:
+        # record mode refuses at the call, not at the first next()
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -375,15 +375,21 @@ def command_args(
     env: Mapping[str, Any] | None,
     cwd: str | None,
     user: str | None,
-    secret_values: dict[str, str],
+    secret_values: dict[str, str] | None,
 ) -> dict[str, Any]:
     """The command part of ``exec.run``/``proc.start`` arguments (checked, secrets resolved;
-    their values are added to ``secret_values`` for redaction). Shared by ``AsyncSandbox``."""
+    their values are added to ``secret_values`` for redaction). Shared by ``AsyncSandbox``.
+    ``secret_values=None`` (record/plan mode): secrets are not resolved; ``env`` holds the
+    literals and ``secret_names`` names the rest."""
     argv, env = validate_command(argv, env, cwd)
     if user is not None and (not isinstance(user, str) or not user or "\0" in user):
         raise errors.InvalidArgument("user", f"{user!r} is not a user name", allowed="a guest user name or uid")
-    literal, secret_env, values = _split_env(env)
-    secret_values.update(values)
+    secret_env: dict[str, str] = {}
+    if secret_values is None:
+        literal = {k: v for k, v in env.items() if isinstance(v, str)}
+    else:
+        literal, secret_env, values = _split_env(env)
+        secret_values.update(values)
     args = {"argv": argv, "env": {**literal, **secret_env}, "cwd": cwd, "secret_names": _secret_names(env or {})}
     if user is not None:
         args["user"] = user
@@ -417,6 +423,68 @@ def snapshot_shape(snapshot: Any) -> Resources:
     from ..snapshots import shape
 
     return shape(SnapshotStore(), snapshot)
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """``Sandbox.create``'s arguments, checked once (:func:`create_request`): the live path
+    turns them into a ``SandboxConfig``, record/plan mode into a ``sandbox.create`` event."""
+
+    template: str
+    name: str | None
+    workload_id: str | None
+    backend: str | None  # as asked; the live path resolves None to the strongest available
+    resources: Resources
+    network: NetworkPolicy
+    ttl_seconds: int | None
+    env: Mapping[str, str | SecretRef]
+    tags: Mapping[str, str]
+    from_snapshot: str | None
+    include: Sequence[str]  # as given, relative to the script's folder
+    files: list[tuple[str, bytes, int]]  # (guest path, bytes, mode) of every included file
+
+
+def create_request(
+    template: str,
+    *,
+    name: str | None,
+    workload_id: str | None,
+    ttl: Any,
+    include: Sequence[str] | None,
+    resources: Resources | None,
+    network: NetworkPolicy | None,
+    env: Mapping[str, Any] | None,
+    backend: str | None,
+    tags: Mapping[str, str] | None,
+    from_snapshot: str | None,
+    live: bool,
+) -> CreateRequest:
+    """Check ``Sandbox.create``'s arguments, in one order for every mode. Live, a restore
+    takes the snapshot's shape unless ``resources`` are given; record/plan mode never
+    builds a template nor reads the snapshot store."""
+    if live and from_snapshot is not None and resources is None:
+        resources = snapshot_shape(from_snapshot)
+    spec = _validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
+                           network=network, env=env, tags=tags, template_check=None if live else check_template)
+    files = collect_includes(include or [], base_dir=script_dir())
+    if not live:  # live, choose_backend checks it against what this host can run
+        if backend is not None and backend not in backend_names():
+            raise errors.InvalidArgument("backend", f"unknown backend {backend!r}", allowed=backend_names())
+        validate_snapshot_ref(from_snapshot)
+    return CreateRequest(
+        template=template, name=name, workload_id=workload_id, backend=backend, resources=spec["resources"],
+        network=spec["network"], ttl_seconds=spec["ttl_seconds"], env=dict(env or {}), tags=dict(tags or {}),
+        from_snapshot=from_snapshot, include=list(include or []), files=files,
+    )
+
+
+def live_only(call: str, hint: str) -> None:
+    """``connect``/``list`` find running sandboxes: a recording has none."""
+    mode = current_mode()
+    if mode != "live":
+        from ..modes.recording import not_available
+
+        not_available(call, mode, hint)
 
 
 def _validated_spec(

@@ -22,7 +22,11 @@ Implementations:
 * :class:`mvm.supervisor.client.SupervisorClient` -- the live transport: the
   framed protocol over the sandbox supervisor's Unix socket.
 * :class:`mvm.supervisor.async_client.AsyncSupervisorClient` -- the same shape awaited
-  (``AsyncSandbox``).
+  (``AsyncSandbox``; :class:`AsyncTransport`).
+* :class:`mvm.modes.recording.RecordTransport` (and ``AsyncRecordTransport``) -- record
+  and plan mode: each request is appended to the recording the IR is built from, and
+  answered with a recorded result (nothing runs). The mode picks the transport; the
+  SDK classes are the same in every mode.
 * :mod:`mvm.cluster` -- relays the same requests to the Ray node that owns the
   sandbox (``Sandbox(..., connect=...)`` gives the handle its transport factory).
 
@@ -33,7 +37,7 @@ transport forwards without checking again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 DataCallback = Callable[[str, bytes], None]
@@ -55,3 +59,24 @@ class Transport(Protocol):
     def stream(self, op: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, bytes]]: ...
 
     def close(self) -> None: ...
+
+
+class AsyncTransport(Protocol):
+    """The awaited twin of :class:`Transport` (``AsyncSandbox``); ``stream`` is an async
+    iterator that raises ``StreamIdle`` after ``idle_timeout`` seconds without a frame."""
+
+    async def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        *,
+        on_data: DataCallback | None = None,
+        timeout: float | None = None,
+    ) -> tuple[dict[str, Any], bytes]: ...
+
+    def stream(
+        self, op: str, args: dict[str, Any] | None = None, *, idle_timeout: float | None = None
+    ) -> AsyncIterator[tuple[str, bytes]]: ...
+
+    async def aclose(self) -> None: ...

@@ -179,7 +179,7 @@ def build_server(policy: OperatorPolicy, *, transport: str = "stdio") -> tuple[M
         """Signal a process (TERM, KILL, INT or HUP) and its group."""
         target = registry.get(sandbox)
         with tool_errors():
-            signal_args(pid, signal, True)  # a bad signal is refused before the sandbox is asked
+            signal_args({"pid": pid}, signal, True)  # a bad signal is refused before the sandbox is asked
         process = await _tool_call(target.commands.connect(pid))
         await _tool_call(process.signal(signal))
         return {"pid": pid, "signal": signal}
