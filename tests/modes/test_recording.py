@@ -47,6 +47,7 @@ def test_create_in_record_mode_returns_a_recorded_sandbox(rec) -> None:
     info = sb.describe()
     assert info.state == "running" and info.details["recorded"] is True
     assert info.resources["memory_mb"] == 256
+    assert sb.network.policy()["mode"] == "deny"  # what was asked is known; changing it needs a live one
     event = rec.events[0]
     assert event["op"] == "sandbox.create" and event["template"] == "python-3.13"
     assert [f["path"] for f in event["include"]["files"]] == ["src/a.py", "src/b.txt"]

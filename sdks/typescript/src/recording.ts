@@ -711,16 +711,13 @@ export class RecordedPorts extends Ports {
 }
 
 /**
- * `sandbox.network` in record/plan mode: a policy change needs a running sandbox (the
- * policy given to `Sandbox.create` is part of the recording already).
+ * `sandbox.network` in record/plan mode: a policy change needs a running sandbox;
+ * `policy()` answers with the policy given to `Sandbox.create` (as `describe()` does,
+ * and as Python's record transport does).
  */
 export class RecordedNetwork extends Network {
   private unavailable(call: string): never {
     return (this.sandbox as RecordedSandbox).unavailable(`network.${call}`, NETWORK_OPS_HINT);
-  }
-
-  override async policy(): Promise<NetworkInfo> {
-    return this.unavailable("policy");
   }
 
   override async update(_options?: NetworkUpdateOptions | readonly string[]): Promise<NetworkInfo> {
