@@ -146,7 +146,7 @@ class Sandbox:
             live=resolved_mode == "live",
         )
         if resolved_mode != "live":
-            return cls.recorded_by(resolved_mode, request)
+            return cls._recorded_by(resolved_mode, request)
         backend_name = choose_backend(backend)
         ensure_template(template)  # builds on first use, with progress on a terminal
         literal_env, secret_env, secret_values = _split_env(request.env)
@@ -183,7 +183,7 @@ class Sandbox:
         return sandbox
 
     @classmethod
-    def recorded_by(cls, mode: str, request: CreateRequest) -> Sandbox:
+    def _recorded_by(cls, mode: str, request: CreateRequest) -> Sandbox:
         """Record/plan mode: ``request`` recorded as a ``sandbox.create``, and the handle
         that records every further call (a :class:`~mvm.modes.recording.RecordTransport`)."""
         from ..modes.recording import RecordTransport
