@@ -205,6 +205,15 @@ def validate_name(name: Any) -> str:
     return name
 
 
+def default_name(workload_id: str | None, sandbox_id: str) -> str:
+    """The name of a sandbox created without one: derived from its workload id, else its id."""
+    if workload_id:
+        base = "".join(c if c.isalnum() or c in "-_." else "-" for c in workload_id.lower()).strip("-_.")[:40]
+        if base:
+            return f"{base}-{sandbox_id[3:9]}"
+    return sandbox_id
+
+
 def validate_env_names(env: Mapping[Any, Any], name: str = "env") -> None:
     """Keys of an environment mapping: non-empty strings without ``=`` or NUL."""
     for key in env:

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
-from ..backends import backend_names, choose_backend
+from ..backends import backend_names
 from ..durations import parse_duration
 from ..security.secrets import Redactor, SecretRef, resolve_secret
 from ..spec import (
     NetworkPolicy,
     Resources,
     SandboxConfig,
+    default_name,
     validate_env_names,
     validate_name,
     validate_on_behalf_of,
@@ -27,9 +28,9 @@ from ..spec import (
     validate_workload_id,
 )
 from ..supervisor.client import SupervisorClient
-from ..supervisor.launch import spawn_supervisor
-from ..supervisor.state import CONTROL_SOCKET, find_sandbox, list_sandboxes, new_sandbox_id
-from ..templates import available_templates, ensure_template
+from ..supervisor.launch import launch
+from ..supervisor.state import CONTROL_SOCKET, find_sandbox, list_sandboxes
+from ..templates import available_templates
 from ..templates.catalog import check_template
 from .commands import Commands
 from .files import Files
@@ -147,15 +148,12 @@ class Sandbox:
         )
         if resolved_mode != "live":
             return cls._recorded_by(resolved_mode, request)
-        backend_name = choose_backend(backend)
-        ensure_template(template)  # builds on first use, with progress on a terminal
         literal_env, secret_env, secret_values = _split_env(request.env)
-        sandbox_id = new_sandbox_id()
-        config = SandboxConfig(
-            id=sandbox_id,
-            name=request.name or _default_name(workload_id, sandbox_id),
+        launched = launch(SandboxConfig(
+            id="",  # the launch path picks id, default name and backend
+            name=request.name or "",
             template=template,
-            backend=backend_name,
+            backend=request.backend or "",
             resources=request.resources,
             network=request.network,
             ttl_seconds=request.ttl_seconds,
@@ -168,11 +166,9 @@ class Sandbox:
             from_snapshot=from_snapshot,
             run_id=os.environ.get("MVM_RUN_ID"),
             on_behalf_of=principal,
-        )
-        _ensure_name_free(config.name)
-        state = spawn_supervisor(config.to_json(), secret_env)
-        directory = _dir_of(sandbox_id)
-        sandbox = cls(sandbox_id, state["name"], directory, secret_values=secret_values,
+        ), secret_env)
+        directory = launched.directory
+        sandbox = cls(launched.config.id, launched.config.name, directory, secret_values=secret_values,
                       connect=lambda: SupervisorClient(directory / CONTROL_SOCKET, on_behalf_of=principal))
         try:
             for guest_path, data, mode_bits in request.files:
@@ -188,7 +184,7 @@ class Sandbox:
         that records every further call (a :class:`~mvm.modes.recording.RecordTransport`)."""
         from ..modes.recording import RecordTransport
 
-        transport = RecordTransport.open(mode, request, lambda fallback: _default_name(request.workload_id, fallback))
+        transport = RecordTransport.open(mode, request, lambda fallback: default_name(request.workload_id, fallback))
         return cls(transport.sandbox_id, transport.name, Path(), connect=lambda: transport, mode=mode)
 
     @property
@@ -553,23 +549,3 @@ def _split_env(env: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str], 
 
 def _secret_names(env: Mapping[str, Any]) -> dict[str, str]:
     return {k: v.name for k, v in env.items() if isinstance(v, SecretRef)}
-
-
-def _default_name(workload_id: str | None, sandbox_id: str) -> str:
-    if workload_id:
-        base = "".join(c if c.isalnum() or c in "-_." else "-" for c in workload_id.lower()).strip("-_.")[:40]
-        if base:
-            return f"{base}-{sandbox_id[3:9]}"
-    return sandbox_id
-
-
-def _ensure_name_free(name: str) -> None:
-    for record in list_sandboxes():
-        if record.get("name") == name:
-            raise errors.InvalidArgument("name", f"a sandbox named {name!r} already exists ({record['id']})")
-
-
-def _dir_of(sandbox_id: str) -> Path:
-    from ..paths import sandboxes_dir
-
-    return sandboxes_dir() / sandbox_id

@@ -1,14 +1,18 @@
-"""Start a sandbox's detached supervisor and wait until its guest agent answered.
+"""The one launch path of a sandbox: every creator (``Sandbox.create``,
+``AsyncSandbox.create``, ``mvmctl up``, ``mvmctl mcp``, a cluster node agent) ends here.
 
-The creator writes ``config.json`` (no secret values), starts
-``python -m mvm.supervisor`` in its own session, hands secret env values over
-the child's stdin (memory only, never disk), and reads one JSON line from a
-readiness pipe. On any failure nothing is left behind: the child is killed and
-the sandbox directory removed.
+``launch`` takes the config as asked and decides what is still open: the backend
+(asked of the backend registry), the template (resolved, built on first use — once
+per create), the id and the default name; it claims the name, writes ``config.json``
+(no secret values), starts the detached supervisor — forked from this process's
+zygote, or a fresh ``python -m mvm.supervisor`` — hands it the secret env values in
+memory only, and reads one JSON line from a readiness pipe. On any failure nothing
+is left behind: the child is killed and the sandbox directory removed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -16,17 +20,56 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import errors
-from ..paths import sandboxes_dir
+from ..backends import choose_backend
 from ..osutil import write_json_atomic
+from ..paths import sandboxes_dir
+from ..spec import SandboxConfig, default_name
+from ..templates import ensure_template
+from .state import list_sandboxes, new_sandbox_id
 from .zygote import Zygote
 
 #: How long a create may take once the template exists (a cold TCG boot plus the
 #: ready snapshot is the slow case).
 READY_TIMEOUT = 180.0
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A sandbox whose agent answered: its config as launched, its directory, and the
+    supervisor's ``describe()`` at readiness."""
+
+    config: SandboxConfig
+    directory: Path
+    state: dict[str, Any]
+
+
+def launch(asked: SandboxConfig, secret_env: Mapping[str, str], *, timeout: float = READY_TIMEOUT) -> Launched:
+    """Start the sandbox ``asked`` describes (already validated by its creator).
+
+    ``asked.id``, ``asked.name`` and ``asked.backend`` may be empty: the launch path picks
+    them (a new id; the default name; the strongest backend this host runs, or
+    ``$MVM_BACKEND``). A named backend is checked against what this host can run.
+    """
+    backend = choose_backend(asked.backend or None)
+    ensure_template(asked.template)  # builds on first use, with progress on a terminal
+    sandbox_id = asked.id or new_sandbox_id()
+    config = dataclasses.replace(asked, id=sandbox_id, backend=backend,
+                                 name=asked.name or default_name(asked.workload_id, sandbox_id))
+    _ensure_name_free(config.name)
+    state = spawn_supervisor(config.to_json(), dict(secret_env), timeout=timeout)
+    return Launched(config, sandboxes_dir() / sandbox_id, state)
+
+
+def _ensure_name_free(name: str) -> None:
+    for record in list_sandboxes():
+        if record.get("name") == name:
+            raise errors.InvalidArgument("name", f"a sandbox named {name!r} already exists ({record['id']})")
 
 
 def spawn_supervisor(
