@@ -22,9 +22,12 @@ os.environ.pop("MVM_MODE", None)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from mvm.sdk.pool import close_pool, pools
     from mvm.supervisor.state import list_sandboxes
 
     try:
+        for pool in pools():  # their unclaimed members first (a pool's owner would refill)
+            close_pool(pool.id)
         for record in list_sandboxes():
             from mvm.sdk.sandbox import Sandbox
 

@@ -29,6 +29,8 @@ _LAZY = {
     "MvmError": "mvm.errors",
     "NotADirectory": "mvm.errors",
     "PermissionDenied": "mvm.errors",
+    "Pool": "mvm.sdk.pool",
+    "PoolInfo": "mvm.sdk.pool",
     "PortForward": "mvm.sdk.models",
     "PortInUse": "mvm.errors",
     "Process": "mvm.sdk.commands",
@@ -45,6 +47,8 @@ _LAZY = {
     "TemplateNotFound": "mvm.errors",
     "connect_cluster": "mvm.cluster",
     "network": "mvm.sdk.policy",
+    "pool": "mvm.sdk.pool",
+    "pools": "mvm.sdk.pool",
     "resources": "mvm.sdk.policy",
     "secret": "mvm.sdk.policy",
 }
@@ -89,5 +93,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .sdk.models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
     from .snapshots.model import Snapshot
     from .sdk.policy import network, resources, secret
+    from .sdk.pool import Pool, PoolInfo, pool, pools
     from .cluster import connect_cluster
     from .sdk.sandbox import Sandbox

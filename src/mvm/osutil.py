@@ -241,3 +241,18 @@ def pid_alive(pid: int | None) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22):
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_is(pid: Any, start_ticks: Any) -> bool:
+    """Whether the process that was ``pid`` when it had started at ``start_ticks`` still runs."""
+    return isinstance(pid, int) and pid_alive(pid) and process_start_ticks(pid) == start_ticks

@@ -4,6 +4,7 @@ Layout (DESIGN §1)::
 
     $MVM_HOME/
       sandboxes/<id>/   state.json, config.json, control.sock, logs.jsonl, backend/ (backend-owned)
+      pools/<pool_id>/  pool.json (what the warm pool serves, its owner), ready/<sandbox_id> (claimable members)
       audit/            <sandbox_id>.jsonl (signed hash chain, outlives the sandbox), index.jsonl
       receipts/         signed receipts of commands.run
       runs/<run_id>/    what each sandbox of an `mvmctl run --mode live` did (its log)
@@ -33,6 +34,11 @@ def _sub(name: str, private: bool = False) -> Path:
 
 def sandboxes_dir() -> Path:
     return _sub("sandboxes", private=True)
+
+
+def pools_dir() -> Path:
+    """Warm pools of pre-started sandboxes (mvm/pooling)."""
+    return _sub("pools", private=True)
 
 
 def _shareable(variable: str, name: str) -> Path:

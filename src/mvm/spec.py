@@ -250,6 +250,16 @@ def validate_snapshot_ref(snapshot: Any, name: str = "from_snapshot") -> str | N
     return snapshot
 
 
+POOL_ID_RE = re.compile(r"^pl-[0-9a-f]{10}$")
+
+
+def validate_pool_id(pool_id: Any, name: str = "pool") -> str | None:
+    """A warm pool's id (``pl-`` and 10 hex digits), or None."""
+    if pool_id is not None and (not isinstance(pool_id, str) or not POOL_ID_RE.match(pool_id)):
+        raise errors.InvalidArgument(name, f"{pool_id!r} is not a pool id", allowed="pl- and 10 hex digits")
+    return pool_id
+
+
 def _str_map(data: Any, name: str) -> dict[str, str]:
     if data is None:
         return {}
@@ -284,6 +294,9 @@ class SandboxConfig:
     from_snapshot: str | None = None
     run_id: str | None = None
     on_behalf_of: Mapping[str, str] | None = None
+    #: Pre-started as a member of this warm pool (mvm/pooling): it waits, unclaimed, in
+    #: state ``pooled`` until a create claims it (or its ``ttl_seconds`` run out).
+    pool: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -303,6 +316,7 @@ class SandboxConfig:
             "from_snapshot": self.from_snapshot,
             "run_id": self.run_id,
             "on_behalf_of": dict(self.on_behalf_of) if self.on_behalf_of is not None else None,
+            "pool": self.pool,
         }
 
     @classmethod
@@ -338,4 +352,5 @@ class SandboxConfig:
             from_snapshot=validate_snapshot_ref(data.get("from_snapshot")),
             run_id=run_id,
             on_behalf_of=validate_on_behalf_of(data.get("on_behalf_of")),
+            pool=validate_pool_id(data.get("pool")),
         )

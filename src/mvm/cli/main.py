@@ -19,6 +19,7 @@ from .. import errors
 #: Modules that add commands to the ``mvmctl`` group.
 COMMAND_MODULES = (
     "mvm.cli.sandboxes",
+    "mvm.cli.pools",
     "mvm.cli.processes",
     "mvm.cli.files",
     "mvm.cli.lifecycle",

@@ -16,10 +16,10 @@ from .. import errors
 from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
 from ..backends import backend_names
-from ..spec import NETWORK_MODES, Resources
+from ..spec import Resources
 from ..sdk.sandbox import Sandbox, snapshot_shape
 from ..security.secrets import SecretRef
-from .common import emit, json_option, parse_env
+from .common import asked_resources, emit, json_option, parse_env, shape_options
 
 
 def register(cli: click.Group) -> None:
@@ -35,20 +35,9 @@ def register(cli: click.Group) -> None:
 @click.option("--name", help="Sandbox name (default: derived from the id).")
 @click.option("--template", "-t", default="python-3.13", show_default=True)
 @click.option("--ttl", default="30m", show_default=True, help='Lifetime ("30m", "2h", seconds; "0" = none).')
-@click.option("--cpus", type=float, default=None, help=f"[default: {Resources.cpu_cores:g}, or the snapshot's]")
-@click.option("--memory", "memory_mb", type=int, default=None,
-              help=f"MiB [default: {Resources.memory_mb}, or the snapshot's]")
-@click.option("--disk", "rootfs_size_mb", type=int, default=None,
-              help=f"Writable disk, MiB [default: {Resources.rootfs_size_mb}, or the snapshot's]")
-@click.option("--max-processes", type=int, default=None,
-              help=f"[default: {Resources.max_processes}, or the snapshot's]")
+@shape_options
 @click.option("--auto-pause", help='Pause after this long idle, resume on the next request ("5m", seconds).')
 @click.option("--backend", type=click.Choice(backend_names()), default=None)
-@click.option(
-    "--network", "network_mode", type=click.Choice(NETWORK_MODES), default="deny", show_default=True
-)
-@click.option("--allow", multiple=True, help="host:port allowed with --network allow (repeatable).")
-@click.option("--allow-wildcards", is_flag=True, help="Accept *.domain, *, 0.0.0.0/:: and CIDR --allow entries.")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE (repeatable).")
 @click.option("--secret-env", multiple=True, help="KEY=SECRET_NAME: env from the keystore (repeatable).")
 @click.option("--include", multiple=True, help="Host path copied into /app (relative to the cwd).")
@@ -71,11 +60,11 @@ def up(
     memory_mb: int | None,
     rootfs_size_mb: int | None,
     max_processes: int | None,
-    auto_pause: str | None,
-    backend: str | None,
     network_mode: str,
     allow: tuple[str, ...],
     allow_wildcards: bool,
+    auto_pause: str | None,
+    backend: str | None,
     env: tuple[str, ...],
     secret_env: tuple[str, ...],
     include: tuple[str, ...],
@@ -92,13 +81,12 @@ def up(
         result = replay(from_ir, name=name, backend=backend, echo=None if as_json else click.echo)
         emit(as_json, result)
         return
-    asked = {"cpu_cores": cpus, "memory_mb": memory_mb, "rootfs_size_mb": rootfs_size_mb,
-             "max_processes": max_processes}
+    asked = asked_resources(cpus, memory_mb, rootfs_size_mb, max_processes)
     shape = None
-    if any(value is not None for value in asked.values()):
+    if asked:
         # flags not given keep the snapshot's values when restoring, the defaults otherwise
         base = snapshot_shape(from_snapshot) if from_snapshot is not None else Resources()
-        shape = make_resources(**{**base.to_json(), **{k: v for k, v in asked.items() if v is not None}})
+        shape = make_resources(**{**base.to_json(), **asked})
     full_env: dict[str, str | SecretRef] = dict(parse_env(env))
     full_env.update({k: SecretRef(v) for k, v in parse_env(secret_env, "--secret-env").items()})
     sandbox = Sandbox.create(

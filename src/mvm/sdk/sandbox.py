@@ -170,6 +170,7 @@ class Sandbox:
         directory = launched.directory
         sandbox = cls(launched.config.id, launched.config.name, directory, secret_values=secret_values,
                       connect=lambda: SupervisorClient(directory / CONTROL_SOCKET, on_behalf_of=principal))
+        sandbox._conn = launched.client  # a claimed pool member's connection, already open
         try:
             for guest_path, data, mode_bits in request.files:
                 sandbox.files.write(guest_path, data, mode=mode_bits)

@@ -51,6 +51,14 @@ class IdleWatch:
         self._last_active = time.monotonic()
         self.paused_by_idle = False
 
+    def start(self, seconds: int | None) -> None:
+        """Watch from now on with ``seconds`` (a pooled sandbox learns it when claimed)."""
+        with self._lock:
+            self.seconds = seconds
+            self._last_active = time.monotonic()
+        if seconds is not None:
+            threading.Thread(target=self.watch, name="mvm-idle", daemon=True).start()
+
     def describe(self) -> dict[str, Any]:
         return {"auto_pause_seconds": self.seconds, "paused_by_idle": self.paused_by_idle}
 

@@ -3,11 +3,13 @@
 
 ``launch`` takes the config as asked and decides what is still open: the backend
 (asked of the backend registry), the template (resolved, built on first use — once
-per create), the id and the default name; it claims the name, writes ``config.json``
-(no secret values), starts the detached supervisor — forked from this process's
-zygote, or a fresh ``python -m mvm.supervisor`` — hands it the secret env values in
-memory only, and reads one JSON line from a readiness pipe. On any failure nothing
-is left behind: the child is killed and the sandbox directory removed.
+per create), the id and the default name; it claims the name, then claims a waiting
+member of a warm pool that serves exactly this config (``mvm/pooling``: a pre-started
+sandbox, tens of milliseconds) or else writes ``config.json`` (no secret values),
+starts the detached supervisor — forked from this process's zygote, or a fresh
+``python -m mvm.supervisor`` — hands it the secret env values in memory only, and
+reads one JSON line from a readiness pipe. On any failure nothing is left behind:
+the child is killed and the sandbox directory removed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..osutil import write_json_atomic
 from ..paths import sandboxes_dir
 from ..spec import SandboxConfig, default_name
 from ..templates import ensure_template
+from .client import SupervisorClient
 from .state import list_sandboxes, new_sandbox_id
 from .zygote import Zygote
 
@@ -47,6 +50,8 @@ class Launched:
     config: SandboxConfig
     directory: Path
     state: dict[str, Any]
+    #: A claimed pool member comes with the connection it was claimed over.
+    client: SupervisorClient | None = None
 
 
 def launch(asked: SandboxConfig, secret_env: Mapping[str, str], *, timeout: float = READY_TIMEOUT) -> Launched:
@@ -56,14 +61,28 @@ def launch(asked: SandboxConfig, secret_env: Mapping[str, str], *, timeout: floa
     them (a new id; the default name; the strongest backend this host runs, or
     ``$MVM_BACKEND``). A named backend is checked against what this host can run.
     """
+    from ..pooling.claim import claim_member
+
     backend = choose_backend(asked.backend or None)
-    ensure_template(asked.template)  # builds on first use, with progress on a terminal
-    sandbox_id = asked.id or new_sandbox_id()
-    config = dataclasses.replace(asked, id=sandbox_id, backend=backend,
-                                 name=asked.name or default_name(asked.workload_id, sandbox_id))
-    _ensure_name_free(config.name)
+    image = ensure_template(asked.template)  # builds on first use, with progress on a terminal
+
+    def config_for(sandbox_id: str) -> SandboxConfig:
+        return dataclasses.replace(asked, id=sandbox_id, backend=backend,
+                                   name=asked.name or default_name(asked.workload_id, sandbox_id))
+
+    if asked.name:
+        _ensure_name_free(asked.name)
+    if not asked.id:  # a warm pool's member pre-started with this config, if one waits (mvm/pooling)
+        claimed = claim_member(config_for, dict(secret_env), image.digest,
+                               dict(asked.on_behalf_of) if asked.on_behalf_of else None)
+        if claimed is not None:
+            config, state, client = claimed
+            return Launched(config, sandboxes_dir() / config.id, state, client)
+    config = config_for(asked.id or new_sandbox_id())
+    if not asked.name:
+        _ensure_name_free(config.name)
     state = spawn_supervisor(config.to_json(), dict(secret_env), timeout=timeout)
-    return Launched(config, sandboxes_dir() / sandbox_id, state)
+    return Launched(config, sandboxes_dir() / config.id, state)
 
 
 def _ensure_name_free(name: str) -> None:

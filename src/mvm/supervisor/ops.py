@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..pooling import member as pool_member
 from . import network, process_ops, sandbox_ops
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("sandbox.resume", sandbox_ops.resume, LIVE, Audit.BY_HANDLER),
     Op("sandbox.snapshot", sandbox_ops.snapshot, LIVE, Audit.BY_HANDLER),
     Op("sandbox.destroy", sandbox_ops.destroy, ANY_STATE, Audit.BY_HANDLER),
+    Op("sandbox.claim", pool_member.claim, (pool_member.POOLED,), Audit.BY_HANDLER),
     Op("exec.run", process_ops.exec_run, RUNNING, Audit.BY_HANDLER, auto_resume=True),
     Op("proc.start", process_ops.proc_start, RUNNING, Audit.BY_HANDLER, auto_resume=True),
     Op("proc.attach", process_ops.proc_attach, ANY_STATE, Audit.NEVER),

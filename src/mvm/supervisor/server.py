@@ -26,6 +26,7 @@ from typing import Any
 from .. import errors
 from ..backends import get_backend
 from ..backends.base import BackendInstance, SandboxSpec
+from .. import pooling
 from ..osutil import DeferredSync, write_json_atomic
 from ..paths import runs_dir
 from ..protocol.codec import Frame
@@ -79,6 +80,8 @@ class Supervisor:
         self.destroyed = threading.Event()
         self.network = NetworkManager(self)  # port forwards, egress proxy (TCP streams over the agent link)
         self.idle = IdleWatch(self, config.get("auto_pause_seconds"))
+        # Pre-started for a warm pool: waits in state "pooled" until a create claims it.
+        self.pool = pooling.Membership(config["pool"], self.created_at) if config.get("pool") else None
 
     # ---- boot ---------------------------------------------------------------
 
@@ -113,6 +116,10 @@ class Supervisor:
             self._mark("agent_hello")
             self.configure_agent()
         self._mark("agent_configure")
+        if self.pool is not None:
+            pooling.prestarted(self, self.pool)
+            self._mark("audit")
+            return
         # Made by whoever spawned us; a creator acting for someone (mvmctl mcp) names them.
         creator = with_principal(current_actor(), config.on_behalf_of) if config.on_behalf_of else None
         audit_id = self.audit.record("sandbox.create", {"template": self.config["template"],
@@ -229,7 +236,8 @@ class Supervisor:
             "details": {**details, "boot_ms": self.boot_ms, "error": self.error,
                         "host_pids": self.instance.host_pids() if self.instance else [], "supervisor_pid": os.getpid(),
                         "env_keys": sorted(self.config.get("env", {})), "secret_env_keys": sorted(self.secret_env),
-                        "agent": self.agent.agent_hello, **self.idle.describe()},
+                        "agent": self.agent.agent_hello, **self.idle.describe(),
+                        "pool": self.pool.describe() if self.pool is not None else None},
         }
 
     def require_state(self, op: str, *allowed: str, auto_resume: bool = False) -> None:
@@ -304,6 +312,8 @@ class Supervisor:
             if self.destroyed.is_set():
                 return None
             self.destroyed.set()
+        if self.pool is not None:
+            pooling.leaving(self, self.pool)
         audit_id = self.audit.record("sandbox.destroy", {"reason": reason})
         self.logs.system(f"sandbox destroyed ({reason})", audit_id)
         self.agent.detach()

@@ -22,7 +22,7 @@ from ..osutil import pid_alive
 from ..paths import sandboxes_dir
 from ..spec import validate_name as validate_name  # defined with the rest of the sandbox spec
 
-STATES = ("creating", "running", "paused", "stopped", "destroyed", "error")
+STATES = ("creating", "pooled", "running", "paused", "stopped", "destroyed", "error")
 CONTROL_SOCKET = "control.sock"
 
 
@@ -86,8 +86,14 @@ def reap(directory: Path, record: dict[str, Any] | None) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def list_sandboxes(*, clean_dead: bool = True) -> list[dict[str, Any]]:
-    """Every live sandbox's record; dead ones (supervisor gone) are cleaned on the way."""
+def unclaimed(record: dict[str, Any]) -> bool:
+    """A warm pool's member nobody claimed yet: not a sandbox anyone created (mvm/pooling)."""
+    return bool(record.get("pool")) and record.get("state", "creating") in ("creating", "pooled")
+
+
+def list_sandboxes(*, clean_dead: bool = True, pooled: bool = False) -> list[dict[str, Any]]:
+    """Every live sandbox's record (with ``pooled``, also unclaimed pool members); dead
+    ones (supervisor gone) are cleaned on the way."""
     found = []
     for directory in sorted(sandboxes_dir().iterdir()):
         if not directory.is_dir():
@@ -96,6 +102,8 @@ def list_sandboxes(*, clean_dead: bool = True) -> list[dict[str, Any]]:
         if record is None or not supervisor_alive(directory, record):
             if clean_dead and _old_enough(directory):
                 reap(directory, record)
+            continue
+        if not pooled and unclaimed(record):
             continue
         record["directory"] = str(directory)
         found.append(record)

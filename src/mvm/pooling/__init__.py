@@ -1,0 +1,12 @@
+"""Warm pools: pre-started sandboxes a create claims instead of starting one.
+
+``store.py`` is the pool on disk (what it serves, its claimable members, the atomic
+take), ``member.py`` a member's side in its supervisor (state ``pooled``, the
+``sandbox.claim`` op, leaving), ``claim.py`` the creator's side (find a member whose
+pool serves the create, take it, claim it). The owner's handle (``mvm.pool``, refill)
+is ``mvm/sdk/pool.py``.
+"""
+
+from .member import Membership, leaving, prestarted
+
+__all__ = ["Membership", "leaving", "prestarted"]

@@ -1,0 +1,346 @@
+"""``mvm.pool``: a bounded, TTL'd warm pool of pre-started sandboxes, so that a create
+is answered by claiming one (tens of milliseconds) instead of starting one.
+
+>>> import mvm
+>>> with mvm.pool("python-3.13", size=4, ttl="10m") as pool:
+...     sandbox = mvm.Sandbox.create("python-3.13", backend="namespace")  # claims a member
+...     print(sandbox.describe().details["pool"]["id"] == pool.id)
+True
+
+Any create — in this process or another of the same ``$MVM_HOME``, sync or async, the
+CLI, the TypeScript SDK through ``mvmctl up`` — that asks for what a pool serves
+(template, backend, resources, network policy; no ``from_snapshot``) claims a member;
+anything else it asks for (name, ttl, env, secrets, tags, on_behalf_of, auto_pause) is
+applied at the claim. The process that made the pool refills it in a background thread;
+``close()`` (or the end of the ``with``) destroys the members nobody claimed. If that
+process dies, each member still ends itself when its ``ttl`` runs out: there is no daemon.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import errors
+from ..backends import choose_backend
+from ..osutil import pid_alive
+from ..paths import sandboxes_dir
+from ..pooling import store
+from ..spec import NetworkPolicy, Resources, SandboxConfig
+from ..supervisor.client import SupervisorClient
+from ..supervisor.launch import launch
+from ..supervisor.state import CONTROL_SOCKET, load_record, new_sandbox_id
+from ..templates import ensure_template
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
+
+DEFAULT_POOL_SIZE = 2
+#: The refill thread looks at the pool this often (a claim in this process wakes it at once).
+_REFILL_POLL = 0.2
+#: After a failed start, the refill waits this long before the next, doubling up to the cap.
+_BACKOFF = (1.0, 30.0)
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """A pool as ``describe()`` / ``mvm.pools()`` report it."""
+
+    id: str
+    template: str
+    backend: str
+    resources: Resources
+    network: NetworkPolicy
+    size: int
+    #: Members waiting to be claimed now (each a sandbox id).
+    ready: list[str]
+    #: How long an unclaimed member waits before it ends itself.
+    ttl_seconds: int
+    #: The process that refills it, and whether it still runs (else nothing refills it).
+    owner_pid: int | None
+    refilling: bool
+    created_at: float
+    #: The last error a refill hit (None after a success).
+    last_error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], ready: list[str], last_error: str | None = None) -> PoolInfo:
+        spec = store.PoolSpec.from_json(record["serves"])
+        owner = record.get("owner") or {}
+        return cls(id=str(record["id"]), template=spec.template, backend=spec.backend, resources=spec.resources,
+                   network=spec.network, size=int(record["size"]), ready=ready,
+                   ttl_seconds=int(record["member_ttl_seconds"]), owner_pid=owner.get("pid"),
+                   refilling=store.owner_alive(record), created_at=float(record["created_at"]),
+                   last_error=last_error, details={"template_digest": spec.template_digest})
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "template": self.template, "backend": self.backend,
+                "resources": self.resources.to_json(), "network": self.network.to_json(), "size": self.size,
+                "ready": list(self.ready), "ttl_seconds": self.ttl_seconds, "owner_pid": self.owner_pid,
+                "refilling": self.refilling, "created_at": self.created_at, "last_error": self.last_error,
+                "details": dict(self.details)}
+
+
+class Pool:
+    """A warm pool this process owns: ``size`` pre-started sandboxes, kept filled in the
+    background until ``close()``. Make one with :func:`mvm.pool`."""
+
+    def __init__(self, pool_id: str, spec: store.PoolSpec, size: int, ttl_seconds: int, *, refill: bool):
+        self.id = pool_id
+        self.spec = spec
+        self.size = size
+        self.ttl_seconds = ttl_seconds
+        self._record = store.create_pool(pool_id, spec, size, ttl_seconds, owned=refill)
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._last_error: str | None = None
+        self._thread: threading.Thread | None = None
+        if refill:
+            _OWNED.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.id} {self.spec.template}/{self.spec.backend} size={self.size}>"
+
+    @property
+    def template(self) -> str:
+        return self.spec.template
+
+    @property
+    def closed(self) -> bool:
+        """Closed by ``close()``/``detach()``, or by another process (``mvmctl pool down``)."""
+        return self._closed.is_set() or store.read_pool(store.pool_dir(self.id)) is None
+
+    # ---- use -----------------------------------------------------------------------------
+
+    def create(self, **options: Any) -> Sandbox:
+        """``Sandbox.create`` with this pool's template, backend, resources and network (so
+        it claims a member when one is ready); ``options`` are the rest of its arguments."""
+        from .sandbox import Sandbox
+
+        for key in ("template", "backend", "resources", "network", "from_snapshot", "cluster"):
+            if key in options:
+                raise errors.InvalidArgument(key, "is the pool's own: use Sandbox.create for another one",
+                                             allowed="name, workload_id, ttl, include, env, tags, on_behalf_of, "
+                                                     "auto_pause, mode")
+        sandbox = Sandbox.create(self.spec.template, backend=self.spec.backend, resources=self.spec.resources,
+                                 network=self.spec.network, **options)
+        self._wake.set()
+        return sandbox
+
+    def describe(self) -> PoolInfo:
+        return PoolInfo.from_record(self._record, store.ready_members(store.pool_dir(self.id)), self._last_error)
+
+    def wait_ready(self, timeout: float = 60.0) -> PoolInfo:
+        """Block until all ``size`` members are waiting (a test or a benchmark wants a
+        full pool; a create never waits for one)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.describe()
+            if len(info.ready) >= self.size:
+                return info
+            if self._closed.is_set():
+                raise errors.InvalidState(f"pool {self.id} is closed", state="closed")
+            if time.monotonic() >= deadline:
+                raise errors.SandboxError(f"pool {self.id}: {len(info.ready)} of {self.size} members ready after "
+                                          f"{timeout:.0f} s" + (f" (last error: {info.last_error})"
+                                                                if info.last_error else ""))
+            self._wake.set()
+            time.sleep(0.02)
+
+    # ---- filling -------------------------------------------------------------------------
+
+    def start_member(self) -> str:
+        """Start one member and list it as claimable (blocking); returns its sandbox id."""
+        sandbox_id = new_sandbox_id()  # given: the launch path starts it rather than claim one
+        launch(SandboxConfig(id=sandbox_id, name="", template=self.spec.template, backend=self.spec.backend,
+                             resources=self.spec.resources, network=self.spec.network,
+                             ttl_seconds=self.ttl_seconds, created_at=time.time(), pool=self.id), {})
+        if not store.add_ready(self.id, sandbox_id):  # closed meanwhile: it leaves by itself too
+            _destroy_member(sandbox_id)
+            raise errors.InvalidState(f"pool {self.id} was closed while a member started", state="closed")
+        return sandbox_id
+
+    def fill(self) -> None:
+        """Start members until the pool is full (blocking)."""
+        directory = store.pool_dir(self.id)
+        while not self._closed.is_set() and len(_prune_dead(self.id, directory)) < self.size:
+            self.start_member()
+
+    def start_refill(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._closed.is_set():
+                self._thread = threading.Thread(target=self._refill, name=f"mvm-pool-{self.id}", daemon=True)
+                self._thread.start()
+
+    def _refill(self) -> None:
+        backoff = _BACKOFF[0]
+        while not self._closed.is_set():
+            if store.read_pool(store.pool_dir(self.id)) is None:  # closed by another process (mvmctl pool down)
+                self._closed.set()
+                _OWNED.discard(self)
+                return
+            try:
+                self.fill()
+                self._last_error = None
+                backoff = _BACKOFF[0]
+            except errors.MvmError as exc:
+                if self._closed.is_set():
+                    return
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF[1])
+                continue
+            self._wake.wait(_REFILL_POLL)
+            self._wake.clear()
+
+    # ---- end -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop refilling and destroy every member nobody claimed (claimed ones are
+        ordinary sandboxes now and go on). Safe to call twice."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join()
+        for member in store.close_pool_record(self.id):
+            _destroy_member(member)
+        store.remove_pool_dir(self.id)
+        _OWNED.discard(self)
+
+    def detach(self) -> None:
+        """Stop refilling but leave the members waiting (each ends itself at its TTL):
+        ``mvmctl pool up`` makes a pool that outlives the command."""
+        with self._lock:
+            self._closed.set()
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join()
+        _OWNED.discard(self)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pool(
+    template: str = "python-3.13",
+    *,
+    size: int = DEFAULT_POOL_SIZE,
+    ttl: str | int | float = store.DEFAULT_MEMBER_TTL,
+    backend: str | None = "namespace",
+    resources: Resources | None = None,
+    network: NetworkPolicy | None = None,
+    refill: bool = True,
+) -> Pool:
+    """A warm pool of ``size`` pre-started ``template`` sandboxes (at most
+    ``MAX_POOL_SIZE``), each waiting at most ``ttl`` unclaimed ("10m"; 1 s to 24 h).
+
+    A ``Sandbox.create`` asking for the same template, backend, resources and network
+    policy claims a member. The first member is started before this returns (a bad
+    template or backend fails here, leaving nothing); the rest, and each refill after a
+    claim, start in a background thread (``refill=False``: none). ``backend``: pools
+    pre-start ``namespace`` sandboxes only.
+    """
+    from .sandbox import _validated_spec
+
+    size = store.validate_size(size)
+    ttl_seconds = store.validate_member_ttl(ttl)
+    spec_args = _validated_spec(template, name=None, workload_id=None, ttl=None, resources=resources,
+                                network=network, env=None, tags=None)
+    backend_name = store.validate_pool_backend(choose_backend(backend))
+    image = ensure_template(template)
+    spec = store.PoolSpec(template=template, backend=backend_name, resources=spec_args["resources"],
+                          network=spec_args["network"], template_digest=image.digest)
+    made = Pool(store.new_pool_id(), spec, size, ttl_seconds, refill=refill)
+    try:
+        made.start_member()
+    except BaseException:
+        made.close()
+        raise
+    if refill:
+        made.start_refill()
+    return made
+
+
+def pools() -> list[PoolInfo]:
+    """Every open pool of this ``$MVM_HOME`` (any process's): what it serves, its waiting members."""
+    return [PoolInfo.from_record(record, _prune_dead(str(record["id"]), directory))
+            for directory, record in store.live_pools()]
+
+
+def close_pool(pool_id: str) -> int:
+    """Close any process's pool by id (``mvmctl pool down``): its waiting members are
+    destroyed. Returns how many. The owner's refill stops when it finds the pool gone."""
+    directory = store.pool_dir(pool_id)
+    if store.read_pool(directory) is None:
+        raise errors.InvalidArgument("pool", f"no open pool {pool_id!r}",
+                                     allowed=[str(record["id"]) for _, record in store.live_pools()])
+    members = store.close_pool_record(pool_id)
+    for member in members:
+        _destroy_member(member)
+    store.remove_pool_dir(pool_id)
+    return len(members)
+
+
+def _prune_dead(pool_id: str, directory: Any) -> list[str]:
+    """The pool's ready members whose supervisor still runs; entries of dead ones are dropped."""
+    alive = []
+    for member in store.ready_members(directory):
+        record = load_record(sandboxes_dir() / member)
+        if record is not None and pid_alive(record.get("supervisor_pid")):
+            alive.append(member)
+        elif store.take(pool_id, member) and record is not None:
+            _destroy_member(member)
+    return alive
+
+
+def _destroy_member(sandbox_id: str) -> None:
+    """End a member this process took out of its pool, and return once it is gone (its
+    supervisor may be ending it already: the pool closed, or its TTL ran out)."""
+    from ..supervisor.state import reap
+
+    directory = sandboxes_dir() / sandbox_id
+    record = load_record(directory)
+    pid = record.get("supervisor_pid") if record else None
+    try:
+        client = SupervisorClient(directory / CONTROL_SOCKET)
+    except errors.MvmError:
+        client = None
+    if client is not None:
+        try:
+            client.call("sandbox.destroy", timeout=60)
+        except errors.MvmError:
+            pass
+        finally:
+            client.close()
+    deadline = time.monotonic() + 30
+    while isinstance(pid, int) and pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if directory.exists():
+        reap(directory, load_record(directory))
+
+
+_OWNED: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_owned() -> None:
+    """A program that ends without closing its pools leaves no member behind."""
+    for owned in list(_OWNED):
+        try:
+            owned.close()
+        except Exception:
+            pass

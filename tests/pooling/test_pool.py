@@ -1,0 +1,224 @@
+"""Warm pools (mvm.pool): pre-started namespace sandboxes a create claims.
+
+Real bubblewrap sandboxes and supervisors throughout: a claim applies the create's
+name, TTL, env, secrets, tags and on_behalf_of; a create the pool cannot honour starts
+its own sandbox; members are handed out once (also under concurrent creators in
+several processes), expire unclaimed even when their owner died, and nothing is left
+once a pool is closed or has expired. Times are never asserted (bench/ measures them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mvm
+from mvm import errors
+from mvm.osutil import pid_alive
+from mvm.paths import pools_dir, sandboxes_dir
+from mvm.pooling import store
+from mvm.security import audit
+from mvm.supervisor.state import list_sandboxes
+from waiting import wait_for
+
+TEMPLATE = "python-3.13"
+
+
+def _members() -> list[dict[str, object]]:
+    """Every pool member still running (claimed or not)."""
+    return [r for r in list_sandboxes(pooled=True, clean_dead=False) if r.get("pool")]
+
+
+def _nothing_left(pool_id: str, member_ids: list[str], pids: list[int]) -> bool:
+    return (not store.pool_dir(pool_id).exists()
+            and not any((sandboxes_dir() / member).exists() for member in member_ids)
+            and not any(pid_alive(pid) for pid in pids))
+
+
+def _supervisor_pid(sandbox_id: str) -> int:
+    return int(json.loads((sandboxes_dir() / sandbox_id / "state.json").read_text())["supervisor_pid"])
+
+
+@pytest.fixture
+def pool() -> Iterator[mvm.Pool]:
+    with mvm.pool(TEMPLATE, size=2, ttl="5m") as made:
+        made.wait_ready()
+        yield made
+
+
+def test_a_create_claims_a_member_and_gets_everything_it_asked_for(
+    pool: mvm.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting = pool.describe().ready
+    monkeypatch.setenv("MVM_SECRET_POOL_TOKEN", "s3cr3t-pool-token")
+    with mvm.Sandbox.create(TEMPLATE, backend="namespace", name="claimed-one", ttl="7m", workload_id="job-1",
+                            env={"MODE": "pooled", "TOKEN": mvm.secret("pool-token")}, tags={"team": "a"},
+                            on_behalf_of={"client": "agent-7"}) as sb:
+        assert sb.id in waiting  # a pre-started member, not a new sandbox
+        info = sb.describe()
+        assert info.name == "claimed-one" and info.state == "running" and info.workload_id == "job-1"
+        assert info.details["pool"]["id"] == pool.id and info.details["pool"]["claimed_at"] is not None
+        assert info.expires_at is not None
+        assert abs(info.expires_at - info.details["pool"]["claimed_at"] - 7 * 60) < 5  # TTL from the claim
+        assert sorted(info.details["env_keys"]) == ["MODE"] and info.details["secret_env_keys"] == ["TOKEN"]
+        result = sb.commands.run(["sh", "-c", "echo $MODE $TOKEN"])
+        assert result.stdout.strip() == "pooled [redacted:pool-token]"
+        assert mvm.Sandbox.connect("claimed-one").id == sb.id
+        # handed out once: it left the pool, which refills with a new member
+        wait_for(lambda: len(pool.describe().ready) == 2 and sb.id not in pool.describe().ready, "refill")
+        # the supervisor refuses a second claim of the same sandbox
+        with pytest.raises(errors.InvalidState):
+            sb._client().call("sandbox.claim", {"name": "again"})
+    entries = audit.tail(audit.log_path(sb.id), 50)
+    ops = [entry["op"] for entry in entries]
+    assert ops[:2] == ["sandbox.prestart", "sandbox.create"]
+    prestart, create = entries[0], entries[1]
+    assert prestart["details"]["pool"] == pool.id
+    assert create["details"]["pool"] == pool.id and create["details"]["prestart_audit_id"] == prestart["audit_id"]
+    assert create["actor"]["pid"] == os.getpid()  # claimed by this process ...
+    assert create["actor"]["on_behalf_of"] == {"client": "agent-7"}  # ... acting for this client
+    assert audit.verify(audit.log_path(sb.id)).ok
+
+
+def test_a_create_the_pool_cannot_honour_starts_its_own_sandbox(pool: mvm.Pool) -> None:
+    waiting = sorted(pool.describe().ready)
+    with mvm.Sandbox.create(TEMPLATE, backend="namespace", resources=mvm.resources(memory_mb=256)) as other:
+        assert other.id not in waiting and other.describe().details["pool"] is None
+    allow_pypi = mvm.network("allow", allow=["pypi.org:443"])
+    with mvm.Sandbox.create(TEMPLATE, backend="namespace", network=allow_pypi) as other:
+        assert other.id not in waiting and other.describe().details["pool"] is None
+    assert sorted(pool.describe().ready) == waiting
+    with pool.create(name="via-the-pool") as sb:  # the pool's own shape: a member
+        assert sb.id in waiting
+    with pytest.raises(errors.InvalidArgument) as err:
+        pool.create(resources=mvm.resources(memory_mb=256))
+    assert err.value.field == "resources"
+
+
+def test_unclaimed_members_are_not_sandboxes_anyone_can_use(pool: mvm.Pool) -> None:
+    member = pool.describe().ready[0]
+    assert member not in {info.id for info in mvm.Sandbox.list()}
+    with pytest.raises(errors.SandboxNotFound):
+        mvm.Sandbox.connect(member)
+    # even talking to its socket directly: nothing runs in it before a claim
+    from mvm.supervisor.client import SupervisorClient
+
+    client = SupervisorClient(sandboxes_dir() / member / "control.sock")
+    try:
+        with pytest.raises(errors.InvalidState):
+            client.call("exec.run", {"argv": ["true"], "env": {}, "cwd": None, "secret_names": {}})
+        assert client.call("sandbox.describe")[0]["state"] == "pooled"
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"size": 0}, "size"), ({"size": store.MAX_POOL_SIZE + 1}, "size"), ({"size": "2"}, "size"),
+    ({"size": True}, "size"), ({"ttl": None}, "ttl"), ({"ttl": 0}, "ttl"), ({"ttl": "25h"}, "ttl"),
+    ({"ttl": "soon"}, "ttl"), ({"backend": "vm"}, "backend"), ({"resources": {"memory_mb": 1}}, "resources"),
+])
+def test_bad_pool_values_are_refused_naming_the_field_and_leave_nothing(kwargs: dict[str, object], field: str) -> None:
+    before = set(os.listdir(pools_dir())), set(os.listdir(sandboxes_dir()))
+    with pytest.raises(errors.InvalidArgument) as err:
+        mvm.pool(TEMPLATE, **kwargs)  # type: ignore[arg-type]
+    assert err.value.field == field
+    assert (set(os.listdir(pools_dir())), set(os.listdir(sandboxes_dir()))) == before
+
+
+def test_the_host_wide_bound_counts_every_pool(pool: mvm.Pool) -> None:
+    with mvm.pool(TEMPLATE, size=store.MAX_POOL_SIZE, refill=False) as big:  # one member started, 16 counted
+        before = set(os.listdir(sandboxes_dir()))
+        with pytest.raises(errors.InvalidArgument) as err:
+            mvm.pool(TEMPLATE, size=store.MAX_POOLED - pool.size - big.size + 1)
+        assert err.value.field == "size"
+        assert err.value.details["allowed"] == f"at most {store.MAX_POOLED - pool.size - big.size}"
+        assert sorted(p.id for p in mvm.pools()) == sorted([pool.id, big.id])
+        assert set(os.listdir(sandboxes_dir())) == before
+
+
+def test_concurrent_creators_in_several_processes_never_share_a_member(tmp_path: Path) -> None:
+    script = tmp_path / "claim.py"
+    script.write_text(
+        "import json, sys, mvm\n"
+        "sb = mvm.Sandbox.create('python-3.13', backend='namespace', ttl='5m', name=sys.argv[1])\n"
+        "print(json.dumps({'id': sb.id, 'pool': (sb.describe().details['pool'] or {}).get('id')}))\n"
+        "sb.close()\n"
+    )
+    with mvm.pool(TEMPLATE, size=4, ttl="5m", refill=False) as made:
+        made.fill()
+        waiting = set(made.describe().ready)
+        procs = [subprocess.Popen([sys.executable, str(script), f"racer-{i}"], stdout=subprocess.PIPE, text=True)
+                 for i in range(4)]
+        outputs = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
+        ids = [out["id"] for out in outputs]
+        try:
+            assert len(set(ids)) == 4  # four sandboxes, whichever way each create went
+            claimed = [out["id"] for out in outputs if out["pool"] == made.id]
+            assert claimed and set(claimed) <= waiting
+            assert not set(made.describe().ready) & set(claimed)
+            for sandbox_id in claimed:  # and each was claimed exactly once
+                ops = [e["op"] for e in audit.tail(audit.log_path(sandbox_id), 50)]
+                assert ops.count("sandbox.create") == 1
+        finally:
+            for sandbox_id in ids:
+                mvm.Sandbox.connect(sandbox_id).kill()
+
+
+def test_taking_a_member_is_atomic_between_racers(pool: mvm.Pool) -> None:
+    member = pool.describe().ready[0]
+    wins: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def race() -> None:
+        barrier.wait()
+        wins.append(store.take(pool.id, member))
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wins.count(True) == 1
+
+
+def test_closing_a_pool_leaves_nothing_but_the_sandboxes_it_handed_out() -> None:
+    made = mvm.pool(TEMPLATE, size=3, ttl="5m")
+    made.wait_ready()
+    claimed = made.create(name="outlives-its-pool")
+    members = made.describe().ready
+    pids = [_supervisor_pid(m) for m in members]
+    made.close()
+    assert _nothing_left(made.id, members, pids)  # close() returns once they are gone
+    assert not any(r.get("state") == "pooled" for r in _members())
+    assert claimed.commands.run(["true"]).exit_code == 0  # a claimed one is an ordinary sandbox now
+    claimed.kill()
+    made.close()  # twice is fine
+
+
+def test_members_expire_unclaimed_even_after_their_owner_died(tmp_path: Path) -> None:
+    """The owner is killed outright: each member's own supervisor still ends it at its
+    TTL, and the last one removes the abandoned pool."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import json, os, sys, mvm\n"
+        "p = mvm.pool('python-3.13', size=2, ttl='3s')\n"
+        "p.wait_ready()\n"
+        "print(json.dumps({'id': p.id, 'members': p.describe().ready}), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == -9
+    made = json.loads(proc.stdout)
+    wait_for(lambda: not store.pool_dir(made["id"]).exists(), "the abandoned pool removed", timeout=60)
+    wait_for(lambda: not any((sandboxes_dir() / m).exists() for m in made["members"]), "members gone", timeout=60)
+    for member in made["members"]:
+        ops = [e["op"] for e in audit.tail(audit.log_path(member), 50)]
+        assert ops == ["sandbox.prestart", "sandbox.destroy"]
+        assert audit.verify(audit.log_path(member)).ok

@@ -1,0 +1,53 @@
+"""``mvmctl pool up | ls | down`` and ``mvmctl up`` claiming a member: the real binary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from mvm.paths import sandboxes_dir
+from mvm.pooling import store
+
+MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
+
+
+def mvmctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*MVMCTL, *args], capture_output=True, text=True, timeout=180, env={**os.environ})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mvmctl {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_a_pool_made_by_the_cli_serves_mvmctl_up_and_closes_without_leftovers() -> None:
+    made = json.loads(mvmctl("pool", "up", "--size", "2", "--ttl", "5m", "--memory", "384", "--json").stdout)
+    try:
+        assert len(made["ready"]) == 2 and made["refilling"] is False  # the command has returned
+        assert made["resources"]["memory_mb"] == 384
+        listed = json.loads(mvmctl("pool", "ls", "--json").stdout)
+        assert [p["id"] for p in listed] == [made["id"]]
+        up = json.loads(mvmctl("up", "--backend", "namespace", "--memory", "384", "--name", "from-cli-pool",
+                               "--json").stdout)
+        assert up["details"]["pool"]["id"] == made["id"] and up["id"] in made["ready"]
+        other = json.loads(mvmctl("up", "--backend", "namespace", "--name", "not-pooled", "--json").stdout)
+        assert other["details"]["pool"] is None  # 512 MiB default: not what the pool serves
+        mvmctl("down", "from-cli-pool")
+        mvmctl("down", "not-pooled")
+        left = [m for m in made["ready"] if m != up["id"]]
+        assert json.loads(mvmctl("pool", "ls", "--json").stdout)[0]["ready"] == left
+    finally:
+        down = json.loads(mvmctl("pool", "down", made["id"], "--json").stdout)
+    assert down["destroyed"] == 1
+    assert not store.pool_dir(made["id"]).exists()
+    assert not any((sandboxes_dir() / member).exists() for member in made["ready"])
+    assert json.loads(mvmctl("pool", "ls", "--json").stdout) == []
+
+
+def test_bad_pool_values_exit_2_with_the_field() -> None:
+    proc = mvmctl("pool", "up", "--size", "40", "--json", check=False)
+    assert proc.returncode == 2
+    error = json.loads(proc.stderr.strip().splitlines()[-1])["error"]
+    assert error["type"] == "InvalidArgument" and error["field"] == "size"
+    missing = mvmctl("pool", "down", "pl-0000000000", check=False)
+    assert missing.returncode == 2 and "no open pool" in missing.stderr
