@@ -204,7 +204,8 @@ class CommandTimeout(MvmError, TimeoutError):
 
 class StreamIdle(SandboxError, TimeoutError):
     """A stream (process output, logs) sent nothing for ``idle_timeout`` seconds; the
-    request was cancelled. Raised on the client side only (``AsyncSandbox`` readers)."""
+    request was cancelled. Raised on the client side only (readers given ``idle_timeout``:
+    ``logs``, ``Process.output``/``lines`` of ``Sandbox`` and ``AsyncSandbox``)."""
 
     wire_type = "StreamIdle"
 

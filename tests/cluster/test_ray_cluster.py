@@ -190,6 +190,34 @@ def test_ttl_is_enforced_by_the_owning_node(ray_cluster: SimulatedCluster) -> No
         sb.commands.run(["true"])
 
 
+def test_on_behalf_of_auto_pause_and_idle_timeout_hold_on_the_cluster_path(ray_cluster: SimulatedCluster) -> None:
+    """The create options and read timeouts of a local sandbox hold for a cluster one too."""
+    import json
+
+    sim = ray_cluster
+    with pytest.raises(errors.InvalidArgument) as bad:
+        mvm.Sandbox.create(TEMPLATE, backend="namespace", cluster=sim.mvm, on_behalf_of={"client": 7})
+    assert bad.value.field == "on_behalf_of"
+    with pytest.raises(errors.InvalidArgument) as bad:
+        mvm.Sandbox.create(TEMPLATE, backend="namespace", cluster=sim.mvm, auto_pause="soon")
+    assert bad.value.field == "auto_pause"
+    principal = {"client": "cluster-caller", "via": "test"}
+    with mvm.Sandbox.create(TEMPLATE, backend="namespace", ttl="10m", cluster=sim.mvm, on_behalf_of=principal,
+                            auto_pause="10m") as sb:
+        assert sb.describe().details["auto_pause_seconds"] == 600  # the node's supervisor watches idleness
+        assert sb.commands.run(["true"]).exit_code == 0
+        process = sb.commands.start(["sh", "-c", "echo ready; exec sleep 300"])
+        with pytest.raises(errors.StreamIdle):
+            for _ in process.output(idle_timeout=1.0):  # the relayed stream ends on silence too
+                pass
+        process.kill()
+        node = _node_of(sim, sb)
+    audit = sim.homes[node] / "audit" / f"{sb.id}.jsonl"
+    entries = {e["op"]: e for e in map(json.loads, audit.read_text().splitlines())}
+    for op in ("sandbox.create", "exec.run", "proc.start", "sandbox.destroy"):
+        assert entries[op]["actor"]["on_behalf_of"] == principal, entries[op]
+
+
 def test_a_restarted_node_agent_finds_the_sandboxes_of_its_node(ray_cluster: SimulatedCluster) -> None:
     sim = ray_cluster
     with sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=sim.nodes[1]) as sb:

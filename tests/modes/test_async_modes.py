@@ -23,7 +23,8 @@ BIG = b"x" * (3 * 1024 * 1024 + 7)
 with mvm.Sandbox.create("python-3.13", workload_id="twins", include=["src"], ttl="1h",
                         resources=mvm.resources(cpu_cores=2, memory_mb=256),
                         network=mvm.network("allow", ["pypi.org:443"]),
-                        env={"MODE": "dev", "TOKEN": mvm.secret("api-key")}, tags={"team": "a"}) as sb:
+                        env={"MODE": "dev", "TOKEN": mvm.secret("api-key")}, tags={"team": "a"},
+                        auto_pause="5m", on_behalf_of={"client": "twin"}) as sb:
     sb.files.write("/app/main.py", "print('hi')", mode=0o755)
     sb.files.write("/app/big.bin", BIG)
     sb.files.mkdir("/work")
@@ -52,7 +53,8 @@ async def main():
     async with await mvm.AsyncSandbox.create("python-3.13", workload_id="twins", include=["src"], ttl="1h",
                             resources=mvm.resources(cpu_cores=2, memory_mb=256),
                             network=mvm.network("allow", ["pypi.org:443"]),
-                            env={"MODE": "dev", "TOKEN": mvm.secret("api-key")}, tags={"team": "a"}) as sb:
+                            env={"MODE": "dev", "TOKEN": mvm.secret("api-key")}, tags={"team": "a"},
+                            auto_pause="5m", on_behalf_of={"client": "twin"}) as sb:
         await sb.files.write("/app/main.py", "print('hi')", mode=0o755)
         await sb.files.write("/app/big.bin", BIG)
         await sb.files.mkdir("/work")
@@ -91,6 +93,7 @@ def test_async_script_compiles_to_the_sync_scripts_ir(home: Path, write_script, 
     sync_bytes = (outputs["sync_twin.py"] / "workload.json").read_bytes()
     assert (outputs["async_twin.py"] / "workload.json").read_bytes() == sync_bytes
     doc = json.loads(sync_bytes)
+    assert (doc["auto_pause_seconds"], doc["on_behalf_of"]) == (300, {"client": "twin"})
     assert [op["op"] for op in doc["operations"]] == [
         "files.write", "files.write", "files.mkdir", "files.move", "commands.run", "commands.run",
         "commands.start", "process.stdin", "process.close_stdin", "process.signal", "process.signal",

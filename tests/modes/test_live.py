@@ -125,7 +125,8 @@ def test_up_from_ir_without_destroy_leaves_it_running(live_env: dict[str, str], 
                                                       tmp_path: Path) -> None:
     script = write_script("""
         import mvm
-        sb = mvm.Sandbox.create("python-3.13", name="kept-from-ir", ttl="10m")
+        sb = mvm.Sandbox.create("python-3.13", name="kept-from-ir", ttl="10m", auto_pause="10m",
+                                on_behalf_of={"client": "replayed"})
         sb.files.write("/work/state.txt", "kept")
     """)
     out = tmp_path / "w"
@@ -134,7 +135,13 @@ def test_up_from_ir_without_destroy_leaves_it_running(live_env: dict[str, str], 
     try:
         assert proc.returncode == 0, proc.stderr
         assert "mvmctl down kept-from-ir" in proc.stdout
-        assert mvm.Sandbox.connect("kept-from-ir").files.read("/work/state.txt") == b"kept"
+        kept = mvm.Sandbox.connect("kept-from-ir")
+        assert kept.files.read("/work/state.txt") == b"kept"
+        # the recorded creation options were created with again
+        assert kept.describe().details["auto_pause_seconds"] == 600
+        audit = Path(os.environ["MVM_HOME"]) / "audit" / f"{kept.id}.jsonl"
+        created = next(e for e in map(json.loads, audit.read_text().splitlines()) if e["op"] == "sandbox.create")
+        assert created["actor"]["on_behalf_of"] == {"client": "replayed"}
     finally:
         run_mvmctl("down", "kept-from-ir")
 

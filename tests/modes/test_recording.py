@@ -54,6 +54,23 @@ def test_create_in_record_mode_returns_a_recorded_sandbox(rec) -> None:
     assert event["ttl_seconds"] == 1800 and event["at"].startswith("test_recording.py:")
 
 
+def test_auto_pause_and_on_behalf_of_are_recorded_and_reach_the_ir(rec) -> None:
+    """Every create path honours them: a recording keeps them for the replay to create with."""
+    from mvm.modes.ir import build_ir
+
+    sb = create(auto_pause="5m", on_behalf_of={"client": "inspector", "via": "mcp"})
+    assert sb.describe().details["auto_pause_seconds"] == 300  # as a live describe() says it
+    plain = create()
+    create_events = [e for e in rec.events if e["op"] == "sandbox.create"]
+    assert create_events[0]["auto_pause_seconds"] == 300
+    assert create_events[0]["on_behalf_of"] == {"client": "inspector", "via": "mcp"}
+    doc = build_ir(rec, 0)
+    assert (doc["auto_pause_seconds"], doc["on_behalf_of"]) == (300, {"client": "inspector", "via": "mcp"})
+    assert plain.describe().details["auto_pause_seconds"] is None
+    defaults = build_ir(rec, 1)  # unset: absent, so documents from before these fields keep their hash
+    assert "auto_pause_seconds" not in defaults and "on_behalf_of" not in defaults
+
+
 def test_mode_choice_explicit_beats_env(rec, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MVM_MODE", "plan")
     assert mvm.Sandbox.create("python-3.13").mode == "plan"
@@ -180,6 +197,10 @@ def test_unset_secret_is_fine_to_record(rec) -> None:
     ({"include": ["../outside"]}, "include"),
     ({"include": ["missing"]}, "include"),
     ({"backend": "docker"}, "backend"),
+    ({"auto_pause": "soon"}, "auto_pause"),
+    ({"auto_pause": 0}, "auto_pause"),
+    ({"on_behalf_of": {"client": 7}}, "on_behalf_of"),
+    ({"on_behalf_of": {}}, "on_behalf_of"),
 ])
 def test_create_validation_matches_the_live_path(rec, kwargs, field) -> None:
     with pytest.raises(errors.InvalidArgument) as recorded:

@@ -40,11 +40,7 @@ ONLY_SYNC = {
     ("Sandbox", "connect"): {"cluster": "mvm.cluster relays are a sync transport"},
     ("Sandbox", "list"): {"cluster": "mvm.cluster relays are a sync transport"},
 }
-ONLY_ASYNC = {
-    ("AsyncSandbox", "logs"): {"idle_timeout": "asyncio readers get a read timeout (StreamIdle)"},
-    ("AsyncProcess", "output"): {"idle_timeout": "asyncio readers get a read timeout (StreamIdle)"},
-    ("AsyncProcess", "lines"): {"idle_timeout": "asyncio readers get a read timeout (StreamIdle)"},
-}
+ONLY_ASYNC: dict[tuple[str, str], dict[str, str]] = {}
 
 
 def _public(cls: type) -> dict[str, Any]:

@@ -210,3 +210,20 @@ def test_logs_hold_lifecycle_and_process_output(sandbox: mvm.Sandbox) -> None:
     )
     assert any(src == "supervisor" and "created" in msg for src, _, msg in lines)
     assert len(list(sandbox.logs(tail=3))) == 3
+
+
+def test_a_silent_stream_raises_stream_idle_and_leaves_the_process_running(sandbox: mvm.Sandbox) -> None:
+    """``idle_timeout`` bounds a sync reader as it bounds an ``AsyncSandbox`` one."""
+    process = sandbox.commands.start(["sh", "-c", "echo ready; exec sleep 300"])
+    seen: list[str] = []
+    with pytest.raises(mvm.StreamIdle) as idle:
+        for _stream, text in process.output(idle_timeout=1.0):
+            seen.append(text)
+    assert seen == ["ready\n"] and isinstance(idle.value, TimeoutError)
+    assert process.is_running()  # a reader's timeout leaves the process alone
+    with pytest.raises(mvm.StreamIdle):
+        list(process.lines("stdout", idle_timeout=0.5))
+    with pytest.raises(mvm.StreamIdle):
+        list(sandbox.logs(follow=True, since=1e12, idle_timeout=0.5))
+    process.kill()
+    assert process.wait() == 128 + 9

@@ -12,6 +12,7 @@ rebuilt on the caller's side by ``errors.from_wire`` (the same as on the local s
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -57,7 +58,8 @@ class NodeAgent:
         self._lock = threading.Lock()  # creates are checked against the limits one at a time
         self._reserved: list[SandboxRequest] = []  # creates admitted and still starting
         self._clients_lock = threading.Lock()
-        self._clients: dict[str, Any] = {}  # sandbox id -> SupervisorClient (a cache, rebuildable)
+        # (sandbox id, principal as JSON or None) -> SupervisorClient (a cache, rebuildable)
+        self._clients: dict[tuple[str, str | None], Any] = {}
         self._streams: dict[str, Any] = {}  # stream token -> its own SupervisorClient, for cancel
 
     # ---- what this node is ----------------------------------------------------------
@@ -132,10 +134,11 @@ class NodeAgent:
     # ---- the data path: requests relayed to the local supervisor -------------------
 
     def call(self, sandbox_id: str, op: str, args: dict[str, Any] | None, payload: bytes,
-             timeout: float | None) -> Reply:
-        """One request, no data frames wanted: ``("ok", result, payload)``."""
+             timeout: float | None, on_behalf_of: dict[str, str] | None = None) -> Reply:
+        """One request, no data frames wanted: ``("ok", result, payload)``. ``on_behalf_of``:
+        who the caller acts for (its requests go over a connection whose hello says so)."""
         try:
-            result, data = self._client(sandbox_id).call(op, args, payload, timeout=timeout)
+            result, data = self._client(sandbox_id, on_behalf_of).call(op, args, payload, timeout=timeout)
         except errors.MvmError as exc:
             self._forget_if_gone(sandbox_id, op)
             return _error(exc)
@@ -143,7 +146,7 @@ class NodeAgent:
         return ("ok", result, data)
 
     def call_streaming(self, sandbox_id: str, op: str, args: dict[str, Any] | None, payload: bytes,
-                       timeout: float | None) -> Iterator[Reply]:
+                       timeout: float | None, on_behalf_of: dict[str, str] | None = None) -> Iterator[Reply]:
         """A request whose ``data`` frames the caller wants as they come (a Ray streaming
         generator): ``("data", stream, bytes)`` items, then ``("ok", result, payload)``."""
         import queue
@@ -152,7 +155,7 @@ class NodeAgent:
 
         def run() -> None:
             try:
-                result, data = self._client(sandbox_id).call(
+                result, data = self._client(sandbox_id, on_behalf_of).call(
                     op, args, payload, timeout=timeout, on_data=lambda s, b: items.put(("data", s, b))
                 )
                 items.put(("ok", result, data))
@@ -168,19 +171,20 @@ class NodeAgent:
     def open_stream(self) -> str:
         return uuid.uuid4().hex
 
-    def stream(self, token: str, sandbox_id: str, op: str, args: dict[str, Any] | None) -> Iterator[Reply]:
+    def stream(self, token: str, sandbox_id: str, op: str, args: dict[str, Any] | None,
+               idle_timeout: float | None = None, on_behalf_of: dict[str, str] | None = None) -> Iterator[Reply]:
         """A streaming op (``proc.attach``, ``sandbox.logs``) on its own connection, so
         ``cancel_stream(token)`` can end it from another request."""
         from ..supervisor.client import SupervisorClient
 
         try:
-            client = SupervisorClient(self._socket(sandbox_id))
+            client = SupervisorClient(self._socket(sandbox_id), on_behalf_of=on_behalf_of)
         except errors.MvmError as exc:
             yield _error(exc)
             return
         self._streams[token] = client
         try:
-            for stream, data in client.stream(op, args):
+            for stream, data in client.stream(op, args, idle_timeout=idle_timeout):
                 yield ("data", stream, data)
             yield ("ok", {}, b"")
         except errors.MvmError as exc:
@@ -344,21 +348,26 @@ class NodeAgent:
             raise errors.InvalidArgument("sandbox_id", f"{sandbox_id!r} is not a sandbox id", allowed="sb-<hex>")
         return sandboxes_dir() / sandbox_id / CONTROL_SOCKET
 
-    def _client(self, sandbox_id: str) -> Any:
+    def _client(self, sandbox_id: str, on_behalf_of: dict[str, str] | None = None) -> Any:
+        """The shared connection to a sandbox's supervisor, one per principal a caller
+        acts for (the supervisor audits the principal its connection's hello named)."""
         from ..supervisor.client import SupervisorClient
 
+        key = (sandbox_id, json.dumps(on_behalf_of, sort_keys=True) if on_behalf_of else None)
         with self._clients_lock:
-            client = self._clients.get(sandbox_id)
+            client = self._clients.get(key)
             if client is None or client._closed:
-                client = SupervisorClient(self._socket(sandbox_id))
-                self._clients[sandbox_id] = client
+                client = SupervisorClient(self._socket(sandbox_id), on_behalf_of=on_behalf_of)
+                self._clients[key] = client
             return client
 
     def _forget_if_gone(self, sandbox_id: str, op: str) -> None:
         if op == "sandbox.destroy":
             directory.forget(sandbox_id)
-            client = self._clients.pop(sandbox_id, None)
-            if client is not None:
+            with self._clients_lock:
+                gone = [key for key in self._clients if key[0] == sandbox_id]
+                clients = [self._clients.pop(key) for key in gone]
+            for client in clients:
                 client.close()
 
 

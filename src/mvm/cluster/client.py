@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import errors
 from ..sdk.models import SandboxInfo
+from ..spec import validate_on_behalf_of
 from ..supervisor import client_core
 from ..templates.catalog import BUILTIN
 from . import directory
@@ -169,6 +170,9 @@ class Cluster:
         if options.setdefault("mode", "live") != "live":
             raise errors.InvalidArgument("mode", "a cluster creates live sandboxes; record and plan run locally",
                                          allowed=["live"])
+        # The node's Sandbox.create checks and honours every option (auto_pause too); the
+        # principal is also this handle's, sent with each relayed request.
+        principal = validate_on_behalf_of(options.get("on_behalf_of"))
         files = collect_includes(include or [], base_dir=script_dir())  # host paths are the caller's
         request = SandboxRequest.of(template, options)
         reports = self.reports()
@@ -194,7 +198,7 @@ class Cluster:
                     refused[node_id] = failure.message
                     continue
                 raise failure
-            sandbox = self._handle(record)
+            sandbox = self._handle(record, on_behalf_of=principal)
             try:
                 for guest_path, data, mode_bits in files:
                     sandbox.files.write(guest_path, data, mode=mode_bits)
@@ -313,7 +317,7 @@ class Cluster:
             return self._locate(name_or_id)
         return None
 
-    def _handle(self, record: dict[str, Any]) -> Any:
+    def _handle(self, record: dict[str, Any], *, on_behalf_of: dict[str, str] | None = None) -> Any:
         from ..sdk.sandbox import Sandbox
 
         node_id = record["node_id"]
@@ -323,7 +327,7 @@ class Cluster:
             sandbox_id,
             record["name"],
             Path(record.get("directory", "")),
-            connect=lambda: ClusterTransport(self, node_id, sandbox_id),
+            connect=lambda: ClusterTransport(self, node_id, sandbox_id, on_behalf_of=on_behalf_of),
         )
 
     def _get(self, ref: Any, timeout: float | None) -> Any:
@@ -341,12 +345,15 @@ class Cluster:
 
 class ClusterTransport:
     """``SupervisorClient``'s shape over the owning node's agent: what a cluster
-    ``Sandbox`` speaks through."""
+    ``Sandbox`` speaks through. ``on_behalf_of`` travels with each request: the agent
+    relays it over a supervisor connection whose hello names that principal."""
 
-    def __init__(self, cluster: Cluster, node_id: str, sandbox_id: str):
+    def __init__(self, cluster: Cluster, node_id: str, sandbox_id: str, *,
+                 on_behalf_of: dict[str, str] | None = None):
         self._cluster = cluster
         self.node_id = node_id
         self.sandbox_id = sandbox_id
+        self.on_behalf_of = on_behalf_of
         self._agent = cluster.agent(node_id)
         self._closed = False
 
@@ -363,10 +370,10 @@ class ClusterTransport:
         wait = None if timeout is None else timeout + RELAY_GRACE
         if on_data is None:
             reply = self._lost_guard(lambda: self._cluster._get(
-                self._agent.call.remote(self.sandbox_id, op, args, payload, timeout), wait))
+                self._agent.call.remote(self.sandbox_id, op, args, payload, timeout, self.on_behalf_of), wait))
             return _unwrap(reply)
         generator = self._agent.call_streaming.options(num_returns="streaming").remote(
-            self.sandbox_id, op, args, payload, timeout
+            self.sandbox_id, op, args, payload, timeout, self.on_behalf_of
         )
         for item in self._items(generator):
             if item[0] == "data":
@@ -375,10 +382,14 @@ class ClusterTransport:
             return _unwrap(item)
         raise errors.SandboxLost(f"{op}: the relay ended without an answer")
 
-    def stream(self, op: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, bytes]]:
+    def stream(self, op: str, args: dict[str, Any] | None = None, *,
+               idle_timeout: float | None = None) -> Iterator[tuple[str, bytes]]:
+        """The node's supervisor client applies ``idle_timeout`` (its ``StreamIdle`` comes
+        back as the relay's answer), so a silent stream also ends where it is read."""
         self._check_open()
         token = self._lost_guard(lambda: self._cluster._get(self._agent.open_stream.remote(), REPORT_TIMEOUT))
-        generator = self._agent.stream.options(num_returns="streaming").remote(token, self.sandbox_id, op, args)
+        generator = self._agent.stream.options(num_returns="streaming").remote(
+            token, self.sandbox_id, op, args, idle_timeout, self.on_behalf_of)
         finished = False
         try:
             for item in self._items(generator):

@@ -317,6 +317,8 @@ def plan_workload(doc: dict[str, Any], sha256: str, policy: HostPolicy, *,
         "ttl_seconds": doc["ttl_seconds"],
         "tags": doc["tags"],
         "from_snapshot": doc["from_snapshot"],
+        "auto_pause_seconds": doc.get("auto_pause_seconds"),
+        "on_behalf_of": doc.get("on_behalf_of"),
         "env": doc["env"],
         "include": {"guest_root": doc["include"]["guest_root"], "files": len(files),
                     "bytes": sum(f["size"] for f in files), "tree_sha256": doc["include"]["tree_sha256"]},
@@ -375,6 +377,10 @@ def render_plan(report: dict[str, Any]) -> str:
                          f"-> {inc['guest_root']}  (tree sha256 {inc['tree_sha256'][:16]})")
         if w["from_snapshot"]:
             lines.append(f"  from       snapshot {w['from_snapshot']}")
+        if w.get("auto_pause_seconds"):
+            lines.append(f"  auto-pause after {format_duration(w['auto_pause_seconds'])} idle")
+        if w.get("on_behalf_of"):
+            lines.append("  acts for   " + ", ".join(f"{k}={v}" for k, v in sorted(w["on_behalf_of"].items())))
         lines.append("  operations")
         if not w["operations"]:
             lines.append("    (none)")

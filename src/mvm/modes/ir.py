@@ -59,6 +59,9 @@ OPERATIONS = (
 )
 SPEC_FIELDS = ("template", "name", "workload_id", "backend", "resources", "network", "ttl_seconds", "tags",
                "from_snapshot", "env", "include")
+#: Creation options a document holds only when the script set them (absent = the default:
+#: never auto-paused, no principal), so documents written before they existed stay valid.
+OPTIONAL_SPEC_FIELDS = ("auto_pause_seconds", "on_behalf_of")
 WORKLOAD_FILE = "workload.json"
 PLAN_FILE = "plan.json"
 FILES_DIR = "files"
@@ -191,6 +194,9 @@ def build_ir(recording: Recording, sandbox: int = 0) -> dict[str, Any]:
     doc: dict[str, Any] = {"version": VERSION}
     for key in SPEC_FIELDS:
         doc[key] = create[key]
+    for key in OPTIONAL_SPEC_FIELDS:
+        if create.get(key) is not None:
+            doc[key] = create[key]
     include = dict(create["include"])
     include["tree_sha256"] = tree_hash(include["files"])
     doc["include"] = include

@@ -333,6 +333,7 @@ class RecordTransport:
             "network": request.network.to_json(), "ttl_seconds": request.ttl_seconds, "tags": dict(request.tags),
             "from_snapshot": request.from_snapshot, "env": encode_env(dict(request.env)),
             "include": {"guest_root": GUEST_ROOT, "paths": list(request.include), "files": included},
+            "auto_pause_seconds": request.auto_pause_seconds, "on_behalf_of": request.on_behalf_of,
         })
         sandbox_id = f"recorded-{index + 1}"
         describe = {
@@ -341,7 +342,7 @@ class RecordTransport:
             "resources": request.resources.to_json(), "network": request.network.to_json(),
             "created_at": 0.0, "expires_at": None, "workload_id": request.workload_id,
             "details": {"mode": mode, "recorded": True, "ttl_seconds": request.ttl_seconds,
-                        "tags": dict(request.tags)},
+                        "tags": dict(request.tags), "auto_pause_seconds": request.auto_pause_seconds},
         }
         return cls(recording, index, mode, describe)
 
@@ -368,7 +369,8 @@ class RecordTransport:
         result: dict[str, Any] = handler(args, payload)
         return result, b""
 
-    def stream(self, op: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, bytes]]:
+    def stream(self, op: str, args: dict[str, Any] | None = None, *,
+               idle_timeout: float | None = None) -> Iterator[tuple[str, bytes]]:
         not_available(public_call(), self.mode, _UNAVAILABLE.get(op, _PROCESS_HINT))
 
     def close(self) -> None:

@@ -421,7 +421,8 @@ def replay(path: Path | str, *, name: str | None = None, backend: str | None = N
             ttl=doc["ttl_seconds"], include=None, resources=Resources.from_json(doc["resources"]),
             network=NetworkPolicy.from_json(net),
             env=decode_env(doc["env"]), backend=backend or doc["backend"], tags=doc["tags"],
-            from_snapshot=doc["from_snapshot"])
+            from_snapshot=doc["from_snapshot"], auto_pause=doc.get("auto_pause_seconds"),
+            on_behalf_of=doc.get("on_behalf_of"))
         say(f"sandbox {sandbox.name} ({sandbox.id}) from workload {doc['workload_id'] or ''} "
             f"sha256 {loaded.sha256}")
         results: list[dict[str, Any]] = []

@@ -202,10 +202,13 @@ class Process:
     def close_stdin(self) -> None:
         self._sandbox._client().call("proc.stdin", {**self._ref(), "eof": True})
 
-    def output(self, *, replay: bool = True) -> Iterator[tuple[str, str]]:
+    def output(self, *, replay: bool = True, idle_timeout: float | None = None) -> Iterator[tuple[str, str]]:
         """Yield ``(stream, text)`` chunks as the process prints them, until it exits.
-        With ``replay`` the output printed before the call comes first."""
-        frames = self._sandbox._client().stream("proc.attach", {**self._ref(), "replay": replay})
+        With ``replay`` the output printed before the call comes first. With
+        ``idle_timeout`` a process silent for that long raises ``StreamIdle`` (the
+        process keeps running)."""
+        frames = self._sandbox._client().stream("proc.attach", {**self._ref(), "replay": replay},
+                                                idle_timeout=idle_timeout)
         return self._decoded(frames)  # requested now: record mode refuses at the call
 
     def _decoded(self, frames: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:
@@ -215,10 +218,10 @@ class Process:
             if text:
                 yield stream, text
 
-    def lines(self, which: str = "stdout") -> Iterator[str]:
+    def lines(self, which: str = "stdout", *, idle_timeout: float | None = None) -> Iterator[str]:
         """Lines of ``which`` (``"stdout"`` or ``"stderr"``) from the process's start until it exits."""
         splitter = LineSplitter(which)  # a bad ``which`` and record mode refuse at the call
-        return _split_lines(self.output(), splitter)
+        return _split_lines(self.output(idle_timeout=idle_timeout), splitter)
 
     @property
     def stdout(self) -> Iterator[str]:

@@ -130,21 +130,22 @@ class Sandbox:
         and with every request of this handle, next to this process's own credentials.
         ``auto_pause`` ("5m", seconds; default ``None`` = never) pauses the sandbox once
         it was idle that long and resumes it on the next request, state intact (what
-        counts as idle: ``mvm/supervisor/idle.py``, README).
+        counts as idle: ``mvm/supervisor/idle.py``, README). Both hold in every path: a
+        ``cluster`` node creates with them, record/plan mode writes them into the workload
+        IR (``mvmctl up --from-ir`` creates with them again).
         """
-        auto_pause_seconds = None if auto_pause is None else parse_duration(auto_pause, field="auto_pause")
         resolved_mode = current_mode(mode)
         if cluster is not None and resolved_mode == "live":  # record/plan record it like any other
             sandbox: Sandbox = cluster.create(
                 template, name=name, workload_id=workload_id, ttl=ttl, include=include, resources=resources,
                 network=network, env=env, backend=backend, mode="live", tags=tags, from_snapshot=from_snapshot,
+                on_behalf_of=on_behalf_of, auto_pause=auto_pause,
             )
             return sandbox
-        principal = validate_on_behalf_of(on_behalf_of)
         request = create_request(
             template, name=name, workload_id=workload_id, ttl=ttl, include=include, resources=resources,
             network=network, env=env, backend=backend, tags=tags, from_snapshot=from_snapshot,
-            live=resolved_mode == "live",
+            on_behalf_of=on_behalf_of, auto_pause=auto_pause, live=resolved_mode == "live",
         )
         if resolved_mode != "live":
             return cls._recorded_by(resolved_mode, request)
@@ -157,7 +158,7 @@ class Sandbox:
             resources=request.resources,
             network=request.network,
             ttl_seconds=request.ttl_seconds,
-            auto_pause_seconds=auto_pause_seconds,
+            auto_pause_seconds=request.auto_pause_seconds,
             env=literal_env,
             secret_env_names=_secret_names(request.env),
             workload_id=workload_id,
@@ -165,9 +166,10 @@ class Sandbox:
             created_at=time.time(),
             from_snapshot=from_snapshot,
             run_id=os.environ.get("MVM_RUN_ID"),
-            on_behalf_of=principal,
+            on_behalf_of=request.on_behalf_of,
         ), secret_env)
         directory = launched.directory
+        principal = request.on_behalf_of
         sandbox = cls(launched.config.id, launched.config.name, directory, secret_values=secret_values,
                       connect=lambda: SupervisorClient(directory / CONTROL_SOCKET, on_behalf_of=principal))
         sandbox._conn = launched.client  # a claimed pool member's connection, already open
@@ -246,17 +248,25 @@ class Sandbox:
         return self.describe().state
 
     def logs(
-        self, *, follow: bool = False, tail: int | None = None, since: float | None = None, redact: bool = True
+        self,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        redact: bool = True,
+        idle_timeout: float | None = None,
     ) -> Iterator[LogEvent]:
         """The sandbox's log: lifecycle events, audit entries and process output lines.
 
         Known secret values never reach the log (the supervisor redacts them before
         writing); ``redact`` additionally masks values this handle resolved.
+        ``idle_timeout`` raises ``StreamIdle`` when nothing was logged for that long.
 
         >>> for event in sandbox.logs(follow=False):
         ...     print(event.source, event.message)
         """
-        frames = self._client().stream("sandbox.logs", {"follow": follow, "tail": tail, "since": since})
+        frames = self._client().stream("sandbox.logs", {"follow": follow, "tail": tail, "since": since},
+                                       idle_timeout=idle_timeout)
         return (log_event(data, self._redactor if redact else None) for _, data in frames)  # requested now:
         # record mode refuses at the call, not at the first next()
 
@@ -439,6 +449,8 @@ class CreateRequest:
     from_snapshot: str | None
     include: Sequence[str]  # as given, relative to the script's folder
     files: list[tuple[str, bytes, int]]  # (guest path, bytes, mode) of every included file
+    auto_pause_seconds: int | None = None
+    on_behalf_of: dict[str, str] | None = None  # audited with the creation and every request
 
 
 def create_request(
@@ -454,11 +466,15 @@ def create_request(
     backend: str | None,
     tags: Mapping[str, str] | None,
     from_snapshot: str | None,
+    on_behalf_of: Mapping[str, str] | None = None,
+    auto_pause: str | int | float | None = None,
     live: bool,
 ) -> CreateRequest:
     """Check ``Sandbox.create``'s arguments, in one order for every mode. Live, a restore
     takes the snapshot's shape unless ``resources`` are given; record/plan mode never
     builds a template nor reads the snapshot store."""
+    auto_pause_seconds = None if auto_pause is None else parse_duration(auto_pause, field="auto_pause")
+    principal = validate_on_behalf_of(on_behalf_of)
     if live and from_snapshot is not None and resources is None:
         resources = snapshot_shape(from_snapshot)
     spec = _validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
@@ -472,6 +488,7 @@ def create_request(
         template=template, name=name, workload_id=workload_id, backend=backend, resources=spec["resources"],
         network=spec["network"], ttl_seconds=spec["ttl_seconds"], env=dict(env or {}), tags=dict(tags or {}),
         from_snapshot=from_snapshot, include=list(include or []), files=files,
+        auto_pause_seconds=auto_pause_seconds, on_behalf_of=principal,
     )
 
 

@@ -11,9 +11,10 @@ anything with this shape:
     Send one request and block until its final answer. ``data`` frames that arrive
     before it (a command's output, a file's bytes) go to ``on_data(stream, bytes)``.
     An error answer is raised as the :mod:`mvm.errors` type it names.
-``stream(op, args=None) -> Iterator[(stream, bytes)]``
+``stream(op, args=None, *, idle_timeout=None) -> Iterator[(stream, bytes)]``
     Yield the ``data`` frames of one request until its answer; closing the
-    iterator early cancels the request.
+    iterator early cancels the request; ``StreamIdle`` after ``idle_timeout`` seconds
+    without a frame.
 ``close()``
     Drop the connection; the sandbox keeps running.
 
@@ -56,14 +57,15 @@ class Transport(Protocol):
         timeout: float | None = None,
     ) -> tuple[dict[str, Any], bytes]: ...
 
-    def stream(self, op: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, bytes]]: ...
+    def stream(
+        self, op: str, args: dict[str, Any] | None = None, *, idle_timeout: float | None = None
+    ) -> Iterator[tuple[str, bytes]]: ...
 
     def close(self) -> None: ...
 
 
 class AsyncTransport(Protocol):
-    """The awaited twin of :class:`Transport` (``AsyncSandbox``); ``stream`` is an async
-    iterator that raises ``StreamIdle`` after ``idle_timeout`` seconds without a frame."""
+    """The awaited twin of :class:`Transport` (``AsyncSandbox``); ``stream`` is an async iterator."""
 
     async def call(
         self,

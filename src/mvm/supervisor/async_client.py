@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from .. import errors
 from ..protocol import codec
 from ..protocol.codec import Frame, FrameDecoder, ProtocolError
 from . import client_core
@@ -122,9 +121,7 @@ class AsyncSupervisorClient:
                 try:
                     item = await asyncio.wait_for(box.get(), idle_timeout)
                 except TimeoutError:
-                    raise errors.StreamIdle(
-                        f"{op}: nothing from the sandbox for {idle_timeout} s", idle_timeout=idle_timeout
-                    ) from None
+                    raise client_core.stream_idle(op, idle_timeout) from None
                 if item is CLOSED:
                     finished = True
                     return

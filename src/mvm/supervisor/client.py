@@ -82,14 +82,20 @@ class SupervisorClient:
         finally:
             self._finish(ident)
 
-    def stream(self, op: str, args: dict[str, Any] | None = None) -> Iterator[tuple[str, bytes]]:
+    def stream(
+        self, op: str, args: dict[str, Any] | None = None, *, idle_timeout: float | None = None
+    ) -> Iterator[tuple[str, bytes]]:
         """Yield ``(stream, bytes)`` of ``data`` frames until the response; closing the
-        iterator early cancels the request."""
+        iterator early cancels the request. With ``idle_timeout`` a request that sends
+        nothing for that long is cancelled and ``StreamIdle`` raised."""
         ident, box = self._open(op, args, b"")
         finished = False
         try:
             while True:
-                item = box.get()
+                try:
+                    item = box.get(timeout=idle_timeout)
+                except queue.Empty:
+                    raise client_core.stream_idle(op, idle_timeout) from None
                 if item is CLOSED:
                     finished = True
                     return

@@ -66,6 +66,11 @@ class PendingRequests(Generic[Box]):
         return list(self._boxes.values())
 
 
+def stream_idle(op: str, idle_timeout: float | None) -> errors.StreamIdle:
+    """A stream's reader waited ``idle_timeout`` seconds for a frame (the request is cancelled)."""
+    return errors.StreamIdle(f"{op}: nothing from the sandbox for {idle_timeout} s", idle_timeout=idle_timeout)
+
+
 def answer(op: str, item: Any, on_data: DataCallback | None) -> tuple[dict[str, Any], bytes] | None:
     """One item taken from a request's box: ``None`` for a ``data`` frame (handed to
     ``on_data``), else the request's final ``(result, payload)``; an error answer or a
