@@ -9,6 +9,7 @@ once a pool is closed or has expired. Times are never asserted (bench/ measures 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -64,7 +65,7 @@ def test_a_create_claims_a_member_and_gets_everything_it_asked_for(
         assert sb.id in waiting  # a pre-started member, not a new sandbox
         info = sb.describe()
         assert info.name == "claimed-one" and info.state == "running" and info.workload_id == "job-1"
-        assert info.details["pool"]["id"] == pool.id and info.details["pool"]["claimed_at"] is not None
+        assert info.pool is not None and info.pool["id"] == pool.id and info.pool["claimed_at"] is not None
         assert info.expires_at is not None
         assert abs(info.expires_at - info.details["pool"]["claimed_at"] - 7 * 60) < 5  # TTL from the claim
         assert sorted(info.details["env_keys"]) == ["MODE"] and info.details["secret_env_keys"] == ["TOKEN"]
@@ -222,3 +223,38 @@ def test_members_expire_unclaimed_even_after_their_owner_died(tmp_path: Path) ->
         ops = [e["op"] for e in audit.tail(audit.log_path(member), 50)]
         assert ops == ["sandbox.prestart", "sandbox.destroy"]
         assert audit.verify(audit.log_path(member)).ok
+
+
+def test_async_creates_claim_members_too(pool: mvm.Pool) -> None:
+    waiting = set(pool.describe().ready)
+
+    async def script() -> tuple[str, str | None, str]:
+        async with await mvm.AsyncSandbox.create(TEMPLATE, backend="namespace", name="async-claimed") as sb:
+            info = await sb.describe()
+            result = await sb.commands.run(["echo", "ok"])
+            return sb.id, info.details["pool"]["id"], result.stdout
+
+    sandbox_id, pool_id, out = asyncio.run(script())
+    assert sandbox_id in waiting and pool_id == pool.id and out == "ok\n"
+
+
+def test_in_record_mode_a_pool_starts_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mvm.modes.recording import reset_recording
+
+    monkeypatch.setenv("MVM_INCLUDE_BASE", str(tmp_path))
+    monkeypatch.setenv("MVM_MODE", "record")
+    recording = reset_recording()
+    try:
+        before = set(os.listdir(pools_dir())), set(os.listdir(sandboxes_dir()))
+        with mvm.pool(TEMPLATE, size=3) as recorded:
+            assert recorded.recorded and recorded.describe().ready == []
+            sb = recorded.create(name="recorded-one")
+            assert sb.recorded
+            sb.commands.run(["true"])
+        assert [e["op"] for e in recording.events] == ["sandbox.create", "commands.run"]
+        assert (set(os.listdir(pools_dir())), set(os.listdir(sandboxes_dir()))) == before
+        with pytest.raises(errors.InvalidArgument) as err:
+            mvm.pool(TEMPLATE, size=0)  # checked alike in every mode
+        assert err.value.field == "size"
+    finally:
+        reset_recording()

@@ -183,6 +183,45 @@ export class ProcessInfo {
  * `describe()`: the sandbox's identity, state, policy and isolation facts.
  * `isolation` is `vm` or `namespace`; `details` holds the backend's specifics.
  */
+/** Which warm pool a sandbox came from (`SandboxInfo.pool`). */
+export interface PoolMembership {
+  readonly id: string;
+  readonly prestartedAt: number;
+  readonly claimedAt: number | null;
+  /** The audit entry of its pre-start (its chain then has the claim as `sandbox.create`). */
+  readonly prestartAuditId: string | null;
+}
+
+/**
+ * A warm pool as `pools()` reports it (Python's `mvm.PoolInfo`, `mvmctl pool ls --json`):
+ * what a create must ask for to claim one of its `ready` members.
+ */
+export class PoolInfo {
+  constructor(
+    readonly id: string,
+    readonly template: string,
+    readonly backend: string,
+    readonly resources: Resources,
+    readonly network: Raw,
+    readonly size: number,
+    readonly ready: readonly string[],
+    readonly ttlSeconds: number,
+    readonly ownerPid: number | null,
+    readonly refilling: boolean,
+    readonly createdAt: number,
+    readonly lastError: string | null = null,
+  ) {
+    Object.freeze(this);
+  }
+
+  static fromWire(raw: Raw): PoolInfo {
+    return new PoolInfo(String(raw.id), String(raw.template), String(raw.backend),
+      Resources.fromDict((raw.resources ?? {}) as Raw), (raw.network ?? {}) as Raw, num(raw.size),
+      Array.isArray(raw.ready) ? raw.ready.map(String) : [], num(raw.ttl_seconds), optNum(raw.owner_pid),
+      raw.refilling === true, num(raw.created_at), optStr(raw.last_error));
+  }
+}
+
 export class SandboxInfo {
   constructor(
     readonly id: string,
@@ -206,6 +245,18 @@ export class SandboxInfo {
       String(raw.backend ?? ""), String(raw.isolation ?? ""), Resources.fromDict((raw.resources ?? {}) as Raw),
       NetworkInfo.fromWire((raw.network ?? {}) as Raw), num(raw.created_at), optNum(raw.expires_at),
       optStr(raw.workload_id), (raw.details ?? {}) as Raw);
+  }
+
+  /**
+   * Set when the sandbox was a warm pool's pre-started member (`mvmctl pool up`, Python's
+   * `mvm.pool`) that this create claimed: `details.pool` in camelCase; null otherwise.
+   */
+  get pool(): PoolMembership | null {
+    const raw = this.details.pool;
+    if (typeof raw !== "object" || raw === null) return null;
+    const fields = raw as Raw;
+    return { id: String(fields.id), prestartedAt: num(fields.prestarted_at), claimedAt: optNum(fields.claimed_at),
+      prestartAuditId: optStr(fields.prestart_audit_id) };
   }
 
   toDict(): Raw {

@@ -28,7 +28,9 @@ import {
   MvmError, SandboxError, SandboxNotFound, TooLarge,
 } from "./errors.js";
 import { parseDuration } from "./durations.js";
-import { CommandResult, FileEntry, LogEvent, NetworkInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot } from "./models.js";
+import {
+  CommandResult, FileEntry, LogEvent, NetworkInfo, PoolInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot,
+} from "./models.js";
 import { CONTROL_SOCKET, findMvmctl, sandboxesDir } from "./paths.js";
 import { network as makeNetwork, NetworkPolicy, Resources, SecretRef, type NetworkMode } from "./policy.js";
 import { CHUNK_SIZE, type Header } from "./protocol.js";
@@ -200,6 +202,17 @@ function makeRedactor(values: Map<string, string>): (text: string) => string {
   const ordered = [...byValue.keys()].sort((a, b) => b.length - a.length || (a < b ? -1 : a > b ? 1 : 0));
   const pattern = new RegExp(ordered.map((v) => v.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("|"), "g");
   return (text) => text.replace(pattern, (match) => `[redacted:${byValue.get(match)}]`);
+}
+
+/**
+ * Every warm pool of this `$MVM_HOME` (Python's `mvm.pools()`, `mvmctl pool ls`): what each
+ * serves and its waiting members. A `Sandbox.create` asking for exactly what one serves
+ * (template, backend, resources, network) claims a member: `describe()` then has `pool` set.
+ */
+export async function pools(): Promise<PoolInfo[]> {
+  const result = await runMvmctl(["pool", "ls", "--json"]);
+  if (result.code !== 0) throw mvmctlError("mvmctl pool ls", result);
+  return (JSON.parse(result.stdout) as Record<string, unknown>[]).map((raw) => PoolInfo.fromWire(raw));
 }
 
 /** A live sandbox: a microVM or a namespace jail with an agent inside. */

@@ -65,6 +65,11 @@ export async function supervisorAlive(directory: string, record: Record<string, 
   return canConnect(join(directory, CONTROL_SOCKET));
 }
 
+/** A warm pool's member nobody claimed yet: not a sandbox anyone created (Python's `state.unclaimed`). */
+export function unclaimed(record: Record<string, unknown>): boolean {
+  return Boolean(record.pool) && ["creating", "pooled"].includes(String(record.state ?? "creating"));
+}
+
 /** Every live sandbox's record (with `directory`), sorted by directory name. */
 export async function listSandboxes(): Promise<SandboxRecord[]> {
   let names: string[];
@@ -82,7 +87,7 @@ export async function listSandboxes(): Promise<SandboxRecord[]> {
       continue;
     }
     const record = loadRecord(directory);
-    if (record === null || !(await supervisorAlive(directory, record))) continue;
+    if (record === null || unclaimed(record) || !(await supervisorAlive(directory, record))) continue;
     found.push({ ...record, directory } as SandboxRecord);
   }
   return found;

@@ -112,12 +112,17 @@ def create_pool(pool_id: str, spec: PoolSpec, size: int, member_ttl_seconds: int
             f"({pooled} already in other pools); close a pool first", allowed=f"at most {MAX_POOLED - pooled}")
     directory = pool_dir(pool_id)
     (directory / READY_DIR).mkdir(parents=True, mode=0o700)
-    pid = os.getpid()
-    record = {"id": pool_id, "serves": spec.to_json(), "size": size, "member_ttl_seconds": member_ttl_seconds,
-              "owner": {"pid": pid, "start_ticks": process_start_ticks(pid)} if owned else None,
-              "created_at": time.time()}
+    record = pool_record(pool_id, spec, size, member_ttl_seconds, owned=owned)
     write_json_atomic(directory / POOL_FILE, record)
     return record
+
+
+def pool_record(pool_id: str, spec: PoolSpec, size: int, member_ttl_seconds: int, *, owned: bool) -> dict[str, Any]:
+    """What ``pool.json`` holds."""
+    pid = os.getpid()
+    return {"id": pool_id, "serves": spec.to_json(), "size": size, "member_ttl_seconds": member_ttl_seconds,
+            "owner": {"pid": pid, "start_ticks": process_start_ticks(pid)} if owned else None,
+            "created_at": time.time()}
 
 
 def read_pool(directory: Path) -> dict[str, Any] | None:

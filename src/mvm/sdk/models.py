@@ -127,6 +127,13 @@ class SandboxInfo:
     workload_id: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def pool(self) -> dict[str, Any] | None:
+        """Set when a create claimed this sandbox from a warm pool (``mvm.pool``): ``{id,
+        prestarted_at, claimed_at, prestart_audit_id}`` (TypeScript: ``SandboxInfo.pool``)."""
+        membership = self.details.get("pool")
+        return dict(membership) if isinstance(membership, dict) else None
+
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> SandboxInfo:
         known = {f for f in cls.__dataclass_fields__}

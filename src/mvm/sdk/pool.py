@@ -90,12 +90,17 @@ class Pool:
     """A warm pool this process owns: ``size`` pre-started sandboxes, kept filled in the
     background until ``close()``. Make one with :func:`mvm.pool`."""
 
-    def __init__(self, pool_id: str, spec: store.PoolSpec, size: int, ttl_seconds: int, *, refill: bool):
+    def __init__(
+        self, pool_id: str, spec: store.PoolSpec, size: int, ttl_seconds: int, *, refill: bool, recorded: bool = False
+    ):
         self.id = pool_id
         self.spec = spec
         self.size = size
         self.ttl_seconds = ttl_seconds
-        self._record = store.create_pool(pool_id, spec, size, ttl_seconds, owned=refill)
+        #: record/plan mode: nothing starts (creates are recorded, not served)
+        self.recorded = recorded
+        self._record = (store.pool_record(pool_id, spec, size, ttl_seconds, owned=False) if recorded
+                        else store.create_pool(pool_id, spec, size, ttl_seconds, owned=refill))
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -134,13 +139,14 @@ class Pool:
         return sandbox
 
     def describe(self) -> PoolInfo:
-        return PoolInfo.from_record(self._record, store.ready_members(store.pool_dir(self.id)), self._last_error)
+        ready = [] if self.recorded else store.ready_members(store.pool_dir(self.id))
+        return PoolInfo.from_record(self._record, ready, self._last_error)
 
     def wait_ready(self, timeout: float = 60.0) -> PoolInfo:
         """Block until all ``size`` members are waiting (a test or a benchmark wants a
         full pool; a create never waits for one)."""
         deadline = time.monotonic() + timeout
-        while True:
+        while not self.recorded:
             info = self.describe()
             if len(info.ready) >= self.size:
                 return info
@@ -152,6 +158,7 @@ class Pool:
                                                                 if info.last_error else ""))
             self._wake.set()
             time.sleep(0.02)
+        return self.describe()
 
     # ---- filling -------------------------------------------------------------------------
 
@@ -169,7 +176,7 @@ class Pool:
     def fill(self) -> None:
         """Start members until the pool is full (blocking)."""
         directory = store.pool_dir(self.id)
-        while not self._closed.is_set() and len(_prune_dead(self.id, directory)) < self.size:
+        while not self.recorded and not self._closed.is_set() and len(_prune_dead(self.id, directory)) < self.size:
             self.start_member()
 
     def start_refill(self) -> None:
@@ -212,6 +219,8 @@ class Pool:
         self._wake.set()
         if thread is not None:
             thread.join()
+        if self.recorded:
+            return
         for member in store.close_pool_record(self.id):
             _destroy_member(member)
         store.remove_pool_dir(self.id)
@@ -254,12 +263,19 @@ def pool(
     claim, start in a background thread (``refill=False``: none). ``backend``: pools
     pre-start ``namespace`` sandboxes only.
     """
-    from .sandbox import _validated_spec
+    from ..templates.catalog import check_template
+    from .sandbox import _validated_spec, current_mode
 
     size = store.validate_size(size)
     ttl_seconds = store.validate_member_ttl(ttl)
+    live = current_mode() == "live"
     spec_args = _validated_spec(template, name=None, workload_id=None, ttl=None, resources=resources,
-                                network=network, env=None, tags=None)
+                                network=network, env=None, tags=None, template_check=None if live else check_template)
+    if not live:  # record/plan: a pool changes how fast a live create is served, not what it does
+        backend_name = store.validate_pool_backend("namespace" if backend is None else backend)
+        spec = store.PoolSpec(template=template, backend=backend_name, resources=spec_args["resources"],
+                              network=spec_args["network"], template_digest="")
+        return Pool(store.new_pool_id(), spec, size, ttl_seconds, refill=False, recorded=True)
     backend_name = store.validate_pool_backend(choose_backend(backend))
     image = ensure_template(template)
     spec = store.PoolSpec(template=template, backend=backend_name, resources=spec_args["resources"],
