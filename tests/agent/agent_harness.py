@@ -61,7 +61,7 @@ class AgentClient:
     def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket):
         self.process = process
         self.sock = sock
-        self.channel = FramedChannel(sock)
+        self.channel = FramedChannel(sock, receive_fds=True)  # (a handoff brings a socket)
         self._ids = iter(range(1, 1 << 30))
         self._responses: dict[int, queue.Queue[Frame]] = {}
         self._lock = threading.Lock()

@@ -4,12 +4,13 @@ here, so its loopback is ours): connect, listen, stream frames, errors, reconnec
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
-from agent_harness import AgentClient, AgentProcess
+from agent_harness import AgentClient, AgentProcess, default_agent_command
 
 from mvm.protocol import codec
 from mvm.protocol.codec import Frame
@@ -129,3 +130,86 @@ def test_a_new_hello_resets_the_streams_of_the_old_connection(client: StreamClie
         conn.recv(10)
     threading.Event().wait(0.05)
     assert client.call("ping") == {}
+
+
+# ---- handoff: the connection itself goes to the host (a socketpair: the namespace backend) ------
+
+
+def _opens(client: StreamClient, count: int, timeout: float = 10) -> list[Frame]:
+    deadline = time.monotonic() + timeout
+    with client._cond:
+        while True:
+            found = [e for e in client._events if e.header["event"] == "tcp.open"]
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{len(found)} tcp.open events, not {count}"
+            client._cond.wait(remaining)
+
+
+def test_a_handoff_connect_answers_with_the_connected_socket(client: StreamClient) -> None:
+    assert client.hello["fd_passing"] is True
+    srv, port = _server()
+    frame = client.request("tcp.connect", {"stream": 13, "port": port, "handoff": True})
+    assert frame.header["ok"] and frame.header["result"] == {"stream": 13, "handoff": True}
+    assert frame.header["fds"] == 1 and len(frame.fds) == 1
+    handed = socket.socket(fileno=frame.fds[0])
+    handed.settimeout(10)
+    conn, _ = srv.accept()
+    conn.settimeout(10)
+    assert handed.getpeername() == conn.getsockname()
+    handed.sendall(b"ping")
+    assert conn.recv(4) == b"ping"
+    conn.sendall(b"pong")
+    assert handed.recv(4) == b"pong"
+    handed.close()  # the agent kept no reference (and no stream): ours ends the connection
+    assert conn.recv(10) == b""
+    assert client.call("tcp.connect", stream=13, port=port)["stream"] == 13  # the id was never taken
+
+
+def test_a_handoff_listener_hands_each_accepted_connection_over(client: StreamClient) -> None:
+    port = client.call("tcp.listen", port=0, handoff=True)["port"]
+    guest = socket.create_connection(("127.0.0.1", port), timeout=10)
+    opened = _opens(client, 1)[0]
+    assert opened.header["stream"] % 2 == 0 and opened.header["fds"] == 1 and len(opened.fds) == 1
+    handed = socket.socket(fileno=opened.fds[0])
+    handed.settimeout(10)
+    assert handed.getsockname()[1] == port and handed.getpeername() == guest.getsockname()
+    guest.sendall(b"CONNECT")
+    assert handed.recv(7) == b"CONNECT"
+    handed.close()
+    assert guest.recv(1) == b""
+    # a host that cannot take sockets listens again without handoff: streams again
+    assert client.call("tcp.listen", port=port) == {"port": port, "existing": True}
+    second = socket.create_connection(("127.0.0.1", port), timeout=10)
+    opened = _opens(client, 2)[1]
+    assert "fds" not in opened.header and opened.fds == ()
+    second.sendall(b"x")
+    second.shutdown(socket.SHUT_WR)
+    assert client.stream_bytes(opened.header["stream"]) == b"x"
+
+
+def test_a_transport_that_cannot_pass_sockets_refuses_handoff_and_streams() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    agent_end = socket.create_connection(listener.getsockname())
+    host_end, _ = listener.accept()
+    listener.close()
+    process = subprocess.Popen([*default_agent_command(), "--fd", str(agent_end.fileno())],
+                               pass_fds=[agent_end.fileno()])
+    agent_end.close()
+    client = StreamClient(process, host_end)
+    try:
+        assert client.hello["fd_passing"] is False  # a TCP connection carries no descriptors
+        srv, port = _server()
+        for op, args in (("tcp.connect", {"stream": 1, "port": port}), ("tcp.listen", {"port": 0})):
+            error = client.error(op, handoff=True, **args)
+            assert (error["type"], error["field"]) == ("InvalidArgument", "handoff")
+        assert client.call("tcp.connect", stream=1, port=port)["window"] >= codec.TCP_WINDOW
+        conn, _ = srv.accept()
+        conn.sendall(b"over the channel")
+        conn.close()
+        assert client.stream_bytes(1) == b"over the channel"
+    finally:
+        host_end.shutdown(socket.SHUT_RDWR)
+        host_end.close()
+        assert process.wait(10) == 0

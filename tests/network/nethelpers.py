@@ -12,7 +12,8 @@ import mvm
 TEMPLATE = "python-3.13"
 
 #: Servers inside the guest, on its loopback: 8000 echo, 8001 sends a banner then
-#: half-closes and counts what still arrives, 8002 sends "N\n"-many bytes, 8004 never reads.
+#: half-closes and counts what still arrives, 8002 sends "N\n"-many bytes, 8004 never reads,
+#: 8006 resets the connection ("reset-me\n") or records how the host's side ended ("watch\n").
 GUEST_SERVERS = r'''
 import hashlib, os, socket, sys, threading, time
 
@@ -54,6 +55,25 @@ def source(conn):
 def black_hole(conn):
     time.sleep(3600)
 
+def resets(conn):
+    line = b""
+    while not line.endswith(b"\n"):
+        line += conn.recv(1)
+    if line == b"reset-me\n":  # reset the connection from this side
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+        return
+    open("/tmp/reset-watching", "w").close()
+    try:  # "watch\n": how does the host's side end?
+        while conn.recv(1 << 16):
+            pass
+        outcome = "eof"
+    except ConnectionResetError:
+        outcome = "reset"
+    with open("/tmp/reset-seen.tmp", "w") as f:
+        f.write(outcome)
+    os.rename("/tmp/reset-seen.tmp", "/tmp/reset-seen.txt")
+
 def serve(port, handler):
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,7 +91,7 @@ def serve(port, handler):
             threading.Thread(target=run, args=(conn,), daemon=True).start()
     threading.Thread(target=loop, daemon=True).start()
 
-for port, handler in ((8000, echo), (8001, banner_then_sink), (8002, source), (8004, black_hole)):
+for port, handler in ((8000, echo), (8001, banner_then_sink), (8002, source), (8004, black_hole), (8006, resets)):
     serve(port, handler)
 open("/tmp/servers.ready", "w").close()
 while True:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -141,6 +143,80 @@ def test_network_update_validates_switches_modes_and_is_audited(box: mvm.Sandbox
     assert box.describe().network["mode"] == "allow"
     assert any(m.startswith("network policy updated: mode deny") for m in _network_log(box))
     assert "network.update ok" in [e.message for e in box.logs() if e.source == "audit"]
+
+
+#: Run in the guest: a CONNECT tunnel to an echo server; sends N MiB, half-closes, reads the echo.
+TUNNEL_CLIENT = r'''
+import hashlib, json, os, socket, sys, threading
+from urllib.parse import urlsplit
+host, port, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+proxy = urlsplit(os.environ["HTTPS_PROXY"])
+sock = socket.create_connection((proxy.hostname, proxy.port), timeout=60)
+sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    head += sock.recv(1)
+assert head.startswith(b"HTTP/1.1 200"), head
+block = os.urandom(1 << 20)
+sent = hashlib.sha256()
+def send():
+    for index in range(mib):
+        chunk = index.to_bytes(8, "big") + block[8:]
+        sent.update(chunk)
+        sock.sendall(chunk)
+    sock.shutdown(socket.SHUT_WR)  # half-close: the echo keeps coming
+sender = threading.Thread(target=send)
+sender.start()
+got, total = hashlib.sha256(), 0
+while data := sock.recv(1 << 20):
+    got.update(data)
+    total += len(data)
+sender.join()
+print(json.dumps({"sent": sent.hexdigest(), "echoed": got.hexdigest(), "bytes": total}))
+'''
+
+
+@pytest.fixture(scope="module")
+def host_echo() -> Iterator[int]:
+    """An echo server on the host's 127.0.0.1 that passes on its client's EOF (half-close)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 20):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def test_a_large_transfer_through_the_proxy_is_intact_and_half_closes(
+        box: mvm.Sandbox, host_http: tuple[HostHttp, HostHttp], host_echo: int) -> None:
+    allowed, _ = host_http
+    mib = 8 if box.describe().isolation == "vm" else 96
+    box.files.write("/srv/tunnel.py", TUNNEL_CLIENT)
+    box.network.update(allow=[f"{HOST_ALIAS}:{allowed.port}", f"{HOST_ALIAS}:{host_echo}"])
+    try:
+        result = box.commands.run(["python3", "/srv/tunnel.py", HOST_ALIAS, str(host_echo), str(mib)],
+                                  timeout_seconds=300)
+    finally:
+        box.network.update(allow=[f"{HOST_ALIAS}:{allowed.port}"])
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["bytes"] == mib << 20 and out["echoed"] == out["sent"]
+    assert f"egress allowed: CONNECT {HOST_ALIAS}:{host_echo} -> 127.0.0.1" in _network_log(box)
+    assert box.describe().network["relay"] == ("agent-channel" if box.describe().isolation == "vm"
+                                               else "supervisor-splice")
 
 
 # ---- the policy itself (no sandbox) -------------------------------------------------------------

@@ -162,6 +162,30 @@ def test_a_guest_server_dying_mid_stream(box: mvm.Sandbox) -> None:
     assert not any(f.id == fwd.id for f in box.ports.list())
 
 
+def test_the_relay_path_is_the_supervisor_on_namespaces_and_the_agent_channel_on_vms(box: mvm.Sandbox) -> None:
+    # namespace: the agent hands the guest's socket over and the supervisor splices it
+    # to the client; a VM's agent is another kernel: its bytes come as stream frames
+    expected = "agent-channel" if _is_vm(box) else "supervisor-splice"
+    assert box.describe().network["relay"] == expected
+
+
+def test_a_reset_on_either_side_reaches_the_other(box: mvm.Sandbox, echo: PortForward) -> None:
+    with box.ports.forward(guest_port=8006) as fwd:
+        with connect(fwd.host_port) as sock:  # the guest resets
+            sock.sendall(b"reset-me\n")
+            with pytest.raises(ConnectionResetError):
+                sock.recv(10)
+        with connect(fwd.host_port) as sock:  # the host's client resets
+            sock.sendall(b"watch\n")
+            wait_guest_file(box, "/tmp/reset-watching")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        wait_guest_file(box, "/tmp/reset-seen.txt")
+        assert box.files.read("/tmp/reset-seen.txt") == b"reset"
+        info = _wait_idle(box, fwd)
+        assert (info["total_connections"], info["failed_connections"]) == (2, 0)
+    assert _echo_round(echo.host_port, 1000)  # and the sandbox's other forwards go on
+
+
 def test_one_slow_reader_stalls_neither_other_connections_nor_commands(box: mvm.Sandbox, echo: PortForward) -> None:
     vm = _is_vm(box)
     source = box.ports.forward(guest_port=8002)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import threading
@@ -187,3 +188,102 @@ def test_big_payloads_sent_in_parts_and_read_in_place_arrive_intact_between_smal
         thread.join(10)
         a.close()
         b.close()
+
+
+# ---- descriptors (SCM_RIGHTS): the namespace backend's agent handing sockets over ---------------
+
+
+def _fd_pair() -> tuple[FramedChannel, FramedChannel]:
+    left, right = socket.socketpair()
+    return FramedChannel(left), FramedChannel(right, receive_fds=True)
+
+
+def _send_with_rights(sock: socket.socket, frame: bytes, fds: list[int]) -> None:
+    """A peer that does not go through ``send_raw`` (it may lie about ``fds``)."""
+    sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+
+
+def test_descriptors_travel_with_the_frame_that_announces_them_in_order() -> None:
+    sender, receiver = _fd_pair()
+    read_end, write_end = os.pipe()
+    big = os.urandom(3 * codec.DIRECT_MIN)  # read in place, around the descriptor frames
+
+    def send() -> None:
+        sender.send_raw(codec.event("plain"))
+        sender.send_raw(codec.event("tcp.open", stream=2, port=3128, fds=1), [read_end])
+        sender.send_raw(codec.data_parts(1, codec.TCP_STREAM, big))
+        sender.send_raw(codec.response_ok(7, {"handoff": True}, fds=1), [write_end])
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    try:
+        frames = [receiver.recv() for _ in range(4)]
+        thread.join(10)
+        assert [f.fds for f in frames[::2]] == [(), ()]
+        assert frames[2].payload == big
+        assert len(frames[1].fds) == 1 and len(frames[3].fds) == 1
+        os.close(read_end)
+        os.close(write_end)  # ours are gone: the received copies are the pipe now
+        os.write(frames[3].fds[0], b"through the pipe")
+        assert os.read(frames[1].fds[0], 100) == b"through the pipe"
+        assert os.get_inheritable(frames[1].fds[0]) is False
+    finally:
+        for frame in frames:
+            for fd in frame.fds:
+                os.close(fd)
+        sender.close()
+        receiver.close()
+
+
+def test_a_channel_that_takes_no_descriptors_lets_the_kernel_close_them() -> None:
+    left, right = socket.socketpair()
+    sender, receiver = FramedChannel(left), FramedChannel(right)  # (the agent's side; the VM link)
+    read_end, write_end = os.pipe()
+    _send_with_rights(left, codec.event("proc.exit", pid=1), [write_end])
+    os.close(write_end)
+    assert receiver.recv().fds == ()
+    assert os.read(read_end, 10) == b""  # no writer is left anywhere: the one in flight was closed
+    os.close(read_end)
+    sender.send_raw(codec.event("tcp.open", stream=2, port=3128, fds=1), [0])
+    with pytest.raises(ProtocolError):  # it cannot have what the frame says it carries
+        receiver.recv()
+    sender.close()
+    receiver.close()
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("lie", ["unannounced", "announced, never sent", "two at once"])
+def test_descriptors_that_do_not_match_the_frames_are_a_protocol_error_and_closed(lie: str) -> None:
+    sender, receiver = _fd_pair()
+    left = sender._sock
+    assert left is not None
+    read_end, write_end = os.pipe()
+    before = _fd_count()
+    if lie == "unannounced":
+        _send_with_rights(left, codec.event("proc.exit", pid=1), [write_end])
+    elif lie == "announced, never sent":
+        left.sendall(codec.response_ok(1, {}, fds=1))
+    else:
+        _send_with_rights(left, codec.response_ok(1, {}, fds=1), [write_end, read_end])
+    with pytest.raises(ProtocolError):
+        receiver.recv()
+    receiver.close()
+    assert _fd_count() <= before  # whatever arrived was closed
+    sender.close()
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_only_a_unix_socket_can_send_descriptors() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    tcp = FramedChannel(socket.create_connection(listener.getsockname()))
+    assert not tcp.passes_fds
+    with pytest.raises(ValueError):
+        tcp.send_raw(codec.event("tcp.open", stream=2, port=1, fds=1), [0])
+    tcp.close()
+    listener.close()
+    with pytest.raises(ProtocolError):
+        codec.encode({"kind": "event", "event": "x", "fds": codec.MAX_FDS + 1})

@@ -8,7 +8,9 @@ link reports itself lost (the sandbox then shows ``error``), memory stays bounde
 
 from __future__ import annotations
 
+import array
 import json
+import os
 import resource
 import socket
 import struct
@@ -27,20 +29,20 @@ from mvm.supervisor.agent_link import AgentLink
 class Hostile:
     """The guest end of a socketpair, scripted by the test; the link is the host end."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, receive_fds: bool = False) -> None:
         self.host, self.guest = socket.socketpair()
         self.events: list[codec.Frame] = []
         self.lost: list[str] = []
-        self.link = AgentLink(on_event=self._on_event, on_lost=self.lost.append)
+        self.link = AgentLink(on_event=self._on_event, on_lost=self.lost.append, receive_fds=receive_fds)
 
     def _on_event(self, frame: codec.Frame) -> None:
         # as the supervisor's handler does: an event's fields are used as the protocol says
         self.events.append(frame)
         int(frame.header["pid"])
 
-    def attach(self) -> None:
+    def attach(self, **hello_fields: object) -> None:
         def hello() -> None:
-            self.guest.sendall(codec.hello("agent", pid=1))
+            self.guest.sendall(codec.hello("agent", pid=1, **hello_fields))
 
         threading.Thread(target=hello, daemon=True).start()
         self.link.attach(self.host, timeout=10)
@@ -167,3 +169,73 @@ def test_an_agent_that_never_says_hello_fails_attach_in_bounded_time() -> None:
             link.attach(host, timeout=2)
     finally:
         guest.close()
+
+
+# ---- descriptors: a link that takes the sockets a namespace agent hands over ----------------------
+
+
+@pytest.fixture
+def handing() -> Iterator[Hostile]:
+    peer = Hostile(receive_fds=True)
+    peer.attach(fd_passing=True)
+    yield peer
+    peer.close()
+
+
+def _with_rights(sock: socket.socket, frame: bytes, fd: int) -> None:
+    sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+
+
+def _wait_closed_elsewhere(read_end: int) -> None:
+    """Until the pipe's only other write end (the one sent to the link) is closed: EOF."""
+    assert os.read(read_end, 10) == b""
+    os.close(read_end)
+
+
+def test_only_a_link_that_takes_descriptors_hands_off_and_only_to_an_agent_that_offers(handing: Hostile) -> None:
+    assert handing.link.hands_off_sockets
+    plain = Hostile()
+    plain.attach(fd_passing=True)  # the VM link: whatever the guest claims
+    assert not plain.link.hands_off_sockets
+    plain.close()
+    quiet = Hostile(receive_fds=True)
+    quiet.attach()  # an agent that does not offer
+    assert not quiet.link.hands_off_sockets
+    quiet.close()
+
+
+def test_a_descriptor_on_a_frame_that_cannot_carry_one_is_closed_and_loses_the_link(handing: Hostile) -> None:
+    read_end, write_end = os.pipe()
+    _with_rights(handing.guest, codec.event("proc.exit", pid=1, fds=1), write_end)
+    os.close(write_end)
+    wait_for(lambda: handing.lost, "the link reporting itself lost", timeout=10)
+    _wait_closed_elsewhere(read_end)
+    assert not handing.events
+
+
+def test_an_answer_without_the_socket_asked_for_is_a_typed_error(handing: Hostile) -> None:
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(handing.link.call_for_fd("tcp.connect", {"stream": 1, "port": 1, "handoff": True}))
+        except errors.MvmError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    handing.guest.sendall(codec.response_ok(handing.request()["id"], {"stream": 1, "handoff": True}))
+    thread.join(10)
+    assert isinstance(outcome[0], errors.SandboxError) and "without the connection" in outcome[0].message
+    assert handing.link.attached and not handing.lost
+
+
+def test_a_descriptor_nobody_waits_for_any_more_is_closed(handing: Hostile) -> None:
+    with pytest.raises(errors.SandboxError, match="within"):
+        handing.link.call_for_fd("tcp.connect", {"stream": 1, "port": 1, "handoff": True}, timeout=0.2)
+    ident = handing.request()["id"]
+    read_end, write_end = os.pipe()
+    _with_rights(handing.guest, codec.response_ok(ident, {"handoff": True}, fds=1), write_end)
+    os.close(write_end)
+    _wait_closed_elsewhere(read_end)  # the late answer's descriptor
+    assert handing.link.attached and not handing.lost

@@ -446,6 +446,12 @@ export class NetworkInfo extends NetworkPolicy {
   /** Open port forwards (not bound to a sandbox: close them with `sandbox.ports.close`). */
   readonly forwards: readonly PortForward[];
   readonly egress: EgressInfo | null;
+  /**
+   * Who copies forwarded and egress bytes: `"supervisor-splice"` (namespace backend: the
+   * agent hands the guest's socket to the supervisor, which splices it to the host side) or
+   * `"agent-channel"` (a VM: stream frames over the agent channel); `null` when not reported.
+   */
+  readonly relay: string | null;
   readonly #raw: Raw;
 
   /** @internal use `NetworkInfo.fromWire` */
@@ -453,6 +459,7 @@ export class NetworkInfo extends NetworkPolicy {
     super(policy.mode, policy.allow, policy.allowWildcards);
     this.forwards = Object.freeze([...forwards]);
     this.egress = egress === null ? null : Object.freeze({ ...egress });
+    this.relay = typeof raw.relay === "string" ? raw.relay : null;
     this.#raw = JSON.parse(JSON.stringify(raw)) as Raw;
     Object.freeze(this);
   }
@@ -468,7 +475,7 @@ export class NetworkInfo extends NetworkPolicy {
     return new NetworkInfo(policy, forwards, egress, raw);
   }
 
-  /** The supervisor's form: `{mode, allow, allow_wildcards, forwards?, egress?, ...}` (Python's dict). */
+  /** The supervisor's form: `{mode, allow, allow_wildcards, forwards?, relay?, egress?, ...}` (Python's dict). */
   override toDict(): { mode: NetworkMode; allow: string[]; allow_wildcards: boolean } & Raw {
     return { ...(JSON.parse(JSON.stringify(this.#raw)) as Raw), ...super.toDict() };
   }

@@ -236,6 +236,7 @@ describe("network policy", () => {
     assert.deepEqual(info.network.allow, [`${HOST_ALIAS}:${allowed.port}`, `10.0.0.0/8:${allowed.port}`]);
     assert.equal(info.network.allowWildcards, true);
     assert.equal(info.network.egress?.proxy, "http://127.0.0.1:3128");
+    assert.ok(["supervisor-splice", "agent-channel"].includes(info.network.relay ?? ""), String(info.network.relay));
     assert.deepEqual((await eg.network.policy()).toDict().allow, [`${HOST_ALIAS}:${allowed.port}`,
       `10.0.0.0/8:${allowed.port}`]);
     const listed = (await Sandbox.list()).find((s) => s.id === eg.id);

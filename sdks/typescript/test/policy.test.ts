@@ -233,7 +233,7 @@ describe("network models", () => {
 
   test("NetworkInfo: a NetworkPolicy plus forwards and egress; toDict is what the supervisor sent", () => {
     const raw = { mode: "allow", allow: ["pypi.org:443"], allow_wildcards: false, forwards: [FORWARD],
-      egress: { proxy: "http://127.0.0.1:3128", ready: true, allowed: 2, refused: 1 } };
+      relay: "supervisor-splice", egress: { proxy: "http://127.0.0.1:3128", ready: true, allowed: 2, refused: 1 } };
     const info = NetworkInfo.fromWire(raw);
     assert.ok(info instanceof NetworkPolicy && Object.isFrozen(info));
     assert.equal(info.mode, "allow");
@@ -242,7 +242,8 @@ describe("network models", () => {
     assert.deepEqual(info.egress, { proxy: "http://127.0.0.1:3128", ready: true, allowed: 2, refused: 1 });
     assert.deepEqual(info.toDict(), raw);
     const bare = NetworkInfo.fromWire({ mode: "deny", allow: [], allow_wildcards: false });
-    assert.deepEqual([bare.forwards, bare.egress], [[], null]);
+    assert.equal(info.relay, "supervisor-splice");
+    assert.deepEqual([bare.forwards, bare.egress, bare.relay], [[], null, null]);
     assert.deepEqual(bare.toDict(), { mode: "deny", allow: [], allow_wildcards: false });
     const sandbox = SandboxInfo.fromWire({ id: "sb-1", name: "n", template: "t", network: raw });
     assert.ok(sandbox.network instanceof NetworkInfo);

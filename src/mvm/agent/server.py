@@ -24,9 +24,10 @@ import logging
 import os
 import platform
 import queue
+import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,7 +51,10 @@ WORKERS = 8
 
 
 class Session(Protocol):
-    def send_raw(self, encoded: Encoded) -> None: ...
+    #: Can a frame carry a descriptor to the host (``send_raw(..., fds)``)?
+    passes_fds: bool
+
+    def send_raw(self, encoded: Encoded, fds: Sequence[int] = ()) -> None: ...
     def recv(self) -> Frame: ...
     def close(self, *, broken: bool = False) -> None: ...
 
@@ -64,11 +68,13 @@ class Connector(Protocol):
 
 @dataclass
 class Reply:
-    """A handler's answer; ``after_send`` runs once the response is on its way."""
+    """A handler's answer; ``after_send`` runs once the response is on its way. ``handoff``
+    (a connected socket) goes to the host with the response and is closed here after it."""
 
     result: dict[str, Any]
     payload: bytes = b""
     after_send: Callable[[], None] | None = None
+    handoff: socket.socket | None = None
 
 
 #: Returned by a handler that will answer later through ``Request.respond``.
@@ -83,13 +89,18 @@ class Link:
         self.alive = True
         self._send_lock = send_lock
 
-    def send(self, encoded: Encoded) -> bool:
-        """Send one frame; False if this link is gone (the frame is dropped)."""
+    @property
+    def passes_fds(self) -> bool:
+        return self.session.passes_fds
+
+    def send(self, encoded: Encoded, fds: Sequence[int] = ()) -> bool:
+        """Send one frame (with ``fds`` if its header announces them); False if this link
+        is gone (the frame is dropped)."""
         with self._send_lock:
             if not self.alive:
                 return False
             try:
-                self.session.send_raw(encoded)
+                self.session.send_raw(encoded, fds)
                 return True
             except ChannelClosed:
                 self.alive = False
@@ -107,6 +118,12 @@ class Request:
         self.payload = frame.payload
 
     def respond(self, reply: Reply) -> None:
+        if reply.handoff is not None:
+            try:
+                self.link.send(codec.response_ok(self.id, reply.result, fds=1), [reply.handoff.fileno()])
+            finally:
+                reply.handoff.close()  # the host has its own reference now (or none: the link is gone)
+            return
         try:
             encoded = codec.response_ok(self.id, reply.result, reply.payload)
         except ProtocolError as exc:
@@ -225,8 +242,8 @@ class Server:
             "fs.remove": lambda request: self.files.remove(request.args),
             "fs.move": lambda request: self.files.move(request.args),
             "fs.sync": lambda request: self.files.sync(),
-            "tcp.connect": lambda request: self.tcp.connect(request.args, request.link),
-            "tcp.listen": lambda request: self.tcp.listen(request.args),
+            "tcp.connect": self._tcp_connect,
+            "tcp.listen": lambda request: self.tcp.listen(request.args, request.link),
             "tcp.unlisten": lambda request: self.tcp.unlisten(request.args),
         }
 
@@ -283,8 +300,10 @@ class Server:
             elif kind != "cancel":  # agent operations are short: a cancel just gets the normal answer
                 log.info("ignoring a %s frame from the host", kind)
 
-    def _hello(self) -> bytes:
-        return codec.hello("agent", agent_version=AGENT_VERSION, python=platform.python_version(), pid=os.getpid())
+    def _hello(self, session: Session) -> bytes:
+        # fd_passing: this connection can hand connected sockets to the host (tcp.* "handoff")
+        return codec.hello("agent", agent_version=AGENT_VERSION, python=platform.python_version(), pid=os.getpid(),
+                           fd_passing=session.passes_fds)
 
     def _open_link(self, session: Session) -> Link:
         """Start a logical connection: drop the old one's state, send our hello first."""
@@ -294,7 +313,7 @@ class Server:
             if self._link is not None:
                 self._link.alive = False
             link = Link(session, self._send_lock)
-            session.send_raw(self._hello())
+            session.send_raw(self._hello(session))
         with self._link_changed:
             self._link = link
             self._link_changed.notify_all()
@@ -374,6 +393,10 @@ class Server:
 
     def _agent_info(self, request: Request) -> dict[str, Any]:
         return {**self.system.info(), "ops": sorted(self._ops)}
+
+    def _tcp_connect(self, request: Request) -> Reply:
+        result, handoff = self.tcp.connect(request.args, request.link)
+        return Reply(result, handoff=handoff)
 
     def _proc_start(self, request: Request) -> Reply:
         result, start_pumping = self.processes.start(request.args)

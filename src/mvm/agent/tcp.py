@@ -10,6 +10,13 @@
 Streams belong to the link they were opened on: when the host reconnects (a new
 hello, a new session) every stream of the old link is reset. Listeners stay.
 There is no guest network interface involved: only loopback sockets.
+
+*Handoff* (``handoff: true`` on either op; only on a link that ``passes_fds``: the
+namespace backend's socketpair, the host is this kernel): instead of relaying a
+connection as stream frames, the agent hands the connected socket itself to the
+host (SCM_RIGHTS, with the ``tcp.connect`` answer or the ``tcp.open`` event) and
+closes its own reference; the host relays it without the agent. The agent
+never receives a descriptor from the host.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class Tcp:
         self.mux = StreamMux("mvm-tcp", window=WINDOW, max_streams=MAX_STREAMS)
         self._next_id = id_counter(2)  # guest-opened streams are even
         self._listeners: dict[int, socket.socket] = {}
+        self._handoff: set[int] = set()  # listener ports whose connections are handed to the host
         self._lock = threading.Lock()
 
     # -- frames from the host ----------------------------------------------------------
@@ -68,13 +76,15 @@ class Tcp:
 
     # -- operations ------------------------------------------------------------------------
 
-    def connect(self, args: Args, link: Any) -> dict[str, Any]:
+    def connect(self, args: Args, link: Any) -> tuple[dict[str, Any], socket.socket | None]:
+        """The answer, and the connected socket when it is handed to the host."""
         sid = args.integer("stream", minimum=1, maximum=(1 << 53), required=True)
         assert sid is not None
         if sid % 2 != 1:
             raise invalid("stream", f"{sid} is not a host stream id (host ids are odd)")
         port = args.integer("port", minimum=1, maximum=65535, required=True)
         host = _loopback(args.string("host", max_length=64) or "127.0.0.1")
+        handoff = _handoff(args, link)
         if self.mux.has(sid):
             raise invalid("stream", f"stream {sid} is already open")
         try:
@@ -88,6 +98,9 @@ class Tcp:
         except OSError as exc:
             raise AgentError("ConnectionRefused", f"cannot connect to {host}:{port}: {exc.strerror or exc}",
                              port=port) from None
+        if handoff:
+            sock.settimeout(None)  # the host relays it with blocking I/O (the flag is the socket's, shared)
+            return {"stream": sid, "handoff": True}, sock
         try:
             self.mux.attach(sid, sock, _sender(link))
         except StreamLimit as exc:
@@ -96,14 +109,18 @@ class Tcp:
         except ValueError as exc:
             sock.close()
             raise invalid("stream", str(exc)) from None
-        return {"stream": sid, "window": WINDOW}
+        return {"stream": sid, "window": WINDOW}, None
 
-    def listen(self, args: Args) -> dict[str, Any]:
+    def listen(self, args: Args, link: Any) -> dict[str, Any]:
         port = args.integer("port", minimum=0, maximum=65535, required=True)
         assert port is not None
         host = _loopback(args.string("host", max_length=64) or "127.0.0.1")
+        handoff = _handoff(args, link)
         with self._lock:
             if port and port in self._listeners:
+                self._handoff.discard(port)  # as this (re)connected host asks
+                if handoff:
+                    self._handoff.add(port)
                 return {"port": port, "existing": True}
             if len(self._listeners) >= MAX_LISTENERS:
                 raise AgentError("TooLarge", f"at most {MAX_LISTENERS} listeners")
@@ -122,6 +139,8 @@ class Tcp:
                                  field="port") from None
             actual = sock.getsockname()[1]
             self._listeners[actual] = sock
+            if handoff:
+                self._handoff.add(actual)
         self.mux.add_listener(sock, lambda conn, addr: self._accepted(actual, conn, addr))
         return {"port": actual, "existing": False}
 
@@ -129,6 +148,7 @@ class Tcp:
         port = args.integer("port", minimum=1, maximum=65535, required=True)
         with self._lock:
             sock = self._listeners.pop(port, None)
+            self._handoff.discard(port)
         if sock is not None:
             self.mux.remove_listener(sock)
         return {"closed": sock is not None}
@@ -140,12 +160,26 @@ class Tcp:
             return
         sid = self._next_id()
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        if port in self._handoff and link.passes_fds:
+            try:
+                conn.setblocking(True)
+                link.send(codec.event("tcp.open", stream=sid, port=port, peer=peer, fds=1), [conn.fileno()])
+            finally:
+                conn.close()  # the host's reference is the connection now (or none: the link is gone)
+            return
         try:
             self.mux.attach(sid, conn, _sender(link),
                             first_frame=codec.event("tcp.open", stream=sid, port=port, peer=peer))
         except (StreamLimit, ValueError) as exc:
             log.warning("refusing a connection to %d: %s", port, exc)
             conn.close()
+
+
+def _handoff(args: Args, link: Any) -> bool:
+    handoff = args.boolean("handoff")
+    if handoff and not link.passes_fds:
+        raise invalid("handoff", "this connection to the host cannot pass sockets", allowed=[False])
+    return handoff
 
 
 def _sender(link: Any) -> Callable[[codec.Encoded], None]:

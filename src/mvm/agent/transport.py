@@ -24,6 +24,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Sequence
 
 from ..protocol.channel import ChannelClosed, FramedChannel
 from ..protocol.codec import Encoded, Frame, FrameDecoder
@@ -38,13 +39,15 @@ WRITE_CHUNK = 64 * 1024
 
 
 class FdSession:
-    """The one connection over an inherited fd."""
+    """The one connection over an inherited fd. Over a socketpair (the namespace backend:
+    the host's kernel is ours) frames may carry descriptors to the host (``passes_fds``)."""
 
     def __init__(self, channel: FramedChannel):
         self._channel = channel
+        self.passes_fds = channel.passes_fds
 
-    def send_raw(self, encoded: Encoded) -> None:
-        self._channel.send_raw(encoded)
+    def send_raw(self, encoded: Encoded, fds: Sequence[int] = ()) -> None:
+        self._channel.send_raw(encoded, fds)
 
     def recv(self) -> Frame:
         return self._channel.recv()
@@ -164,6 +167,7 @@ class VirtioSession:
         self._pending: list[Frame] = []
         self.closed = False
         self.broken = False
+        self.passes_fds = False  # a virtio port carries bytes only (and the host is another kernel)
 
     def recv(self) -> Frame:
         while not self._pending:
@@ -182,7 +186,9 @@ class VirtioSession:
             self._pending.extend(self._decoder.feed(chunk))
         return self._pending.pop(0)
 
-    def send_raw(self, encoded: Encoded) -> None:
+    def send_raw(self, encoded: Encoded, fds: Sequence[int] = ()) -> None:
+        if fds:
+            raise ValueError("a virtio port cannot pass descriptors")
         view = memoryview(encoded if isinstance(encoded, bytes) else b"".join(encoded))
         with self._port.write_lock:
             poller = select.poll()

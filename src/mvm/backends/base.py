@@ -158,6 +158,10 @@ class Backend(abc.ABC):
 
     name: str
     isolation: str  # "vm" or "namespace"
+    #: The guest agent runs on this host's kernel and the socket ``start`` returns is one end of
+    #: an AF_UNIX socketpair: the agent can hand connected sockets to the supervisor (SCM_RIGHTS),
+    #: which then relays forwards and egress itself (docs/security.md, "Network relays").
+    agent_shares_kernel: ClassVar[bool] = False
 
     @abc.abstractmethod
     def availability(self) -> Availability:

@@ -41,6 +41,9 @@ TCP_STREAM = "tcp"
 TCP_WINDOW = 256 * 1024
 #: Events that open, credit and abort TCP streams (their fields are checked here; docs/protocol.md).
 TCP_EVENTS = frozenset({"tcp.open", "tcp.window", "tcp.close"})
+#: Most file descriptors one frame carries (header field ``fds``; SCM_RIGHTS on an AF_UNIX channel,
+#: the namespace backend's agent handing a connected socket to the supervisor).
+MAX_FDS = 1
 
 
 class ProtocolError(Exception):
@@ -49,10 +52,13 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class Frame:
-    """One decoded frame: a JSON header and raw payload bytes."""
+    """One decoded frame: a JSON header and raw payload bytes -- and, from a channel that
+    receives them, the descriptors its header announced (``fds``; owned by whoever takes
+    the frame: use them or close them)."""
 
     header: dict[str, Any]
     payload: bytes = b""
+    fds: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def kind(self) -> str:
@@ -113,6 +119,9 @@ def validate_header(header: Any) -> None:
     kind = header.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise ProtocolError(f"unknown frame kind {kind!r}; expected one of {sorted(KINDS)}")
+    fds = header.get("fds")
+    if fds is not None and (not _is_int(fds) or not 1 <= fds <= MAX_FDS):
+        raise ProtocolError(f"'fds' must be an integer in 1..{MAX_FDS}")
     if kind == "hello":
         if header.get("protocol") != PROTOCOL_NAME or not _is_int(header.get("version")):
             raise ProtocolError("hello needs protocol='mvm' and an integer version")
@@ -294,8 +303,8 @@ def request(ident: int, op: str, args: dict[str, Any] | None = None, payload: by
     return encode({"kind": "request", "id": ident, "op": op, "args": args or {}}, payload)
 
 
-def response_ok(ident: int, result: dict[str, Any] | None = None, payload: bytes = b"") -> bytes:
-    return encode({"kind": "response", "id": ident, "ok": True, "result": result or {}}, payload)
+def response_ok(ident: int, result: dict[str, Any] | None = None, payload: bytes = b"", **extra: Any) -> bytes:
+    return encode({"kind": "response", "id": ident, "ok": True, "result": result or {}, **extra}, payload)
 
 
 def response_error(ident: int, error_type: str, message: str, **details: Any) -> bytes:

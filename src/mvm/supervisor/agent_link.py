@@ -3,6 +3,12 @@
 The link can be re-attached to a new socket (a VM restored from a snapshot, a
 namespace sandbox started again); requests in flight on the old channel fail
 with ``SandboxError``.
+
+With ``receive_fds`` (a backend whose agent shares this kernel and is reached over
+a socketpair: namespace) the channel accepts descriptors, and an agent whose hello
+says ``fd_passing`` hands connected sockets over (``hands_off_sockets``): only a
+``tcp.open`` event or an answer may carry one; the taker checks what it got
+(``supervisor/relay.py``), anything else is closed unread (docs/security.md).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 
 from .. import errors
 from ..protocol import codec
-from ..protocol.channel import ChannelClosed, FramedChannel
+from ..protocol.channel import ChannelClosed, FramedChannel, discard_fds
 from ..protocol.codec import Frame, ProtocolError
 
 EventHandler = Callable[[Frame], None]
@@ -27,7 +33,10 @@ DEFAULT_AGENT_TIMEOUT = 60.0
 
 
 class AgentLink:
-    def __init__(self, on_event: EventHandler, on_lost: Callable[[str], None]):
+    def __init__(self, on_event: EventHandler, on_lost: Callable[[str], None], *, receive_fds: bool = False):
+        self._receive_fds = receive_fds
+        #: The current agent hands connected sockets to us (``tcp.*`` with ``handoff``).
+        self.hands_off_sockets = False
         self._on_event = on_event
         self._on_lost = on_lost
         self._ids = itertools.count(1)
@@ -44,7 +53,7 @@ class AgentLink:
     def attach(self, sock: socket.socket, *, timeout: float = 30.0) -> dict[str, Any]:
         """Take a fresh socket to the agent: hello both ways, start reading."""
         sock.settimeout(timeout)
-        channel = FramedChannel(sock)
+        channel = FramedChannel(sock, receive_fds=self._receive_fds)
         try:
             channel.send_raw(codec.hello("supervisor"))
             # After a VM restore the guest may still flush frames it was sending when the
@@ -60,8 +69,10 @@ class AgentLink:
             channel.close()
             raise errors.SandboxError(f"the guest agent did not answer hello: {exc}") from None
         sock.settimeout(None)
+        self.hands_off_sockets = False
         generation = self._replace_channel(channel)
         self.agent_hello = hello
+        self.hands_off_sockets = self._receive_fds and channel.passes_fds and hello.get("fd_passing") is True
         threading.Thread(target=self._read_loop, args=(channel, generation), name="mvm-agent-reader",
                          daemon=True).start()
         return hello
@@ -108,6 +119,21 @@ class AgentLink:
 
     def call(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"",
              *, timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> tuple[dict[str, Any], bytes]:
+        frame = self._exchange(op, args, payload, timeout)
+        discard_fds(frame)  # nothing was asked for
+        return dict(frame.header.get("result") or {}), frame.payload
+
+    def call_for_fd(self, op: str, args: dict[str, Any], *,
+                    timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> tuple[dict[str, Any], int]:
+        """A call whose answer brings one descriptor (``handoff``); the caller owns it."""
+        frame = self._exchange(op, args, b"", timeout)
+        if len(frame.fds) != 1:
+            discard_fds(frame)
+            raise errors.SandboxError(f"the guest agent answered {op} without the connection it was asked for")
+        return dict(frame.header.get("result") or {}), frame.fds[0]
+
+    def _exchange(self, op: str, args: dict[str, Any] | None, payload: bytes, timeout: float | None) -> Frame:
+        """Send a request, wait for its successful answer (an error answer raises)."""
         ident = next(self._ids)
         box: queue.Queue[Any] = queue.Queue()
         with self._lock:
@@ -125,28 +151,39 @@ class AgentLink:
                 raise errors.SandboxError(f"the guest agent connection was lost during {op}")
             frame: Frame = item
             if frame.header.get("ok"):
-                return dict(frame.header.get("result") or {}), frame.payload
+                return frame
+            discard_fds(frame)
             raise errors.from_wire(frame.header.get("error") or {})
         except ChannelClosed:
             raise errors.SandboxError(f"the guest agent connection is closed ({op})") from None
         finally:
             with self._lock:
                 self._waiting.pop(ident, None)
+            while not box.empty():  # an answer that came after we gave up on it
+                late = box.get_nowait()
+                if isinstance(late, Frame):
+                    discard_fds(late)
 
     def _dispatch(self, frame: Frame) -> None:
+        if frame.fds and not (frame.kind == "response" or (frame.kind == "event" and frame.header["event"] == "tcp.open"
+                                                           and self.on_stream is not None)):
+            discard_fds(frame)
+            raise ProtocolError(f"a descriptor came with a {frame.kind} frame, which cannot carry one")
         if frame.kind == "event":
             if self.on_stream is not None and frame.header["event"] in codec.TCP_EVENTS:
-                self.on_stream(frame)
+                self.on_stream(frame)  # (owns a tcp.open's descriptor)
             else:
                 self._on_event(frame)
         elif frame.kind == "data":
             if self.on_stream is not None:
                 self.on_stream(frame)
         elif frame.kind == "response":
-            with self._lock:
+            with self._lock:  # (put under the lock: a caller giving up drains its box after removing it)
                 box = self._waiting.get(frame.id) if frame.id is not None else None
-            if box is not None:
-                box.put(frame)
+                if box is not None:
+                    box.put(frame)
+            if box is None:
+                discard_fds(frame)  # nobody waits for it (any more)
 
     def _read_loop(self, channel: FramedChannel, generation: int) -> None:
         reason = "the agent closed the channel"

@@ -2,8 +2,11 @@
 
 In ``mode="allow"`` the guest has no network interface; its processes get
 ``HTTP(S)_PROXY=http://127.0.0.1:3128``, a listener of the agent's, and every
-connection to it is carried over the agent channel (a ``tcp.open`` stream) to
-``EgressProxy`` here, which speaks HTTP ``CONNECT`` and plain HTTP proxying:
+connection to it is announced over the agent channel (``tcp.open``) to
+``EgressProxy`` here -- as a stream of the channel, or (namespace backend) with
+the accepted socket itself handed over, which the supervisor then relays to the
+destination without the agent (``relay.py``). The proxy speaks HTTP ``CONNECT``
+and plain HTTP proxying:
 
 * the destination must match an allow-list entry (``host:port``; ``*`` patterns
   and CIDR blocks only when the policy has ``allow_wildcards``);
@@ -39,6 +42,7 @@ from urllib.parse import urlsplit
 
 from ..backends.base import HOST_ALIAS, HOST_ALIAS_ADDRESS
 from ..protocol.tcpmux import PendingStream, StreamClosed, StreamLimit
+from .relay import GuestConnection, reset
 
 if TYPE_CHECKING:
     from .network import NetworkManager
@@ -352,16 +356,24 @@ class EgressProxy:
         self._handshakes = 0
         self._lock = threading.Lock()
 
-    def on_open(self, sid: int, port: int, peer: str) -> None:
-        """From the agent channel's reader: never block here."""
+    def on_open(self, sid: int, port: int, peer: str, sock: socket.socket | None = None) -> None:
+        """From the agent channel's reader: never block here. ``sock``: the guest's connection
+        itself (handed over, checked by ``relay.adopt``); otherwise it is stream ``sid``."""
         net = self.net
         send = net.sup.agent.send
+
+        def refuse(reason: str) -> None:
+            if sock is not None:
+                reset(sock)
+            else:
+                net.mux.abort(sid, reason, send=send)
+
         if sid % 2 != 0:
-            net.mux.abort(sid, "guest stream ids are even", send=send)
+            refuse("guest stream ids are even")
             return
         policy = net.policy
         if policy.mode != "allow" or port != EGRESS_GUEST_PORT:
-            net.mux.abort(sid, "this sandbox has no egress proxy", send=send)
+            refuse("this sandbox has no egress proxy")
             threading.Thread(target=self._record, args=(False, "-", f"guest listener port {port}",
                                                         f"network mode is {policy.mode}", None), daemon=True).start()
             return
@@ -370,27 +382,31 @@ class EgressProxy:
             if not busy:
                 self._handshakes += 1
         if busy:
-            net.mux.abort(sid, f"more than {MAX_HANDSHAKES} egress requests are being read", send=send)
+            refuse(f"more than {MAX_HANDSHAKES} egress requests are being read")
             return
-        try:
-            pending = net.mux.pending(sid, send)
-        except (StreamLimit, ValueError) as exc:
-            self._handshake_done()
-            net.mux.abort(sid, str(exc), send=send)
-            return
+        pending: PendingStream | GuestConnection
+        if sock is not None:
+            pending = GuestConnection(net.relays, sid, sock)
+        else:
+            try:
+                pending = net.mux.pending(sid, send)
+            except (StreamLimit, ValueError) as exc:
+                self._handshake_done()
+                refuse(str(exc))
+                return
         threading.Thread(target=self._serve, args=(pending,), name="mvm-egress", daemon=True).start()
 
     def _handshake_done(self) -> None:
         with self._lock:
             self._handshakes -= 1
 
-    def _serve(self, pending: PendingStream) -> None:
+    def _serve(self, pending: PendingStream | GuestConnection) -> None:
         try:
             self._handle(pending)
         finally:
             self._handshake_done()
 
-    def _handle(self, pending: PendingStream) -> None:
+    def _handle(self, pending: PendingStream | GuestConnection) -> None:
         try:
             got = self._read_head(pending)
             if got is None:
@@ -431,7 +447,7 @@ class EgressProxy:
         except (StreamClosed, TimeoutError, OSError) as exc:
             pending.abort(f"egress proxy: {exc}")
 
-    def _read_head(self, pending: PendingStream) -> tuple[bytes, bytes] | None:
+    def _read_head(self, pending: PendingStream | GuestConnection) -> tuple[bytes, bytes] | None:
         buf = bytearray()
         deadline = time.monotonic() + HEAD_TIMEOUT
         while True:
@@ -447,7 +463,7 @@ class EgressProxy:
                 raise BadRequest(400, "the request head ended early")
             buf += chunk
 
-    def _reply(self, pending: PendingStream, status: int, message: str) -> None:
+    def _reply(self, pending: PendingStream | GuestConnection, status: int, message: str) -> None:
         body = f"mvm egress proxy: {message}\n".encode()
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\nX-Mvm-Egress: refused\r\n\r\n").encode()

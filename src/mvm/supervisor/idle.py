@@ -99,7 +99,7 @@ class IdleWatch:
         assert self.seconds is not None
         sup = self.sup
         return (sup.state == "running" and self._in_flight == 0 and not sup.network.forwards.list()
-                and sup.network.mux.count() == 0 and time.monotonic() - self._last_active >= self.seconds)
+                and sup.network.open_streams() == 0 and time.monotonic() - self._last_active >= self.seconds)
 
     def _pause(self) -> None:
         sup = self.sup

@@ -1,11 +1,14 @@
 """The sandbox's network as its supervisor runs it: policy, port forwards, egress proxy.
 
-Both directions of allowed traffic travel over the agent channel as TCP streams
-(``mvm.protocol.tcpmux``): port forwards are host-opened streams (odd ids,
-``tcp.connect``), egress connections are guest-opened ones (even ids,
-``tcp.open`` from the agent's loopback listener). In ``deny`` and ``allow`` mode
-the guest has no network interface at all; ``open`` mode is the backends'
-business (QEMU user networking, pasta) and only gets a resolver here.
+Both directions of allowed traffic are opened over the agent channel: port
+forwards are host-opened streams (odd ids, ``tcp.connect``), egress connections
+are guest-opened ones (even ids, ``tcp.open`` from the agent's loopback
+listener). Their bytes travel as TCP stream frames (``mvm.protocol.tcpmux``) --
+or, where the agent hands the guest-side socket over (namespace backend:
+``AgentLink.hands_off_sockets``), the supervisor relays the two sockets itself
+(``relay.py``). In ``deny`` and ``allow`` mode the guest has no network interface
+at all; ``open`` mode is the backends' business (QEMU user networking, pasta)
+and only gets a resolver here.
 
 Supervisor operations (docs/protocol.md; rows of ``ops.py``): ``port.forward``,
 ``port.list``, ``port.close``, ``network.update``.
@@ -23,6 +26,7 @@ from ..protocol.tcpmux import StreamMux, id_counter
 from ..spec import NetworkPolicy
 from .egress import EGRESS_GUEST_PORT, PROXY_ENV, PROXY_URL, EgressPolicy, EgressProxy
 from .ports import PortForwards
+from .relay import Relays, adopt
 
 if TYPE_CHECKING:
     from .server import Supervisor
@@ -30,6 +34,10 @@ if TYPE_CHECKING:
 
 #: Receive window per stream on the host side.
 WINDOW = 2 * 1024 * 1024
+#: ``describe().network["relay"]``: the supervisor splices handed-over guest sockets, or
+#: the agent relays the bytes as stream frames over its channel.
+RELAY_SPLICE = "supervisor-splice"
+RELAY_CHANNEL = "agent-channel"
 #: In open mode, the guest's resolver (QEMU's slirp DNS; pasta forwards it to the host's resolver).
 OPEN_MODE_RESOLVER = "10.0.2.3"
 
@@ -38,6 +46,7 @@ class NetworkManager:
     def __init__(self, sup: Supervisor):
         self.sup = sup
         self.mux = StreamMux("mvm-sup-tcp", window=WINDOW)
+        self.relays = Relays()  # connections whose guest socket the agent handed over
         self.next_id = id_counter(1)  # host-opened streams are odd
         self.policy = EgressPolicy.from_config(sup.config.get("network") or {})
         self._lock = threading.Lock()
@@ -51,13 +60,30 @@ class NetworkManager:
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.kind == "event" and frame.header["event"] == "tcp.open":
+            sock = None
+            if frame.fds:  # the guest connection itself, handed over: only the proxy listener's
+                try:
+                    sock = adopt(frame.fds[0], local_port=EGRESS_GUEST_PORT)
+                except errors.SandboxError as exc:
+                    self.sup.logs.write("network", "system", f"egress connection refused: {exc.message}"[:1000])
+                    return
             self.egress.on_open(int(frame.header["stream"]), int(frame.header["port"]),
-                                str(frame.header.get("peer", "")))
+                                str(frame.header.get("peer", "")), sock)
         else:
             self.mux.feed(frame)
 
     def _on_channel_change(self) -> None:
         self.mux.reset_all("the guest agent connection changed")
+        self.relays.reset_all("the guest agent connection changed")
+
+    def abort_stream(self, sid: int, reason: str) -> None:
+        """Reset connection ``sid``, relayed here or over the channel."""
+        if not self.relays.abort(sid, reason):
+            self.mux.abort(sid, reason)
+
+    def open_streams(self) -> int:
+        """Relayed connections open now (forwards' and egress), both paths."""
+        return self.mux.count() + self.relays.count()
 
     def agent_attached(self) -> None:
         """After every (re)connection to the agent (boot, start, restore): set the guest up
@@ -71,7 +97,8 @@ class NetworkManager:
             self.sup.logs.system(f"network setup for mode {self.policy.mode} failed: {exc}")
 
     def _enable_egress(self) -> None:
-        self.sup.agent.call("tcp.listen", {"port": EGRESS_GUEST_PORT, "host": "127.0.0.1"}, timeout=15)
+        self.sup.agent.call("tcp.listen", {"port": EGRESS_GUEST_PORT, "host": "127.0.0.1",
+                                           "handoff": self.sup.agent.hands_off_sockets}, timeout=15)
         self.sup.agent.call("agent.configure", {"env": dict(PROXY_ENV)}, timeout=15)
         self.egress_ready = True
 
@@ -136,7 +163,10 @@ class NetworkManager:
     # ---- facts and the end --------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {**self.policy.to_wire(), "forwards": self.forwards.list()}
+        # relay: who copies forwarded and egress bytes -- the supervisor, socket to socket
+        # (splice; the agent handed the guest's socket over) or the agent, over its channel
+        info: dict[str, Any] = {**self.policy.to_wire(), "forwards": self.forwards.list(),
+                                "relay": RELAY_SPLICE if self.sup.agent.hands_off_sockets else RELAY_CHANNEL}
         if self.policy.mode == "allow":
             info["egress"] = {"proxy": PROXY_URL, "ready": self.egress_ready, "allowed": self.egress.allowed,
                               "refused": self.egress.refused}
@@ -146,6 +176,7 @@ class NetworkManager:
         """The sandbox ends: so do its forwards and streams."""
         self.forwards.close_all("the sandbox was destroyed")
         self.mux.close()
+        self.relays.close()
 
 
 # ---- the op table's handlers (supervisor/ops.py) -------------------------------------------

@@ -2,9 +2,12 @@
 
 ``port.forward`` binds exactly the address asked for (a wildcard address only
 with ``allow_wildcard``), and for each accepted connection asks the agent to
-connect to ``127.0.0.1:<guest_port>`` inside the guest (``tcp.connect``); the
-bytes then flow as a stream of the supervisor's ``StreamMux``. No guest network
-interface is involved, so forwards work in ``mode="deny"``.
+connect to ``127.0.0.1:<guest_port>`` inside the guest (``tcp.connect``). Where
+the agent shares this kernel (namespace backend) it hands the connected socket
+over and the supervisor relays the two sockets itself (``relay.py``: splice);
+otherwise (a VM) the bytes flow as a stream of the supervisor's ``StreamMux``
+over the agent channel. No guest network interface is involved, so forwards
+work in ``mode="deny"``.
 
 A forward lives until ``port.close``, the end of the sandbox, or -- when opened
 with ``detach: false`` -- the end of the client connection that opened it
@@ -22,7 +25,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
-from ..protocol.tcpmux import Stream, StreamLimit
+from ..protocol.tcpmux import Stream, StreamClosed, StreamLimit
+from .relay import Relay, adopt, reset
 
 if TYPE_CHECKING:
     from .network import NetworkManager
@@ -58,9 +62,15 @@ class Forward:
                 "created_at": self.created_at}
 
     def stream_done(self, stream: Stream) -> None:  # under the mux lock: bookkeeping only
-        self.active.discard(stream.id)
-        self.bytes_in += stream.sent
-        self.bytes_out += stream.received
+        self.connection_done(stream.id, stream.sent, stream.received)
+
+    def relay_done(self, relay: Relay) -> None:
+        self.connection_done(relay.id, relay.bytes_in, relay.bytes_out)
+
+    def connection_done(self, sid: int, bytes_in: int, bytes_out: int) -> None:
+        self.active.discard(sid)
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
 
 
 class PortForwards:
@@ -149,7 +159,7 @@ class PortForwards:
         with self._lock:
             self._forwards.pop(fwd.id, None)
         for sid in list(fwd.active):
-            self.net.mux.abort(sid, "the port forward was closed")
+            self.net.abort_stream(sid, "the port forward was closed")
         audit_id = None
         if audit:
             audit_id = self.net.sup.audit.record("port.close", {"forward": fwd.id},
@@ -170,32 +180,65 @@ class PortForwards:
         """On the mux's pump thread: register the stream, connect the guest side elsewhere."""
         sup = self.net.sup
         if fwd.closed or sup.state != "running" or not sup.agent.attached:
-            _reset(conn)
+            reset(conn)
             return
         sid = self.net.next_id()
+        if sup.agent.hands_off_sockets:
+            if self.net.relays.count() >= self.net.relays.max_relays:
+                reset(conn)
+                return
+            fwd.active.add(sid)
+            fwd.total += 1
+            threading.Thread(target=self._relay_guest, args=(fwd, sid, conn), name="mvm-fwd-connect",
+                             daemon=True).start()
+            return
         try:
             self.net.mux.attach(sid, conn, sup.agent.send, reading=False, on_done=fwd.stream_done, user=fwd)
         except (StreamLimit, ValueError):
-            _reset(conn)
+            reset(conn)
             return
         fwd.active.add(sid)
         fwd.total += 1
         threading.Thread(target=self._connect_guest, args=(fwd, sid), name="mvm-fwd-connect", daemon=True).start()
 
     def _connect_guest(self, fwd: Forward, sid: int) -> None:
+        """The agent-channel path: the guest side becomes stream ``sid`` of the mux."""
         try:
             self.net.sup.agent.call("tcp.connect", {"stream": sid, "port": fwd.guest_port, "host": "127.0.0.1"},
                                     timeout=CONNECT_TIMEOUT)
         except errors.MvmError as exc:
-            fwd.failed += 1
-            now = time.monotonic()
-            if now - fwd._last_failure_log > 5:  # a client retrying in a loop must not flood the log
-                fwd._last_failure_log = now
-                self.net.sup.logs.write("network", "system", f"port forward {fwd.id}: connection to guest "
-                                        f"127.0.0.1:{fwd.guest_port} failed: {exc.message}", force=True)
+            self._guest_failed(fwd, exc)
             self.net.mux.abort(sid, f"the guest side failed: {exc.message}")
             return
         self.net.mux.start_reading(sid)
+
+    def _relay_guest(self, fwd: Forward, sid: int, conn: socket.socket) -> None:
+        """The handoff path: the agent connects and hands us the socket; we relay it to ``conn``."""
+        try:
+            _, fd = self.net.sup.agent.call_for_fd(
+                "tcp.connect", {"stream": sid, "port": fwd.guest_port, "host": "127.0.0.1", "handoff": True},
+                timeout=CONNECT_TIMEOUT)
+            guest = adopt(fd, peer_port=fwd.guest_port)
+        except errors.MvmError as exc:
+            self._guest_failed(fwd, exc)
+            fwd.connection_done(sid, 0, 0)
+            reset(conn)
+            return
+        try:
+            self.net.relays.start(sid, conn, guest, on_done=fwd.relay_done)
+        except StreamClosed:  # (both sockets were reset)
+            fwd.connection_done(sid, 0, 0)
+            return
+        if fwd.closed:  # closed while we connected: its abort did not find this one yet
+            self.net.relays.abort(sid, "the port forward was closed")
+
+    def _guest_failed(self, fwd: Forward, exc: errors.MvmError) -> None:
+        fwd.failed += 1
+        now = time.monotonic()
+        if now - fwd._last_failure_log > 5:  # a client retrying in a loop must not flood the log
+            fwd._last_failure_log = now
+            self.net.sup.logs.write("network", "system", f"port forward {fwd.id}: connection to guest "
+                                    f"127.0.0.1:{fwd.guest_port} failed: {exc.message}", force=True)
 
 
 def _port(value: Any, field: str, *, minimum: int) -> int:
@@ -252,11 +295,3 @@ def _listen(address: str, port: int, asked: str) -> socket.socket:
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _reset(conn: socket.socket) -> None:
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
-    conn.close()

@@ -65,8 +65,9 @@ class Supervisor:
         self.audit = Auditor(self.sandbox_id, self.logs)
         self.processes = ProcessTable()
         self.receipt_sync = DeferredSync("mvm-receipt-sync")
-        self.agent = AgentLink(on_event=self._on_agent_event, on_lost=self._on_agent_lost)
         self.backend = get_backend(config["backend"])
+        self.agent = AgentLink(on_event=self._on_agent_event, on_lost=self._on_agent_lost,
+                               receive_fds=self.backend.agent_shares_kernel)
         self.instance: BackendInstance | None = None
         self.template_digest: str | None = None
         self.boot_ms: dict[str, float] = {}
