@@ -103,6 +103,20 @@ def test_a_create_the_pool_cannot_honour_starts_its_own_sandbox(pool: mvm.Pool) 
     assert err.value.field == "resources"
 
 
+def test_a_claim_applies_auto_pause_and_a_taken_name_consumes_no_member(pool: mvm.Pool) -> None:
+    with pool.create(name="naps", auto_pause="1s") as sb:
+        info = sb.describe()
+        assert info.pool is not None and info.details["auto_pause_seconds"] == 1
+        wait_for(lambda: sb.describe().state == "paused", "the claimed sandbox paused when idle")
+        assert sb.commands.run(["echo", "awake"]).stdout == "awake\n"  # the next request resumes it
+        wait_for(lambda: len(pool.describe().ready) == pool.size, "refill")
+        waiting = sorted(pool.describe().ready)
+        with pytest.raises(errors.InvalidArgument) as err:
+            pool.create(name="naps")
+        assert err.value.field == "name"
+        assert sorted(pool.describe().ready) == waiting
+
+
 def test_unclaimed_members_are_not_sandboxes_anyone_can_use(pool: mvm.Pool) -> None:
     member = pool.describe().ready[0]
     assert member not in {info.id for info in mvm.Sandbox.list()}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 from mvm.paths import sandboxes_dir
 from mvm.pooling import store
+from mvm.sdk.pool import pools
+from waiting import wait_for
 
 MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
 
@@ -51,3 +54,33 @@ def test_bad_pool_values_exit_2_with_the_field() -> None:
     assert error["type"] == "InvalidArgument" and error["field"] == "size"
     missing = mvmctl("pool", "down", "pl-0000000000", check=False)
     assert missing.returncode == 2 and "no open pool" in missing.stderr
+
+
+def test_keep_filled_refills_after_a_claim_and_closes_on_sigterm() -> None:
+    proc = subprocess.Popen([*MVMCTL, "pool", "up", "--size", "1", "--ttl", "5m", "--memory", "352", "--keep-filled",
+                             "--json"], stdout=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        assert proc.stdout is not None
+        text = ""
+        while True:  # one JSON document, printed once the pool is full
+            line = proc.stdout.readline()
+            assert line, "mvmctl pool up --keep-filled exited early"
+            text += line
+            if line.startswith("}"):
+                break
+        made = json.loads(text)
+        assert made["refilling"] is True and len(made["ready"]) == 1
+        up = json.loads(mvmctl("up", "--backend", "namespace", "--memory", "352", "--json").stdout)
+        assert up["details"]["pool"]["id"] == made["id"]
+        wait_for(lambda: [m for p in pools() if p.id == made["id"] for m in p.ready if m != up["id"]],
+                 "the foreground owner refilled the pool")
+        refilled = next(p for p in pools() if p.id == made["id"]).ready
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not store.pool_dir(made["id"]).exists()
+        assert not any((sandboxes_dir() / member).exists() for member in refilled)
+        mvmctl("down", up["id"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
