@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -215,6 +216,19 @@ def test_closing_a_pool_leaves_nothing_but_the_sandboxes_it_handed_out() -> None
     assert claimed.commands.run(["true"]).exit_code == 0  # a claimed one is an ordinary sandbox now
     claimed.kill()
     made.close()  # twice is fine
+
+
+def test_a_member_whose_supervisor_died_is_replaced_and_cleaned_by_the_owner() -> None:
+    with mvm.pool(TEMPLATE, size=1, ttl="5m") as made:
+        (dead,) = made.wait_ready().ready
+        pid = _supervisor_pid(dead)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), "the supervisor died")
+        assert dead not in mvm.pools()[0].ready  # a dead member is not reported as waiting
+        wait_for(lambda: made.describe().ready not in ([], [dead]), "a replacement member")
+        wait_for(lambda: not (sandboxes_dir() / dead).exists(), "the dead member cleaned up")
+        with made.create(name="after-a-death") as sb:
+            assert sb.id != dead and sb.describe().pool is not None
 
 
 def test_members_expire_unclaimed_even_after_their_owner_died(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
@@ -292,8 +293,9 @@ def pool(
 
 
 def pools() -> list[PoolInfo]:
-    """Every open pool of this ``$MVM_HOME`` (any process's): what it serves, its waiting members."""
-    return [PoolInfo.from_record(record, _prune_dead(str(record["id"]), directory))
+    """Every open pool of this ``$MVM_HOME`` (any process's): what it serves, its waiting
+    members (those whose supervisor runs). Only reads: pruning is the owner's refill's job."""
+    return [PoolInfo.from_record(record, [m for m in store.ready_members(directory) if _alive(m)])
             for directory, record in store.live_pools()]
 
 
@@ -311,14 +313,19 @@ def close_pool(pool_id: str) -> int:
     return len(members)
 
 
-def _prune_dead(pool_id: str, directory: Any) -> list[str]:
-    """The pool's ready members whose supervisor still runs; entries of dead ones are dropped."""
+def _alive(member: str) -> bool:
+    record = load_record(sandboxes_dir() / member)
+    return record is not None and pid_alive(record.get("supervisor_pid"))
+
+
+def _prune_dead(pool_id: str, directory: Path) -> list[str]:
+    """The owner's refill: the pool's ready members whose supervisor still runs; a dead one's
+    entry is dropped and what it left is cleaned up."""
     alive = []
     for member in store.ready_members(directory):
-        record = load_record(sandboxes_dir() / member)
-        if record is not None and pid_alive(record.get("supervisor_pid")):
+        if _alive(member):
             alive.append(member)
-        elif store.take(pool_id, member) and record is not None:
+        elif store.take(pool_id, member):
             _destroy_member(member)
     return alive
 
