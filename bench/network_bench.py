@@ -6,6 +6,9 @@ Rows (each beside the same client/server code over a direct 127.0.0.1 connection
   forward upload / download    host client -> ports.forward -> guest server, N MiB
   forward connection latency   connect + 1-byte echo + close, per connection
   forward request round trip   1-byte echo on an open connection
+  forward CPU per MiB          CPU time of every process involved (client, supervisor, the sandbox's
+                               processes: agent and server) per MiB forwarded, against the direct
+                               pair's (client and server) -- less sensitive to other load than MiB/s
   egress download / upload     guest client -> HTTP CONNECT proxy -> host server, N MiB
   egress connection latency    guest connect to the proxy + CONNECT + 1-byte echo + close
                                (includes the policy check, the audit record and the log line)
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -196,6 +200,26 @@ def best(fn, runs: int) -> float:
     return min(fn() for _ in range(runs))
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system time of the processes ``pids`` so far (every thread; /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_mib(fn, pids: list[int], mib: int) -> tuple[float, float]:
+    """(MiB/s, CPU ms per MiB) of ``fn`` -- this process's CPU plus that of ``pids``."""
+    own, others = time.process_time(), cpu_seconds(pids)
+    elapsed = fn()
+    used = time.process_time() - own + cpu_seconds(pids) - others
+    return mib / elapsed, used * 1000 / mib
+
+
 def wait_file(sandbox: mvm.Sandbox, path: str) -> str:
     deadline = time.monotonic() + 60
     while not sandbox.files.exists(path):
@@ -224,6 +248,7 @@ def main() -> int:
         "download": mib / best(lambda: download(host_port, mib), args.runs),
         "conn": conn_latency(host_port, conns),
         "rtt": round_trip(host_port, conns * 5),
+        "cpu": cpu_per_mib(lambda: upload(host_port, mib) + download(host_port, mib), [], 2 * mib)[1],
     }
 
     with mvm.Sandbox.create(TEMPLATE, backend=args.backend, ttl="30m",
@@ -231,14 +256,18 @@ def main() -> int:
         sandbox.files.write("/srv/bench_server.py", SERVER)
         sandbox.commands.start(["python3", "/srv/bench_server.py", "9000", "/tmp/bench.ready"])
         wait_file(sandbox, "/tmp/bench.ready")
+        details = sandbox.describe().details
+        involved = [int(details["supervisor_pid"]), *map(int, details.get("host_pids") or [])]
         with sandbox.ports.forward(guest_port=9000) as fwd:
             port = fwd.host_port
+            forward_cpu = cpu_per_mib(lambda: upload(port, mib) + download(port, mib), involved, 2 * mib)[1]
             rows += [
                 ("forward upload", mib / best(lambda: upload(port, mib), args.runs), direct["upload"], "MiB/s"),
                 ("forward download", mib / best(lambda: download(port, mib), args.runs), direct["download"],
                  "MiB/s"),
                 ("forward connection latency", conn_latency(port, conns), direct["conn"], "ms"),
                 ("forward request round trip", round_trip(port, conns * 5), direct["rtt"], "ms"),
+                ("forward CPU per MiB", forward_cpu, direct["cpu"], "ms"),
             ]
 
     allow = [f"host.mvm.internal:{host_port}"]  # the host's loopback, through the egress proxy
