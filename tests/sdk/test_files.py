@@ -94,3 +94,49 @@ def test_file_ops_are_audited_without_their_content(sandbox: mvm.Sandbox) -> Non
     assert "audit-content-canary" not in log_path(sandbox.id).read_text()
     assert any(e.source == "audit" and e.message.startswith("fs.write ok") for e in sandbox.logs())
     assert verify(log_path(sandbox.id)).ok
+
+
+def _audited(sandbox: mvm.Sandbox, op: str) -> list[dict[str, object]]:
+    from mvm.security.audit import log_path, tail
+
+    return [e for e in tail(log_path(sandbox.id), 100_000) if e.get("op") == op]
+
+
+def test_a_64_mib_file_streams_back_whole_and_is_audited_once(sandbox: mvm.Sandbox) -> None:
+    import hashlib
+
+    data = os.urandom(64 * 1024 * 1024)
+    sandbox.files.write("/tmp/sixty-four.bin", data)
+    before = len(_audited(sandbox, "fs.read"))
+    got = sandbox.files.read("/tmp/sixty-four.bin", max_bytes=len(data))
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    reads = _audited(sandbox, "fs.read")
+    assert len(reads) == before + 1, "one audit entry per read, not one per chunk"
+    assert reads[-1]["outcome"] == "ok" and reads[-1]["details"] == {"size": len(data)}
+    sandbox.files.remove("/tmp/sixty-four.bin")
+
+
+def test_failed_reads_name_the_path_send_nothing_and_are_audited_once_each(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.write("/tmp/three-mib", b"y" * (3 * 1024 * 1024))
+    before = len(_audited(sandbox, "fs.read"))
+    with pytest.raises(mvm.FileNotFoundInSandbox, match="/tmp/absent") as missing:
+        sandbox.files.read("/tmp/absent")
+    assert missing.value.path == "/tmp/absent"
+    with pytest.raises(errors.IsADirectory, match="/tmp") as directory:
+        sandbox.files.read("/tmp")
+    assert directory.value.path == "/tmp"
+    with pytest.raises(errors.TooLarge, match="/tmp/three-mib") as over:  # known size: refused up front
+        sandbox.files.read("/tmp/three-mib", max_bytes=2 * 1024 * 1024)
+    assert over.value.details == {"path": "/tmp/three-mib", "max_bytes": 2 * 1024 * 1024, "size": 3 * 1024 * 1024}
+    with pytest.raises(errors.TooLarge, match="/proc/self/status"):  # a size the guest does not know: counted
+        sandbox.files.read("/proc/self/status", max_bytes=64)
+    with pytest.raises(errors.TooLarge, match="/dev/zero"):  # endless: stopped once past the limit
+        sandbox.files.read("/dev/zero", max_bytes=3 * 1024 * 1024)
+    with pytest.raises(mvm.InvalidArgument, match="max_bytes"):
+        sandbox._client().call("fs.read", {"path": "/tmp/three-mib", "max_bytes": 0})
+    failed = _audited(sandbox, "fs.read")[before:]
+    assert [(e["outcome"], e.get("error_type")) for e in failed] == [
+        ("error", "FileNotFound"), ("error", "IsADirectory"), ("error", "TooLarge"), ("error", "TooLarge"),
+        ("ok", None),
+    ], "/dev/zero was opened (and recorded) before it ran over; the bad max_bytes never reached the guest"
+    assert sandbox.files.read("/tmp/three-mib", max_bytes=3 * 1024 * 1024) == b"y" * (3 * 1024 * 1024)

@@ -25,7 +25,7 @@ import { TextDecoder } from "node:util";
 import { SupervisorClient, type CallOptions, type CallResult } from "./client.js";
 import {
   CommandError, CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy, InvalidState,
-  MvmError, SandboxError, SandboxNotFound, TooLarge,
+  MvmError, SandboxError, SandboxNotFound,
 } from "./errors.js";
 import { parseDuration } from "./durations.js";
 import {
@@ -923,18 +923,11 @@ export class Files {
     const target = absolutePath(path);
     const maxBytes = options.maxBytes ?? DEFAULT_MAX_READ_BYTES;
     if (!(maxBytes > 0)) throw InvalidArgument.create("max_bytes", `${maxBytes} must be positive`);
+    // The file streams back as `data` frames; the supervisor refuses one over `maxBytes` (TooLarge).
     const chunks: Buffer[] = [];
-    let offset = 0;
-    for (;;) {
-      const { result, payload } = await this.sandbox.call("fs.read", { path: target, offset, length: CHUNK_SIZE });
-      chunks.push(payload);
-      offset += payload.length;
-      if (offset > maxBytes) {
-        throw new TooLarge(`${target} is larger than max_bytes=${maxBytes}`,
-          { path: target, max_bytes: maxBytes, size: result.size ?? null });
-      }
-      if (result.eof || !payload.length) return Buffer.concat(chunks);
-    }
+    await this.sandbox.call("fs.read", { path: target, max_bytes: maxBytes }, undefined,
+      { onData: (_stream, data) => { chunks.push(data); } });
+    return Buffer.concat(chunks);
   }
 
   /** `read` decoded as text (invalid bytes become U+FFFD). */

@@ -145,6 +145,17 @@ def _finish_temp(fd: int, temp: str, target: str, path: str, mode: int, owner: t
         raise from_os_error(exc, path) from None
 
 
+_thread_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """This thread's ``CHUNK_SIZE`` read buffer: reused, so a read touches no fresh memory."""
+    buffer = getattr(_thread_buffers, "read", None)
+    if buffer is None:
+        buffer = _thread_buffers.read = memoryview(bytearray(CHUNK_SIZE))
+    return buffer
+
+
 @dataclass
 class _WriteHandle:
     path: str
@@ -170,7 +181,9 @@ class Files:
 
     # -- reading --------------------------------------------------------------
 
-    def read(self, args: Args) -> tuple[dict[str, Any], bytes]:
+    def read(self, args: Args) -> tuple[dict[str, Any], memoryview]:
+        """One chunk of a file. The bytes are a view of this worker thread's read buffer:
+        valid until the thread's next read, i.e. until its answer was sent."""
         path = args.path()
         offset = args.integer("offset", 0, minimum=0)
         length = args.integer("length", CHUNK_SIZE, minimum=0, maximum=CHUNK_SIZE)
@@ -185,12 +198,14 @@ class Files:
                 raise AgentError("IsADirectory", f"{path} is a directory (use fs.list)", path=path)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
                 raise invalid("path", f"{path} is not a regular file")
+            view = _read_buffer()[:length]
             try:
-                data = os.pread(fd, length, offset)
+                count = os.preadv(fd, [view], offset)
             except OSError as exc:
                 if exc.errno != errno.ESPIPE or offset:  # an unseekable device: read it from its start
                     raise
-                data = os.read(fd, length)
+                count = os.readv(fd, [view])
+            data = view[:count]
         except OSError as exc:
             raise from_os_error(exc, path) from None
         finally:

@@ -189,24 +189,28 @@ class VirtioSession:
     def send_raw(self, encoded: Encoded, fds: Sequence[int] = ()) -> None:
         if fds:
             raise ValueError("a virtio port cannot pass descriptors")
-        view = memoryview(encoded if isinstance(encoded, bytes) else b"".join(encoded))
+        parts = [encoded] if isinstance(encoded, bytes) else encoded
         with self._port.write_lock:
             poller = select.poll()
             poller.register(self._port.fd, select.POLLOUT)
-            while view:
-                if self.closed:
-                    raise ChannelClosed("host session is closed")
-                try:
-                    written = os.write(self._port.fd, view[:WRITE_CHUNK])
-                except BlockingIOError:
-                    events = poller.poll(100)
-                    if not events or any(mask & (select.POLLHUP | select.POLLERR) for _, mask in events):
-                        time.sleep(RETRY_SECONDS / 5)  # no host right now: don't spin
-                    continue
-                except OSError as exc:
-                    self.closed = True
-                    raise ChannelClosed(f"write to the virtio port failed: {exc}") from None
-                view = view[written:]
+            for part in parts:
+                self._write_all(poller, memoryview(part))
+
+    def _write_all(self, poller: select.poll, view: memoryview) -> None:
+        while view:
+            if self.closed:
+                raise ChannelClosed("host session is closed")
+            try:
+                written = os.write(self._port.fd, view[:WRITE_CHUNK])
+            except BlockingIOError:
+                events = poller.poll(100)
+                if not events or any(mask & (select.POLLHUP | select.POLLERR) for _, mask in events):
+                    time.sleep(RETRY_SECONDS / 5)  # no host right now: don't spin
+                continue
+            except OSError as exc:
+                self.closed = True
+                raise ChannelClosed(f"write to the virtio port failed: {exc}") from None
+            view = view[written:]
 
     def close(self, *, broken: bool = False) -> None:
         self.closed = True

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ..sdk.files import DEFAULT_MAX_READ_BYTES
+from ..protocol.requests import DEFAULT_MAX_READ_BYTES
 from ..sdk.models import FileEntry
 from ..sdk.sandbox import Sandbox
 from .common import emit, json_option

@@ -299,12 +299,17 @@ def hello(role: str, **extra: Any) -> bytes:
     return encode({"kind": "hello", "protocol": PROTOCOL_NAME, "version": PROTOCOL_VERSION, "role": role, **extra})
 
 
-def request(ident: int, op: str, args: dict[str, Any] | None = None, payload: bytes = b"") -> bytes:
-    return encode({"kind": "request", "id": ident, "op": op, "args": args or {}}, payload)
+def _encoded(header: dict[str, Any], payload: bytes) -> Encoded:
+    """A frame with a big payload as parts (sent without copying it behind its header)."""
+    return encode_parts(header, payload) if len(payload) >= DIRECT_MIN else encode(header, payload)
 
 
-def response_ok(ident: int, result: dict[str, Any] | None = None, payload: bytes = b"", **extra: Any) -> bytes:
-    return encode({"kind": "response", "id": ident, "ok": True, "result": result or {}, **extra}, payload)
+def request(ident: int, op: str, args: dict[str, Any] | None = None, payload: bytes = b"") -> Encoded:
+    return _encoded({"kind": "request", "id": ident, "op": op, "args": args or {}}, payload)
+
+
+def response_ok(ident: int, result: dict[str, Any] | None = None, payload: bytes = b"", **extra: Any) -> Encoded:
+    return _encoded({"kind": "response", "id": ident, "ok": True, "result": result or {}, **extra}, payload)
 
 
 def response_error(ident: int, error_type: str, message: str, **details: Any) -> bytes:

@@ -15,6 +15,8 @@ from .. import errors
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 #: Largest ``max_output_bytes`` an ``exec.run`` may ask for.
 MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
+#: Default bound of ``fs.read`` / ``files.read`` (``max_bytes``).
+DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
 
 
 def check_run_limits(args: Mapping[str, Any]) -> tuple[int, float | None]:

@@ -29,6 +29,7 @@ from typing import Any
 from .. import errors
 from ..backends.base import NetworkPolicy, Resources
 from ..protocol import CHUNK_SIZE
+from ..protocol.requests import DEFAULT_MAX_READ_BYTES
 from ..security.secrets import Redactor, SecretRef
 from ..supervisor.async_client import AsyncSupervisorClient
 from ..supervisor.state import CONTROL_SOCKET, find_sandbox
@@ -46,7 +47,7 @@ from .commands import (
     stdin_payload,
 )
 from ..snapshots.model import Snapshot
-from .files import DEFAULT_MAX_READ_BYTES, absolute_path, check_max_bytes, payload_bytes, read_done, written_entry
+from .files import absolute_path, payload_bytes, read_request, written_entry
 from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
 from .network import close_args, forward_args, update_args
 from .sandbox import (
@@ -468,17 +469,9 @@ class AsyncFiles:
         return written_entry(answer) or await self.stat(path)
 
     async def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
-        path = absolute_path(path)
-        check_max_bytes(max_bytes)
-        client = await self._sandbox._client()
         chunks: list[bytes] = []
-        offset = 0
-        while True:
-            result, payload = await client.call("fs.read", {"path": path, "offset": offset, "length": CHUNK_SIZE})
-            chunks.append(payload)
-            offset += len(payload)
-            if read_done(path, result, payload, offset, max_bytes):
-                return b"".join(chunks)
+        await self._sandbox._call(*read_request(path, max_bytes), on_data=lambda _stream, data: chunks.append(data))
+        return b"".join(chunks)
 
     async def read_text(self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES) -> str:
         return (await self.read(path, max_bytes=max_bytes)).decode(encoding, errors="replace")

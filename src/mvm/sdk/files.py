@@ -7,13 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..protocol import CHUNK_SIZE
+from ..protocol.requests import DEFAULT_MAX_READ_BYTES
 from .models import FileEntry
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
-
-#: Default bound of ``files.read``.
-DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
 
 
 class Files:
@@ -55,17 +53,9 @@ class Files:
 
         >>> data = sandbox.files.read("/work/output.json")
         """
-        path = absolute_path(path)
-        check_max_bytes(max_bytes)
-        client = self._sandbox._client()
         chunks: list[bytes] = []
-        offset = 0
-        while True:
-            result, payload = client.call("fs.read", {"path": path, "offset": offset, "length": CHUNK_SIZE})
-            chunks.append(payload)
-            offset += len(payload)
-            if read_done(path, result, payload, offset, max_bytes):
-                return b"".join(chunks)
+        self._sandbox._client().call(*read_request(path, max_bytes), on_data=lambda _stream, data: chunks.append(data))
+        return b"".join(chunks)
 
     def read_text(self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES) -> str:
         return self.read(path, max_bytes=max_bytes).decode(encoding, errors="replace")
@@ -103,13 +93,12 @@ def check_max_bytes(max_bytes: int) -> None:
         raise errors.InvalidArgument("max_bytes", f"{max_bytes!r} must be a positive integer")
 
 
-def read_done(path: str, result: dict[str, Any], payload: bytes, offset: int, max_bytes: int) -> bool:
-    """After one ``fs.read`` answer: whether the file is whole; ``TooLarge`` past ``max_bytes``."""
-    if offset > max_bytes:
-        raise errors.TooLarge(
-            f"{path} is larger than max_bytes={max_bytes}", path=path, max_bytes=max_bytes, size=result.get("size")
-        )
-    return bool(result.get("eof")) or not payload
+def read_request(path: str, max_bytes: int) -> tuple[str, dict[str, Any]]:
+    """``fs.read``: the file comes back as ``data`` frames (stream ``file``), then
+    ``{size, audit_id}``; the supervisor refuses a file over ``max_bytes`` (``TooLarge``)."""
+    path = absolute_path(path)
+    check_max_bytes(max_bytes)
+    return "fs.read", {"path": path, "max_bytes": max_bytes}
 
 
 def payload_bytes(data: Any, field: str) -> bytes:

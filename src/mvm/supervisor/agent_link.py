@@ -119,50 +119,37 @@ class AgentLink:
 
     def call(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"",
              *, timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> tuple[dict[str, Any], bytes]:
-        frame = self._exchange(op, args, payload, timeout)
-        discard_fds(frame)  # nothing was asked for
-        return dict(frame.header.get("result") or {}), frame.payload
+        return self.submit(op, args, payload).wait(timeout)
 
     def call_for_fd(self, op: str, args: dict[str, Any], *,
                     timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> tuple[dict[str, Any], int]:
         """A call whose answer brings one descriptor (``handoff``); the caller owns it."""
-        frame = self._exchange(op, args, b"", timeout)
+        frame = self.submit(op, args).wait_frame(timeout)
         if len(frame.fds) != 1:
             discard_fds(frame)
             raise errors.SandboxError(f"the guest agent answered {op} without the connection it was asked for")
         return dict(frame.header.get("result") or {}), frame.fds[0]
 
-    def _exchange(self, op: str, args: dict[str, Any] | None, payload: bytes, timeout: float | None) -> Frame:
-        """Send a request, wait for its successful answer (an error answer raises)."""
+    def submit(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"") -> PendingCall:
+        """Send a request without waiting for its answer (several may be in flight: a
+        streamed ``fs.read`` reads ahead); ``wait`` on the returned call, or ``forget`` it."""
         ident = next(self._ids)
-        box: queue.Queue[Any] = queue.Queue()
+        call = PendingCall(self, ident, op)
         with self._lock:
             channel = self._channel
             if channel is None:
                 raise errors.InvalidState("the sandbox is not running (no agent connection)")
-            self._waiting[ident] = box
+            self._waiting[ident] = call.box
         try:
             channel.send_raw(codec.request(ident, op, args, payload))
-            try:
-                item = box.get(timeout=timeout)
-            except queue.Empty:
-                raise errors.SandboxError(f"the guest agent did not answer {op} within {timeout} s") from None
-            if item is _LOST:
-                raise errors.SandboxError(f"the guest agent connection was lost during {op}")
-            frame: Frame = item
-            if frame.header.get("ok"):
-                return frame
-            discard_fds(frame)
-            raise errors.from_wire(frame.header.get("error") or {})
         except ChannelClosed:
+            call.forget()
             raise errors.SandboxError(f"the guest agent connection is closed ({op})") from None
-        finally:
-            with self._lock:
-                self._waiting.pop(ident, None)
-            while not box.empty():  # an answer that came after we gave up on it
-                late = box.get_nowait()
-                if isinstance(late, Frame):
-                    discard_fds(late)
+        return call
+
+    def _forget(self, ident: int) -> None:
+        with self._lock:
+            self._waiting.pop(ident, None)
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.fds and not (frame.kind == "response" or (frame.kind == "event" and frame.header["event"] == "tcp.open"
@@ -212,3 +199,44 @@ class AgentLink:
         if current:
             self._changed()
             self._on_lost(reason)
+
+
+class PendingCall:
+    """One agent request sent by ``AgentLink.submit``, its answer not yet taken."""
+
+    def __init__(self, link: AgentLink, ident: int, op: str):
+        self._link = link
+        self.ident = ident
+        self.op = op
+        self.box: queue.Queue[Any] = queue.Queue()
+
+    def wait(self, timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> tuple[dict[str, Any], bytes]:
+        """The answer's ``(result, payload)``, or its error raised as the mapped ``MvmError``."""
+        frame = self.wait_frame(timeout)
+        discard_fds(frame)  # nothing was asked for
+        return dict(frame.header.get("result") or {}), frame.payload
+
+    def wait_frame(self, timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> Frame:
+        """The successful answer frame (the caller owns its descriptors); an error answer raises."""
+        try:
+            try:
+                item = self.box.get(timeout=timeout)
+            except queue.Empty:
+                raise errors.SandboxError(f"the guest agent did not answer {self.op} within {timeout} s") from None
+        finally:
+            self.forget()
+        if item is _LOST:
+            raise errors.SandboxError(f"the guest agent connection was lost during {self.op}")
+        frame: Frame = item
+        if frame.header.get("ok"):
+            return frame
+        discard_fds(frame)
+        raise errors.from_wire(frame.header.get("error") or {})
+
+    def forget(self) -> None:
+        """Stop waiting: the answer, when it comes, is dropped (its descriptors closed)."""
+        self._link._forget(self.ident)
+        while not self.box.empty():  # an answer that came after we gave up on it
+            late = self.box.get_nowait()
+            if isinstance(late, Frame):
+                discard_fds(late)

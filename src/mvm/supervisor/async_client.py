@@ -158,7 +158,10 @@ class AsyncSupervisorClient:
         box: asyncio.Queue[Any] = asyncio.Queue()
         ident, request = self._pending.open(op, args, payload, box)
         try:
-            self._writer.write(request)
+            if isinstance(request, bytes):
+                self._writer.write(request)
+            else:
+                self._writer.writelines(request)
             await self._writer.drain()
         except BaseException as exc:
             self._done(ident)

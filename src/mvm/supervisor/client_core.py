@@ -47,7 +47,7 @@ class PendingRequests(Generic[Box]):
         self._ids = itertools.count(1)
         self._boxes: dict[int, Box] = {}
 
-    def open(self, op: str, args: dict[str, Any] | None, payload: bytes, box: Box) -> tuple[int, bytes]:
+    def open(self, op: str, args: dict[str, Any] | None, payload: bytes, box: Box) -> tuple[int, codec.Encoded]:
         """Register ``box`` under a fresh id; returns the id and the encoded request."""
         ident = next(self._ids)
         self._boxes[ident] = box

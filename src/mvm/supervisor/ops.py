@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..pooling import member as pool_member
-from . import network, process_ops, sandbox_ops
+from . import file_ops, network, process_ops, sandbox_ops
 
 if TYPE_CHECKING:
     from .server import Supervisor
@@ -84,7 +84,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     _forwarded("proc.stdin"),
     _forwarded("proc.signal"),
     _forwarded("proc.list", Audit.NEVER),
-    _forwarded("fs.read"),
+    Op("fs.read", file_ops.read, RUNNING, Audit.BY_HANDLER, auto_resume=True),
     _forwarded("fs.write"),
     _forwarded("fs.write_begin"),
     _forwarded("fs.write_chunk", Audit.PER_TRANSFER),

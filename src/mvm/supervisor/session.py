@@ -45,8 +45,9 @@ class RequestContext:
         return Args(self.args)
 
     def send_data(self, stream: str, payload: bytes) -> None:
+        view = memoryview(payload)  # slices of it are sent as they are, never copied
         for start in range(0, max(len(payload), 1), CHUNK_SIZE):
-            self.session.send(codec.data(self.id, stream, payload[start : start + CHUNK_SIZE]))
+            self.session.send(codec.data_parts(self.id, stream, view[start : start + CHUNK_SIZE]))  # type: ignore[arg-type]
 
 
 class ClientSession:
@@ -59,7 +60,7 @@ class ClientSession:
         self.inflight: dict[int, RequestContext] = {}
         self.closed = threading.Event()
 
-    def send(self, encoded: bytes) -> None:
+    def send(self, encoded: codec.Encoded) -> None:
         try:
             self.channel.send_raw(encoded)
         except ChannelClosed:
@@ -129,7 +130,7 @@ class ClientSession:
         if ctx.op == "sandbox.destroy":
             self.supervisor.exit_after_destroy()
 
-    def _answer(self, ctx: RequestContext) -> bytes:
+    def _answer(self, ctx: RequestContext) -> codec.Encoded:
         try:
             result, payload = self.supervisor.handle(ctx)
             return codec.response_ok(ctx.id, result, payload)
