@@ -231,6 +231,23 @@ def test_a_member_whose_supervisor_died_is_replaced_and_cleaned_by_the_owner() -
             assert sb.id != dead and sb.describe().pool is not None
 
 
+def test_a_forked_child_exiting_leaves_its_parents_pool_alone(tmp_path: Path) -> None:
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import os, sys, mvm\n"
+        "p = mvm.pool('python-3.13', size=1, ttl='5m')\n"
+        "p.wait_ready()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    sys.exit(0)  # runs the atexit hooks it inherited\n"
+        "os.waitpid(child, 0)\n"
+        "print(len(p.describe().ready), p.closed)\n"
+    )  # ... and the parent's own exit closes it
+    proc = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["1", "False"]
+    assert mvm.pools() == [] and not _members()
+
+
 def test_members_expire_unclaimed_even_after_their_owner_died(tmp_path: Path) -> None:
     """The owner is killed outright: each member's own supervisor still ends it at its
     TTL, and the last one removes the abandoned pool."""

@@ -19,6 +19,7 @@ process dies, each member still ends itself when its ``ttl`` runs out: there is 
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import weakref
@@ -107,6 +108,7 @@ class Pool:
         self._lock = threading.Lock()
         self._last_error: str | None = None
         self._thread: threading.Thread | None = None
+        self._owner_pid = os.getpid()
         if refill:
             _OWNED.add(self)
 
@@ -261,8 +263,10 @@ def pool(
     A ``Sandbox.create`` asking for the same template, backend, resources and network
     policy claims a member. The first member is started before this returns (a bad
     template or backend fails here, leaving nothing); the rest, and each refill after a
-    claim, start in a background thread (``refill=False``: none). ``backend``: pools
-    pre-start ``namespace`` sandboxes only.
+    claim, start in a background thread, and ``close()`` — or this process's exit — destroys
+    the members still waiting. ``refill=False``: nothing refills it (``fill()`` fills it
+    once) and its members wait until claimed, ``close()``d or their TTL; ``mvmctl pool up``
+    makes such a pool. ``backend``: pools pre-start ``namespace`` sandboxes only.
     """
     from ..templates.catalog import check_template
     from .sandbox import _validated_spec, current_mode
@@ -363,6 +367,8 @@ _OWNED: weakref.WeakSet[Pool] = weakref.WeakSet()
 def _close_owned() -> None:
     """A program that ends without closing its pools leaves no member behind."""
     for owned in list(_OWNED):
+        if owned._owner_pid != os.getpid():  # a forked child exiting: the pool is its parent's
+            continue
         try:
             owned.close()
         except Exception:
