@@ -226,3 +226,13 @@ def test_caller_progress_callback_gets_each_phase_once() -> None:
         reporter.phase("installing packages")
     assert seen == ["building template x: starting", "building template x: downloading packages",
                     "building template x: installing packages"]
+
+
+@pytest.mark.parametrize(("word", "meant"), [
+    ("python-3.1", "python-3.11"), ("pyhton-3.13", "python-3.13"), ("node20", "node-20"), ("minimal", "minimal"),
+    ("ruby-3.3", None), ("x", None), ("", None),
+])
+def test_closest_name_is_a_small_edit_away_or_none(word: str, meant: str | None) -> None:
+    from mvm.templates.catalog import closest_name
+
+    assert closest_name(word, ["minimal", "node-20", "python-3.11", "python-3.13"]) == meant

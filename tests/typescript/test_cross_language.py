@@ -31,6 +31,7 @@ with mvm.Sandbox.create(
     env={"MODE": "dev", "API_KEY": mvm.secret("api-key")},
     backend="namespace",
     tags={"team": "sdk"},
+    auto_pause="5m",
 ) as sandbox:
     sandbox.files.mkdir("/work/data", parents=True, mode=0o700)
     sandbox.files.write("/work/data/input.json", b'{"n": 1}', mode=0o600)
@@ -54,6 +55,9 @@ with mvm.Sandbox.create(
     sandbox.resume("snap-external")
     server.kill()
     sandbox.commands.run("echo done", timeout_seconds=None)
+    big = bytes(range(256)) * 12289  # over one frame: a chunked write, and a staged stdin
+    sandbox.files.write("/work/big.bin", big)
+    sandbox.commands.run(["wc", "-c"], stdin=big)
 '''
 
 TS_TWIN = '''
@@ -69,6 +73,7 @@ await using sandbox = await Sandbox.create("python-3.11", {
   env: { MODE: "dev", API_KEY: secret("api-key") },
   backend: "namespace",
   tags: { team: "sdk" },
+  autoPause: "5m",
 });
 await sandbox.files.mkdir("/work/data", { parents: true, mode: 0o700 });
 await sandbox.files.write("/work/data/input.json", new TextEncoder().encode('{"n": 1}'), { mode: 0o600 });
@@ -93,6 +98,9 @@ await sandbox.resume(snap);
 await sandbox.resume("snap-external");
 await server.kill();
 await sandbox.commands.run("echo done", { timeoutSeconds: null });
+const big = new Uint8Array(256 * 12289).map((_, i) => i % 256); // over one frame: a chunked write, and a staged stdin
+await sandbox.files.write("/work/big.bin", big);
+await sandbox.commands.run(["wc", "-c"], { stdin: big });
 '''
 
 # The seed example as plain JavaScript (no `await using` outside TypeScript): try/finally + kill().
@@ -156,9 +164,13 @@ def test_equivalent_scripts_compile_to_the_same_ir(project: Path, tmp_path: Path
     (project / "twin.ts").write_text(textwrap.dedent(TS_TWIN).lstrip())
     py = compile_to(project / "twin.py", tmp_path / "py", home)
     ts = compile_to(project / "twin.ts", tmp_path / "ts.tar.gz", home)
-    assert py["operations"] == 20
+    assert py["operations"] == 22
     assert ts["sha256"] == py["sha256"]
     doc = json.loads((tmp_path / "py" / "workload.json").read_text())
+    assert doc["auto_pause_seconds"] == 300
+    big_write, big_run = doc["operations"][-3:-1]
+    assert (big_write["op"], big_write["size"], big_run["op"]) == ("files.write", 256 * 12289, "commands.run")
+    assert big_run["stdin_sha256"] == big_write["sha256"]  # the staged stdin is the run's, not a file write
     assert [f["path"] for f in doc["include"]["files"]] == ["data/config.json", "src/pkg/run.sh", "src/util.py"]
     assert doc["include"]["files"][1]["mode"] == 0o755
     assert doc["env"]["API_KEY"] == {"kind": "secret_ref", "name": "api-key"}

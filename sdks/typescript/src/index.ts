@@ -35,10 +35,8 @@ export {
 export * from "./errors.js";
 export { parseDuration, DURATION_HELP } from "./durations.js";
 export { currentMode, MODES, type Env, type EnvValue, type Mode } from "./spec.js";
-export {
-  currentRecording, RecordedCommands, RecordedFiles, RecordedNetwork, RecordedPorts, RecordedProcess, RecordedSandbox,
-  Recording, resetRecording, RECORDING_ENV,
-} from "./recording.js";
+export { closestName, currentRecording, RecordTransport, Recording, resetRecording, RECORDING_ENV } from "./recording.js";
+export type { RequestContext, Transport, TransportCallOptions } from "./transport.js";
 export { SupervisorClient, type CallOptions, type CallResult, type StreamChunk } from "./client.js";
 export * as protocol from "./protocol.js";
 export { ProtocolError } from "./protocol.js";

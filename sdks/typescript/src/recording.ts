@@ -1,19 +1,18 @@
 /**
- * Record and plan mode: `RecordedSandbox` and the process-wide recording, appending
+ * Record and plan mode: the record transport and the process-wide recording, appending
  * exactly the events Python's `mvm.modes.recording` writes, so `mvmctl compile`
  * lowers a TypeScript script and its Python twin to the same workload IR.
  *
- * In record/plan mode `Sandbox.create(...)` returns a `RecordedSandbox`: the live
- * surface, each call validated as the live path validates it and appended, in order,
- * to the recording. Nothing boots.
+ * In record/plan mode `Sandbox.create(...)` returns the same `Sandbox` class as in live
+ * mode, talking to a `RecordTransport` instead of a supervisor (`transport.ts`): the SDK
+ * builds its wire requests exactly as it does live; the record transport checks what
+ * the supervisor would check, appends each request, in order and in the IR's
+ * vocabulary, to the recording, and answers with a recorded result. Nothing boots.
  *
  * * `commands.run` resolves to `CommandResult { recorded: true, exitCode: null }`.
- * * `commands.start` resolves to a recorded `Process` whose `pid` is `null`.
- * * Reads (`files.read/list/stat/exists`, `logs`, a process's output or exit code)
- *   throw `NotAvailableInRecordMode` naming the call.
- * * `ports.*` and `network.*` (a forward, a policy change) need a running sandbox:
- *   they throw `NotAvailableInRecordMode` too (the policy given to `Sandbox.create`
- *   is part of the recording already).
+ * * `commands.start` resolves to a `Process` whose `pid` is `null` (named by its index).
+ * * Reads (`files.read/list/stat/exists`, `logs`, a process's output or exit code),
+ *   port forwards and policy changes throw `NotAvailableInRecordMode` naming the call.
  * * Secret references are recorded by name only; their values are never looked up.
  *
  * When `$MVM_RECORDING` names a file (`mvmctl compile`/`run` set it), each event is
@@ -25,23 +24,17 @@ import { createHash } from "node:crypto";
 import { appendFileSync, existsSync, mkdirSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
-import { InvalidArgument, InvalidState, NotAvailableInRecordMode, TemplateNotFound } from "./errors.js";
+import type { CallResult, StreamChunk } from "./client.js";
+import { InvalidArgument, InvalidState, NotAvailableInRecordMode, TemplateNotFound, UnknownOp } from "./errors.js";
 import { parseDuration } from "./durations.js";
-import { collectIncludes, GUEST_ROOT } from "./includes.js";
-import {
-  CommandResult, FileEntry, LogEvent, NetworkInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot,
-} from "./models.js";
+import { GUEST_ROOT, type IncludedFile } from "./includes.js";
 import { findMvmctl } from "./paths.js";
-import { SecretRef } from "./policy.js";
-import { repr, typeName } from "./pyrepr.js";
-import {
-  Commands, DEFAULT_MAX_OUTPUT_BYTES, Files, Network, Ports, Process, Sandbox, SIGNALS, type CreateOptions,
-  type ForwardOptions, type LogsOptions, type NetworkUpdateOptions, type OutputChunk, type RunOptions,
-  type StartOptions,
-} from "./sandbox.js";
-import {
-  absolutePath, callerSite, defaultName, scriptDir, validateCommand, validatedSpec, type Env, type Mode, type Spec,
-} from "./spec.js";
+import { NetworkPolicy, Resources, SecretRef } from "./policy.js";
+import type { Header } from "./protocol.js";
+import { repr } from "./pyrepr.js";
+import { STDIN_STAGING_DIR } from "./sandbox.js";
+import { absolutePath, type Env } from "./spec.js";
+import type { RequestContext, Transport, TransportCallOptions } from "./transport.js";
 
 /** The file `mvmctl` tells a recorded script to append its events to. */
 export const RECORDING_ENV = "MVM_RECORDING";
@@ -172,12 +165,6 @@ function checkRunLimits(timeoutSeconds: unknown, maxOutputBytes: unknown): void 
   }
 }
 
-function bytesOf(data: unknown, field: string): Buffer {
-  if (typeof data === "string") return Buffer.from(data, "utf8");
-  if (data instanceof Uint8Array) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  throw InvalidArgument.create(field, `${typeName(data)} is not bytes or str`);
-}
-
 // ---- the template check (what Python's record mode does without building) ----------------
 
 interface Catalog {
@@ -219,54 +206,38 @@ function templateCatalog(): Catalog | null {
   return catalogCache;
 }
 
-/** difflib's `SequenceMatcher(None, a, b).ratio()` (no junk: template names are short). */
-function ratio(a: string, b: string): number {
-  const b2j = new Map<string, number[]>();
-  [...b].forEach((ch, j) => b2j.set(ch, [...(b2j.get(ch) ?? []), j]));
-  let matches = 0;
-  const queue: [number, number, number, number][] = [[0, a.length, 0, b.length]];
-  while (queue.length) {
-    const [alo, ahi, blo, bhi] = queue.pop() as [number, number, number, number];
-    let besti = alo;
-    let bestj = blo;
-    let bestsize = 0;
-    let j2len = new Map<number, number>();
-    for (let i = alo; i < ahi; i++) {
-      const next = new Map<number, number>();
-      for (const j of b2j.get(a[i]) ?? []) {
-        if (j < blo) continue;
-        if (j >= bhi) break;
-        const k = (j2len.get(j - 1) ?? 0) + 1;
-        next.set(j, k);
-        if (k > bestsize) {
-          besti = i - k + 1;
-          bestj = j - k + 1;
-          bestsize = k;
-        }
-      }
-      j2len = next;
-    }
-    if (bestsize) {
-      matches += bestsize;
-      if (alo < besti && blo < bestj) queue.push([alo, besti, blo, bestj]);
-      if (besti + bestsize < ahi && bestj + bestsize < bhi) queue.push([besti + bestsize, ahi, bestj + bestsize, bhi]);
-    }
-  }
-  const total = a.length + b.length;
-  return total ? (2 * matches) / total : 1;
-}
-
-function closeMatch(word: string, possibilities: string[]): string | null {
+/**
+ * The name a mistyped `word` most likely meant, for "did you mean" hints: the one fewest
+ * single-character edits away (Levenshtein distance), if that is at most a third of
+ * `word`'s length (at least 1); ties go to the first in sorted order. The same rule as
+ * Python's `mvm.templates.catalog.closest_name` (test/recording.test.ts compares them).
+ */
+export function closestName(word: string, names: readonly string[]): string | null {
+  const limit = Math.max(1, Math.floor([...word].length / 3));
   let best: [number, string] | null = null;
-  for (const candidate of possibilities) {
-    const score = ratio(candidate, word);
-    if (score < 0.6) continue;
-    if (best === null || score > best[0] || (score === best[0] && candidate > best[1])) best = [score, candidate];
+  for (const name of [...names].sort()) {
+    const distance = editDistance(word, name);
+    if (distance <= limit && (best === null || distance < best[0])) best = [distance, name];
   }
   return best ? best[1] : null;
 }
 
-function checkTemplate(template: unknown): string {
+/** Levenshtein distance: the fewest single-character inserts, deletes and replaces. */
+export function editDistance(a: string, b: string): number {
+  const right = [...b];
+  let previous = Array.from({ length: right.length + 1 }, (_, j) => j);
+  for (const [i, charA] of [...a].entries()) {
+    const current = [i + 1];
+    for (const [j, charB] of right.entries()) {
+      current.push(Math.min(previous[j + 1] + 1, current[j] + 1, previous[j] + (charA === charB ? 0 : 1)));
+    }
+    previous = current;
+  }
+  return previous[right.length];
+}
+
+/** The check Python's record mode makes of a template name, without building. @internal */
+export function checkTemplate(template: unknown): string {
   if (typeof template !== "string" || !template) {
     throw InvalidArgument.create("template", `${repr(template)} is not a template name`);
   }
@@ -277,86 +248,98 @@ function checkTemplate(template: unknown): string {
   const available = [...catalog.available].sort();
   let reason = catalog.unbuildable[template];
   if (reason === undefined) {
-    const close = closeMatch(template, available);
-    reason = "unknown template" + (close ? `; did you mean ${repr(close)}?` : "");
+    const close = closestName(template, available);
+    reason = "unknown template" + (close ? `; did you mean '${close}'?` : "");
   }
   throw TemplateNotFound.create(template, available, reason);
 }
 
-// ---- the sandbox -------------------------------------------------------------------------
+// ---- the record transport ------------------------------------------------------------------
 
-interface RecordedSpec extends Spec {
+/** `Sandbox.create`'s arguments, checked once: what a recording's `sandbox.create` holds. */
+export interface CreateRequest {
   template: string;
+  name: string | null;
+  workloadId: string | null;
   backend: string | null;
+  resources: Resources;
+  network: NetworkPolicy;
+  ttlSeconds: number | null;
+  env: Env;
+  tags: Record<string, string>;
+  fromSnapshot: string | null;
+  autoPauseSeconds: number | null;
+  /** As given, relative to the script's folder. */
+  include: string[];
+  files: IncludedFile[];
 }
 
-/** What `Sandbox.create` resolves to in record/plan mode: the same surface, nothing boots. */
-export class RecordedSandbox extends Sandbox {
-  override readonly recorded: boolean = true;
-  override readonly mode: Mode;
-  /** @internal */
-  readonly recording: Recording;
-  /** @internal */
-  readonly index: number;
-  private readonly spec: RecordedSpec;
-  private recordedState = "running";
-  private destroyed = false;
-  /** @internal */
-  processes = 0;
+const FILES_HINT = "a recorded sandbox has no files yet (read them from a live sandbox, e.g. `mvmctl fs read`)";
+const PROCESS_HINT = "a recorded process never ran, so it has no exit code or output (use commands.run in live "
+  + "mode, or `mvmctl proc` on a live sandbox)";
+const NETWORK_HINT = "port forwards and policy updates act on a running sandbox: use them in live mode "
+  + "(mvmctl run --mode live), or `mvmctl port forward` / `mvmctl network update` on a live one";
+const NO_PROCESSES_HINT = "a recorded sandbox has no running processes to attach to";
+/** Ops that need a live answer, with the hint of their `NotAvailableInRecordMode` (Python's `_UNAVAILABLE`). */
+const UNAVAILABLE: Record<string, string> = {
+  "fs.read": FILES_HINT,
+  "fs.list": "a recorded sandbox has no files yet (`mvmctl fs ls` on a live one)",
+  "fs.stat": "a recorded sandbox has no files yet (`mvmctl fs stat` on a live one)",
+  "sandbox.logs": "read logs of a live sandbox with `mvmctl logs NAME`",
+  "proc.list": "list processes of a live sandbox with `mvmctl proc ls NAME`",
+  "proc.wait": PROCESS_HINT,
+  "proc.attach": PROCESS_HINT,
+  "port.forward": NETWORK_HINT,
+  "port.list": NETWORK_HINT,
+  "port.close": NETWORK_HINT,
+  "network.update": NETWORK_HINT,
+};
+
+/** A command request's env in IR form: its literals, and its secrets by name (never values). */
+function irEnv(args: Header): ReturnType<typeof encodeEnv> {
+  const names = (args.secret_names ?? {}) as Record<string, string>;
+  const env: Env = {};
+  for (const [key, value] of Object.entries((args.env ?? {}) as Record<string, string>)) {
+    if (!(key in names)) env[key] = value;
+  }
+  for (const [key, name] of Object.entries(names)) env[key] = new SecretRef(name);
+  return encodeEnv(env);
+}
+
+type Handler = (args: Header, payload: Buffer, at: string | null) => Header;
+
+/**
+ * The transport of a sandbox created in record/plan mode (Python: `RecordTransport`).
+ * `Sandbox`, `Commands`, `Files` and `Process` send it the wire requests they send a live
+ * supervisor; it appends each to the recording in the IR's vocabulary and answers like
+ * the supervisor with recorded results (`recorded: true`, no exit code, no pid: a started
+ * process is named by its index, `{process: i}`).
+ */
+export class RecordTransport implements Transport {
+  readonly closed = false;
+  readonly sandboxId: string;
+  readonly name: string;
+  private readonly processes: boolean[] = []; // per recorded process: started with stdin
   private snapshots = 0;
+  private readonly writes = new Map<string, [Header, Buffer[]]>(); // handle -> a chunked fs.write
+  private readonly staged = new Map<string, Buffer>(); // a run's stdin staged as a guest file
+  private destroyed = false;
 
-  /** @internal */
-  constructor(recording: Recording, index: number, mode: Mode, spec: RecordedSpec) {
-    const id = `recorded-${index + 1}`;
-    super(id, spec.name ?? defaultName(spec.workloadId, `sb-recorded-${index + 1}`), "");
-    this.recording = recording;
-    this.index = index;
-    this.mode = mode;
-    this.spec = spec;
+  private constructor(readonly recording: Recording, readonly index: number, readonly mode: string,
+    private readonly info: Header) {
+    this.sandboxId = String(info.id);
+    this.name = String(info.name);
   }
 
-  protected override makeCommands(): Commands {
-    return new RecordedCommands(this);
-  }
-
-  protected override makeFiles(): Files {
-    return new RecordedFiles(this);
-  }
-
-  protected override makePorts(): Ports {
-    return new RecordedPorts(this);
-  }
-
-  protected override makeNetwork(): Network {
-    return new RecordedNetwork(this);
-  }
-
-  override toString(): string {
-    return `<RecordedSandbox ${this.name} (${this.mode} mode)>`;
-  }
-
-  /** Validate like the live create and record the creation; nothing boots. @internal */
-  static override async create(template = "python-3.13",
-    options: CreateOptions & { at?: string | null } = {}): Promise<RecordedSandbox> {
-    const at = options.at !== undefined ? options.at : callerSite();
-    const mode = options.mode ?? "record";
+  /** Record `request` as a `sandbox.create` (included files stored by sha256). */
+  static open(mode: string, request: CreateRequest, at: string | null,
+    defaultName: (fallback: string) => string): RecordTransport {
     if (!(RECORDED_MODES as readonly string[]).includes(mode)) {
       throw InvalidArgument.create("mode", `${repr(mode)} is not a recording mode`, [...RECORDED_MODES]);
     }
-    checkTemplate(template);
-    const spec = validatedSpec(options);
-    const files = collectIncludes(options.include ?? [], scriptDir());
-    const backend = options.backend ?? null;
-    if (backend !== null && !BACKEND_NAMES.includes(backend)) {
-      throw InvalidArgument.create("backend", `unknown backend ${repr(backend)}`, BACKEND_NAMES);
-    }
-    const fromSnapshot = options.fromSnapshot ?? null;
-    if (fromSnapshot !== null && (typeof fromSnapshot !== "string" || !fromSnapshot.trim())) {
-      throw InvalidArgument.create("from_snapshot", `${repr(fromSnapshot)} must be a snapshot id or name`);
-    }
     const recording = currentRecording();
     const byPath = new Map<string, { data: Buffer; mode: number }>();
-    for (const file of files) byPath.set(file.guestPath, { data: file.data, mode: file.mode });
+    for (const file of request.files) byPath.set(file.guestPath, { data: file.data, mode: file.mode });
     const included = [...byPath.keys()].sort().map((guestPath) => {
       const { data, mode: bits } = byPath.get(guestPath) as { data: Buffer; mode: number };
       return { path: guestPath.slice(GUEST_ROOT.length + 1), size: data.length, sha256: recording.store(data), mode: bits };
@@ -364,363 +347,198 @@ export class RecordedSandbox extends Sandbox {
     const index = recording.newSandbox();
     recording.append({
       op: "sandbox.create", sandbox: index, mode, at,
-      template, name: spec.name, workload_id: spec.workloadId, backend,
-      resources: spec.resources.toDict(), network: spec.network.toDict(),
-      ttl_seconds: spec.ttlSeconds, tags: spec.tags, from_snapshot: fromSnapshot,
-      env: encodeEnv(spec.env),
-      include: { guest_root: GUEST_ROOT, paths: [...(options.include ?? [])], files: included },
+      template: request.template, name: request.name, workload_id: request.workloadId, backend: request.backend,
+      resources: request.resources.toDict(), network: request.network.toDict(),
+      ttl_seconds: request.ttlSeconds, tags: request.tags, from_snapshot: request.fromSnapshot,
+      env: encodeEnv(request.env),
+      include: { guest_root: GUEST_ROOT, paths: [...request.include], files: included },
+      auto_pause_seconds: request.autoPauseSeconds, on_behalf_of: null,
     });
-    return new RecordedSandbox(recording, index, mode as Mode, { ...spec, template, backend });
+    const sandboxId = `recorded-${index + 1}`;
+    return new RecordTransport(recording, index, mode, {
+      id: sandboxId, name: request.name ?? defaultName(`sb-${sandboxId}`), state: "running",
+      template: request.template, backend: request.backend ?? "", isolation: "",
+      resources: request.resources.toDict(), network: request.network.toDict(), created_at: 0, expires_at: null,
+      workload_id: request.workloadId,
+      details: { mode, recorded: true, ttl_seconds: request.ttlSeconds, tags: request.tags,
+        auto_pause_seconds: request.autoPauseSeconds },
+    });
   }
 
-  /** @internal */
-  record(op: string, fields: Event = {}, at: string | null = callerSite()): Event {
+  toString(): string {
+    return `<RecordTransport ${this.name} (${this.mode} mode)>`;
+  }
+
+  // ---- the Transport shape ----
+
+  async call(op: string, args: Header | null = null, payload?: Uint8Array,
+    options: TransportCallOptions = {}): Promise<CallResult> {
+    return this.callNow(op, args, payload, options);
+  }
+
+  /** `call`, answered at once (recording waits on nothing): `using` disposal records with it. */
+  callNow(op: string, args: Header | null = null, payload?: Uint8Array, options: TransportCallOptions = {}): CallResult {
+    const request: Header = { ...(args ?? {}) };
+    const call = options.call ?? op;
+    if (op in UNAVAILABLE) notAvailable(call, this.mode, UNAVAILABLE[op]);
+    if (op === "proc.info") notAvailable(call, this.mode, "process" in request ? PROCESS_HINT : NO_PROCESSES_HINT);
+    if (op === "sandbox.describe") return { result: this.describe(), payload: Buffer.alloc(0) };
     if (this.destroyed) throw new InvalidState(`sandbox ${this.name} was destroyed`, { state: "destroyed" });
-    return this.recording.append({ op, sandbox: this.index, at, ...fields });
-  }
-
-  /** @internal */
-  unavailable(call: string, hint: string): never {
-    notAvailable(call, this.mode, hint);
-  }
-
-  override async client(): Promise<never> {
-    return this.unavailable("the supervisor connection", "a recorded sandbox has no supervisor");
-  }
-
-  /** What was asked for (no backend facts). */
-  override async describe(): Promise<SandboxInfo> {
-    return this.describeNow();
-  }
-
-  private describeNow(): SandboxInfo {
-    return new SandboxInfo(this.id, this.name, this.destroyed ? "destroyed" : this.recordedState, this.spec.template,
-      this.spec.backend ?? "", "", this.spec.resources, NetworkInfo.fromWire(this.spec.network.toDict()), 0, null, this.spec.workloadId,
-      { mode: this.mode, recorded: true, ttl_seconds: this.spec.ttlSeconds, tags: this.spec.tags });
+    const handler = this.handlers[op];
+    if (handler === undefined) throw new UnknownOp(`${op} cannot be recorded`);
+    const data = payload === undefined ? Buffer.alloc(0) : Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength);
+    return { result: handler(request, data, options.at ?? null), payload: Buffer.alloc(0) };
   }
 
   // eslint-disable-next-line require-yield
-  override async *logs(_options: LogsOptions = {}): AsyncGenerator<LogEvent, void, undefined> {
-    return this.unavailable("Sandbox.logs", "read logs of a live sandbox with `mvmctl logs NAME`");
-  }
-
-  private transition(op: string, state: string, fields: Event = {}, at: string | null): SandboxInfo {
-    this.record(op, fields, at);
-    this.recordedState = state;
-    return this.describeNow();
-  }
-
-  override async stop(): Promise<SandboxInfo> {
-    return this.transition("sandbox.stop", "stopped", {}, callerSite());
-  }
-
-  override async start(): Promise<SandboxInfo> {
-    return this.transition("sandbox.start", "running", {}, callerSite());
-  }
-
-  override async pause(): Promise<SandboxInfo> {
-    return this.transition("sandbox.pause", "paused", {}, callerSite());
-  }
-
-  override async resume(snapshot?: string | Snapshot | null): Promise<SandboxInfo> {
-    const at = callerSite();
-    const snapId = snapshot instanceof Snapshot ? snapshot.id : snapshot ?? null;
-    let ref: Event | null;
-    if (snapId === null) ref = null;
-    else if (typeof snapId !== "string" || !snapId) {
-      throw InvalidArgument.create("snapshot", `${repr(snapshot)} is not a snapshot`, "a Snapshot or its id");
-    } else if (snapId.startsWith(`${this.id}-snapshot-`)) {
-      ref = { recorded: parseInt(snapId.slice(snapId.lastIndexOf("-") + 1), 10) - 1 };
-    } else ref = { id: snapId };
-    return this.transition("sandbox.resume", "running", { snapshot: ref }, at);
-  }
-
-  override async snapshot(name?: string | null, options: { expires?: string | number | null; keep?: boolean } = {}): Promise<Snapshot> {
-    const at = callerSite();
-    const expires = options.expires ?? null;
-    const expiresSeconds = expires === null ? null : parseDuration(expires, "expires");
-    if (name !== undefined && name !== null && (typeof name !== "string" || !name)) {
-      throw InvalidArgument.create("name", `${repr(name)} is not a snapshot name`);
-    }
-    const index = this.snapshots;
-    const keep = Boolean(options.keep);
-    this.record("sandbox.snapshot", { name: name ?? null, expires_seconds: expiresSeconds, keep, snapshot: index }, at);
-    this.snapshots += 1;
-    return new Snapshot(`${this.id}-snapshot-${index + 1}`, name || `snapshot-${index + 1}`, this.id, "recorded", 0, null,
-      0, keep);
-  }
-
-  /** Recorded once; safe to call twice (like the live one). */
-  override async destroy(): Promise<void> {
-    this.destroyNow(callerSite());
-  }
-
-  private destroyNow(at: string | null): void {
-    if (this.destroyed) return;
-    this.record("sandbox.destroy", {}, at);
-    this.destroyed = true;
-  }
-
-  override async kill(): Promise<void> {
-    this.destroyNow(callerSite());
+  async *stream(op: string, _args: Header | null = null, context: RequestContext = {}): AsyncGenerator<StreamChunk, void, undefined> {
+    notAvailable(context.call ?? op, this.mode, UNAVAILABLE[op] ?? PROCESS_HINT);
   }
 
   /** Nothing to disconnect from. */
-  override close(): void {}
+  close(): void {}
 
-  override async [Symbol.asyncDispose](): Promise<void> {
-    this.destroyNow(callerSite());
+  // ---- ops ----
+
+  private record(op: string, at: string | null, fields: Header = {}): void {
+    this.recording.append({ op, sandbox: this.index, at, ...fields });
   }
 
-  override [Symbol.dispose](): void {
-    this.destroyNow(callerSite());
-  }
-}
-
-// ---- commands -----------------------------------------------------------------------------
-
-/** `sandbox.commands` in record/plan mode. */
-export class RecordedCommands extends Commands {
-  private get sb(): RecordedSandbox {
-    return this.sandbox as RecordedSandbox;
+  private describe(): Header {
+    return { ...this.info, state: this.destroyed ? "destroyed" : this.info.state };
   }
 
-  /** Record the command; the result says `recorded: true` and has no exit code. */
-  override async run(argv: string[] | string, options: RunOptions = {}): Promise<CommandResult> {
-    const at = callerSite();
-    const checked = validateCommand(argv, options.env, options.cwd);
-    const timeoutSeconds = options.timeoutSeconds === undefined ? 60 : options.timeoutSeconds;
-    const maxOutputBytes = options.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
-    checkRunLimits(timeoutSeconds, maxOutputBytes);
-    const payload = options.stdin === undefined || options.stdin === null ? Buffer.alloc(0) : bytesOf(options.stdin, "stdin");
-    const sb = this.sb;
-    const stdinSha = payload.length ? sb.recording.store(payload) : null;
-    sb.record("commands.run", {
-      argv: checked.argv, env: encodeEnv(checked.env), cwd: options.cwd ?? null, timeout_seconds: timeoutSeconds,
-      max_output_bytes: maxOutputBytes, stdin_sha256: stdinSha, check: Boolean(options.check),
-      auto_resume: Boolean(options.autoResume),
-    }, at);
-    return new CommandResult({ exitCode: null, stdout: "", stderr: "", auditId: null, durationSeconds: 0, recorded: true });
+  private transition(op: string, state: string, at: string | null, fields: Header = {}): Header {
+    this.record(op, at, fields);
+    this.info.state = state;
+    return this.describe();
   }
 
-  /** Record the start; resolves to a handle whose `pid` is `null`. */
-  override async start(argv: string[] | string, options: StartOptions = {}): Promise<Process> {
-    const at = callerSite();
-    const checked = validateCommand(argv, options.env, options.cwd);
-    const sb = this.sb;
-    const index = sb.processes;
-    sb.record("commands.start", {
-      argv: checked.argv, env: encodeEnv(checked.env), cwd: options.cwd ?? null, stdin: Boolean(options.stdin),
-      auto_resume: Boolean(options.autoResume), process: index,
-    }, at);
-    sb.processes += 1;
-    return new RecordedProcess(sb, index, checked.argv, Boolean(options.stdin));
-  }
-
-  override async connect(_pid: number): Promise<Process> {
-    return this.sb.unavailable("commands.connect", "a recorded sandbox has no running processes to attach to");
-  }
-
-  override async list(): Promise<ProcessInfo[]> {
-    return this.sb.unavailable("commands.list", "list processes of a live sandbox with `mvmctl proc ls NAME`");
-  }
-}
-
-/**
- * A process `commands.start` recorded. Signals and stdin are recorded; anything that
- * needs the real process (its exit code, output, info) throws `NotAvailableInRecordMode`.
- */
-export class RecordedProcess extends Process {
-  override readonly recorded: boolean = true;
-  readonly index: number;
-  private readonly hasStdin: boolean;
-
-  /** @internal */
-  constructor(sandbox: RecordedSandbox, index: number, argv: string[], stdin: boolean) {
-    super(sandbox, null, null, argv);
-    this.index = index;
-    this.hasStdin = stdin;
-  }
-
-  private get sb(): RecordedSandbox {
-    return this.sandbox as RecordedSandbox;
-  }
-
-  override toString(): string {
-    return `<RecordedProcess #${this.index + 1} argv=${repr(this.argv)}>`;
-  }
-
-  private unavailable(call: string): never {
-    return this.sb.unavailable(`Process.${call}`, "a recorded process never ran, so it has no exit code or output (use "
-      + "commands.run in live mode, or `mvmctl proc` on a live sandbox)");
-  }
-
-  override async wait(_timeoutSeconds?: number): Promise<number> {
-    return this.unavailable("wait");
-  }
-
-  override async exitCode(): Promise<number | null> {
-    return this.unavailable("exitCode");
-  }
-
-  override async isRunning(): Promise<boolean> {
-    return this.unavailable("isRunning");
-  }
-
-  override async info(): Promise<ProcessInfo> {
-    return this.unavailable("info");
-  }
-
-  // eslint-disable-next-line require-yield
-  override async *output(_options: { replay?: boolean } = {}): AsyncGenerator<OutputChunk, void, undefined> {
-    return this.unavailable("output");
-  }
-
-  override stdout(): AsyncGenerator<string, void, undefined> {
-    return this.unavailable("stdout");
-  }
-
-  override stderr(): AsyncGenerator<string, void, undefined> {
-    return this.unavailable("stderr");
-  }
-
-  override async signal(sig: string | number = "TERM", options: { group?: boolean } = {}): Promise<void> {
-    const at = callerSite();
-    let name: string | number;
-    if (typeof sig === "string") {
-      const upper = sig.toUpperCase();
-      name = upper.startsWith("SIG") ? upper.slice(3) : upper;
-      if (!(SIGNALS as readonly string[]).includes(name)) {
-        throw InvalidArgument.create("signal", `unknown signal ${repr(sig)}`, [...SIGNALS]);
-      }
-    } else {
-      if (typeof sig !== "number" || !Number.isInteger(sig) || !(sig > 0 && sig < 65)) {
-        throw InvalidArgument.create("signal", `${repr(sig)} is not a signal`, [...SIGNALS]);
-      }
-      name = sig;
+  private refuseUser(args: Header, call: string): void {
+    if (args.user !== undefined && args.user !== null) { // workload-v1 has no field for it: recording would drop it
+      notAvailable(call, this.mode, "the workload IR has no user field; run a command as another user in live mode");
     }
-    this.sb.record("process.signal", { process: this.index, signal: name, group: options.group ?? true }, at);
   }
 
-  override async kill(): Promise<void> {
-    await this.signal("KILL");
+  private process(args: Header): number {
+    const index = args.process;
+    if (typeof index !== "number" || !Number.isInteger(index) || index < 0 || index >= this.processes.length) {
+      throw InvalidArgument.create("process", `${repr(index)} is not a process this recording started`);
+    }
+    return index;
   }
 
-  override async sendStdin(data: string | Uint8Array): Promise<void> {
-    const at = callerSite();
-    if (!this.hasStdin) throw new InvalidState("the process was not started with stdin: true", { state: "no-stdin" });
-    const raw = bytesOf(data, "data");
-    this.sb.record("process.stdin", { process: this.index, sha256: this.sb.recording.store(raw), size: raw.length }, at);
+  private writeFile(args: Header, payload: Buffer, at: string | null): Header {
+    const path = absolutePath(args.path);
+    const mode = checkModeBits(args.mode ?? 0o644);
+    if (path.startsWith(STDIN_STAGING_DIR + "/")) this.staged.set(path, payload); // a large run stdin, staged
+    else {
+      this.record("files.write", at, { path, sha256: this.recording.store(payload), size: payload.length, mode,
+        make_parents: args.make_parents ?? true });
+    }
+    const entry = { name: path.replace(/\/+$/, "").split("/").pop() ?? "", path, type: "file", size: payload.length,
+      mode, mtime: 0 };
+    return { recorded: true, size: payload.length, entry };
   }
 
-  override async closeStdin(): Promise<void> {
-    const at = callerSite();
-    if (!this.hasStdin) throw new InvalidState("the process was not started with stdin: true", { state: "no-stdin" });
-    this.sb.record("process.close_stdin", { process: this.index }, at);
-  }
-}
-
-// ---- files -----------------------------------------------------------------------------------
-
-const READ_HINT = "a recorded sandbox has no files yet (read them from a live sandbox, e.g. `mvmctl fs read`)";
-
-/** `sandbox.files` in record/plan mode: writes are recorded, reads throw. */
-export class RecordedFiles extends Files {
-  private get sb(): RecordedSandbox {
-    return this.sandbox as RecordedSandbox;
-  }
-
-  override async write(path: string, data: string | Uint8Array, options: { mode?: number; makeParents?: boolean } = {}): Promise<FileEntry> {
-    const at = callerSite();
-    const target = absolutePath(path);
-    const raw = bytesOf(data, "data");
-    const mode = checkModeBits(options.mode ?? 0o644);
-    const digest = this.sb.recording.store(raw);
-    this.sb.record("files.write", { path: target, sha256: digest, size: raw.length, mode,
-      make_parents: options.makeParents ?? true }, at);
-    const name = target.replace(/\/+$/, "").split("/").pop() ?? "";
-    return new FileEntry(name, target, "file", raw.length, mode, 0);
-  }
-
-  override async read(path: string, _options: { maxBytes?: number } = {}): Promise<Buffer> {
-    absolutePath(path);
-    return this.sb.unavailable("files.read", READ_HINT);
-  }
-
-  override async readText(path: string, _options: { encoding?: BufferEncoding; maxBytes?: number } = {}): Promise<string> {
-    absolutePath(path);
-    return this.sb.unavailable("files.readText", READ_HINT);
-  }
-
-  override async list(path = "/"): Promise<FileEntry[]> {
-    absolutePath(path);
-    return this.sb.unavailable("files.list", "a recorded sandbox has no files yet (`mvmctl fs ls` on a live one)");
-  }
-
-  override async stat(path: string): Promise<FileEntry> {
-    absolutePath(path);
-    return this.sb.unavailable("files.stat", "a recorded sandbox has no files yet (`mvmctl fs stat` on a live one)");
-  }
-
-  override async exists(path: string): Promise<boolean> {
-    absolutePath(path);
-    return this.sb.unavailable("files.exists", "a recorded sandbox has no files yet (`mvmctl fs stat` on a live one)");
-  }
-
-  override async mkdir(path: string, options: { parents?: boolean; mode?: number } = {}): Promise<void> {
-    const at = callerSite();
-    const target = absolutePath(path);
-    const mode = checkModeBits(options.mode ?? 0o755);
-    this.sb.record("files.mkdir", { path: target, parents: options.parents ?? true, mode }, at);
-  }
-
-  override async remove(path: string, options: { recursive?: boolean } = {}): Promise<void> {
-    const at = callerSite();
-    this.sb.record("files.remove", { path: absolutePath(path), recursive: Boolean(options.recursive) }, at);
-  }
-
-  override async move(src: string, dst: string, options: { overwrite?: boolean } = {}): Promise<void> {
-    const at = callerSite();
-    this.sb.record("files.move", { src: absolutePath(src), dst: absolutePath(dst), overwrite: Boolean(options.overwrite) }, at);
-  }
-}
-
-// ---- ports and network ------------------------------------------------------------------------
-
-/** Python's `RecordedNetworkOps._HINT`. */
-const NETWORK_OPS_HINT = "port forwards and policy updates act on a running sandbox: use them in live mode "
-  + "(mvmctl run --mode live), or `mvmctl port forward` / `mvmctl network update` on a live one";
-
-/** `sandbox.ports` in record/plan mode: a forward needs a running sandbox, so each call says so. */
-export class RecordedPorts extends Ports {
-  private unavailable(call: string): never {
-    return (this.sandbox as RecordedSandbox).unavailable(`ports.${call}`, NETWORK_OPS_HINT);
-  }
-
-  override async forward(_options: ForwardOptions): Promise<PortForward> {
-    return this.unavailable("forward");
-  }
-
-  override async list(): Promise<PortForward[]> {
-    return this.unavailable("list");
-  }
-
-  override async close(_forward: PortForward | string | number): Promise<void> {
-    return this.unavailable("close");
-  }
-}
-
-/**
- * `sandbox.network` in record/plan mode: a policy change needs a running sandbox;
- * `policy()` answers with the policy given to `Sandbox.create` (as `describe()` does,
- * and as Python's record transport does).
- */
-export class RecordedNetwork extends Network {
-  private unavailable(call: string): never {
-    return (this.sandbox as RecordedSandbox).unavailable(`network.${call}`, NETWORK_OPS_HINT);
-  }
-
-  override async update(_options?: NetworkUpdateOptions | readonly string[]): Promise<NetworkInfo> {
-    return this.unavailable("update");
-  }
+  private readonly handlers: Record<string, Handler> = {
+    "exec.run": (args, payload, at) => {
+      this.refuseUser(args, "commands.run");
+      checkRunLimits(args.timeout_seconds ?? null, args.max_output_bytes);
+      const stagedPath = String(args.stdin_path ?? "");
+      const stdin = this.staged.get(stagedPath) ?? payload;
+      this.staged.delete(stagedPath);
+      this.record("commands.run", at, {
+        argv: args.argv, env: irEnv(args), cwd: args.cwd ?? null, timeout_seconds: args.timeout_seconds ?? null,
+        max_output_bytes: args.max_output_bytes, stdin_sha256: stdin.length ? this.recording.store(stdin) : null,
+        check: Boolean(args.check), auto_resume: Boolean(args.auto_resume),
+      });
+      return { recorded: true, exit_code: null, duration_seconds: 0, pid: null };
+    },
+    "proc.start": (args, _payload, at) => {
+      this.refuseUser(args, "commands.start");
+      const index = this.processes.length;
+      this.record("commands.start", at, { argv: args.argv, env: irEnv(args), cwd: args.cwd ?? null,
+        stdin: Boolean(args.stdin), auto_resume: Boolean(args.auto_resume), process: index });
+      this.processes.push(Boolean(args.stdin));
+      return { recorded: true, pid: null, process: index };
+    },
+    "proc.signal": (args, _payload, at) => {
+      const index = this.process(args);
+      this.record("process.signal", at, { process: index, signal: args.signal, group: args.group ?? true });
+      return {};
+    },
+    "proc.stdin": (args, payload, at) => {
+      const index = this.process(args);
+      if (!this.processes[index]) throw new InvalidState("the process was not started with stdin: true", { state: "no-stdin" });
+      if (args.eof) this.record("process.close_stdin", at, { process: index });
+      else this.record("process.stdin", at, { process: index, sha256: this.recording.store(payload), size: payload.length });
+      return {};
+    },
+    "fs.write": (args, payload, at) => this.writeFile(args, payload, at),
+    "fs.write_begin": (args, _payload, at) => {
+      absolutePath(args.path);
+      checkModeBits(args.mode ?? 0o644);
+      const handle = `w${this.writes.size + 1}`;
+      this.writes.set(handle, [{ ...args, at }, []]);
+      return { handle };
+    },
+    "fs.write_chunk": (args, payload) => {
+      this.writes.get(String(args.handle))?.[1].push(payload);
+      return {};
+    },
+    "fs.write_end": (args, _payload, at) => {
+      const [begun, chunks]: [Header, Buffer[]] = this.writes.get(String(args.handle)) ?? [{}, []];
+      this.writes.delete(String(args.handle));
+      if (!args.commit) return { committed: false };
+      return { ...this.writeFile(begun, Buffer.concat(chunks), (begun.at as string | null) ?? at), committed: true };
+    },
+    "fs.mkdir": (args, _payload, at) => {
+      this.record("files.mkdir", at, { path: absolutePath(args.path), parents: args.parents ?? true,
+        mode: checkModeBits(args.mode ?? 0o755) });
+      return {};
+    },
+    "fs.remove": (args, _payload, at) => {
+      const path = absolutePath(args.path);
+      if (!this.staged.delete(path)) this.record("files.remove", at, { path, recursive: Boolean(args.recursive) });
+      return {};
+    },
+    "fs.move": (args, _payload, at) => {
+      this.record("files.move", at, { src: args.src, dst: args.dst, overwrite: Boolean(args.overwrite) });
+      return {};
+    },
+    "sandbox.stop": (_args, _payload, at) => this.transition("sandbox.stop", "stopped", at),
+    "sandbox.start": (_args, _payload, at) => this.transition("sandbox.start", "running", at),
+    "sandbox.pause": (_args, _payload, at) => this.transition("sandbox.pause", "paused", at),
+    "sandbox.resume": (args, _payload, at) => {
+      const snapId = args.snapshot ?? null;
+      let ref: Header | null;
+      if (snapId === null) ref = null;
+      else if (typeof snapId !== "string" || !snapId) {
+        throw InvalidArgument.create("snapshot", `${repr(snapId)} is not a snapshot`, "a Snapshot or its id");
+      } else if (snapId.startsWith(`${this.sandboxId}-snapshot-`)) {
+        ref = { recorded: parseInt(snapId.slice(snapId.lastIndexOf("-") + 1), 10) - 1 };
+      } else ref = { id: snapId };
+      return this.transition("sandbox.resume", "running", at, { snapshot: ref });
+    },
+    "sandbox.snapshot": (args, _payload, at) => {
+      const name = args.name ?? null;
+      const expires = args.expires ?? null;
+      const keep = Boolean(args.keep);
+      const expiresSeconds = expires === null ? null : parseDuration(expires as string | number, "expires");
+      if (name !== null && (typeof name !== "string" || !name)) {
+        throw InvalidArgument.create("name", `${repr(name)} is not a snapshot name`);
+      }
+      const index = this.snapshots;
+      this.record("sandbox.snapshot", at, { name, expires_seconds: expiresSeconds, keep, snapshot: index });
+      this.snapshots += 1;
+      return { id: `${this.sandboxId}-snapshot-${index + 1}`, name: name || `snapshot-${index + 1}`,
+        sandbox_id: this.sandboxId, kind: "recorded", created_at: 0, expires_at: null, size_bytes: 0, keep };
+    },
+    "sandbox.destroy": (_args, _payload, at) => {
+      this.record("sandbox.destroy", at);
+      this.destroyed = true;
+      return {};
+    },
+  };
 }

@@ -22,7 +22,7 @@ import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { TextDecoder } from "node:util";
 
-import { SupervisorClient, type CallOptions, type CallResult } from "./client.js";
+import { SupervisorClient, type CallResult, type StreamChunk } from "./client.js";
 import {
   CommandError, CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy, InvalidState,
   MvmError, SandboxError, SandboxNotFound,
@@ -33,14 +33,16 @@ import {
 } from "./models.js";
 import { CONTROL_SOCKET, findMvmctl, sandboxesDir } from "./paths.js";
 import { network as makeNetwork, NetworkPolicy, Resources, SecretRef, type NetworkMode } from "./policy.js";
+import { collectIncludes } from "./includes.js";
 import { CHUNK_SIZE, type Header } from "./protocol.js";
 import { repr, typeName } from "./pyrepr.js";
 import { resolveSecret } from "./secrets.js";
 import {
-  absolutePath, callerSite, currentMode, DEFAULT_TTL, scriptDir, splitEnv, validateCommand, validatedSpec, type Env,
-  type Mode,
+  absolutePath, callerSite, currentMode, DEFAULT_TTL, defaultName, scriptDir, splitEnv, validateCommand, validatedSpec,
+  type Env, type Mode,
 } from "./spec.js";
 import { findSandbox, listSandboxes } from "./state.js";
+import type { RequestContext, Transport, TransportCallOptions } from "./transport.js";
 
 /** Default capture per stream for `commands.run` (the supervisor's default too). */
 export const DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024;
@@ -215,13 +217,23 @@ export async function pools(): Promise<PoolInfo[]> {
   return (JSON.parse(result.stdout) as Record<string, unknown>[]).map((raw) => PoolInfo.fromWire(raw));
 }
 
-/** A live sandbox: a microVM or a namespace jail with an agent inside. */
+/** How a `Sandbox` reaches what answers its requests (`transport.ts`). @internal */
+export interface SandboxOptions {
+  /** Open the transport (default: the supervisor's socket in `directory`). */
+  connect?: () => Promise<Transport>;
+  /** An already open transport that also answers synchronously (record/plan mode). */
+  recorder?: Transport & { callNow(op: string, args?: Header | null, payload?: Uint8Array, options?: TransportCallOptions): CallResult };
+  mode?: Mode;
+}
+
+/**
+ * A sandbox: a microVM or a namespace jail with an agent inside. In record/plan mode the
+ * same class talks to a `RecordTransport` (nothing boots; `recorded` is `true`).
+ */
 export class Sandbox implements AsyncDisposable, Disposable {
   readonly id: string;
   readonly name: string;
-  /** `true` for a record/plan-mode sandbox (nothing booted). */
-  readonly recorded: boolean = false;
-  readonly mode: Mode = "live";
+  readonly mode: Mode;
   readonly commands: Commands;
   readonly files: Files;
   /** Port forwards from this machine into the sandbox. */
@@ -230,41 +242,34 @@ export class Sandbox implements AsyncDisposable, Disposable {
   readonly network: Network;
   /** @internal */
   protected readonly directory: string;
-  private conn: Promise<SupervisorClient> | null = null;
+  private conn: Promise<Transport> | null = null;
+  private readonly connectTransport: () => Promise<Transport>;
+  private readonly recorder: NonNullable<SandboxOptions["recorder"]> | null;
   private readonly secretValues = new Map<string, string>();
   private killed = false;
   private redactCache: ((text: string) => string) | null = null;
 
   /** @internal use `Sandbox.create` or `Sandbox.connect` */
-  constructor(id: string, name: string, directory: string, secretValues?: Map<string, string>) {
+  constructor(id: string, name: string, directory: string, secretValues?: Map<string, string>,
+    options: SandboxOptions = {}) {
     this.id = id;
     this.name = name;
     this.directory = directory;
+    this.mode = options.mode ?? "live";
+    this.recorder = options.recorder ?? null;
+    const recorder = this.recorder;
+    this.connectTransport = recorder !== null ? async () => recorder
+      : options.connect ?? (() => SupervisorClient.connect(join(this.directory, CONTROL_SOCKET)));
     for (const [k, v] of secretValues ?? []) this.secretValues.set(k, v);
-    this.commands = this.makeCommands();
-    this.files = this.makeFiles();
-    this.ports = this.makePorts();
-    this.network = this.makeNetwork();
+    this.commands = new Commands(this);
+    this.files = new Files(this);
+    this.ports = new Ports(this);
+    this.network = new Network(this);
   }
 
-  /** @internal */
-  protected makeCommands(): Commands {
-    return new Commands(this);
-  }
-
-  /** @internal */
-  protected makeFiles(): Files {
-    return new Files(this);
-  }
-
-  /** @internal */
-  protected makePorts(): Ports {
-    return new Ports(this);
-  }
-
-  /** @internal */
-  protected makeNetwork(): Network {
-    return new Network(this);
+  /** `true` in record/plan mode: calls are recorded, nothing runs. */
+  get recorded(): boolean {
+    return this.mode !== "live";
   }
 
   toString(): string {
@@ -287,8 +292,24 @@ export class Sandbox implements AsyncDisposable, Disposable {
     const mode = currentMode(options.mode);
     if (mode !== "live") {
       const at = callerSite(); // before any await: the script's frame is still on the stack
-      const { RecordedSandbox } = await import("./recording.js");
-      return RecordedSandbox.create(template, { ...options, mode, at });
+      const { checkTemplate, BACKEND_NAMES, RecordTransport } = await import("./recording.js");
+      checkTemplate(template);
+      const spec = validatedSpec(options);
+      const files = collectIncludes(options.include ?? [], scriptDir());
+      const backend = options.backend ?? null;
+      if (backend !== null && !BACKEND_NAMES.includes(backend)) {
+        throw InvalidArgument.create("backend", `unknown backend ${repr(backend)}`, BACKEND_NAMES);
+      }
+      const fromSnapshot = options.fromSnapshot ?? null;
+      if (fromSnapshot !== null && (typeof fromSnapshot !== "string" || !fromSnapshot.trim())) {
+        throw InvalidArgument.create("from_snapshot", `${repr(fromSnapshot)} must be a snapshot id or name`);
+      }
+      const recorder = RecordTransport.open(mode, {
+        template, name: spec.name, workloadId: spec.workloadId, backend, resources: spec.resources,
+        network: spec.network, ttlSeconds: spec.ttlSeconds, env: spec.env, tags: spec.tags, fromSnapshot,
+        autoPauseSeconds: autoPause, include: [...(options.include ?? [])], files,
+      }, at, (fallback) => defaultName(spec.workloadId, fallback));
+      return new Sandbox(recorder.sandboxId, recorder.name, "", undefined, { recorder, mode });
     }
     if (typeof template !== "string" || !template) {
       throw InvalidArgument.create("template", `${repr(template)} is not a template name`);
@@ -365,8 +386,8 @@ export class Sandbox implements AsyncDisposable, Disposable {
 
   // ---- plumbing -----------------------------------------------------------------
 
-  /** @internal the supervisor connection (opened on first use, reopened if it dropped). */
-  async client(): Promise<SupervisorClient> {
+  /** @internal the transport (opened on first use, reopened if it dropped). */
+  async client(): Promise<Transport> {
     if (this.killed) {
       throw new InvalidState(`sandbox ${this.name} was destroyed`, { state: "destroyed" });
     }
@@ -380,13 +401,28 @@ export class Sandbox implements AsyncDisposable, Disposable {
       }
       if (this.conn !== current && this.conn !== null) return this.conn; // another call reconnected meanwhile
     }
-    this.conn = SupervisorClient.connect(join(this.directory, CONTROL_SOCKET));
+    this.conn = this.connectTransport();
     return this.conn;
   }
 
-  /** @internal one request to the supervisor. */
-  async call(op: string, args: Header | null = null, payload?: Uint8Array, options: CallOptions = {}): Promise<CallResult> {
-    return (await this.client()).call(op, args, payload, options);
+  /**
+   * @internal the script's `file:line` for a recorded request: taken before the SDK's
+   * first await (while the script's frame is on the stack); live requests need none.
+   */
+  site(): string | null | undefined {
+    return this.recorded ? callerSite() : undefined;
+  }
+
+  /** @internal one request to the transport (`options.call` names the SDK call for a refusal). */
+  async call(op: string, args: Header | null = null, payload?: Uint8Array,
+    options: TransportCallOptions = {}): Promise<CallResult> {
+    const at = options.at === undefined ? this.site() : options.at; // before the first await
+    return (await this.client()).call(op, args, payload, { ...options, at });
+  }
+
+  /** @internal the `data` frames of one request (record mode refuses it, naming `context.call`). */
+  async *stream(op: string, args: Header | null, context: RequestContext): AsyncGenerator<StreamChunk, void, undefined> {
+    yield* (await this.client()).stream(op, args, context);
   }
 
   /**
@@ -398,7 +434,10 @@ export class Sandbox implements AsyncDisposable, Disposable {
     return this.redactCache(text);
   }
 
-  /** @internal argv/env/cwd checked; secret references resolved into `env` (live only). */
+  /**
+   * @internal argv/env/cwd checked; secret references resolved into `env` live (a
+   * recording keeps only their names, in `secret_names`).
+   */
   commandArgs(argv: string[] | string, env: Env | undefined, cwd: string | undefined, user?: string): Header {
     const checked = validateCommand(argv, env, cwd);
     if (user !== undefined && user !== null && (typeof user !== "string" || !user || user.includes("\0"))) {
@@ -408,9 +447,10 @@ export class Sandbox implements AsyncDisposable, Disposable {
     const merged: Record<string, string> = { ...literal };
     const names: Record<string, string> = {};
     for (const [key, ref] of Object.entries(secrets)) {
+      names[key] = ref.name;
+      if (this.recorded) continue;
       const value = resolveSecret(ref.name);
       merged[key] = value;
-      names[key] = ref.name;
       if (this.secretValues.get(ref.name) !== value) {
         this.secretValues.set(ref.name, value);
         this.redactCache = null;
@@ -443,10 +483,9 @@ export class Sandbox implements AsyncDisposable, Disposable {
    */
   async *logs(options: LogsOptions = {}): AsyncGenerator<LogEvent, void, undefined> {
     const redact = options.redact ?? true;
-    const client = await this.client();
-    for await (const chunk of client.stream("sandbox.logs", {
+    for await (const chunk of this.stream("sandbox.logs", {
       follow: options.follow ?? false, tail: options.tail ?? null, since: options.since ?? null,
-    })) {
+    }, { call: "Sandbox.logs" })) {
       const event = LogEvent.fromWire(JSON.parse(chunk.data.toString("utf8")) as Record<string, unknown>);
       yield redact
         ? new LogEvent(event.timestamp, event.source, event.stream, this.redactor(event.message), event.auditId)
@@ -528,6 +567,11 @@ export class Sandbox implements AsyncDisposable, Disposable {
    */
   [Symbol.dispose](): void {
     if (this.killed) return;
+    if (this.recorder !== null) { // recorded now, in the script's order
+      this.recorder.callNow("sandbox.destroy", {}, undefined, { at: callerSite() });
+      this.killed = true;
+      return;
+    }
     this.killed = true;
     this.dropConnection();
     const mvmctl = findMvmctl();
@@ -555,11 +599,13 @@ export class Commands {
    */
   async run(argv: string[] | string, options: RunOptions = {}): Promise<CommandResult> {
     const sb = this.sandbox;
+    const at = sb.site();
     const args = sb.commandArgs(argv, options.env, options.cwd, options.user);
     args.timeout_seconds = options.timeoutSeconds === undefined ? 60 : options.timeoutSeconds;
     args.max_output_bytes = options.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
     args.auto_resume = options.autoResume ?? false;
     args.redact = options.redact ?? true;
+    if (sb.recorded) args.check = Boolean(options.check); // the supervisor has no use for it; the IR keeps it
     let payload = options.stdin === undefined || options.stdin === null ? undefined : toBuffer(options.stdin, "stdin");
     let staged: string | null = null;
     if (payload !== undefined && payload.length > CHUNK_SIZE) {
@@ -589,7 +635,7 @@ export class Commands {
     const started = performance.now();
     let result: Header;
     try {
-      result = (await sb.call("exec.run", args, payload, { onData })).result;
+      result = (await sb.call("exec.run", args, payload, { onData, at, call: "commands.run" })).result;
     } catch (exc) {
       if (exc instanceof CommandTimeout) throw exc.withOutput(textOf("stdout"), textOf("stderr"));
       if (staged !== null) await sb.files.remove(staged).catch(() => undefined); // the process never started
@@ -607,8 +653,9 @@ export class Commands {
       stdoutBytes: Number(result.stdout_bytes ?? 0),
       stderrBytes: Number(result.stderr_bytes ?? 0),
       receiptPath: (result.receipt_path ?? null) as string | null,
+      recorded: Boolean(result.recorded),
     });
-    if (options.check && commandResult.exitCode !== 0) {
+    if (options.check && !commandResult.recorded && commandResult.exitCode !== 0) {
       throw new CommandError(`command ${repr(args.argv)} exited with ${commandResult.exitCode}: `
         + commandResult.stderr.trim().slice(-500), {}, undefined, commandResult);
     }
@@ -621,20 +668,22 @@ export class Commands {
     const args = sb.commandArgs(argv, options.env, options.cwd, options.user);
     args.stdin = options.stdin ?? false;
     args.auto_resume = options.autoResume ?? false;
-    const { result } = await sb.call("proc.start", args);
-    return new Process(sb, Number(result.pid), (result.audit_id ?? null) as string | null, args.argv as string[]);
+    const { result } = await sb.call("proc.start", args, undefined, { call: "commands.start" });
+    const index = result.process === undefined || result.process === null ? null : Number(result.process);
+    return new Process(sb, result.pid === undefined || result.pid === null ? null : Number(result.pid),
+      (result.audit_id ?? null) as string | null, args.argv as string[], index);
   }
 
   /** A handle on a process started earlier (by this or another client). */
   async connect(pid: number): Promise<Process> {
-    const { result } = await this.sandbox.call("proc.info", { pid: Math.trunc(pid) });
+    const { result } = await this.sandbox.call("proc.info", { pid: Math.trunc(pid) }, undefined, { call: "commands.connect" });
     return new Process(this.sandbox, Math.trunc(pid), (result.audit_id ?? null) as string | null,
       Array.isArray(result.argv) ? (result.argv as string[]) : []);
   }
 
   /** Processes the guest agent knows (running and recently exited). */
   async list(): Promise<ProcessInfo[]> {
-    const { result } = await this.sandbox.call("proc.list", {});
+    const { result } = await this.sandbox.call("proc.list", {}, undefined, { call: "commands.list" });
     return (Array.isArray(result.processes) ? result.processes : []).map((p) => ProcessInfo.fromWire(p as Header));
   }
 }
@@ -648,19 +697,32 @@ export class Process implements AsyncIterable<OutputChunk> {
   readonly pid: number | null;
   readonly auditId: string | null;
   readonly argv: string[];
-  /** `true` for a recorded process (nothing runs). */
-  readonly recorded: boolean = false;
+  /** A recorded process's place among the recording's `commands.start`s (`null` live). */
+  readonly index: number | null;
   private exit: [number | null, number | null] | null = null;
 
   /** @internal */
-  constructor(protected readonly sandbox: Sandbox, pid: number | null, auditId: string | null = null, argv: string[] = []) {
+  constructor(protected readonly sandbox: Sandbox, pid: number | null, auditId: string | null = null, argv: string[] = [],
+    index: number | null = null) {
     this.pid = pid;
     this.auditId = auditId;
     this.argv = argv;
+    this.index = index;
+  }
+
+  /** `true` for a recorded process (nothing runs). */
+  get recorded(): boolean {
+    return this.index !== null;
   }
 
   toString(): string {
-    return `<Process pid=${this.pid} argv=${repr(this.argv)}>`;
+    return this.index !== null ? `<Process #${this.index + 1} (recorded) argv=${repr(this.argv)}>`
+      : `<Process pid=${this.pid} argv=${repr(this.argv)}>`;
+  }
+
+  /** How requests name it: its pid, or its index in a recording. */
+  private ref(): Header {
+    return this.index !== null ? { process: this.index } : { pid: this.pid };
   }
 
   /**
@@ -669,9 +731,9 @@ export class Process implements AsyncIterable<OutputChunk> {
    */
   async wait(timeoutSeconds?: number): Promise<number> {
     if (this.exit === null) {
-      const args: Header = { pid: this.pid };
+      const args: Header = this.ref();
       if (timeoutSeconds !== undefined && timeoutSeconds !== null) args.timeout_seconds = timeoutSeconds;
-      const { result } = await this.sandbox.call("proc.wait", args);
+      const { result } = await this.sandbox.call("proc.wait", args, undefined, { call: "Process.wait" });
       this.exit = [(result.exit_code ?? null) as number | null, (result.signal ?? null) as number | null];
     }
     const code = this.exit[0];
@@ -680,20 +742,28 @@ export class Process implements AsyncIterable<OutputChunk> {
 
   /** The exit code once it exited, else `null` (does not wait). */
   async exitCode(): Promise<number | null> {
+    return this.exitCodeFor("Process.exitCode");
+  }
+
+  async isRunning(): Promise<boolean> {
+    return (await this.exitCodeFor("Process.isRunning")) === null;
+  }
+
+  async info(): Promise<ProcessInfo> {
+    return this.infoFor("Process.info");
+  }
+
+  private async exitCodeFor(call: string): Promise<number | null> {
     if (this.exit === null) {
-      const info = await this.info();
+      const info = await this.infoFor(call);
       if (info.running) return null;
       this.exit = [info.exitCode, null];
     }
     return this.exit[0];
   }
 
-  async isRunning(): Promise<boolean> {
-    return (await this.exitCode()) === null;
-  }
-
-  async info(): Promise<ProcessInfo> {
-    return ProcessInfo.fromWire((await this.sandbox.call("proc.info", { pid: this.pid })).result);
+  private async infoFor(call: string): Promise<ProcessInfo> {
+    return ProcessInfo.fromWire((await this.sandbox.call("proc.info", this.ref(), undefined, { call })).result);
   }
 
   /** Send a signal to the process (and by default its whole process group). */
@@ -708,7 +778,7 @@ export class Process implements AsyncIterable<OutputChunk> {
     } else {
       name = Math.trunc(sig);
     }
-    await this.sandbox.call("proc.signal", { pid: this.pid, signal: name, group: options.group ?? true });
+    await this.sandbox.call("proc.signal", { ...this.ref(), signal: name, group: options.group ?? true });
   }
 
   /** SIGKILL the process group and every descendant. */
@@ -718,24 +788,28 @@ export class Process implements AsyncIterable<OutputChunk> {
 
   /** Write to the process's stdin (it must have been started with `stdin: true`). */
   async sendStdin(data: string | Uint8Array): Promise<void> {
+    const at = this.sandbox.site();
     const raw = toBuffer(data);
     for (let start = 0; start < raw.length; start += CHUNK_SIZE) {
-      await this.sandbox.call("proc.stdin", { pid: this.pid, eof: false }, raw.subarray(start, start + CHUNK_SIZE));
+      await this.sandbox.call("proc.stdin", { ...this.ref(), eof: false }, raw.subarray(start, start + CHUNK_SIZE), { at });
     }
   }
 
   async closeStdin(): Promise<void> {
-    await this.sandbox.call("proc.stdin", { pid: this.pid, eof: true });
+    await this.sandbox.call("proc.stdin", { ...this.ref(), eof: true });
   }
 
   /**
    * `{stream, text}` chunks as the process prints them, until it exits. With
    * `replay` (default) the output printed before the call comes first.
    */
-  async *output(options: { replay?: boolean } = {}): AsyncGenerator<OutputChunk, void, undefined> {
+  output(options: { replay?: boolean } = {}): AsyncGenerator<OutputChunk, void, undefined> {
+    return this.outputFor(options, "Process.output");
+  }
+
+  private async *outputFor(options: { replay?: boolean }, call: string): AsyncGenerator<OutputChunk, void, undefined> {
     const decoders: Record<string, TextDecoder> = { stdout: new TextDecoder(), stderr: new TextDecoder() };
-    const client = await this.sandbox.client();
-    for await (const chunk of client.stream("proc.attach", { pid: this.pid, replay: options.replay ?? true })) {
+    for await (const chunk of this.sandbox.stream("proc.attach", { ...this.ref(), replay: options.replay ?? true }, { call })) {
       const decoder = decoders[chunk.stream];
       const text = decoder ? decoder.decode(chunk.data, { stream: true }) : chunk.data.toString("utf8");
       if (text) yield { stream: chunk.stream, text: this.sandbox.redactor(text) };
@@ -748,7 +822,7 @@ export class Process implements AsyncIterable<OutputChunk> {
 
   private async *lines(which: string): AsyncGenerator<string, void, undefined> {
     let pending = "";
-    for await (const { stream, text } of this.output()) {
+    for await (const { stream, text } of this.outputFor({}, `Process.${which}`)) {
       if (stream !== which) continue;
       pending += text;
       const parts = pending.split("\n");
@@ -810,13 +884,13 @@ export class Ports {
     const { result } = await this.sandbox.call("port.forward", {
       host, host_port: hostPort, guest_port: guestPort, allow_wildcard: Boolean(opts.allowWildcard ?? false),
       detach: Boolean(opts.detach ?? true),
-    });
+    }, undefined, { call: "ports.forward" });
     return PortForward.fromWire(result, this.sandbox);
   }
 
   /** The sandbox's open forwards (with their connection counts), oldest first. */
   async list(): Promise<PortForward[]> {
-    const { result } = await this.sandbox.call("port.list");
+    const { result } = await this.sandbox.call("port.list", null, undefined, { call: "ports.list" });
     return (Array.isArray(result.forwards) ? result.forwards : []).map((raw) => PortForward.fromWire(raw as Header, this.sandbox));
   }
 
@@ -830,7 +904,7 @@ export class Ports {
     else if (typeof forward === "string") args = { id: forward };
     else if (typeof forward === "number" && Number.isInteger(forward)) args = { host_port: forward };
     else throw InvalidArgument.create("forward", repr(forward), "a PortForward, its id or its host port");
-    await this.sandbox.call("port.close", args);
+    await this.sandbox.call("port.close", args, undefined, { call: "ports.close" });
   }
 }
 
@@ -878,7 +952,8 @@ export class Network {
         makeNetwork(resolved, entries as string[], { allowWildcards: wildcards === null ? true : Boolean(wildcards) });
       }
     }
-    const { result } = await this.sandbox.call("network.update", { allow: entries, mode, allow_wildcards: wildcards });
+    const { result } = await this.sandbox.call("network.update", { allow: entries, mode, allow_wildcards: wildcards },
+      undefined, { call: "network.update" });
     return NetworkInfo.fromWire((result.network ?? {}) as Header);
   }
 }
@@ -892,65 +967,76 @@ export class Files {
 
   /** Write `data` to `path` atomically (parents created by default); resolves with its entry. */
   async write(path: string, data: string | Uint8Array, options: { mode?: number; makeParents?: boolean } = {}): Promise<FileEntry> {
+    const sb = this.sandbox;
+    const at = sb.site();
     const target = absolutePath(path);
     const raw = toBuffer(data);
     const mode = options.mode ?? 0o644;
     const makeParents = options.makeParents ?? true;
-    const sb = this.sandbox;
+    let answer: Header;
     if (raw.length <= CHUNK_SIZE) {
-      await sb.call("fs.write", { path: target, mode, make_parents: makeParents, append: false }, raw);
+      answer = (await sb.call("fs.write", { path: target, mode, make_parents: makeParents, append: false }, raw, { at })).result;
     } else {
-      const { result } = await sb.call("fs.write_begin", { path: target, mode, make_parents: makeParents });
+      const { result } = await sb.call("fs.write_begin", { path: target, mode, make_parents: makeParents }, undefined, { at });
       const handle = result.handle;
       let committed = false;
       try {
         for (let start = 0; start < raw.length; start += CHUNK_SIZE) {
-          await sb.call("fs.write_chunk", { handle }, raw.subarray(start, start + CHUNK_SIZE));
+          await sb.call("fs.write_chunk", { handle }, raw.subarray(start, start + CHUNK_SIZE), { at });
         }
-        await sb.call("fs.write_end", { handle, commit: true });
+        answer = (await sb.call("fs.write_end", { handle, commit: true }, undefined, { at })).result;
         committed = true;
       } finally {
         if (!committed) {
-          await sb.call("fs.write_end", { handle, commit: false }).catch(() => undefined);
+          await sb.call("fs.write_end", { handle, commit: false }, undefined, { at }).catch(() => undefined);
         }
       }
     }
-    return this.stat(target);
+    // a recording answers with the entry (it has nothing to stat)
+    return answer.entry ? FileEntry.fromWire(answer.entry as Header) : this.stat(target);
   }
 
   /** Read a whole file; `TooLarge` if it holds more than `maxBytes` (default 64 MiB). */
   async read(path: string, options: { maxBytes?: number } = {}): Promise<Buffer> {
+    return this.readFor(path, options, "files.read");
+  }
+
+  private async readFor(path: string, options: { maxBytes?: number }, call: string): Promise<Buffer> {
     const target = absolutePath(path);
     const maxBytes = options.maxBytes ?? DEFAULT_MAX_READ_BYTES;
     if (!(maxBytes > 0)) throw InvalidArgument.create("max_bytes", `${maxBytes} must be positive`);
     // The file streams back as `data` frames; the supervisor refuses one over `maxBytes` (TooLarge).
     const chunks: Buffer[] = [];
     await this.sandbox.call("fs.read", { path: target, max_bytes: maxBytes }, undefined,
-      { onData: (_stream, data) => { chunks.push(data); } });
+      { call, onData: (_stream, data) => { chunks.push(data); } });
     return Buffer.concat(chunks);
   }
 
   /** `read` decoded as text (invalid bytes become U+FFFD). */
   async readText(path: string, options: { encoding?: BufferEncoding; maxBytes?: number } = {}): Promise<string> {
-    const data = await this.read(path, { maxBytes: options.maxBytes });
+    const data = await this.readFor(path, { maxBytes: options.maxBytes }, "files.readText");
     const encoding = options.encoding ?? "utf8";
     return encoding === "utf8" || encoding === "utf-8" ? new TextDecoder().decode(data) : data.toString(encoding);
   }
 
   /** Entries of a directory, sorted by name. */
   async list(path = "/"): Promise<FileEntry[]> {
-    const { result } = await this.sandbox.call("fs.list", { path: absolutePath(path) });
+    const { result } = await this.sandbox.call("fs.list", { path: absolutePath(path) }, undefined, { call: "files.list" });
     const entries = (Array.isArray(result.entries) ? result.entries : []).map((e) => FileEntry.fromWire(e as Header));
     return entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
   async stat(path: string): Promise<FileEntry> {
-    return FileEntry.fromWire((await this.sandbox.call("fs.stat", { path: absolutePath(path) })).result);
+    return this.statFor(path, "files.stat");
+  }
+
+  private async statFor(path: string, call: string): Promise<FileEntry> {
+    return FileEntry.fromWire((await this.sandbox.call("fs.stat", { path: absolutePath(path) }, undefined, { call })).result);
   }
 
   async exists(path: string): Promise<boolean> {
     try {
-      await this.stat(path);
+      await this.statFor(path, "files.exists");
       return true;
     } catch (exc) {
       if (exc instanceof FileNotFoundInSandbox) return false;

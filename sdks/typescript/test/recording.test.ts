@@ -1,6 +1,6 @@
 /**
- * Record/plan mode in-process: `Sandbox.create` returns a recorded sandbox, every call
- * appends the event Python's RecordedSandbox appends, nothing boots, reads throw
+ * Record/plan mode in-process: `Sandbox.create` returns a `Sandbox` talking to a
+ * `RecordTransport`, every call appends the event Python's record transport appends, nothing boots, reads throw
  * NotAvailableInRecordMode. (tests/modes/test_typescript_modes.py checks that
  * `mvmctl compile` lowers a TypeScript script and its Python twin to the same IR.)
  */
@@ -15,8 +15,8 @@ import { join } from "node:path";
 import { after, beforeEach, describe, test } from "node:test";
 
 import {
-  CommandResult, InvalidArgument, InvalidState, network, NetworkInfo, NotAvailableInRecordMode, RecordedSandbox,
-  resetRecording, resources, Sandbox, secret, TemplateNotFound,
+  closestName, CommandResult, InvalidArgument, InvalidState, network, NetworkInfo, NotAvailableInRecordMode,
+  Process, resetRecording, resources, Sandbox, secret, TemplateNotFound,
 } from "@mvm/sdk";
 
 import { HOME, REPO, thrown } from "./helpers.js";
@@ -59,7 +59,7 @@ describe("record mode", () => {
         workloadId: "agent-tool", ttl: "30m", include: ["src"],
         resources: resources({ cpuCores: 1, memoryMb: 512, rootfsSizeMb: 1024 }),
       });
-      assert.ok(sandbox instanceof RecordedSandbox);
+      assert.equal(sandbox.constructor, Sandbox); // the live class: only its transport differs
       assert.equal(sandbox.recorded, true);
       assert.equal(sandbox.mode, "record");
       assert.match(sandbox.name, /^agent-tool-record$/);
@@ -75,6 +75,7 @@ describe("record mode", () => {
       resources: { cpu_cores: 1, memory_mb: 512, rootfs_size_mb: 1024, max_processes: 256 },
       network: { mode: "deny", allow: [], allow_wildcards: false }, ttl_seconds: 1800, tags: {}, from_snapshot: null,
       env: {}, include: { guest_root: "/app", paths: ["src"], files: [{ path: "src/util.py", size: 11, sha256: digest, mode: 0o644 }] },
+      auto_pause_seconds: null, on_behalf_of: null,
     });
     assert.match(String(create.at), /^recording\.test\.(ts|js):\d+$/);
     assert.equal(write.op, "files.write");
@@ -96,7 +97,9 @@ describe("record mode", () => {
     assert.equal(result.recorded, true);
     assert.equal(result.exitCode, null);
     const proc = await sandbox.commands.start(["cat"], { stdin: true });
+    assert.ok(proc instanceof Process && proc.recorded);
     assert.equal(proc.pid, null);
+    assert.equal(String(proc), "<Process #1 (recorded) argv=['cat']>");
     await proc.sendStdin("data");
     await proc.closeStdin();
     await proc.signal("SIGTERM", { group: false });
@@ -143,7 +146,7 @@ describe("record mode", () => {
     assert.ok(template instanceof TemplateNotFound);
     assert.match(template.message, /^template 'python-3\.12' cannot be built here \(no Debian release ships Python 3\.12/);
     const typo = await thrown(() => Sandbox.create("python-3.1"));
-    assert.match(typo.message, /unknown template; did you mean 'python-3.13'\?/);
+    assert.match(typo.message, /unknown template; did you mean 'python-3.11'\?/);
     const include = await thrown(() => Sandbox.create("python-3.13", { include: ["../outside.txt"] }));
     assert.ok(include instanceof InvalidArgument);
     assert.equal((include as InvalidArgument).field, "include");
@@ -200,6 +203,27 @@ print(json.dumps(out))
     // the policy asked for is known without a live sandbox (Python's record transport answers the same)
     assert.deepEqual((await sandbox.network.policy()).toDict(), info.network.toDict());
     assert.deepEqual(events().map((e) => e.op), ["sandbox.create"]); // nothing of the refused calls was recorded
+  });
+
+  test("autoPause is recorded for the IR, as Python's auto_pause", async () => {
+    const sandbox = await Sandbox.create("python-3.13", { autoPause: "5m" });
+    assert.equal((await sandbox.describe()).details.auto_pause_seconds, 300);
+    assert.equal(events()[0].auto_pause_seconds, 300);
+    assert.match((await thrown(() => Sandbox.create("python-3.13", { autoPause: "soon" }))).message, /^auto_pause: /);
+  });
+
+  test("'did you mean' follows Python's rule (closest_name), word for word", () => {
+    const names = ["minimal", "node-20", "python-3.11", "python-3.13"];
+    const words = ["python-3.1", "pyhton-3.13", "node20", "minimal", "ruby-3.3", "x", "", "pythn-3.13", "nod-20x"];
+    const python = join(REPO, ".venv", "bin", "python");
+    const expected = words.map((w) => closestName(w, names));
+    assert.deepEqual(expected.slice(0, 5), ["python-3.11", "python-3.13", "node-20", "minimal", null]);
+    if (!existsSync(python)) return;
+    const done = spawnSync(python, ["-c", "import json, sys; from mvm.templates.catalog import closest_name; "
+      + "words, names = json.loads(sys.stdin.read()); print(json.dumps([closest_name(w, names) for w in words]))"],
+    { input: JSON.stringify([words, names]), encoding: "utf8" });
+    assert.equal(done.status, 0, done.stderr);
+    assert.deepEqual(expected, JSON.parse(done.stdout));
   });
 
   test("included symlinks out of the tree and __pycache__ are skipped", async () => {

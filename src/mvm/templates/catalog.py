@@ -19,9 +19,9 @@ Python under that name.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import TemplateNotFound
@@ -115,9 +115,34 @@ def recipe(name: str | Path) -> Recipe:
     available = sorted(set(BUILTIN) | set(custom))
     reason = UNBUILDABLE.get(text)
     if reason is None:
-        close = difflib.get_close_matches(text, available, n=1)
-        reason = "unknown template" + (f"; did you mean {close[0]!r}?" if close else "")
+        close = closest_name(text, available)
+        reason = "unknown template" + (f"; did you mean '{close}'?" if close else "")
     raise TemplateNotFound(text, available=available, reason=reason)
+
+
+def closest_name(word: str, names: Iterable[str]) -> str | None:
+    """The name a mistyped ``word`` most likely meant, for "did you mean" hints: the one
+    fewest single-character edits away (insert, delete, replace: Levenshtein distance),
+    if that is at most a third of ``word``'s length (at least 1); ties go to the first
+    in sorted order. The TypeScript SDK applies the same rule (``closestName``)."""
+    limit = max(1, len(word) // 3)
+    best: tuple[int, str] | None = None
+    for name in sorted(names):
+        distance = edit_distance(word, name)
+        if distance <= limit and (best is None or distance < best[0]):
+            best = (distance, name)
+    return best[1] if best else None
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character inserts, deletes and replaces."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
 
 
 def check_template(name: str | Path) -> object:
