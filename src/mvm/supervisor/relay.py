@@ -110,6 +110,9 @@ class Relay:
             for sock, writing in zip((self.host, self.guest), self._writing, strict=True):
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                except OSError:
+                    pass
+                try:
                     sock.shutdown(socket.SHUT_RDWR if writing else socket.SHUT_RD)
                 except OSError:
                     pass
