@@ -38,50 +38,46 @@ class LogBook:
     def write(
         self, source: str, stream: str, message: str, audit_id: str | None = None, *, force: bool = False
     ) -> None:
-        entry: dict[str, Any] = {
-            "timestamp": time.time(),
-            "source": source,
-            "stream": stream,
-            "message": self._redact(message),
-        }
-        if audit_id:
-            entry["audit_id"] = audit_id
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        self._append([_entry(time.time(), source, stream, self._redact(message), audit_id)], force=force)
+
+    def _append(self, lines: list[str], *, force: bool = False) -> None:
+        """Write whole lines at once (one write, one flush), up to the cap unless ``force``."""
         with self._lock:
             if self._closed:
                 return
-            if self._size + len(line) > MAX_LOG_BYTES and not force:
-                if not self._capped:
-                    self._capped = True
-                    notice = json.dumps(
-                        {
-                            "timestamp": time.time(),
-                            "source": "supervisor",
-                            "stream": "system",
-                            "message": f"log limit of {MAX_LOG_BYTES} bytes reached; process output no longer logged",
-                        }
-                    )
-                    self._fh.write(notice + "\n")
-                    self._fh.flush()
-                    self._lock.notify_all()
-                return
+            if not force:
+                room = MAX_LOG_BYTES - self._size
+                kept = 0
+                for line in lines:
+                    room -= len(line)
+                    if room < 0:
+                        break
+                    kept += 1
+                if kept < len(lines):
+                    lines = lines[:kept]
+                    if not self._capped:
+                        self._capped = True
+                        lines.append(_entry(time.time(), "supervisor", "system",
+                                            f"log limit of {MAX_LOG_BYTES} bytes reached; process output no "
+                                            "longer logged"))
+                if not lines:
+                    return
             if self._lost:
-                notice = json.dumps({"timestamp": time.time(), "source": "supervisor", "stream": "system",
-                                     "message": f"{self._lost} log lines were dropped: the log could not be "
-                                                "written"}) + "\n"
-                line = notice + line
+                lines.insert(0, _entry(time.time(), "supervisor", "system",
+                                       f"{self._lost} log lines were dropped: the log could not be written"))
+            text = "".join(lines)
             try:
-                self._fh.write(line)
+                self._fh.write(text)
                 self._fh.flush()
             except (OSError, ValueError) as exc:  # MVM_HOME full (ENOSPC): the sandbox goes on, its log loses lines
-                self._lost += 1
-                if self._lost == 1:
+                self._lost += len(lines)
+                if self._lost == len(lines):
                     print(f"mvm supervisor: cannot write the sandbox log ({exc}); lines are dropped until it can",
                           file=sys.stderr, flush=True)
                 self._drop_buffer()
                 return
             self._lost = 0
-            self._size += len(line)
+            self._size += len(text)
             self._lock.notify_all()
 
     def _drop_buffer(self) -> None:
@@ -100,21 +96,42 @@ class LogBook:
         self.write("supervisor", "system", message, audit_id, force=True)
 
     def process_output(self, pid: int, stream: str, data: bytes) -> None:
+        """Log a chunk of output line by line: redacted once per chunk, written at once.
+        Past the cap nothing is done at all, so a flood costs the log nothing more."""
+        if self._capped:
+            return
         key = (pid, stream)
         text = self._partial.pop(key, "") + data.decode("utf-8", errors="replace")
-        lines = text.split("\n")
-        self._partial[key] = lines.pop()
-        if len(self._partial[key]) > MAX_LINE:
-            lines.append(self._partial.pop(key))
-        for line in lines:
-            for start in range(0, max(len(line), 1), MAX_LINE):
-                self.write(f"process:{pid}", stream, line[start : start + MAX_LINE])
+        end = text.rfind("\n")
+        rest = text[end + 1 :]
+        lines = self._redact(text[:end]).split("\n") if end >= 0 else []
+        if len(rest) > MAX_LINE:
+            lines.append(self._redact(rest))
+        else:
+            self._partial[key] = rest
+        self._log_lines(f"process:{pid}", stream, lines)
 
     def process_exit(self, pid: int) -> None:
         for stream in ("stdout", "stderr"):
             rest = self._partial.pop((pid, stream), "")
-            if rest:
-                self.write(f"process:{pid}", stream, rest)
+            if rest and not self._capped:
+                self._log_lines(f"process:{pid}", stream, [self._redact(rest)])
+
+    def _log_lines(self, source: str, stream: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        head = _entry_head(time.time(), source, stream)
+        room = MAX_LOG_BYTES - self._size  # stop building entries the cap would drop anyway
+        entries = []
+        for line in lines:
+            for start in range(0, max(len(line), 1), MAX_LINE):
+                entry = head + _quote(line[start : start + MAX_LINE]) + "}\n"
+                entries.append(entry)
+                room -= len(entry)
+                if room < 0:
+                    self._append(entries)
+                    return
+        self._append(entries)
 
     def read(self, *, tail: int | None = None, since: float | None = None) -> list[dict[str, Any]]:
         entries = []
@@ -160,3 +177,20 @@ class LogBook:
             self._closed = True
             self._fh.close()
             self._lock.notify_all()
+
+
+#: A JSON string literal of a str, non-ASCII kept (what ``json.dumps(s, ensure_ascii=False)`` gives).
+_quote: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def _entry_head(timestamp: float, source: str, stream: str) -> str:
+    return f'{{"timestamp": {timestamp!r}, "source": {_quote(source)}, "stream": {_quote(stream)}, "message": '
+
+
+def _entry(timestamp: float, source: str, stream: str, message: str, audit_id: str | None = None) -> str:
+    """One ``LogEvent`` line, the same as ``json.dumps(entry, ensure_ascii=False)`` (built
+    by hand: a flood of short lines makes this the log's hot path)."""
+    line = _entry_head(timestamp, source, stream) + _quote(message)
+    if audit_id:
+        line += f', "audit_id": {_quote(audit_id)}'
+    return line + "}\n"
