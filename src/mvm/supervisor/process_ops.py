@@ -4,6 +4,7 @@ timeout on the whole process group, a signed receipt) and ``proc.start`` / ``pro
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,9 +111,7 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     record = sup.processes.subscribe(pid, capture.deliver, replay=True)
     try:
         if ctx.payload:
-            for start in range(0, len(ctx.payload), CHUNK_SIZE):
-                sup.agent.call("proc.stdin", {"pid": pid, "eof": False}, ctx.payload[start : start + CHUNK_SIZE])
-            sup.agent.call("proc.stdin", {"pid": pid, "eof": True})
+            _feed_stdin(sup, pid, ctx.payload)
         deadline = None if timeout is None else started + float(timeout)
         while not record.exited.wait(0.1):
             if ctx.cancelled.is_set() or ctx.session.closed.is_set():
@@ -140,6 +139,26 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
         "stdout_bytes": capture.total["stdout"], "stderr_bytes": capture.total["stderr"],
         "receipt_path": str(receipt),
     }, b""
+
+
+def _feed_stdin(sup: Supervisor, pid: int, payload: bytes) -> None:
+    """Feed ``payload`` to the process's stdin off the request's thread: a process that
+    never reads it keeps each ``proc.stdin`` unanswered (the agent answers once the pipe
+    took the bytes), and the run's timeout and cancellation must still bite. Killing the
+    process closes its pipe, which answers the call in flight."""
+
+    def feed() -> None:
+        try:
+            for start in range(0, len(payload), CHUNK_SIZE):
+                result, _ = sup.agent.call("proc.stdin", {"pid": pid, "eof": False},
+                                           payload[start : start + CHUNK_SIZE], timeout=None)
+                if result.get("closed"):
+                    return  # the process closed its stdin (or ended): the rest has no reader
+            sup.agent.call("proc.stdin", {"pid": pid, "eof": True}, timeout=None)
+        except errors.MvmError:
+            pass  # the process or the agent went away: the run's outcome says which
+
+    threading.Thread(target=feed, name=f"mvm-stdin-{pid}", daemon=True).start()
 
 
 def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, exit_code: int | None,
