@@ -44,6 +44,8 @@ def test_entropy_is_mixed_into_the_guest_rng(agent: AgentClient) -> None:
     ({"entropy_hex": "xyz"}, "entropy_hex"),
     ({"hostname": "not a host name!"}, "hostname"),
     ({"hostname": "a" * 64}, "hostname"),
+    ({"max_processes": 0}, "max_processes"),
+    ({"max_processes": "many"}, "max_processes"),
 ])
 def test_bad_configure_arguments_name_the_field_and_change_nothing(agent: AgentClient, args: dict,
                                                                    field: str) -> None:

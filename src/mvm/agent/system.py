@@ -124,6 +124,33 @@ def prepare_as_init() -> None:
     mount_if_missing("tmpfs", "/dev/shm", "tmpfs", "mode=1777", flags=ms_nosuid | ms_nodev)
 
 
+#: The guest's cgroup the agent (and so every process it starts) runs in when the agent
+#: enforces ``max_processes`` itself (a VM: nothing on the host can count a guest's processes).
+CGROUP_ROOT = "/sys/fs/cgroup"
+SANDBOX_CGROUP = "mvm-sandbox"
+
+
+def limit_processes(limit: int) -> str:
+    """Put the agent in a pids cgroup of ``limit`` tasks: everything it starts from then on
+    (and their descendants) is counted with it, threads included, and ``fork`` fails with
+    ``EAGAIN`` past the limit. Returns what took effect, for ``describe()``."""
+    ms_nosuid, ms_nodev, ms_noexec = 2, 4, 8
+    mount_if_missing("cgroup2", CGROUP_ROOT, "cgroup2", flags=ms_nosuid | ms_nodev | ms_noexec)
+    group = os.path.join(CGROUP_ROOT, SANDBOX_CGROUP)
+    try:
+        with open(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), "w") as handle:
+            handle.write("+pids")
+        os.makedirs(group, exist_ok=True)
+        with open(os.path.join(group, "pids.max"), "w") as handle:
+            handle.write(str(limit))
+        with open(os.path.join(group, "cgroup.procs"), "w") as handle:
+            handle.write(str(os.getpid()))  # the whole thread group moves
+    except OSError as exc:
+        log.warning("max_processes not enforced: %s", exc)
+        return f"not enforced: the guest's pids cgroup could not be set up ({exc})"
+    return f"{limit} tasks: the guest's pids cgroup {group} (the agent's threads count)"
+
+
 def load_image_config(path: str = IMAGE_CONFIG_PATH) -> dict[str, Any]:
     """The image config of an OCI template (empty for a Debian one, or if unreadable)."""
     import json
@@ -180,6 +207,7 @@ class System:
                 entropy = bytes.fromhex(entropy_hex)
             except ValueError:
                 raise invalid("entropy_hex", "must be an even number of hexadecimal digits") from None
+        max_processes = args.integer("max_processes", minimum=1)
         hostname = args.string("hostname", max_length=253)
         if hostname is not None and (len(hostname.split(".")[0]) > 63 or not _HOSTNAME.match(hostname)):
             raise invalid("hostname", f"{hostname!r} is not a valid host name",
@@ -202,4 +230,6 @@ class System:
             result["entropy_mixed"] = mix_entropy(entropy)
         if hostname is not None:
             result["hostname_set"] = set_hostname(hostname)
+        if max_processes is not None:
+            result["max_processes"] = limit_processes(max_processes)
         return result

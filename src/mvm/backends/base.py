@@ -152,6 +152,11 @@ class BackendInstance(abc.ABC):
         """Host pids that belong to this sandbox (for diagnostics and cleanup)."""
         return []
 
+    def agent_limits(self) -> dict[str, Any]:
+        """Limits the guest agent must enforce itself (sent with ``agent.configure``): those
+        nothing on the host can apply from outside, such as a VM's process count."""
+        return {}
+
 
 class Backend(abc.ABC):
     """A kind of sandbox engine (``vm``, ``namespace``)."""

@@ -51,6 +51,8 @@ class Supervisor:
         self.config = config
         self.sandbox_id: str = config["id"]
         self.secret_env = secret_env  # env key -> value; in memory only
+        #: What the agent said of the limits it enforces itself (a VM's max_processes), for describe().
+        self.guest_limits: dict[str, Any] = {}
         self.state = "creating"
         self.state_lock = threading.RLock()
         self.created_at = float(config.get("created_at") or time.time())
@@ -145,11 +147,17 @@ class Supervisor:
             self.redactor = Redactor(self.secrets)
 
     def configure_agent(self) -> None:
-        self.agent.call("agent.configure", {
+        limits = self.instance.agent_limits() if self.instance is not None else {}
+        result, _ = self.agent.call("agent.configure", {
             "clock_epoch": time.time(),
             "entropy_hex": _secrets.token_hex(32),
             "hostname": "sandbox",
+            **limits,
         }, timeout=15)
+        self.guest_limits = {name: result.get(name, "not enforced: the agent did not say") for name in limits}
+        for name, outcome in self.guest_limits.items():
+            if str(outcome).startswith("not enforced"):
+                self.logs.system(f"{name} is {outcome}")
         self.network.agent_attached()
 
     def restore_from(self, snapshot_id: str, *, replace_running: bool = False) -> None:
@@ -237,7 +245,8 @@ class Supervisor:
             "details": {**details, "boot_ms": self.boot_ms, "error": self.error,
                         "host_pids": self.instance.host_pids() if self.instance else [], "supervisor_pid": os.getpid(),
                         "env_keys": sorted(self.config.get("env", {})), "secret_env_keys": sorted(self.secret_env),
-                        "agent": self.agent.agent_hello, **self.idle.describe(),
+                        "agent": self.agent.agent_hello, "guest_limits": self.guest_limits,
+                        **self.idle.describe(),
                         "pool": self.pool.describe() if self.pool is not None else None},
         }
 

@@ -532,6 +532,11 @@ class VmInstance(BackendInstance):
             "restored clones share the guest kernel's KASLR layout, and its boot_id if it was read before "
             "the snapshot (it cannot be changed from userspace); the supervisor re-seeds their RNG after restore"
         )
+        notes.append(
+            f"limits: memory {self.memory_mb} MiB and {self.vcpus} vCPU(s) by QEMU, disk {self.rootfs_size_mb} MiB "
+            f"by the image's size, {self.spec.resources.max_processes} tasks by a pids cgroup in the guest that "
+            "the agent and every process it starts are in (details.guest_limits says whether it took effect)"
+        )
         if self.net:
             notes.append("network mode open: full outbound access through QEMU user networking (an explicit "
                          "opt-in); every service on the host's loopback is reachable as 10.0.2.2")
@@ -558,6 +563,9 @@ class VmInstance(BackendInstance):
                        "none (no network device; loopback only)",
             "notes": notes,
         }
+
+    def agent_limits(self) -> dict[str, Any]:
+        return {"max_processes": self.spec.resources.max_processes}
 
     def host_pids(self) -> list[int]:
         proc = self.machine.proc
