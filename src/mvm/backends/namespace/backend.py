@@ -538,6 +538,10 @@ class NamespaceInstance(BackendInstance):
             f"{res.cpu_cores} core(s), {res.max_processes} tasks (threads count; bwrap and the agent "
             "use 3 or more)",
             *self.layer.notes(),
+            *(["disk: the root's upper layer is a tmpfs, charged to the sandbox's memory: files written count "
+               f"against memory_mb, so a disk filled past {res.memory_mb} MiB ends in an out-of-memory kill "
+               "(possibly of the guest agent) before rootfs_size_mb's 'No space left on device'"]
+              if self.layer.kind == "overlay-tmpfs" and res.rootfs_size_mb >= res.memory_mb else []),
             *seccomp.POLICY_NOTES,
             "snapshots keep files only (no memory, no processes)",
         ]
