@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -151,10 +152,17 @@ def test_plan_mode_reaches_the_script_as_mvm_mode(home: Path, write_script) -> N
 # ---- hash stability and deterministic archives ----------------------------------------------------
 
 
+def _next_second() -> None:
+    """Until the wall clock's whole second has moved on (what a second-resolution mtime sees)."""
+    now = int(time.time())
+    wait_for(lambda: int(time.time()) > now, "the next second", timeout=5)
+
+
 def test_recompiling_gives_the_same_hash_and_bytes(home: Path, tmp_path: Path, seed_copy: Path) -> None:
     first = json.loads(run_mvmctl("compile", str(seed_copy), "--out", str(tmp_path / "a"), "--json").stdout)
-    time.sleep(1.1)  # a different mtime must not matter
-    (seed_copy.parent / "src" / "greeting.py").touch()
+    _next_second()  # a later clock and a different mtime must not matter
+    greeting = seed_copy.parent / "src" / "greeting.py"
+    os.utime(greeting, (greeting.stat().st_atime, greeting.stat().st_mtime + 3600))
     second = json.loads(run_mvmctl("compile", str(seed_copy), "--out", str(tmp_path / "b"), "--json").stdout)
     assert first["sha256"] == second["sha256"]
     for name in ("workload.json", "plan.json"):
@@ -177,7 +185,7 @@ def test_compiling_twice_into_the_same_dir_replaces_it(home: Path, tmp_path: Pat
 def test_tar_gz_twice_is_byte_identical(home: Path, tmp_path: Path, seed_copy: Path) -> None:
     a, b = tmp_path / "one.tar.gz", tmp_path / "two.tar.gz"
     first = run_mvmctl("compile", str(seed_copy), "--out", str(a))
-    time.sleep(1.1)
+    _next_second()  # archive times would differ if they came from the clock
     second = run_mvmctl("compile", str(seed_copy), "--out", str(b))
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert a.read_bytes() == b.read_bytes()

@@ -94,7 +94,8 @@ def test_sigkill_mid_command_gives_a_typed_error_and_leaves_nothing(backend: str
     wait_for(lambda: not any(pid_alive(pid) for pid in host_pids), "the sandbox's host processes to be gone",
              timeout=60)
     assert sandbox_id not in [info.id for info in mvm.Sandbox.list()]
-    verify(log_path(sandbox_id), sandbox_id=sandbox_id)  # the audit chain still verifies
+    chain = verify(log_path(sandbox_id), sandbox_id=sandbox_id)
+    assert chain.ok and chain.entries > 0, chain  # the audit chain still verifies
 
 
 # ---- mid files.write / snapshot save / restore ------------------------------------------
@@ -184,7 +185,8 @@ def _assert_nothing_left(sandbox_id: str, pids: list[int]) -> None:
     assert not _mounts_mentioning(sandbox_id) and not _mounts_mentioning(home + "/sandboxes")
     assert not _loop_devices_under(home)
     assert not _cgroups_of(sandbox_id)
-    verify(log_path(sandbox_id), sandbox_id=sandbox_id)  # the audit chain still verifies
+    chain = verify(log_path(sandbox_id), sandbox_id=sandbox_id)
+    assert chain.ok and chain.entries > 0, chain  # the audit chain still verifies
     # no partial snapshot: every listed one verifies, nothing half-written or unsealed stays
     store = SnapshotStore()
     for info in store.list():
