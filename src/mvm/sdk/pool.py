@@ -199,7 +199,7 @@ class Pool:
                 self.fill()
                 self._last_error = None
                 backoff = _BACKOFF[0]
-            except errors.MvmError as exc:
+            except Exception as exc:  # kept (last_error) and retried later: the refill must not die
                 if self._closed.is_set():
                     return
                 self._last_error = f"{type(exc).__name__}: {exc}"
