@@ -215,7 +215,7 @@ class ProcessNotFound(MvmError, LookupError):
 
 
 class UserNotFound(InvalidArgument):
-    """``commands.run(..., user=NAME)`` named a user the guest does not have."""
+    """``user=NAME`` (``commands.run``, ``files.*``) named a user the guest does not have."""
 
     wire_type = "UserNotFound"
 

@@ -69,6 +69,18 @@ def test_fs_verbs(box: str) -> None:
     assert "Traceback" not in missing.stderr and "/work/d/e/c.txt" in missing.stderr
 
 
+def test_fs_verbs_as_a_guest_user(box: str) -> None:
+    mvmctl("fs", "write", box, "/tmp/root-only", "--content", "root's", "--mode", "600")
+    denied = mvmctl("fs", "read", box, "/tmp/root-only", "--user", "nobody", check=False)
+    assert denied.returncode == 2 and "Permission denied" in denied.stderr and "/tmp/root-only" in denied.stderr
+    mvmctl("fs", "write", box, "/tmp/cli-nobody/made.txt", "--content", "mine", "-u", "nobody")
+    assert mvmctl("fs", "read", box, "/tmp/cli-nobody/made.txt", "-u", "nobody").stdout == "mine"
+    assert mvmctl("exec", box, "--", "stat", "-c", "%U", "/tmp/cli-nobody/made.txt").stdout == "nobody\n"
+    mvmctl("fs", "rm", box, "/tmp/cli-nobody", "--recursive", "--user", "nobody")
+    unknown = mvmctl("fs", "ls", box, "/tmp", "--user", "no-such-account", check=False)
+    assert unknown.returncode == 2 and "no-such-account" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
 def test_proc_verbs(box: str) -> None:
     pid = mvmctl("proc", "start", box, "--", "sleep", "60").stdout.strip()
     listed = json.loads(mvmctl("proc", "ls", box, "--json").stdout)

@@ -2,7 +2,9 @@
 imported as it ships, against ``--sandbox mvm`` on each backend.
 
 One sandbox per backend is shared by the checks (as Inspect's own runner does), made and
-removed through the adapter's ``sample_init``/``sample_cleanup``.
+removed through the adapter's ``sample_init``/``sample_cleanup``. Its default user is a
+non-root account (``MvmSandboxConfig.user``), which ``sample_init`` creates with its home as
+the working directory: file mode bits bind it, so every check holds -- no xfails.
 """
 
 from __future__ import annotations
@@ -21,18 +23,8 @@ from mvm.integrations.inspect_ai import MvmSandboxConfig, MvmSandboxEnvironment
 
 pytestmark = pytest.mark.anyio
 
-#: Checks this provider cannot satisfy, with why. The sandbox's default user is root (as in
-#: Inspect's docker provider with a root image): root reads and writes a file whatever its mode
-#: bits, so "chmod -r/-w, then expect PermissionError" cannot hold for root.
-ROOT_IGNORES_MODE_BITS = (
-    "the default user is root, whom file mode bits do not stop (a root docker image behaves the same); "
-    "mvm's file operations run as the guest agent's root"
-)
-KNOWN_GAPS = {
-    "test_read_file_not_allowed": ROOT_IGNORES_MODE_BITS,
-    "test_write_text_file_without_permissions": ROOT_IGNORES_MODE_BITS,
-    "test_write_binary_file_without_permissions": ROOT_IGNORES_MODE_BITS,
-}
+#: The sandbox's default user: not in the template, so sample_init creates it.
+USER = "inspect"
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +34,19 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def mvm_environment(backend: str) -> Iterator[MvmSandboxEnvironment]:
-    config = MvmSandboxConfig(backend=backend, ttl="20m")  # type: ignore[arg-type]
+    config = MvmSandboxConfig(backend=backend, user=USER, ttl="20m")  # type: ignore[arg-type]
     anyio.run(MvmSandboxEnvironment.task_init, "self-check", config)
     environments = anyio.run(MvmSandboxEnvironment.sample_init, "self-check", config, {})
     environment = environments["default"]
     assert isinstance(environment, MvmSandboxEnvironment)
     assert environment.sandbox.describe().backend == backend
+    who = anyio.run(environment.exec, ["sh", "-c", 'id -un; pwd; stat -c %U .'])  # exec's default user and cwd
+    assert who.stdout == f"{USER}\n/home/{USER}\n{USER}\n"
     yield environment
     anyio.run(MvmSandboxEnvironment.sample_cleanup, "self-check", config, environments, False)
     assert environment.sandbox.id not in [info.id for info in mvm.Sandbox.list()]
 
 
 @pytest.fixture
-def sandbox_env(mvm_environment: MvmSandboxEnvironment, request: pytest.FixtureRequest) -> MvmSandboxEnvironment:
-    reason = KNOWN_GAPS.get(request.node.originalname)
-    if reason is not None:
-        request.node.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+def sandbox_env(mvm_environment: MvmSandboxEnvironment) -> MvmSandboxEnvironment:
     return mvm_environment

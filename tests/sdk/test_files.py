@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -140,3 +141,76 @@ def test_failed_reads_name_the_path_send_nothing_and_are_audited_once_each(sandb
         ("ok", None),
     ], "/dev/zero was opened (and recorded) before it ran over; the bad max_bytes never reached the guest"
     assert sandbox.files.read("/tmp/three-mib", max_bytes=3 * 1024 * 1024) == b"y" * (3 * 1024 * 1024)
+def test_files_as_a_guest_user_have_its_permissions_and_ownership(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.write("/tmp/root-only-file", "root's", mode=0o600)
+    with pytest.raises(mvm.PermissionDenied) as denied:
+        sandbox.files.read("/tmp/root-only-file", user="nobody")
+    assert denied.value.path == "/tmp/root-only-file" and isinstance(denied.value, PermissionError)
+    with pytest.raises(mvm.PermissionDenied):
+        sandbox.files.write("/tmp/root-only-file", "overwritten", user="nobody")
+    assert sandbox.files.read("/tmp/root-only-file") == b"root's"  # without user=: root, as before
+
+    big = os.urandom(2 * 1024 * 1024 + 5)  # more than one frame: fs.write_begin/chunk/end as the user
+    sandbox.files.write("/tmp/by-nobody/sub/small.txt", "mine", user="nobody")
+    sandbox.files.write("/tmp/by-nobody/sub/big.bin", big, user="nobody")
+    assert sandbox.files.read("/tmp/by-nobody/sub/big.bin", user="nobody") == big
+    owners = sandbox.commands.run(["stat", "-c", "%U %a %n", "/tmp/by-nobody", "/tmp/by-nobody/sub",
+                                   "/tmp/by-nobody/sub/small.txt", "/tmp/by-nobody/sub/big.bin"])
+    assert owners.stdout.splitlines() == ["nobody 755 /tmp/by-nobody", "nobody 755 /tmp/by-nobody/sub",
+                                          "nobody 644 /tmp/by-nobody/sub/small.txt",
+                                          "nobody 644 /tmp/by-nobody/sub/big.bin"]
+    # its own read-only file: refused to it (as `>` would be), not to root
+    sandbox.commands.run(["chmod", "a-w", "/tmp/by-nobody/sub/small.txt"], user="nobody", check=True)
+    with pytest.raises(mvm.PermissionDenied, match=r"small\.txt"):
+        sandbox.files.write("/tmp/by-nobody/sub/small.txt", "again", user="nobody")
+    sandbox.files.write("/tmp/by-nobody/sub/small.txt", "again")
+    assert sandbox.files.read_text("/tmp/by-nobody/sub/small.txt", user="nobody") == "again"
+
+    # directory ops too: stat/list/mkdir/move/remove check the user's rights
+    assert sandbox.commands.run(["stat", "-c", "%a", "/root"]).stdout == "700\n"
+    with pytest.raises(mvm.PermissionDenied):
+        sandbox.files.list("/root", user="nobody")
+    with pytest.raises(mvm.PermissionDenied):
+        sandbox.files.mkdir("/root/by-nobody", user="nobody")
+    with pytest.raises(mvm.PermissionDenied):
+        sandbox.files.move("/tmp/root-only-file", "/tmp/by-nobody/taken", user="nobody")  # /tmp is sticky
+    sandbox.files.move("/tmp/by-nobody/sub/big.bin", "/tmp/by-nobody/big.bin", user="nobody")
+    assert [e.name for e in sandbox.files.list("/tmp/by-nobody", user="nobody")] == ["big.bin", "sub"]
+    assert sandbox.files.stat("/tmp/by-nobody/big.bin", user="nobody").size == len(big)
+    sandbox.files.remove("/tmp/by-nobody", recursive=True, user="nobody")
+    assert not sandbox.files.exists("/tmp/by-nobody")
+    sandbox.files.remove("/tmp/root-only-file")
+
+
+def test_files_name_an_unknown_user_as_commands_do(sandbox: mvm.Sandbox) -> None:
+    with pytest.raises(mvm.UserNotFound) as from_command:
+        sandbox.commands.run(["id"], user="no-such-account")
+    for call in (lambda: sandbox.files.read("/etc/hostname", user="no-such-account"),
+                 lambda: sandbox.files.write("/tmp/never", "x", user="no-such-account"),
+                 lambda: sandbox.files.list("/tmp", user="no-such-account")):
+        with pytest.raises(mvm.UserNotFound) as from_files:
+            call()
+        assert str(from_files.value) == str(from_command.value) and from_files.value.field == "user"
+    assert not sandbox.files.exists("/tmp/never")
+    with pytest.raises(mvm.InvalidArgument, match="user: '' is not a user name"):
+        sandbox.files.stat("/tmp", user="")
+
+
+def test_async_files_act_as_a_guest_user(sandbox: mvm.Sandbox) -> None:
+    async def scenario() -> None:
+        handle = await mvm.AsyncSandbox.connect(sandbox.name)
+        try:
+            await handle.files.write("/tmp/async-root-only", "root's", mode=0o600)
+            with pytest.raises(mvm.PermissionDenied):
+                await handle.files.read("/tmp/async-root-only", user="nobody")
+            await handle.files.write("/tmp/async-by-nobody.txt", "mine", user="nobody")
+            owner = await handle.commands.run(["stat", "-c", "%U", "/tmp/async-by-nobody.txt"])
+            assert owner.stdout == "nobody\n"
+            with pytest.raises(mvm.UserNotFound):
+                await handle.files.stat("/tmp", user="no-such-account")
+            await handle.files.remove("/tmp/async-by-nobody.txt", user="nobody")
+            await handle.files.remove("/tmp/async-root-only")
+        finally:
+            await handle.close()
+
+    asyncio.run(scenario())

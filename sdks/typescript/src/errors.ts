@@ -95,7 +95,7 @@ export class PortInUse extends InvalidArgument {
   static override readonly wireType: string = "PortInUse";
 }
 
-/** `commands.run(..., { user })` named an account the guest does not have (`field` is `user`). */
+/** `{ user }` (`commands.run`, `files.*`) named an account the guest does not have (`field` is `user`). */
 export class UserNotFound extends InvalidArgument {
   static override readonly wireType: string = "UserNotFound";
 }

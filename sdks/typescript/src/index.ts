@@ -21,7 +21,8 @@ import "./polyfill.js";
 
 export {
   Commands, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES, Files, Network, pools, Ports, Process, Sandbox, SIGNALS,
-  type CreateOptions, type ForwardOptions, type LogsOptions, type NetworkUpdateOptions, type OutputChunk,
+  type CreateOptions, type FileUserOptions, type ForwardOptions, type LogsOptions, type NetworkUpdateOptions,
+  type OutputChunk,
   type RunOptions, type StartOptions,
 } from "./sandbox.js";
 export {

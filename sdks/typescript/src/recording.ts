@@ -416,7 +416,7 @@ export class RecordTransport implements Transport {
 
   private refuseUser(args: Header, call: string): void {
     if (args.user !== undefined && args.user !== null) { // workload-v1 has no field for it: recording would drop it
-      notAvailable(call, this.mode, "the workload IR has no user field; run a command as another user in live mode");
+      notAvailable(call, this.mode, "the workload IR has no user field; act as another user in live mode");
     }
   }
 
@@ -475,8 +475,12 @@ export class RecordTransport implements Transport {
       else this.record("process.stdin", at, { process: index, sha256: this.recording.store(payload), size: payload.length });
       return {};
     },
-    "fs.write": (args, payload, at) => this.writeFile(args, payload, at),
+    "fs.write": (args, payload, at) => {
+      this.refuseUser(args, "files.write");
+      return this.writeFile(args, payload, at);
+    },
     "fs.write_begin": (args, _payload, at) => {
+      this.refuseUser(args, "files.write");
       absolutePath(args.path);
       checkModeBits(args.mode ?? 0o644);
       const handle = `w${this.writes.size + 1}`;
@@ -494,16 +498,19 @@ export class RecordTransport implements Transport {
       return { ...this.writeFile(begun, Buffer.concat(chunks), (begun.at as string | null) ?? at), committed: true };
     },
     "fs.mkdir": (args, _payload, at) => {
+      this.refuseUser(args, "files.mkdir");
       this.record("files.mkdir", at, { path: absolutePath(args.path), parents: args.parents ?? true,
         mode: checkModeBits(args.mode ?? 0o755) });
       return {};
     },
     "fs.remove": (args, _payload, at) => {
+      this.refuseUser(args, "files.remove");
       const path = absolutePath(args.path);
       if (!this.staged.delete(path)) this.record("files.remove", at, { path, recursive: Boolean(args.recursive) });
       return {};
     },
     "fs.move": (args, _payload, at) => {
+      this.refuseUser(args, "files.move");
       this.record("files.move", at, { src: args.src, dst: args.dst, overwrite: Boolean(args.overwrite) });
       return {};
     },

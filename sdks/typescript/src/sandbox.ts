@@ -440,9 +440,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
    */
   commandArgs(argv: string[] | string, env: Env | undefined, cwd: string | undefined, user?: string): Header {
     const checked = validateCommand(argv, env, cwd);
-    if (user !== undefined && user !== null && (typeof user !== "string" || !user || user.includes("\0"))) {
-      throw InvalidArgument.create("user", `${repr(user)} is not a user name`, "a guest user name or uid");
-    }
+    checkUser(user);
     const { literal, secrets } = splitEnv(checked.env);
     const merged: Record<string, string> = { ...literal };
     const names: Record<string, string> = {};
@@ -961,23 +959,45 @@ export class Network {
 // ---- files -----------------------------------------------------------------------------
 
 /** Files in the sandbox. Reached as `sandbox.files`; paths are absolute guest paths. */
+/** `user` of `commands.run`/`commands.start` and the file operations (Python's `check_user`):
+ * a guest account name or uid, or absent (the agent's default). @internal */
+export function checkUser(user: unknown): void {
+  if (user !== undefined && user !== null && (typeof user !== "string" || !user || user.includes("\0"))) {
+    throw InvalidArgument.create("user", `${repr(user)} is not a user name`, "a guest user name or uid");
+  }
+}
+
+/** A file operation's arguments, acting as `user` when one is given (Python's `as_user`). @internal */
+export function asUser(args: Header, user: string | undefined): Header {
+  checkUser(user);
+  return user === undefined || user === null ? args : { ...args, user };
+}
+
+/** `user`: the guest account (name or uid) a file operation acts as, with its permissions
+ * (a write creates files it owns); `UserNotFound` for one the guest lacks. Default: root. */
+export interface FileUserOptions {
+  user?: string;
+}
+
 export class Files {
   /** @internal */
   constructor(protected readonly sandbox: Sandbox) {}
 
   /** Write `data` to `path` atomically (parents created by default); resolves with its entry. */
-  async write(path: string, data: string | Uint8Array, options: { mode?: number; makeParents?: boolean } = {}): Promise<FileEntry> {
+  async write(path: string, data: string | Uint8Array,
+    options: { mode?: number; makeParents?: boolean } & FileUserOptions = {}): Promise<FileEntry> {
     const sb = this.sandbox;
     const at = sb.site();
     const target = absolutePath(path);
     const raw = toBuffer(data);
     const mode = options.mode ?? 0o644;
     const makeParents = options.makeParents ?? true;
+    const begin = asUser({ path: target, mode, make_parents: makeParents }, options.user);
     let answer: Header;
     if (raw.length <= CHUNK_SIZE) {
-      answer = (await sb.call("fs.write", { path: target, mode, make_parents: makeParents, append: false }, raw, { at })).result;
+      answer = (await sb.call("fs.write", { ...begin, append: false }, raw, { at })).result;
     } else {
-      const { result } = await sb.call("fs.write_begin", { path: target, mode, make_parents: makeParents }, undefined, { at });
+      const { result } = await sb.call("fs.write_begin", begin, undefined, { at });
       const handle = result.handle;
       let committed = false;
       try {
@@ -993,50 +1013,52 @@ export class Files {
       }
     }
     // a recording answers with the entry (it has nothing to stat)
-    return answer.entry ? FileEntry.fromWire(answer.entry as Header) : this.stat(target);
+    return answer.entry ? FileEntry.fromWire(answer.entry as Header) : this.stat(target, { user: options.user });
   }
 
   /** Read a whole file; `TooLarge` if it holds more than `maxBytes` (default 64 MiB). */
-  async read(path: string, options: { maxBytes?: number } = {}): Promise<Buffer> {
+  async read(path: string, options: { maxBytes?: number } & FileUserOptions = {}): Promise<Buffer> {
     return this.readFor(path, options, "files.read");
   }
 
-  private async readFor(path: string, options: { maxBytes?: number }, call: string): Promise<Buffer> {
+  private async readFor(path: string, options: { maxBytes?: number } & FileUserOptions, call: string): Promise<Buffer> {
     const target = absolutePath(path);
     const maxBytes = options.maxBytes ?? DEFAULT_MAX_READ_BYTES;
     if (!(maxBytes > 0)) throw InvalidArgument.create("max_bytes", `${maxBytes} must be positive`);
     // The file streams back as `data` frames; the supervisor refuses one over `maxBytes` (TooLarge).
     const chunks: Buffer[] = [];
-    await this.sandbox.call("fs.read", { path: target, max_bytes: maxBytes }, undefined,
+    await this.sandbox.call("fs.read", asUser({ path: target, max_bytes: maxBytes }, options.user), undefined,
       { call, onData: (_stream, data) => { chunks.push(data); } });
     return Buffer.concat(chunks);
   }
 
   /** `read` decoded as text (invalid bytes become U+FFFD). */
-  async readText(path: string, options: { encoding?: BufferEncoding; maxBytes?: number } = {}): Promise<string> {
-    const data = await this.readFor(path, { maxBytes: options.maxBytes }, "files.readText");
+  async readText(path: string, options: { encoding?: BufferEncoding; maxBytes?: number } & FileUserOptions = {}): Promise<string> {
+    const data = await this.readFor(path, { maxBytes: options.maxBytes, user: options.user }, "files.readText");
     const encoding = options.encoding ?? "utf8";
     return encoding === "utf8" || encoding === "utf-8" ? new TextDecoder().decode(data) : data.toString(encoding);
   }
 
   /** Entries of a directory, sorted by name. */
-  async list(path = "/"): Promise<FileEntry[]> {
-    const { result } = await this.sandbox.call("fs.list", { path: absolutePath(path) }, undefined, { call: "files.list" });
+  async list(path = "/", options: FileUserOptions = {}): Promise<FileEntry[]> {
+    const args = asUser({ path: absolutePath(path) }, options.user);
+    const { result } = await this.sandbox.call("fs.list", args, undefined, { call: "files.list" });
     const entries = (Array.isArray(result.entries) ? result.entries : []).map((e) => FileEntry.fromWire(e as Header));
     return entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
-  async stat(path: string): Promise<FileEntry> {
-    return this.statFor(path, "files.stat");
+  async stat(path: string, options: FileUserOptions = {}): Promise<FileEntry> {
+    return this.statFor(path, options, "files.stat");
   }
 
-  private async statFor(path: string, call: string): Promise<FileEntry> {
-    return FileEntry.fromWire((await this.sandbox.call("fs.stat", { path: absolutePath(path) }, undefined, { call })).result);
+  private async statFor(path: string, options: FileUserOptions, call: string): Promise<FileEntry> {
+    const args = asUser({ path: absolutePath(path) }, options.user);
+    return FileEntry.fromWire((await this.sandbox.call("fs.stat", args, undefined, { call })).result);
   }
 
-  async exists(path: string): Promise<boolean> {
+  async exists(path: string, options: FileUserOptions = {}): Promise<boolean> {
     try {
-      await this.statFor(path, "files.exists");
+      await this.statFor(path, options, "files.exists");
       return true;
     } catch (exc) {
       if (exc instanceof FileNotFoundInSandbox) return false;
@@ -1044,17 +1066,20 @@ export class Files {
     }
   }
 
-  async mkdir(path: string, options: { parents?: boolean; mode?: number } = {}): Promise<void> {
-    await this.sandbox.call("fs.mkdir", { path: absolutePath(path), parents: options.parents ?? true, mode: options.mode ?? 0o755 });
+  async mkdir(path: string, options: { parents?: boolean; mode?: number } & FileUserOptions = {}): Promise<void> {
+    await this.sandbox.call("fs.mkdir", asUser({ path: absolutePath(path), parents: options.parents ?? true,
+      mode: options.mode ?? 0o755 }, options.user));
   }
 
   /** Remove a file, or a directory (`recursive: true` for a non-empty one). */
-  async remove(path: string, options: { recursive?: boolean } = {}): Promise<void> {
-    await this.sandbox.call("fs.remove", { path: absolutePath(path), recursive: options.recursive ?? false });
+  async remove(path: string, options: { recursive?: boolean } & FileUserOptions = {}): Promise<void> {
+    await this.sandbox.call("fs.remove", asUser({ path: absolutePath(path), recursive: options.recursive ?? false },
+      options.user));
   }
 
-  async move(src: string, dst: string, options: { overwrite?: boolean } = {}): Promise<void> {
-    await this.sandbox.call("fs.move", { src: absolutePath(src), dst: absolutePath(dst), overwrite: options.overwrite ?? false });
+  async move(src: string, dst: string, options: { overwrite?: boolean } & FileUserOptions = {}): Promise<void> {
+    await this.sandbox.call("fs.move", asUser({ src: absolutePath(src), dst: absolutePath(dst),
+      overwrite: options.overwrite ?? false }, options.user));
   }
 }
 

@@ -11,7 +11,7 @@ import { after, before, describe, test } from "node:test";
 
 import {
   CommandError, CommandResult, CommandTimeout, DirectoryNotEmpty, FileEntry, FileNotFoundInSandbox, InvalidArgument,
-  IsADirectory, LogEvent, Process, ProcessInfo, ProcessNotFound, resources, Sandbox, SandboxInfo, SandboxNotFound,
+  IsADirectory, LogEvent, PermissionDenied, Process, ProcessInfo, ProcessNotFound, resources, Sandbox, SandboxInfo, SandboxNotFound,
   secret, TemplateNotFound, TooLarge, UserNotFound,
 } from "@mvm/sdk";
 
@@ -100,6 +100,26 @@ describe("a live sandbox", () => {
     assert.deepEqual(await sb.files.list("/tmp/.mvm-stdin"), []);
     const term = await sb.commands.run(["sh", "-c", "kill -TERM $$"]);
     assert.equal(term.exitCode, 143);
+  });
+
+  test("files as a guest user: its permissions and ownership, the same user checks; root by default", async () => {
+    await sb.files.write("/tmp/ts-root-only", "root's", { mode: 0o600 });
+    const denied = await thrown(() => sb.files.read("/tmp/ts-root-only", { user: "nobody" }));
+    assert.ok(denied instanceof PermissionDenied);
+    assert.equal((denied as PermissionDenied).path, "/tmp/ts-root-only");
+    assert.equal(await sb.files.readText("/tmp/ts-root-only"), "root's");
+    await sb.files.write("/tmp/ts-nobody/made.txt", "mine", { user: "nobody" });
+    assert.equal(await sb.files.readText("/tmp/ts-nobody/made.txt", { user: "nobody" }), "mine");
+    const owner = await sb.commands.run(["stat", "-c", "%U", "/tmp/ts-nobody", "/tmp/ts-nobody/made.txt"]);
+    assert.equal(owner.stdout, "nobody\nnobody\n");
+    const unknown = await thrown(() => sb.files.stat("/tmp", { user: "no-such-account" }));
+    assert.ok(unknown instanceof UserNotFound);
+    assert.match(unknown.message, /no-such-account/);
+    const empty = await thrown(() => sb.files.list("/tmp", { user: "" }));
+    assert.ok(empty instanceof InvalidArgument);
+    assert.equal(empty.message, "user: '' is not a user name (allowed: a guest user name or uid)");
+    await sb.files.remove("/tmp/ts-nobody", { recursive: true, user: "nobody" });
+    assert.equal(await sb.files.exists("/tmp/ts-nobody"), false);
   });
 
   test("output capture is capped per stream and says so", async () => {

@@ -14,6 +14,7 @@ Modules, one concern each:
 * ``reaper``    – the one place that waits for children
 * ``proctree``  – ``/proc`` walking: process families and race-free signalling
 * ``files``     – ``fs.*``
+* ``accounts``  – ``user=``: guest accounts, and file steps performed as one (forked child, fd passing)
 * ``tcp``       – ``tcp.*``: loopback connections relayed as streams (port forwards, egress)
 * ``system``    – ``agent.info``/``agent.configure``: clock, entropy, hostname, prctl
 * ``errors``    – protocol error types and argument validation

@@ -4,6 +4,12 @@ Writes never leave a half-written target behind: ``fs.write`` and
 ``fs.write_begin``/``chunk``/``end`` write a temporary file beside the target and
 rename it into place. Writing to a symlink writes to the file it points to (as a
 shell's ``>`` would). Errors carry the protocol's error types with ``path`` set.
+
+Every op but ``fs.sync`` takes ``user``: its permission-relevant step runs as that guest
+account (``accounts.open_as``/``run_as``): the open of a read, the creation of a write's
+temp file (and parents) after checking an existing target is writable by it (as ``>``
+would need), the whole of a stat, listing, mkdir, remove or move. Without it, the agent's
+own root does them.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import os
 import secrets
 import shutil
 import stat
+import pwd
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from ..protocol.codec import CHUNK_SIZE
+from .accounts import account, open_as, run_as
 from .errors import AgentError, Args, from_os_error, invalid
 
 #: Write handles (``fs.write_begin``) open at once, per agent.
@@ -68,11 +76,11 @@ def _target_of(path: str) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
-def _check_parent(path: str, target: str, make_parents: bool) -> None:
+def _check_parent(path: str, target: str, make_parents: bool, who: pwd.struct_passwd | None) -> None:
     parent = os.path.dirname(target) or "/"
     if make_parents:
         try:
-            os.makedirs(parent, DEFAULT_DIR_MODE, exist_ok=True)
+            run_as(who, lambda: os.makedirs(parent, DEFAULT_DIR_MODE, exist_ok=True))
         except FileExistsError:
             raise AgentError("NotADirectory", f"a parent of {path} is not a directory", path=path) from None
         except OSError as exc:
@@ -102,18 +110,30 @@ def _existing(target: str, path: str) -> os.stat_result | None:
     return st
 
 
-def _open_temp(target: str, path: str) -> tuple[int, str]:
-    """A fresh 0600 temp file in the target's directory."""
+def _open_temp(target: str, path: str, who: pwd.struct_passwd | None, existing: bool) -> tuple[int, str]:
+    """A fresh 0600 temp file in the target's directory (created by ``who``, who must
+    also be able to write an ``existing`` target)."""
     directory, name = os.path.split(target)
+    if existing and who is not None:
+        try:
+            run_as(who, lambda: _check_writable(target))
+        except OSError as exc:
+            raise from_os_error(exc, path) from None
     for _ in range(16):
         temp = os.path.join(directory, f".{name[:200]}.mvm-{secrets.token_hex(6)}.tmp")
         try:
-            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), temp
+            return open_as(who, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), temp
         except FileExistsError:
             continue
         except OSError as exc:
             raise from_os_error(exc, path) from None
     raise AgentError("Internal", f"could not create a temporary file beside {path}", path=path)
+
+
+def _check_writable(target: str) -> None:
+    """Whether this process may write ``target`` (run as the user: ``access`` checks the real uid)."""
+    if not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), target)
 
 
 def _discard(fd: int | None, temp: str) -> None:
@@ -156,6 +176,42 @@ def _read_buffer() -> memoryview:
     return buffer
 
 
+def _list_page(path: str, offset: int) -> dict[str, Any]:
+    """One page of ``fs.list`` (see ``Files.list``)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise AgentError("NotADirectory", f"{path} is not a directory", path=path)
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise from_os_error(exc, path) from None
+    entries: list[dict[str, Any]] = []
+    used = 0
+    position = offset
+    for name in names[offset:]:
+        try:
+            entry = file_entry(os.path.join(path, name))
+        except OSError:
+            position += 1  # vanished since listdir
+            continue
+        cost = len(json.dumps(entry)) + 1  # ensure_ascii: an upper bound on the wire size
+        if entries and used + cost > LIST_PAGE_BUDGET:
+            break
+        entries.append(entry)
+        used += cost
+        position += 1
+    result: dict[str, Any] = {"entries": entries, "total": len(names)}
+    if position < len(names):
+        result["truncated"] = True
+        result["next_offset"] = position
+    return result
+
+
+def _user(args: Args) -> pwd.struct_passwd | None:
+    """The account an op acts as (``user``), or ``None``: the agent itself."""
+    return account(args.string("user", max_length=256))
+
+
 @dataclass
 class _WriteHandle:
     path: str
@@ -188,8 +244,9 @@ class Files:
         offset = args.integer("offset", 0, minimum=0)
         length = args.integer("length", CHUNK_SIZE, minimum=0, maximum=CHUNK_SIZE)
         assert offset is not None and length is not None
+        who = _user(args)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            fd = open_as(who, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             raise from_os_error(exc, path) from None
         try:
@@ -217,8 +274,9 @@ class Files:
 
     def stat(self, args: Args) -> dict[str, Any]:
         path = args.path()
+        who = _user(args)
         try:
-            return file_entry(path)
+            return run_as(who, lambda: file_entry(path))
         except OSError as exc:
             raise from_os_error(exc, path) from None
 
@@ -227,33 +285,7 @@ class Files:
         path = args.path()
         offset = args.integer("offset", 0, minimum=0)
         assert offset is not None
-        try:
-            st = os.stat(path)
-            if not stat.S_ISDIR(st.st_mode):
-                raise AgentError("NotADirectory", f"{path} is not a directory", path=path)
-            names = sorted(os.listdir(path))
-        except OSError as exc:
-            raise from_os_error(exc, path) from None
-        entries: list[dict[str, Any]] = []
-        used = 0
-        position = offset
-        for name in names[offset:]:
-            try:
-                entry = file_entry(os.path.join(path, name))
-            except OSError:
-                position += 1  # vanished since listdir
-                continue
-            cost = len(json.dumps(entry)) + 1  # ensure_ascii: an upper bound on the wire size
-            if entries and used + cost > LIST_PAGE_BUDGET:
-                break
-            entries.append(entry)
-            used += cost
-            position += 1
-        result: dict[str, Any] = {"entries": entries, "total": len(names)}
-        if position < len(names):
-            result["truncated"] = True
-            result["next_offset"] = position
-        return result
+        return run_as(_user(args), lambda: _list_page(path, offset))
 
     # -- writing --------------------------------------------------------------
 
@@ -262,15 +294,16 @@ class Files:
         mode = args.mode()
         make_parents = args.boolean("make_parents")
         append = args.boolean("append")
+        who = _user(args)
         target = _target_of(path)
-        _check_parent(path, target, make_parents)
+        _check_parent(path, target, make_parents, who)
         existing = _existing(target, path)
         if append:
-            return {"size": self._append(path, target, payload, mode, existing)}
+            return {"size": self._append(path, target, payload, mode, existing, who)}
         final_mode = mode if mode is not None else (
             stat.S_IMODE(existing.st_mode) if existing is not None else DEFAULT_FILE_MODE)
         owner = (existing.st_uid, existing.st_gid) if existing is not None else None
-        fd, temp = _open_temp(target, path)
+        fd, temp = _open_temp(target, path, who, existing is not None)
         try:
             _write_all(fd, payload)
         except OSError as exc:
@@ -280,10 +313,10 @@ class Files:
         return {"size": len(payload)}
 
     def _append(self, path: str, target: str, payload: bytes, mode: int | None,
-                existing: os.stat_result | None) -> int:
+                existing: os.stat_result | None, who: pwd.struct_passwd | None) -> int:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
-            fd = os.open(target, flags, 0o600)
+            fd = open_as(who, target, flags, 0o600)
         except OSError as exc:
             raise from_os_error(exc, path) from None
         try:
@@ -303,8 +336,9 @@ class Files:
         path = args.path()
         mode = args.mode()
         make_parents = args.boolean("make_parents")
+        who = _user(args)
         target = _target_of(path)
-        _check_parent(path, target, make_parents)
+        _check_parent(path, target, make_parents, who)
         existing = _existing(target, path)
         final_mode = mode if mode is not None else (
             stat.S_IMODE(existing.st_mode) if existing is not None else DEFAULT_FILE_MODE)
@@ -313,7 +347,7 @@ class Files:
             if len(self._handles) >= MAX_WRITE_HANDLES:
                 raise AgentError("InvalidState", f"too many open write handles (at most {MAX_WRITE_HANDLES}); "
                                  "finish or abort some with fs.write_end", path=path)
-            fd, temp = _open_temp(target, path)
+            fd, temp = _open_temp(target, path, who, existing is not None)
             handle = next(self._ids)
             self._handles[handle] = _WriteHandle(path, target, temp, fd, final_mode, owner)
         return {"handle": handle}
@@ -374,6 +408,9 @@ class Files:
         path = args.path()
         parents = args.boolean("parents")
         mode = args.mode()
+        return run_as(_user(args), lambda: self._mkdir(path, parents, mode))
+
+    def _mkdir(self, path: str, parents: bool, mode: int | None) -> dict[str, Any]:
         try:
             if parents:
                 if os.path.isdir(path):  # like mkdir -p (a symlink to a directory counts)
@@ -394,6 +431,9 @@ class Files:
         recursive = args.boolean("recursive")
         if path == "/":
             raise invalid("path", "refusing to remove the root directory")
+        return run_as(_user(args), lambda: self._remove(path, recursive))
+
+    def _remove(self, path: str, recursive: bool) -> dict[str, Any]:
         try:
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
@@ -412,6 +452,9 @@ class Files:
         src = args.path("src")
         dst = args.path("dst")
         overwrite = args.boolean("overwrite")
+        return run_as(_user(args), lambda: self._move(src, dst, overwrite))
+
+    def _move(self, src: str, dst: str, overwrite: bool) -> dict[str, Any]:
         try:
             os.lstat(src)
         except OSError as exc:

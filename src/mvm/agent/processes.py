@@ -20,7 +20,6 @@ import logging
 import os
 import selectors
 import shutil
-import pwd
 import signal
 import stat
 import subprocess
@@ -33,7 +32,7 @@ from typing import IO, Any
 
 from ..protocol import codec
 from ..protocol.codec import CHUNK_SIZE
-from . import proctree
+from . import accounts, proctree
 from .errors import AgentError, Args, from_os_error, invalid
 from .reaper import Reaper, exit_code_of
 
@@ -139,7 +138,7 @@ class ProcessManager:
         cwd = args.path("cwd", default=self._default_cwd)
         want_stdin = args.boolean("stdin")
         stdin_path = args.path("stdin_path", default="") or None
-        account = _account(args.string("user", max_length=256) or self._default_user)
+        account = accounts.account(args.string("user", max_length=256) or self._default_user)
         env = self._base_env()
         if account is not None:
             env.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name)
@@ -163,7 +162,7 @@ class ProcessManager:
                     else subprocess.PIPE if want_stdin else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True, close_fds=True, restore_signals=True,
-                    **_credentials(account),
+                    **accounts.credentials(account),
                 )
             except FileNotFoundError as exc:
                 if staged_stdin is not None:
@@ -306,37 +305,6 @@ def _take_staged_stdin(path: str) -> int:
     except OSError:
         pass
     return fd
-
-
-def _account(user: str | None) -> pwd.struct_passwd | None:
-    """The guest account ``user`` names (a name or a numeric uid); unknown -> ``UserNotFound``."""
-    if user is None:
-        return None
-    try:
-        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, ValueError):
-        raise AgentError("UserNotFound", f"user: no user {user!r} in the guest (see /etc/passwd)",
-                         field="user", user=user) from None
-
-
-def _credentials(account: pwd.struct_passwd | None) -> dict[str, Any]:
-    """Popen arguments that run the child as ``account`` with its groups (nothing for the agent's own)."""
-    if account is None or (account.pw_uid, account.pw_gid) == (os.getuid(), os.getgid()):
-        return {}
-    credentials: dict[str, Any] = {"user": account.pw_uid, "group": account.pw_gid}
-    if _setgroups_allowed():
-        credentials["extra_groups"] = os.getgrouplist(account.pw_name, account.pw_gid)
-    return credentials
-
-
-def _setgroups_allowed() -> bool:
-    """False in a user namespace whose ``setgroups`` is denied (the namespace backend's
-    bubblewrap): there the child keeps the agent's (empty) supplementary groups."""
-    try:
-        with open("/proc/self/setgroups") as f:
-            return f.read().strip() != "deny"
-    except OSError:
-        return True  # no user namespace: setgroups is allowed to root
 
 
 def _resolve_command(command: str, search_path: str, cwd: str) -> str:

@@ -19,16 +19,21 @@ def register(cli: click.Group) -> None:
 
 @click.group()
 def fs() -> None:
-    """Files in a sandbox (guest paths are absolute)."""
+    """Files in a sandbox (guest paths are absolute; --user acts as a guest account)."""
+
+
+#: ``--user``: every ``fs`` verb acts as this guest account (``files.*(user=...)``).
+user_option = click.option("--user", "-u", help="Act as this guest user (name or uid), with its permissions.")
 
 
 @fs.command("read")
 @click.argument("name")
 @click.argument("path")
 @click.option("--max-bytes", type=int, default=DEFAULT_MAX_READ_BYTES, show_default=True)
-def read(name: str, path: str, max_bytes: int) -> None:
+@user_option
+def read(name: str, path: str, max_bytes: int, user: str | None) -> None:
     """Write the guest file PATH to stdout (bytes are untrusted: pipe with care)."""
-    sys.stdout.buffer.write(Sandbox.connect(name).files.read(path, max_bytes=max_bytes))
+    sys.stdout.buffer.write(Sandbox.connect(name).files.read(path, max_bytes=max_bytes, user=user))
     sys.stdout.buffer.flush()
 
 
@@ -37,11 +42,12 @@ def read(name: str, path: str, max_bytes: int) -> None:
 @click.argument("path")
 @click.option("--content", help="The file's content (default: read stdin).")
 @click.option("--mode", default="644", show_default=True, help="Octal permission bits.")
+@user_option
 @json_option
-def write(name: str, path: str, content: str | None, mode: str, as_json: bool) -> None:
+def write(name: str, path: str, content: str | None, mode: str, user: str | None, as_json: bool) -> None:
     """Write PATH in the sandbox from --content or stdin."""
     data = content.encode() if content is not None else sys.stdin.buffer.read()
-    entry = Sandbox.connect(name).files.write(path, data, mode=int(mode, 8))
+    entry = Sandbox.connect(name).files.write(path, data, mode=int(mode, 8), user=user)
     emit(as_json, entry.to_dict(), f"wrote {entry.size} bytes to {path}")
 
 
@@ -54,19 +60,21 @@ def _entry_line(e: FileEntry) -> str:
 @fs.command("ls")
 @click.argument("name")
 @click.argument("path", default="/")
+@user_option
 @json_option
-def ls(name: str, path: str, as_json: bool) -> None:
+def ls(name: str, path: str, user: str | None, as_json: bool) -> None:
     """List a guest directory."""
-    entries = Sandbox.connect(name).files.list(path)
+    entries = Sandbox.connect(name).files.list(path, user=user)
     emit(as_json, [e.to_dict() for e in entries], "\n".join(_entry_line(e) for e in entries))
 
 
 @fs.command("stat")
 @click.argument("name")
 @click.argument("path")
+@user_option
 @json_option
-def stat(name: str, path: str, as_json: bool) -> None:
-    entry = Sandbox.connect(name).files.stat(path)
+def stat(name: str, path: str, user: str | None, as_json: bool) -> None:
+    entry = Sandbox.connect(name).files.stat(path, user=user)
     emit(as_json, entry.to_dict(), _entry_line(entry))
 
 
@@ -74,9 +82,10 @@ def stat(name: str, path: str, as_json: bool) -> None:
 @click.argument("name")
 @click.argument("path")
 @click.option("--parents/--no-parents", "-p", default=True, show_default=True)
+@user_option
 @json_option
-def mkdir(name: str, path: str, parents: bool, as_json: bool) -> None:
-    Sandbox.connect(name).files.mkdir(path, parents=parents)
+def mkdir(name: str, path: str, parents: bool, user: str | None, as_json: bool) -> None:
+    Sandbox.connect(name).files.mkdir(path, parents=parents, user=user)
     emit(as_json, {"path": path}, None)
 
 
@@ -84,9 +93,10 @@ def mkdir(name: str, path: str, parents: bool, as_json: bool) -> None:
 @click.argument("name")
 @click.argument("path")
 @click.option("--recursive", "-r", is_flag=True)
+@user_option
 @json_option
-def rm(name: str, path: str, recursive: bool, as_json: bool) -> None:
-    Sandbox.connect(name).files.remove(path, recursive=recursive)
+def rm(name: str, path: str, recursive: bool, user: str | None, as_json: bool) -> None:
+    Sandbox.connect(name).files.remove(path, recursive=recursive, user=user)
     emit(as_json, {"removed": path}, None)
 
 
@@ -95,7 +105,8 @@ def rm(name: str, path: str, recursive: bool, as_json: bool) -> None:
 @click.argument("src")
 @click.argument("dst")
 @click.option("--overwrite", is_flag=True)
+@user_option
 @json_option
-def mv(name: str, src: str, dst: str, overwrite: bool, as_json: bool) -> None:
-    Sandbox.connect(name).files.move(src, dst, overwrite=overwrite)
+def mv(name: str, src: str, dst: str, overwrite: bool, user: str | None, as_json: bool) -> None:
+    Sandbox.connect(name).files.move(src, dst, overwrite=overwrite, user=user)
     emit(as_json, {"src": src, "dst": dst}, None)

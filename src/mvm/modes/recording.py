@@ -409,8 +409,8 @@ class RecordTransport:
 
     def _refuse_user(self, args: dict[str, Any]) -> None:
         if args.get("user") is not None:  # workload-v1 has no field for it: recording would drop it
-            not_available(public_call(), self.mode, "the workload IR has no user field; run a command as "
-                          "another user in live mode")
+            not_available(public_call(), self.mode, "the workload IR has no user field; act as another "
+                          "user in live mode")
 
     def _process(self, args: dict[str, Any]) -> int:
         index = args.get("process")
@@ -434,6 +434,7 @@ class RecordTransport:
         return {}
 
     def _fs_write(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._refuse_user(args)
         path = absolute_path(args.get("path"))  # type: ignore[arg-type]
         mode = _check_mode_bits(args.get("mode", 0o644))
         if path.startswith(STDIN_STAGING_DIR + "/"):  # the SDK stages a large run stdin: it is the run's stdin
@@ -446,6 +447,7 @@ class RecordTransport:
         return {"recorded": True, "size": len(payload), "entry": entry}
 
     def _fs_write_begin(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._refuse_user(args)
         absolute_path(args.get("path"))  # type: ignore[arg-type]
         _check_mode_bits(args.get("mode", 0o644))
         handle = f"w{len(self._writes) + 1}"
@@ -463,18 +465,21 @@ class RecordTransport:
         return {**self._fs_write(begun, bytes(data)), "committed": True}
 
     def _fs_mkdir(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._refuse_user(args)
         path = absolute_path(args.get("path"))  # type: ignore[arg-type]
         self._record("files.mkdir", path=path, parents=bool(args.get("parents", True)),
                      mode=_check_mode_bits(args.get("mode", 0o755)))
         return {}
 
     def _fs_remove(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._refuse_user(args)
         path = absolute_path(args.get("path"))  # type: ignore[arg-type]
         if self._staged.pop(path, None) is None:  # a staged stdin whose run was refused is simply dropped
             self._record("files.remove", path=path, recursive=bool(args.get("recursive")))
         return {}
 
     def _fs_move(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._refuse_user(args)
         self._record("files.move", src=args["src"], dst=args["dst"], overwrite=bool(args.get("overwrite")))
         return {}
 

@@ -37,3 +37,11 @@ def check_run_limits(args: Mapping[str, Any]) -> tuple[int, float | None]:
     ):
         raise errors.InvalidArgument("timeout_seconds", f"{timeout!r} must be a positive number")
     return cap, None if timeout is None else float(timeout)
+
+
+def check_user(user: Any) -> None:
+    """``user`` of ``commands.run``/``commands.start`` and the file operations: a guest
+    account name or uid, or ``None`` (the agent's default). Whether the guest has it is
+    the guest's to say (``UserNotFound``)."""
+    if user is not None and (not isinstance(user, str) or not user or "\0" in user):
+        raise errors.InvalidArgument("user", f"{user!r} is not a user name", allowed="a guest user name or uid")

@@ -47,7 +47,7 @@ from .commands import (
     stdin_payload,
 )
 from ..snapshots.model import Snapshot
-from .files import absolute_path, payload_bytes, read_request, written_entry
+from .files import absolute_path, as_user, payload_bytes, read_request, written_entry
 from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
 from .network import close_args, forward_args, update_args
 from .sandbox import (
@@ -444,15 +444,17 @@ class AsyncFiles:
     def __init__(self, sandbox: AsyncSandbox):
         self._sandbox = sandbox
 
-    async def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> FileEntry:
+    async def write(
+        self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True, user: str | None = None
+    ) -> FileEntry:
         path = absolute_path(path)
         raw = payload_bytes(data, "data")
+        begin = as_user({"path": path, "mode": mode, "make_parents": make_parents}, user)
         client = await self._sandbox._client()
         if len(raw) <= CHUNK_SIZE:
-            args = {"path": path, "mode": mode, "make_parents": make_parents, "append": False}
-            answer, _ = await client.call("fs.write", args, raw)
-            return written_entry(answer) or await self.stat(path)
-        result, _ = await client.call("fs.write_begin", {"path": path, "mode": mode, "make_parents": make_parents})
+            answer, _ = await client.call("fs.write", {**begin, "append": False}, raw)
+            return written_entry(answer) or await self.stat(path, user=user)
+        result, _ = await client.call("fs.write_begin", begin)
         handle = result["handle"]
         committed = False
         try:
@@ -466,38 +468,43 @@ class AsyncFiles:
                     await asyncio.shield(client.call("fs.write_end", {"handle": handle, "commit": False}))
                 except errors.MvmError:
                     pass
-        return written_entry(answer) or await self.stat(path)
+        return written_entry(answer) or await self.stat(path, user=user)
 
-    async def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
+    async def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES, user: str | None = None) -> bytes:
         chunks: list[bytes] = []
-        await self._sandbox._call(*read_request(path, max_bytes), on_data=lambda _stream, data: chunks.append(data))
+        request = read_request(path, max_bytes, user)
+        await self._sandbox._call(*request, on_data=lambda _stream, data: chunks.append(data))
         return b"".join(chunks)
 
-    async def read_text(self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES) -> str:
-        return (await self.read(path, max_bytes=max_bytes)).decode(encoding, errors="replace")
+    async def read_text(
+        self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES, user: str | None = None
+    ) -> str:
+        return (await self.read(path, max_bytes=max_bytes, user=user)).decode(encoding, errors="replace")
 
-    async def list(self, path: str = "/") -> list[FileEntry]:
-        result, _ = await self._sandbox._call("fs.list", {"path": absolute_path(path)})
+    async def list(self, path: str = "/", *, user: str | None = None) -> list[FileEntry]:
+        result, _ = await self._sandbox._call("fs.list", as_user({"path": absolute_path(path)}, user))
         return sorted((FileEntry.from_wire(e) for e in result.get("entries", [])), key=lambda e: e.name)
 
-    async def stat(self, path: str) -> FileEntry:
-        return FileEntry.from_wire((await self._sandbox._call("fs.stat", {"path": absolute_path(path)}))[0])
+    async def stat(self, path: str, *, user: str | None = None) -> FileEntry:
+        result, _ = await self._sandbox._call("fs.stat", as_user({"path": absolute_path(path)}, user))
+        return FileEntry.from_wire(result)
 
-    async def exists(self, path: str) -> bool:
+    async def exists(self, path: str, *, user: str | None = None) -> bool:
         try:
-            await self.stat(path)
+            await self.stat(path, user=user)
             return True
         except errors.FileNotFoundInSandbox:
             return False
 
-    async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
-        await self._sandbox._call("fs.mkdir", {"path": absolute_path(path), "parents": parents, "mode": mode})
+    async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755, user: str | None = None) -> None:
+        args = as_user({"path": absolute_path(path), "parents": parents, "mode": mode}, user)
+        await self._sandbox._call("fs.mkdir", args)
 
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._sandbox._call("fs.remove", {"path": absolute_path(path), "recursive": recursive})
+    async def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:
+        await self._sandbox._call("fs.remove", as_user({"path": absolute_path(path), "recursive": recursive}, user))
 
-    async def move(self, src: str, dst: str, *, overwrite: bool = False) -> None:
-        args = {"src": absolute_path(src), "dst": absolute_path(dst), "overwrite": overwrite}
+    async def move(self, src: str, dst: str, *, overwrite: bool = False, user: str | None = None) -> None:
+        args = as_user({"src": absolute_path(src), "dst": absolute_path(dst), "overwrite": overwrite}, user)
         await self._sandbox._call("fs.move", args)
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..protocol import CHUNK_SIZE
-from ..protocol.requests import DEFAULT_MAX_READ_BYTES
+from ..protocol.requests import DEFAULT_MAX_READ_BYTES, check_user
 from .models import FileEntry
 
 if TYPE_CHECKING:
@@ -15,24 +15,30 @@ if TYPE_CHECKING:
 
 
 class Files:
-    """Files in the sandbox. Reached as ``sandbox.files``; paths are absolute guest paths."""
+    """Files in the sandbox. Reached as ``sandbox.files``; paths are absolute guest paths.
+
+    Every operation takes ``user``: the guest account (name or uid) it acts as, with that
+    user's permissions (a write creates files it owns); ``UserNotFound`` for one the guest
+    does not have. Without it, operations act as the sandbox's root."""
 
     def __init__(self, sandbox: Sandbox):
         self._sandbox = sandbox
 
-    def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> FileEntry:
+    def write(
+        self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True, user: str | None = None
+    ) -> FileEntry:
         """Write ``data`` to ``path`` atomically (parents created by default).
 
         >>> sandbox.files.write("/app/main.py", "print('hello from mvm')")
         """
         path = absolute_path(path)
         raw = payload_bytes(data, "data")
+        begin = as_user({"path": path, "mode": mode, "make_parents": make_parents}, user)
         client = self._sandbox._client()
         if len(raw) <= CHUNK_SIZE:
-            args = {"path": path, "mode": mode, "make_parents": make_parents, "append": False}
-            answer, _ = client.call("fs.write", args, raw)
+            answer, _ = client.call("fs.write", {**begin, "append": False}, raw)
         else:
-            result, _ = client.call("fs.write_begin", {"path": path, "mode": mode, "make_parents": make_parents})
+            result, _ = client.call("fs.write_begin", begin)
             handle = result["handle"]
             committed = False
             try:
@@ -46,45 +52,49 @@ class Files:
                         client.call("fs.write_end", {"handle": handle, "commit": False})
                     except errors.MvmError:
                         pass
-        return written_entry(answer) or self.stat(path)
+        return written_entry(answer) or self.stat(path, user=user)
 
-    def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
+    def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES, user: str | None = None) -> bytes:
         """Read a whole file; raises ``TooLarge`` if it holds more than ``max_bytes``.
 
         >>> data = sandbox.files.read("/work/output.json")
         """
         chunks: list[bytes] = []
-        self._sandbox._client().call(*read_request(path, max_bytes), on_data=lambda _stream, data: chunks.append(data))
+        request = read_request(path, max_bytes, user)
+        self._sandbox._client().call(*request, on_data=lambda _stream, data: chunks.append(data))
         return b"".join(chunks)
 
-    def read_text(self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES) -> str:
-        return self.read(path, max_bytes=max_bytes).decode(encoding, errors="replace")
+    def read_text(
+        self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES, user: str | None = None
+    ) -> str:
+        return self.read(path, max_bytes=max_bytes, user=user).decode(encoding, errors="replace")
 
-    def list(self, path: str = "/") -> list[FileEntry]:
+    def list(self, path: str = "/", *, user: str | None = None) -> list[FileEntry]:
         """Entries of a directory, sorted by name."""
-        result, _ = self._sandbox._client().call("fs.list", {"path": absolute_path(path)})
+        result, _ = self._sandbox._client().call("fs.list", as_user({"path": absolute_path(path)}, user))
         return sorted((FileEntry.from_wire(e) for e in result.get("entries", [])), key=lambda e: e.name)
 
-    def stat(self, path: str) -> FileEntry:
-        result, _ = self._sandbox._client().call("fs.stat", {"path": absolute_path(path)})
+    def stat(self, path: str, *, user: str | None = None) -> FileEntry:
+        result, _ = self._sandbox._client().call("fs.stat", as_user({"path": absolute_path(path)}, user))
         return FileEntry.from_wire(result)
 
-    def exists(self, path: str) -> bool:
+    def exists(self, path: str, *, user: str | None = None) -> bool:
         try:
-            self.stat(path)
+            self.stat(path, user=user)
             return True
         except errors.FileNotFoundInSandbox:
             return False
 
-    def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
-        self._sandbox._client().call("fs.mkdir", {"path": absolute_path(path), "parents": parents, "mode": mode})
+    def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755, user: str | None = None) -> None:
+        args = as_user({"path": absolute_path(path), "parents": parents, "mode": mode}, user)
+        self._sandbox._client().call("fs.mkdir", args)
 
-    def remove(self, path: str, *, recursive: bool = False) -> None:
+    def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:
         """Remove a file, or a directory (``recursive=True`` for a non-empty one)."""
-        self._sandbox._client().call("fs.remove", {"path": absolute_path(path), "recursive": recursive})
+        self._sandbox._client().call("fs.remove", as_user({"path": absolute_path(path), "recursive": recursive}, user))
 
-    def move(self, src: str, dst: str, *, overwrite: bool = False) -> None:
-        args = {"src": absolute_path(src), "dst": absolute_path(dst), "overwrite": overwrite}
+    def move(self, src: str, dst: str, *, overwrite: bool = False, user: str | None = None) -> None:
+        args = as_user({"src": absolute_path(src), "dst": absolute_path(dst), "overwrite": overwrite}, user)
         self._sandbox._client().call("fs.move", args)
 
 
@@ -93,12 +103,19 @@ def check_max_bytes(max_bytes: int) -> None:
         raise errors.InvalidArgument("max_bytes", f"{max_bytes!r} must be a positive integer")
 
 
-def read_request(path: str, max_bytes: int) -> tuple[str, dict[str, Any]]:
+def read_request(path: str, max_bytes: int, user: str | None = None) -> tuple[str, dict[str, Any]]:
     """``fs.read``: the file comes back as ``data`` frames (stream ``file``), then
     ``{size, audit_id}``; the supervisor refuses a file over ``max_bytes`` (``TooLarge``)."""
     path = absolute_path(path)
     check_max_bytes(max_bytes)
-    return "fs.read", {"path": path, "max_bytes": max_bytes}
+    return "fs.read", as_user({"path": path, "max_bytes": max_bytes}, user)
+
+
+def as_user(args: dict[str, Any], user: str | None) -> dict[str, Any]:
+    """A file operation's arguments, acting as ``user`` when one is given (checked as
+    ``commands.run``'s: :func:`mvm.protocol.requests.check_user`)."""
+    check_user(user)
+    return args if user is None else {**args, "user": user}
 
 
 def payload_bytes(data: Any, field: str) -> bytes:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .. import errors
 from ..backends import backend_names
 from ..durations import parse_duration
+from ..protocol.requests import check_user
 from ..security.secrets import Redactor, SecretRef, resolve_secret
 from ..spec import (
     NetworkPolicy,
@@ -389,8 +390,7 @@ def command_args(
     ``secret_values=None`` (record/plan mode): secrets are not resolved; ``env`` holds the
     literals and ``secret_names`` names the rest."""
     argv, env = validate_command(argv, env, cwd)
-    if user is not None and (not isinstance(user, str) or not user or "\0" in user):
-        raise errors.InvalidArgument("user", f"{user!r} is not a user name", allowed="a guest user name or uid")
+    check_user(user)
     secret_env: dict[str, str] = {}
     if secret_values is None:
         literal = {k: v for k, v in env.items() if isinstance(v, str)}

@@ -45,11 +45,13 @@ def too_large(path: str, max_bytes: int, size: Any) -> errors.TooLarge:
 def read(sup: Supervisor, ctx: RequestContext) -> Reply:
     path = ctx.arg.path()
     max_bytes = ctx.arg.integer("max_bytes", DEFAULT_MAX_READ_BYTES, minimum=1)
-    audit_args = {"path": path, "max_bytes": max_bytes}
+    user = ctx.arg.string("user", max_length=256)  # every chunk is opened as it (the agent checks it)
+    as_user = {} if user is None else {"user": user}
+    audit_args = {"path": path, "max_bytes": max_bytes, **as_user}
     ahead: deque[PendingCall] = deque()
 
     def ask(offset: int) -> None:
-        ahead.append(sup.agent.submit("fs.read", {"path": path, "offset": offset, "length": CHUNK_SIZE}))
+        ahead.append(sup.agent.submit("fs.read", {"path": path, "offset": offset, "length": CHUNK_SIZE, **as_user}))
 
     sent = 0
     audit_id: str | None = None

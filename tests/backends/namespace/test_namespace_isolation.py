@@ -107,7 +107,7 @@ def test_only_account_capabilities_no_new_privs_seccomp_on(shared):
     inst, guest = shared
     res = guest.run(["/bin/cat", "/proc/self/status"])
     status = dict(line.split(":\t", 1) for line in res.out.splitlines() if ":\t" in line)
-    bits = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_SETGID": 6, "CAP_SETUID": 7}
+    bits = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
     kept = sum(1 << bits[name] for name in ACCOUNT_CAPS) if inst.uid_mode == "idmapped" else 0
     for cap in ("CapPrm", "CapEff", "CapBnd"):
         assert int(status[cap].strip(), 16) == kept, (cap, status[cap])

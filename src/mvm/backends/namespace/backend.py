@@ -9,7 +9,7 @@ One sandbox = one bwrap process tree:
 * root: ``overlay.py`` (a size-limited tmpfs upper over the template);
 * limits: ``cgroups.py``, entered between fork and exec;
 * capabilities: none, except with idmapped uids, where the sandbox's root keeps
-  ``ACCOUNT_CAPS`` (switch user, own and override file modes) — all bounded by its own
+  ``ACCOUNT_CAPS`` (switch user, own and override file modes, signal its users' processes) — all bounded by its own
   user namespace, whose ids are unprivileged host ids — so ``commands.run(user=...)``,
   ``adduser`` and ``chown`` work as in a VM; a process run as another user has none;
 * uids: as host root, the sandbox gets its own user namespace mapping sandbox ids
@@ -102,9 +102,11 @@ def _proc_starttime(pid: int) -> int | None:
 
 
 #: Capabilities the sandbox's root keeps when its uids are an idmapped, unprivileged range: what
-#: running commands as another guest account and managing accounts/files needs. They act only on
-#: ids and files of the sandbox's own user namespace (never host-privileged ones).
-ACCOUNT_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER")
+#: running commands as another guest account and managing accounts/files needs -- including
+#: CAP_KILL, without which the agent could not end (timeout, kill) a command run as another user.
+#: They act only on ids, files and processes of the sandbox's own user and pid namespaces
+#: (never host-privileged ones).
+ACCOUNT_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL")
 
 class _LogDrain(threading.Thread):
     """Reads what bwrap and the agent print (stdout+stderr share one pipe) into

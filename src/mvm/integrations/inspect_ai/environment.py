@@ -55,16 +55,33 @@ class MvmSandboxConfig(BaseModel, frozen=True):
 
     ``template``: a catalog name or a custom template's TOML path (default: ``eval-tools``,
     python-3.13 plus adduser/passwd/procps). ``backend``: ``vm``, ``namespace`` or ``None``
-    (``$MVM_BACKEND``, else the strongest this host runs). ``workdir``: where relative paths
-    and commands land. ``ttl``: destroyed after it even if Inspect dies.
+    (``$MVM_BACKEND``, else the strongest this host runs). ``user``: the guest account that
+    ``exec`` (unless a call names its own ``user``), ``read_file`` and ``write_file`` act as,
+    with its permissions -- as Inspect's docker provider honours an image's user; ``None``:
+    root. ``sample_init`` creates it (``useradd --create-home``) when the template lacks it.
+    ``workdir``: where relative paths and commands land (default: ``/root``, or the user's
+    home); ``sample_init`` creates it, owned by ``user``, if it does not exist. ``ttl``:
+    destroyed after it even if Inspect dies.
     """
 
     template: str = EVAL_TEMPLATE
     backend: Literal["vm", "namespace"] | None = None
     resources: MvmResourcesConfig = Field(default_factory=MvmResourcesConfig)
     network: MvmNetworkConfig = Field(default_factory=MvmNetworkConfig)
-    workdir: str = DEFAULT_WORKDIR
+    user: str | None = None
+    workdir: str | None = None
     ttl: str = "2h"
+
+
+#: ``sample_init`` for a config with a ``user`` (``$1``) and maybe a ``workdir`` (``$2``), as root:
+#: the account (created if the template lacks it), then the workdir (its home unless given;
+#: created, owned by it, if missing), printed. One command: a TCG microVM pays per exec.
+USER_SETUP = """set -e
+id -u "$1" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$1"
+workdir=${2:-$(getent passwd "$1" | cut -d: -f6)}
+[ -d "$workdir" ] || { mkdir -p "$workdir"; chown "$1:" "$workdir"; }
+printf %s "$workdir"
+"""
 
 
 def _config_of(config: SandboxEnvironmentConfigType | None) -> MvmSandboxConfig:
@@ -87,10 +104,11 @@ async def _off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 class MvmSandboxEnvironment(SandboxEnvironment):
     """An Inspect sandbox backed by one mvm sandbox (microVM or namespaces)."""
 
-    def __init__(self, sandbox: Sandbox, workdir: str):
+    def __init__(self, sandbox: Sandbox, workdir: str, user: str | None = None):
         super().__init__()
         self.sandbox = sandbox
         self.workdir = workdir
+        self.user = user
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -119,11 +137,16 @@ class MvmSandboxEnvironment(SandboxEnvironment):
             workload_id=WORKLOAD_PREFIX + task_name,
         )
         try:
-            await _off_loop(sandbox.files.mkdir, settings.workdir)
+            if settings.user is None:
+                workdir = settings.workdir or DEFAULT_WORKDIR
+                await _off_loop(sandbox.files.mkdir, workdir)
+            else:
+                setup = ["sh", "-c", USER_SETUP, "sh", settings.user, settings.workdir or ""]
+                workdir = (await _off_loop(sandbox.commands.run, setup, user="root", check=True)).stdout
         except BaseException:
             await _off_loop(sandbox.kill)
             raise
-        return {"default": cls(sandbox, settings.workdir)}
+        return {"default": cls(sandbox, workdir, settings.user)}
 
     @classmethod
     async def sample_cleanup(
@@ -170,7 +193,7 @@ class MvmSandboxEnvironment(SandboxEnvironment):
                 stdin=input,
                 cwd=guest_path(self.workdir, cwd or "."),
                 env=env,
-                user=user,
+                user=user if user is not None else self.user,
                 timeout_seconds=timeout,
                 max_output_bytes=limit,
             )
@@ -186,7 +209,7 @@ class MvmSandboxEnvironment(SandboxEnvironment):
         return ExecResult(success=code == 0, returncode=code, stdout=result.stdout, stderr=result.stderr)
 
     async def write_file(self, file: str, contents: str | bytes) -> None:
-        await _off_loop(self.sandbox.files.write, guest_path(self.workdir, file), contents)
+        await _off_loop(self.sandbox.files.write, guest_path(self.workdir, file), contents, user=self.user)
 
     @overload
     async def read_file(self, file: str, text: Literal[True] = True) -> str: ...
@@ -200,6 +223,7 @@ class MvmSandboxEnvironment(SandboxEnvironment):
                 self.sandbox.files.read,
                 guest_path(self.workdir, file),
                 max_bytes=SandboxEnvironmentLimits.MAX_READ_FILE_SIZE,
+                user=self.user,
             )
         except errors.TooLarge:
             raise OutputLimitExceededError(SandboxEnvironmentLimits.MAX_READ_FILE_SIZE_STR, None) from None
