@@ -7,6 +7,8 @@ Rows:
                                           (namespace) or a bare QEMU boot to /init (vm)
   commands.run(["true"]) round trip      vs local subprocess.run(["true"])
   files.write + files.read, 1 and 64 MiB vs a local file copy of the same bytes
+  files.* with user="nobody"             vs the same call as root (the agent forks a child
+                                          that drops to the user for the permission step)
   create -> first result, warm pool       vs the same create without a pool (namespace;
                                           issue 14's target: <= 50 ms median)
 Targets (issue 2, namespace): create->first result < 150 ms median; round trip
@@ -170,6 +172,19 @@ def main() -> None:
             runs = ns.runs if size_mb == 1 else max(3, ns.runs // 5)
             row(f"files.write+read {size_mb} MiB", timed(ours_rw, runs), timed(local_rw, runs), "local copy + read")
             shutil.rmtree(tmp)
+
+        data = os.urandom(1024 * 1024)
+
+        def rw_as(user: str | None) -> None:
+            sb.files.write("/tmp/bench-as.bin", data, user=user)
+            assert len(sb.files.read("/tmp/bench-as.bin", user=user)) == len(data)
+            sb.files.remove("/tmp/bench-as.bin", user=user)
+
+        as_user, as_root = timed(lambda: rw_as("nobody"), ns.runs), timed(lambda: rw_as(None), ns.runs)
+        row('files.write+read+remove 1 MiB, user="nobody"', as_user, as_root, "the same as root")
+        as_user = timed(lambda: sb.files.stat("/tmp", user="nobody"), ns.runs * 5)
+        as_root = timed(lambda: sb.files.stat("/tmp"), ns.runs * 5)
+        row('files.stat, user="nobody"', as_user, as_root, "the same as root")
 
 
 if __name__ == "__main__":

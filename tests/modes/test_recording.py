@@ -128,6 +128,13 @@ def test_commands_start_gives_a_recorded_process(rec) -> None:
     (lambda sb: sb.ports.forward(guest_port=8000), "ports.forward"),
     (lambda sb: sb.network.update(["pypi.org:443"]), "network.update"),
     (lambda sb: list(sb.commands.start(["true"]).stdout), "Process.stdout"),
+    # the workload IR has no user field: acting as another user is refused, never silently dropped
+    (lambda sb: sb.commands.run(["id"], user="nobody"), "commands.run"),
+    (lambda sb: sb.files.write("/app/x", "y", user="nobody"), "files.write"),
+    (lambda sb: sb.files.write("/app/x", b"y" * (2 << 20), user="nobody"), "files.write"),
+    (lambda sb: sb.files.mkdir("/app/d", user="nobody"), "files.mkdir"),
+    (lambda sb: sb.files.remove("/app/x", user="nobody"), "files.remove"),
+    (lambda sb: sb.files.move("/app/x", "/app/y", user="nobody"), "files.move"),
 ])
 def test_reads_say_they_cannot_be_recorded(rec, call, name) -> None:
     sb = create()

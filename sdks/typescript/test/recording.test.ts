@@ -122,6 +122,13 @@ describe("record mode", () => {
       assert.ok(exc instanceof NotAvailableInRecordMode, String(exc));
       assert.match(exc.message, /is not available in plan mode/);
     }
+    // the workload IR has no user field: acting as another user is refused, never silently dropped
+    for (const call of [() => sandbox.files.write("/x", "y", { user: "nobody" }), () => sandbox.files.mkdir("/d", { user: "nobody" }),
+      () => sandbox.files.remove("/x", { user: "nobody" }), () => sandbox.files.move("/x", "/y", { user: "nobody" })]) {
+      const exc = await thrown(call);
+      assert.ok(exc instanceof NotAvailableInRecordMode, String(exc));
+      assert.match(exc.message, /no user field/);
+    }
     await sandbox.kill();
     await sandbox.kill();
     assert.ok((await thrown(() => sandbox.files.write("/x", "y"))) instanceof InvalidState);
