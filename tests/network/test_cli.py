@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
+from waiting import wait_for
 from nethelpers import connect, start_guest_servers
 
 import mvm
@@ -78,10 +78,7 @@ def test_foreground_forward_ends_with_ctrl_c(box: mvm.Sandbox) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.monotonic() + 10
-    while box.ports.list():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: not box.ports.list(), "the forward to close with mvmctl", timeout=10)
     with pytest.raises(ConnectionRefusedError):
         connect(made["host_port"])
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from mvm.agent import install as agent_install
 from mvm.errors import InvalidState, TemplateBuildError
@@ -248,10 +249,8 @@ def test_killed_build_takes_mmdebstrap_with_it_and_leaves_only_removable_debris(
             break
     build.kill()  # SIGKILL: no finally blocks run
     build.wait()
-    deadline = time.monotonic() + 60
-    while _processes_using(isolated_templates) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_using(isolated_templates) == []
+    wait_for(lambda: _processes_using(isolated_templates) == [], "the build's processes to end", timeout=60,
+             interval=0.2)
     debris = [p for p in isolated_templates.iterdir() if p.name.startswith(".tmp-")]
     assert len(debris) == 1
     key = debris[0].name[len(".tmp-"):].split("+")[0]

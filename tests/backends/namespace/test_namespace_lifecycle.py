@@ -10,10 +10,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 from nshelpers import Guest
 
 from mvm.backends.base import NetworkPolicy, SandboxSpec
@@ -163,10 +163,7 @@ def test_cleanup_orphan_after_everything_was_killed(template, state_root, templa
     assert pids
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 10
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not any(pid_alive(p) for p in pids), "the sandbox outlived its supervisor"
+    wait_for(lambda: not any(pid_alive(p) for p in pids), "the sandbox to end with its supervisor", timeout=10)
     record = json.loads((state_dir / "backend" / "backend.json").read_text())
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert all(f" {m} " in mountinfo for m in record["mounts"])  # left behind, for now
