@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -227,3 +228,21 @@ def test_a_silent_stream_raises_stream_idle_and_leaves_the_process_running(sandb
         list(sandbox.logs(follow=True, since=1e12, idle_timeout=0.5))
     process.kill()
     assert process.wait() == 128 + 9
+
+
+def test_a_command_is_audited_once_and_a_refused_start_adds_an_error_entry(sandbox: mvm.Sandbox) -> None:
+    from mvm.security.audit import log_path, tail
+
+    def runs() -> list[dict[str, Any]]:
+        return [e for e in tail(log_path(sandbox.id), 100_000) if e.get("op") == "exec.run"]
+
+    before = len(runs())
+    result = sandbox.commands.run(["true"])
+    entries = runs()[before:]
+    assert [(e["audit_id"], e["outcome"]) for e in entries] == [(result.audit_id, "ok")]
+    with pytest.raises(mvm.FileNotFoundInSandbox):
+        sandbox.commands.run(["/no/such/command"])
+    request, refused = runs()[before + 1:]
+    assert request["outcome"] == "ok"  # the request, on record while the guest tried to start it
+    assert (refused["outcome"], refused["error_type"]) == ("error", "FileNotFound")
+    assert refused["details"]["request"] == request["audit_id"]

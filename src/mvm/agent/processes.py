@@ -44,6 +44,8 @@ LINGER_SECONDS = 0.2
 MAX_STDIN_BACKLOG = 16 * 1024 * 1024
 #: Exited processes remembered for ``proc.list``/``proc.signal``.
 MAX_EXITED = 1000
+#: The table is trimmed once this many more processes than ``MAX_EXITED`` are in it.
+_TRIM_BATCH = 100
 #: Bytes of JSON a ``proc.list`` answer may carry (the header limit is 64 KiB).
 LIST_BUDGET = 48 * 1024
 #: Output drained from a pipe in the last moment before it is force-closed.
@@ -188,7 +190,8 @@ class ProcessManager:
             )
             with self._lock:
                 self._table[process.pid] = process
-                self._trim()
+                if len(self._table) > MAX_EXITED + _TRIM_BATCH:  # not a scan of the table per start
+                    self._trim()
         self.reaper.child_started()
         return {"pid": process.pid, "started_at": started_at}, lambda: self.pump.add(process)
 

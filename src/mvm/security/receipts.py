@@ -104,7 +104,8 @@ def write_receipt(directory: Path | str, *, sandbox_id: str, template: str, temp
                          "sig": sign(key, SIG_DOMAIN, canonical_json(body))}
     directory = make_dirs(Path(directory))
     path = directory / (filename or f"{receipt_id}.json")
-    write_private_atomic(path, json.dumps(body, indent=2, sort_keys=True).encode() + b"\n", durable=durable)
+    # sorted keys, no indent: the C encoder (an indented dump takes the pure-Python one, ~0.1 ms)
+    write_private_atomic(path, json.dumps(body, sort_keys=True).encode() + b"\n", durable=durable)
     return path
 
 

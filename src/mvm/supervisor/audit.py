@@ -39,6 +39,11 @@ class Auditor:
         except BaseException as exc:  # surfaced on the first record()
             self._log.set_exception(exc)
 
+    @property
+    def signer(self) -> Any:
+        """The host key the log signs with (loaded once; receipts are signed with it too)."""
+        return self._log.result().signer
+
     def record(
         self,
         op: str,

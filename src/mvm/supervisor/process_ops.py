@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import errors
-from ..paths import receipts_dir
 from ..protocol import CHUNK_SIZE
 from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES, MAX_OUTPUT_LIMIT
 from ..security.secrets import Redactor
+from .agent_link import PendingCall
 from .processes import ProcessRecord
 
 if TYPE_CHECKING:
@@ -80,18 +80,37 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
     sup.learn_secrets(secret_names, env)
     secret_keys = set(secret_names) | set(sup.secret_env)
     audit_args = {"argv": argv, "env_keys": sorted(env), "cwd": ctx.args.get("cwd"), "user": ctx.args.get("user")}
+    # The audit entry is written (and fdatasync'ed) while the agent starts the process, not
+    # before: it is durable before the reply and before any of the process's output reaches
+    # the client (the capture subscribes after this returns), which is what the entry
+    # vouches for (docs/security.md, "Audit durability"). It records the request; a guest
+    # that refuses to start it adds an error entry.
+    starting = sup.agent.submit("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
+                                               "user": ctx.args.get("user"), "stdin": stdin,
+                                               "stdin_path": ctx.args.get("stdin_path")})
     try:
-        result, _ = sup.agent.call("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
-                                                  "user": ctx.args.get("user"), "stdin": stdin,
-                                                  "stdin_path": ctx.args.get("stdin_path")})
+        audit_id = sup.audit.record(op, audit_args, details={"secret_env_keys": sorted(secret_keys)})
+    except BaseException:  # not on record: the process must not run
+        _stop_unrecorded(sup, starting)
+        raise
+    try:
+        result, _ = starting.wait()
     except errors.MvmError as exc:
-        sup.audit.record(op, audit_args, outcome="error", error_type=exc.wire_type)
+        sup.audit.record(op, audit_args, outcome="error", error_type=exc.wire_type, details={"request": audit_id})
         raise
     pid = int(result["pid"])
-    audit_id = sup.audit.record(op, audit_args, details={"pid": pid, "secret_env_keys": sorted(secret_keys)})
     sup.processes.started(pid, argv, audit_id)
     sup.logs.system(f"started pid {pid}: {_argv_summary(argv)}", audit_id)
     return pid, audit_id
+
+
+def _stop_unrecorded(sup: Supervisor, starting: PendingCall) -> None:
+    """Kill a process whose audit entry could not be written (its start was already asked)."""
+    try:
+        result, _ = starting.wait()
+    except errors.MvmError:
+        return
+    _kill_group(sup, int(result["pid"]))
 
 
 def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
@@ -165,19 +184,19 @@ def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, exit_cod
                    capture: OutputCapture, started_at: float) -> Path:
     from ..security.receipts import write_receipt
 
-    # Durability: the exec.run audit entry (argv digest, pid) was fdatasync'ed before the
-    # process started. The receipt is complete and visible (renamed into place) before the
+    # Durability (docs/security.md, "Audit durability"): the exec.run audit entry was
+    # fdatasync'ed before any output left. The receipt is complete and visible (renamed into place) before the
     # reply, so it survives any crash of this process; its fsync runs off the reply's path
     # (sup.receipt_sync: batched, <= 50 ms + the fsync; flushed by destroy), so only a host crash
     # within that window loses it.
     path = write_receipt(
-        receipts_dir(), sandbox_id=sup.sandbox_id, template=sup.config["template"],
+        sup.receipts_dir, sandbox_id=sup.sandbox_id, template=sup.config["template"],
         template_digest=sup.template_digest, argv=ctx.args["argv"],
         env_keys=env_for(sup, ctx.args.get("env") or {}).keys(), exit_code=exit_code,
         stdout=bytes(capture.captured["stdout"]), stderr=bytes(capture.captured["stderr"]),
         started_at=started_at, ended_at=time.time(), audit_id=audit_id,
         truncated={name: capture.total[name] > len(capture.captured[name]) for name in ("stdout", "stderr")},
-        durable=False,
+        durable=False, signer=sup.audit.signer,
     )
     sup.receipt_sync.add(path)
     return path

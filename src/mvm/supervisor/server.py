@@ -28,7 +28,7 @@ from ..backends import get_backend
 from ..backends.base import BackendInstance, SandboxSpec
 from .. import pooling
 from ..osutil import DeferredSync, write_json_atomic
-from ..paths import runs_dir
+from ..paths import receipts_dir, runs_dir
 from ..protocol.codec import Frame
 from ..security.audit import current_actor
 from ..security.secrets import Redactor
@@ -67,6 +67,7 @@ class Supervisor:
         self.audit = Auditor(self.sandbox_id, self.logs)
         self.processes = ProcessTable()
         self.receipt_sync = DeferredSync("mvm-receipt-sync")
+        self.receipts_dir = receipts_dir()  # made once, not per exec.run
         self.backend = get_backend(config["backend"])
         self.agent = AgentLink(on_event=self._on_agent_event, on_lost=self._on_agent_lost,
                                receive_fds=self.backend.agent_shares_kernel)
