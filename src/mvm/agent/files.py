@@ -78,7 +78,7 @@ def _target_of(path: str) -> str:
 
 def _check_parent(path: str, target: str, make_parents: bool, who: pwd.struct_passwd | None) -> None:
     parent = os.path.dirname(target) or "/"
-    if make_parents:
+    if make_parents and not os.path.isdir(parent):  # an existing parent: no fork to make it as ``who``
         try:
             run_as(who, lambda: os.makedirs(parent, DEFAULT_DIR_MODE, exist_ok=True))
         except FileExistsError:
