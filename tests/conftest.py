@@ -22,6 +22,7 @@ os.environ.pop("MVM_MODE", None)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import mvm
     from mvm.sdk.pool import close_pool, pools
     from mvm.supervisor.state import list_sandboxes
 
@@ -29,9 +30,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for pool in pools():  # their unclaimed members first (a pool's owner would refill)
             close_pool(pool.id)
         for record in list_sandboxes():
-            from mvm.sdk.sandbox import Sandbox
-
-            Sandbox.connect(record["id"]).kill()
+            if record["state"] != "lost":
+                mvm.Sandbox.connect(record["id"]).kill()
+        mvm.gc()  # a sandbox whose supervisor a test killed
     finally:
         shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 

@@ -26,6 +26,7 @@ _LAZY = {
     "InvalidNetworkPolicy": "mvm.errors",
     "InvalidState": "mvm.errors",
     "LogEvent": "mvm.sdk.models",
+    "NameTaken": "mvm.errors",
     "MvmError": "mvm.errors",
     "NotADirectory": "mvm.errors",
     "PermissionDenied": "mvm.errors",
@@ -37,6 +38,7 @@ _LAZY = {
     "ProcessInfo": "mvm.sdk.models",
     "Sandbox": "mvm.sdk.sandbox",
     "SandboxInfo": "mvm.sdk.models",
+    "SandboxLost": "mvm.errors",
     "SandboxNotFound": "mvm.errors",
     "UserNotFound": "mvm.errors",
     "SandboxPaused": "mvm.errors",
@@ -46,6 +48,7 @@ _LAZY = {
     "SnapshotTampered": "mvm.errors",
     "TemplateNotFound": "mvm.errors",
     "connect_cluster": "mvm.cluster",
+    "gc": "mvm.sdk.sandbox",
     "network": "mvm.sdk.policy",
     "pool": "mvm.sdk.pool",
     "pools": "mvm.sdk.pool",
@@ -78,9 +81,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         InvalidNetworkPolicy,
         InvalidState,
         MvmError,
+        NameTaken,
         NotADirectory,
         PermissionDenied,
         PortInUse,
+        SandboxLost,
         SandboxNotFound,
         SandboxPaused,
         SecretNotFound,
@@ -95,4 +100,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .sdk.policy import network, resources, secret
     from .sdk.pool import Pool, PoolInfo, pool, pools
     from .cluster import connect_cluster
-    from .sdk.sandbox import Sandbox
+    from .sdk.sandbox import Sandbox, gc

@@ -51,6 +51,18 @@ class ConnectionRefused(MvmError, ConnectionError):
     wire_type = "ConnectionRefused"
 
 
+class NameTaken(InvalidArgument):
+    """Another sandbox on this host has the name a create asked for (``field`` is ``name``;
+    ``details["sandbox_id"]`` is the holder's id)."""
+
+    wire_type = "NameTaken"
+
+    def __init__(self, field: str, message: str, allowed: Any = None, sandbox_id: str | None = None):
+        super().__init__(field, message, allowed)
+        self.details["sandbox_id"] = sandbox_id
+        self.sandbox_id = sandbox_id
+
+
 class PortInUse(InvalidArgument):
     """The host address and port a port forward asked for are already taken."""
 
@@ -151,7 +163,8 @@ class SandboxError(MvmError):
 
 
 class SandboxLost(SandboxError):
-    """The cluster node that ran the sandbox is gone, and the sandbox with it."""
+    """The sandbox's supervisor died (or, in a cluster, the node that ran it is gone):
+    it is listed with state ``lost`` until ``mvm.gc()`` / ``mvmctl gc`` removes what it left."""
 
     wire_type = "SandboxLost"
 

@@ -1,7 +1,8 @@
 """Host OS helpers every layer shares (stdlib only, imports nothing of mvm, so security,
 backends and the supervisor may all use it): private files (0700 directories, 0600 files,
 no symlinks followed), atomic writes (one for bytes, one for JSON), an exclusive file
-lock, a background fsync for files written without one, and whether a process is alive."""
+lock, a background fsync for files written without one, and whether a process is alive
+(by pid, or by pid and start time: a *stamp*, which a reused pid does not match)."""
 
 from __future__ import annotations
 
@@ -161,20 +162,22 @@ def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = False
     write_private_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", durable=durable)
 
 
-def create_private_exclusive(path: Path, data: bytes) -> bool:
+def create_private_exclusive(path: Path, data: bytes, *, durable: bool = True) -> bool:
     """Create ``path`` with ``data`` (0600) only if it does not exist yet; never a half-written file.
 
     Returns True if this call created it, False if another writer got there first.
+    ``durable=False`` skips the fsyncs (for a claim that need not outlive the host).
     """
     path = Path(path)
     tmp = _temp_beside(path)
     try:
-        _write_temp(tmp, data)
+        _write_temp(tmp, data, durable)
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)
@@ -243,16 +246,43 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22):
-    with the pid it names one process, even after the pid is reused."""
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat`` (clock ticks since boot), or None if it is gone
+    or a zombie. With the pid it names one process for good: pids are reused, this pair is not."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    try:
+        return None if fields[0] == "Z" else int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_stamp(pid: int | None = None) -> str:
+    """``"PID START"`` of process ``pid`` (default: this one), checked by :func:`stamp_alive`."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid} {process_start_time(pid)}"
+
+
+def stamp_pid(stamp: str | None) -> int | None:
+    """The pid of a :func:`process_stamp`, None if ``stamp`` is not one."""
+    try:
+        pid, start = (stamp or "").split()
+        int(start)
+        return int(pid) if int(pid) > 0 else None
+    except ValueError:
         return None
 
 
 def process_is(pid: Any, start_ticks: Any) -> bool:
-    """Whether the process that was ``pid`` when it had started at ``start_ticks`` still runs."""
-    return isinstance(pid, int) and pid_alive(pid) and process_start_ticks(pid) == start_ticks
+    """Whether the process that was ``pid`` when it had started at ``start_ticks`` still
+    runs (not a zombie, and not another process that got its pid since)."""
+    return isinstance(pid, int) and pid > 0 and start_ticks is not None and process_start_time(pid) == start_ticks
+
+
+def stamp_alive(stamp: str | None) -> bool:
+    """Whether the process a :func:`process_stamp` names still runs."""
+    pid = stamp_pid(stamp)
+    return pid is not None and process_is(pid, int((stamp or "").split()[1]))

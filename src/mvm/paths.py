@@ -3,7 +3,9 @@
 Layout (DESIGN §1)::
 
     $MVM_HOME/
-      sandboxes/<id>/   state.json, config.json, control.sock, logs.jsonl, backend/ (backend-owned)
+      sandboxes/<id>/   config.json, launcher, supervisor.pid, state.json, control.sock, logs.jsonl,
+                        backend/ (backend-owned); supervisor/state.py says who writes what
+      names/<name>      a sandbox name's claim (holds the sandbox id; made exclusively, see state.py)
       pools/<pool_id>/  pool.json (what the warm pool serves, its owner), ready/<sandbox_id> (claimable members)
       audit/            <sandbox_id>.jsonl (signed hash chain, outlives the sandbox), index.jsonl
       receipts/         signed receipts of commands.run
@@ -39,6 +41,10 @@ def sandboxes_dir() -> Path:
 def pools_dir() -> Path:
     """Warm pools of pre-started sandboxes (mvm/pooling)."""
     return _sub("pools", private=True)
+
+
+def names_dir() -> Path:
+    return _sub("names", private=True)
 
 
 def _shareable(variable: str, name: str) -> Path:

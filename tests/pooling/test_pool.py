@@ -35,7 +35,7 @@ TEMPLATE = "python-3.13"
 
 def _members() -> list[dict[str, object]]:
     """Every pool member still running (claimed or not)."""
-    return [r for r in list_sandboxes(pooled=True, clean_dead=False) if r.get("pool")]
+    return [r for r in list_sandboxes(pooled=True) if r.get("pool")]
 
 
 def _nothing_left(pool_id: str, member_ids: list[str], pids: list[int]) -> bool:

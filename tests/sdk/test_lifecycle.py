@@ -152,7 +152,7 @@ def test_connect_and_list_from_another_process(backend: str) -> None:
         """)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert out.stdout == "from-elsewhere\n", out.stderr
-        with pytest.raises(mvm.InvalidArgument, match="already exists"):
+        with pytest.raises(mvm.NameTaken, match="already exists"):
             mvm.Sandbox.create(TEMPLATE, backend=backend, name=f"shared-{backend}")
     with pytest.raises(mvm.SandboxNotFound):
         mvm.Sandbox.connect(f"shared-{backend}")
@@ -171,18 +171,6 @@ def test_ttl_destroys_the_sandbox_after_its_creator_was_killed(backend: str) -> 
     assert (sandboxes_dir() / sandbox_id).exists()
     assert _wait_until(lambda: not (sandboxes_dir() / sandbox_id).exists(), timeout=60)
     assert sandbox_id not in [i.id for i in mvm.Sandbox.list()]
-
-
-def test_dead_supervisor_is_detected_and_cleaned(backend: str) -> None:
-    sandbox = mvm.Sandbox.create(TEMPLATE, backend=backend, ttl="10m")
-    directory = sandboxes_dir() / sandbox.id
-    record = __import__("json").loads((directory / "state.json").read_text())
-    host_pids = sandbox.describe().details.get("host_pids") or []
-    os.kill(record["supervisor_pid"], signal.SIGKILL)
-    assert _wait_until(lambda: sandbox.id not in [i.id for i in mvm.Sandbox.list()], timeout=30)
-    assert not directory.exists()
-    for pid in host_pids:
-        assert _wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), timeout=10), pid
 
 
 def test_include_keeps_layout_and_never_follows_a_symlink_out(

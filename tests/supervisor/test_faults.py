@@ -3,13 +3,16 @@
 ``files.write``, a snapshot save and a restore.
 
 After each: the SDK call ends with a typed error in bounded time (never hangs), the
-sandbox's host processes are gone, ``Sandbox.list`` (``mvmctl ls``) tells the truth,
+sandbox's host processes are gone, ``Sandbox.list`` (``mvmctl ls``) tells the truth (a
+sandbox whose supervisor was killed is ``lost`` until ``mvmctl gc`` removes its mounts,
+cgroups and snapshot leftovers; one whose guest was killed is destroyed by ``kill()``),
 and the sandbox's audit chain still verifies.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -93,7 +96,14 @@ def test_sigkill_mid_command_gives_a_typed_error_and_leaves_nothing(backend: str
     # nothing of it is left running, and the listing is true
     wait_for(lambda: not any(pid_alive(pid) for pid in host_pids), "the sandbox's host processes to be gone",
              timeout=60)
+    listed = {info.id: info.state for info in mvm.Sandbox.list()}
+    if fault == "supervisor":
+        assert listed.get(sandbox_id) == "lost", listed
+        with pytest.raises(errors.SandboxLost):
+            mvm.Sandbox.connect(sandbox_id)
+        assert sandbox_id in [info.id for info in mvm.gc()]
     assert sandbox_id not in [info.id for info in mvm.Sandbox.list()]
+    assert not _mounts_mentioning(sandbox_id) and not _cgroups_of(sandbox_id)
     chain = verify(log_path(sandbox_id), sandbox_id=sandbox_id)
     assert chain.ok and chain.entries > 0, chain  # the audit chain still verifies
 
@@ -176,11 +186,21 @@ def _cgroups_of(sandbox_id: str) -> list[str]:
     return found.stdout.split()
 
 
-def _assert_nothing_left(sandbox_id: str, pids: list[int]) -> None:
+def _mvmctl_json(*args: str) -> object:
+    done = subprocess.run([sys.executable, "-m", "mvm.cli", *args, "--json"], capture_output=True, text=True,
+                          check=True, timeout=120)
+    return json.loads(done.stdout)
+
+
+def _assert_nothing_left(sandbox_id: str, pids: list[int], *, lost: bool) -> None:
     wait_for(lambda: not any(pid_alive(pid) for pid in pids), "the sandbox's host processes to be gone", timeout=60)
-    listed = subprocess.run([sys.executable, "-m", "mvm.cli", "ls", "--json"], capture_output=True, text=True,
-                            check=True, timeout=120)
-    assert sandbox_id not in listed.stdout, listed.stdout  # `mvmctl ls` tells the truth
+    listed = {entry["id"]: entry["state"] for entry in _mvmctl_json("ls")}  # `mvmctl ls` tells the truth
+    if lost:  # its supervisor died: listed as such until `mvmctl gc` cleans up after it
+        assert listed.get(sandbox_id) == "lost", listed
+        reaped = _mvmctl_json("gc")
+        assert sandbox_id in [entry["id"] for entry in reaped["reaped"]], reaped
+        listed = {entry["id"]: entry["state"] for entry in _mvmctl_json("ls")}
+    assert sandbox_id not in listed, listed
     home = str(paths.mvm_home())
     assert not _mounts_mentioning(sandbox_id) and not _mounts_mentioning(home + "/sandboxes")
     assert not _loop_devices_under(home)
@@ -274,7 +294,7 @@ def test_sigkill_mid_write_save_or_restore(backend: str, fault: str, stage: str)
             sb.kill()
         except errors.MvmError:
             pass
-    _assert_nothing_left(sandbox_id, pids)
+    _assert_nothing_left(sandbox_id, pids, lost=fault == "supervisor")
     if base is not None:  # the earlier snapshot is intact and can still be used
         store.verify(base.id)
         with mvm.Sandbox.create("python-3.13", backend=backend, from_snapshot=base.id, ttl="10m") as again:

@@ -88,6 +88,18 @@ export class InvalidNetworkPolicy extends InvalidArgument {
 }
 
 /**
+ * Another sandbox on this host has the name a create asked for (a kind of `InvalidArgument`;
+ * `field` is `name`, `sandboxId` the holder's id).
+ */
+export class NameTaken extends InvalidArgument {
+  static override readonly wireType: string = "NameTaken";
+
+  get sandboxId(): string | null {
+    return typeof this.details.sandbox_id === "string" ? this.details.sandbox_id : null;
+  }
+}
+
+/**
  * The host address and port a port forward asked for are already taken (a kind of
  * `InvalidArgument`; `field` is `host_port`).
  */
@@ -200,6 +212,14 @@ export class SandboxPaused extends InvalidState {
 /** The sandbox (or its supervisor) failed; `details` says what was seen. */
 export class SandboxError extends MvmError {
   static override readonly wireType: string = "SandboxError";
+}
+
+/**
+ * The sandbox's supervisor died (or, in a cluster, its node): it is listed with state
+ * `lost` until `mvmctl gc` (Python: `mvm.gc()`) removes what it left.
+ */
+export class SandboxLost extends SandboxError {
+  static override readonly wireType: string = "SandboxLost";
 }
 
 export class NotAvailableInRecordMode extends MvmError {
@@ -344,7 +364,8 @@ export class AuditEntryNotFound extends AuditError {
 const CLASSES: (typeof MvmError)[] = [
   MvmError, InvalidArgument, InvalidNetworkPolicy, PortInUse, TemplateNotFound, TemplateBuildError, SecretNotFound,
   ImageError, ImageNotFound, RegistryUnavailable, RegistryAuthError, ImagePlatformMismatch, DockerfileStepFailed,
-  BackendUnavailable, SandboxNotFound, InvalidState, SandboxPaused, SandboxError, NotAvailableInRecordMode,
+  BackendUnavailable, SandboxNotFound, InvalidState, SandboxPaused, SandboxError, SandboxLost, NameTaken,
+  NotAvailableInRecordMode,
   SnapshotNotFound, SnapshotTampered, CommandError, CommandTimeout, ProcessNotFound, UserNotFound, FileNotFoundInSandbox,
   NotADirectory, IsADirectory, FileExistsInSandbox, DirectoryNotEmpty, PermissionDenied, TooLarge, ProtocolFailure,
   Cancelled, UnknownOp, ConnectionRefused, KeystoreError, AuditError, AuditEntryNotFound,

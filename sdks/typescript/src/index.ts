@@ -20,14 +20,14 @@
 import "./polyfill.js";
 
 export {
-  Commands, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES, Files, Network, pools, Ports, Process, Sandbox, SIGNALS,
+  Commands, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES, Files, gc, Network, pools, Ports, Process, Sandbox, SIGNALS,
   type CreateOptions, type FileUserOptions, type ForwardOptions, type LogsOptions, type NetworkUpdateOptions,
   type OutputChunk,
   type RunOptions, type StartOptions,
 } from "./sandbox.js";
 export {
-  CommandResult, FileEntry, LogEvent, NetworkInfo, PoolInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot,
-  type EgressInfo, type PoolMembership, type FileType, type PortForwardFields, type SnapshotKind,
+  CommandResult, FileEntry, LogEvent, NetworkInfo, PoolInfo, PortForward, ProcessInfo, SANDBOX_STATES, SandboxInfo, Snapshot,
+  type EgressInfo, type PoolMembership, type FileType, type PortForwardFields, type SandboxState, type SnapshotKind,
 } from "./models.js";
 export {
   HOST_ALIAS, LIMITS, network, NETWORK_MODES, NetworkPolicy, resources, Resources, secret, SecretRef,

@@ -180,8 +180,18 @@ export class ProcessInfo {
 }
 
 /**
+ * A sandbox's states (Python: `mvm.supervisor.state.STATES`). `lost`: its supervisor died;
+ * `Sandbox.list()` shows it so until `mvmctl gc` removes what it left.
+ */
+export const SANDBOX_STATES = Object.freeze(
+  ["creating", "running", "paused", "stopped", "destroyed", "error", "lost"] as const,
+);
+export type SandboxState = (typeof SANDBOX_STATES)[number];
+
+/**
  * `describe()`: the sandbox's identity, state, policy and isolation facts.
- * `isolation` is `vm` or `namespace`; `details` holds the backend's specifics.
+ * `state` is one of `SANDBOX_STATES`; `isolation` is `vm` or `namespace`; `details`
+ * holds the backend's specifics.
  */
 /** Which warm pool a sandbox came from (`SandboxInfo.pool`). */
 export interface PoolMembership {
@@ -226,7 +236,7 @@ export class SandboxInfo {
   constructor(
     readonly id: string,
     readonly name: string,
-    readonly state: string,
+    readonly state: SandboxState | string,
     readonly template: string,
     readonly backend: string,
     readonly isolation: string,

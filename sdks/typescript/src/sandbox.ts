@@ -177,6 +177,29 @@ function runMvmctl(args: string[], options: { cwd?: string; env?: NodeJS.Process
   });
 }
 
+/** A sandbox's on-disk record as a `SandboxInfo` (what `Sandbox.list()` and `gc()` return). */
+function infoOf(record: Record<string, unknown>): SandboxInfo {
+  return SandboxInfo.fromWire({
+    id: record.id, name: record.name, state: record.state ?? "creating", template: record.template,
+    backend: record.backend, isolation: record.backend === "vm" ? "vm" : "namespace",
+    resources: record.resources ?? {}, network: record.network ?? {}, created_at: record.created_at ?? 0,
+    expires_at: record.expires_at ?? null, workload_id: record.workload_id ?? null,
+    details: { tags: record.tags ?? {}, run_id: record.run_id ?? null },
+  });
+}
+
+/**
+ * Remove every `lost` sandbox of this host (its supervisor died): leftover guest processes,
+ * mounts, cgroups, snapshot leftovers, its directory and name (`mvmctl gc`; Python
+ * `mvm.gc()`). Returns what was removed; running sandboxes are never touched.
+ */
+export async function gc(): Promise<SandboxInfo[]> {
+  const result = await runMvmctl(["gc", "--json"]);
+  if (result.code !== 0) throw mvmctlError("mvmctl gc", result);
+  const reaped = (JSON.parse(result.stdout) as { reaped: Record<string, unknown>[] }).reaped;
+  return reaped.map((raw) => SandboxInfo.fromWire(raw));
+}
+
 /** The typed error `mvmctl --json` printed on stderr (`{"error": {...}}`), else a `SandboxError`. */
 function mvmctlError(what: string, result: MvmctlResult): MvmError {
   const lines = result.stderr.trim().split("\n").reverse();
@@ -367,21 +390,21 @@ export class Sandbox implements AsyncDisposable, Disposable {
     return new Sandbox(info.id, info.name, join(sandboxesDir(), info.id), values);
   }
 
-  /** Attach to a running sandbox (created by any process, either language) by name or id. */
+  /**
+   * Attach to a running sandbox (created by any process, either language) by name or id;
+   * `SandboxLost` if its supervisor died.
+   */
   static async connect(nameOrId: string): Promise<Sandbox> {
-    const record = await findSandbox(nameOrId);
+    const record = findSandbox(nameOrId);
     return new Sandbox(record.id, record.name, record.directory);
   }
 
-  /** Every running sandbox on this host (sandboxes whose supervisor died are skipped). */
+  /**
+   * Every sandbox on this host, read from its on-disk record (no connection to any). One
+   * whose supervisor died has state `lost` until `gc()` (`mvmctl gc`) removes it.
+   */
   static async list(): Promise<SandboxInfo[]> {
-    return (await listSandboxes()).map((record) => SandboxInfo.fromWire({
-      id: record.id, name: record.name, state: record.state ?? "creating", template: record.template,
-      backend: record.backend, isolation: record.backend === "vm" ? "vm" : "namespace",
-      resources: record.resources ?? {}, network: record.network ?? {}, created_at: record.created_at ?? 0,
-      expires_at: record.expires_at ?? null, workload_id: record.workload_id ?? null,
-      details: { tags: record.tags ?? {}, run_id: record.run_id ?? null },
-    }));
+    return listSandboxes().map(infoOf);
   }
 
   // ---- plumbing -----------------------------------------------------------------

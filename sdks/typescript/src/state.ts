@@ -1,21 +1,23 @@
 /**
- * Finding sandboxes on this host, as `mvm.supervisor.state` does: every directory
- * under `$MVM_HOME/sandboxes/` holds `state.json` (rewritten by its supervisor) or,
- * while it is being created, `config.json`. A sandbox is live when its supervisor's
- * pid is alive and its `control.sock` accepts a connection. Dead ones are skipped
- * here; `mvmctl ls` (Python) cleans them up.
+ * Finding sandboxes on this host from files alone, as `mvm.supervisor.state` does: every
+ * directory under `$MVM_HOME/sandboxes/` holds `config.json` and its launcher's stamp
+ * (`launcher`, `"PID START"`); the supervisor adds its own stamp (`supervisor.pid`) and
+ * rewrites `state.json`. `$MVM_HOME/names/<name>` holds the id of the sandbox that has
+ * claimed the name. A sandbox's owner is its supervisor, or while it has none yet its
+ * launcher; when the owner no longer runs (same pid *and* start time: a reused pid does
+ * not count) the sandbox is `lost` until `mvmctl gc` removes it. Nothing here connects
+ * to a sandbox or removes anything.
  * @internal
  */
 
 import { readdirSync, readFileSync, statSync } from "node:fs";
-import { createConnection } from "node:net";
 import { join } from "node:path";
 
-import { SandboxNotFound } from "./errors.js";
-import { CONTROL_SOCKET, sandboxesDir } from "./paths.js";
+import { SandboxLost, SandboxNotFound } from "./errors.js";
+import { mvmHome, sandboxesDir } from "./paths.js";
 import { repr } from "./pyrepr.js";
 
-export type SandboxRecord = Record<string, unknown> & { id: string; name: string; directory: string };
+export type SandboxRecord = Record<string, unknown> & { id: string; name: string; state: string; directory: string };
 
 function readJson(path: string): Record<string, unknown> | null {
   try {
@@ -26,43 +28,45 @@ function readJson(path: string): Record<string, unknown> | null {
   }
 }
 
+function readText(path: string): string | null {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return null;
+  }
+}
+
 /** The newest view of a sandbox: state.json if the supervisor wrote one, else config.json. */
 export function loadRecord(directory: string): Record<string, unknown> | null {
   return readJson(join(directory, "state.json")) ?? readJson(join(directory, "config.json"));
 }
 
-export function pidAlive(pid: unknown): boolean {
-  if (typeof pid !== "number" || !Number.isInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-  } catch (exc) {
-    if ((exc as NodeJS.ErrnoException).code !== "EPERM") return false;
-  }
-  try { // a zombie is not alive
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return stat.slice(stat.lastIndexOf(")") + 1).trim().split(/\s+/)[0] !== "Z";
-  } catch {
-    return false;
-  }
+/** Field 22 of `/proc/<pid>/stat` (its start time), or null if it is gone or a zombie. */
+function startTime(pid: number): string | null {
+  const stat = readText(`/proc/${pid}/stat`);
+  if (stat === null) return null;
+  const fields = stat.slice(stat.lastIndexOf(")") + 1).trim().split(/\s+/);
+  return fields[0] === "Z" || fields[19] === undefined ? null : fields[19];
 }
 
-function canConnect(path: string, timeoutMs = 2000): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = createConnection({ path });
-    const done = (ok: boolean) => {
-      clearTimeout(timer);
-      sock.destroy();
-      resolve(ok);
-    };
-    const timer = setTimeout(() => done(false), timeoutMs);
-    sock.once("connect", () => done(true));
-    sock.once("error", () => done(false));
-  });
+/** Whether the process a `"PID START"` stamp names still runs (and is not a reused pid). */
+export function stampAlive(stamp: string | null): boolean {
+  const [pid, start, ...rest] = (stamp ?? "").trim().split(/\s+/);
+  if (rest.length || !/^[1-9]\d*$/.test(pid ?? "") || !/^\d+$/.test(start ?? "")) return false;
+  return startTime(Number(pid)) === start;
 }
 
-export async function supervisorAlive(directory: string, record: Record<string, unknown>): Promise<boolean> {
-  if (!pidAlive(record.supervisor_pid)) return false;
-  return canConnect(join(directory, CONTROL_SOCKET));
+/** `lost` if the sandbox's owner died, else what its supervisor last wrote (`creating` before). */
+export function sandboxState(directory: string, record: Record<string, unknown>): string {
+  const owner = readText(join(directory, "supervisor.pid")) ?? readText(join(directory, "launcher"));
+  if (!stampAlive(owner)) return "lost";
+  return typeof record.state === "string" && record.state ? record.state : "creating";
+}
+
+function described(directory: string): SandboxRecord | null {
+  const record = loadRecord(directory);
+  if (record === null) return null;
+  return { ...record, state: sandboxState(directory, record), directory } as SandboxRecord;
 }
 
 /** A warm pool's member nobody claimed yet: not a sandbox anyone created (Python's `state.unclaimed`). */
@@ -70,8 +74,9 @@ export function unclaimed(record: Record<string, unknown>): boolean {
   return Boolean(record.pool) && ["creating", "pooled"].includes(String(record.state ?? "creating"));
 }
 
-/** Every live sandbox's record (with `directory`), sorted by directory name. */
-export async function listSandboxes(): Promise<SandboxRecord[]> {
+/** Every sandbox's record (with `state` and `directory`), sorted by id; `lost` ones too, not
+ * unclaimed pool members. */
+export function listSandboxes(): SandboxRecord[] {
   let names: string[];
   try {
     names = readdirSync(sandboxesDir()).sort();
@@ -80,28 +85,46 @@ export async function listSandboxes(): Promise<SandboxRecord[]> {
   }
   const found: SandboxRecord[] = [];
   for (const entry of names) {
+    if (entry.startsWith(".")) continue; // being made or being removed
     const directory = join(sandboxesDir(), entry);
     try {
       if (!statSync(directory).isDirectory()) continue;
     } catch {
       continue;
     }
-    const record = loadRecord(directory);
-    if (record === null || unclaimed(record) || !(await supervisorAlive(directory, record))) continue;
-    found.push({ ...record, directory } as SandboxRecord);
+    const record = described(directory);
+    if (record !== null && !unclaimed(record)) found.push(record);
   }
   return found;
 }
 
-/** Locate a live sandbox by id or name; `SandboxNotFound` listing what exists. */
-export async function findSandbox(nameOrId: string): Promise<SandboxRecord> {
-  const records = await listSandboxes();
-  for (const record of records) {
-    if (nameOrId === record.id || nameOrId === record.name) return record;
+function plain(name: string): boolean {
+  return name.length > 0 && !name.includes("/") && !name.startsWith(".");
+}
+
+/**
+ * Locate a sandbox by id or name (the name's claim says its id): `SandboxNotFound` listing
+ * what runs if there is none, `SandboxLost` if its supervisor died.
+ */
+export function findSandbox(nameOrId: string): SandboxRecord {
+  let record = plain(nameOrId) ? described(join(sandboxesDir(), nameOrId)) : null;
+  if (record === null && plain(nameOrId)) {
+    const holder = readText(join(mvmHome(), "names", nameOrId))?.trim();
+    if (holder && plain(holder)) record = described(join(sandboxesDir(), holder));
   }
-  const names = records.map((r) => String(r.name ?? r.id ?? "?")).sort();
-  throw new SandboxNotFound(
-    `no running sandbox named ${repr(nameOrId)}` + (names.length ? `; running: ${names.join(", ")}` : "; none running"),
-    { name: nameOrId, available: names },
-  );
+  if (record !== null && unclaimed(record)) record = null; // a waiting pool member is nobody's sandbox yet
+  if (record === null) {
+    const names = listSandboxes().filter((r) => r.state !== "lost").map((r) => String(r.name ?? r.id ?? "?")).sort();
+    throw new SandboxNotFound(
+      `no running sandbox named ${repr(nameOrId)}` + (names.length ? `; running: ${names.join(", ")}` : "; none running"),
+      { name: nameOrId, available: names },
+    );
+  }
+  if (record.state === "lost") {
+    throw new SandboxLost(
+      `sandbox ${record.name} (${record.id}) is lost: its supervisor died; \`mvmctl gc\` (mvm.gc()) removes what it left`,
+      { sandbox_id: record.id, name: record.name, state: "lost" },
+    );
+  }
+  return record;
 }

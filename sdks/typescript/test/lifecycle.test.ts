@@ -5,7 +5,10 @@ import { cleanup, thrown } from "./helpers.js";
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
-import { InvalidArgument, InvalidState, resources, Sandbox, SandboxError, SandboxNotFound, SandboxPaused, Snapshot } from "@mvm/sdk";
+import {
+  gc, InvalidArgument, InvalidState, NameTaken, resources, Sandbox, SANDBOX_STATES, SandboxError, SandboxLost,
+  SandboxNotFound, SandboxPaused, Snapshot,
+} from "@mvm/sdk";
 
 after(cleanup);
 
@@ -94,5 +97,27 @@ describe("lifecycle", () => {
     assert.ok(lost instanceof SandboxError || lost instanceof SandboxNotFound, String(lost));
     await other.destroy(); // already gone: not an error
     assert.ok(await gone(sb.id));
+  });
+
+  test("a taken name is a NameTaken; a dead supervisor's sandbox is lost until gc() removes it", async () => {
+    const sb = await Sandbox.create("python-3.13", { ttl: "5m", name: "ts-doomed" });
+    const taken = await thrown(() => Sandbox.create("python-3.13", { ttl: "5m", name: "ts-doomed" }));
+    assert.ok(taken instanceof NameTaken && taken instanceof InvalidArgument, String(taken));
+    assert.equal((taken as NameTaken).field, "name");
+    assert.equal((taken as NameTaken).sandboxId, sb.id);
+    const supervisor = Number((await sb.describe()).details.supervisor_pid);
+    sb.close();
+    process.kill(supervisor, "SIGKILL");
+    const state = async () => (await Sandbox.list()).find((i) => i.id === sb.id)?.state;
+    for (let i = 0; i < 600 && (await state()) !== "lost"; i++) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(await state(), "lost");
+    assert.ok(SANDBOX_STATES.includes("lost"));
+    const lost = await thrown(() => Sandbox.connect("ts-doomed"));
+    assert.ok(lost instanceof SandboxLost && lost instanceof SandboxError, String(lost));
+    assert.match(lost.message, /mvmctl gc/);
+    const reaped = await gc();
+    assert.deepEqual(reaped.map((i) => [i.id, i.state]), [[sb.id, "lost"]]);
+    assert.ok(await gone(sb.id));
+    assert.ok((await thrown(() => Sandbox.connect("ts-doomed"))) instanceof SandboxNotFound);
   });
 });

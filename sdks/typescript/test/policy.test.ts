@@ -138,7 +138,7 @@ describe("typed errors", () => {
       "DirectoryNotEmpty", "PermissionDenied", "TooLarge", "ProcessNotFound", "CommandTimeout", "SandboxPaused",
       "InvalidState", "Cancelled", "UnknownOp", "Internal", "TemplateNotFound", "SandboxNotFound", "SecretNotFound",
       "ConnectionRefused", "PortInUse", "InvalidNetworkPolicy", "ImageNotFound", "RegistryUnavailable",
-      "RegistryAuthError", "ImagePlatformMismatch", "DockerfileStepFailed", "ImageError"]) {
+      "RegistryAuthError", "ImagePlatformMismatch", "DockerfileStepFailed", "ImageError", "NameTaken", "SandboxLost"]) {
       assert.ok(type in WIRE_TYPES, type);
       assert.equal(fromWire({ type, message: "m" }).wireType, type);
     }

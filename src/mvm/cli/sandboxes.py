@@ -29,6 +29,7 @@ def register(cli: click.Group) -> None:
     cli.add_command(exec_)
     cli.add_command(logs)
     cli.add_command(down)
+    cli.add_command(gc)
 
 
 @click.command()
@@ -112,7 +113,7 @@ def up(
 @click.command()
 @json_option
 def ls(as_json: bool) -> None:
-    """List running sandboxes (cleaning up any whose supervisor died)."""
+    """List this host's sandboxes; one whose supervisor died shows as "lost" (`mvmctl gc` removes it)."""
     infos = Sandbox.list()
 
     def human() -> None:
@@ -224,9 +225,21 @@ def down(names: tuple[str, ...], all_: bool, as_json: bool) -> None:
     """Destroy sandboxes (and their snapshots, unless kept)."""
     if not names and not all_:
         raise errors.InvalidArgument("NAME", "give sandbox names or --all")
-    targets = [i.id for i in Sandbox.list()] if all_ else list(names)
+    targets = [i.id for i in Sandbox.list() if i.state != "lost"] if all_ else list(names)
     done = []
     for target in targets:
         Sandbox.connect(target).kill()
         done.append(target)
     emit(as_json, {"destroyed": done}, "\n".join(f"destroyed {t}" for t in done) or "nothing to destroy")
+
+
+@click.command()
+@json_option
+def gc(as_json: bool) -> None:
+    """Remove the sandboxes listed as "lost" (their supervisor died): leftover processes,
+    mounts, cgroups, snapshot leftovers, their directories and names. Running ones stay."""
+    from ..sdk.sandbox import gc as collect
+
+    reaped = collect()
+    emit(as_json, {"reaped": [i.to_dict() for i in reaped]},
+         "\n".join(f"reaped {i.name} ({i.id})" for i in reaped) or "nothing to reap")

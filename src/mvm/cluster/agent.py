@@ -70,7 +70,7 @@ class NodeAgent:
         from ..paths import mvm_home
         from ..templates import list_templates
 
-        records = self._records()
+        records = [r for r in self._records() if r["state"] != "lost"]  # a lost one runs nothing
         with_starting = [*records, *({"resources": {"cpu_cores": r.cpu_cores, "memory_mb": r.memory_mb}}
                                      for r in list(self._reserved))]
         cpus = os.cpu_count() or 1
@@ -122,7 +122,8 @@ class NodeAgent:
             return _error(exc)
 
     def sandboxes(self) -> list[dict[str, Any]]:
-        """This node's live sandbox records (the supervisor's own files, not a copy)."""
+        """This node's sandbox records (the supervisors' own files, not a copy; state
+        ``lost`` where the supervisor died)."""
         return self._records()
 
     def locate(self, name_or_id: str) -> dict[str, Any] | None:

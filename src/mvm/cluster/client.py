@@ -217,6 +217,10 @@ class Cluster:
         record = self._locate(name_or_id)
         if record is None:
             raise errors.SandboxNotFound(f"no sandbox named {name_or_id!r} on any alive node", name=name_or_id)
+        if record.get("state") == "lost":  # its node is alive, its supervisor died
+            raise errors.SandboxLost(f"sandbox {name_or_id} is lost: its supervisor on node "
+                                     f"{str(record.get('node_id'))[:12]} died; `mvmctl gc` there removes it",
+                                     sandbox=name_or_id, node=record.get("node_id"))
         return self._handle(record)
 
     def list(self) -> list[SandboxInfo]:

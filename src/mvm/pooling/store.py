@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import errors
 from ..durations import parse_duration
-from ..osutil import process_is, process_start_ticks, write_json_atomic
+from ..osutil import process_is, process_start_time, write_json_atomic
 from ..paths import pools_dir
 from ..spec import NetworkPolicy, Resources, SandboxConfig
 
@@ -121,7 +121,7 @@ def pool_record(pool_id: str, spec: PoolSpec, size: int, member_ttl_seconds: int
     """What ``pool.json`` holds."""
     pid = os.getpid()
     return {"id": pool_id, "serves": spec.to_json(), "size": size, "member_ttl_seconds": member_ttl_seconds,
-            "owner": {"pid": pid, "start_ticks": process_start_ticks(pid)} if owned else None,
+            "owner": {"pid": pid, "start_ticks": process_start_time(pid)} if owned else None,
             "created_at": time.time()}
 
 

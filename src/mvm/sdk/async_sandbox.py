@@ -150,7 +150,7 @@ class AsyncSandbox:
 
     @classmethod
     async def connect(cls, name_or_id: str) -> AsyncSandbox:
-        """Attach to a running sandbox by name or id."""
+        """Attach to a running sandbox by name or id (``SandboxLost`` if its supervisor died)."""
         live_only("Sandbox.connect", "a recording can only describe sandboxes the script creates "
                   "(connect to a running one in live mode)")
         directory, record = await asyncio.to_thread(find_sandbox, name_or_id)
@@ -160,7 +160,7 @@ class AsyncSandbox:
 
     @classmethod
     async def list(cls) -> list[SandboxInfo]:
-        """Every running sandbox on this host (``Sandbox.list`` in a worker thread)."""
+        """Every sandbox on this host, ``lost`` ones too (``Sandbox.list`` in a worker thread)."""
         live_only("Sandbox.list", "list running sandboxes with `mvmctl ls`")
         return await asyncio.to_thread(Sandbox.list)
 

@@ -112,7 +112,9 @@ class ProcessInfo:
 
 @dataclass(frozen=True)
 class SandboxInfo:
-    """``describe()``: the sandbox's identity, state, policy and isolation facts."""
+    """``describe()``: the sandbox's identity, state, policy and isolation facts. ``state`` is
+    one of ``mvm.supervisor.state.STATES``; ``lost`` (in ``Sandbox.list()`` only) means its
+    supervisor died, until ``mvm.gc()`` removes it."""
 
     id: str
     name: str

@@ -31,6 +31,7 @@ from ..spec import (
 from ..supervisor.client import SupervisorClient
 from ..supervisor.launch import launch
 from ..supervisor.state import CONTROL_SOCKET, find_sandbox, list_sandboxes
+from ..supervisor.state import gc as collect_lost
 from ..templates import available_templates
 from ..templates.catalog import check_template
 from .commands import Commands
@@ -199,7 +200,7 @@ class Sandbox:
     @classmethod
     def connect(cls, name_or_id: str, *, cluster: Cluster | None = None) -> Sandbox:
         """Attach to a running sandbox (created by any process) by name or id
-        (on any node of ``cluster`` when given)."""
+        (on any node of ``cluster`` when given). ``SandboxLost`` if its supervisor died."""
         if cluster is not None:
             found: Sandbox = cluster.connect(name_or_id)
             return found
@@ -210,8 +211,9 @@ class Sandbox:
 
     @classmethod
     def list(cls, *, cluster: Cluster | None = None) -> list[SandboxInfo]:
-        """Every running sandbox on this host (dead ones are cleaned up on the way),
-        or on every node of ``cluster`` (a dead node's sandboxes with state ``lost``)."""
+        """Every sandbox on this host, or on every node of ``cluster``. One whose
+        supervisor died (or whose node died) has state ``lost`` until ``mvm.gc()``
+        removes it. Reads the sandboxes' on-disk records: connects to none."""
         if cluster is not None:
             return cluster.list()
         live_only("Sandbox.list", "list running sandboxes with `mvmctl ls`")
@@ -327,6 +329,14 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def gc() -> list[SandboxInfo]:
+    """Remove every ``lost`` sandbox of this host (its supervisor died): leftover guest
+    processes, mounts, cgroups, snapshot-store leftovers, its directory and name. Returns
+    what was removed (``mvmctl gc`` calls it). Sandboxes that run are never touched."""
+    live_only("mvm.gc", "clean up lost sandboxes with `mvmctl gc`")
+    return [SandboxInfo.from_record(record) for record in collect_lost()]
 
 
 # ---- helpers -----------------------------------------------------------------------------

@@ -14,10 +14,12 @@ the child is killed and the sandbox directory removed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,12 +31,22 @@ from typing import Any
 
 from .. import errors
 from ..backends import choose_backend
-from ..osutil import write_json_atomic
+from ..osutil import stamp_alive, stamp_pid, write_json_atomic
 from ..paths import sandboxes_dir
 from ..spec import SandboxConfig, default_name
 from ..templates import ensure_template
 from .client import SupervisorClient
-from .state import list_sandboxes, new_sandbox_id
+from .state import (
+    SUPERVISOR_STAMP,
+    claim_name,
+    load_record,
+    move_name,
+    new_sandbox_id,
+    publish_directory,
+    reap,
+    release_name,
+    stage_directory,
+)
 from .zygote import Zygote
 
 #: How long a create may take once the template exists (a cold TCG boot plus the
@@ -59,44 +71,65 @@ def launch(asked: SandboxConfig, secret_env: Mapping[str, str], *, timeout: floa
 
     ``asked.id``, ``asked.name`` and ``asked.backend`` may be empty: the launch path picks
     them (a new id; the default name; the strongest backend this host runs, or
-    ``$MVM_BACKEND``). A named backend is checked against what this host can run.
+    ``$MVM_BACKEND``). A named backend is checked against what this host can run. The
+    name is claimed first (``NameTaken`` before anything is built or started).
     """
     from ..pooling.claim import claim_member
 
-    backend = choose_backend(asked.backend or None)
-    image = ensure_template(asked.template)  # builds on first use, with progress on a terminal
+    sandbox_id = asked.id or new_sandbox_id()
+    name = asked.name or default_name(asked.workload_id, sandbox_id)
+    staging = stage_directory(sandbox_id)
+    try:
+        claim_name(name, sandbox_id)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        backend = choose_backend(asked.backend or None)
+        image = ensure_template(asked.template)  # builds on first use, with progress on a terminal
 
-    def config_for(sandbox_id: str) -> SandboxConfig:
-        return dataclasses.replace(asked, id=sandbox_id, backend=backend,
-                                   name=asked.name or default_name(asked.workload_id, sandbox_id))
+        def config_for(chosen_id: str) -> SandboxConfig:
+            return dataclasses.replace(asked, id=chosen_id, backend=backend,
+                                       name=asked.name or default_name(asked.workload_id, chosen_id))
 
-    if asked.name:
-        _ensure_name_free(asked.name)
-    if not asked.id:  # a warm pool's member pre-started with this config, if one waits (mvm/pooling)
-        claimed = claim_member(config_for, dict(secret_env), image.digest,
-                               dict(asked.on_behalf_of) if asked.on_behalf_of else None)
-        if claimed is not None:
-            config, state, client = claimed
-            return Launched(config, sandboxes_dir() / config.id, state, client)
-    config = config_for(asked.id or new_sandbox_id())
-    if not asked.name:
-        _ensure_name_free(config.name)
-    state = spawn_supervisor(config.to_json(), dict(secret_env), timeout=timeout)
-    return Launched(config, sandboxes_dir() / config.id, state)
-
-
-def _ensure_name_free(name: str) -> None:
-    for record in list_sandboxes():
-        if record.get("name") == name:
-            raise errors.InvalidArgument("name", f"a sandbox named {name!r} already exists ({record['id']})")
+        if not asked.id:  # a warm pool's member pre-started with this config, if one waits (mvm/pooling)
+            claimed = claim_member(config_for, dict(secret_env), image.digest,
+                                   dict(asked.on_behalf_of) if asked.on_behalf_of else None)
+            if claimed is not None:
+                config, state, client = claimed
+                _hand_name_to_member(name, sandbox_id, config)
+                shutil.rmtree(staging, ignore_errors=True)
+                return Launched(config, sandboxes_dir() / config.id, state, client)
+        config = config_for(sandbox_id)
+        write_json_atomic(staging / "config.json", config.to_json())
+        directory = publish_directory(staging, sandbox_id)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        release_name(name, sandbox_id)
+        raise
+    state = start_supervisor(directory, dict(secret_env), timeout=timeout)
+    return Launched(config, directory, state)
 
 
-def spawn_supervisor(
-    config: dict[str, Any], secret_env: dict[str, str], *, timeout: float = READY_TIMEOUT
-) -> dict[str, Any]:
-    directory = sandboxes_dir() / config["id"]
-    directory.mkdir(mode=0o700)
-    write_json_atomic(directory / "config.json", config)
+def _hand_name_to_member(claimed: str, sandbox_id: str, config: SandboxConfig) -> None:
+    """The create got pool member ``config.id`` rather than ``sandbox_id``: the name it
+    claimed goes to the member (an asked name), or the member's derived name replaces the
+    one derived from ``sandbox_id``; the member's waiting name (its id) is freed."""
+    if config.name == claimed:
+        move_name(claimed, sandbox_id, config.id)
+    else:
+        release_name(claimed, sandbox_id)
+        if config.name != config.id:
+            # a workload's derived name, new for this id (taken only if 6 hex digits collide)
+            with contextlib.suppress(errors.NameTaken):
+                claim_name(config.name, config.id)
+    if config.name != config.id:
+        release_name(config.id, config.id)
+
+
+def start_supervisor(directory: Path, secret_env: dict[str, str], *, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    """Start the supervisor of the published sandbox ``directory`` and wait for its
+    readiness line; on failure the sandbox is reaped (name claim included)."""
     read_fd, write_fd = os.pipe()
     try:
         try:
@@ -168,18 +201,17 @@ def _log_tail(path: Path) -> str:
 
 def _abandon(directory: Path) -> None:
     """Kill a supervisor that failed to come up (its SIGTERM handler cleans the backend),
-    then remove whatever is left."""
-    from ..osutil import pid_alive
-    from .state import load_record, reap
-
+    then reap whatever is left (its name claim too)."""
     try:
-        pid = int((directory / "supervisor.pid").read_text())
-    except (OSError, ValueError):
-        pid = 0
-    if pid and pid_alive(pid):
+        stamp: str | None = (directory / SUPERVISOR_STAMP).read_text()
+    except OSError:
+        stamp = None
+    pid = stamp_pid(stamp)
+    if pid is not None and stamp_alive(stamp):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and pid_alive(pid):
+        while time.monotonic() < deadline and stamp_alive(stamp):
             time.sleep(0.05)
+    record = load_record(directory)
     if directory.exists():
-        reap(directory, load_record(directory))
+        reap(directory, record)

@@ -42,7 +42,7 @@ from .logbook import LogBook
 from .network import NetworkManager
 from .processes import ProcessTable
 from .session import ClientSession, Reply, RequestContext, with_principal
-from .state import CONTROL_SOCKET
+from .state import CONTROL_SOCKET, retire_directory, write_supervisor_stamp
 
 
 class Supervisor:
@@ -345,8 +345,9 @@ class Supervisor:
         self.receipt_sync.flush()
         self.logs.close()
         self._keep_run_transcript()
-        # Gone before the client hears back: destroy() returning means no trace is left.
-        shutil.rmtree(self.directory, ignore_errors=True)
+        # Gone before the client hears back: destroy() returning means no trace is left,
+        # and the name is free again.
+        retire_directory(self.directory, self.config.get("name"))
         return audit_id
 
     def _keep_run_transcript(self) -> None:
@@ -372,7 +373,7 @@ class Supervisor:
 
 def run(directory: Path, ready_fd: int, secret_env: dict[str, str]) -> int:
     """Entry point of the detached supervisor process (after ``__main__`` forked it)."""
-    (directory / "supervisor.pid").write_text(str(os.getpid()))
+    write_supervisor_stamp(directory)  # from now on this process's liveness is the sandbox's
     config = json.loads((directory / "config.json").read_text())
     supervisor = Supervisor(directory, config, secret_env)
     supervisor.boot_ms["process_start"] = round((time.time() - float(config["created_at"])) * 1000, 1)
@@ -397,14 +398,12 @@ def run(directory: Path, ready_fd: int, secret_env: dict[str, str]) -> int:
     except errors.MvmError as exc:
         report({"ok": False, "error": exc.to_wire()})
         supervisor.destroy(f"create failed: {exc}")
-        shutil.rmtree(directory, ignore_errors=True)
         return 1
     except Exception as exc:
         traceback.print_exc()
         report({"ok": False,
                 "error": {"type": "SandboxError", "message": f"create failed: {type(exc).__name__}: {exc}"}})
         supervisor.destroy("create failed")
-        shutil.rmtree(directory, ignore_errors=True)
         return 1
     report({"ok": True, "state": supervisor.describe()})
     supervisor.serve_forever()

@@ -48,7 +48,7 @@ from ...errors import (
     InvalidState,
     SandboxError,
 )
-from ...osutil import write_json_atomic
+from ...osutil import process_start_time, write_json_atomic
 from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
 from . import bwrap as bw
 from . import cgroups, layer, pasta, seccomp
@@ -91,14 +91,6 @@ def _high(fd: int) -> int:
     new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
     os.close(fd)
     return new
-
-
-def _proc_starttime(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 #: Capabilities the sandbox's root keeps when its uids are an idmapped, unprivileged range: what
@@ -196,7 +188,7 @@ class NamespaceInstance(BackendInstance):
                 "cgroup": self.cgroup.record(),
                 "uid_map": self.uid_map(),
                 "bwrap_pid": proc.pid if proc is not None and proc.poll() is None else None,
-                "bwrap_starttime": _proc_starttime(proc.pid) if proc is not None and proc.poll() is None else None,
+                "bwrap_starttime": process_start_time(proc.pid) if proc is not None and proc.poll() is None else None,
                 **self._pasta_record(),
             },
         )
@@ -205,7 +197,7 @@ class NamespaceInstance(BackendInstance):
         proc = self._pasta
         if proc is None or proc.poll() is not None:
             return {"pasta_pid": None, "pasta_starttime": None}
-        return {"pasta_pid": proc.pid, "pasta_starttime": _proc_starttime(proc.pid)}
+        return {"pasta_pid": proc.pid, "pasta_starttime": process_start_time(proc.pid)}
 
     def uid_map(self) -> dict[str, Any]:
         if self.idmap is not None:
@@ -741,7 +733,7 @@ def cleanup_orphan(state_dir: Path) -> None:
     errors: list[str] = []
     for pid_key, start_key in (("bwrap_pid", "bwrap_starttime"), ("pasta_pid", "pasta_starttime")):
         pid, start = record.get(pid_key), record.get(start_key)
-        if isinstance(pid, int) and pid > 0 and start is not None and _proc_starttime(pid) == start:
+        if isinstance(pid, int) and pid > 0 and start is not None and process_start_time(pid) == start:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     if record.get("cgroup"):

@@ -41,7 +41,8 @@ from .accel import probe_accelerator
 from .initramfs import busybox_path, ensure_initramfs, initramfs_digest
 from .kernel import Kernel, ensure_kernel, kernel_obtainable
 from .machine import QemuMachine, socket_dir_for
-from .process import kill_recorded, start_time
+from ...osutil import process_start_time
+from .process import kill_recorded
 from .qemu import (
     MACHINE,
     QemuConfig,
@@ -183,7 +184,7 @@ class VmInstance(BackendInstance):
             "backend": "vm",
             "sandbox_id": self.spec.sandbox_id,
             "pid": proc.pid if proc is not None and proc.poll() is None else None,
-            "pid_start_time": start_time(proc.pid) if proc is not None and proc.poll() is None else None,
+            "pid_start_time": process_start_time(proc.pid) if proc is not None and proc.poll() is None else None,
             "socket_dir": str(self.socket_dir),
             "layers": list(getattr(self, "_layers", [])),
             "state": getattr(self, "_state", "created"),

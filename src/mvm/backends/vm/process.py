@@ -20,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ...osutil import process_start_time
+
 _PR_SET_PDEATHSIG = 1
 _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
@@ -62,20 +64,8 @@ def spawn(argv: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> su
     return _executor().submit(run_checked).result()
 
 
-def start_time(pid: int) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat`` (clock ticks since boot), or None if gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    try:
-        return int(text.rsplit(")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def is_same_process(pid: int, started: int | None) -> bool:
-    return started is not None and start_time(pid) == started
+    return started is not None and process_start_time(pid) == started
 
 
 def terminate(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
