@@ -197,3 +197,18 @@ def test_a_dead_supervisor_leaves_a_lost_sandbox_until_gc(backend: str) -> None:
         wait_for(lambda pid=pid: not pid_alive(pid), f"guest process {pid} to be gone", timeout=30)
     assert not _mounts_mentioning(sandbox.id) and not _cgroups_of(sandbox.id)
     assert mvm.gc() == []  # nothing else was lost; running sandboxes are never touched
+
+
+def test_a_create_served_by_a_warm_pool_hands_its_name_claim_to_the_member() -> None:
+    with mvm.pool(TEMPLATE, size=1, ttl="5m") as pool:
+        member = pool.wait_ready().ready[0]
+        assert (names_dir() / member).read_text() == member  # a waiting member holds its id as name
+        with mvm.Sandbox.create(TEMPLATE, backend="namespace", name="pooled-name", ttl="5m") as sb:
+            assert sb.id == member
+            assert (names_dir() / "pooled-name").read_text() == member
+            assert not (names_dir() / member).exists()
+            assert mvm.Sandbox.connect("pooled-name").id == member
+            with pytest.raises(errors.NameTaken):
+                mvm.Sandbox.create(TEMPLATE, backend="namespace", name="pooled-name", ttl="5m")
+        assert not (names_dir() / "pooled-name").exists()
+    assert not [entry for entry in os.listdir(sandboxes_dir()) if member in entry]
