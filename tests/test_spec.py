@@ -11,6 +11,7 @@ import pytest
 import mvm
 from mvm import errors
 from mvm.protocol import requests
+from mvm.durations import parse_duration
 from mvm.spec import LIMITS, NetworkPolicy, Resources, SandboxConfig
 
 
@@ -70,3 +71,20 @@ def test_run_limits_default_and_bounds() -> None:
     for bad in (0, -1, float("inf"), "5"):
         with pytest.raises(errors.InvalidArgument, match="timeout_seconds"):
             requests.check_run_limits({"timeout_seconds": bad})
+
+
+def test_messages_show_values_in_words_both_sdks_use() -> None:
+    """``shown``/``kind_of`` (one rule, mirrored by the TypeScript SDK's ``shown``/``kindOf``):
+    no Python spelling (None, True, NoneType, dict) reaches a message."""
+    from mvm.errors import kind_of, shown
+
+    assert [shown(v) for v in (None, True, False, 3, 2.5, "it's", [None, "a"], {"k": False})] == [
+        "null", "true", "false", "3", "2.5", '"it\'s"', "[null, 'a']", "{'k': false}"]
+    assert [kind_of(v) for v in (None, True, 1, 1.5, "s", b"b", [1], (1,), {"a": 1})] == [
+        "null", "boolean", "number", "number", "string", "bytes", "list", "list", "object"]
+    with pytest.raises(errors.InvalidArgument) as caught:
+        mvm.resources(max_processes=True)  # type: ignore[arg-type]
+    assert str(caught.value) == "resources.max_processes: true is not a number (allowed: 8..65536)"
+    with pytest.raises(errors.InvalidArgument) as caught:
+        parse_duration(None, field="ttl")
+    assert str(caught.value).startswith("ttl: null is not a duration")

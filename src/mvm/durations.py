@@ -9,7 +9,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from mvm.errors import InvalidArgument
+from mvm.errors import InvalidArgument, kind_of, shown
 
 __all__ = ["DURATION_HELP", "MAX_DURATION_SECONDS", "format_duration", "parse_duration"]
 
@@ -28,7 +28,7 @@ def parse_duration(value: Any, field: str = "duration") -> int:
     """
     seconds: float
     if isinstance(value, bool) or value is None:
-        raise InvalidArgument(field, f"{value!r} is not a duration", allowed=DURATION_HELP)
+        raise InvalidArgument(field, f"{shown(value)} is not a duration", allowed=DURATION_HELP)
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)):
@@ -40,13 +40,13 @@ def parse_duration(value: Any, field: str = "duration") -> int:
         elif _WHOLE.fullmatch(text):
             seconds = float(sum(int(n) * _UNITS[u] for n, u in _PART.findall(text)))
         else:
-            raise InvalidArgument(field, f"{value!r} is not a duration", allowed=DURATION_HELP)
+            raise InvalidArgument(field, f"{shown(value)} is not a duration", allowed=DURATION_HELP)
     else:
-        raise InvalidArgument(field, f"{type(value).__name__} is not a duration", allowed=DURATION_HELP)
+        raise InvalidArgument(field, f"{kind_of(value)} is not a duration", allowed=DURATION_HELP)
     if not math.isfinite(seconds) or seconds <= 0:
-        raise InvalidArgument(field, f"{value!r} must be longer than zero", allowed=DURATION_HELP)
+        raise InvalidArgument(field, f"{shown(value)} must be longer than zero", allowed=DURATION_HELP)
     if seconds > MAX_DURATION_SECONDS:
-        raise InvalidArgument(field, f"{value!r} is longer than 100 years", allowed=DURATION_HELP)
+        raise InvalidArgument(field, f"{shown(value)} is longer than 100 years", allowed=DURATION_HELP)
     return math.ceil(seconds)
 
 

@@ -27,6 +27,41 @@ class MvmError(Exception):
 # ---- input and policy -------------------------------------------------------
 
 
+def shown(value: Any) -> str:
+    """A value as error messages show it, worded for a user of either SDK (the TypeScript
+    SDK's ``shown`` is the same rule): ``null``, ``true``/``false``, numbers, text in
+    single quotes, lists and mappings item by item; anything else as its ``repr``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(shown(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{shown(key)}: {shown(item)}" for key, item in value.items()) + "}"
+    return repr(value)
+
+
+def kind_of(value: Any) -> str:
+    """What a value is, in words both SDKs use (``kindOf`` in TypeScript): null, boolean,
+    number, string, bytes, list, object; else its class name."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
 class InvalidArgument(MvmError, ValueError):
     """A parameter has a value outside what is allowed; ``field`` names it."""
 
@@ -35,7 +70,7 @@ class InvalidArgument(MvmError, ValueError):
     def __init__(self, field: str, message: str, allowed: Any = None):
         text = f"{field}: {message}"
         if allowed is not None:
-            text += f" (allowed: {allowed})"
+            text += f" (allowed: {allowed if isinstance(allowed, str) else shown(allowed)})"
         super().__init__(text, field=field, allowed=allowed)
         self.field = field
         self.allowed = allowed

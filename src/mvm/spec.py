@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import errors
+from .errors import kind_of, shown
 from .durations import parse_duration
 
 #: Bounds a sandbox may ask for (the host policy of ``mvmctl run --mode plan`` may be tighter).
@@ -65,9 +66,10 @@ class Resources:
             low, high = LIMITS[name]
             bounds = f"{low}..{high}"
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise errors.InvalidArgument(f"resources.{name}", f"{value!r} is not a number", allowed=bounds)
+                raise errors.InvalidArgument(f"resources.{name}", f"{shown(value)} is not a number", allowed=bounds)
             if name != "cpu_cores" and not float(value).is_integer():
-                raise errors.InvalidArgument(f"resources.{name}", f"{value!r} must be a whole number", allowed=bounds)
+                raise errors.InvalidArgument(f"resources.{name}", f"{shown(value)} must be a whole number",
+                                             allowed=bounds)
             if not low <= value <= high:
                 raise errors.InvalidArgument(f"resources.{name}", f"{value} is out of range", allowed=bounds)
         return cls(
@@ -89,7 +91,7 @@ class Resources:
     def from_json(cls, data: Any) -> Resources:
         """Validated; missing fields take the defaults, unknown ones are refused."""
         if not isinstance(data, Mapping):
-            raise errors.InvalidArgument("resources", f"{type(data).__name__} is not an object",
+            raise errors.InvalidArgument("resources", f"{kind_of(data)} is not an object",
                                          allowed=sorted(LIMITS))
         unknown = sorted(set(data) - set(LIMITS))
         if unknown:
@@ -109,7 +111,8 @@ class NetworkPolicy:
     @classmethod
     def validated(cls, mode: Any = "deny", allow: Any = (), *, allow_wildcards: Any = False) -> NetworkPolicy:
         if mode not in NETWORK_MODES:
-            raise errors.InvalidNetworkPolicy("network.mode", f"unknown mode {mode!r}", allowed=list(NETWORK_MODES))
+            raise errors.InvalidNetworkPolicy("network.mode", f"unknown mode {shown(mode)}",
+                                              allowed=list(NETWORK_MODES))
         if isinstance(allow, str):
             raise errors.InvalidNetworkPolicy("network.allow", "must be a list of 'host:port' strings, not one string")
         try:
@@ -117,10 +120,11 @@ class NetworkPolicy:
         except TypeError:
             raise errors.InvalidNetworkPolicy("network.allow", "must be a list of 'host:port' strings") from None
         if not isinstance(allow_wildcards, bool):
-            raise errors.InvalidNetworkPolicy("network.allow_wildcards", f"{allow_wildcards!r} is not a boolean",
+            raise errors.InvalidNetworkPolicy("network.allow_wildcards", f"{shown(allow_wildcards)} is not a boolean",
                                               allowed=[True, False])
         if mode != "allow" and entries:
-            raise errors.InvalidNetworkPolicy("network.allow", f"an allow-list needs mode='allow' (mode is {mode!r})")
+            raise errors.InvalidNetworkPolicy("network.allow",
+                                              f"an allow-list needs mode='allow' (mode is {shown(mode)})")
         if mode == "allow" and not entries:
             raise errors.InvalidNetworkPolicy("network.allow", "mode='allow' needs at least one 'host:port' entry")
         for entry in entries:
@@ -134,7 +138,7 @@ class NetworkPolicy:
     def from_json(cls, data: Any) -> NetworkPolicy:
         """Validated (the same checks as ``mvm.network``)."""
         if not isinstance(data, Mapping):
-            raise errors.InvalidNetworkPolicy("network", f"{type(data).__name__} is not an object",
+            raise errors.InvalidNetworkPolicy("network", f"{kind_of(data)} is not an object",
                                               allowed=["mode", "allow", "allow_wildcards"])
         unknown = sorted(set(data) - {"mode", "allow", "allow_wildcards"})
         if unknown:
@@ -147,13 +151,13 @@ class NetworkPolicy:
 def validate_destination(entry: Any, allow_wildcards: bool) -> None:
     """One ``host:port`` entry of an allow-list (a host name, an address, or -- with
     ``allow_wildcards`` -- ``*.domain`` or a CIDR block)."""
-    name = f"network.allow[{entry!r}]"
+    name = f"network.allow[{shown(entry)}]"
     if not isinstance(entry, str) or ":" not in entry:
         raise errors.InvalidNetworkPolicy(name, "must be 'host:port'", allowed="e.g. 'pypi.org:443'")
     host, _, port_text = entry.rpartition(":")
     host = host.strip("[]")
     if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-        raise errors.InvalidNetworkPolicy(name, f"port {port_text!r} is not valid", allowed="1..65535")
+        raise errors.InvalidNetworkPolicy(name, f"port {shown(port_text)} is not valid", allowed="1..65535")
     if is_loopback(host):
         raise errors.InvalidNetworkPolicy(
             name, f"{host} is the sandbox's own loopback, not the host's; to reach a service on the host's "
@@ -161,12 +165,12 @@ def validate_destination(entry: Any, allow_wildcards: bool) -> None:
             "egress proxy the guest's HTTP_PROXY points at)", allowed=f"'{HOST_ALIAS}:{port_text}'")
     wildcard = "*" in host or host in ("0.0.0.0", "::") or "/" in host
     if wildcard and not allow_wildcards:
-        raise errors.InvalidNetworkPolicy(name, "wildcards are refused unless allow_wildcards=True")
+        raise errors.InvalidNetworkPolicy(name, "wildcards are refused unless allow_wildcards is true")
     if "/" in host:
         try:
             ipaddress.ip_network(host, strict=False)
         except ValueError:
-            raise errors.InvalidNetworkPolicy(name, f"{host!r} is not a valid network") from None
+            raise errors.InvalidNetworkPolicy(name, f"{shown(host)} is not a valid network") from None
         return
     try:
         ipaddress.ip_address(host)
@@ -174,7 +178,7 @@ def validate_destination(entry: Any, allow_wildcards: bool) -> None:
     except ValueError:
         pass
     if not _HOST_RE.fullmatch(host):
-        raise errors.InvalidNetworkPolicy(name, f"{host!r} is not a valid host name")
+        raise errors.InvalidNetworkPolicy(name, f"{shown(host)} is not a valid host name")
 
 
 def is_loopback(host: str) -> bool:
@@ -199,7 +203,7 @@ def validate_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise errors.InvalidArgument(
             "name",
-            f"{name!r} is not a valid sandbox name",
+            f"{shown(name)} is not a valid sandbox name",
             allowed="lowercase letters, digits, '-', '_', '.'; 1-63 chars",
         )
     return name
@@ -218,7 +222,7 @@ def validate_env_names(env: Mapping[Any, Any], name: str = "env") -> None:
     """Keys of an environment mapping: non-empty strings without ``=`` or NUL."""
     for key in env:
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
-            raise errors.InvalidArgument(name, f"{key!r} is not a valid variable name")
+            raise errors.InvalidArgument(name, f"{shown(key)} is not a valid variable name")
 
 
 def validate_tags(tags: Any) -> dict[str, str]:
@@ -234,19 +238,19 @@ def validate_on_behalf_of(principal: Any) -> dict[str, str] | None:
         return None
     if (not isinstance(principal, Mapping) or not principal
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in principal.items())):
-        raise errors.InvalidArgument("on_behalf_of", f"{principal!r}", allowed="a non-empty dict of str to str")
+        raise errors.InvalidArgument("on_behalf_of", f"{shown(principal)}", allowed="a non-empty dict of str to str")
     return dict(principal)
 
 
 def validate_workload_id(workload_id: Any) -> str | None:
     if workload_id is not None and (not isinstance(workload_id, str) or not workload_id.strip()):
-        raise errors.InvalidArgument("workload_id", f"{workload_id!r} must be a non-empty string")
+        raise errors.InvalidArgument("workload_id", f"{shown(workload_id)} must be a non-empty string")
     return workload_id
 
 
 def validate_snapshot_ref(snapshot: Any, name: str = "from_snapshot") -> str | None:
     if snapshot is not None and (not isinstance(snapshot, str) or not snapshot.strip()):
-        raise errors.InvalidArgument(name, f"{snapshot!r} must be a snapshot id or name")
+        raise errors.InvalidArgument(name, f"{shown(snapshot)} must be a snapshot id or name")
     return snapshot
 
 
@@ -256,7 +260,7 @@ POOL_ID_RE = re.compile(r"^pl-[0-9a-f]{10}$")
 def validate_pool_id(pool_id: Any, name: str = "pool") -> str | None:
     """A warm pool's id (``pl-`` and 10 hex digits), or None."""
     if pool_id is not None and (not isinstance(pool_id, str) or not POOL_ID_RE.match(pool_id)):
-        raise errors.InvalidArgument(name, f"{pool_id!r} is not a pool id", allowed="pl- and 10 hex digits")
+        raise errors.InvalidArgument(name, f"{shown(pool_id)} is not a pool id", allowed="pl- and 10 hex digits")
     return pool_id
 
 
@@ -323,18 +327,18 @@ class SandboxConfig:
     def from_json(cls, data: Any) -> SandboxConfig:
         """Validated: a typed config, or an error naming the first bad field."""
         if not isinstance(data, Mapping):
-            raise errors.InvalidArgument("config", f"{type(data).__name__} is not an object")
+            raise errors.InvalidArgument("config", f"{kind_of(data)} is not an object")
         for key in ("id", "template", "backend"):
             if not isinstance(data.get(key), str) or not data[key]:
-                raise errors.InvalidArgument(key, f"{data.get(key)!r} must be a non-empty string")
+                raise errors.InvalidArgument(key, f"{shown(data.get(key))} must be a non-empty string")
         ttl = data.get("ttl_seconds")
         auto_pause = data.get("auto_pause_seconds")
         created_at = data.get("created_at") or 0.0
         if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
-            raise errors.InvalidArgument("created_at", f"{created_at!r} is not a timestamp")
+            raise errors.InvalidArgument("created_at", f"{shown(created_at)} is not a timestamp")
         run_id = data.get("run_id")
         if run_id is not None and not isinstance(run_id, str):
-            raise errors.InvalidArgument("run_id", f"{run_id!r} must be a string")
+            raise errors.InvalidArgument("run_id", f"{shown(run_id)} must be a string")
         return cls(
             id=data["id"],
             name=validate_name(data.get("name")),

@@ -10,7 +10,7 @@
  * getters (`error.auditId`).
  */
 
-import { repr } from "./pyrepr.js";
+import { shown } from "./shown.js";
 
 export type Details = Record<string, unknown>;
 
@@ -80,7 +80,7 @@ export class InvalidArgument extends MvmError {
 }
 
 function formatAllowed(allowed: unknown): string {
-  return typeof allowed === "string" ? allowed : repr(allowed);
+  return typeof allowed === "string" ? allowed : shown(allowed);
 }
 
 export class InvalidNetworkPolicy extends InvalidArgument {
@@ -119,7 +119,7 @@ export class TemplateNotFound extends MvmError {
   static create(name: string, available: string[], reason = ""): TemplateNotFound {
     const why = reason ? ` (${reason})` : "";
     return new TemplateNotFound(
-      `template ${repr(name)} cannot be built here${why}; available templates: ${available.join(", ")}`,
+      `template ${shown(name)} cannot be built here${why}; available templates: ${available.join(", ")}`,
       { name, available },
     );
   }
@@ -173,7 +173,7 @@ export class SecretNotFound extends MvmError {
   static override readonly wireType: string = "SecretNotFound";
 
   static create(name: string, hint = ""): SecretNotFound {
-    return new SecretNotFound(`secret ${repr(name)} is not set${hint ? ": " + hint : ""}`, { name });
+    return new SecretNotFound(`secret ${shown(name)} is not set${hint ? ": " + hint : ""}`, { name });
   }
 
   /** The secret's name (Python: `.name`). */

@@ -12,7 +12,7 @@ import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from "n
 import { join, relative, resolve, sep } from "node:path";
 
 import { InvalidArgument } from "./errors.js";
-import { repr } from "./pyrepr.js";
+import { shown } from "./shown.js";
 
 export const GUEST_ROOT = "/app";
 /** Refuse to copy more than this into a sandbox at create. */
@@ -65,12 +65,12 @@ export function collectIncludes(paths: unknown, baseDir: string): IncludedFile[]
   const out: IncludedFile[] = [];
   let total = 0;
   for (const entry of paths as unknown[]) {
-    if (typeof entry !== "string" || !entry) throw InvalidArgument.create("include", `${repr(entry)} is not a path`);
+    if (typeof entry !== "string" || !entry) throw InvalidArgument.create("include", `${shown(entry)} is not a path`);
     const target = realpath(resolve(base, entry));
     if (!within(target, base)) {
-      throw InvalidArgument.create("include", `${repr(entry)} lies outside ${base}`, `paths under ${base}`);
+      throw InvalidArgument.create("include", `${shown(entry)} lies outside ${base}`, `paths under ${base}`);
     }
-    if (!existsSync(target)) throw InvalidArgument.create("include", `${repr(entry)} does not exist under ${base}`);
+    if (!existsSync(target)) throw InvalidArgument.create("include", `${shown(entry)} does not exist under ${base}`);
     for (const path of walk(target)) {
       const real = realpath(path);
       if (!within(real, target)) continue; // a symlink out of the included tree: never followed

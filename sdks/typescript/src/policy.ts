@@ -11,7 +11,7 @@
 import { BlockList, isIP } from "node:net";
 
 import { InvalidArgument, InvalidNetworkPolicy } from "./errors.js";
-import { repr, typeName } from "./pyrepr.js";
+import { kindOf, shown } from "./shown.js";
 
 /** Bounds a sandbox may ask for (the host policy of `mvmctl run --mode plan` may be tighter). */
 export const LIMITS = {
@@ -87,7 +87,7 @@ export function resources(options: ResourcesOptions = {}): Resources {
   for (const [key, value] of Object.entries(options ?? {})) {
     const field = RESOURCE_KEYS[key];
     if (field === undefined) {
-      throw InvalidArgument.create("resources", `unknown option ${repr(key)}`,
+      throw InvalidArgument.create("resources", `unknown option ${shown(key)}`,
         ["cpuCores", "memoryMb", "rootfsSizeMb", "maxProcesses"]);
     }
     if (value !== undefined) values[field] = value;
@@ -96,13 +96,13 @@ export function resources(options: ResourcesOptions = {}): Resources {
     const value = values[field];
     const [low, high] = LIMITS[field];
     if (typeof value !== "number" || Number.isNaN(value)) {
-      throw InvalidArgument.create(`resources.${field}`, `${repr(value)} is not a number`, `${low}..${high}`);
+      throw InvalidArgument.create(`resources.${field}`, `${shown(value)} is not a number`, `${low}..${high}`);
     }
     if (field !== "cpu_cores" && !Number.isInteger(value)) {
-      throw InvalidArgument.create(`resources.${field}`, `${repr(value)} must be a whole number`, `${low}..${high}`);
+      throw InvalidArgument.create(`resources.${field}`, `${shown(value)} must be a whole number`, `${low}..${high}`);
     }
     if (!(low <= value && value <= high)) {
-      throw InvalidArgument.create(`resources.${field}`, `${repr(value)} is out of range`, `${low}..${high}`);
+      throw InvalidArgument.create(`resources.${field}`, `${shown(value)} is out of range`, `${low}..${high}`);
     }
   }
   return new Resources(values.cpu_cores as number, values.memory_mb as number, values.rootfs_size_mb as number,
@@ -170,17 +170,17 @@ export function network(mode: NetworkMode | NetworkOptions = "deny", allow?: rea
   const entriesRaw: unknown = opts.allow ?? [];
   const wildcards = Boolean(opts.allowWildcards ?? opts.allow_wildcards ?? false);
   if (typeof chosen !== "string" || !(NETWORK_MODES as readonly string[]).includes(chosen)) {
-    throw InvalidNetworkPolicy.create("network.mode", `unknown mode ${repr(chosen)}`, [...NETWORK_MODES]);
+    throw InvalidNetworkPolicy.create("network.mode", `unknown mode ${shown(chosen)}`, [...NETWORK_MODES]);
   }
   if (typeof entriesRaw === "string") {
     throw InvalidNetworkPolicy.create("network.allow", "must be a list of 'host:port' strings, not one string");
   }
   if (!Array.isArray(entriesRaw)) {
-    throw InvalidNetworkPolicy.create("network.allow", `${typeName(entriesRaw)} is not a list of 'host:port' strings`);
+    throw InvalidNetworkPolicy.create("network.allow", `${kindOf(entriesRaw)} is not a list of 'host:port' strings`);
   }
   const entries = entriesRaw as unknown[];
   if (chosen !== "allow" && entries.length) {
-    throw InvalidNetworkPolicy.create("network.allow", `an allow-list needs mode='allow' (mode is ${repr(chosen)})`);
+    throw InvalidNetworkPolicy.create("network.allow", `an allow-list needs mode='allow' (mode is ${shown(chosen)})`);
   }
   if (chosen === "allow" && !entries.length) {
     throw InvalidNetworkPolicy.create("network.allow", "mode='allow' needs at least one 'host:port' entry");
@@ -190,7 +190,7 @@ export function network(mode: NetworkMode | NetworkOptions = "deny", allow?: rea
 }
 
 function validateDestination(entry: unknown, allowWildcards: boolean): void {
-  const field = `network.allow[${repr(entry)}]`;
+  const field = `network.allow[${shown(entry)}]`;
   if (typeof entry !== "string" || !entry.includes(":")) {
     throw InvalidNetworkPolicy.create(field, "must be 'host:port'", "e.g. 'pypi.org:443'");
   }
@@ -198,7 +198,7 @@ function validateDestination(entry: unknown, allowWildcards: boolean): void {
   const host = entry.slice(0, cut).replace(/^[[\]]+|[[\]]+$/g, "");
   const portText = entry.slice(cut + 1);
   if (!/^[0-9]+$/.test(portText) || !(1 <= parseInt(portText, 10) && parseInt(portText, 10) <= 65535)) {
-    throw InvalidNetworkPolicy.create(field, `port ${repr(portText)} is not valid`, "1..65535");
+    throw InvalidNetworkPolicy.create(field, `port ${shown(portText)} is not valid`, "1..65535");
   }
   if (isLoopback(host)) {
     // Python's message word for word
@@ -209,14 +209,14 @@ function validateDestination(entry: unknown, allowWildcards: boolean): void {
   const wildcard = host.includes("*") || host === "0.0.0.0" || host === "::" || host.includes("/");
   if (wildcard && !allowWildcards) {
     // Python's message word for word (the option is `allowWildcards` here)
-    throw InvalidNetworkPolicy.create(field, "wildcards are refused unless allow_wildcards=True");
+    throw InvalidNetworkPolicy.create(field, "wildcards are refused unless allow_wildcards is true");
   }
   if (host.includes("/")) {
-    if (!validNetwork(host)) throw InvalidNetworkPolicy.create(field, `${repr(host)} is not a valid network`);
+    if (!validNetwork(host)) throw InvalidNetworkPolicy.create(field, `${shown(host)} is not a valid network`);
     return;
   }
   if (isIP(host)) return;
-  if (!HOST_RE.test(host)) throw InvalidNetworkPolicy.create(field, `${repr(host)} is not a valid host name`);
+  if (!HOST_RE.test(host)) throw InvalidNetworkPolicy.create(field, `${shown(host)} is not a valid host name`);
 }
 
 /** `localhost`, a loopback address or a block inside the loopback range (as Python's `_is_loopback`). */
@@ -286,7 +286,7 @@ export class SecretRef {
 
 export function validateSecretName(name: unknown, field = "secret name"): string {
   if (typeof name !== "string" || !SECRET_NAME_RE.test(name)) {
-    throw InvalidArgument.create(field, `${repr(name)} is not a valid secret name`, SECRET_ALLOWED);
+    throw InvalidArgument.create(field, `${shown(name)} is not a valid secret name`, SECRET_ALLOWED);
   }
   return name;
 }

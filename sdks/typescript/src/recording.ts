@@ -31,7 +31,7 @@ import { GUEST_ROOT, type IncludedFile } from "./includes.js";
 import { findMvmctl } from "./paths.js";
 import { NetworkPolicy, Resources, SecretRef } from "./policy.js";
 import type { Header } from "./protocol.js";
-import { repr } from "./pyrepr.js";
+import { shown } from "./shown.js";
 import { STDIN_STAGING_DIR } from "./sandbox.js";
 import { absolutePath, type Env } from "./spec.js";
 import type { RequestContext, Transport, TransportCallOptions } from "./transport.js";
@@ -151,17 +151,17 @@ export function recordedMode(): string {
 
 function checkModeBits(mode: unknown, field = "mode"): number {
   if (typeof mode !== "number" || !Number.isInteger(mode) || mode < 0 || mode > 0o7777) {
-    throw InvalidArgument.create(field, `${repr(mode)} is not a file mode`, "0..0o7777, e.g. 0o644");
+    throw InvalidArgument.create(field, `${shown(mode)} is not a file mode`, "0..0o7777, e.g. 0o644");
   }
   return mode;
 }
 
 function checkRunLimits(timeoutSeconds: unknown, maxOutputBytes: unknown): void {
   if (typeof maxOutputBytes !== "number" || !Number.isInteger(maxOutputBytes) || !(maxOutputBytes > 0 && maxOutputBytes <= MAX_OUTPUT_LIMIT)) {
-    throw InvalidArgument.create("max_output_bytes", `${repr(maxOutputBytes)} is out of range`, `1..${MAX_OUTPUT_LIMIT}`);
+    throw InvalidArgument.create("max_output_bytes", `${shown(maxOutputBytes)} is out of range`, `1..${MAX_OUTPUT_LIMIT}`);
   }
   if (timeoutSeconds !== null && (typeof timeoutSeconds !== "number" || !(timeoutSeconds > 0) || timeoutSeconds === Infinity)) {
-    throw InvalidArgument.create("timeout_seconds", `${repr(timeoutSeconds)} must be a positive number`);
+    throw InvalidArgument.create("timeout_seconds", `${shown(timeoutSeconds)} must be a positive number`);
   }
 }
 
@@ -239,7 +239,7 @@ export function editDistance(a: string, b: string): number {
 /** The check Python's record mode makes of a template name, without building. @internal */
 export function checkTemplate(template: unknown): string {
   if (typeof template !== "string" || !template) {
-    throw InvalidArgument.create("template", `${repr(template)} is not a template name`);
+    throw InvalidArgument.create("template", `${shown(template)} is not a template name`);
   }
   if (template.endsWith(".toml")) return template; // a custom template file: admission checks it
   if (template.startsWith("oci:")) return template; // an OCI image: admission checks the reference, never pulls
@@ -335,7 +335,7 @@ export class RecordTransport implements Transport {
   static open(mode: string, request: CreateRequest, at: string | null,
     defaultName: (fallback: string) => string): RecordTransport {
     if (!(RECORDED_MODES as readonly string[]).includes(mode)) {
-      throw InvalidArgument.create("mode", `${repr(mode)} is not a recording mode`, [...RECORDED_MODES]);
+      throw InvalidArgument.create("mode", `${shown(mode)} is not a recording mode`, [...RECORDED_MODES]);
     }
     const recording = currentRecording();
     const byPath = new Map<string, { data: Buffer; mode: number }>();
@@ -423,7 +423,7 @@ export class RecordTransport implements Transport {
   private process(args: Header): number {
     const index = args.process;
     if (typeof index !== "number" || !Number.isInteger(index) || index < 0 || index >= this.processes.length) {
-      throw InvalidArgument.create("process", `${repr(index)} is not a process this recording started`);
+      throw InvalidArgument.create("process", `${shown(index)} is not a process this recording started`);
     }
     return index;
   }
@@ -522,7 +522,7 @@ export class RecordTransport implements Transport {
       let ref: Header | null;
       if (snapId === null) ref = null;
       else if (typeof snapId !== "string" || !snapId) {
-        throw InvalidArgument.create("snapshot", `${repr(snapId)} is not a snapshot`, "a Snapshot or its id");
+        throw InvalidArgument.create("snapshot", `${shown(snapId)} is not a snapshot`, "a Snapshot or its id");
       } else if (snapId.startsWith(`${this.sandboxId}-snapshot-`)) {
         ref = { recorded: parseInt(snapId.slice(snapId.lastIndexOf("-") + 1), 10) - 1 };
       } else ref = { id: snapId };
@@ -534,7 +534,7 @@ export class RecordTransport implements Transport {
       const keep = Boolean(args.keep);
       const expiresSeconds = expires === null ? null : parseDuration(expires as string | number, "expires");
       if (name !== null && (typeof name !== "string" || !name)) {
-        throw InvalidArgument.create("name", `${repr(name)} is not a snapshot name`);
+        throw InvalidArgument.create("name", `${shown(name)} is not a snapshot name`);
       }
       const index = this.snapshots;
       this.record("sandbox.snapshot", at, { name, expires_seconds: expiresSeconds, keep, snapshot: index });

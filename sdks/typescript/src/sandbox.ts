@@ -35,7 +35,7 @@ import { CONTROL_SOCKET, findMvmctl, sandboxesDir } from "./paths.js";
 import { network as makeNetwork, NetworkPolicy, Resources, SecretRef, type NetworkMode } from "./policy.js";
 import { collectIncludes } from "./includes.js";
 import { CHUNK_SIZE, type Header } from "./protocol.js";
-import { repr, typeName } from "./pyrepr.js";
+import { kindOf, shown } from "./shown.js";
 import { resolveSecret } from "./secrets.js";
 import {
   absolutePath, callerSite, currentMode, DEFAULT_TTL, defaultName, scriptDir, splitEnv, validateCommand, validatedSpec,
@@ -321,11 +321,11 @@ export class Sandbox implements AsyncDisposable, Disposable {
       const files = collectIncludes(options.include ?? [], scriptDir());
       const backend = options.backend ?? null;
       if (backend !== null && !BACKEND_NAMES.includes(backend)) {
-        throw InvalidArgument.create("backend", `unknown backend ${repr(backend)}`, BACKEND_NAMES);
+        throw InvalidArgument.create("backend", `unknown backend ${shown(backend)}`, BACKEND_NAMES);
       }
       const fromSnapshot = options.fromSnapshot ?? null;
       if (fromSnapshot !== null && (typeof fromSnapshot !== "string" || !fromSnapshot.trim())) {
-        throw InvalidArgument.create("from_snapshot", `${repr(fromSnapshot)} must be a snapshot id or name`);
+        throw InvalidArgument.create("from_snapshot", `${shown(fromSnapshot)} must be a snapshot id or name`);
       }
       const recorder = RecordTransport.open(mode, {
         template, name: spec.name, workloadId: spec.workloadId, backend, resources: spec.resources,
@@ -335,12 +335,12 @@ export class Sandbox implements AsyncDisposable, Disposable {
       return new Sandbox(recorder.sandboxId, recorder.name, "", undefined, { recorder, mode });
     }
     if (typeof template !== "string" || !template) {
-      throw InvalidArgument.create("template", `${repr(template)} is not a template name`);
+      throw InvalidArgument.create("template", `${shown(template)} is not a template name`);
     }
     const spec = validatedSpec({ ...options, ttl: options.ttl === undefined ? DEFAULT_TTL : options.ttl });
     for (const key of Object.keys(spec.tags)) {
       if (!key || key.includes("=")) { // mvmctl up --tag KEY=VALUE cannot carry them
-        throw InvalidArgument.create("tags", `${repr(key)} is not a tag name a live sandbox can have`,
+        throw InvalidArgument.create("tags", `${shown(key)} is not a tag name a live sandbox can have`,
           "a non-empty name without '='");
       }
     }
@@ -677,7 +677,7 @@ export class Commands {
       recorded: Boolean(result.recorded),
     });
     if (options.check && !commandResult.recorded && commandResult.exitCode !== 0) {
-      throw new CommandError(`command ${repr(args.argv)} exited with ${commandResult.exitCode}: `
+      throw new CommandError(`command ${shown(args.argv)} exited with ${commandResult.exitCode}: `
         + commandResult.stderr.trim().slice(-500), {}, undefined, commandResult);
     }
     return commandResult;
@@ -737,8 +737,8 @@ export class Process implements AsyncIterable<OutputChunk> {
   }
 
   toString(): string {
-    return this.index !== null ? `<Process #${this.index + 1} (recorded) argv=${repr(this.argv)}>`
-      : `<Process pid=${this.pid} argv=${repr(this.argv)}>`;
+    return this.index !== null ? `<Process #${this.index + 1} (recorded) argv=${shown(this.argv)}>`
+      : `<Process pid=${this.pid} argv=${shown(this.argv)}>`;
   }
 
   /** How requests name it: its pid, or its index in a recording. */
@@ -794,7 +794,7 @@ export class Process implements AsyncIterable<OutputChunk> {
       const upper = sig.toUpperCase();
       name = upper.startsWith("SIG") ? upper.slice(3) : upper;
       if (!(SIGNALS as readonly string[]).includes(name)) {
-        throw InvalidArgument.create("signal", `unknown signal ${repr(sig)}`, [...SIGNALS]);
+        throw InvalidArgument.create("signal", `unknown signal ${shown(sig)}`, [...SIGNALS]);
       }
     } else {
       name = Math.trunc(sig);
@@ -896,11 +896,11 @@ export class Ports {
     const guestPort = opts.guestPort;
     for (const [name, value, low] of [["guest_port", guestPort, 1], ["host_port", hostPort, 0]] as const) {
       if (typeof value !== "number" || !Number.isInteger(value) || !(low <= value && value <= 65535)) {
-        throw InvalidArgument.create(name, `${repr(value)} is not a port number`, `${low}..65535`);
+        throw InvalidArgument.create(name, `${shown(value)} is not a port number`, `${low}..65535`);
       }
     }
     if (typeof host !== "string") {
-      throw InvalidArgument.create("host", `${repr(host)} is not an address`, "e.g. '127.0.0.1'");
+      throw InvalidArgument.create("host", `${shown(host)} is not an address`, "e.g. '127.0.0.1'");
     }
     const { result } = await this.sandbox.call("port.forward", {
       host, host_port: hostPort, guest_port: guestPort, allow_wildcard: Boolean(opts.allowWildcard ?? false),
@@ -924,7 +924,7 @@ export class Ports {
     if (forward instanceof PortForward) args = { id: forward.id };
     else if (typeof forward === "string") args = { id: forward };
     else if (typeof forward === "number" && Number.isInteger(forward)) args = { host_port: forward };
-    else throw InvalidArgument.create("forward", repr(forward), "a PortForward, its id or its host port");
+    else throw InvalidArgument.create("forward", shown(forward), "a PortForward, its id or its host port");
     await this.sandbox.call("port.close", args, undefined, { call: "ports.close" });
   }
 }
@@ -962,7 +962,7 @@ export class Network {
       throw InvalidNetworkPolicy.create("network.allow", "must be a list of 'host:port' strings, not one string");
     }
     if (allow !== null && !Array.isArray(allow)) {
-      throw InvalidNetworkPolicy.create("network.allow", `${typeName(allow)} is not a list of 'host:port' strings`);
+      throw InvalidNetworkPolicy.create("network.allow", `${kindOf(allow)} is not a list of 'host:port' strings`);
     }
     const entries = allow === null ? null : [...(allow as unknown[])];
     if (entries !== null) {
@@ -986,7 +986,7 @@ export class Network {
  * a guest account name or uid, or absent (the agent's default). @internal */
 export function checkUser(user: unknown): void {
   if (user !== undefined && user !== null && (typeof user !== "string" || !user || user.includes("\0"))) {
-    throw InvalidArgument.create("user", `${repr(user)} is not a user name`, "a guest user name or uid");
+    throw InvalidArgument.create("user", `${shown(user)} is not a user name`, "a guest user name or uid");
   }
 }
 

@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { KeystoreError, SecretNotFound } from "./errors.js";
 import { mvmHome } from "./paths.js";
 import { validateSecretName } from "./policy.js";
-import { repr } from "./pyrepr.js";
+import { shown } from "./shown.js";
 
 const AD_PREFIX = Buffer.from("mvm-secret-v1\0", "latin1");
 
@@ -44,16 +44,16 @@ function keystoreGet(name: string): string {
   try {
     record = JSON.parse(readFileSync(keystorePath(name), "utf8")) as Record<string, unknown>;
   } catch (exc) {
-    throw new KeystoreError(`keystore entry for secret ${repr(name)} is unreadable: ${(exc as Error).message}`, { name });
+    throw new KeystoreError(`keystore entry for secret ${shown(name)} is unreadable: ${(exc as Error).message}`, { name });
   }
   if (typeof record !== "object" || record === null || record.v !== 1) {
-    throw new KeystoreError(`keystore entry for secret ${repr(name)} has an unknown format`, { name });
+    throw new KeystoreError(`keystore entry for secret ${shown(name)} has an unknown format`, { name });
   }
   let key: Buffer;
   try {
     key = readFileSync(join(mvmHome(), "keys", "secrets.key"));
   } catch {
-    throw new KeystoreError(`secret ${repr(name)} exists but the keystore key (keys/secrets.key) is missing`, { name });
+    throw new KeystoreError(`secret ${shown(name)} exists but the keystore key (keys/secrets.key) is missing`, { name });
   }
   if (key.length !== 32) throw new KeystoreError(`key file keys/secrets.key is corrupt (expected 32 bytes, found ${key.length})`);
   try {
@@ -64,7 +64,7 @@ function keystoreGet(name: string): string {
     decipher.setAuthTag(sealed.subarray(sealed.length - 16));
     return Buffer.concat([decipher.update(sealed.subarray(0, sealed.length - 16)), decipher.final()]).toString("utf8");
   } catch {
-    throw new KeystoreError(`keystore entry for secret ${repr(name)} does not decrypt (edited, moved from another `
+    throw new KeystoreError(`keystore entry for secret ${shown(name)} does not decrypt (edited, moved from another `
       + "name, or a different keystore key)", { name });
   }
 }

@@ -12,7 +12,7 @@ import { fileURLToPath } from "node:url";
 import { InvalidArgument } from "./errors.js";
 import { parseDuration } from "./durations.js";
 import { network as makeNetwork, NetworkPolicy, resources as makeResources, Resources, SecretRef } from "./policy.js";
-import { repr, typeName } from "./pyrepr.js";
+import { kindOf, shown } from "./shown.js";
 
 export const DEFAULT_TTL = "30m";
 export const MODES = ["record", "plan", "live"] as const;
@@ -26,14 +26,14 @@ const NAME_RE = /^[a-z0-9][a-z0-9_.-]{0,62}$/;
 export function currentMode(explicit?: string | null): Mode {
   const mode = explicit || process.env.MVM_MODE || "live";
   if (!(MODES as readonly string[]).includes(mode)) {
-    throw InvalidArgument.create("mode", `unknown mode ${repr(mode)}`, [...MODES]);
+    throw InvalidArgument.create("mode", `unknown mode ${shown(mode)}`, [...MODES]);
   }
   return mode as Mode;
 }
 
 export function validateName(name: unknown): string {
   if (typeof name !== "string" || !NAME_RE.test(name)) {
-    throw InvalidArgument.create("name", `${repr(name)} is not a valid sandbox name`,
+    throw InvalidArgument.create("name", `${shown(name)} is not a valid sandbox name`,
       "lowercase letters, digits, '-', '_', '.'; 1-63 chars");
   }
   return name;
@@ -42,15 +42,15 @@ export function validateName(name: unknown): string {
 function checkEnv(env: unknown): Env {
   if (env === undefined || env === null) return {};
   if (typeof env !== "object" || Array.isArray(env)) {
-    throw InvalidArgument.create("env", `${typeName(env)} is not a mapping`, "{ NAME: 'value' | secret('name') }");
+    throw InvalidArgument.create("env", `${kindOf(env)} is not a mapping`, "{ NAME: 'value' | secret('name') }");
   }
   const out: Env = {};
   for (const [key, value] of Object.entries(env as Record<string, unknown>)) {
     if (!key || key.includes("=") || key.includes("\0")) {
-      throw InvalidArgument.create("env", `${repr(key)} is not a valid variable name`);
+      throw InvalidArgument.create("env", `${shown(key)} is not a valid variable name`);
     }
     if (typeof value !== "string" && !(value instanceof SecretRef)) {
-      throw InvalidArgument.create(`env[${repr(key)}]`, `${typeName(value)} value`, "str or mvm.secret(name)");
+      throw InvalidArgument.create(`env[${shown(key)}]`, `${kindOf(value)} value`, "a string or secret(name)");
     }
     out[key] = value;
   }
@@ -70,7 +70,7 @@ export function validateCommand(argv: unknown, env: unknown, cwd: unknown): { ar
       "e.g. ['python', '/app/main.py']");
   }
   if (cwd !== undefined && cwd !== null && (typeof cwd !== "string" || !cwd || cwd.includes("\0"))) {
-    throw InvalidArgument.create("cwd", `${repr(cwd)} is not a guest directory`, "an absolute path, or one relative to the default working directory");
+    throw InvalidArgument.create("cwd", `${shown(cwd)} is not a guest directory`, "an absolute path, or one relative to the default working directory");
   }
   return { argv: list as string[], env: checkEnv(env) };
 }
@@ -94,7 +94,7 @@ export function validatedSpec(options: {
   if (name !== null) validateName(name);
   const workloadId = options.workloadId ?? null;
   if (workloadId !== null && (typeof workloadId !== "string" || !workloadId.trim())) {
-    throw InvalidArgument.create("workload_id", `${repr(workloadId)} must be a non-empty string`);
+    throw InvalidArgument.create("workload_id", `${shown(workloadId)} must be a non-empty string`);
   }
   if (options.resources !== undefined && options.resources !== null && !(options.resources instanceof Resources)) {
     throw InvalidArgument.create("resources", "use resources(...)", "resources({ cpuCores: ..., ... })");
@@ -134,7 +134,7 @@ export function defaultName(workloadId: string | null, sandboxId: string): strin
 
 export function absolutePath(path: unknown, field = "path"): string {
   if (typeof path !== "string" || !path.startsWith("/")) {
-    throw InvalidArgument.create(field, `${repr(path)} must be an absolute guest path`, "e.g. '/app/main.py'");
+    throw InvalidArgument.create(field, `${shown(path)} must be an absolute guest path`, "e.g. '/app/main.py'");
   }
   return path;
 }

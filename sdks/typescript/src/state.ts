@@ -15,7 +15,7 @@ import { join } from "node:path";
 
 import { SandboxLost, SandboxNotFound } from "./errors.js";
 import { mvmHome, sandboxesDir } from "./paths.js";
-import { repr } from "./pyrepr.js";
+import { shown } from "./shown.js";
 
 export type SandboxRecord = Record<string, unknown> & { id: string; name: string; state: string; directory: string };
 
@@ -116,7 +116,7 @@ export function findSandbox(nameOrId: string): SandboxRecord {
   if (record === null) {
     const names = listSandboxes().filter((r) => r.state !== "lost").map((r) => String(r.name ?? r.id ?? "?")).sort();
     throw new SandboxNotFound(
-      `no running sandbox named ${repr(nameOrId)}` + (names.length ? `; running: ${names.join(", ")}` : "; none running"),
+      `no running sandbox named ${shown(nameOrId)}` + (names.length ? `; running: ${names.join(", ")}` : "; none running"),
       { name: nameOrId, available: names },
     );
   }

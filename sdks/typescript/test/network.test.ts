@@ -169,7 +169,7 @@ describe("port forwards", () => {
       const exc = await thrown(() => fw.ports.forward({ host, guestPort: 8000 }));
       assert.ok(exc instanceof InvalidArgument && !(exc instanceof PortInUse), `${host}: ${String(exc)}`);
       assert.equal((exc as InvalidArgument).field, "host");
-      assert.match(exc.message, /would listen on every interface of the host; pass allow_wildcard=True/);
+      assert.match(exc.message, /would listen on every interface of the host; pass allow_wildcard: true/);
     }
     const name = await thrown(() => fw.ports.forward({ host: "example.com", guestPort: 8000 }));
     assert.equal((name as InvalidArgument).field, "host");
@@ -284,7 +284,7 @@ describe("network policy", () => {
     const wildcard = await thrown(() => fw.network.update({ allow: ["*.example.com:443"] }));
     assert.ok(wildcard instanceof InvalidNetworkPolicy);
     assert.equal((wildcard as InvalidNetworkPolicy).field, "network.allow['*.example.com:443']");
-    assert.match(wildcard.message, /wildcards are refused unless allow_wildcards=True$/);
+    assert.match(wildcard.message, /wildcards are refused unless allow_wildcards is true$/);
     const bad = await thrown(() => fw.network.update({ allow: ["no-port.example.com"] }));
     assert.ok(bad instanceof InvalidNetworkPolicy);
     assert.equal((bad as InvalidNetworkPolicy).field, "network.allow['no-port.example.com']");

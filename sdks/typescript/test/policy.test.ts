@@ -97,7 +97,7 @@ describe("policy builders", () => {
     const exc = await thrown(() => network("allow", ["*.example.com:443"]));
     assert.ok(exc instanceof InvalidNetworkPolicy && exc instanceof InvalidArgument);
     assert.equal((exc as InvalidArgument).field, "network.allow['*.example.com:443']");
-    assert.equal(exc.message, "network.allow['*.example.com:443']: wildcards are refused unless allow_wildcards=True");
+    assert.equal(exc.message, "network.allow['*.example.com:443']: wildcards are refused unless allow_wildcards is true");
   });
 
   test("networks are read like Python's ipaddress (a netmask or a hostmask after the slash)", () => {

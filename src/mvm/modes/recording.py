@@ -36,6 +36,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import errors
+from ..errors import shown
 from ..durations import parse_duration
 from ..protocol.requests import check_run_limits
 from ..sdk.commands import STDIN_STAGING_DIR
@@ -252,7 +253,7 @@ def not_available(call: str, mode: str, hint: str) -> NoReturn:
 def _check_mode_bits(mode: Any, field: str = "mode") -> int:
     """What the guest agent accepts as a file mode (it refuses the rest the same way)."""
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-        raise errors.InvalidArgument(field, f"{mode!r} is not a file mode", allowed="0..0o7777, e.g. 0o644")
+        raise errors.InvalidArgument(field, f"{shown(mode)} is not a file mode", allowed="0..0o7777, e.g. 0o644")
     return mode
 
 
@@ -317,7 +318,7 @@ class RecordTransport:
     def open(cls, mode: str, request: CreateRequest, default_name: Callable[[str], str]) -> RecordTransport:
         """Record ``request`` as a ``sandbox.create`` (included files stored by sha256)."""
         if mode not in RECORDED_MODES:
-            raise errors.InvalidArgument("mode", f"{mode!r} is not a recording mode", allowed=list(RECORDED_MODES))
+            raise errors.InvalidArgument("mode", f"{shown(mode)} is not a recording mode", allowed=list(RECORDED_MODES))
         recording = current_recording()
         by_path = {guest_path: (data, mode_bits) for guest_path, data, mode_bits in request.files}
         included = []
@@ -415,7 +416,7 @@ class RecordTransport:
     def _process(self, args: dict[str, Any]) -> int:
         index = args.get("process")
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self._processes):
-            raise errors.InvalidArgument("process", f"{index!r} is not a process this recording started")
+            raise errors.InvalidArgument("process", f"{shown(index)} is not a process this recording started")
         return index
 
     def _proc_signal(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
@@ -498,7 +499,8 @@ class RecordTransport:
         if snap_id is None:
             ref = None
         elif not isinstance(snap_id, str) or not snap_id:
-            raise errors.InvalidArgument("snapshot", f"{snap_id!r} is not a snapshot", allowed="a Snapshot or its id")
+            raise errors.InvalidArgument("snapshot", f"{shown(snap_id)} is not a snapshot",
+                                         allowed="a Snapshot or its id")
         elif snap_id.startswith(f"{self.sandbox_id}-snapshot-"):
             ref = {"recorded": int(snap_id.rsplit("-", 1)[1]) - 1}
         else:
@@ -509,7 +511,7 @@ class RecordTransport:
         name, expires, keep = args.get("name"), args.get("expires"), bool(args.get("keep"))
         expires_seconds = None if expires is None else parse_duration(expires, field="expires")
         if name is not None and (not isinstance(name, str) or not name):
-            raise errors.InvalidArgument("name", f"{name!r} is not a snapshot name")
+            raise errors.InvalidArgument("name", f"{shown(name)} is not a snapshot name")
         index = self._snapshots
         self._record("sandbox.snapshot", name=name, expires_seconds=expires_seconds, keep=keep, snapshot=index)
         self._snapshots += 1

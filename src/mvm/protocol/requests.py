@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import errors
+from ..errors import shown
 
 #: Default capture per stream for ``exec.run`` / ``commands.run``.
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
@@ -27,7 +28,8 @@ def check_run_limits(args: Mapping[str, Any]) -> tuple[int, float | None]:
     if cap is None:
         cap = DEFAULT_MAX_OUTPUT_BYTES
     if isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= MAX_OUTPUT_LIMIT:
-        raise errors.InvalidArgument("max_output_bytes", f"{cap!r} is out of range", allowed=f"1..{MAX_OUTPUT_LIMIT}")
+        raise errors.InvalidArgument("max_output_bytes", f"{shown(cap)} is out of range",
+                                     allowed=f"1..{MAX_OUTPUT_LIMIT}")
     timeout = args.get("timeout_seconds")
     if timeout is not None and (
         isinstance(timeout, bool)
@@ -35,7 +37,7 @@ def check_run_limits(args: Mapping[str, Any]) -> tuple[int, float | None]:
         or not timeout > 0
         or timeout == float("inf")
     ):
-        raise errors.InvalidArgument("timeout_seconds", f"{timeout!r} must be a positive number")
+        raise errors.InvalidArgument("timeout_seconds", f"{shown(timeout)} must be a positive number")
     return cap, None if timeout is None else float(timeout)
 
 
@@ -44,4 +46,4 @@ def check_user(user: Any) -> None:
     account name or uid, or ``None`` (the agent's default). Whether the guest has it is
     the guest's to say (``UserNotFound``)."""
     if user is not None and (not isinstance(user, str) or not user or "\0" in user):
-        raise errors.InvalidArgument("user", f"{user!r} is not a user name", allowed="a guest user name or uid")
+        raise errors.InvalidArgument("user", f"{shown(user)} is not a user name", allowed="a guest user name or uid")

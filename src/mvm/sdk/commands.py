@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..errors import shown
 from ..protocol import CHUNK_SIZE
 from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES as DEFAULT_MAX_OUTPUT_BYTES  # the supervisor's default
 from .files import payload_bytes
@@ -283,7 +284,7 @@ def signal_args(process: dict[str, Any], sig: str | int, group: bool) -> dict[st
     """``proc.signal`` arguments for ``process`` (:func:`process_ref`); an unknown signal
     name raises ``InvalidArgument``."""
     if isinstance(sig, str) and sig.upper().removeprefix("SIG") not in _SIGNALS:
-        raise errors.InvalidArgument("signal", f"unknown signal {sig!r}", allowed=sorted(_SIGNALS))
+        raise errors.InvalidArgument("signal", f"unknown signal {shown(sig)}", allowed=sorted(_SIGNALS))
     name = sig.upper().removeprefix("SIG") if isinstance(sig, str) else int(sig)
     return {**process, "signal": name, "group": group}
 
@@ -306,7 +307,7 @@ class LineSplitter:
 
     def __init__(self, which: str):
         if which not in ("stdout", "stderr"):
-            raise errors.InvalidArgument("which", f"{which!r}", allowed=["stdout", "stderr"])
+            raise errors.InvalidArgument("which", f"{shown(which)}", allowed=["stdout", "stderr"])
         self._which = which
         self._pending = ""
 
@@ -379,7 +380,7 @@ class OutputCapture:
         )
         if check and not command_result.recorded and command_result.exit_code != 0:
             raise errors.CommandError(
-                f"command {list(args['argv'])!r} exited with {command_result.exit_code}: "
+                f"command {shown(list(args['argv']))} exited with {command_result.exit_code}: "
                 f"{command_result.stderr.strip()[-500:]}",
                 result=command_result,
             )

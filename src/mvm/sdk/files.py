@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..errors import kind_of, shown
 from ..protocol import CHUNK_SIZE
 from ..protocol.requests import DEFAULT_MAX_READ_BYTES, check_user
 from .models import FileEntry
@@ -100,7 +101,7 @@ class Files:
 
 def check_max_bytes(max_bytes: int) -> None:
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise errors.InvalidArgument("max_bytes", f"{max_bytes!r} must be a positive integer")
+        raise errors.InvalidArgument("max_bytes", f"{shown(max_bytes)} must be a positive integer")
 
 
 def read_request(path: str, max_bytes: int, user: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -125,7 +126,7 @@ def payload_bytes(data: Any, field: str) -> bytes:
         return data.encode()
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
-    raise errors.InvalidArgument(field, f"{type(data).__name__} is not bytes or str")
+    raise errors.InvalidArgument(field, f"{kind_of(data)} is not bytes or str")
 
 
 def written_entry(answer: dict[str, Any]) -> FileEntry | None:
@@ -135,5 +136,6 @@ def written_entry(answer: dict[str, Any]) -> FileEntry | None:
 
 def absolute_path(path: str) -> str:
     if not isinstance(path, str) or not path.startswith("/"):
-        raise errors.InvalidArgument("path", f"{path!r} must be an absolute guest path", allowed="e.g. '/app/main.py'")
+        raise errors.InvalidArgument("path", f"{shown(path)} must be an absolute guest path",
+                                     allowed="e.g. '/app/main.py'")
     return path

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import errors
+from ..errors import shown
 
 GUEST_ROOT = "/app"
 #: Refuse to copy more than this into a sandbox at create (use files.write for more).
@@ -28,12 +29,13 @@ def collect_includes(paths: Sequence[str], base_dir: Path) -> list[tuple[str, by
     total = 0
     for entry in paths:
         if not isinstance(entry, str) or not entry:
-            raise errors.InvalidArgument("include", f"{entry!r} is not a path")
+            raise errors.InvalidArgument("include", f"{shown(entry)} is not a path")
         target = (base / entry).resolve()
         if target != base and base not in target.parents:
-            raise errors.InvalidArgument("include", f"{entry!r} lies outside {base}", allowed=f"paths under {base}")
+            raise errors.InvalidArgument("include", f"{shown(entry)} lies outside {base}",
+                                         allowed=f"paths under {base}")
         if not target.exists():
-            raise errors.InvalidArgument("include", f"{entry!r} does not exist under {base}")
+            raise errors.InvalidArgument("include", f"{shown(entry)} does not exist under {base}")
         root = target
         for path in _walk(target):
             real = path.resolve()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..errors import shown
 from .models import PortForward
 from .policy import network as make_network
 
@@ -89,9 +90,9 @@ def forward_args(guest_port: int, host_port: int, host: str, allow_wildcard: boo
     """``port.forward`` arguments, checked."""
     for name, value, low in (("guest_port", guest_port, 1), ("host_port", host_port, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
-            raise errors.InvalidArgument(name, f"{value!r} is not a port number", allowed=f"{low}..65535")
+            raise errors.InvalidArgument(name, f"{shown(value)} is not a port number", allowed=f"{low}..65535")
     if not isinstance(host, str):
-        raise errors.InvalidArgument("host", f"{host!r} is not an address", allowed="e.g. '127.0.0.1'")
+        raise errors.InvalidArgument("host", f"{shown(host)} is not an address", allowed="e.g. '127.0.0.1'")
     return {"host": host, "host_port": host_port, "guest_port": guest_port,
             "allow_wildcard": bool(allow_wildcard), "detach": bool(detach)}
 
@@ -104,7 +105,7 @@ def close_args(forward: PortForward | str | int) -> dict[str, Any]:
         return {"id": forward}
     if isinstance(forward, int) and not isinstance(forward, bool):
         return {"host_port": forward}
-    raise errors.InvalidArgument("forward", f"{forward!r}", allowed="a PortForward, its id or its host port")
+    raise errors.InvalidArgument("forward", f"{shown(forward)}", allowed="a PortForward, its id or its host port")
 
 
 def update_args(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..errors import kind_of, shown
 from ..backends import backend_names
 from ..durations import parse_duration
 from ..protocol.requests import check_user
@@ -53,7 +54,7 @@ def current_mode(explicit: str | None = None) -> str:
     """``mode=`` wins, else ``$MVM_MODE`` (set by ``mvmctl``), else live."""
     mode = explicit or os.environ.get("MVM_MODE") or "live"
     if mode not in MODES:
-        raise errors.InvalidArgument("mode", f"unknown mode {mode!r}", allowed=list(MODES))
+        raise errors.InvalidArgument("mode", f"unknown mode {shown(mode)}", allowed=list(MODES))
     return mode
 
 
@@ -374,16 +375,16 @@ def validate_command(
     if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
         raise errors.InvalidArgument(
             "cwd",
-            f"{cwd!r} is not a guest directory",
+            f"{shown(cwd)} is not a guest directory",
             allowed="an absolute path, or one relative to the default working directory",
         )
     env = dict(env or {})
     for key, value in env.items():
         if not isinstance(key, str) or not key or "=" in key or "\0" in key:
-            raise errors.InvalidArgument("env", f"{key!r} is not a valid variable name")
+            raise errors.InvalidArgument("env", f"{shown(key)} is not a valid variable name")
         if not isinstance(value, (str, SecretRef)):
             raise errors.InvalidArgument(
-                f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
+                f"env[{shown(key)}]", f"{kind_of(value)} value", allowed="a string or secret(name)"
             )
     return argv, env
 
@@ -435,7 +436,7 @@ def snapshot_shape(snapshot: Any) -> Resources:
     """The resources a sandbox created ``from_snapshot=snapshot`` gets when its creator
     names none: those of the sandbox the snapshot was taken from."""
     if not isinstance(snapshot, str) or not snapshot.strip():
-        raise errors.InvalidArgument("from_snapshot", f"{snapshot!r} must be a snapshot id or name")
+        raise errors.InvalidArgument("from_snapshot", f"{shown(snapshot)} must be a snapshot id or name")
     from ..snapshots import SnapshotStore
     from ..snapshots import shape
 
@@ -492,7 +493,7 @@ def create_request(
     files = collect_includes(include or [], base_dir=script_dir())
     if not live:  # live, choose_backend checks it against what this host can run
         if backend is not None and backend not in backend_names():
-            raise errors.InvalidArgument("backend", f"unknown backend {backend!r}", allowed=backend_names())
+            raise errors.InvalidArgument("backend", f"unknown backend {shown(backend)}", allowed=backend_names())
         validate_snapshot_ref(from_snapshot)
     return CreateRequest(
         template=template, name=name, workload_id=workload_id, backend=backend, resources=spec["resources"],
@@ -544,7 +545,7 @@ def _validated_spec(
     for key, value in (env or {}).items():
         if not isinstance(value, (str, SecretRef)):
             raise errors.InvalidArgument(
-                f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
+                f"env[{shown(key)}]", f"{kind_of(value)} value", allowed="a string or secret(name)"
             )
     validate_tags(tags or {})
     ttl_seconds = None if ttl is None else parse_duration(ttl, field="ttl")
@@ -570,7 +571,7 @@ def _split_env(env: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str], 
             literal[key] = value
         else:
             raise errors.InvalidArgument(
-                f"env[{key!r}]", f"{type(value).__name__} value", allowed="str or mvm.secret(name)"
+                f"env[{shown(key)}]", f"{kind_of(value)} value", allowed="a string or secret(name)"
             )
     return literal, secret_env, values
 

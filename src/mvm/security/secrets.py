@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, AnyStr, cast, overload
 
 from mvm import paths
-from mvm.errors import InvalidArgument, KeystoreError, SecretNotFound
+from mvm.errors import InvalidArgument, KeystoreError, SecretNotFound, kind_of, shown
 
 from ..osutil import ensure_private_dir, read_private, write_private_atomic
 from .canonical import b64decode, b64encode, format_ts, utc_now
@@ -58,7 +58,7 @@ _SUFFIX = ".secret"
 
 def validate_secret_name(name: Any, field: str = "secret name") -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InvalidArgument(field, f"{name!r} is not a valid secret name", allowed=_ALLOWED)
+        raise InvalidArgument(field, f"{shown(name)} is not a valid secret name", allowed=_ALLOWED)
     return name
 
 
@@ -130,16 +130,16 @@ class Keystore:
         except FileNotFoundError:
             raise SecretNotFound(name, hint=_hint(name)) from None
         except (OSError, ValueError) as exc:
-            raise KeystoreError(f"keystore entry for secret {name!r} is unreadable: {exc}", name=name) from None
+            raise KeystoreError(f"keystore entry for secret {shown(name)} is unreadable: {exc}", name=name) from None
         if not isinstance(record, dict) or record.get("v") != 1:
-            raise KeystoreError(f"keystore entry for secret {name!r} has an unknown format", name=name)
+            raise KeystoreError(f"keystore entry for secret {shown(name)} has an unknown format", name=name)
         return record
 
     def set(self, name: str, value: str) -> dict[str, str]:
         """Store (or replace) ``name``; returns its metadata ``{name, created_at, updated_at}``."""
         path = self._path(name)
         if not isinstance(value, str):
-            raise InvalidArgument("secret value", f"must be a str, not {type(value).__name__}")
+            raise InvalidArgument("secret value", f"must be a string, not {kind_of(value)}")
         raw = value.encode("utf-8")
         if not raw:
             raise InvalidArgument("secret value", "must not be empty")
@@ -179,13 +179,13 @@ class Keystore:
 
         key = symmetric_key(SECRETS_KEY_FILE, create=False)
         if key is None:
-            raise KeystoreError(f"secret {name!r} exists but the keystore key "
+            raise KeystoreError(f"secret {shown(name)} exists but the keystore key "
                                 f"(keys/{SECRETS_KEY_FILE}) is missing", name=name)
         try:
             nonce = b64decode(record["nonce"])
             plain = AESGCM(key).decrypt(nonce, b64decode(record["ciphertext"]), self._ad(name))
         except (InvalidTag, KeyError, ValueError, TypeError):
-            raise KeystoreError(f"keystore entry for secret {name!r} does not decrypt "
+            raise KeystoreError(f"keystore entry for secret {shown(name)} does not decrypt "
                                 "(edited, moved from another name, or a different keystore key)",
                                 name=name) from None
         return plain.decode("utf-8")

@@ -255,7 +255,7 @@ def _bind_address(host: str, allow_wildcard: bool) -> str:
         if not allow_wildcard:
             raise errors.InvalidArgument(
                 "host", f"{host or '(empty)'!r} would listen on every interface of the host; pass "
-                "allow_wildcard=True (mvmctl: --allow-wildcard) if that is what you want",
+                "allow_wildcard: true (mvmctl: --allow-wildcard) if that is what you want",
                 allowed="a specific address such as '127.0.0.1'")
         return "::" if host == "::" else "0.0.0.0"
     if host == "localhost":
@@ -266,7 +266,7 @@ def _bind_address(host: str, allow_wildcard: bool) -> str:
         raise errors.InvalidArgument("host", f"{host!r} is not an IP address",
                                      allowed="an address of this host, e.g. '127.0.0.1'") from None
     if address.is_unspecified:
-        raise errors.InvalidArgument("host", f"{host} is a wildcard address; pass allow_wildcard=True",
+        raise errors.InvalidArgument("host", f"{host} is a wildcard address; pass allow_wildcard: true",
                                      allowed="a specific address such as '127.0.0.1'")
     return str(address)
 

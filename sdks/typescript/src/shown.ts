@@ -1,12 +1,14 @@
 /**
- * `repr()`-style rendering of values in error messages, so a TypeScript error reads
- * exactly like the Python SDK's (`resources.memory_mb: 'x' is not a number ...`).
+ * Values as error messages show them, worded for a user of either SDK: the same rule as
+ * Python's `mvm.errors.shown` / `kind_of`, so both SDKs' messages read alike
+ * (`resources.max_processes: true is not a number ...`).
  * @internal
  */
 
-export function repr(value: unknown): string {
-  if (value === undefined || value === null) return "None";
-  if (typeof value === "boolean") return value ? "True" : "False";
+/** `null`, `true`/`false`, numbers, text in single quotes, lists and objects item by item. */
+export function shown(value: unknown): string {
+  if (value === undefined || value === null) return "null";
+  if (typeof value === "boolean") return value ? "true" : "false";
   if (typeof value === "number") {
     if (Number.isNaN(value)) return "nan";
     if (value === Infinity) return "inf";
@@ -15,7 +17,7 @@ export function repr(value: unknown): string {
   }
   if (typeof value === "bigint") return value.toString();
   if (typeof value === "string") return strRepr(value);
-  if (Array.isArray(value)) return "[" + value.map(repr).join(", ") + "]";
+  if (Array.isArray(value)) return "[" + value.map(shown).join(", ") + "]";
   if (value instanceof Uint8Array) return `b'${Buffer.from(value).toString("latin1")}'`;
   if (typeof value === "object") {
     const ctor = (value as object).constructor;
@@ -23,7 +25,7 @@ export function repr(value: unknown): string {
       const text = String(value);
       if (text !== "[object Object]") return text;
     }
-    return "{" + Object.entries(value as object).map(([k, v]) => `${strRepr(k)}: ${repr(v)}`).join(", ") + "}";
+    return "{" + Object.entries(value as object).map(([k, v]) => `${strRepr(k)}: ${shown(v)}`).join(", ") + "}";
   }
   if (typeof value === "function") return `<function ${value.name || "anonymous"}>`;
   return String(value);
@@ -46,14 +48,14 @@ function strRepr(text: string): string {
   return out + quote;
 }
 
-/** Python's `type(value).__name__` for the JS types a caller may pass. */
-export function typeName(value: unknown): string {
-  if (value === null || value === undefined) return "NoneType";
-  if (typeof value === "string") return "str";
-  if (typeof value === "number") return Number.isInteger(value) ? "int" : "float";
-  if (typeof value === "boolean") return "bool";
+/** What a value is: null, boolean, number, string, bytes, list, object; else its class name. */
+export function kindOf(value: unknown): string {
+  if (value === null || value === undefined) return "null";
+  if (typeof value === "string") return "string";
+  if (typeof value === "number") return "number";
+  if (typeof value === "boolean") return "boolean";
   if (Array.isArray(value)) return "list";
   if (value instanceof Uint8Array) return "bytes";
-  if (typeof value === "object") return (value as object).constructor?.name === "Object" ? "dict" : (value as object).constructor?.name ?? "object";
+  if (typeof value === "object") return (value as object).constructor?.name === "Object" ? "object" : (value as object).constructor?.name ?? "object";
   return typeof value;
 }
