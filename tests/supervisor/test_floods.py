@@ -138,8 +138,8 @@ def test_filling_the_disk_stops_at_its_size(pair: tuple[mvm.Sandbox, mvm.Sandbox
 
 def test_a_fork_bomb_stops_at_the_pids_limit(pair: tuple[mvm.Sandbox, mvm.Sandbox]) -> None:
     flooder, neighbour = pair  # max_processes=64 (the agent's threads count among them)
-    counted = flooder.commands.run(["python3", "-c", (
-        "import os, signal, time\n"
+    holder = flooder.commands.start(["python3", "-c", (
+        "import os, time\n"
         "children, error = 0, None\n"
         "for _ in range(500):\n"
         "    try:\n"
@@ -150,9 +150,22 @@ def test_a_fork_bomb_stops_at_the_pids_limit(pair: tuple[mvm.Sandbox, mvm.Sandbo
         "        time.sleep(600); os._exit(0)\n"
         "    children += 1\n"
         "print(children, error, flush=True)\n"
-        "os.killpg(0, signal.SIGKILL)\n")], timeout_seconds=300)  # its children with it
-    children, error = counted.stdout.split()
+        "time.sleep(600)\n")])  # holds every pid it got
+    children, error = next(holder.lines()).split()
     assert error == "11" and 0 < int(children) < 64  # EAGAIN from the pids limit
+    with pytest.raises(errors.TooLarge) as refused:  # the limit is full: a start is refused, typed
+        flooder.commands.run(["true"])
+    assert refused.value.details["field"] == "max_processes"
+    holder.kill()
+    holder.wait(timeout=120)
+
+    def starts() -> bool:
+        try:
+            return flooder.commands.run(["true"]).exit_code == 0
+        except errors.TooLarge:
+            return False  # the killed children are not all reaped yet
+
+    wait_for(starts, "room for a process again", timeout=120, interval=0.2)
     if pair_backend(flooder) == "vm":  # enforced by the agent in the guest, and said so
         assert flooder.describe().details["guest_limits"]["max_processes"].startswith("64 tasks")
     # a real bomb: forks on forever inside the limit until killed
@@ -161,9 +174,19 @@ def test_a_fork_bomb_stops_at_the_pids_limit(pair: tuple[mvm.Sandbox, mvm.Sandbo
     bomb = flooder.commands.start(["sh", "-c", "touch /tmp/bombing; b() { b | b & }; b; read never"], stdin=True)
     wait_for(lambda: flooder.files.exists("/tmp/bombing"), "the bomb to go off", timeout=120)
     _neighbour_answers(neighbour)
-    assert bomb.is_running()  # the bomb never ends by itself
-    bomb.kill()
+    try:  # while it churns at the limit, a start is refused with a typed error (or gets a freed slot)
+        flooder.commands.run(["true"])
+    except errors.TooLarge as exc:
+        assert exc.details["field"] == "max_processes"
+    bomb.kill()  # its whole session, whether its leader still waits or died on a refused fork
     assert bomb.wait(timeout=120) != 0
-    # the sandbox is usable again: nothing of the bomb is left holding its pids
-    left = flooder.commands.run(["sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sh"], timeout_seconds=120)
-    assert left.stdout == "1\n", left  # the shell counting them, alone
+    # the sandbox is usable again once the killed bomb is reaped: not one of its shells is
+    # left (the shell counting them is alone); until then a fork may still fail
+    def shells_left() -> str:
+        try:
+            return flooder.commands.run(["sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sh"],
+                                        timeout_seconds=120).stdout
+        except errors.TooLarge:
+            return "no room to count yet"
+
+    wait_for(lambda: shells_left() == "1\n", "the bomb's shells to be gone", timeout=120, interval=0.5)

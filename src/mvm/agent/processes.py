@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -175,6 +176,10 @@ class ProcessManager:
             except OSError as exc:
                 if staged_stdin is not None:
                     os.close(staged_stdin)
+                if exc.errno == errno.EAGAIN:  # fork refused: the pids limit is full
+                    raise AgentError("TooLarge", f"cannot start {argv[0]}: the sandbox's process limit "
+                                     "(max_processes) is reached", path=argv[0], errno="EAGAIN",
+                                     field="max_processes") from None
                 raise from_os_error(exc, argv[0]) from None
             if staged_stdin is not None:
                 os.close(staged_stdin)  # the child has its copy
