@@ -34,6 +34,13 @@ def migrate_memory(qmp: QmpClient, uri: str) -> None:
         info = qmp.execute("query-migrate")
         status = info.get("status")
         if status == "completed":
+            # QEMU says "completed" a moment before its run state leaves "finish-migrate"
+            # (the migration thread's last step); a `cont` in between is refused with
+            # "Migration is not finalized yet".
+            while qmp.status() == "finish-migrate":
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"vm: memory snapshot did not finalize within {QMP_TIMEOUT:.0f} s")
+                time.sleep(0.002)
             return
         if status in ("failed", "cancelled"):
             raise SandboxError(f"vm: memory snapshot failed: {info.get('error-desc', status)}")
