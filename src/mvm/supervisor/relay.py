@@ -18,6 +18,7 @@ both. Who may get a socket and why: docs/security.md (port forwards and egress).
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import ipaddress
 import os
@@ -37,6 +38,22 @@ CHUNK = 1 << 20
 #: Buffer of the copying loop (no pipe available).
 COPY_CHUNK = 256 * 1024
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+
+
+def _load_thread_unwinder() -> None:
+    """A thread still blocked in a relay when the interpreter exits is ended by
+    pthread_exit, which unwinds through libgcc_s -- a library glibc opens only then. If
+    the process is out of descriptors at that moment (exactly when the copying fallback
+    runs), the open fails and glibc aborts the process ("libgcc_s.so.1 must be installed
+    for pthread_exit to work"): the supervisor would die by SIGABRT instead of exiting.
+    Loaded now, glibc finds it already in the process and needs no descriptor then."""
+    try:
+        ctypes.CDLL("libgcc_s.so.1")
+    except OSError:  # not there (a static or musl build): nothing to preload
+        pass
+
+
+_load_thread_unwinder()
 
 OnDone = Callable[["Relay"], None]
 
