@@ -27,7 +27,7 @@ from mvm.osutil import pid_alive
 from mvm.paths import pools_dir, sandboxes_dir
 from mvm.pooling import store
 from mvm.security import audit
-from mvm.supervisor.state import list_sandboxes
+from mvm.supervisor.state import SUPERVISOR_STAMP, list_sandboxes
 from waiting import wait_for
 
 TEMPLATE = "python-3.13"
@@ -229,6 +229,36 @@ def test_a_member_whose_supervisor_died_is_replaced_and_cleaned_by_the_owner() -
         wait_for(lambda: not (sandboxes_dir() / dead).exists(), "the dead member cleaned up")
         with made.create(name="after-a-death") as sb:
             assert sb.id != dead and sb.describe().pool is not None
+
+
+def test_a_member_whose_supervisor_pid_went_to_another_process_is_pruned_and_that_process_left_alone() -> None:
+    """A dead member is judged as discovery judges a sandbox: by its supervisor's pid *and*
+    start time. Its pid now belonging to an unrelated process must not keep it listed,
+    and pruning it must neither wait for nor kill that process."""
+    with mvm.pool(TEMPLATE, size=1, ttl="5m", refill=False) as made:
+        (dead,) = made.describe().ready
+        directory = sandboxes_dir() / dead
+        pid = _supervisor_pid(dead)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), "the supervisor died")
+        unrelated = subprocess.Popen(["sleep", "300"])
+        try:
+            # the stamp the dead supervisor left, as if the kernel had since given its pid to `unrelated`
+            start_ticks = (directory / SUPERVISOR_STAMP).read_text().split()[1]
+            (directory / SUPERVISOR_STAMP).write_text(f"{unrelated.pid} {start_ticks}")
+            record = json.loads((directory / "state.json").read_text())
+            (directory / "state.json").write_text(json.dumps({**record, "supervisor_pid": unrelated.pid}))
+            assert pid_alive(unrelated.pid)
+            assert mvm.pools()[0].ready == []  # not reported as waiting
+            made.fill()  # the owner prunes it and starts a replacement
+            (replacement,) = made.describe().ready
+            assert replacement != dead and not directory.exists()
+            assert unrelated.poll() is None  # never killed for the dead member
+            with made.create(name="after-a-reused-pid") as sb:
+                assert sb.id == replacement
+        finally:
+            unrelated.kill()
+            unrelated.wait()
 
 
 def test_a_forked_child_exiting_leaves_its_parents_pool_alone(tmp_path: Path) -> None:

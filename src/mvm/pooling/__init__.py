@@ -3,8 +3,9 @@
 ``store.py`` is the pool on disk (what it serves, its claimable members, the atomic
 take), ``member.py`` a member's side in its supervisor (state ``pooled``, the
 ``sandbox.claim`` op, leaving), ``claim.py`` the creator's side (find a member whose
-pool serves the create, take it, claim it). The owner's handle (``mvm.pool``, refill)
-is ``mvm/sdk/pool.py``.
+pool serves the create, take it, claim it), ``ending.py`` whether a member still runs
+(its supervisor's pid and start time) and destroying one from outside. The owner's
+handle (``mvm.pool``, refill) is ``mvm/sdk/pool.py``.
 """
 
 from .member import Membership, leaving, prestarted

@@ -14,6 +14,7 @@ from ..spec import SandboxConfig
 from ..supervisor.client import SupervisorClient
 from ..supervisor.state import CONTROL_SOCKET
 from . import store
+from .ending import destroy_over
 from .member import claim_args
 
 #: How many taken members may fail their claim (died, expired, closed meanwhile) before
@@ -64,21 +65,13 @@ def _claim(
         client.close()  # not waiting any more (expired, its pool closed): never someone else's to end
         return None
     except errors.InvalidArgument:
-        _discard(client)  # taken, so nobody else will: it must not wait for its TTL
+        destroy_over(client)  # taken, so nobody else will: it must not wait for its TTL
         raise
     except errors.MvmError:
-        _discard(client)
+        destroy_over(client)
         return None
     except BaseException:
-        _discard(client)
+        destroy_over(client)
         raise
     return config, state, client
 
-
-def _discard(client: SupervisorClient) -> None:
-    try:
-        client.call("sandbox.destroy", timeout=30)
-    except errors.MvmError:
-        pass
-    finally:
-        client.close()

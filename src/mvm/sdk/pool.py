@@ -29,13 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..backends import choose_backend
-from ..osutil import pid_alive
-from ..paths import sandboxes_dir
 from ..pooling import store
+from ..pooling.ending import destroy_member, member_alive
 from ..spec import NetworkPolicy, Resources, SandboxConfig
-from ..supervisor.client import SupervisorClient
 from ..supervisor.launch import launch
-from ..supervisor.state import CONTROL_SOCKET, load_record, new_sandbox_id
+from ..supervisor.state import new_sandbox_id
 from ..templates import ensure_template
 
 if TYPE_CHECKING:
@@ -172,7 +170,7 @@ class Pool:
                              resources=self.spec.resources, network=self.spec.network,
                              ttl_seconds=self.ttl_seconds, created_at=time.time(), pool=self.id), {})
         if not store.add_ready(self.id, sandbox_id):  # closed meanwhile: it leaves by itself too
-            _destroy_member(sandbox_id)
+            destroy_member(sandbox_id)
             raise errors.InvalidState(f"pool {self.id} was closed while a member started", state="closed")
         return sandbox_id
 
@@ -225,7 +223,7 @@ class Pool:
         if self.recorded:
             return
         for member in store.close_pool_record(self.id):
-            _destroy_member(member)
+            destroy_member(member)
         store.remove_pool_dir(self.id)
         _OWNED.discard(self)
 
@@ -299,7 +297,7 @@ def pool(
 def pools() -> list[PoolInfo]:
     """Every open pool of this ``$MVM_HOME`` (any process's): what it serves, its waiting
     members (those whose supervisor runs). Only reads: pruning is the owner's refill's job."""
-    return [PoolInfo.from_record(record, [m for m in store.ready_members(directory) if _alive(m)])
+    return [PoolInfo.from_record(record, [m for m in store.ready_members(directory) if member_alive(m)])
             for directory, record in store.live_pools()]
 
 
@@ -312,14 +310,9 @@ def close_pool(pool_id: str) -> int:
                                      allowed=[str(record["id"]) for _, record in store.live_pools()])
     members = store.close_pool_record(pool_id)
     for member in members:
-        _destroy_member(member)
+        destroy_member(member)
     store.remove_pool_dir(pool_id)
     return len(members)
-
-
-def _alive(member: str) -> bool:
-    record = load_record(sandboxes_dir() / member)
-    return record is not None and pid_alive(record.get("supervisor_pid"))
 
 
 def _prune_dead(pool_id: str, directory: Path) -> list[str]:
@@ -327,37 +320,11 @@ def _prune_dead(pool_id: str, directory: Path) -> list[str]:
     entry is dropped and what it left is cleaned up."""
     alive = []
     for member in store.ready_members(directory):
-        if _alive(member):
+        if member_alive(member):
             alive.append(member)
         elif store.take(pool_id, member):
-            _destroy_member(member)
+            destroy_member(member)
     return alive
-
-
-def _destroy_member(sandbox_id: str) -> None:
-    """End a member this process took out of its pool, and return once it is gone (its
-    supervisor may be ending it already: the pool closed, or its TTL ran out)."""
-    from ..supervisor.state import reap
-
-    directory = sandboxes_dir() / sandbox_id
-    record = load_record(directory)
-    pid = record.get("supervisor_pid") if record else None
-    try:
-        client = SupervisorClient(directory / CONTROL_SOCKET)
-    except errors.MvmError:
-        client = None
-    if client is not None:
-        try:
-            client.call("sandbox.destroy", timeout=60)
-        except errors.MvmError:
-            pass
-        finally:
-            client.close()
-    deadline = time.monotonic() + 30
-    while isinstance(pid, int) and pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if directory.exists():
-        reap(directory, load_record(directory))
 
 
 _OWNED: weakref.WeakSet[Pool] = weakref.WeakSet()
