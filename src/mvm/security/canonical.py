@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import json
 from datetime import UTC, datetime
 from collections.abc import Mapping
 from typing import Any
@@ -37,6 +38,11 @@ def canonical_json(obj: Any, *, field: str = "value") -> bytes:
     otherwise :class:`InvalidArgument` naming ``field``.
     """
     try:
+        if _plain(obj):  # the C encoder: the same bytes as rfc8785 for these types, ~20x faster
+            try:
+                return _PLAIN_ENCODER.encode(obj).encode("utf-8")
+            except UnicodeEncodeError:
+                pass  # a lone surrogate: rfc8785 refuses it below, in its own words as always
         return rfc8785.dumps(obj)
     except rfc8785.CanonicalizationError as exc:
         raise InvalidArgument(field, f"cannot be written as canonical JSON: {exc}") from None
@@ -48,6 +54,32 @@ def canonical_json(obj: Any, *, field: str = "value") -> bytes:
             field, f"cannot be written as canonical JSON: {exc}",
             allowed="dict, list, str, int, float, bool, None",
         ) from None
+
+
+#: RFC 8785 over objects without floats whose keys are ASCII is what Python's own encoder
+#: writes: the same string escapes (\b \t \n \f \r, other controls as lowercase
+#: \u00XX, nothing else escaped with ensure_ascii off), integers in decimal, keys in
+#: code-point order (= UTF-16 order for ASCII). Floats (ECMAScript number form), non-ASCII
+#: keys, integers outside the safe range and other types take rfc8785 (which refuses some).
+#: tests/security/test_canonical.py holds the two to the same bytes.
+_PLAIN_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                                  check_circular=False)
+_SAFE_INT = 2**53 - 1
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` holds only str, safe-range int, bool, None, and lists, tuples and
+    dicts (ASCII str keys) of those: exact types, so no subclass's own ``__str__`` counts."""
+    kind = type(obj)
+    if kind is str or kind is bool or obj is None:
+        return True
+    if kind is int:
+        return bool(-_SAFE_INT <= obj <= _SAFE_INT)
+    if kind is dict:
+        return all(type(key) is str and key.isascii() and _plain(value) for key, value in obj.items())
+    if kind is list or kind is tuple:
+        return all(_plain(item) for item in obj)
+    return False
 
 
 def canonical_object(members: Mapping[str, bytes]) -> bytes:
