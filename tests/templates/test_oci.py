@@ -118,7 +118,7 @@ def test_busybox_image_on_the_microvm(images: Images) -> None:
         assert sb.commands.run(["sh", "-c", 'pwd; echo "$FOO"']).stdout.split() == ["/work", "bar"]
 
 
-def test_dockerfile_with_run_env_workdir_copy(images: Images) -> None:
+def test_dockerfile_with_run_env_workdir_copy(images: Images, monkeypatch: pytest.MonkeyPatch) -> None:
     context = images.work / "ctx"
     context.mkdir()
     (context / "greeting.txt").write_text("hello from the context\n")
@@ -137,15 +137,51 @@ def test_dockerfile_with_run_env_workdir_copy(images: Images) -> None:
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[0]["name"] == "df-app"
-    with mvm.Sandbox.create("df-app", backend="namespace", ttl="10m") as sb:
+    monkeypatch.setenv("MVM_INCLUDE_BASE", str(context))
+    with mvm.Sandbox.create("df-app", backend="namespace", ttl="10m", include=["greeting.txt"]) as sb:
+        # include= copies are root's (as a COPY), also where the image's USER could not create /app
+        assert sb.files.read("/app/greeting.txt") == b"hello from the context\n"
+        assert _owner(sb, "/app/greeting.txt") == "0"
         r = sb.commands.run(["sh", "-c", 'pwd; echo "$APP_MODE $FOO"; cat greeting.txt built.txt'])
         assert r.stdout.splitlines() == ["/srv/app", "prod bar", "hello from the context", "built in prod"]
         assert sb.commands.run(["id", "-u"]).stdout == "65534\n"  # the image's USER by default
         assert sb.commands.run(["id", "-u"], user="root").stdout == "0\n"
+        _files_act_as_the_images_user(sb, cli)
     ls = subprocess.run([str(cli), "template", "ls"], capture_output=True, text=True, check=True).stdout
     assert any(line.startswith("df-app ") and "dockerfile " in line for line in ls.splitlines())
     doctor = json.loads(subprocess.run([str(cli), "doctor", "--json"], capture_output=True, text=True).stdout)
     assert doctor["oci_tools"] == {"skopeo": True, "umoci": True, "buildah": True}
+
+
+def _owner(sb: mvm.Sandbox, path: str) -> str:
+    return sb.commands.run(["ls", "-ldn", path], check=True).stdout.split()[2]  # busybox has no stat
+
+
+def _files_act_as_the_images_user(sb: mvm.Sandbox, cli: Path) -> None:
+    """Files default to the account commands run as (the image's USER nobody), decided by
+    the agent for every client: the SDK and ``mvmctl fs`` alike; ``user=`` still wins."""
+    sb.commands.run(["sh", "-c", "echo root-only > /srv/app/secret; chmod 600 /srv/app/secret"], user="root")
+    with pytest.raises(errors.PermissionDenied):
+        sb.files.read("/srv/app/secret")
+    with pytest.raises(errors.PermissionDenied):  # /srv/app is root's: nobody may create files there
+        sb.files.write("/srv/app/new.txt", "x")
+    with pytest.raises(errors.PermissionDenied):
+        sb.files.remove("/srv/app/greeting.txt")
+    assert sb.files.read("/srv/app/secret", user="root") == b"root-only\n"
+    entry = sb.files.write("/tmp/mine.txt", "mine")
+    assert _owner(sb, "/tmp/mine.txt") == "65534"  # nobody's file
+    assert entry.size == 4 and sb.files.stat("/tmp/mine.txt").size == 4
+    sb.files.mkdir("/tmp/nobodys")
+    assert _owner(sb, "/tmp/nobodys") == "65534"
+    sb.files.write("/srv/app/by-root.txt", "r", user="root")
+    assert _owner(sb, "/srv/app/by-root.txt") == "0"
+    name = sb.describe().name
+    denied = subprocess.run([str(cli), "fs", "read", name, "/srv/app/secret"], capture_output=True, text=True,
+                            timeout=60)
+    assert denied.returncode != 0 and "Permission denied: /srv/app/secret" in denied.stderr
+    as_root = subprocess.run([str(cli), "fs", "read", name, "/srv/app/secret", "--user", "root"],
+                             capture_output=True, text=True, timeout=60)
+    assert as_root.returncode == 0 and as_root.stdout == "root-only\n", as_root.stderr
 
 
 def test_second_image_sharing_layers_downloads_only_the_new_one(images: Images) -> None:

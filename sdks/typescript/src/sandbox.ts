@@ -997,7 +997,8 @@ export function asUser(args: Header, user: string | undefined): Header {
 }
 
 /** `user`: the guest account (name or uid) a file operation acts as, with its permissions
- * (a write creates files it owns); `UserNotFound` for one the guest lacks. Default: root. */
+ * (a write creates files it owns); `UserNotFound` for one the guest lacks. Default: as commands, the
+ * template's image's `User` (an OCI image that sets one), else root. */
 export interface FileUserOptions {
   user?: string;
 }

@@ -2,6 +2,8 @@
 
 * ``account`` resolves ``user`` (a name or a numeric uid) for every op that takes one
   (``proc.start``, the ``fs.*`` ops): an unknown one is ``UserNotFound``, defined here once.
+  ``acting_account`` is the rule every such op follows, in one place: the request's
+  ``user``, else the template's default user (an OCI image's ``User``), else the agent.
 * ``credentials`` is what ``subprocess.Popen`` needs to run a process as an account.
 * ``open_as`` / ``run_as`` perform the permission-relevant step of a file operation as an
   account: in a short-lived forked child that dropped to it (groups, gid, uid -- as a
@@ -24,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import AgentError
+from .errors import AgentError, Args
 
 R = TypeVar("R")
 
@@ -43,8 +45,17 @@ def account(user: str | None) -> pwd.struct_passwd | None:
     try:
         return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, ValueError):
+        if user.isdigit() and int(user) == os.getuid():
+            return None  # the agent's own uid, also in an image whose /etc/passwd lacks it
         raise AgentError("UserNotFound", f"user: no user {user!r} in the guest (see /etc/passwd)",
                          field="user", user=user) from None
+
+
+def acting_account(args: Args, default_user: str | None) -> pwd.struct_passwd | None:
+    """The account an op acts as: its ``user`` if given (``root`` or ``0`` included), else
+    ``default_user`` -- the image's ``User`` (``system.System.default_user``), so commands
+    and files act as the same account unless a request names another. ``None``: the agent."""
+    return account(args.string("user", max_length=256) or default_user)
 
 
 def _is_self(who: pwd.struct_passwd | None) -> bool:

@@ -8,8 +8,9 @@ shell's ``>`` would). Errors carry the protocol's error types with ``path`` set.
 Every op but ``fs.sync`` takes ``user``: its permission-relevant step runs as that guest
 account (``accounts.open_as``/``run_as``): the open of a read, the creation of a write's
 temp file (and parents) after checking an existing target is writable by it (as ``>``
-would need), the whole of a stat, listing, mkdir, remove or move. Without it, the agent's
-own root does them.
+would need), the whole of a stat, listing, mkdir, remove or move. Without it, the
+account commands run as by default (``accounts.acting_account``: an OCI image's ``User``,
+else the agent's own root) does them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..protocol.codec import CHUNK_SIZE
-from .accounts import account, open_as, run_as
+from .accounts import acting_account, open_as, run_as
 from .errors import AgentError, Args, from_os_error, invalid
 
 #: Write handles (``fs.write_begin``) open at once, per agent.
@@ -207,11 +208,6 @@ def _list_page(path: str, offset: int) -> dict[str, Any]:
     return result
 
 
-def _user(args: Args) -> pwd.struct_passwd | None:
-    """The account an op acts as (``user``), or ``None``: the agent itself."""
-    return account(args.string("user", max_length=256))
-
-
 @dataclass
 class _WriteHandle:
     path: str
@@ -230,10 +226,15 @@ class _WriteHandle:
 class Files:
     """Handlers for every ``fs.*`` op; holds the open write handles."""
 
-    def __init__(self) -> None:
+    def __init__(self, default_user: str | None = None) -> None:
+        self._default_user = default_user  # an OCI image's User, as for commands
         self._handles: dict[int, _WriteHandle] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+
+    def _user(self, args: Args) -> pwd.struct_passwd | None:
+        """The account an op acts as (``None``: the agent itself)."""
+        return acting_account(args, self._default_user)
 
     # -- reading --------------------------------------------------------------
 
@@ -244,7 +245,7 @@ class Files:
         offset = args.integer("offset", 0, minimum=0)
         length = args.integer("length", CHUNK_SIZE, minimum=0, maximum=CHUNK_SIZE)
         assert offset is not None and length is not None
-        who = _user(args)
+        who = self._user(args)
         try:
             fd = open_as(who, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
@@ -274,7 +275,7 @@ class Files:
 
     def stat(self, args: Args) -> dict[str, Any]:
         path = args.path()
-        who = _user(args)
+        who = self._user(args)
         try:
             return run_as(who, lambda: file_entry(path))
         except OSError as exc:
@@ -285,7 +286,7 @@ class Files:
         path = args.path()
         offset = args.integer("offset", 0, minimum=0)
         assert offset is not None
-        return run_as(_user(args), lambda: _list_page(path, offset))
+        return run_as(self._user(args), lambda: _list_page(path, offset))
 
     # -- writing --------------------------------------------------------------
 
@@ -294,7 +295,7 @@ class Files:
         mode = args.mode()
         make_parents = args.boolean("make_parents")
         append = args.boolean("append")
-        who = _user(args)
+        who = self._user(args)
         target = _target_of(path)
         _check_parent(path, target, make_parents, who)
         existing = _existing(target, path)
@@ -336,7 +337,7 @@ class Files:
         path = args.path()
         mode = args.mode()
         make_parents = args.boolean("make_parents")
-        who = _user(args)
+        who = self._user(args)
         target = _target_of(path)
         _check_parent(path, target, make_parents, who)
         existing = _existing(target, path)
@@ -408,7 +409,7 @@ class Files:
         path = args.path()
         parents = args.boolean("parents")
         mode = args.mode()
-        return run_as(_user(args), lambda: self._mkdir(path, parents, mode))
+        return run_as(self._user(args), lambda: self._mkdir(path, parents, mode))
 
     def _mkdir(self, path: str, parents: bool, mode: int | None) -> dict[str, Any]:
         try:
@@ -431,7 +432,7 @@ class Files:
         recursive = args.boolean("recursive")
         if path == "/":
             raise invalid("path", "refusing to remove the root directory")
-        return run_as(_user(args), lambda: self._remove(path, recursive))
+        return run_as(self._user(args), lambda: self._remove(path, recursive))
 
     def _remove(self, path: str, recursive: bool) -> dict[str, Any]:
         try:
@@ -452,7 +453,7 @@ class Files:
         src = args.path("src")
         dst = args.path("dst")
         overwrite = args.boolean("overwrite")
-        return run_as(_user(args), lambda: self._move(src, dst, overwrite))
+        return run_as(self._user(args), lambda: self._move(src, dst, overwrite))
 
     def _move(self, src: str, dst: str, overwrite: bool) -> dict[str, Any]:
         try:

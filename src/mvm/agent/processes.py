@@ -141,7 +141,7 @@ class ProcessManager:
         cwd = args.path("cwd", default=self._default_cwd)
         want_stdin = args.boolean("stdin")
         stdin_path = args.path("stdin_path", default="") or None
-        account = accounts.account(args.string("user", max_length=256) or self._default_user)
+        account = accounts.acting_account(args, self._default_user)
         env = self._base_env()
         if account is not None:
             env.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name)

@@ -213,7 +213,7 @@ class Server:
     def __init__(self, connector: Connector, *, workers: int = WORKERS):
         self.connector = connector
         self.system = System()
-        self.files = Files()
+        self.files = Files(self.system.default_user)
         self.processes = ProcessManager(self.system.base_env, self.emit_event, self.system.default_cwd,
                                         self.system.default_user)
         self._send_lock = threading.Lock()

@@ -18,6 +18,10 @@ DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
 #: Default bound of ``fs.read`` / ``files.read`` (``max_bytes``).
 DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
+#: ``user`` of the file operations mvm does for itself -- the supervisor's
+#: ``/etc/resolv.conf``, ``include=`` copies -- whatever account the template's image makes
+#: the default of commands and files: the agent's own (uid 0 in every backend).
+AGENT_USER = "0"
 
 
 def check_run_limits(args: Mapping[str, Any]) -> tuple[int, float | None]:

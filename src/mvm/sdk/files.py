@@ -20,7 +20,8 @@ class Files:
 
     Every operation takes ``user``: the guest account (name or uid) it acts as, with that
     user's permissions (a write creates files it owns); ``UserNotFound`` for one the guest
-    does not have. Without it, operations act as the sandbox's root."""
+    does not have. Without it, operations act as commands do by default: as the template's
+    image's ``User`` (an OCI image that sets one), else as root."""
 
     def __init__(self, sandbox: Sandbox):
         self._sandbox = sandbox

@@ -15,7 +15,7 @@ from .. import errors
 from ..errors import kind_of, shown
 from ..backends import backend_names
 from ..durations import parse_duration
-from ..protocol.requests import check_user
+from ..protocol.requests import AGENT_USER, check_user
 from ..security.secrets import Redactor, SecretRef, resolve_secret
 from ..spec import (
     NetworkPolicy,
@@ -178,7 +178,7 @@ class Sandbox:
         sandbox._conn = launched.client  # a claimed pool member's connection, already open
         try:
             for guest_path, data, mode_bits in request.files:
-                sandbox.files.write(guest_path, data, mode=mode_bits)
+                sandbox.files.write(guest_path, data, mode=mode_bits, user=AGENT_USER)  # root's, as a COPY
         except BaseException:
             sandbox.kill()
             raise

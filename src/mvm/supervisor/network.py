@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import errors
 from ..osutil import write_json_atomic
 from ..protocol.codec import Frame
+from ..protocol.requests import AGENT_USER
 from ..protocol.tcpmux import StreamMux, id_counter
 from ..spec import NetworkPolicy
 from .egress import EGRESS_GUEST_PORT, PROXY_ENV, PROXY_URL, EgressPolicy, EgressProxy
@@ -110,11 +111,13 @@ class NetworkManager:
     def _configure_resolver(self) -> None:
         """Open mode: point an empty (or missing) /etc/resolv.conf at the backend's DNS."""
         try:
-            size = int(self.sup.agent.call("fs.stat", {"path": "/etc/resolv.conf"}, timeout=15)[0].get("size", 0))
+            stat, _ = self.sup.agent.call("fs.stat", {"path": "/etc/resolv.conf", "user": AGENT_USER}, timeout=15)
+            size = int(stat.get("size", 0))
         except errors.FileError:
             size = 0
         if size == 0:
-            self.sup.agent.call("fs.write", {"path": "/etc/resolv.conf", "mode": 0o644, "make_parents": True},
+            self.sup.agent.call("fs.write", {"path": "/etc/resolv.conf", "mode": 0o644, "make_parents": True,
+                                             "user": AGENT_USER},
                                 f"nameserver {OPEN_MODE_RESOLVER}\n".encode(), timeout=15)
 
     # ---- client operations ------------------------------------------------------------------

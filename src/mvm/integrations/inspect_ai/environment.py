@@ -58,7 +58,8 @@ class MvmSandboxConfig(BaseModel, frozen=True):
     (``$MVM_BACKEND``, else the strongest this host runs). ``user``: the guest account that
     ``exec`` (unless a call names its own ``user``), ``read_file`` and ``write_file`` act as,
     with its permissions -- as Inspect's docker provider honours an image's user; ``None``:
-    root. ``sample_init`` creates it (``useradd --create-home``) when the template lacks it.
+    the template's default (root, or an OCI image's ``User``). ``sample_init`` creates it
+    (``useradd --create-home``) when the template lacks it.
     ``workdir``: where relative paths and commands land (default: ``/root``, or the user's
     home); ``sample_init`` creates it, owned by ``user``, if it does not exist. ``ttl``:
     destroyed after it even if Inspect dies.
