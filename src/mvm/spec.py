@@ -301,6 +301,9 @@ class SandboxConfig:
     #: Pre-started as a member of this warm pool (mvm/pooling): it waits, unclaimed, in
     #: state ``pooled`` until a create claims it (or its ``ttl_seconds`` run out).
     pool: str | None = None
+    #: The built template directory ``launch`` resolved ``template`` to: the supervisor
+    #: loads that build rather than resolving (hashing the agent, listing templates) again.
+    template_dir: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -321,6 +324,7 @@ class SandboxConfig:
             "run_id": self.run_id,
             "on_behalf_of": dict(self.on_behalf_of) if self.on_behalf_of is not None else None,
             "pool": self.pool,
+            "template_dir": self.template_dir,
         }
 
     @classmethod
@@ -339,6 +343,9 @@ class SandboxConfig:
         run_id = data.get("run_id")
         if run_id is not None and not isinstance(run_id, str):
             raise errors.InvalidArgument("run_id", f"{shown(run_id)} must be a string")
+        template_dir = data.get("template_dir")
+        if template_dir is not None and (not isinstance(template_dir, str) or not template_dir.startswith("/")):
+            raise errors.InvalidArgument("template_dir", f"{shown(template_dir)} must be an absolute path")
         return cls(
             id=data["id"],
             name=validate_name(data.get("name")),
@@ -357,4 +364,5 @@ class SandboxConfig:
             run_id=run_id,
             on_behalf_of=validate_on_behalf_of(data.get("on_behalf_of")),
             pool=validate_pool_id(data.get("pool")),
+            template_dir=template_dir,
         )

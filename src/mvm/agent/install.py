@@ -11,6 +11,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # src/mvm
@@ -25,19 +27,45 @@ sys.exit(main())
 
 
 def _sources() -> list[tuple[str, Path]]:
+    """``(package/name.py, path)`` of every guest file, in name order."""
     files: list[tuple[str, Path]] = []
     for package in _GUEST_PACKAGES:
-        for path in sorted((_PACKAGE_ROOT / package).glob("*.py")):
-            files.append((f"{package}/{path.name}", path))
+        with os.scandir(_PACKAGE_ROOT / package) as entries:  # not Path.glob: ~10x cheaper per create
+            names = sorted(entry.name for entry in entries if entry.name.endswith(".py"))
+        files.extend((f"{package}/{name}", _PACKAGE_ROOT / package / name) for name in names)
     return files
 
 
+#: A file changed less than this long ago may change again within the same timestamp
+#: tick (the kernel stamps files with a coarse clock), so its stat cannot vouch for its
+#: content yet: the digest is then computed but not cached (git's "racily clean" rule).
+_SETTLED_NS = 2_000_000_000
+_cached: tuple[tuple[tuple[str, int, int, int, int], ...], str] | None = None
+_cache_lock = threading.Lock()
+
+
 def source_digest() -> str:
-    """sha256 over the agent's files: part of every template's content hash."""
+    """sha256 over the agent's files: part of every template's content hash.
+
+    Every sandbox create asks for it (``ensure_template``): it is cached, keyed by each
+    file's name, inode, size, mtime and ctime, so a create stats the files instead of
+    reading and hashing them; any edit (or an added or removed file) computes it anew."""
+    global _cached
+    sources = _sources()
+    stats = [(rel, os.stat(path)) for rel, path in sources]
+    key = tuple((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in stats)
+    with _cache_lock:
+        if _cached is not None and _cached[0] == key:
+            return _cached[1]
     digest = hashlib.sha256(LAUNCHER.encode())
-    for rel, path in _sources():
+    for rel, path in sources:
         digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    result = digest.hexdigest()
+    newest = max((max(st.st_mtime_ns, st.st_ctime_ns) for _, st in stats), default=0)
+    if time.time_ns() - newest > _SETTLED_NS:
+        with _cache_lock:
+            _cached = (key, result)
+    return result
 
 
 def install_into(rootfs: Path, *, precompile: bool = True) -> None:

@@ -100,7 +100,7 @@ def launch(asked: SandboxConfig, secret_env: Mapping[str, str], *, timeout: floa
                 _hand_name_to_member(name, sandbox_id, config)
                 shutil.rmtree(staging, ignore_errors=True)
                 return Launched(config, sandboxes_dir() / config.id, state, client)
-        config = config_for(sandbox_id)
+        config = dataclasses.replace(config_for(sandbox_id), template_dir=str(image.directory))
         write_json_atomic(staging / "config.json", config.to_json())
         directory = publish_directory(staging, sandbox_id)
     except BaseException:

@@ -28,12 +28,13 @@ from ..backends import get_backend
 from ..backends.base import BackendInstance, SandboxSpec
 from .. import pooling
 from ..osutil import DeferredSync, write_json_atomic
-from ..paths import receipts_dir, runs_dir
+from ..paths import receipts_dir, runs_dir, templates_dir
 from ..protocol.codec import Frame
 from ..security.audit import current_actor
 from ..security.secrets import Redactor
 from ..spec import SandboxConfig
-from ..templates import ensure_template
+from ..templates import TemplateImage, ensure_template
+from ..templates.builder import load_image
 from . import ops
 from .idle import IdleWatch
 from .agent_link import AgentLink
@@ -97,7 +98,7 @@ class Supervisor:
 
     def boot(self) -> None:
         config = SandboxConfig.from_json(self.config)  # the trust boundary: checked here, whoever wrote it
-        template = ensure_template(config.template)
+        template = resolved_template(config)
         self.template_digest = template.digest
         self._mark("template")
         spec = SandboxSpec(
@@ -369,6 +370,18 @@ class Supervisor:
         if self.listener is not None:
             self.listener.close()
         os._exit(0)
+
+
+def resolved_template(config: SandboxConfig) -> TemplateImage:
+    """The build ``launch`` resolved the template to (one manifest read), if it is still
+    there and in the templates folder; else the template resolved (built) here."""
+    if config.template_dir:
+        directory = Path(config.template_dir)
+        if directory.parent == templates_dir():
+            image = load_image(directory)
+            if image is not None:
+                return image
+    return ensure_template(config.template)
 
 
 def run(directory: Path, ready_fd: int, secret_env: dict[str, str]) -> int:
