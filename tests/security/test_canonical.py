@@ -26,12 +26,16 @@ def _text(rng: random.Random) -> str:
 
 
 def _value(rng: random.Random, depth: int = 0) -> Any:
-    kinds = ["str", "int", "bool", "none", "big"] + (["list", "tuple", "dict", "dict"] if depth < 4 else [])
+    kinds = ["str", "int", "float", "bool", "none", "big"] + (["list", "tuple", "dict", "dict"] if depth < 4 else [])
     kind = rng.choice(kinds)
     if kind == "str":
         return _text(rng)
     if kind == "int":
         return rng.choice([0, -1, 1, 2**53 - 1, -(2**53) + 1, rng.randrange(-(10**15), 10**15)])
+    if kind == "float":
+        return rng.choice([0.0, -0.0, 1.0, -3.0, 12.5, -0.25, 0.1, 1e21, 1e-7, 1e-5, 1.5e-4, 1e16, 123456789.125,
+                           2.0**53, 1e15 + 0.5, 5e-324, 1.7976931348623157e308, rng.uniform(-1e6, 1e6),
+                           rng.uniform(-1, 1) * 10.0 ** rng.randrange(-9, 23)])
     if kind == "bool":
         return rng.random() < 0.5
     if kind == "none":

@@ -56,11 +56,13 @@ def canonical_json(obj: Any, *, field: str = "value") -> bytes:
         ) from None
 
 
-#: RFC 8785 over objects without floats whose keys are ASCII is what Python's own encoder
-#: writes: the same string escapes (\b \t \n \f \r, other controls as lowercase
-#: \u00XX, nothing else escaped with ensure_ascii off), integers in decimal, keys in
-#: code-point order (= UTF-16 order for ASCII). Floats (ECMAScript number form), non-ASCII
-#: keys, integers outside the safe range and other types take rfc8785 (which refuses some).
+#: RFC 8785 over objects whose keys are ASCII is what Python's own encoder writes: the
+#: same string escapes (\b \t \n \f \r, other controls as lowercase \u00XX, nothing
+#: else escaped with ensure_ascii off), integers in decimal, keys in code-point order
+#: (= UTF-16 order for ASCII), and a float whose ``repr`` has neither exponent nor a
+#: trailing ``.0`` as that ``repr`` (rfc8785 starts from ``str(f)`` and only rewrites
+#: those). Other floats (ECMAScript number form), non-ASCII keys, integers outside the
+#: safe range and other types take rfc8785 (which refuses some).
 #: tests/security/test_canonical.py holds the two to the same bytes.
 _PLAIN_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False,
                                   check_circular=False)
@@ -68,13 +70,17 @@ _SAFE_INT = 2**53 - 1
 
 
 def _plain(obj: Any) -> bool:
-    """Whether ``obj`` holds only str, safe-range int, bool, None, and lists, tuples and
-    dicts (ASCII str keys) of those: exact types, so no subclass's own ``__str__`` counts."""
+    """Whether ``obj`` holds only str, safe-range int, bool, None, positional non-integral
+    floats, and lists, tuples and dicts (ASCII str keys) of those: exact types, so no
+    subclass's own ``__str__`` counts."""
     kind = type(obj)
     if kind is str or kind is bool or obj is None:
         return True
     if kind is int:
         return bool(-_SAFE_INT <= obj <= _SAFE_INT)
+    if kind is float:
+        text = repr(obj)  # 'nan' and 'inf' have an n
+        return "e" not in text and "n" not in text and not text.endswith(".0")
     if kind is dict:
         return all(type(key) is str and key.isascii() and _plain(value) for key, value in obj.items())
     if kind is list or kind is tuple:

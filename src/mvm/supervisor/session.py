@@ -3,9 +3,12 @@ thread, a thread per request) and the ``RequestContext`` of each request being s
 
 from __future__ import annotations
 
+import functools
+import queue
 import socket
 import threading
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
@@ -25,6 +28,51 @@ Reply = tuple[dict[str, Any], bytes]
 MAX_SESSIONS = 128
 MAX_INFLIGHT = 64
 _sessions = threading.BoundedSemaphore(MAX_SESSIONS)
+
+
+class RequestThreads:
+    """The threads requests are served on, kept for the next request once one is answered:
+    a request goes to an idle thread if there is one, else to a new thread (so requests
+    never wait for each other). Starting a thread per request cost a ``clone`` and a
+    handshake with the new thread on every call; a thread idle for ``IDLE_SECONDS`` ends."""
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0  # threads waiting for a job, less the jobs queued for them
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on a thread of its own; ``RuntimeError`` if no thread can be started."""
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+                self._jobs.put(job)
+                return
+        threading.Thread(target=self._serve, args=(job,), daemon=True, name="mvm-request").start()
+
+    def _serve(self, job: Callable[[], None]) -> None:
+        while True:
+            try:
+                job()
+            except BaseException:  # a job answers its own errors; a bug must not end the thread silently
+                traceback.print_exc()
+            with self._lock:
+                self._idle += 1
+            while True:
+                try:
+                    job = self._jobs.get(timeout=self.IDLE_SECONDS)
+                    break
+                except queue.Empty:
+                    with self._lock:
+                        if self._idle > 0:  # more idle threads than queued jobs: this one may go
+                            self._idle -= 1
+                            return
+                    # a job was queued for this thread just now: take it
+
+
+_request_threads = RequestThreads()
 
 
 class RequestContext:
@@ -99,8 +147,7 @@ class ClientSession:
                         continue
                     self.inflight[ctx.id] = ctx
                     try:
-                        threading.Thread(target=self._run, args=(ctx,), daemon=True,
-                                         name=f"mvm-req-{ctx.op}").start()
+                        _request_threads.submit(functools.partial(self._run, ctx))
                     except RuntimeError:  # no thread to be had: answer, do not fall over
                         self.inflight.pop(ctx.id, None)
                         self.send(codec.response_error(ctx.id, "TooLarge", f"{ctx.op}: the supervisor cannot "
