@@ -132,19 +132,19 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
         if ctx.payload:
             _feed_stdin(sup, pid, ctx.payload)
         deadline = None if timeout is None else started + float(timeout)
-        while not record.exited.wait(0.1):
-            if ctx.cancelled.is_set() or ctx.session.closed.is_set():
-                _kill_group(sup, pid)
-                raise errors.Cancelled("exec.run cancelled by the client; its process group was killed")
-            if deadline is not None and time.monotonic() > deadline:
-                _kill_group(sup, pid)
-                record.exited.wait(5)
-                sup.processes.unsubscribe(pid, capture.deliver)
-                capture.finish()
-                sup.logs.system(f"pid {pid} killed after its {timeout} s timeout", audit_id)
-                raise errors.CommandTimeout(
-                    f"command timed out after {timeout} s; its process group was killed",
-                    pid=pid, audit_id=audit_id, timeout_seconds=timeout)
+        ended = _until_exit(sup, ctx, record, deadline)
+        if ended == "cancelled":
+            _kill_group(sup, pid)
+            raise errors.Cancelled("exec.run cancelled by the client; its process group was killed")
+        if ended == "timeout":
+            _kill_group(sup, pid)
+            record.exited.wait(5)
+            sup.processes.unsubscribe(pid, capture.deliver)
+            capture.finish()
+            sup.logs.system(f"pid {pid} killed after its {timeout} s timeout", audit_id)
+            raise errors.CommandTimeout(
+                f"command timed out after {timeout} s; its process group was killed",
+                pid=pid, audit_id=audit_id, timeout_seconds=timeout)
     finally:
         sup.processes.unsubscribe(pid, capture.deliver)
     _check_not_lost(record)
@@ -202,6 +202,25 @@ def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, exit_cod
     return path
 
 
+def _until_exit(sup: Supervisor, ctx: RequestContext, record: ProcessRecord, deadline: float | None) -> str:
+    """Block until the process exited (``"exited"``), the request is cancelled or its
+    connection closed (``"cancelled"``), or the monotonic ``deadline`` passed
+    (``"timeout"``). Nothing polls: the exit and the cancel both set ``ctx.wake``."""
+    sup.processes.wake_on_exit(record, ctx.wake)
+    try:
+        while True:
+            if record.exited.is_set():
+                return "exited"
+            if ctx.cancelled.is_set() or ctx.session.closed.is_set():
+                return "cancelled"
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return "timeout"
+            ctx.wake.wait(remaining)
+    finally:
+        sup.processes.stop_waking(record, ctx.wake)
+
+
 def _kill_group(sup: Supervisor, pid: int) -> None:
     try:
         sup.agent.call("proc.signal", {"pid": pid, "signal": "KILL", "group": True}, timeout=10)
@@ -242,9 +261,8 @@ def proc_attach(sup: Supervisor, ctx: RequestContext) -> Reply:
 
     record = sup.processes.subscribe(pid, deliver, replay=ctx.arg.boolean("replay", True))
     try:
-        while not record.exited.wait(0.2):
-            if ctx.cancelled.is_set() or ctx.session.closed.is_set():
-                raise errors.Cancelled("proc.attach cancelled")
+        if _until_exit(sup, ctx, record, None) == "cancelled":
+            raise errors.Cancelled("proc.attach cancelled")
     finally:
         sup.processes.unsubscribe(pid, deliver)
     _check_not_lost(record)
@@ -256,11 +274,11 @@ def proc_wait(sup: Supervisor, ctx: RequestContext) -> Reply:
     record = _known_record(sup, pid)
     timeout = _timeout_arg(ctx)
     deadline = None if timeout is None else time.monotonic() + timeout
-    while not record.exited.wait(0.2):
-        if ctx.cancelled.is_set() or ctx.session.closed.is_set():
-            raise errors.Cancelled("proc.wait cancelled")
-        if deadline is not None and time.monotonic() > deadline:
-            raise errors.CommandTimeout(f"pid {pid} still running after {timeout} s", pid=pid)
+    ended = _until_exit(sup, ctx, record, deadline)
+    if ended == "cancelled":
+        raise errors.Cancelled("proc.wait cancelled")
+    if ended == "timeout":
+        raise errors.CommandTimeout(f"pid {pid} still running after {timeout} s", pid=pid)
     _check_not_lost(record)
     return {"exit_code": record.exit_code, "signal": record.signal}, b""
 

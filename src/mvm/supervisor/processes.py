@@ -39,6 +39,8 @@ class ProcessRecord:
     dropped_bytes: int = 0
     subscribers: list[Subscriber] = field(default_factory=list)
     exited: threading.Event = field(default_factory=threading.Event)
+    #: Set once it exits, besides ``exited`` (a request's wake event: ``ProcessTable.wake_on_exit``).
+    exit_watchers: list[threading.Event] = field(default_factory=list)
     #: Why its end is unknown (the guest agent was lost while it ran), else None.
     lost: str | None = None
 
@@ -97,7 +99,23 @@ class ProcessTable:
             record.signal = signal
             record.ended_at = ended_at or time.time()
         record.exited.set()
+        with self._lock:  # after exited is set: a watcher added from now on sees it exited
+            watchers, record.exit_watchers = record.exit_watchers, []
+        for watcher in watchers:
+            watcher.set()
         return record
+
+    def wake_on_exit(self, record: ProcessRecord, watcher: threading.Event) -> None:
+        """Set ``watcher`` when the process exits (at once if it has)."""
+        with self._lock:
+            record.exit_watchers.append(watcher)
+        if record.exited.is_set():
+            watcher.set()
+
+    def stop_waking(self, record: ProcessRecord, watcher: threading.Event) -> None:
+        with self._lock:
+            if watcher in record.exit_watchers:
+                record.exit_watchers.remove(watcher)
 
     def subscribe(self, pid: int, deliver: Subscriber, *, replay: bool) -> ProcessRecord:
         """Attach ``deliver``; with ``replay`` it first gets the kept output, in order,

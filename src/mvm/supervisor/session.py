@@ -85,6 +85,13 @@ class RequestContext:
         self.args: dict[str, Any] = frame.header.get("args") or {}
         self.payload = frame.payload
         self.cancelled = threading.Event()
+        #: Set by what ends a wait of this request's handler: its cancel (or its connection's
+        #: end), and whatever the handler asked to be woken by (a process's exit).
+        self.wake = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.wake.set()
 
     @property
     def arg(self) -> Args:
@@ -155,13 +162,13 @@ class ClientSession:
                 elif frame.kind == "cancel":
                     ctx_or_none = self.inflight.get(frame.header["id"])
                     if ctx_or_none is not None:
-                        ctx_or_none.cancelled.set()
+                        ctx_or_none.cancel()
         except (ChannelClosed, ProtocolError, OSError):
             pass
         finally:
             self.closed.set()
             for ctx in list(self.inflight.values()):
-                ctx.cancelled.set()
+                ctx.cancel()
             self.channel.close()
             _sessions.release()
 
