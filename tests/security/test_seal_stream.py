@@ -19,6 +19,7 @@ from mvm.snapshots import (
     TAG_SIZE,
     Snapshot,
     SnapshotStore,
+    seal_file,
     snapshot_key,
     unseal_file,
     verify_snapshot,
@@ -183,17 +184,12 @@ def test_a_blob_changed_after_verification_fails_at_the_unsealer(store: Snapshot
         assert err.value.details["path"] == "memory.bin" and err.value.details["snapshot"] == info.id
 
 
-def test_a_tampered_blob_is_refused_before_anything_streams(store: SnapshotStore) -> None:
-    with store.begin("s", "sb-1") as pending:
-        sink = pending.stream("memory.bin")
-        _run(sink.command(), _data(4 * CHUNK))
-        sink.finish()
-        info = pending.commit("full")
+def test_a_truncated_streamed_blob_is_refused_before_anything_streams(store: SnapshotStore) -> None:
+    info = _streamed_snapshot(store, _data(4 * CHUNK))
     blob = next(store.path(info).rglob("*.sealed"))
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 1
-    blob.write_bytes(bytes(data))
-    with pytest.raises(SnapshotTampered, match="sha256 does not match"):
+    data = blob.read_bytes()
+    blob.write_bytes(data[: -(CHUNK + TAG_SIZE)])  # a whole chunk gone: only the size says so up front
+    with pytest.raises(SnapshotTampered, match="truncated or extended"):
         with store.restoring(info.id, stream=["memory.bin"]):
             pytest.fail("the snapshot was opened")
     assert _leftovers(store) == [info.id]
@@ -207,38 +203,66 @@ def _streamed_snapshot(store: SnapshotStore, memory: bytes) -> Snapshot:
         return pending.commit("full")
 
 
-def test_background_verification_streams_only_after_the_hash_matched(store: SnapshotStore) -> None:
+def test_a_streamed_blob_is_read_once_and_verified_as_it_streams(store: SnapshotStore,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     memory = _data(64 * CHUNK + 5)
     info = _streamed_snapshot(store, memory)
-    with store.restoring(info.id, stream=["memory.bin"], verify_in_background=True) as opened:
+    hashed: list[str] = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda fh, name: hashed.append(name) or real(fh, name))
+    with store.restoring(info.id, stream=["memory.bin"]) as opened:
         source = opened.source("memory.bin")
         assert source is not None
         out = _run(source.command())
         source.finish()
-        assert out.returncode == 0 and out.stdout == memory and source.released
+        assert out.returncode == 0 and out.stdout == memory
+    assert hashed == []  # no pass over the blob before it streamed: its unsealer checked the sha256
     assert _leftovers(store) == [info.id]
 
 
-def test_background_verification_gives_a_tampered_blob_to_no_reader(store: SnapshotStore) -> None:
-    info = _streamed_snapshot(store, _data(64 * CHUNK))
+def test_a_tampered_streamed_blob_gives_its_reader_only_the_authentic_chunks_before(store: SnapshotStore) -> None:
+    memory = _data(64 * CHUNK)
+    info = _streamed_snapshot(store, memory)
     blob = next(store.path(info).rglob("*.sealed"))
     data = bytearray(blob.read_bytes())
-    data[len(data) - 100] ^= 1  # in the last chunk: the unsealer alone would deliver all the others
+    data[HEADER_SIZE + 40 * (CHUNK + TAG_SIZE) + 7] ^= 1
     blob.write_bytes(bytes(data))
-    with store.restoring(info.id, stream=["memory.bin"], verify_in_background=True) as opened:
+    with store.restoring(info.id, stream=["memory.bin"]) as opened:
         source = opened.source("memory.bin")
         assert source is not None
-        out = _run(source.command())  # the reader (QEMU) gets an empty stream
-        assert out.stdout == b"" and not source.released
-        with pytest.raises(SnapshotTampered, match="sha256 does not match") as err:
-            source.verify()
-        assert err.value.details["path"] == "memory.bin" and err.value.details["snapshot"] == info.id
-        with pytest.raises(SnapshotTampered, match="sha256 does not match"):
+        out = _run(source.command())
+        assert out.stdout == memory[: 40 * CHUNK]  # never a modified byte, and never the whole
+        with pytest.raises(SnapshotTampered, match="chunk 40 fails authentication") as err:
             source.finish()
+        assert err.value.details["path"] == "memory.bin" and err.value.details["snapshot"] == info.id
     assert _leftovers(store) == [info.id]
 
 
-def test_background_verification_still_checks_everything_else_first(store: SnapshotStore, tmp_path: Path) -> None:
+def test_an_authentic_blob_other_than_the_listed_one_never_completes(store: SnapshotStore, tmp_path: Path) -> None:
+    """A blob that passes authentication chunk by chunk but is not the one the signed
+    manifest lists (the same plaintext sealed again, under this snapshot's key and
+    context, e.g. from an earlier save of the same id): the unsealer withholds its last
+    chunk, so its reader never gets a complete stream, and the verdict names the hash."""
+    memory = _data(8 * CHUNK + 3)
+    info = _streamed_snapshot(store, memory)
+    manifest = verify_snapshot(store.path(info))
+    entry = next(f for f in manifest.files if f.path == "memory.bin")
+    plain = tmp_path / "memory.plain"
+    plain.write_bytes(memory)
+    seal_file(plain, store.path(info) / entry.blob, store.key, context=manifest.context("memory.bin"),
+              chunk_size=CHUNK)
+    with store.restoring(info.id, stream=["memory.bin"]) as opened:
+        source = opened.source("memory.bin")
+        assert source is not None
+        out = _run(source.command())
+        assert out.stdout == memory[: 8 * CHUNK]  # all but the last chunk
+        with pytest.raises(SnapshotTampered, match="sha256 does not match the manifest") as err:
+            source.finish()
+        assert err.value.details["path"] == "memory.bin"
+    assert _leftovers(store) == [info.id]
+
+
+def test_streaming_still_checks_everything_else_first(store: SnapshotStore, tmp_path: Path) -> None:
     files = tmp_path / "files"
     files.mkdir()
     (files / "vm.json").write_text("{}")
@@ -253,7 +277,7 @@ def test_background_verification_still_checks_everything_else_first(store: Snaps
     data[-1] ^= 1
     other.write_bytes(bytes(data))
     with pytest.raises(SnapshotTampered, match="sha256 does not match") as err:
-        with store.restoring(info.id, stream=["memory.bin"], verify_in_background=True):
+        with store.restoring(info.id, stream=["memory.bin"]):
             pytest.fail("the snapshot was opened")
     assert err.value.details["path"] == "vm.json"
     assert _leftovers(store) == [info.id]

@@ -1,23 +1,22 @@
 """A snapshot's signed manifest (Ed25519, domain ``mvm-snapshot-v1``): what it lists,
 how it is read and checked, and the verification of the blobs it lists (size and sha256
-of every one, nothing added) before a single byte is unsealed."""
+of every one, nothing added) before a single byte is unsealed — but for a streamed blob
+(a VM's memory image), whose unsealer checks its sha256 while streaming it."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import stat
-import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import InvalidArgument, SandboxError, SnapshotTampered
+from ..errors import InvalidArgument, SnapshotTampered
 from ..security.canonical import canonical_json
 from ..security.keys import PublicKeyLike, key_id, load_public_key, sign, verify_signature
 
@@ -144,68 +143,21 @@ def verify_snapshot(directory: Path | str, public_key: PublicKeyLike = None, *,
     that it was sealed with that key. Returns the manifest; raises
     :class:`SnapshotTampered` naming the first bad file.
     """
-    manifest, _, _ = verify_blobs(Path(directory), public_key, key, keep_open=())
+    manifest, _ = verify_blobs(Path(directory), public_key, key, keep_open=())
     return manifest
 
 
-class BlobHash:
-    """The sha256 check of one blob, run on a thread (hashlib drops the GIL) while the
-    caller goes on (e.g. QEMU starts): :meth:`wait`, then :attr:`error` is None if the
-    blob's sha256 is the manifest's. Reads with ``pread`` (the fd's offset is left alone)."""
-
-    def __init__(self, fd: int, sha256: str, tampered: Callable[[], SnapshotTampered], label: str):
-        self._fd = fd
-        self._sha256 = sha256
-        self._tampered = tampered
-        self._label = label
-        self.error: SandboxError | SnapshotTampered | None = None
-        self._done = threading.Event()
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mvm-verify-sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            digest = hashlib.sha256()
-            buf = memoryview(bytearray(1 << 20))
-            offset = 0
-            while n := os.preadv(self._fd, [buf], offset):
-                if self._cancel.is_set():
-                    self.error = SandboxError(f"verifying {self._label} was cancelled")
-                    return
-                digest.update(buf[:n])
-                offset += n
-            if digest.hexdigest() != self._sha256:
-                self.error = self._tampered()
-        except OSError as exc:
-            self.error = SandboxError(f"verifying {self._label} failed: {exc}")
-        finally:
-            self._done.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once the check is done (see :attr:`error`)."""
-        return self._done.wait(timeout)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-        self._thread.join()
-
-
 def verify_blobs(directory: Path, public_key: PublicKeyLike, key: bytes | None, keep_open: Iterable[str],
-                 background: Iterable[str] = (), manifest: Manifest | None = None,
-                 ) -> tuple[Manifest, dict[str, int], dict[str, BlobHash]]:
-    """:func:`verify_snapshot`, also returning open read-only fds of the blobs of the
-    files named in ``keep_open``: the very files that were hashed, for a reader that
-    must not reopen them by name (the caller closes them). The sha256 of those also
-    named in ``background`` is checked on a thread, started before anything else is
-    checked: the caller must wait for its :class:`BlobHash` (returned) before using
-    the blob, and cancel it before closing the fd. Everything else is checked here.
+                 manifest: Manifest | None = None) -> tuple[Manifest, dict[str, int]]:
+    """:func:`verify_snapshot`, except for the sha256 of the blobs of the files named in
+    ``keep_open``: those are checked (regular file, size) and returned as open read-only
+    fds, for a reader that hashes them as it streams them (the unsealer, against the
+    same signed manifest) and must not reopen them by name; the caller closes them.
     ``manifest``: this directory's, already read by :func:`read_manifest` (not read again)."""
     if manifest is None:
         manifest = read_manifest(directory, public_key)
     snap = manifest.id
     wanted = set(keep_open)
-    deferred = wanted & set(background)
 
     def tampered(file: str, problem: str, original: str | None = None) -> SnapshotTampered:
         label = f"{file} ({original})" if original else file
@@ -215,9 +167,8 @@ def verify_blobs(directory: Path, public_key: PublicKeyLike, key: bytes | None, 
         raise tampered(MANIFEST, "was sealed with a different snapshot key")
     expected = {f.blob for f in manifest.files}
     kept: dict[str, int] = {}
-    checks: dict[str, BlobHash] = {}
     try:
-        for f in sorted(manifest.files, key=lambda f: f.path not in deferred):  # the background ones first
+        for f in manifest.files:
             blob = directory / f.blob
             try:
                 st = os.lstat(blob)
@@ -236,15 +187,11 @@ def verify_blobs(directory: Path, public_key: PublicKeyLike, key: bytes | None, 
                 if st.st_size != f.sealed_size:
                     raise tampered(f.blob, f"is {st.st_size} bytes, the manifest says {f.sealed_size} "
                                            "(truncated or extended)", f.path)
-                mismatch = functools.partial(tampered, f.blob, "sha256 does not match the manifest (modified or "
-                                             "swapped)", f.path)
-                if f.path in deferred:
-                    checks[f.path] = BlobHash(fd, f.sealed_sha256, mismatch, f"{f.blob} ({f.path})")
-                else:
+                if f.path not in wanted:
                     with open(fd, "rb", closefd=False) as fh:
                         actual = hashlib.file_digest(fh, "sha256").hexdigest()
                     if actual != f.sealed_sha256:
-                        raise mismatch()
+                        raise tampered(f.blob, "sha256 does not match the manifest (modified or swapped)", f.path)
             except BaseException:
                 os.close(fd)
                 raise
@@ -258,9 +205,7 @@ def verify_blobs(directory: Path, public_key: PublicKeyLike, key: bytes | None, 
                 if rel != MANIFEST and rel not in expected:
                     raise tampered(rel, "is not part of the snapshot (added)")
     except BaseException:
-        for check in checks.values():
-            check.cancel()
         for fd in kept.values():
             os.close(fd)
         raise
-    return manifest, kept, checks
+    return manifest, kept

@@ -2,9 +2,10 @@
 
 A backend that streams its memory image (``streams_memory``: the VM) gets a sink
 from the snapshot store, so the image goes QEMU -> sealer -> store in one pass; on
-restore, after the whole snapshot was verified, it goes store -> unsealer -> QEMU.
-It is never a plain file; its sha256 is checked while QEMU starts, and the unsealer gets
-it only once that check passed (``restoring(..., verify_in_background=True)``).
+restore, after everything else was verified, it goes store -> unsealer -> QEMU.
+It is never a plain file, and it is read once: the unsealer authenticates every chunk
+before QEMU gets it and hashes the blob as it passes, withholding the last chunk unless
+the whole sha256 is the signed manifest's; the VM resumes only after that verdict.
 Everything else (the VM's disk layer and ``vm.json``, a
 namespace sandbox's archive) is written to a private staging directory and sealed
 from there, as before.
@@ -110,17 +111,18 @@ def shape(store: SnapshotStore, snapshot: str) -> Resources:
 
 def restore(instance: BackendInstance, store: SnapshotStore, snapshot: str, *,
             run: Runner = _direct, replacing: Callable[[], None] | None = None) -> tuple[socket.socket, Snapshot]:
-    """Verify ``snapshot`` entirely, then restore ``instance`` from it (memory streamed
-    when the backend can); returns the agent socket. ``SnapshotTampered`` before any
-    byte reaches the backend if anything is off. (A streamed memory image is hashed
-    while the backend starts its reader, which gets no byte before the whole image
-    matched; on a mismatch the backend kills it and ``SnapshotTampered`` is raised.)
+    """Verify ``snapshot``, then restore ``instance`` from it (memory streamed when the
+    backend can); returns the agent socket. ``SnapshotTampered`` before any byte reaches
+    the backend if anything is off, but for a streamed memory image: that one is
+    verified while the backend reads it (each chunk authenticated before it is given,
+    the whole sha256 before the last chunk is), and on a failure the backend kills its
+    reader before the guest ran and ``SnapshotTampered`` is raised.
     ``replacing`` stops what runs now; it is called once the snapshot was found and
     opened, so an unknown snapshot leaves a running sandbox untouched."""
     # One read of the manifest: restoring() finds the snapshot, verifies it and opens it;
     # a snapshot without a memory image simply has no source for it.
     wanted = (MEMORY_IMAGE,) if instance.streams_memory else ()
-    with store.restoring(snapshot, stream=wanted, verify_in_background=True) as opened:
+    with store.restoring(snapshot, stream=wanted) as opened:
         if replacing is not None:
             replacing()
         source = opened.source(MEMORY_IMAGE)

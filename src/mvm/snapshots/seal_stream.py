@@ -16,10 +16,11 @@ anything secret from its command line or its environment: it connects to ``CONTR
 0700 directory, served by ``sealing.SealSink`` / ``sealing.UnsealSource`` in the
 supervisor, which only answers a peer of its own uid) and receives one frame::
 
-    u32 BE length | JSON {"op", "key" (hex), "context" (hex), "chunk_size", "label"}
+    u32 BE length | JSON {"op", "key" (hex), "context" (hex), "chunk_size", "label",
+                          "sealed_sha256" (unseal: the signed manifest's hash of the blob)}
     + one file descriptor (SCM_RIGHTS): the blob to write (seal: opened O_WRONLY in the
-      store's staging directory) or the blob to read (unseal: the very file descriptor
-      the supervisor verified against the signed manifest)
+      store's staging directory) or the blob to read (unseal: the file descriptor the
+      supervisor opened and checked — size, regular file — against the signed manifest)
 
 and answers with one frame when it is done::
 
@@ -28,8 +29,11 @@ and answers with one frame when it is done::
 
 The unsealer authenticates every chunk before writing its plaintext and stops at the
 first failure (its answer says ``tampered``; the worker exits 2), so a modified blob never
-delivers its modified part and QEMU's load fails on the cut stream; the supervisor hands
-out the restored VM only after this answer said ``ok``.
+delivers its modified part and QEMU's load fails on the cut stream. It also hashes the
+sealed bytes as they pass and writes the last chunk only if the whole blob's sha256 is the
+signed manifest's, so QEMU's load cannot complete on any other blob (one read of the blob,
+verified while QEMU loads it, instead of a hash pass before the stream). The supervisor
+resumes the restored VM only after this answer said ``ok``.
 """
 
 from __future__ import annotations
@@ -152,14 +156,56 @@ def seal_stream(read_into: ReadInto, write: Write, key: bytes, *, context: bytes
 
 
 def unseal_stream(read_into: ReadInto, write: Write, key: bytes, *, context: bytes = b"",
-                  progress: Progress | None = None, total: int = 0) -> int:
+                  progress: Progress | None = None, total: int = 0, sealed_sha256: str | None = None) -> int:
     """Authenticate and decrypt a sealed stream through ``write``; returns the plain size.
     Each chunk is authenticated before its plaintext is written; the first failure
-    raises :class:`Tampered` (nothing of that chunk or later is written)."""
+    raises :class:`Tampered` (nothing of that chunk or later is written).
+
+    ``sealed_sha256`` (the signed manifest's hash of the whole sealed blob): the sealed
+    bytes are hashed as they stream by, and the last chunk's plaintext is written only
+    if the whole blob matched; otherwise :class:`Tampered` — so a reader never gets a
+    complete stream from a blob other than the one the manifest lists."""
     raw = bytearray(HEADER_SIZE)
     if _fill(read_into, raw) != HEADER_SIZE or raw[:8] != MAGIC or raw[8] != VERSION:
         raise Tampered("not a sealed file (bad header)")
     header = bytes(raw)
+    hasher = _Hasher(header) if sealed_sha256 is not None else None
+    try:
+        return _unseal_chunks(read_into, write, key, header, context, progress, total, hasher, sealed_sha256)
+    finally:
+        if hasher is not None:
+            hasher.stop()
+
+
+class _Hasher:
+    """sha256 of a stream, computed on a thread (hashlib drops the GIL) while the caller
+    goes on; at most two chunks queued."""
+
+    def __init__(self, first: bytes):
+        self._digest = hashlib.sha256(first)
+        self._pending: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._run, name="mvm-unseal-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._pending.get()) is not None:
+            self._digest.update(item)
+
+    def feed(self, data: bytes) -> None:
+        self._pending.put(data)
+
+    def hexdigest(self) -> str:
+        self.stop()
+        return self._digest.hexdigest()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
+
+
+def _unseal_chunks(read_into: ReadInto, write: Write, key: bytes, header: bytes, context: bytes,
+                   progress: Progress | None, total: int, hasher: _Hasher | None, sealed_sha256: str | None) -> int:
     (chunk_size,) = struct.unpack(">I", header[12:16])
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise Tampered("bad chunk size in header")
@@ -177,12 +223,17 @@ def unseal_stream(read_into: ReadInto, write: Write, key: bytes, *, context: byt
         if have < TAG_SIZE:
             raise Tampered(f"chunk {index} is truncated")
         nonce = prefix + index.to_bytes(4, "big")
+        sealed = memoryview(current)[:have]
+        if hasher is not None:
+            hasher.feed(bytes(sealed))  # a copy: the next round refills this buffer
         try:
-            plain = aead.decrypt(nonce, memoryview(current)[:have], chunk_ad(header, index, final, context))
+            plain = aead.decrypt(nonce, sealed, chunk_ad(header, index, final, context))
         except InvalidTag:
             why = ("modified, reordered, swapped or truncated" if index or not final
                    else "modified, swapped, truncated, or sealed with another key")
             raise Tampered(f"chunk {index} fails authentication ({why})") from None
+        if final and hasher is not None and hasher.hexdigest() != sealed_sha256:
+            raise Tampered("sha256 does not match the manifest (modified or swapped)")
         write(plain)
         size += len(plain)
         done += have
@@ -291,7 +342,9 @@ def _run(op: str, control: str) -> int:
                      "sealed_sha256": info.sealed_sha256, "chunks": info.chunks}
         else:
             grow_pipe(1)
-            size = unseal_stream(fd_preader(blob), fd_writer(1), key, context=context)
+            expected = params.get("sealed_sha256")
+            size = unseal_stream(fd_preader(blob), fd_writer(1), key, context=context,
+                                 sealed_sha256=str(expected) if expected is not None else None)
             reply = {"ok": True, "size": size}
     except Tampered as exc:
         reply = {"ok": False, "tampered": True, "error": str(exc)}

@@ -322,31 +322,26 @@ class SnapshotStore:
 
     @contextmanager
     def restoring(self, id_or_name: str, *, stream: Iterable[str] = (), dest_parent: Path | str | None = None,
-                  progress: Progress | None = None, now: float | None = None,
-                  verify_in_background: bool = False) -> Iterator[OpenedSnapshot]:
+                  progress: Progress | None = None, now: float | None = None) -> Iterator[OpenedSnapshot]:
         """Like :meth:`open_for_restore`, but the files named in ``stream`` (those the
         snapshot has) are not unsealed to disk: ``opened.source(rel)`` streams each as
-        plaintext to its reader (QEMU's ``-incoming exec:``). Everything, streamed files
-        included, is verified first (signature, every blob's size and sha256); a
-        streamed file is then read through the very file descriptor that was hashed, and
-        its unsealer still authenticates every chunk. The unsealed directory and every
-        source are removed/closed when the block ends.
-
-        ``verify_in_background=True``: the sha256 of the streamed blobs is checked on a
-        thread instead, so their reader can start meanwhile (QEMU starts while a memory
-        image is hashed); everything else is verified before this returns as above. A
-        source's unsealer gets the key and the blob only after its whole sha256 matched,
-        so not one byte reaches its reader before; on a mismatch the reader gets an
-        empty stream and ``source.verify()`` / ``source.finish()`` raise
-        :class:`SnapshotTampered`."""
-        opened = self._open(id_or_name, tuple(stream), dest_parent, progress, now, verify_in_background)
+        plaintext to its reader (QEMU's ``-incoming exec:``). Everything else is verified
+        first as there (signature, every blob's size and sha256); a streamed blob is
+        checked for its size here and read once, by its unsealer, through the very file
+        descriptor that was checked: each chunk is authenticated before it is written,
+        and the last one only if the whole blob's sha256 is the signed manifest's — so
+        its reader never completes a stream of another blob, and ``source.finish()``
+        (which the caller must wait for before using what was read) raises
+        :class:`SnapshotTampered` for it. The unsealed directory and every source are
+        removed/closed when the block ends."""
+        opened = self._open(id_or_name, tuple(stream), dest_parent, progress, now)
         try:
             yield opened
         finally:
             opened.close()
 
     def _open(self, id_or_name: str, stream: tuple[str, ...], dest_parent: Path | str | None,
-              progress: Progress | None, now: float | None, background: bool = False) -> OpenedSnapshot:
+              progress: Progress | None, now: float | None) -> OpenedSnapshot:
         with self._locked(shared=True):
             info, manifest = self._find(id_or_name)
             directory = self.path(info)
@@ -355,8 +350,8 @@ class SnapshotStore:
                                        f"{format_ts(info.expires_at or 0)}", snapshot=info.id)
             key = self.key
             # the manifest get() read and verified, under this same lock: not read a second time
-            manifest, fds, checks = verify_blobs(directory, self.signer.public_key(), key, keep_open=stream,
-                                                 background=stream if background else (), manifest=manifest)
+            manifest, fds = verify_blobs(directory, self.signer.public_key(), key, keep_open=stream,
+                                         manifest=manifest)
             parent = make_dirs(Path(dest_parent)) if dest_parent is not None else self.root
             sources: dict[str, UnsealSource] = {}
             out: Path | None = None
@@ -365,7 +360,7 @@ class SnapshotStore:
                 os.chmod(out, 0o700)
                 for f in manifest.files:
                     if f.path in fds:
-                        sources[f.path] = UnsealSource(fds.pop(f.path), key, manifest, f, checks.pop(f.path, None))
+                        sources[f.path] = UnsealSource(fds.pop(f.path), key, manifest, f)
                 plain = [f for f in manifest.files if f.path not in sources]
                 total = sum(f.sealed_size for f in plain)
                 done_before = 0
@@ -390,8 +385,6 @@ class SnapshotStore:
                                                snapshot=info.id)
                     done_before += f.sealed_size
             except BaseException:
-                for check in checks.values():
-                    check.cancel()
                 for fd in fds.values():
                     os.close(fd)
                 for source in sources.values():

@@ -3,10 +3,11 @@
 Streams (a VM's memory image, which must never be a plain file): :meth:`SnapshotStore.begin`
 gives a :class:`PendingSnapshot` whose :meth:`~PendingSnapshot.stream` sink is a shell
 command (QEMU's ``exec:`` migration) sealing its stdin straight into the snapshot; and
-:meth:`SnapshotStore.restoring` verifies everything, then streams such a file back
+:meth:`SnapshotStore.restoring` verifies everything else, then streams such a file back
 through an unsealer command (``-incoming exec:``) reading the very descriptor that was
-hashed. The helper process is :mod:`.seal_stream`; its key comes over a private control
-socket, never a command line or an environment.
+checked, which verifies it (every chunk, then the whole sha256) as it streams. The
+helper process is :mod:`.seal_stream`; its key comes over a private control socket,
+never a command line or an environment.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from ..errors import InvalidArgument, SandboxError, SnapshotTampered
 from . import seal_stream as _seal_stream_module
-from .manifest import BlobHash, Manifest, SealedFile
+from .manifest import Manifest, SealedFile
 from .seal_stream import SealInfo, recv_frame, send_frame
 
 #: The helper process QEMU starts for a streamed (un)seal (see :mod:`.seal_stream`).
@@ -122,9 +123,6 @@ class _StreamHelper:
             self._listener.close()
             self._conn = conn
             conn.settimeout(None)
-            if not self._release():  # the helper gets nothing, so its reader gets no byte
-                conn.shutdown(socket.SHUT_RDWR)
-                return
             send_frame(conn, {**self._params, "op": self.op, "label": self.label}, [self._fd])
             self._reply, _ = recv_frame(conn)  # when the helper is done (close() unblocks it)
         except (OSError, EOFError, ValueError) as exc:
@@ -132,10 +130,6 @@ class _StreamHelper:
                 self._error = f"the helper process ended without an answer ({exc})"
         finally:
             self._done.set()
-
-    def _release(self) -> bool:
-        """Whether the connected helper may have the key and the fd (it has none before)."""
-        return True
 
     def _wait(self, timeout: float) -> dict[str, Any]:
         if self._thread is None:
@@ -210,58 +204,27 @@ class SealSink(_StreamHelper):
 
 
 class UnsealSource(_StreamHelper):
-    """A verified blob streamed back as plaintext: ``command()`` writes it to stdout
-    (QEMU's ``-incoming exec:``), authenticating each chunk first. :meth:`finish` says
-    whether all of it was delivered intact. Made by :meth:`SnapshotStore.restoring`.
-
-    With ``restoring(..., verify_in_background=True)`` the blob's sha256 is still being
-    checked when ``command()`` can already run: its helper then gets the key and the fd
-    only once the whole blob matched the signed manifest (until then it has nothing to
-    write); on a mismatch it gets neither — it exits without writing a byte, so its
-    reader sees an empty stream — and :meth:`verify` / :meth:`finish` raise
-    :class:`SnapshotTampered`."""
+    """A blob streamed back as plaintext: ``command()`` writes it to stdout (QEMU's
+    ``-incoming exec:``). Its helper authenticates each chunk before writing it and
+    hashes the sealed bytes as they pass: the last chunk is written only if the whole
+    blob's sha256 is the signed manifest's (see :mod:`.seal_stream`), so its reader
+    never completes a stream of a modified or swapped blob. :meth:`finish` is the
+    verdict; the caller uses what was read only once it returned. Made by
+    :meth:`SnapshotStore.restoring`."""
 
     op = "unseal"
     verb = "unsealing"
 
-    def __init__(self, fd: int, key: bytes, manifest: Manifest, sealed: SealedFile,
-                 check: BlobHash | None = None):
-        super().__init__({"key": bytes(key).hex(), "context": manifest.context(sealed.path).hex()}, fd,
-                         f"{sealed.blob} ({sealed.path})")
+    def __init__(self, fd: int, key: bytes, manifest: Manifest, sealed: SealedFile):
+        super().__init__({"key": bytes(key).hex(), "context": manifest.context(sealed.path).hex(),
+                          "sealed_sha256": sealed.sealed_sha256}, fd, f"{sealed.blob} ({sealed.path})")
         self.snapshot = manifest.id
         self.file = sealed
-        self._check = check
-        self.released = False  # whether a helper was given the key and the fd
-
-    def _release(self) -> bool:
-        check = self._check
-        if check is not None:
-            while not check.wait(0.05):
-                if self._closing.is_set():
-                    return False
-            if check.error is not None:
-                self._error = check.error.message
-                return False
-        self.released = not self._closing.is_set()
-        return self.released
-
-    def verify(self, timeout: float = WAIT_TIMEOUT) -> None:
-        """Block until the blob's sha256 was checked against the signed manifest (at
-        once unless it runs in the background): :class:`SnapshotTampered` if it does not
-        match."""
-        check = self._check
-        if check is None:
-            return
-        if not check.wait(timeout):
-            raise SandboxError(f"verifying {self.label}: not done within {timeout:.0f} s")
-        if check.error is not None:
-            raise check.error
 
     def finish(self, timeout: float = WAIT_TIMEOUT) -> None:
-        """Wait for the unsealer's verdict: :class:`SnapshotTampered` if the blob's
-        sha256 or a chunk failed authentication (or the size is not the manifest's),
+        """Wait for the unsealer's verdict: :class:`SnapshotTampered` if a chunk failed
+        authentication, the blob's sha256 is not the manifest's or the size is not,
         :class:`SandboxError` if it failed otherwise (e.g. its reader went away)."""
-        self.verify(timeout)
         reply = self._wait(timeout)
         f = self.file
         if not reply.get("ok"):
@@ -274,8 +237,3 @@ class UnsealSource(_StreamHelper):
                                    f"{reply.get('size')} bytes, the manifest says {f.size}", file=f.blob,
                                    path=f.path, snapshot=self.snapshot)
         self.close()
-
-    def close(self) -> None:
-        if self._check is not None:
-            self._check.cancel()  # its thread reads the fd closed below
-        super().close()

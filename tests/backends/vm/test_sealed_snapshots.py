@@ -275,14 +275,19 @@ def _read_count(path: Path) -> tuple[int, int, str]:
     return int(n), int(pid), comm
 
 
-def test_tampered_memory_never_reaches_qemu(
+def test_tampered_memory_gives_qemu_only_authentic_chunks_and_the_guest_never_runs(
     source: Source, store: SnapshotStore, make_instance, tmp_path: Path,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The memory blob is hashed while QEMU starts; QEMU is given not one byte of it
-    before the hash matched, so a tampered image gives it an empty stream, it is
-    killed, and ``SnapshotTampered`` is raised as before."""
+    """The memory blob is verified while QEMU loads it: every chunk is authenticated before
+    QEMU gets it, and the last one only once the whole blob's sha256 is the signed
+    manifest's. A modified blob gives QEMU the authentic chunks before the modified one and
+    then the end of the stream; another authentic blob (the same memory sealed again under
+    this snapshot's key and context) gives it all but the last chunk. Either way the load
+    cannot complete, QEMU is killed before the guest ran, and ``SnapshotTampered`` says why."""
     info = _save(source, store, tmp_path)
+    manifest = snapshots.verify_snapshot(store.path(info))
+    chunk = manifest.chunk_size
     # Positive control: the counter sees the whole image go to QEMU when nothing is wrong.
     counted = _count_what_qemu_reads(monkeypatch, tmp_path, "intact")
     clone = make_instance(memory_mb=MEMORY_MB)
@@ -294,25 +299,39 @@ def test_tampered_memory_never_reaches_qemu(
         agent.close()
         clone.destroy()
     n, _, comm = _read_count(counted)
-    assert n == info.details["memory_bytes"] > 32 << 20 and comm.startswith("qemu")
+    size = info.details["memory_bytes"]
+    assert n == size > 32 << 20 and comm.startswith("qemu")
 
     blob = _memory_blob(store, info)
+    original = blob.read_bytes()
+    middle = len(original) // 2
+    bad_chunk = (middle - snapshots.HEADER_SIZE) // (chunk + snapshots.TAG_SIZE)
     with open(blob, "r+b") as fh:
-        fh.seek(blob.stat().st_size // 2)
-        byte = fh.read(1)
-        fh.seek(-1, os.SEEK_CUR)
-        fh.write(bytes([byte[0] ^ 0x01]))
-    counted = _count_what_qemu_reads(monkeypatch, tmp_path, "tampered")
-    clone = make_instance(memory_mb=MEMORY_MB)
-    with pytest.raises(SnapshotTampered, match="sha256 does not match") as err:
-        snapshots.restore(clone, store, info.id)
-    assert err.value.details["path"] == "memory.bin"
-    n, qemu_pid, comm = _read_count(counted)
-    assert comm.startswith("qemu") and (clone.dir / "qemu.log").exists()  # QEMU was started...
-    assert n == 0  # ...and was given not one byte of the image
-    assert not Path(f"/proc/{qemu_pid}").exists()  # ...and is gone
-    assert clone.host_pids() == [] and clone.describe()["state"] == "stopped"
-    assert sorted(p.name for p in store.root.iterdir() if p.name != ".lock") == [info.id]  # nothing unsealed
+        fh.seek(middle)
+        fh.write(bytes([original[middle] ^ 0x01]))
+
+    def refused(name: str, match: str) -> int:
+        counted = _count_what_qemu_reads(monkeypatch, tmp_path, name)
+        clone = make_instance(memory_mb=MEMORY_MB)
+        with pytest.raises(SnapshotTampered, match=match) as err:
+            snapshots.restore(clone, store, info.id)
+        assert err.value.details["path"] == "memory.bin"
+        n, qemu_pid, comm = _read_count(counted)
+        assert comm.startswith("qemu") and not Path(f"/proc/{qemu_pid}").exists()  # QEMU read it, and is gone
+        assert clone.host_pids() == [] and clone.describe()["state"] == "stopped"
+        assert sorted(p.name for p in store.root.iterdir() if p.name != ".lock") == [info.id]  # nothing unsealed
+        return n
+
+    assert refused("tampered", f"chunk {bad_chunk} fails authentication") == bad_chunk * chunk
+
+    # The very memory sealed again (the original blob unsealed, then sealed anew): every
+    # chunk authenticates, but it is not the blob the manifest lists.
+    plain = tmp_path / "memory.plain"
+    blob.write_bytes(original)
+    snapshots.unseal_file(blob, plain, store.key, context=manifest.context("memory.bin"))
+    snapshots.seal_file(plain, blob, store.key, context=manifest.context("memory.bin"), chunk_size=chunk)
+    plain.unlink()
+    assert refused("resealed", "sha256 does not match the manifest") == size - (size % chunk or chunk)
 
 
 def test_memory_changed_after_verification_fails_hard_at_the_unsealer(
