@@ -141,6 +141,21 @@ def test_pipelined_chunks_are_written_in_order(agent: AgentClient, tmp_path: Pat
     assert target.read_bytes() == b"".join(pieces)
 
 
+def test_chunks_naming_their_offset_land_there_in_any_order(agent: AgentClient, tmp_path: Path) -> None:
+    target = tmp_path / "placed"
+    handle = agent.call("fs.write_begin", path=str(target))["handle"]
+    pieces = [bytes([n]) * 1000 for n in range(16)]
+    idents = [agent.send_request("fs.write_chunk", {"handle": handle, "offset": 1000 * n}, pieces[n])
+              for n in reversed(range(16))]  # as a supervisor's threads may deliver a window
+    for ident in idents:
+        assert agent.response(ident).header["ok"]
+    assert agent.call("fs.write_end", handle=handle)["size"] == 16_000
+    assert target.read_bytes() == b"".join(pieces)
+    handle = agent.call("fs.write_begin", path=str(target))["handle"]
+    assert agent.error("fs.write_chunk", b"x", handle=handle, offset=-1)["field"] == "offset"
+    agent.call("fs.write_end", handle=handle, commit=False)
+
+
 def test_an_aborted_upload_leaves_nothing_behind(agent: AgentClient, tmp_path: Path) -> None:
     target = tmp_path / "aborted"
     handle = agent.call("fs.write_begin", path=str(target))["handle"]

@@ -84,8 +84,9 @@ def test_spread_places_on_every_node_and_the_same_sandbox_api_works(ray_cluster:
         assert all(type(sb) is mvm.Sandbox for sb in sandboxes)
         assert sorted(_node_of(sim, sb) for sb in sandboxes) == sorted(sim.nodes)
         sb = sandboxes[1]
-        sb.files.write("/tmp/big.bin", os.urandom(300_000))  # chunked writes through the relay
-        assert sb.files.stat("/tmp/big.bin").size == 300_000
+        big = os.urandom(9 * 1024 * 1024 + 5)  # two windows of chunks through the relay
+        sb.files.write("/tmp/big.bin", big)
+        assert sb.files.read("/tmp/big.bin") == big
         lines: list[str] = []
         result = sb.commands.run(["sh", "-c", "echo out; echo err >&2; exit 3"], on_stdout=lines.append)
         assert (result.exit_code, result.stdout, result.stderr) == (3, "out\n", "err\n")

@@ -14,6 +14,7 @@ import { createConnection, type Socket } from "node:net";
 import * as codec from "./protocol.js";
 import { Frame, FrameDecoder, ProtocolError, type Header } from "./protocol.js";
 import { fromWire, ProtocolFailure, SandboxError, SandboxNotFound } from "./errors.js";
+import { allAnswered, type WireRequest } from "./transport.js";
 
 /** How long a supervisor may take to answer our hello once connected. */
 const HELLO_TIMEOUT_MS = 30_000;
@@ -187,6 +188,11 @@ export class SupervisorClient {
    * Yield the `data` frames of a request until its response; leaving the loop early
    * (`break`, `return`, an exception) cancels the request.
    */
+  /** Send every request, then wait for every answer (`Transport.callMany`). */
+  async callMany(requests: WireRequest[]): Promise<CallResult[]> {
+    return allAnswered(await Promise.allSettled(requests.map(([op, args, payload]) => this.call(op, args, payload))));
+  }
+
   async *stream(op: string, args: Header | null = null): AsyncGenerator<StreamChunk, void, undefined> {
     const ident = this.open(op);
     const queue: (Frame | null)[] = [];

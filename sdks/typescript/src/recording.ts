@@ -34,7 +34,7 @@ import type { Header } from "./protocol.js";
 import { shown } from "./shown.js";
 import { STDIN_STAGING_DIR } from "./sandbox.js";
 import { absolutePath, type Env } from "./spec.js";
-import type { RequestContext, Transport, TransportCallOptions } from "./transport.js";
+import { allAnswered, type RequestContext, type Transport, type TransportCallOptions, type WireRequest } from "./transport.js";
 
 /** The file `mvmctl` tells a recorded script to append its events to. */
 export const RECORDING_ENV = "MVM_RECORDING";
@@ -390,6 +390,11 @@ export class RecordTransport implements Transport {
     return { result: handler(request, data, options.at ?? null), payload: Buffer.alloc(0) };
   }
 
+  /** Each request recorded in turn (a recording waits on nothing). */
+  async callMany(requests: WireRequest[], context: RequestContext = {}): Promise<CallResult[]> {
+    return allAnswered(await Promise.allSettled(requests.map(([op, args, payload]) => this.call(op, args, payload, context))));
+  }
+
   // eslint-disable-next-line require-yield
   async *stream(op: string, _args: Header | null = null, context: RequestContext = {}): AsyncGenerator<StreamChunk, void, undefined> {
     notAvailable(context.call ?? op, this.mode, UNAVAILABLE[op] ?? PROCESS_HINT);
@@ -488,6 +493,7 @@ export class RecordTransport implements Transport {
       return { handle };
     },
     "fs.write_chunk": (args, payload) => {
+      // appended: a window is recorded in turn, so each chunk's `offset` is where the bytes so far end
       this.writes.get(String(args.handle))?.[1].push(payload);
       return {};
     },

@@ -42,7 +42,7 @@ import {
   type Env, type Mode,
 } from "./spec.js";
 import { findSandbox, listSandboxes } from "./state.js";
-import type { RequestContext, Transport, TransportCallOptions } from "./transport.js";
+import type { RequestContext, Transport, TransportCallOptions, WireRequest } from "./transport.js";
 
 /** Default capture per stream for `commands.run` (the supervisor's default too). */
 export const DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024;
@@ -441,6 +441,12 @@ export class Sandbox implements AsyncDisposable, Disposable {
     options: TransportCallOptions = {}): Promise<CallResult> {
     const at = options.at === undefined ? this.site() : options.at; // before the first await
     return (await this.client()).call(op, args, payload, { ...options, at });
+  }
+
+  /** @internal a window of requests sent together, acknowledged together (`Transport.callMany`). */
+  async callMany(requests: WireRequest[], context: RequestContext = {}): Promise<CallResult[]> {
+    const at = context.at === undefined ? this.site() : context.at; // before the first await
+    return (await this.client()).callMany(requests, { ...context, at });
   }
 
   /** @internal the `data` frames of one request (record mode refuses it, naming `context.call`). */
@@ -1003,6 +1009,24 @@ export interface FileUserOptions {
   user?: string;
 }
 
+/**
+ * Chunks of a large `files.write` in flight at once (Python: `mvm.sdk.files.WRITE_WINDOW`):
+ * a window is sent whole, then acknowledged together, so the sends, the supervisor's
+ * relaying and the agent's disk writes overlap instead of taking turns per chunk.
+ */
+export const WRITE_WINDOW = 8;
+
+/** The `fs.write_chunk` requests of a large write, `WRITE_WINDOW` at a time, each naming its `offset`. */
+function* chunkWindows(handle: unknown, raw: Buffer): Generator<WireRequest[]> {
+  for (let first = 0; first < raw.length; first += WRITE_WINDOW * CHUNK_SIZE) {
+    const window: WireRequest[] = [];
+    for (let start = first; start < Math.min(raw.length, first + WRITE_WINDOW * CHUNK_SIZE); start += CHUNK_SIZE) {
+      window.push(["fs.write_chunk", { handle, offset: start }, raw.subarray(start, start + CHUNK_SIZE)]);
+    }
+    yield window;
+  }
+}
+
 export class Files {
   /** @internal */
   constructor(protected readonly sandbox: Sandbox) {}
@@ -1025,8 +1049,8 @@ export class Files {
       const handle = result.handle;
       let committed = false;
       try {
-        for (let start = 0; start < raw.length; start += CHUNK_SIZE) {
-          await sb.call("fs.write_chunk", { handle }, raw.subarray(start, start + CHUNK_SIZE), { at });
+        for (const window of chunkWindows(handle, raw)) {
+          await sb.callMany(window, { at });
         }
         answer = (await sb.call("fs.write_end", { handle, commit: true }, undefined, { at })).result;
         committed = true;

@@ -27,10 +27,27 @@ export interface RequestContext {
 
 export interface TransportCallOptions extends CallOptions, RequestContext {}
 
+/** One request of a `callMany` window: op, args, payload. */
+export type WireRequest = [op: string, args: Header, payload: Uint8Array];
+
+/** The answers of a window once all settled: the first rejection (in request order) thrown. */
+export function allAnswered(outcomes: PromiseSettledResult<CallResult>[]): CallResult[] {
+  return outcomes.map((outcome) => {
+    if (outcome.status === "rejected") throw outcome.reason;
+    return outcome.value;
+  });
+}
+
 /** What the SDK sends its wire requests to. */
 export interface Transport {
   /** One request; `data` frames before the answer go to `options.onData`; an error answer throws its typed error. */
   call(op: string, args?: Header | null, payload?: Uint8Array, options?: TransportCallOptions): Promise<CallResult>;
+  /**
+   * Send every request before waiting for any answer, then wait for all of them (no `data`
+   * frames expected); the first error (in request order) throws once every request was
+   * answered. How `files.write` keeps a window of chunks in flight.
+   */
+  callMany(requests: WireRequest[], context?: RequestContext): Promise<CallResult[]>;
   /** The `data` frames of one request until its answer; leaving the loop early cancels it. */
   stream(op: string, args?: Header | null, context?: RequestContext): AsyncGenerator<StreamChunk, void, undefined>;
   /** Drop the connection; the sandbox keeps running. */

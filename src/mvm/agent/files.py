@@ -66,10 +66,14 @@ def _kind(mode: int) -> str:
     return "other"
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
+    """Write all of ``data`` at the file position, or at ``offset`` (``pwrite``)."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[written:]
+        if offset is not None:
+            offset += written
 
 
 def _target_of(path: str) -> str:
@@ -363,12 +367,16 @@ class Files:
         return found
 
     def write_chunk(self, args: Args, payload: bytes) -> dict[str, Any]:
+        """Append ``payload``, or put it at ``offset``: a client that keeps several chunks
+        in flight names where each goes, as they may reach the agent in any order (the
+        supervisor serves each request on a thread of its own)."""
+        offset = args.integer("offset", minimum=0)
         handle = self._take(args, remove=False)
         with handle.lock:
             if handle.fd < 0:
                 raise invalid("handle", "this write handle is already finished")
             try:
-                _write_all(handle.fd, payload)
+                _write_all(handle.fd, payload, offset)
             except OSError as exc:
                 raise from_os_error(exc, handle.path) from None
             handle.size += len(payload)

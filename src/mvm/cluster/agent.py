@@ -146,6 +146,16 @@ class NodeAgent:
         self._forget_if_gone(sandbox_id, op)
         return ("ok", result, data)
 
+    def call_many(self, sandbox_id: str, requests: list[tuple[str, dict[str, Any] | None, bytes]],
+                  on_behalf_of: dict[str, str] | None = None) -> list[Reply]:
+        """A window of requests sent together (``Transport.call_many``): every reply, in
+        order, once all are answered -- or one error reply if any failed (the first)."""
+        try:
+            answers = self._client(sandbox_id, on_behalf_of).call_many(requests)
+        except errors.MvmError as exc:
+            return [_error(exc)]
+        return [("ok", result, data) for result, data in answers]
+
     def call_streaming(self, sandbox_id: str, op: str, args: dict[str, Any] | None, payload: bytes,
                        timeout: float | None, on_behalf_of: dict[str, str] | None = None) -> Iterator[Reply]:
         """A request whose ``data`` frames the caller wants as they come (a Ray streaming

@@ -386,6 +386,15 @@ class ClusterTransport:
             return _unwrap(item)
         raise errors.SandboxLost(f"{op}: the relay ended without an answer")
 
+    def call_many(self, requests: Sequence[client_core.Request]) -> list[tuple[dict[str, Any], bytes]]:
+        """The whole window in one actor call: the node relays it with its own
+        ``call_many``, so a window costs one cluster round trip, not one per request."""
+        self._check_open()
+        window = [(op, args, bytes(payload)) for op, args, payload in requests]  # Ray pickles no memoryview
+        replies = self._lost_guard(lambda: self._cluster._get(
+            self._agent.call_many.remote(self.sandbox_id, window, self.on_behalf_of), None))
+        return [_unwrap(reply) for reply in replies]
+
     def stream(self, op: str, args: dict[str, Any] | None = None, *,
                idle_timeout: float | None = None) -> Iterator[tuple[str, bytes]]:
         """The node's supervisor client applies ``idle_timeout`` (its ``StreamIdle`` comes

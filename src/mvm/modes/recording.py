@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -43,6 +43,7 @@ from ..sdk.commands import STDIN_STAGING_DIR
 from ..sdk.files import absolute_path
 from ..sdk.includes import GUEST_ROOT
 from ..security.secrets import SecretRef
+from ..supervisor.client_core import Request, all_answered
 
 if TYPE_CHECKING:
     from ..sdk.sandbox import CreateRequest
@@ -370,6 +371,16 @@ class RecordTransport:
         result: dict[str, Any] = handler(args, payload)
         return result, b""
 
+    def call_many(self, requests: Sequence[Request]) -> list[tuple[dict[str, Any], bytes]]:
+        """Each request recorded in turn (a recording waits on nothing)."""
+        outcomes: list[tuple[dict[str, Any], bytes] | errors.MvmError] = []
+        for op, args, payload in requests:
+            try:
+                outcomes.append(self.call(op, args, payload))
+            except errors.MvmError as exc:
+                outcomes.append(exc)
+        return all_answered(outcomes)
+
     def stream(self, op: str, args: dict[str, Any] | None = None, *,
                idle_timeout: float | None = None) -> Iterator[tuple[str, bytes]]:
         not_available(public_call(), self.mode, _UNAVAILABLE.get(op, _PROCESS_HINT))
@@ -456,6 +467,7 @@ class RecordTransport:
         return {"handle": handle}
 
     def _fs_write_chunk(self, args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        # appended: a window is recorded in turn, so each chunk's ``offset`` is where the bytes so far end
         self._writes[args["handle"]][1].extend(payload)
         return {}
 
@@ -540,6 +552,9 @@ class AsyncRecordTransport:
                    on_data: Callable[[str, bytes], None] | None = None,
                    timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
         return self.transport.call(op, args, payload, on_data=on_data, timeout=timeout)
+
+    async def call_many(self, requests: Sequence[Request]) -> list[tuple[dict[str, Any], bytes]]:
+        return self.transport.call_many(requests)
 
     async def stream(self, op: str, args: dict[str, Any] | None = None, *,
                      idle_timeout: float | None = None) -> AsyncIterator[tuple[str, bytes]]:

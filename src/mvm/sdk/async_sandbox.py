@@ -47,7 +47,7 @@ from .commands import (
     stdin_payload,
 )
 from ..snapshots.model import Snapshot
-from .files import absolute_path, as_user, payload_bytes, read_request, written_entry
+from .files import absolute_path, as_user, chunk_windows, payload_bytes, read_request, written_entry
 from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
 from .network import close_args, forward_args, update_args
 from .sandbox import (
@@ -458,8 +458,8 @@ class AsyncFiles:
         handle = result["handle"]
         committed = False
         try:
-            for start in range(0, len(raw), CHUNK_SIZE):
-                await client.call("fs.write_chunk", {"handle": handle}, raw[start : start + CHUNK_SIZE])
+            for window in chunk_windows(handle, raw):
+                await client.call_many(window)
             answer, _ = await client.call("fs.write_end", {"handle": handle, "commit": True})
             committed = True
         finally:

@@ -11,6 +11,11 @@ anything with this shape:
     Send one request and block until its final answer. ``data`` frames that arrive
     before it (a command's output, a file's bytes) go to ``on_data(stream, bytes)``.
     An error answer is raised as the :mod:`mvm.errors` type it names.
+``call_many(requests) -> [(result, payload), ...]``
+    Send every ``(op, args, payload)`` request before waiting for any answer, then wait
+    for all of them (no ``data`` frames expected); an error answer is raised (the first,
+    in request order) only once every request was answered, so none is still in flight
+    when the caller reacts. How ``files.write`` keeps a window of chunks in flight.
 ``stream(op, args=None, *, idle_timeout=None) -> Iterator[(stream, bytes)]``
     Yield the ``data`` frames of one request until its answer; closing the
     iterator early cancels the request; ``StreamIdle`` after ``idle_timeout`` seconds
@@ -38,8 +43,10 @@ transport forwards without checking again.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Protocol
+
+from ..supervisor.client_core import Request
 
 DataCallback = Callable[[str, bytes], None]
 
@@ -56,6 +63,8 @@ class Transport(Protocol):
         on_data: DataCallback | None = None,
         timeout: float | None = None,
     ) -> tuple[dict[str, Any], bytes]: ...
+
+    def call_many(self, requests: Sequence[Request]) -> list[tuple[dict[str, Any], bytes]]: ...
 
     def stream(
         self, op: str, args: dict[str, Any] | None = None, *, idle_timeout: float | None = None
@@ -76,6 +85,8 @@ class AsyncTransport(Protocol):
         on_data: DataCallback | None = None,
         timeout: float | None = None,
     ) -> tuple[dict[str, Any], bytes]: ...
+
+    async def call_many(self, requests: Sequence[Request]) -> list[tuple[dict[str, Any], bytes]]: ...
 
     def stream(
         self, op: str, args: dict[str, Any] | None = None, *, idle_timeout: float | None = None

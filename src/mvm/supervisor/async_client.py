@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import errors
 from ..protocol import codec
 from ..protocol.codec import Frame, FrameDecoder, ProtocolError
 from . import client_core
-from .client_core import CLOSED, DataCallback, PendingRequests, answer
+from .client_core import CLOSED, DataCallback, PendingRequests, Request, answer
 from .session import MAX_INFLIGHT
 
 READ_SIZE = 1024 * 1024
@@ -106,6 +107,16 @@ class AsyncSupervisorClient:
             self._done(ident)
             if not finished:
                 self._cancel(ident)
+
+    async def call_many(self, requests: Sequence[Request]) -> list[tuple[dict[str, Any], bytes]]:
+        """Send every request, then wait for every answer (``Transport.call_many``);
+        cancelling the awaiting task cancels those still in flight."""
+        outcomes = await asyncio.gather(*(self.call(op, args, payload) for op, args, payload in requests),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, errors.MvmError):
+                raise outcome
+        return client_core.all_answered(outcomes)  # type: ignore[arg-type]
 
     async def stream(
         self, op: str, args: dict[str, Any] | None = None, *, idle_timeout: float | None = None

@@ -12,15 +12,16 @@ from __future__ import annotations
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import errors
 from ..protocol import codec
 from ..protocol.channel import ChannelClosed, FramedChannel
 from ..protocol.codec import ProtocolError
 from . import client_core
-from .client_core import CLOSED, DataCallback, PendingRequests, answer
+from .client_core import CLOSED, DataCallback, PendingRequests, Request, answer
 
 __all__ = ["DataCallback", "SupervisorClient"]
 
@@ -81,6 +82,26 @@ class SupervisorClient:
                     return done
         finally:
             self._finish(ident)
+
+    def call_many(self, requests: Sequence[Request]) -> list[tuple[dict[str, Any], bytes]]:
+        """Send every request, then wait for every answer (``Transport.call_many``)."""
+        opened: list[tuple[str, int, queue.Queue[Any]]] = []
+        try:
+            for op, args, payload in requests:
+                opened.append((op, *self._open(op, args, payload)))
+            outcomes: list[tuple[dict[str, Any], bytes] | errors.MvmError] = []
+            for op, _ident, box in opened:
+                try:
+                    done = None
+                    while done is None:
+                        done = answer(op, box.get(), None)
+                    outcomes.append(done)
+                except errors.MvmError as exc:
+                    outcomes.append(exc)
+            return client_core.all_answered(outcomes)
+        finally:
+            for _op, ident, _box in opened:
+                self._finish(ident)
 
     def stream(
         self, op: str, args: dict[str, Any] | None = None, *, idle_timeout: float | None = None

@@ -21,6 +21,8 @@ from ..protocol.codec import Frame, ProtocolError
 
 Box = TypeVar("Box")
 DataCallback = Callable[[str, bytes], None]
+#: One request of a ``call_many`` window (``mvm.sdk.transport``): op, args, payload.
+Request = tuple[str, dict[str, Any] | None, bytes]
 
 #: Put into every waiting box when the connection ends (the reader saw EOF or an error).
 CLOSED = object()
@@ -83,6 +85,18 @@ def answer(op: str, item: Any, on_data: DataCallback | None) -> tuple[dict[str, 
             on_data(frame.header["stream"], frame.payload)
         return None
     return unwrap_response(frame)
+
+
+def all_answered(outcomes: list[tuple[dict[str, Any], bytes] | errors.MvmError]) -> list[
+        tuple[dict[str, Any], bytes]]:
+    """The answers of a ``call_many`` window, once every request was answered: the
+    first error (in request order) raised, else every ``(result, payload)``."""
+    answers: list[tuple[dict[str, Any], bytes]] = []
+    for outcome in outcomes:
+        if isinstance(outcome, errors.MvmError):
+            raise outcome
+        answers.append(outcome)
+    return answers
 
 
 def unwrap_response(frame: Frame) -> tuple[dict[str, Any], bytes]:
