@@ -13,7 +13,7 @@ import { createConnection, type Socket } from "node:net";
 
 import * as codec from "./protocol.js";
 import { Frame, FrameDecoder, ProtocolError, type Header } from "./protocol.js";
-import { fromWire, ProtocolFailure, SandboxError, SandboxNotFound } from "./errors.js";
+import { fromWire, ProtocolFailure, SandboxError, SandboxNotFound, StreamIdle } from "./errors.js";
 import { allAnswered, type WireRequest } from "./transport.js";
 
 /** How long a supervisor may take to answer our hello once connected. */
@@ -40,6 +40,28 @@ export interface CallOptions {
   onData?: DataCallback;
   /** Seconds to wait for the final response before cancelling (default: no limit). */
   timeoutSeconds?: number;
+}
+
+export interface StreamOptions {
+  /**
+   * Seconds a stream may send nothing: past it the request is cancelled and `StreamIdle`
+   * thrown (the process or log goes on). Default: wait forever.
+   */
+  idleTimeout?: number | null;
+}
+
+export interface ConnectOptions {
+  connectTimeoutSeconds?: number;
+  /**
+   * Who this client acts for (an MCP server names its client), sent in the hello: the
+   * sandbox's audit chain records it with every request of this connection.
+   */
+  onBehalfOf?: Record<string, string> | null;
+}
+
+/** A stream's reader waited `idleTimeout` seconds for a frame (Python: `client_core.stream_idle`). */
+export function streamIdle(op: string, idleTimeout: number): StreamIdle {
+  return new StreamIdle(`${op}: nothing from the sandbox for ${idleTimeout} s`, { idle_timeout: idleTimeout });
 }
 
 /** One connection to one sandbox's supervisor. */
@@ -72,8 +94,9 @@ export class SupervisorClient {
   }
 
   /** Connect and exchange hellos. `SandboxNotFound` when nothing listens on `socketPath`. */
-  static connect(socketPath: string, options: { connectTimeoutSeconds?: number } = {}): Promise<SupervisorClient> {
+  static connect(socketPath: string, options: ConnectOptions = {}): Promise<SupervisorClient> {
     const timeoutMs = (options.connectTimeoutSeconds ?? 5) * 1000;
+    const principal = options.onBehalfOf ?? null;
     return new Promise((resolve, reject) => {
       const socket = createConnection({ path: socketPath });
       const decoder = new FrameDecoder();
@@ -97,7 +120,7 @@ export class SupervisorClient {
         stage = "hello";
         clearTimeout(timer);
         timer = setTimeout(onTimeout, HELLO_TIMEOUT_MS);
-        socket.write(codec.hello("client"));
+        socket.write(codec.hello("client", principal !== null ? { on_behalf_of: { ...principal } } : {}));
       });
       socket.on("error", (err: NodeJS.ErrnoException) => {
         if (stage === "connect") fail(new SandboxNotFound(`sandbox supervisor is not running (${err.message})`));
@@ -184,16 +207,18 @@ export class SupervisorClient {
     });
   }
 
-  /**
-   * Yield the `data` frames of a request until its response; leaving the loop early
-   * (`break`, `return`, an exception) cancels the request.
-   */
   /** Send every request, then wait for every answer (`Transport.callMany`). */
   async callMany(requests: WireRequest[]): Promise<CallResult[]> {
     return allAnswered(await Promise.allSettled(requests.map(([op, args, payload]) => this.call(op, args, payload))));
   }
 
-  async *stream(op: string, args: Header | null = null): AsyncGenerator<StreamChunk, void, undefined> {
+  /**
+   * Yield the `data` frames of a request until its response; leaving the loop early
+   * (`break`, `return`, an exception) cancels the request. With `idleTimeout` a request
+   * that sends nothing for that long is cancelled and `StreamIdle` thrown.
+   */
+  async *stream(op: string, args: Header | null = null, options: StreamOptions = {}): AsyncGenerator<StreamChunk, void, undefined> {
+    const idle = options.idleTimeout ?? null;
     const ident = this.open(op);
     const queue: (Frame | null)[] = [];
     let wake: (() => void) | null = null;
@@ -212,7 +237,16 @@ export class SupervisorClient {
     try {
       this.send(codec.request(ident, op, args), op);
       for (;;) {
-        while (!queue.length) await new Promise<void>((resolve) => (wake = resolve));
+        while (!queue.length) {
+          let timer: NodeJS.Timeout | undefined;
+          const idled = await new Promise<boolean>((resolve) => {
+            wake = () => resolve(false);
+            if (idle !== null) timer = setTimeout(() => resolve(true), Math.max(0, idle * 1000));
+          });
+          if (timer !== undefined) clearTimeout(timer);
+          wake = null;
+          if (idled && !queue.length) throw streamIdle(op, idle as number);
+        }
         wake = null;
         const item = queue.shift() as Frame | null;
         if (item === null) {

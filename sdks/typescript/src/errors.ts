@@ -222,6 +222,11 @@ export class SandboxLost extends SandboxError {
   static override readonly wireType: string = "SandboxLost";
 }
 
+/** No cluster node can take the sandbox (limits, template, backend); `details` says what each node answered. */
+export class NoCapacity extends MvmError {
+  static override readonly wireType: string = "NoCapacity";
+}
+
 export class NotAvailableInRecordMode extends MvmError {
   static override readonly wireType: string = "NotAvailableInRecordMode";
 }
@@ -268,6 +273,19 @@ export class CommandTimeout extends MvmError {
 
   get timeoutSeconds(): number | undefined {
     return this.details.timeout_seconds as number | undefined;
+  }
+}
+
+/**
+ * A stream (process output, logs) sent nothing for `idleTimeout` seconds; the request was
+ * cancelled and the process goes on. Thrown on the client side only, by readers given
+ * `idleTimeout` (`logs`, `Process.output`/`lines`).
+ */
+export class StreamIdle extends SandboxError {
+  static override readonly wireType: string = "StreamIdle";
+
+  get idleTimeout(): number | undefined {
+    return this.details.idle_timeout as number | undefined;
   }
 }
 
@@ -364,8 +382,8 @@ export class AuditEntryNotFound extends AuditError {
 const CLASSES: (typeof MvmError)[] = [
   MvmError, InvalidArgument, InvalidNetworkPolicy, PortInUse, TemplateNotFound, TemplateBuildError, SecretNotFound,
   ImageError, ImageNotFound, RegistryUnavailable, RegistryAuthError, ImagePlatformMismatch, DockerfileStepFailed,
-  BackendUnavailable, SandboxNotFound, InvalidState, SandboxPaused, SandboxError, SandboxLost, NameTaken,
-  NotAvailableInRecordMode,
+  BackendUnavailable, SandboxNotFound, InvalidState, SandboxPaused, SandboxError, SandboxLost, NameTaken, NoCapacity,
+  NotAvailableInRecordMode, StreamIdle,
   SnapshotNotFound, SnapshotTampered, CommandError, CommandTimeout, ProcessNotFound, UserNotFound, FileNotFoundInSandbox,
   NotADirectory, IsADirectory, FileExistsInSandbox, DirectoryNotEmpty, PermissionDenied, TooLarge, ProtocolFailure,
   Cancelled, UnknownOp, ConnectionRefused, KeystoreError, AuditError, AuditEntryNotFound,

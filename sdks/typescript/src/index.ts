@@ -22,7 +22,7 @@ import "./polyfill.js";
 export {
   Commands, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES, Files, gc, Network, pools, Ports, Process, Sandbox, SIGNALS,
   type CreateOptions, type FileUserOptions, type ForwardOptions, type LogsOptions, type NetworkUpdateOptions,
-  type OutputChunk,
+  type OutputChunk, type OutputOptions,
   type RunOptions, type StartOptions,
 } from "./sandbox.js";
 export {

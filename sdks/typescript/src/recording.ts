@@ -34,7 +34,7 @@ import type { Header } from "./protocol.js";
 import { shown } from "./shown.js";
 import { STDIN_STAGING_DIR } from "./sandbox.js";
 import { absolutePath, type Env } from "./spec.js";
-import { allAnswered, type RequestContext, type Transport, type TransportCallOptions, type WireRequest } from "./transport.js";
+import { allAnswered, type RequestContext, type Transport, type TransportCallOptions, type TransportStreamOptions, type WireRequest } from "./transport.js";
 
 /** The file `mvmctl` tells a recorded script to append its events to. */
 export const RECORDING_ENV = "MVM_RECORDING";
@@ -269,6 +269,8 @@ export interface CreateRequest {
   tags: Record<string, string>;
   fromSnapshot: string | null;
   autoPauseSeconds: number | null;
+  /** Who the script acts for (audited with the creation and every request). */
+  onBehalfOf: Record<string, string> | null;
   /** As given, relative to the script's folder. */
   include: string[];
   files: IncludedFile[];
@@ -352,7 +354,7 @@ export class RecordTransport implements Transport {
       ttl_seconds: request.ttlSeconds, tags: request.tags, from_snapshot: request.fromSnapshot,
       env: encodeEnv(request.env),
       include: { guest_root: GUEST_ROOT, paths: [...request.include], files: included },
-      auto_pause_seconds: request.autoPauseSeconds, on_behalf_of: null,
+      auto_pause_seconds: request.autoPauseSeconds, on_behalf_of: request.onBehalfOf,
     });
     const sandboxId = `recorded-${index + 1}`;
     return new RecordTransport(recording, index, mode, {
@@ -396,7 +398,7 @@ export class RecordTransport implements Transport {
   }
 
   // eslint-disable-next-line require-yield
-  async *stream(op: string, _args: Header | null = null, context: RequestContext = {}): AsyncGenerator<StreamChunk, void, undefined> {
+  async *stream(op: string, _args: Header | null = null, context: TransportStreamOptions = {}): AsyncGenerator<StreamChunk, void, undefined> {
     notAvailable(context.call ?? op, this.mode, UNAVAILABLE[op] ?? PROCESS_HINT);
   }
 

@@ -39,10 +39,10 @@ import { kindOf, shown } from "./shown.js";
 import { resolveSecret } from "./secrets.js";
 import {
   absolutePath, callerSite, currentMode, DEFAULT_TTL, defaultName, scriptDir, splitEnv, validateCommand, validatedSpec,
-  type Env, type Mode,
+  validateOnBehalfOf, type Env, type Mode,
 } from "./spec.js";
 import { findSandbox, listSandboxes } from "./state.js";
-import type { RequestContext, Transport, TransportCallOptions, WireRequest } from "./transport.js";
+import type { RequestContext, Transport, TransportCallOptions, TransportStreamOptions, WireRequest } from "./transport.js";
 
 /** Default capture per stream for `commands.run` (the supervisor's default too). */
 export const DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024;
@@ -74,6 +74,12 @@ export interface CreateOptions {
   fromSnapshot?: string;
   /** Pause after this long idle (`"5m"`, seconds), resume on the next request; default never. */
   autoPause?: string | number | null;
+  /**
+   * Who this program acts for (an MCP server names its client), e.g. `{ client: "agent-7" }`:
+   * the sandbox's audit chain records it with the creation and with every request of this
+   * handle, next to this process's own credentials. Record/plan mode writes it into the IR.
+   */
+  onBehalfOf?: Record<string, string> | null;
 }
 
 /** Guest directory where a `run` stdin larger than one frame is staged (the agent unlinks it on start). */
@@ -115,6 +121,16 @@ export interface LogsOptions {
   /** Seconds since the epoch. */
   since?: number;
   redact?: boolean;
+  /** Seconds without a log line before `StreamIdle` is thrown (the request is cancelled); default: none. */
+  idleTimeout?: number | null;
+}
+
+/** `Process.output`'s options. */
+export interface OutputOptions {
+  /** The output printed before the call comes first (default `true`). */
+  replay?: boolean;
+  /** Seconds of silence before `StreamIdle` is thrown (the process keeps running); default: none. */
+  idleTimeout?: number | null;
 }
 
 /** `sandbox.ports.forward`'s options (Python: `host=`, `host_port=`, `guest_port=`, ...). */
@@ -149,7 +165,7 @@ export interface OutputChunk {
 function toBuffer(data: string | Uint8Array, field = "data"): Buffer {
   if (typeof data === "string") return Buffer.from(data, "utf8");
   if (data instanceof Uint8Array) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  throw InvalidArgument.create(field, `${typeof data} is not bytes or str`);
+  throw InvalidArgument.create(field, `${kindOf(data)} is not bytes or str`);
 }
 
 interface MvmctlResult {
@@ -247,6 +263,8 @@ export interface SandboxOptions {
   /** An already open transport that also answers synchronously (record/plan mode). */
   recorder?: Transport & { callNow(op: string, args?: Header | null, payload?: Uint8Array, options?: TransportCallOptions): CallResult };
   mode?: Mode;
+  /** Who this handle acts for: sent in the hello of each connection it opens. */
+  onBehalfOf?: Record<string, string> | null;
 }
 
 /**
@@ -281,8 +299,9 @@ export class Sandbox implements AsyncDisposable, Disposable {
     this.mode = options.mode ?? "live";
     this.recorder = options.recorder ?? null;
     const recorder = this.recorder;
+    const onBehalfOf = options.onBehalfOf ?? null;
     this.connectTransport = recorder !== null ? async () => recorder
-      : options.connect ?? (() => SupervisorClient.connect(join(this.directory, CONTROL_SOCKET)));
+      : options.connect ?? (() => SupervisorClient.connect(join(this.directory, CONTROL_SOCKET), { onBehalfOf }));
     for (const [k, v] of secretValues ?? []) this.secretValues.set(k, v);
     this.commands = new Commands(this);
     this.files = new Files(this);
@@ -310,9 +329,10 @@ export class Sandbox implements AsyncDisposable, Disposable {
    * and a recorded sandbox with the same surface is returned.
    */
   static async create(template = "python-3.13", options: CreateOptions = {}): Promise<Sandbox> {
+    const mode = currentMode(options.mode);
     const autoPause = options.autoPause === undefined || options.autoPause === null
       ? null : parseDuration(options.autoPause, "auto_pause");
-    const mode = currentMode(options.mode);
+    const onBehalfOf = validateOnBehalfOf(options.onBehalfOf);
     if (mode !== "live") {
       const at = callerSite(); // before any await: the script's frame is still on the stack
       const { checkTemplate, BACKEND_NAMES, RecordTransport } = await import("./recording.js");
@@ -330,7 +350,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
       const recorder = RecordTransport.open(mode, {
         template, name: spec.name, workloadId: spec.workloadId, backend, resources: spec.resources,
         network: spec.network, ttlSeconds: spec.ttlSeconds, env: spec.env, tags: spec.tags, fromSnapshot,
-        autoPauseSeconds: autoPause, include: [...(options.include ?? [])], files,
+        autoPauseSeconds: autoPause, onBehalfOf, include: [...(options.include ?? [])], files,
       }, at, (fallback) => defaultName(spec.workloadId, fallback));
       return new Sandbox(recorder.sandboxId, recorder.name, "", undefined, { recorder, mode });
     }
@@ -341,6 +361,12 @@ export class Sandbox implements AsyncDisposable, Disposable {
     for (const key of Object.keys(spec.tags)) {
       if (!key || key.includes("=")) { // mvmctl up --tag KEY=VALUE cannot carry them
         throw InvalidArgument.create("tags", `${shown(key)} is not a tag name a live sandbox can have`,
+          "a non-empty name without '='");
+      }
+    }
+    for (const key of Object.keys(onBehalfOf ?? {})) {
+      if (key.includes("=")) { // mvmctl up --on-behalf-of KEY=VALUE cannot carry it
+        throw InvalidArgument.create("on_behalf_of", `${shown(key)} is not a key a live sandbox can record`,
           "a non-empty name without '='");
       }
     }
@@ -366,6 +392,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
       args.push("--from-snapshot", String(options.fromSnapshot));
     }
     if (autoPause !== null) args.push("--auto-pause", String(autoPause));
+    for (const [key, value] of Object.entries(onBehalfOf ?? {})) args.push("--on-behalf-of", `${key}=${value}`);
     const { literal, secrets } = splitEnv(spec.env);
     for (const [key, value] of Object.entries(literal)) args.push("--env", `${key}=${value}`);
     for (const [key, ref] of Object.entries(secrets)) args.push("--secret-env", `${key}=${ref.name}`);
@@ -387,7 +414,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
         // mvmctl resolved it; this handle only uses values to redact output
       }
     }
-    return new Sandbox(info.id, info.name, join(sandboxesDir(), info.id), values);
+    return new Sandbox(info.id, info.name, join(sandboxesDir(), info.id), values, { onBehalfOf });
   }
 
   /**
@@ -449,9 +476,9 @@ export class Sandbox implements AsyncDisposable, Disposable {
     return (await this.client()).callMany(requests, { ...context, at });
   }
 
-  /** @internal the `data` frames of one request (record mode refuses it, naming `context.call`). */
-  async *stream(op: string, args: Header | null, context: RequestContext): AsyncGenerator<StreamChunk, void, undefined> {
-    yield* (await this.client()).stream(op, args, context);
+  /** @internal the `data` frames of one request (record mode refuses it, naming `options.call`). */
+  async *stream(op: string, args: Header | null, options: TransportStreamOptions): AsyncGenerator<StreamChunk, void, undefined> {
+    yield* (await this.client()).stream(op, args, options);
   }
 
   /**
@@ -502,7 +529,8 @@ export class Sandbox implements AsyncDisposable, Disposable {
 
   /**
    * The sandbox's log: lifecycle events, audit entries and process output lines.
-   * With `follow` it waits for new lines until the loop is left (which cancels).
+   * With `follow` it waits for new lines until the loop is left (which cancels);
+   * `idleTimeout` throws `StreamIdle` when nothing was logged for that long.
    *
    * ```ts
    * for await (const event of sandbox.logs({ follow: true })) console.log(event.message);
@@ -512,7 +540,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
     const redact = options.redact ?? true;
     for await (const chunk of this.stream("sandbox.logs", {
       follow: options.follow ?? false, tail: options.tail ?? null, since: options.since ?? null,
-    }, { call: "Sandbox.logs" })) {
+    }, { call: "Sandbox.logs", idleTimeout: options.idleTimeout })) {
       const event = LogEvent.fromWire(JSON.parse(chunk.data.toString("utf8")) as Record<string, unknown>);
       yield redact
         ? new LogEvent(event.timestamp, event.source, event.stream, this.redactor(event.message), event.auditId)
@@ -828,15 +856,17 @@ export class Process implements AsyncIterable<OutputChunk> {
 
   /**
    * `{stream, text}` chunks as the process prints them, until it exits. With
-   * `replay` (default) the output printed before the call comes first.
+   * `replay` (default) the output printed before the call comes first. With
+   * `idleTimeout` a process silent for that long throws `StreamIdle` (it keeps running).
    */
-  output(options: { replay?: boolean } = {}): AsyncGenerator<OutputChunk, void, undefined> {
+  output(options: OutputOptions = {}): AsyncGenerator<OutputChunk, void, undefined> {
     return this.outputFor(options, "Process.output");
   }
 
-  private async *outputFor(options: { replay?: boolean }, call: string): AsyncGenerator<OutputChunk, void, undefined> {
+  private async *outputFor(options: OutputOptions, call: string): AsyncGenerator<OutputChunk, void, undefined> {
     const decoders: Record<string, TextDecoder> = { stdout: new TextDecoder(), stderr: new TextDecoder() };
-    for await (const chunk of this.sandbox.stream("proc.attach", { ...this.ref(), replay: options.replay ?? true }, { call })) {
+    for await (const chunk of this.sandbox.stream("proc.attach", { ...this.ref(), replay: options.replay ?? true },
+      { call, idleTimeout: options.idleTimeout })) {
       const decoder = decoders[chunk.stream];
       const text = decoder ? decoder.decode(chunk.data, { stream: true }) : chunk.data.toString("utf8");
       if (text) yield { stream: chunk.stream, text: this.sandbox.redactor(text) };
@@ -847,9 +877,20 @@ export class Process implements AsyncIterable<OutputChunk> {
     return this.output();
   }
 
-  private async *lines(which: string): AsyncGenerator<string, void, undefined> {
+  /**
+   * Lines of `which` (`"stdout"` or `"stderr"`, with their newline) from the process's start
+   * until it exits; `idleTimeout` as for `output`.
+   */
+  lines(which: "stdout" | "stderr" = "stdout", options: { idleTimeout?: number | null } = {}): AsyncGenerator<string, void, undefined> {
+    if (which !== "stdout" && which !== "stderr") { // refused at the call, like Python's
+      throw InvalidArgument.create("which", shown(which), ["stdout", "stderr"]);
+    }
+    return this.linesOf(which, options.idleTimeout ?? null, "Process.lines");
+  }
+
+  private async *linesOf(which: string, idleTimeout: number | null, call: string): AsyncGenerator<string, void, undefined> {
     let pending = "";
-    for await (const { stream, text } of this.outputFor({}, `Process.${which}`)) {
+    for await (const { stream, text } of this.outputFor({ idleTimeout }, call)) {
       if (stream !== which) continue;
       pending += text;
       const parts = pending.split("\n");
@@ -861,11 +902,11 @@ export class Process implements AsyncIterable<OutputChunk> {
 
   /** The process's stdout lines (from its start) until it exits. */
   stdout(): AsyncGenerator<string, void, undefined> {
-    return this.lines("stdout");
+    return this.linesOf("stdout", null, "Process.stdout");
   }
 
   stderr(): AsyncGenerator<string, void, undefined> {
-    return this.lines("stderr");
+    return this.linesOf("stderr", null, "Process.stderr");
   }
 }
 
@@ -1072,7 +1113,9 @@ export class Files {
   private async readFor(path: string, options: { maxBytes?: number } & FileUserOptions, call: string): Promise<Buffer> {
     const target = absolutePath(path);
     const maxBytes = options.maxBytes ?? DEFAULT_MAX_READ_BYTES;
-    if (!(maxBytes > 0)) throw InvalidArgument.create("max_bytes", `${maxBytes} must be positive`);
+    if (typeof maxBytes !== "number" || !Number.isInteger(maxBytes) || maxBytes <= 0) {
+      throw InvalidArgument.create("max_bytes", `${shown(maxBytes)} must be a positive integer`);
+    }
     // The file streams back as `data` frames; the supervisor refuses one over `maxBytes` (TooLarge).
     const chunks: Buffer[] = [];
     await this.sandbox.call("fs.read", asUser({ path: target, max_bytes: maxBytes }, options.user), undefined,

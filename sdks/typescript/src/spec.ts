@@ -122,6 +122,20 @@ export function validatedSpec(options: {
   };
 }
 
+/**
+ * Who a host client acts for (Python's `validate_on_behalf_of`): a non-empty object of
+ * strings, or absent. Audited with each request, next to the client's own credentials.
+ */
+export function validateOnBehalfOf(principal: unknown): Record<string, string> | null {
+  if (principal === undefined || principal === null) return null;
+  if (typeof principal !== "object" || Array.isArray(principal) || principal instanceof Map
+    || !Object.keys(principal).length
+    || !Object.values(principal as Record<string, unknown>).every((v) => typeof v === "string")) {
+    throw InvalidArgument.create("on_behalf_of", shown(principal), "a non-empty dict of str to str");
+  }
+  return { ...(principal as Record<string, string>) };
+}
+
 /** Python's `_default_name`: `<workload-id slug>-<6 chars of the id>`, else the id. */
 export function defaultName(workloadId: string | null, sandboxId: string): string {
   if (workloadId) {

@@ -14,7 +14,7 @@
  * The wire vocabulary (op names, args, result fields) is the supervisor's (docs/protocol.md).
  */
 
-import type { CallOptions, CallResult, StreamChunk } from "./client.js";
+import type { CallOptions, CallResult, StreamChunk, StreamOptions } from "./client.js";
 import type { Header } from "./protocol.js";
 
 /** What a request says about the SDK call it serves (record mode names it, and the script's line). */
@@ -38,6 +38,9 @@ export function allAnswered(outcomes: PromiseSettledResult<CallResult>[]): CallR
   });
 }
 
+/** A stream request's context and its `idleTimeout` (seconds without a frame before `StreamIdle`). */
+export interface TransportStreamOptions extends StreamOptions, RequestContext {}
+
 /** What the SDK sends its wire requests to. */
 export interface Transport {
   /** One request; `data` frames before the answer go to `options.onData`; an error answer throws its typed error. */
@@ -49,7 +52,7 @@ export interface Transport {
    */
   callMany(requests: WireRequest[], context?: RequestContext): Promise<CallResult[]>;
   /** The `data` frames of one request until its answer; leaving the loop early cancels it. */
-  stream(op: string, args?: Header | null, context?: RequestContext): AsyncGenerator<StreamChunk, void, undefined>;
+  stream(op: string, args?: Header | null, options?: TransportStreamOptions): AsyncGenerator<StreamChunk, void, undefined>;
   /** Drop the connection; the sandbox keeps running. */
   close(): void;
   /** `true` once the connection is gone (a live transport is then reopened). */

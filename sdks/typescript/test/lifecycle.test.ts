@@ -1,8 +1,10 @@
 /** Lifecycle on real sandboxes (namespace backend): stop/start, pause/resume, snapshots, destroy, disposal. */
 
-import { cleanup, thrown } from "./helpers.js";
+import { cleanup, HOME, thrown } from "./helpers.js";
 
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { after, describe, test } from "node:test";
 
 import {
@@ -11,6 +13,17 @@ import {
 } from "@mvm/sdk";
 
 after(cleanup);
+
+interface AuditEntry {
+  op: string;
+  audit_id: string;
+  actor: { pid?: number; on_behalf_of?: Record<string, string> };
+}
+
+/** The sandbox's audit chain as written ($MVM_HOME/audit/<id>.jsonl). */
+function auditEntries(id: string): AuditEntry[] {
+  return readFileSync(join(HOME, "audit", `${id}.jsonl`), "utf8").trim().split("\n").map((l) => JSON.parse(l) as AuditEntry);
+}
 
 async function gone(id: string): Promise<boolean> {
   return !(await Sandbox.list()).some((i) => i.id === id);
@@ -97,6 +110,27 @@ describe("lifecycle", () => {
     assert.ok(lost instanceof SandboxError || lost instanceof SandboxNotFound, String(lost));
     await other.destroy(); // already gone: not an error
     assert.ok(await gone(sb.id));
+  });
+
+  test("onBehalfOf reaches the audit chain: the creation and every request of the handle", async () => {
+    const principal = { client: "agent-7", via: "mcp" };
+    await using sb = await Sandbox.create("python-3.13", { ttl: "5m", onBehalfOf: principal });
+    const result = await sb.commands.run(["echo", "acting"]);
+    await sb.files.write("/work/who.txt", "me");
+    const other = await Sandbox.connect(sb.id); // a handle made without it acts for nobody
+    await other.commands.run(["true"]);
+    other.close();
+    const entries = auditEntries(sb.id);
+    const created = entries.find((e) => e.op === "sandbox.create");
+    assert.deepEqual(created?.actor.on_behalf_of, principal);
+    assert.equal(created?.actor.pid === process.pid, false); // created by mvmctl up, on this program's behalf
+    const ran = entries.find((e) => e.audit_id === result.auditId);
+    assert.deepEqual(ran?.actor.on_behalf_of, principal);
+    assert.equal(ran?.actor.pid, process.pid);
+    assert.deepEqual(entries.find((e) => e.op === "fs.write")?.actor.on_behalf_of, principal);
+    const runs = entries.filter((e) => e.op === "exec.run");
+    assert.equal(runs.length, 2);
+    assert.equal(runs[1].actor.on_behalf_of, undefined);
   });
 
   test("a taken name is a NameTaken; a dead supervisor's sandbox is lost until gc() removes it", async () => {

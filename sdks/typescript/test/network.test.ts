@@ -18,7 +18,8 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import {
-  HOST_ALIAS, InvalidArgument, InvalidNetworkPolicy, MvmError, network, NetworkInfo, PortForward, PortInUse, resources, Sandbox,
+  HOST_ALIAS, InvalidArgument, InvalidNetworkPolicy, MvmError, network, NetworkInfo, PortForward, PortInUse, Process, resources,
+  Sandbox,
 } from "@mvm/sdk";
 
 import { REPO } from "./helpers.js";
@@ -314,6 +315,23 @@ const CASES: [(sb: Sandbox) => unknown, string][] = [
   [(sb) => sb.network.update({ allow: [], mode: "allow" }), "sb.network.update([], mode='allow')"],
   [(sb) => sb.network.update(["bad_host!:80"]), "sb.network.update(['bad_host!:80'])"],
   [(sb) => sb.network.update({ allow: ["x.org:0"] }), "sb.network.update(['x.org:0'])"],
+  [(sb) => sb.files.read("/x", { maxBytes: 0 }), "sb.files.read('/x', max_bytes=0)"],
+  [(sb) => sb.files.read("/x", { maxBytes: 1.5 }), "sb.files.read('/x', max_bytes=1.5)"],
+  [(sb) => sb.files.readText("/x", { maxBytes: "9" as unknown as number }), "sb.files.read_text('/x', max_bytes='9')"],
+  [(sb) => sb.files.write("/x", 5 as unknown as string), "sb.files.write('/x', 5)"],
+  [(sb) => sb.files.write("x", "data"), "sb.files.write('x', 'data')"],
+  [(sb) => sb.commands.run(["true"], { stdin: { a: 1 } as unknown as string }), "sb.commands.run(['true'], stdin={'a': 1})"],
+  [(sb) => new Process(sb, 1).lines("both" as "stdout"), "mvm.Process(sb, 1).lines('both')"],
+  [(sb) => new Process(sb, 1).signal("SIGBOGUS"), "mvm.Process(sb, 1).signal('SIGBOGUS')"],
+  [(sb) => sb.snapshot("s", { expires: "never" }), "sb.snapshot('s', expires='never')"],
+  [() => Sandbox.create("python-3.13", { onBehalfOf: { client: 7 } as unknown as Record<string, string> }),
+    "mvm.Sandbox.create('python-3.13', on_behalf_of={'client': 7})"],
+  [() => Sandbox.create("python-3.13", { onBehalfOf: {} }), "mvm.Sandbox.create('python-3.13', on_behalf_of={})"],
+  [() => Sandbox.create("python-3.13", { onBehalfOf: "me" as unknown as Record<string, string> }),
+    "mvm.Sandbox.create('python-3.13', on_behalf_of='me')"],
+  [() => Sandbox.create("python-3.13", { mode: "plan", onBehalfOf: { client: 7 } as unknown as Record<string, string> }),
+    "mvm.Sandbox.create('python-3.13', mode='plan', on_behalf_of={'client': 7})"],
+  [() => Sandbox.create("python-3.13", { autoPause: "soon" }), "mvm.Sandbox.create('python-3.13', auto_pause='soon')"],
 ];
 
 describe("argument checks (no supervisor needed)", () => {

@@ -11,8 +11,8 @@ import { after, before, describe, test } from "node:test";
 
 import {
   CommandError, CommandResult, CommandTimeout, DirectoryNotEmpty, FileEntry, FileNotFoundInSandbox, InvalidArgument,
-  IsADirectory, LogEvent, PermissionDenied, Process, ProcessInfo, ProcessNotFound, resources, Sandbox, SandboxInfo, SandboxNotFound,
-  secret, TemplateNotFound, TooLarge, UserNotFound,
+  IsADirectory, LogEvent, PermissionDenied, Process, ProcessInfo, ProcessNotFound, resources, Sandbox, SandboxError,
+  SandboxInfo, SandboxNotFound, secret, StreamIdle, TemplateNotFound, TooLarge, UserNotFound,
 } from "@mvm/sdk";
 
 let sb: Sandbox;
@@ -188,6 +188,28 @@ describe("a live sandbox", () => {
     assert.equal(await sleeper.wait(10), 137);
     assert.ok((await thrown(() => sleeper.signal("SIGBOGUS"))) instanceof InvalidArgument);
     assert.ok((await thrown(() => sb.commands.connect(999999))) instanceof ProcessNotFound);
+  });
+
+  test("a silent stream throws StreamIdle past idleTimeout and leaves the process running", async () => {
+    const proc = await sb.commands.start(["sh", "-c", "echo ready; exec sleep 300"]);
+    const seen: string[] = [];
+    const idle = await thrown(async () => {
+      for await (const { stream, text } of proc.output({ idleTimeout: 1 })) {
+        assert.equal(stream, "stdout");
+        seen.push(text);
+      }
+    });
+    assert.ok(idle instanceof StreamIdle && idle instanceof SandboxError, String(idle));
+    assert.equal(idle.message, "proc.attach: nothing from the sandbox for 1 s");
+    assert.equal((idle as StreamIdle).idleTimeout, 1);
+    assert.deepEqual(seen, ["ready\n"]);
+    assert.equal(await proc.isRunning(), true); // a reader's timeout leaves the process alone
+    assert.ok((await thrown(() => collect(proc.lines("stdout", { idleTimeout: 0.5 })))) instanceof StreamIdle);
+    assert.ok((await thrown(() => collect(sb.logs({ follow: true, since: 1e12, idleTimeout: 0.5 })))) instanceof StreamIdle);
+    // the handle's connection is still good for the next call, and lines() without a timeout end at the exit
+    await proc.kill();
+    assert.equal(await proc.wait(10), 137);
+    assert.deepEqual(await collect(proc.lines("stdout", { idleTimeout: 30 })), ["ready\n"]);
   });
 
   test("files: write, read, stat, list, exists, mkdir, move, remove", async () => {

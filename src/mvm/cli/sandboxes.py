@@ -44,6 +44,8 @@ def register(cli: click.Group) -> None:
 @click.option("--include", multiple=True, help="Host path copied into /app (relative to the cwd).")
 @click.option("--workload-id")
 @click.option("--tag", "tag", multiple=True, help="KEY=VALUE label of the sandbox (repeatable).")
+@click.option("--on-behalf-of", "on_behalf_of", multiple=True,
+              help="KEY=VALUE naming who this create acts for (repeatable): audited with the creation.")
 @click.option("--from-snapshot", help="Start from this snapshot id or name.")
 @click.option(
     "--from-ir",
@@ -71,6 +73,7 @@ def up(
     include: tuple[str, ...],
     workload_id: str | None,
     tag: tuple[str, ...],
+    on_behalf_of: tuple[str, ...],
     from_snapshot: str | None,
     from_ir: str | None,
     as_json: bool,
@@ -104,6 +107,7 @@ def up(
         resources=shape,
         network=make_network(network_mode, list(allow), allow_wildcards=allow_wildcards),
         auto_pause=auto_pause,
+        on_behalf_of=parse_env(on_behalf_of, "--on-behalf-of") or None,
     )
     info = sandbox.describe()
     sandbox.close()
