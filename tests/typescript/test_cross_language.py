@@ -32,6 +32,7 @@ with mvm.Sandbox.create(
     backend="namespace",
     tags={"team": "sdk"},
     auto_pause="5m",
+    on_behalf_of={"client": "twin"},
 ) as sandbox:
     sandbox.files.mkdir("/work/data", parents=True, mode=0o700)
     sandbox.files.write("/work/data/input.json", b'{"n": 1}', mode=0o600)
@@ -74,6 +75,7 @@ await using sandbox = await Sandbox.create("python-3.11", {
   backend: "namespace",
   tags: { team: "sdk" },
   autoPause: "5m",
+  onBehalfOf: { client: "twin" },
 });
 await sandbox.files.mkdir("/work/data", { parents: true, mode: 0o700 });
 await sandbox.files.write("/work/data/input.json", new TextEncoder().encode('{"n": 1}'), { mode: 0o600 });
@@ -167,7 +169,7 @@ def test_equivalent_scripts_compile_to_the_same_ir(project: Path, tmp_path: Path
     assert py["operations"] == 22
     assert ts["sha256"] == py["sha256"]
     doc = json.loads((tmp_path / "py" / "workload.json").read_text())
-    assert doc["auto_pause_seconds"] == 300
+    assert (doc["auto_pause_seconds"], doc["on_behalf_of"]) == (300, {"client": "twin"})
     big_write, big_run = doc["operations"][-3:-1]
     assert (big_write["op"], big_write["size"], big_run["op"]) == ("files.write", 256 * 12289, "commands.run")
     assert big_run["stdin_sha256"] == big_write["sha256"]  # the staged stdin is the run's, not a file write

@@ -34,12 +34,13 @@ import {
 import { CONTROL_SOCKET, findMvmctl, sandboxesDir } from "./paths.js";
 import { network as makeNetwork, NetworkPolicy, Resources, SecretRef, type NetworkMode } from "./policy.js";
 import { collectIncludes } from "./includes.js";
+import { claimMember, poolRecords } from "./pooling.js";
 import { CHUNK_SIZE, type Header } from "./protocol.js";
 import { kindOf, shown } from "./shown.js";
 import { resolveSecret } from "./secrets.js";
 import {
   absolutePath, callerSite, currentMode, DEFAULT_TTL, defaultName, scriptDir, splitEnv, validateCommand, validatedSpec,
-  validateOnBehalfOf, type Env, type Mode,
+  validateOnBehalfOf, type Env, type Mode, type Spec,
 } from "./spec.js";
 import { findSandbox, listSandboxes } from "./state.js";
 import type { RequestContext, Transport, TransportCallOptions, TransportStreamOptions, WireRequest } from "./transport.js";
@@ -210,10 +211,17 @@ function infoOf(record: Record<string, unknown>): SandboxInfo {
  * `mvm.gc()`). Returns what was removed; running sandboxes are never touched.
  */
 export async function gc(): Promise<SandboxInfo[]> {
+  await liveOnly("gc", "clean up lost sandboxes with `mvmctl gc`");
   const result = await runMvmctl(["gc", "--json"]);
   if (result.code !== 0) throw mvmctlError("mvmctl gc", result);
   const reaped = (JSON.parse(result.stdout) as { reaped: Record<string, unknown>[] }).reaped;
   return reaped.map((raw) => SandboxInfo.fromWire(raw));
+}
+
+/** `connect`/`list`/`gc` find running sandboxes: a recording has none (Python's `live_only`). */
+async function liveOnly(call: string, hint: string): Promise<void> {
+  const mode = currentMode();
+  if (mode !== "live") (await import("./recording.js")).notAvailable(call, mode, hint);
 }
 
 /** The typed error `mvmctl --json` printed on stderr (`{"error": {...}}`), else a `SandboxError`. */
@@ -249,11 +257,10 @@ function makeRedactor(values: Map<string, string>): (text: string) => string {
  * Every warm pool of this `$MVM_HOME` (Python's `mvm.pools()`, `mvmctl pool ls`): what each
  * serves and its waiting members. A `Sandbox.create` asking for exactly what one serves
  * (template, backend, resources, network) claims a member: `describe()` then has `pool` set.
+ * Read from the pools' files, as Python reads them (no process is started).
  */
 export async function pools(): Promise<PoolInfo[]> {
-  const result = await runMvmctl(["pool", "ls", "--json"]);
-  if (result.code !== 0) throw mvmctlError("mvmctl pool ls", result);
-  return (JSON.parse(result.stdout) as Record<string, unknown>[]).map((raw) => PoolInfo.fromWire(raw));
+  return poolRecords().map((raw) => PoolInfo.fromWire(raw));
 }
 
 /** How a `Sandbox` reaches what answers its requests (`transport.ts`). @internal */
@@ -265,6 +272,8 @@ export interface SandboxOptions {
   mode?: Mode;
   /** Who this handle acts for: sent in the hello of each connection it opens. */
   onBehalfOf?: Record<string, string> | null;
+  /** A connection already open (a claimed pool member comes with the one it was claimed over). */
+  transport?: Transport;
 }
 
 /**
@@ -303,6 +312,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
     this.connectTransport = recorder !== null ? async () => recorder
       : options.connect ?? (() => SupervisorClient.connect(join(this.directory, CONTROL_SOCKET), { onBehalfOf }));
     for (const [k, v] of secretValues ?? []) this.secretValues.set(k, v);
+    if (options.transport !== undefined) this.conn = Promise.resolve(options.transport);
     this.commands = new Commands(this);
     this.files = new Files(this);
     this.ports = new Ports(this);
@@ -374,6 +384,13 @@ export class Sandbox implements AsyncDisposable, Disposable {
     if (typeof include === "string" || !Array.isArray(include)) {
       throw InvalidArgument.create("include", "must be a list of paths, not one string", "e.g. ['src']");
     }
+    // A warm pool's member, claimed over its socket (sandbox.claim) when one waits: known only with the
+    // backend named (else mvmctl up picks the strongest this host runs) and without a snapshot to start from.
+    const backend = options.backend ?? process.env.MVM_BACKEND ?? null;
+    if (backend && (options.fromSnapshot === undefined || options.fromSnapshot === null)) {
+      const claimed = await Sandbox.fromPool(template, backend, spec, include, onBehalfOf, autoPause);
+      if (claimed !== null) return claimed;
+    }
     const args = ["up", "--json", "--template", template,
       "--ttl", spec.ttlSeconds === null ? "none" : String(spec.ttlSeconds), "--network", spec.network.mode];
     if (options.resources !== undefined && options.resources !== null) {
@@ -418,10 +435,50 @@ export class Sandbox implements AsyncDisposable, Disposable {
   }
 
   /**
+   * A member of a pool that serves this create, claimed with the create's name, TTL, env,
+   * secrets, tags, `onBehalfOf` and `autoPause` (Python's `mvm.pooling.claim`), its
+   * `include` files then written; `null` when no member could be claimed. A secret that
+   * does not resolve is left to `mvmctl up` to report.
+   */
+  private static async fromPool(template: string, backend: string, spec: Spec, include: string[],
+    onBehalfOf: Record<string, string> | null, autoPause: number | null): Promise<Sandbox | null> {
+    const { literal, secrets } = splitEnv(spec.env);
+    const secretEnv: Record<string, string> = {};
+    const secretNames: Record<string, string> = {};
+    const values = new Map<string, string>();
+    try {
+      for (const [key, ref] of Object.entries(secrets)) {
+        secretEnv[key] = resolveSecret(ref.name);
+        secretNames[key] = ref.name;
+        values.set(ref.name, secretEnv[key]);
+      }
+    } catch {
+      return null;
+    }
+    const files = collectIncludes(include, scriptDir());
+    const claimed = await claimMember({ template, backend, resources: spec.resources, network: spec.network }, {
+      name: spec.name, workloadId: spec.workloadId, ttlSeconds: spec.ttlSeconds, autoPauseSeconds: autoPause,
+      env: literal, secretEnvNames: secretNames, secretEnv, tags: spec.tags, onBehalfOf,
+    }, (id) => defaultName(spec.workloadId, id));
+    if (claimed === null) return null;
+    const sandbox = new Sandbox(claimed.id, claimed.name, join(sandboxesDir(), claimed.id), values,
+      { onBehalfOf, transport: claimed.client });
+    try {
+      for (const file of files) await sandbox.files.write(file.guestPath, file.data, { mode: file.mode });
+    } catch (exc) {
+      await sandbox.kill();
+      throw exc;
+    }
+    return sandbox;
+  }
+
+  /**
    * Attach to a running sandbox (created by any process, either language) by name or id;
    * `SandboxLost` if its supervisor died.
    */
   static async connect(nameOrId: string): Promise<Sandbox> {
+    await liveOnly("Sandbox.connect", "a recording can only describe sandboxes the script creates "
+      + "(connect to a running one in live mode)");
     const record = findSandbox(nameOrId);
     return new Sandbox(record.id, record.name, record.directory);
   }
@@ -431,6 +488,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
    * whose supervisor died has state `lost` until `gc()` (`mvmctl gc`) removes it.
    */
   static async list(): Promise<SandboxInfo[]> {
+    await liveOnly("Sandbox.list", "list running sandboxes with `mvmctl ls`");
     return listSandboxes().map(infoOf);
   }
 

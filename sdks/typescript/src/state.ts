@@ -56,10 +56,20 @@ export function stampAlive(stamp: string | null): boolean {
   return startTime(Number(pid)) === start;
 }
 
+/** Whether the process that was `pid` when it started at `startTicks` still runs (Python's `process_is`). */
+export function processIs(pid: unknown, startTicks: unknown): boolean {
+  return typeof pid === "number" && Number.isInteger(pid) && pid > 0 && typeof startTicks === "number"
+    && startTime(pid) === String(startTicks);
+}
+
+/** Whether the sandbox's owner runs: its supervisor, else (while it starts) its launcher. */
+export function ownerAlive(directory: string): boolean {
+  return stampAlive(readText(join(directory, "supervisor.pid")) ?? readText(join(directory, "launcher")));
+}
+
 /** `lost` if the sandbox's owner died, else what its supervisor last wrote (`creating` before). */
 export function sandboxState(directory: string, record: Record<string, unknown>): string {
-  const owner = readText(join(directory, "supervisor.pid")) ?? readText(join(directory, "launcher"));
-  if (!stampAlive(owner)) return "lost";
+  if (!ownerAlive(directory)) return "lost";
   return typeof record.state === "string" && record.state ? record.state : "creating";
 }
 

@@ -15,7 +15,7 @@ import { join } from "node:path";
 import { after, beforeEach, describe, test } from "node:test";
 
 import {
-  closestName, CommandResult, InvalidArgument, InvalidState, network, NetworkInfo, NotAvailableInRecordMode,
+  closestName, CommandResult, gc, InvalidArgument, InvalidState, network, NetworkInfo, NotAvailableInRecordMode,
   Process, resetRecording, resources, Sandbox, secret, TemplateNotFound,
 } from "@mvm/sdk";
 
@@ -210,6 +210,52 @@ print(json.dumps(out))
     // the policy asked for is known without a live sandbox (Python's record transport answers the same)
     assert.deepEqual((await sandbox.network.policy()).toDict(), info.network.toDict());
     assert.deepEqual(events().map((e) => e.op), ["sandbox.create"]); // nothing of the refused calls was recorded
+  });
+
+  test("onBehalfOf is recorded for the IR, as Python's on_behalf_of", async () => {
+    const sandbox = await Sandbox.create("python-3.13", { onBehalfOf: { client: "inspector", via: "mcp" } });
+    await sandbox.kill();
+    assert.deepEqual(events()[0].on_behalf_of, { client: "inspector", via: "mcp" });
+    resetRecording();
+    rmSync(recording, { force: true });
+    await (await Sandbox.create("python-3.13")).kill();
+    assert.equal(events()[0].on_behalf_of, null);
+  });
+
+  test("connect, list and gc find running sandboxes: a recording has none (Python's refusal)", async () => {
+    const calls: [() => Promise<unknown>, string][] = [
+      [() => Sandbox.connect("box"), "mvm.Sandbox.connect('box')"],
+      [() => Sandbox.list(), "mvm.Sandbox.list()"],
+    ];
+    const python = join(REPO, ".venv", "bin", "python");
+    let expected: string[] | null = null;
+    if (existsSync(python)) {
+      const script = `
+import json, mvm
+out = []
+for source in json.loads(input()):
+    try:
+        eval(source)
+        out.append(None)
+    except mvm.errors.NotAvailableInRecordMode as exc:
+        out.append(exc.message)
+print(json.dumps(out))
+`;
+      const done = spawnSync(python, ["-c", script], { input: JSON.stringify(calls.map(([, py]) => py)) + "\n",
+        encoding: "utf8", env: { ...process.env, MVM_MODE: "plan" } });
+      assert.equal(done.status, 0, done.stderr);
+      expected = JSON.parse(done.stdout) as string[];
+    }
+    process.env.MVM_MODE = "plan";
+    for (const [i, [call, py]] of calls.entries()) {
+      const exc = await thrown(call);
+      assert.ok(exc instanceof NotAvailableInRecordMode, String(exc));
+      if (expected !== null) assert.equal(exc.message, expected[i], py);
+    }
+    const reaping = await thrown(() => gc());
+    assert.ok(reaping instanceof NotAvailableInRecordMode, String(reaping));
+    assert.match(reaping.message, /^gc is not available in plan mode: .* clean up lost sandboxes with `mvmctl gc`$/);
+    assert.deepEqual(events(), []);
   });
 
   test("autoPause is recorded for the IR, as Python's auto_pause", async () => {
