@@ -11,6 +11,9 @@ Rows:
                                           that drops to the user for the permission step)
   create -> first result, warm pool       vs the same create without a pool (namespace;
                                           issue 14's target: <= 50 ms median)
+  backend start / destroy, root on an      vs the same with the upper layer on a tmpfs
+  ext4 disk image (namespace)               (the layout before issue 15, still the fallback
+                                          without loop devices)
 Targets (issue 2, namespace): create->first result < 150 ms median; round trip
 overhead < 2 ms over the local baseline (issue 14: <= 1 ms; bench/roundtrip_bench.py adds the
 CPU time per call, which the host's load moves far less than wall time). E2B's published create is ~150 ms;
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import mvm
 from mvm.templates import ensure_template
+from mvm.templates.image import TemplateImage
 
 TEMPLATE = "python-3.13"
 
@@ -112,6 +116,37 @@ def warm_pool_rows(runs: int) -> None:
           f"{statistics.quantiles(cold, n=10)[-1] * 1000:.1f} ms) |")
 
 
+def root_layout_rows(image: TemplateImage, runs: int) -> None:
+    """The namespace backend's start (root prepared, bwrap launched, the agent's first bytes)
+    and destroy, with the upper layer on its ext4 disk image vs on a tmpfs, alternating."""
+    from mvm.backends.base import NetworkPolicy, SandboxSpec
+    from mvm.backends.namespace import NamespaceBackend
+    from mvm.spec import Resources
+
+    state_root = Path(tempfile.mkdtemp(prefix="mvm-bench-root-"))
+    starts: dict[str, list[float]] = {"overlay-image": [], "overlay-tmpfs": []}
+    destroys: dict[str, list[float]] = {"overlay-image": [], "overlay-tmpfs": []}
+    try:
+        for number in range(runs + 1):
+            for mode in starts:
+                sandbox_id = f"bench-{mode}-{number}"
+                spec = SandboxSpec(sandbox_id, image, Resources(), NetworkPolicy(), state_root / sandbox_id)
+                inst = NamespaceBackend(root_mode=mode).create(spec)
+                start = time.perf_counter()
+                inst.start().close()
+                started = time.perf_counter()
+                inst.destroy()
+                if number:  # the first round warms caches
+                    starts[mode].append(started - start)
+                    destroys[mode].append(time.perf_counter() - started)
+    finally:
+        shutil.rmtree(state_root, ignore_errors=True)
+    row("backend start, root on a 1 GiB disk image", starts["overlay-image"], starts["overlay-tmpfs"],
+        "the same, root on a 1 GiB tmpfs")
+    row("backend destroy, root on a 1 GiB disk image", destroys["overlay-image"], destroys["overlay-tmpfs"],
+        "the same, root on a 1 GiB tmpfs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", default=os.environ.get("MVM_BACKEND", "namespace"))
@@ -149,6 +184,7 @@ def main() -> None:
 
     if ns.backend == "namespace":
         warm_pool_rows(ns.runs)
+        root_layout_rows(image, ns.runs)
 
     with mvm.Sandbox.create(TEMPLATE, backend=ns.backend, ttl="10m") as sb:
         sb.commands.run(["true"])

@@ -12,7 +12,7 @@ Layout (DESIGN §1)::
       runs/<run_id>/    what each sandbox of an `mvmctl run --mode live` did (its log)
       templates/        <name>-<digest>/rootfs, rootfs.ext4, manifest.json
       snapshots/        <snapshot-id>/
-      cache/            kernels, initramfs, KVM probe verdicts
+      cache/            kernels, initramfs, KVM probe verdicts, blank-disks/ (namespace disk images)
       keys/  secrets/   mode 0700 directories, 0600 files
 """
 

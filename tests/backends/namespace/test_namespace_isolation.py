@@ -242,7 +242,7 @@ def test_describe_is_honest(shared):
     inst, _ = shared
     desc = inst.describe()
     assert desc["isolation"] == "namespace"
-    assert desc["root"] == "overlay-tmpfs"
+    assert desc["root"] == "overlay-image"
     assert desc["cgroup"] in ("v1", "v2")
     assert desc["seccomp"] is True
     assert desc["network"] == "loopback-only"

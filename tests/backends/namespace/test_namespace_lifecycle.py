@@ -17,7 +17,7 @@ from waiting import wait_for
 from nshelpers import Guest
 
 from mvm.backends.base import NetworkPolicy, SandboxSpec
-from mvm.backends.namespace import NamespaceBackend, cleanup_orphan
+from mvm.backends.namespace import NamespaceBackend, cleanup_orphan, diskimage
 from mvm.errors import InvalidArgument, InvalidNetworkPolicy, InvalidState
 from mvm.osutil import pid_alive
 
@@ -41,6 +41,7 @@ def traces(inst) -> dict[str, object]:
         "cgroup_dirs": [str(d) for d in inst.cgroup.dirs() if d.exists()],
         "backend_dir": inst.spec.backend_dir.exists(),
         "run_dir": getattr(inst.layer, "run_dir", Path("/nonexistent")).exists(),
+        "loop_devices": diskimage.backed_by(inst.spec.backend_dir),
     }
 
 
@@ -72,8 +73,10 @@ def test_destroy_leaves_nothing(sandbox, template_fingerprint):
     record = json.loads((inst.spec.backend_dir / "backend.json").read_text())
     assert record["bwrap_pid"] in pids
     assert record["mounts"] and record["cgroup"]["dirs"]
+    assert len(traces(inst)["loop_devices"]) == 1  # the sandbox's disk
     inst.destroy()
-    assert traces(inst) == {"mounts": [], "cgroup_dirs": [], "backend_dir": False, "run_dir": False}
+    assert traces(inst) == {"mounts": [], "cgroup_dirs": [], "backend_dir": False, "run_dir": False,
+                            "loop_devices": []}
     assert not any(pid_alive(p) for p in pids)
     with pytest.raises(InvalidState):
         inst.start()
@@ -167,9 +170,11 @@ def test_cleanup_orphan_after_everything_was_killed(template, state_root, templa
     record = json.loads((state_dir / "backend" / "backend.json").read_text())
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert all(f" {m} " in mountinfo for m in record["mounts"])  # left behind, for now
+    assert len(diskimage.backed_by(state_dir / "backend")) == 1  # with the disk's loop device
     cleanup_orphan(state_dir)
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert not any(f" {m} " in mountinfo for m in record["mounts"])
+    assert diskimage.backed_by(state_dir / "backend") == []
     assert not any(Path(d).exists() for d in record["cgroup"]["dirs"])
     assert not Path(record["run_dir"]).exists()
     assert not (state_dir / "backend").exists()
@@ -188,6 +193,7 @@ def test_cleanup_orphan_kills_live_processes(backend, make_spec):
     assert not any(pid_alive(p) for p in pids)
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert not any(f" {m} " in mountinfo for m in record["mounts"])
+    assert diskimage.backed_by(spec.backend_dir) == []
     assert not any(Path(d).exists() for d in record["cgroup"]["dirs"])
     backend.cleanup_orphan(spec.state_dir)
 
@@ -228,7 +234,7 @@ def test_invalid_input_names_the_field(backend, make_spec, template, state_root)
 def test_availability_reports_the_setup(backend):
     available = backend.availability()
     assert available.ok, available.reason
-    assert available.details["root"] == "overlay-tmpfs"
+    assert available.details["root"] == "overlay-image"  # root, loop devices
     assert available.details["cgroup"] in ("v1", "v2")
     assert available.details["uid_map"] == "idmapped"
     assert "bubblewrap" in available.details["bwrap"]
@@ -317,6 +323,23 @@ def test_guest_output_to_the_host_log_is_bounded(tmp_path):
     assert not writer.is_alive() and not drain.is_alive()  # the writer is never blocked
     assert LOG_CAP <= log.stat().st_size < LOG_CAP + 4096
     assert log.read_bytes().endswith(b"discarded]\n")
+
+
+def test_tmpfs_root_mode_works(make_spec, template_fingerprint):
+    """The fallback for hosts with root but no loop devices: the upper layer on a tmpfs,
+    still bounded by rootfs_size_mb, and describe() says it is memory."""
+    inst = NamespaceBackend(root_mode="overlay-tmpfs").create(make_spec(rootfs_size_mb=1024))
+    try:
+        guest = Guest(inst.start())
+        res = guest.sh("echo hi > /root/x && head -c 20M /dev/zero > /root/big; echo $?; cat /root/x")
+        assert res.out.split() == ["0", "hi"]
+        assert inst.describe()["root"] == "overlay-tmpfs"
+        assert inst.describe()["limits"]["rootfs_size_mb"] == 1024
+        assert any("tmpfs" in note and "out-of-memory" in note for note in inst.describe()["notes"])
+        assert diskimage.backed_by(inst.spec.backend_dir) == []
+    finally:
+        inst.destroy()
+    assert not inst.spec.backend_dir.exists()
 
 
 @pytest.mark.skipif(shutil.which("fuse-overlayfs") is None, reason="fuse-overlayfs is not installed")

@@ -85,6 +85,22 @@ def test_rootfs_size_limit_gives_enospc(sandbox, template):
     assert not (template.rootfs / "var" / "big").exists()
 
 
+def test_a_disk_bigger_than_memory_fills_to_enospc_without_an_oom_kill(sandbox):
+    """The disk is not memory: 192 MiB of files in a sandbox of 64 MiB memory end in ENOSPC
+    at the disk's size; nothing is out-of-memory killed, the memory limit still holds."""
+    inst, guest = sandbox(memory_mb=64, rootfs_size_mb=192)
+    agent = guest.sh("echo $PPID").out
+    res = guest.sh("cat /dev/zero > /var/fill; echo status $?; stat -c %s /var/fill")
+    assert "No space left on device" in res.err, res
+    status, filled = res.out.split("\n")[:2]
+    assert status == "status 1" and 0.9 * 192 * 2**20 < int(filled) <= 192 * 2**20
+    assert inst.cgroup.oom_kills() == 0
+    assert guest.sh("echo $PPID").out == agent  # the same agent answers
+    res = guest.py("b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('allocated')")
+    assert res.signal == 9 or res.exit_code in (-9, 137), res  # memory_mb still bites
+    assert guest.sh("rm /var/fill && echo room > /var/after && cat /var/after").out == "room\n"
+
+
 def test_pause_freezes_and_resume_continues(sandbox):
     inst, guest = sandbox()
     guest.request(

@@ -6,7 +6,8 @@ One sandbox = one bwrap process tree:
   (hostname ``sandbox``), cgroup, mount; ``--new-session``, ``--clearenv``,
   ``--cap-drop ALL`` (no capabilities even inside), no_new_privs, the seccomp
   deny-list of ``seccomp.py``; ``--die-with-parent`` (the supervisor is the parent);
-* root: ``overlay.py`` (a size-limited tmpfs upper over the template);
+* root: ``overlay.py`` (an overlay over the template whose upper layer is on the sandbox's
+  own disk: an ext4 image of ``rootfs_size_mb`` on a loop device, ``diskimage.py``);
 * limits: ``cgroups.py``, entered between fork and exec;
 * capabilities: none, except with idmapped uids, where the sandbox's root keeps
   ``ACCOUNT_CAPS`` (switch user, own and override file modes, signal its users' processes) — all bounded by its own
@@ -51,12 +52,14 @@ from ...errors import (
 from ...osutil import process_start_time, write_json_atomic
 from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
 from . import bwrap as bw
-from . import cgroups, layer, pasta, seccomp
+from . import cgroups, diskimage, layer, pasta, seccomp
 from .overlay import (
     CopyRoot,
     FuseOverlayRoot,
     IdMap,
     IdmapUnsupported,
+    OverlayImageRoot,
+    OverlayRoot,
     OverlayTmpfsRoot,
     RootLayer,
     make_userns,
@@ -75,7 +78,15 @@ SNAPSHOT_FILE = "rootfs-upper.tar"
 START_TIMEOUT = 30.0
 #: how long start() watches for the agent's first bytes (or an early exit) before returning
 AGENT_WAIT = 10.0
-ROOT_MODES = ("overlay-tmpfs", "fuse-overlayfs", "copy")
+ROOT_MODES = ("overlay-image", "overlay-tmpfs", "fuse-overlayfs", "copy")
+OVERLAY_MODES = {"overlay-image": OverlayImageRoot, "overlay-tmpfs": OverlayTmpfsRoot}
+#: where each root mode keeps what a sandbox writes (``availability().details["disk"]``, doctor)
+DISK_KINDS = {
+    "overlay-image": "an ext4 image of rootfs_size_mb per sandbox on a loop device (host disk, under MVM_HOME)",
+    "overlay-tmpfs": "a tmpfs of rootfs_size_mb per sandbox (memory, charged to memory_mb; no loop devices here)",
+    "fuse-overlayfs": "a directory under MVM_HOME (rootfs_size_mb not enforced)",
+    "copy": "a copy of the template under MVM_HOME (rootfs_size_mb not enforced)",
+}
 UID_MODES = ("idmapped", "host-root", "invoking-user")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HIGH_FD = 10
@@ -156,8 +167,8 @@ class NamespaceInstance(BackendInstance):
         self.cgroup = cgroups.for_sandbox(f"mvm-{spec.sandbox_id}")
         args = (spec.template.rootfs, spec.backend_dir, spec.resources.rootfs_size_mb, self.idmap)
         self.layer: RootLayer
-        if root_mode == "overlay-tmpfs":
-            self.layer = OverlayTmpfsRoot(*args, run_dir=run_dir_for(spec.sandbox_id, spec.state_dir))
+        if root_mode in OVERLAY_MODES:
+            self.layer = OVERLAY_MODES[root_mode](*args, run_dir=run_dir_for(spec.sandbox_id, spec.state_dir))
         elif root_mode == "fuse-overlayfs":
             self.layer = FuseOverlayRoot(*args)
         else:
@@ -184,7 +195,7 @@ class NamespaceInstance(BackendInstance):
                 "root": self.layer.kind,
                 "mounts": self.layer.mounts(),
                 "copy_dir": str(self.layer.root) if self.layer.kind == "copy" else None,
-                "run_dir": str(self.layer.run_dir) if isinstance(self.layer, OverlayTmpfsRoot) else None,
+                "run_dir": str(self.layer.run_dir) if isinstance(self.layer, OverlayRoot) else None,
                 "cgroup": self.cgroup.record(),
                 "uid_map": self.uid_map(),
                 "bwrap_pid": proc.pid if proc is not None and proc.poll() is None else None,
@@ -532,9 +543,10 @@ class NamespaceInstance(BackendInstance):
             f"{res.cpu_cores} core(s), {res.max_processes} tasks (threads count; bwrap and the agent "
             "use 3 or more)",
             *self.layer.notes(),
-            *(["disk: the root's upper layer is a tmpfs, charged to the sandbox's memory: files written count "
-               f"against memory_mb, so a disk filled past {res.memory_mb} MiB ends in an out-of-memory kill "
-               "(possibly of the guest agent) before rootfs_size_mb's 'No space left on device'"]
+            *(["disk: the root's upper layer is a tmpfs (this host has no loop devices), charged to the "
+               f"sandbox's memory: files written count against memory_mb, so a disk filled past {res.memory_mb} "
+               "MiB ends in an out-of-memory kill (possibly of the guest agent) before rootfs_size_mb's "
+               "'No space left on device'"]
               if self.layer.kind == "overlay-tmpfs" and res.rootfs_size_mb >= res.memory_mb else []),
             *seccomp.POLICY_NOTES,
             "snapshots keep files only (no memory, no processes)",
@@ -557,7 +569,7 @@ class NamespaceInstance(BackendInstance):
             "limits": {
                 "cpu_cores": res.cpu_cores,
                 "memory_mb": res.memory_mb,
-                "rootfs_size_mb": res.rootfs_size_mb if self.layer.kind == "overlay-tmpfs" else None,
+                "rootfs_size_mb": res.rootfs_size_mb if self.layer.kind in OVERLAY_MODES else None,
                 "max_processes": res.max_processes,
             },
             "network": "loopback-only" if self.spec.network.mode != "open" else
@@ -612,14 +624,17 @@ class NamespaceBackend(Backend):
 
     def _choose(self) -> tuple[str, str]:
         is_root = os.geteuid() == 0
-        root_mode = self._root_mode or (
-            "overlay-tmpfs" if is_root else ("fuse-overlayfs" if shutil.which("fuse-overlayfs") else "copy")
-        )
+        if self._root_mode is not None:
+            root_mode = self._root_mode
+        elif is_root:
+            root_mode = "overlay-image" if diskimage.support()[0] else "overlay-tmpfs"
+        else:
+            root_mode = "fuse-overlayfs" if shutil.which("fuse-overlayfs") else "copy"
         if self._uid_mode is not None:
             return root_mode, self._uid_mode
         if not is_root:
             return root_mode, "invoking-user"
-        if root_mode == "overlay-tmpfs":
+        if root_mode in OVERLAY_MODES:
             ok, _ = probe_idmapped_overlay(Path(tempfile.gettempdir()))
             return root_mode, "idmapped" if ok else "host-root"
         return root_mode, "host-root"
@@ -650,11 +665,16 @@ class NamespaceBackend(Backend):
         root_mode, uid_mode = self._choose()
         details["root"] = root_mode
         details["uid_map"] = uid_mode
-        if root_mode == "overlay-tmpfs":
+        if root_mode in OVERLAY_MODES:
             if "overlay" not in Path("/proc/filesystems").read_text():
                 return Availability(False, "the kernel has no overlay file system (modprobe overlay)", details)
             if os.geteuid() != 0:
-                return Availability(False, "an overlay on tmpfs needs root", details)
+                return Availability(False, f"root mode {root_mode} needs root", details)
+        if root_mode == "overlay-image":
+            ok, why = diskimage.support()
+            if not ok:
+                return Availability(False, f"root mode overlay-image: {why}", details)
+        details["disk"] = DISK_KINDS[root_mode]
         try:
             version = cgroups.detect_version()
             details["cgroup"] = version
@@ -741,11 +761,15 @@ def cleanup_orphan(state_dir: Path) -> None:
             cgroups.from_record(record["cgroup"]).remove()
         except Exception as exc:
             errors.append(f"cgroup: {exc}")
+    if record.get("root") == "overlay-image" and record.get("mounts"):  # the disk: its dirty pages are not written
+        diskimage.shut_down(Path(record["mounts"][0]), backend_dir / OverlayImageRoot.IMAGE_NAME)
     for mount_point in reversed(record.get("mounts") or []):
         try:
             unmount(mount_point)
         except OSError as exc:
             errors.append(f"unmount {mount_point}: {exc}")
+    # the disk's loop device detaches itself with its mount; one a lazy unmount left is marked to
+    errors += diskimage.detach_backed_by(backend_dir)
     run_dir = record.get("run_dir")
     if run_dir:
         for mount_point in mounts_under(Path(run_dir)):

@@ -1,15 +1,21 @@
 """The sandbox's root file system: a writable layer over the read-only template.
 
-Three ways, best first (``kind`` is what ``describe()["root"]`` reports):
+Four ways, best first (``kind`` is what ``describe()["root"]`` reports):
 
-``overlay-tmpfs`` (host root)
-    A tmpfs of ``rootfs_size_mb`` holds the overlay's upper and work directories,
-    so writes past the size fail with ENOSPC and vanish with the sandbox. When the
-    kernel supports idmapped mounts, the template is first bind-mounted *idmapped*
-    (host uid k appears as ``uid_base + k``) and that mount is the overlay's lower
-    layer: the sandbox's root then owns its files while being an unprivileged host
-    uid (see ``IdMap``). The template itself is never written: overlayfs copies a
-    file up into the tmpfs before changing it.
+``overlay-image`` (host root, loop devices)
+    The overlay's upper and work directories live on an ext4 image of ``rootfs_size_mb``
+    (a sparse file in the sandbox's directory, on a loop device: ``diskimage``), so
+    writes past the size fail with ENOSPC, and the disk is disk: its file data is page
+    cache the kernel writes back and reclaims, never memory the sandbox could be
+    out-of-memory killed for. When the kernel supports idmapped mounts, the template is
+    first bind-mounted *idmapped* (host uid k appears as ``uid_base + k``) and that mount
+    is the overlay's lower layer: the sandbox's root then owns its files while being an
+    unprivileged host uid (see ``IdMap``). The template itself is never written:
+    overlayfs copies a file up before changing it.
+``overlay-tmpfs`` (host root, no loop devices)
+    The same with a tmpfs of ``rootfs_size_mb`` instead of the image: RAM, charged to the
+    sandbox's memory cgroup, so a disk filled past ``memory_mb`` ends in an out-of-memory
+    kill before ENOSPC.
 ``fuse-overlayfs`` (no root, the binary is installed)
     The same layering in user space; the upper directory lives on disk under the
     sandbox's state directory, so ``rootfs_size_mb`` is not enforced.
@@ -19,6 +25,7 @@ Three ways, best first (``kind`` is what ``describe()["root"]`` reports):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -35,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import SandboxError
+from . import diskimage
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -44,6 +52,7 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOATIME = 0x400
 MNT_DETACH = 0x2
 CLONE_NEWUSER = 0x10000000
 
@@ -319,8 +328,9 @@ def run_dir_for(sandbox_id: str, state_dir: Path) -> Path:
     return run_root() / f"{sandbox_id}-{tag}"
 
 
-class OverlayTmpfsRoot(RootLayer):
-    kind = "overlay-tmpfs"
+class OverlayRoot(RootLayer):
+    """An overlay over the read-only template whose upper and work directories live on a
+    size-limited scratch file system (what the subclasses mount at ``scratch``)."""
 
     def __init__(self, lower: Path, backend_dir: Path, size_mb: int, idmap: IdMap | None, run_dir: Path):
         super().__init__(lower, backend_dir, size_mb, idmap)
@@ -351,6 +361,13 @@ class OverlayTmpfsRoot(RootLayer):
     def prepared(self) -> bool:
         return is_mounted(self.root)
 
+    def _mount_scratch(self) -> None:
+        """Mount an empty file system of ``size_mb`` on ``scratch``, mode 0700."""
+        raise NotImplementedError
+
+    def _scratch_gone(self) -> None:
+        """After the unmounts: remove what ``_mount_scratch`` left besides the mount."""
+
     def prepare(self, populate: Callable[[Path], None] | None = None, userns_fd: int | None = None) -> None:
         if self.prepared():
             return
@@ -361,7 +378,7 @@ class OverlayTmpfsRoot(RootLayer):
         os.chown(self.run_dir, owner, owner)
         self.root.mkdir(exist_ok=True)
         try:
-            mount("tmpfs", self.scratch, "tmpfs", MS_NODEV | MS_NOSUID, f"size={self.size_mb}m,mode=0700")
+            self._mount_scratch()
             work = self.scratch / "work"
             self.upper.mkdir()
             work.mkdir()
@@ -394,11 +411,60 @@ class OverlayTmpfsRoot(RootLayer):
     def teardown(self) -> None:
         for path in reversed(self.mounts()):
             unmount(path)
+        self._scratch_gone()
         for directory in (self.root, self.run_dir, self.backend_dir / "lower", self.scratch):
             try:
                 directory.rmdir()
             except OSError:
                 pass
+
+
+class OverlayImageRoot(OverlayRoot):
+    """The scratch file system is an ext4 image file of ``size_mb`` under the sandbox's
+    directory, on a loop device (``diskimage``): disk, not memory."""
+
+    kind = "overlay-image"
+    IMAGE_NAME = "disk.ext4"
+
+    @property
+    def image(self) -> Path:
+        return self.backend_dir / self.IMAGE_NAME
+
+    def _mount_scratch(self) -> None:
+        diskimage.make_image(self.image, self.size_mb)
+        device, path = diskimage.attach(self.image)
+        try:
+            # noinit_itable: no background zeroing of inode tables (the sparse image reads zeros)
+            mount(path, self.scratch, "ext4", MS_NODEV | MS_NOSUID | MS_NOATIME, "noinit_itable")
+        finally:
+            os.close(device)  # the mount holds the device now; autoclear detaches it with the mount
+        self.scratch.chmod(0o700)
+
+    def teardown(self) -> None:
+        diskimage.shut_down(self.scratch, self.image)  # its dirty pages are not written to a file about to go
+        super().teardown()
+
+    def _scratch_gone(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.image.unlink()
+
+    def notes(self) -> list[str]:
+        return [
+            f"root: overlay over the read-only template; writes go to a {self.size_mb} MiB ext4 disk image "
+            "(a sparse file in the sandbox's directory under MVM_HOME, on a loop device): a write past "
+            "rootfs_size_mb fails with 'No space left on device'; file data is page cache the kernel writes "
+            "back and reclaims within memory_mb, never an out-of-memory kill; the disk is deleted on destroy",
+        ]
+
+
+class OverlayTmpfsRoot(OverlayRoot):
+    """The scratch file system is a tmpfs of ``size_mb``: RAM, charged to the memory cgroup
+    of whoever writes it (the sandbox). Used when the host has no loop devices."""
+
+    kind = "overlay-tmpfs"
+
+    def _mount_scratch(self) -> None:
+        mount("tmpfs", self.scratch, "tmpfs", MS_NODEV | MS_NOSUID, f"size={self.size_mb}m,mode=0700")
 
     def notes(self) -> list[str]:
         return [
