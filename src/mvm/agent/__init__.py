@@ -12,6 +12,7 @@ Modules, one concern each:
 * ``transport`` – the inherited fd and the virtio-serial port (with reconnects)
 * ``processes`` – ``proc.*``: spawning, the output pump, exit reporting
 * ``reaper``    – the one place that waits for children
+* ``keeper``    – PID 1 of a microVM: starts the agent again when it dies
 * ``proctree``  – ``/proc`` walking: process families and race-free signalling
 * ``files``     – ``fs.*``
 * ``accounts``  – ``user=``: guest accounts, and file steps performed as one (forked child, fd passing)
@@ -21,3 +22,7 @@ Modules, one concern each:
 """
 
 AGENT_VERSION = "1.1.0"
+#: How many times PID 1 starts the agent again after it died (a microVM: the sandbox goes on,
+#: the processes the dead agent ran are ended); the supervisor holds the guest to the same
+#: bound. An agent that keeps dying ends the sandbox.
+MAX_AGENT_RESTARTS = 3

@@ -1,8 +1,8 @@
 """``mvm-agent --fd N`` | ``mvm-agent --virtio-port NAME``: run the guest agent.
 
-When the agent is PID 1 (a microVM's init), it forks: PID 1 stays behind only to
-reap orphans and ends when the agent does; the agent proper runs in the child,
-as a child subreaper of everything it starts.
+When the agent is PID 1 (a microVM's init), it forks: PID 1 stays behind as the
+agent's keeper (``keeper``: reaps orphans, starts the agent again when it dies); the
+agent proper runs in the child, as a child subreaper of everything it starts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import signal
 import sys
 from types import FrameType
 
-from . import reaper, system
+from . import MAX_AGENT_RESTARTS, keeper, system
 from .server import Server
 from .transport import FdConnector, VirtioConnector
 
@@ -26,6 +26,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--fd", type=int, metavar="N", help="an inherited, connected stream socket")
     where.add_argument("--virtio-port", metavar="NAME", help="the virtio-serial port with this name")
+    parser.add_argument("--restart-fd", type=int, metavar="N",
+                        help="with --fd: a socket to the host over which a keeper process starts the agent "
+                             "again, on a fresh channel, when it dies (agent/keeper.py)")
     parser.add_argument("--log-level", default=os.environ.get("MVM_AGENT_LOG", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr verbosity (default INFO)")
     return parser.parse_args(argv)
@@ -45,14 +48,18 @@ def main(argv: list[str] | None = None) -> int:
                         format="mvm-agent[%(process)d] %(levelname)s %(message)s")
     if os.getpid() == 1:
         system.prepare_as_init()
-        child = os.fork()
-        if child:
-            if options.fd is not None:
-                try:
-                    os.close(options.fd)  # the channel belongs to the agent child alone
-                except OSError:
-                    pass
-            return reaper.run_as_init(child)
+        # Over an inherited fd there is no second channel for a second agent: no restart.
+        if options.fd is None:
+            code = keeper.keep_agent_running(MAX_AGENT_RESTARTS, host=keeper.VirtioHost())
+        else:
+            code = keeper.keep_agent_running(0, host=None, agent_only_fds=(options.fd,))
+        if code is not None:
+            return code
+    elif options.fd is not None and options.restart_fd is not None:
+        system.become_subreaper()  # the dead agent's orphans come to the keeper, which ends them
+        code = keeper.keep_agent_running(MAX_AGENT_RESTARTS, host=keeper.FdHost(options.restart_fd, options.fd))
+        if code is not None:
+            return code
     system.become_subreaper()
     os.umask(0o022)
     try:

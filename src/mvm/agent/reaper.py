@@ -1,4 +1,5 @@
-"""The one place that waits for children: the reaper thread, and PID-1 duty.
+"""The one place in the agent that waits for children: the reaper thread (PID 1, the
+agent's keeper, waits for its own in ``keeper``).
 
 The agent is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so orphans of the
 processes it started are re-parented to it; the reaper collects every child's
@@ -68,23 +69,3 @@ def exit_code_of(status: int) -> tuple[int, int | None]:
     if code < 0:
         return 128 - code, -code
     return code, None
-
-
-def run_as_init(child: int) -> int:
-    """PID 1's whole job once the agent runs in ``child``: reap everything, end with the agent.
-
-    (If PID 1 exits the kernel panics and the VM stops; that is the intended
-    end of a microVM whose agent has gone.)
-    """
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            return 1
-        except InterruptedError:
-            continue
-        if pid == child:
-            code, signum = exit_code_of(status)
-            log.log(logging.INFO if code == 0 else logging.ERROR, "the agent (pid %d) ended with %s", child,
-                    f"signal {signum}" if signum else f"code {code}")
-            return code

@@ -87,22 +87,30 @@ def find_virtio_port(name: str, sys_root: str = "/sys/class/virtio-ports", dev_r
     """The ``/dev/vportNpM`` whose ``name`` is ``name``; waits until it appears."""
     warned = False
     while True:
-        for directory in sorted(glob.glob(os.path.join(sys_root, "*"))):
-            try:
-                with open(os.path.join(directory, "name")) as handle:
-                    if handle.read().strip() != name:
-                        continue
-            except OSError:
-                continue
-            device = os.path.join(dev_root, os.path.basename(directory))
-            if not os.path.exists(device):
-                _make_node(device, os.path.join(directory, "dev"))
-            if os.path.exists(device):
-                return device
+        device = lookup_virtio_port(name, sys_root, dev_root)
+        if device is not None:
+            return device
         if not warned:
             log.warning("waiting for the virtio-serial port named %r", name)
             warned = True
         time.sleep(RETRY_SECONDS * 4)
+
+
+def lookup_virtio_port(name: str, sys_root: str = "/sys/class/virtio-ports", dev_root: str = "/dev") -> str | None:
+    """The ``/dev/vportNpM`` whose ``name`` is ``name``, if there is one now."""
+    for directory in sorted(glob.glob(os.path.join(sys_root, "*"))):
+        try:
+            with open(os.path.join(directory, "name")) as handle:
+                if handle.read().strip() != name:
+                    continue
+        except OSError:
+            continue
+        device = os.path.join(dev_root, os.path.basename(directory))
+        if not os.path.exists(device):
+            _make_node(device, os.path.join(directory, "dev"))
+        if os.path.exists(device):
+            return device
+    return None
 
 
 def _make_node(device: str, dev_file: str) -> None:

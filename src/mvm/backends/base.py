@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -28,6 +29,7 @@ from ..spec import HOST_ALIAS as HOST_ALIAS
 from ..spec import HOST_ALIAS_ADDRESS as HOST_ALIAS_ADDRESS
 from ..spec import NetworkPolicy as NetworkPolicy
 from ..spec import Resources as Resources
+from ..errors import SandboxError
 from ..templates.image import TemplateImage
 
 
@@ -151,6 +153,16 @@ class BackendInstance(abc.ABC):
     def host_pids(self) -> list[int]:
         """Host pids that belong to this sandbox (for diagnostics and cleanup)."""
         return []
+
+    def watch_agent(self, on_agent_gone: Callable[[], None]) -> bool:
+        """Have ``on_agent_gone`` called (on some thread) when the guest agent died while the
+        guest goes on: its init starts a new agent, reached with ``reconnect_agent``. False:
+        this backend cannot restart an agent (its death ends the sandbox)."""
+        return False
+
+    def reconnect_agent(self) -> socket.socket:
+        """A fresh connection to the (new) guest agent, as ``start`` returns one."""
+        raise SandboxError("this backend cannot reach a restarted guest agent")
 
     def agent_limits(self) -> dict[str, Any]:
         """Limits the guest agent must enforce itself (sent with ``agent.configure``): those

@@ -1,8 +1,9 @@
 """The supervisor's side of the agent channel: requests with ids, events to a handler.
 
 The link can be re-attached to a new socket (a VM restored from a snapshot, a
-namespace sandbox started again); requests in flight on the old channel fail
-with ``SandboxError``.
+namespace sandbox started again, a guest agent restarted); requests in flight on
+the old channel fail with ``SandboxError``. Between ``begin_restart`` and the new
+agent's hello, new requests wait for it (``RESTART_WAIT``) instead of failing.
 
 With ``receive_fds`` (a backend whose agent shares this kernel and is reached over
 a socketpair: namespace) the channel accepts descriptors, and an agent whose hello
@@ -26,10 +27,23 @@ from ..protocol.channel import ChannelClosed, FramedChannel, discard_fds
 from ..protocol.codec import Frame, ProtocolError
 
 EventHandler = Callable[[Frame], None]
-_LOST = object()
 
 #: How long one agent request may take before the supervisor gives up on it.
 DEFAULT_AGENT_TIMEOUT = 60.0
+#: How long a request waits for a restarting agent's hello before it fails.
+RESTART_WAIT = 60.0
+
+
+class _Lost:
+    """Put in the box of a call whose channel went away (``why``: a restart, else None)."""
+
+    def __init__(self, why: str | None):
+        self.why = why
+
+    def error(self, op: str) -> errors.SandboxError:
+        if self.why:
+            return errors.SandboxError(f"{self.why} during {op}; its answer is lost", agent_restart=True)
+        return errors.SandboxError(f"the guest agent connection was lost during {op}")
 
 
 class AgentLink:
@@ -44,6 +58,8 @@ class AgentLink:
         self._lock = threading.Lock()
         self._channel: FramedChannel | None = None
         self._generation = 0
+        self._attached = threading.Condition(self._lock)
+        self._restarting: str | None = None  # why, between begin_restart and the new agent's hello
         self.agent_hello: dict[str, Any] = {}
         #: TCP stream frames (``data`` and ``tcp.*`` events) go here instead of ``on_event``.
         self.on_stream: EventHandler | None = None
@@ -80,19 +96,26 @@ class AgentLink:
     def detach(self) -> None:
         self._replace_channel(None)
 
-    def _replace_channel(self, channel: FramedChannel | None) -> int:
+    def begin_restart(self, why: str) -> None:
+        """The agent died and a new one is coming: close its channel, fail the calls in
+        flight naming ``why``; new calls wait for ``attach`` (or ``detach``)."""
+        self._replace_channel(None, restarting=why)
+
+    def _replace_channel(self, channel: FramedChannel | None, *, restarting: str | None = None) -> int:
         """Put ``channel`` in place of the current one (closed), fail every call waiting on
-        the old one with ``_LOST``, tell the listeners; returns the new generation."""
+        the old one, tell the listeners; returns the new generation."""
         with self._lock:
             old, self._channel = self._channel, channel
             self._generation += 1
             generation = self._generation
             stale = list(self._waiting.values())
             self._waiting.clear()
+            self._restarting = restarting
+            self._attached.notify_all()
         if old is not None:
             old.close()
         for box in stale:
-            box.put(_LOST)
+            box.put(_Lost(restarting))
         self._changed()
         return generation
 
@@ -136,6 +159,8 @@ class AgentLink:
         ident = next(self._ids)
         call = PendingCall(self, ident, op)
         with self._lock:
+            if self._channel is None and self._restarting is not None:
+                self._attached.wait_for(lambda: self._channel is not None or self._restarting is None, RESTART_WAIT)
             channel = self._channel
             if channel is None:
                 raise errors.InvalidState("the sandbox is not running (no agent connection)")
@@ -195,7 +220,7 @@ class AgentLink:
             else:
                 stale = []
         for box in stale:
-            box.put(_LOST)
+            box.put(_Lost(None))
         if current:
             self._changed()
             self._on_lost(reason)
@@ -225,8 +250,8 @@ class PendingCall:
                 raise errors.SandboxError(f"the guest agent did not answer {self.op} within {timeout} s") from None
         finally:
             self.forget()
-        if item is _LOST:
-            raise errors.SandboxError(f"the guest agent connection was lost during {self.op}")
+        if isinstance(item, _Lost):
+            raise item.error(self.op)
         frame: Frame = item
         if frame.header.get("ok"):
             return frame

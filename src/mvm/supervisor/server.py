@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
+from ..agent import MAX_AGENT_RESTARTS
 from ..backends import get_backend
 from ..backends.base import BackendInstance, SandboxSpec
 from .. import pooling
@@ -60,6 +61,8 @@ class Supervisor:
         ttl = config.get("ttl_seconds")
         self.expires_at: float | None = self.created_at + float(ttl) if ttl else None
         self.error: str | None = None
+        #: How many times the guest agent died and was started again (describe().details).
+        self.agent_restarts = 0
         # secret name -> value (memory only), for redaction as [redacted:NAME]
         names = config.get("secret_env_names") or {}
         self.secrets: dict[str, str] = {names.get(k, k): v for k, v in secret_env.items()}
@@ -110,6 +113,7 @@ class Supervisor:
         )
         spec.backend_dir.mkdir(exist_ok=True)
         self.instance = self.on_backend(self.backend.create, spec)
+        self.instance.watch_agent(self._on_agent_gone)
         self._mark("backend_create")
         snapshot_id = self.config.get("from_snapshot")
         if snapshot_id:
@@ -247,7 +251,8 @@ class Supervisor:
             "details": {**details, "boot_ms": self.boot_ms, "error": self.error,
                         "host_pids": self.instance.host_pids() if self.instance else [], "supervisor_pid": os.getpid(),
                         "env_keys": sorted(self.config.get("env", {})), "secret_env_keys": sorted(self.secret_env),
-                        "agent": self.agent.agent_hello, "guest_limits": self.guest_limits,
+                        "agent": self.agent.agent_hello, "agent_restarts": self.agent_restarts,
+                        "guest_limits": self.guest_limits,
                         **self.idle.describe(),
                         "pool": self.pool.describe() if self.pool is not None else None},
         }
@@ -308,6 +313,42 @@ class Supervisor:
             self.logs.system(f"guest agent lost: {reason}")
             self.processes.mark_all_lost(f"the guest agent was lost ({reason})")
             self.set_state("error", error=reason)
+
+    def _on_agent_gone(self) -> None:
+        """The guest agent died and the guest's init starts a new one (VM): the calls in
+        flight fail naming the restart, the processes it ran are reported ended (init
+        ended them), and the new agent is reached on a fresh connection -- a clean stream,
+        so nothing the dead agent half-wrote can be read as the new one's. Files stay. An
+        agent that dies more than ``MAX_AGENT_RESTARTS`` times ends the sandbox."""
+        with self.state_lock:
+            if self.state != "running" or self.destroyed.is_set() or self.instance is None:
+                return
+            self.agent_restarts += 1
+            restart = self.agent_restarts
+        if restart > MAX_AGENT_RESTARTS:
+            reason = f"the guest agent died {restart} times (it is restarted at most {MAX_AGENT_RESTARTS} times)"
+            self.agent.begin_restart(reason)
+            self.agent.detach()
+            self._on_agent_lost(reason)
+            return
+        why = f"the guest agent died and was restarted (restart {restart} of at most {MAX_AGENT_RESTARTS})"
+        started = time.monotonic()
+        self.agent.begin_restart(why)
+        self.processes.mark_all_lost(why)
+        self.logs.system(f"{why}; reconnecting")
+        try:
+            self.agent.attach(self.instance.reconnect_agent())
+            self.configure_agent()
+        except errors.MvmError as exc:
+            self.agent.detach()
+            self.audit.record("agent.restart", {"restart": restart}, outcome="error", error_type=exc.wire_type,
+                              details={"error": exc.message})
+            self._on_agent_lost(f"{why}, but the new agent did not answer: {exc.message}")
+            return
+        self.audit.record("agent.restart", {"restart": restart},
+                          details={"reconnect_ms": round((time.monotonic() - started) * 1000, 1),
+                                   "agent_pid": self.agent.agent_hello.get("pid")})
+        self.logs.system(f"the new guest agent answered (restart {restart})")
 
     # ---- end of life --------------------------------------------------------
 

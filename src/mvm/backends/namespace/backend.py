@@ -39,6 +39,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from ...osutil import process_start_time, write_json_atomic
 from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
 from . import bwrap as bw
 from . import cgroups, diskimage, layer, pasta, seccomp
+from .keeper_link import KeeperLink
 from .overlay import (
     CopyRoot,
     FuseOverlayRoot,
@@ -161,6 +163,8 @@ class NamespaceInstance(BackendInstance):
         self._state = "created"
         self._proc: subprocess.Popen[bytes] | None = None
         self._init_pid: int | None = None
+        self._keeper: KeeperLink | None = None
+        self._on_agent_gone: Callable[[], None] | None = None
         self._pasta: subprocess.Popen[bytes] | None = None  # network mode "open" only
         self._userns_fd: int | None = None
         self.idmap = IdMap.for_sandbox(spec.sandbox_id) if uid_mode == "idmapped" else None
@@ -273,9 +277,13 @@ class NamespaceInstance(BackendInstance):
 
     def _launch(self) -> socket.socket:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The agent keeper's own socket (agent/keeper.py): agent deaths and new agents' channels.
+        keeper_parent, keeper_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds: list[int] = []
         log_path = self.spec.backend_dir / LOG_NAME
         try:
+            keeper_fd = _high(keeper_child.detach())
+            fds.append(keeper_fd)
             seccomp_fd = _high(seccomp.filter_fd())
             fds.append(seccomp_fd)
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
@@ -292,12 +300,12 @@ class NamespaceInstance(BackendInstance):
                 userns_fd=self._userns_fd,
                 seccomp_fd=seccomp_fd,
                 info_fd=info_w,
-                command=[*self.spec.template.agent_command, "--fd", str(bw.AGENT_FD)],
+                command=[*self.spec.template.agent_command, "--fd", str(bw.AGENT_FD), "--restart-fd", str(keeper_fd)],
                 shm_bytes=min(64, self.spec.resources.memory_mb) * 1024 * 1024,
                 env={"MVM_SANDBOX_ID": self.spec.sandbox_id},
                 cap_add=ACCOUNT_CAPS if self.uid_mode == "idmapped" else (),
             )
-            keep = [fd for fd in (self._userns_fd, seccomp_fd, info_w) if fd is not None]
+            keep = [fd for fd in (self._userns_fd, seccomp_fd, info_w, keeper_fd) if fd is not None]
             proc = bw.spawn(
                 bw.build_argv(cfg, self._bwrap),
                 child.fileno(),
@@ -325,9 +333,12 @@ class NamespaceInstance(BackendInstance):
             if self.spec.network.mode == "open":
                 self._start_pasta()
             self._await_agent(parent, proc, log_path, drain)
+            self._keeper = KeeperLink(keeper_parent, self._agent_ended)
+            self._keeper.start()
             return parent
         except BaseException:
             parent.close()
+            keeper_parent.close()
             raise
         finally:
             child.close()
@@ -391,7 +402,25 @@ class NamespaceInstance(BackendInstance):
             os.close(log_fd)
         self._write_record()
 
+    def _agent_ended(self) -> None:
+        callback = self._on_agent_gone
+        if callback is not None:
+            callback()
+
+    def watch_agent(self, on_agent_gone: Callable[[], None]) -> bool:
+        self._on_agent_gone = on_agent_gone
+        return True
+
+    def reconnect_agent(self) -> socket.socket:
+        keeper = self._keeper
+        if keeper is None:
+            raise SandboxError("the sandbox is not running")
+        return keeper.new_channel()
+
     def _kill(self) -> None:
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
         pasta.stop(self._pasta)
         self._pasta = None
         try:

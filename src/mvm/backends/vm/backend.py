@@ -22,6 +22,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,7 @@ class VmInstance(BackendInstance):
             disk=self.dir / self._layers[-1],
             incoming=incoming,
             net=self.net,
+            init_socket=self.machine.init_socket,
         )
 
     def _launch(self, incoming: str | None = None, pass_fds: tuple[int, ...] = ()) -> None:
@@ -577,6 +579,18 @@ class VmInstance(BackendInstance):
                        "none (no network device; loopback only)",
             "notes": notes,
         }
+
+    def watch_agent(self, on_agent_gone: Callable[[], None]) -> bool:
+        self.machine.on_agent_ended = on_agent_gone
+        return True
+
+    def reconnect_agent(self) -> socket.socket:
+        # The dead agent's connection is closed by now (begin_restart): QEMU discarded what
+        # the guest had queued on it, so this connection is a clean stream. Then the keeper
+        # may start the new agent.
+        sock = self.machine.connect_agent(time.monotonic() + 10)
+        self.machine.let_agent_start()
+        return sock
 
     def agent_limits(self) -> dict[str, Any]:
         return {"max_processes": self.spec.resources.max_processes}

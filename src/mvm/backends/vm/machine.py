@@ -21,6 +21,7 @@ from ...protocol.channel import ChannelClosed, FramedChannel
 from ...protocol.codec import ProtocolError
 from .initramfs import INIT_FAIL_PREFIX
 from .process import spawn, terminate
+from ...agent import keeper
 from .qemu import QemuConfig
 from .qmp import QmpClient
 
@@ -55,6 +56,11 @@ class QemuMachine:
         self._on_change = on_change
         self._console_thread: threading.Thread | None = None
         self._console_stop = threading.Event()
+        #: Called (on the init port's thread) when the guest's keeper says the agent died;
+        #: the keeper starts a new one after ``let_agent_start`` (agent/keeper.py).
+        self.on_agent_ended: Callable[[], None] | None = None
+        self._init_port: socket.socket | None = None
+        self._restart_waiting: int | None = None
 
     @property
     def agent_socket(self) -> Path:
@@ -65,11 +71,15 @@ class QemuMachine:
         return self.socket_dir / "qmp.sock"
 
     @property
+    def init_socket(self) -> Path:
+        return self.socket_dir / "init.sock"
+
+    @property
     def console_log(self) -> Path:
         return self.dir / "console.log"
 
     def launch(self, config: QemuConfig, pass_fds: tuple[int, ...] = ()) -> None:
-        for sock in (self.agent_socket, self.qmp_socket):
+        for sock in (self.agent_socket, self.qmp_socket, self.init_socket):
             sock.unlink(missing_ok=True)
         self.proc = spawn(config.argv(), self.dir / "qemu.log", pass_fds)
         self._on_change()
@@ -81,11 +91,60 @@ class QemuMachine:
             self.kill()
             raise SandboxError(f"vm: QEMU did not start: {self.diagnostics()}") from None
         self.qmp = qmp
+        if config.init_socket is not None:
+            try:
+                self._watch_init_port()
+            except SandboxError:
+                self.kill()
+                raise
+
+    def _watch_init_port(self) -> None:
+        """Connect to the guest keeper's port and serve its ``agent-ended N`` lines on a
+        thread (until QEMU exits): ``on_agent_ended``, then ``go N`` (``let_agent_start``)."""
+        port = self.connect_unix(self.init_socket, time.monotonic() + 10)
+        self._init_port = port
+        proc = self.proc
+
+        def serve() -> None:
+            buffer = b""
+            try:
+                while True:
+                    chunk = port.recv(keeper.MAX_LINE)
+                    if not chunk:
+                        return  # QEMU exited
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        words = line.split()
+                        if len(words) == 2 and words[0] == b"agent-ended" and words[1].isdigit():
+                            self._restart_waiting = int(words[1])
+                            callback = self.on_agent_ended
+                            if callback is not None and self.proc is proc:
+                                callback()
+                            self.let_agent_start()
+                    buffer = buffer[-keeper.MAX_LINE:]  # a guest sending no newline stays bounded
+            except OSError:
+                return
+            finally:
+                port.close()
+
+        threading.Thread(target=serve, daemon=True, name="mvm-vm-init-port").start()
+
+    def let_agent_start(self) -> None:
+        """Answer the keeper's ``agent-ended N`` with ``go N`` (once)."""
+        restart, self._restart_waiting = self._restart_waiting, None
+        port = self._init_port
+        if restart is not None and port is not None:
+            try:
+                port.sendall(keeper.go_line(restart))
+            except OSError:
+                pass
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
+        self._init_port = None  # (its thread closes it when QEMU is gone)
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
@@ -93,7 +152,7 @@ class QemuMachine:
             terminate(self.proc, grace=2.0)
             self.proc = None
         self._console_stop.set()
-        for sock in (self.agent_socket, self.qmp_socket):
+        for sock in (self.agent_socket, self.qmp_socket, self.init_socket):
             sock.unlink(missing_ok=True)
         self._on_change()
 
@@ -112,15 +171,19 @@ class QemuMachine:
         self.kill()
 
     def connect_agent(self, deadline: float) -> socket.socket:
+        return self.connect_unix(self.agent_socket, deadline)
+
+    def connect_unix(self, path: Path, deadline: float) -> socket.socket:
+        """Connect to one of QEMU's chardev sockets (retrying until QEMU made it)."""
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(str(self.agent_socket))
+                sock.connect(str(path))
                 return sock
             except OSError:
                 sock.close()
             if time.monotonic() > deadline or not self.alive():
-                raise SandboxError(f"vm: cannot connect to the agent socket: {self.diagnostics()}")
+                raise SandboxError(f"vm: cannot connect to {path.name}: {self.diagnostics()}")
             time.sleep(0.005)
 
     def await_agent(self, deadline: float, *, boot_timeout: float, accel: str) -> socket.socket:

@@ -16,12 +16,15 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...agent.keeper import INIT_PORT
+
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
 
 #: The emulated machine and its device list, recorded in snapshots (restore needs the same).
 MACHINE = "microvm"
-DEVICES = ("isa-serial", "virtio-rng-device", "virtio-serial-device/virtserialport:agent", "virtio-blk-device")
+DEVICES = ("isa-serial", "virtio-rng-device", "virtio-serial-device/virtserialport:agent,virtserialport:mvm-init",
+           "virtio-blk-device")
 #: The NIC of network mode ``open`` (QEMU user networking: slirp), added after the others.
 NET_DEVICE = "virtio-net-device/netdev:user"
 
@@ -118,6 +121,7 @@ class QemuConfig:
     console_log: Path
     qmp_socket: Path
     agent_socket: Path | None = None  # None only for the probe
+    init_socket: Path | None = None  # the guest keeper's port (agent restarts); with agent_socket
     disk: Path | None = None  # the qcow2 overlay; None only for the probe
     incoming: str | None = None  # "fd:N" (a plain image) or "exec:<unsealer>" to restore a snapshot
     net: str | None = None  # "user": a virtio NIC on QEMU user networking (network mode open)
@@ -153,6 +157,11 @@ class QemuConfig:
                 "-chardev", f"socket,id=ag,path={_opt(self.agent_socket)},server=on,wait=off",
                 "-device", "virtserialport,chardev=ag,name=agent",
             ]
+            if self.init_socket is not None:
+                argv += [
+                    "-chardev", f"socket,id=init,path={_opt(self.init_socket)},server=on,wait=off",
+                    "-device", f"virtserialport,chardev=init,name={INIT_PORT}",
+                ]
         if self.disk is not None:
             argv += [
                 "-drive", f"file={_opt(self.disk)},if=none,id=disk0,format=qcow2,discard=unmap,detect-zeroes=unmap",

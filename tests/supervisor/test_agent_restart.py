@@ -1,0 +1,167 @@
+"""The guest agent killed with SIGKILL while the sandbox runs: the guest's init starts a
+new agent and the sandbox goes on (docs/reliability.md, "Agent restart").
+
+The real agent process is killed: in a VM from inside the guest (the host cannot see
+guest pids), in a namespace sandbox from the host by its host pid. Then: the request in
+flight ends with a typed error naming the restart, later requests work, files written
+before are there, the processes the dead agent ran are reported ended (and are gone),
+``describe()`` counts the restart, ``ls`` says running, the audit chain records the
+restart and verifies. An agent that keeps dying ends the sandbox as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+from waiting import wait_for
+
+import mvm
+from mvm import errors
+from mvm.agent import MAX_AGENT_RESTARTS
+from mvm.backends import PREFERENCE, availability
+from mvm.osutil import pid_alive
+from mvm.security.audit import log_path, verify
+
+BACKENDS = [name for name in PREFERENCE if availability(name).ok] or ["namespace"]
+
+
+def _agent_host_pid(sb: mvm.Sandbox) -> int:
+    """The agent's pid on this host: the one of the sandbox's host pids whose innermost
+    pid-namespace pid is the pid the agent gave in its hello."""
+    details = sb.describe().details
+    inner = int(details["agent"]["pid"])
+    for pid in details["host_pids"]:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                nspids = next(line for line in fh if line.startswith("NSpid:")).split()[1:]
+        except (OSError, StopIteration):
+            continue
+        if len(nspids) > 1 and int(nspids[-1]) == inner:
+            return int(pid)
+    raise AssertionError(f"no host pid of the agent (pid {inner} inside) among {details['host_pids']}")
+
+
+def _kill_agent(sb: mvm.Sandbox, backend: str) -> None:
+    """SIGKILL the real agent process (and wait until it is gone, where the host can see it)."""
+    if backend == "vm":
+        inner = int(sb.describe().details["agent"]["pid"])
+        try:
+            sb.commands.start(["sh", "-c", f"kill -KILL {inner}"])
+        except mvm.errors.SandboxError as exc:  # the agent died before it answered this start
+            assert "restarted" in exc.message, exc.message
+        return
+    pid = _agent_host_pid(sb)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), "the killed agent to be gone", timeout=30)
+
+
+def _restarted(sb: mvm.Sandbox, count: int) -> bool:
+    return int(sb.describe().details["agent_restarts"]) >= count
+
+
+def _audit_ops(sandbox_id: str) -> list[str]:
+    with open(log_path(sandbox_id)) as fh:
+        return [json.loads(line)["op"] for line in fh if line.strip()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_killed_agent_is_restarted_and_the_sandbox_goes_on(backend: str) -> None:
+    with mvm.Sandbox.create("python-3.13", backend=backend, ttl="10m") as sb:
+        sb.files.write("/w/before", b"written before the agent died")
+        old_agent = sb.describe().details["agent"]["pid"]
+        sleeper = sb.commands.start(["sleep", "300"])
+        outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                outcome.append(sb.commands.run(["sh", "-c", "echo started; exec sleep 301"]))
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        wait_for(lambda: any(e.message == "started" for e in sb.logs() if e.source.startswith("process:")),
+                 "the command to start", timeout=120)
+
+        _kill_agent(sb, backend)
+
+        thread.join(120)  # a hang guard: the call must not wait for its 301 s command
+        assert not thread.is_alive(), "commands.run hung after the agent was killed"
+        assert isinstance(outcome[0], errors.SandboxError), outcome
+        assert "agent died and was restarted" in outcome[0].message, outcome[0].message
+        # later requests work (they wait for the new agent's hello), files written before are there
+        assert sb.files.read("/w/before") == b"written before the agent died"
+        assert sb.commands.run(["sh", "-c", "echo after"]).stdout == "after\n"
+        info = sb.describe()
+        assert info.state == "running", info.details.get("error")
+        assert info.details["agent_restarts"] == 1
+        assert info.details["agent"]["pid"] != old_agent
+        # the processes the dead agent ran are reported ended, and are gone from the guest
+        with pytest.raises(errors.SandboxError, match="restarted"):
+            sleeper.wait(timeout=60)
+        assert not sleeper.is_running()
+        guest_sleeps = sb.commands.run(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]).stdout
+        assert "sleep 300" not in guest_sleeps and "sleep 301" not in guest_sleeps, guest_sleeps
+        assert {i.id: i.state for i in mvm.Sandbox.list()}[sb.id] == "running"
+        sandbox_id = sb.id
+    ops = _audit_ops(sandbox_id)
+    assert "agent.restart" in ops, ops
+    chain = verify(log_path(sandbox_id), sandbox_id=sandbox_id)
+    assert chain.ok, chain
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_agent_killed_mid_frame_leaves_a_clean_channel_to_the_next(backend: str) -> None:
+    """Killed while it streams a 32 MiB file to the host (frames half sent): the read fails
+    naming the restart, and the new agent's answers are read whole and right."""
+    data = os.urandom(32 * MiB)
+    with mvm.Sandbox.create("python-3.13", backend=backend, ttl="10m") as sb:
+        sb.files.write("/w/big", data)
+        agent = int(sb.describe().details["agent"]["pid"])
+        # In the guest: kill the agent once it has read 4 MiB more than now -- in the middle
+        # of the read below (it reads ahead of what the host has taken by a bounded amount).
+        sb.commands.start(["sh", "-c", f"start=$(awk '/^rchar/ {{print $2}}' /proc/{agent}/io); "
+                           f"while [ $(awk '/^rchar/ {{print $2}}' /proc/{agent}/io) -lt $((start + {4 * MiB})) ]; "
+                           f"do :; done; kill -KILL {agent}"])
+        with pytest.raises(errors.SandboxError, match="agent died and was restarted"):
+            sb.files.read("/w/big", max_bytes=64 * MiB)
+        assert sb.files.read("/w/big", max_bytes=64 * MiB) == data
+        assert sb.describe().details["agent_restarts"] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_agent_that_keeps_dying_ends_the_sandbox(backend: str) -> None:
+    sb = mvm.Sandbox.create("python-3.13", backend=backend, ttl="10m")
+    sandbox_id = sb.id
+    host_pids: list[int] = []
+    try:
+        for restart in range(1, MAX_AGENT_RESTARTS + 1):
+            _kill_agent(sb, backend)
+            wait_for(lambda: _restarted(sb, restart), f"agent restart {restart}", timeout=120)
+            assert sb.commands.run(["true"]).exit_code == 0
+        details = sb.describe().details
+        host_pids = [*details["host_pids"], int(details["supervisor_pid"])]
+        _kill_agent(sb, backend)  # one death more than the guest's init and the supervisor allow
+        wait_for(lambda: sb.describe().state == "error", "the sandbox to end in error", timeout=120)
+        info = sb.describe()
+        assert "agent" in str(info.details["error"]), info.details
+        with pytest.raises((errors.SandboxError, errors.InvalidState)):
+            sb.commands.run(["true"])
+    finally:
+        try:
+            sb.kill()
+        except errors.MvmError:
+            pass
+    wait_for(lambda: not any(pid_alive(pid) for pid in host_pids), "the sandbox's host processes to be gone",
+             timeout=60)
+    assert sandbox_id not in [i.id for i in mvm.Sandbox.list()]
+    ops = _audit_ops(sandbox_id)
+    assert ops.count("agent.restart") == MAX_AGENT_RESTARTS, ops
+    assert verify(log_path(sandbox_id), sandbox_id=sandbox_id).ok
