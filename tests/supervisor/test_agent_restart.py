@@ -144,7 +144,7 @@ def test_an_agent_that_keeps_dying_ends_the_sandbox(backend: str) -> None:
     try:
         for restart in range(1, MAX_AGENT_RESTARTS + 1):
             _kill_agent(sb, backend)
-            wait_for(lambda: _restarted(sb, restart), f"agent restart {restart}", timeout=120)
+            wait_for(lambda count=restart: _restarted(sb, count), f"agent restart {restart}", timeout=120)
             assert sb.commands.run(["true"]).exit_code == 0
         details = sb.describe().details
         host_pids = [*details["host_pids"], int(details["supervisor_pid"])]
