@@ -84,6 +84,8 @@ def test_sigkill_mid_command_gives_a_typed_error_and_leaves_nothing(backend: str
         assert not thread.is_alive(), f"commands.run hung after the {fault} was killed"
         assert isinstance(outcome[0], errors.MvmError), outcome
         assert isinstance(outcome[0], (errors.SandboxError, errors.InvalidState, errors.SandboxNotFound)), outcome
+        if fault == "supervisor":  # the open call knows why: the sandbox is lost, not destroyed
+            assert isinstance(outcome[0], errors.SandboxLost), outcome
         if fault == "guest":  # the supervisor survives and says what happened
             info = sb.describe()
             assert info.state == "error", info.state
@@ -283,6 +285,8 @@ def test_sigkill_mid_write_save_or_restore(backend: str, fault: str, stage: str)
                 assert sb.commands.run(["sh", "-c", "wc -c < /w/state"]).stdout.strip() == str(32 * MiB)
         else:
             assert isinstance(result, (errors.SandboxError, errors.InvalidState, errors.SandboxNotFound)), result
+            if fault == "supervisor":
+                assert isinstance(result, errors.SandboxLost), result
             if fault == "guest":
                 info = sb.describe()  # the supervisor survives and says what happened
                 assert info.state == "error", info
@@ -300,3 +304,60 @@ def test_sigkill_mid_write_save_or_restore(backend: str, fault: str, stage: str)
         with mvm.Sandbox.create("python-3.13", backend=backend, from_snapshot=base.id, ttl="10m") as again:
             assert len(again.files.read("/w/state", max_bytes=64 * MiB)) == 32 * MiB
         store.remove(base.id)
+
+
+# ---- open handles when the supervisor dies --------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_handles_raise_sandbox_lost_when_the_supervisor_dies(backend: str) -> None:
+    """Every handle already open (a running process's wait, an output stream being read,
+    a file transfer, a forward, the asyncio twin's stream) ends with ``SandboxLost``, not a
+    plain ``SandboxError``, once the sandbox's supervisor is SIGKILLed."""
+    import asyncio
+
+    sb = mvm.Sandbox.create("python-3.13", backend=backend, ttl="10m")
+    sandbox_id = sb.id
+    try:
+        supervisor_pid = int(sb.describe().details["supervisor_pid"])
+        ticker = sb.commands.start(["sh", "-c", "while :; do echo tick; sleep 0.05; done"])
+        forward = sb.ports.forward(guest_port=8000)
+        lines = ticker.lines()
+        assert next(lines) == "tick\n"  # the stream is open and flowing
+        waiter, waited = _call_in_background(ticker.wait)
+        sb.files.mkdir("/w")
+        writer, written = _call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
+        wait_for(_write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
+
+        async def async_stream() -> object:
+            async_sb = await mvm.AsyncSandbox.connect(sandbox_id)
+            process = await async_sb.commands.connect(ticker.pid)
+            got = []
+            try:
+                async for line in process.lines():
+                    got.append(line)
+                    if len(got) == 1:
+                        os.kill(supervisor_pid, signal.SIGKILL)  # the sync handles die with it
+            except errors.MvmError as exc:
+                return exc
+            return got
+
+        streamed = asyncio.run(async_stream())
+        assert isinstance(streamed, errors.SandboxLost), streamed
+        with pytest.raises(errors.SandboxLost):
+            for _ in lines:  # what was buffered, then the end: lost, not a quiet stop
+                pass
+        for thread in (waiter, writer):
+            thread.join(60)  # a hang guard, not a speed check
+            assert not thread.is_alive()
+        assert isinstance(waited[0], errors.SandboxLost), waited
+        assert isinstance(written[0], errors.SandboxLost), written
+        with pytest.raises(errors.SandboxLost) as raised:
+            sb.ports.close(forward)  # a new request on the dead connection
+        assert raised.value.details.get("sandbox_id") == sandbox_id, raised.value.details
+    finally:
+        try:
+            sb.kill()
+        except errors.MvmError:
+            pass
+    assert sandbox_id in [info.id for info in mvm.gc()]

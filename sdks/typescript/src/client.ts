@@ -10,14 +10,19 @@
  */
 
 import { createConnection, type Socket } from "node:net";
+import { basename, dirname } from "node:path";
 
 import * as codec from "./protocol.js";
 import { Frame, FrameDecoder, ProtocolError, type Header } from "./protocol.js";
-import { fromWire, ProtocolFailure, SandboxError, SandboxNotFound, StreamIdle } from "./errors.js";
+import { fromWire, ProtocolFailure, SandboxError, SandboxLost, SandboxNotFound, StreamIdle } from "./errors.js";
+import { readOwnerStamp, stampAlive } from "./state.js";
 import { allAnswered, type WireRequest } from "./transport.js";
 
 /** How long a supervisor may take to answer our hello once connected. */
 const HELLO_TIMEOUT_MS = 30_000;
+/** How long a supervisor may still show in /proc after its end closed our connection
+ * (Python's `client_core.SUPERVISOR_EXIT_GRACE`). */
+const SUPERVISOR_EXIT_GRACE_MS = 2_000;
 
 export type DataCallback = (stream: string, data: Buffer) => void;
 
@@ -33,7 +38,8 @@ export interface StreamChunk {
 
 interface Pending {
   frame(frame: Frame): void;
-  closed(): void;
+  /** The connection ended; `lost`: its supervisor died (the sandbox is listed `lost`). */
+  closed(lost: boolean): void;
 }
 
 export interface CallOptions {
@@ -73,9 +79,13 @@ export class SupervisorClient {
   private nextId = 1;
   private isClosed = false;
   private closedByUser = false;
+  /** Set once the connection ended: whether its supervisor died (null while not known yet). */
+  private lostVerdict: boolean | null = null;
+  private readonly directory: string;
 
-  private constructor(socket: Socket, peer: Header, decoder: FrameDecoder, leftover: Frame[]) {
+  private constructor(socket: Socket, peer: Header, decoder: FrameDecoder, leftover: Frame[], directory: string) {
     this.socket = socket;
+    this.directory = directory;
     this.peer = peer;
     socket.on("data", (chunk: Buffer) => {
       let frames: Frame[];
@@ -123,7 +133,8 @@ export class SupervisorClient {
         socket.write(codec.hello("client", principal !== null ? { on_behalf_of: { ...principal } } : {}));
       });
       socket.on("error", (err: NodeJS.ErrnoException) => {
-        if (stage === "connect") fail(new SandboxNotFound(`sandbox supervisor is not running (${err.message})`));
+        if (stage === "connect" && supervisorDiedNow(dirname(socketPath))) fail(lostSandbox("connect", dirname(socketPath)));
+        else if (stage === "connect") fail(new SandboxNotFound(`sandbox supervisor is not running (${err.message})`));
         else fail(new ProtocolFailure(`supervisor handshake failed: ${err.message}`));
       });
       socket.on("close", () => fail(new ProtocolFailure("supervisor handshake failed: peer closed the channel")));
@@ -137,7 +148,7 @@ export class SupervisorClient {
           stage = "done";
           clearTimeout(timer);
           socket.removeAllListeners();
-          resolve(new SupervisorClient(socket, peer, decoder, frames.slice(1)));
+          resolve(new SupervisorClient(socket, peer, decoder, frames.slice(1), dirname(socketPath)));
         } catch (exc) {
           const message = exc instanceof ProtocolError ? exc.message : String(exc);
           fail(new ProtocolFailure(`supervisor handshake failed: ${message}`));
@@ -184,9 +195,9 @@ export class SupervisorClient {
             reject(exc);
           }
         },
-        closed: () => {
+        closed: (lost) => {
           finish();
-          reject(new SandboxError(`${op}: the sandbox closed the connection (it may have been destroyed)`));
+          reject(lost ? this.lost(op) : new SandboxError(`${op}: the sandbox closed the connection (it may have been destroyed)`));
         },
       });
       this.updateRef();
@@ -220,15 +231,15 @@ export class SupervisorClient {
   async *stream(op: string, args: Header | null = null, options: StreamOptions = {}): AsyncGenerator<StreamChunk, void, undefined> {
     const idle = options.idleTimeout ?? null;
     const ident = this.open(op);
-    const queue: (Frame | null)[] = [];
+    const queue: (Frame | "closed" | "lost")[] = [];
     let wake: (() => void) | null = null;
     this.pending.set(ident, {
       frame: (frame) => {
         queue.push(frame);
         wake?.();
       },
-      closed: () => {
-        queue.push(null);
+      closed: (lost) => {
+        queue.push(lost ? "lost" : "closed");
         wake?.();
       },
     });
@@ -248,10 +259,14 @@ export class SupervisorClient {
           if (idled && !queue.length) throw streamIdle(op, idle as number);
         }
         wake = null;
-        const item = queue.shift() as Frame | null;
-        if (item === null) {
+        const item = queue.shift() as Frame | "closed" | "lost";
+        if (item === "lost") {
           finished = true;
-          return;
+          throw this.lost(op);
+        }
+        if (item === "closed") {
+          finished = true;
+          return; // the sandbox was destroyed: its stream ends
         }
         if (item.kind === "data") {
           yield { stream: String(item.header.stream), data: item.payload };
@@ -282,15 +297,22 @@ export class SupervisorClient {
 
   private open(op: string): number {
     if (this.closedByUser) throw new SandboxError("this sandbox handle is closed");
-    if (this.isClosed) throw new SandboxError(`${op}: the sandbox is gone (its supervisor closed the connection)`);
+    if (this.isClosed) throw this.gone(op);
     return this.nextId++;
   }
 
   private send(encoded: Buffer, op: string): void {
-    if (this.isClosed || this.socket.destroyed || !this.socket.writable) {
-      throw new SandboxError(`${op}: the sandbox is gone (its supervisor closed the connection)`);
-    }
+    if (this.isClosed || this.socket.destroyed || !this.socket.writable) throw this.gone(op);
     this.socket.write(encoded);
+  }
+
+  private gone(op: string): SandboxError {
+    if (this.lostVerdict ?? supervisorDiedNow(this.directory)) return this.lost(op);
+    return new SandboxError(`${op}: the sandbox is gone (its supervisor closed the connection)`);
+  }
+
+  private lost(op: string): SandboxLost {
+    return lostSandbox(op, this.directory);
   }
 
   private cancel(ident: number): void {
@@ -305,17 +327,50 @@ export class SupervisorClient {
   }
 
   private onClosed(): void {
+    if (this.isClosed && this.lostVerdict !== null) return;
     this.isClosed = true;
-    const waiting = [...this.pending.values()];
-    this.pending.clear();
-    for (const entry of waiting) entry.closed();
-    this.updateRef();
+    const settle = (lost: boolean) => {
+      this.lostVerdict = lost;
+      const waiting = [...this.pending.values()];
+      this.pending.clear();
+      for (const entry of waiting) entry.closed(lost);
+      this.updateRef();
+    };
+    if (this.closedByUser) settle(false);
+    else void supervisorDied(this.directory).then(settle);
   }
 
   private updateRef(): void {
     if (this.pending.size > 0 && !this.isClosed) this.socket.ref();
     else this.socket.unref();
   }
+}
+
+/** Whether the supervisor of sandbox `directory` died leaving it behind (`lost`), rather than
+ * destroying it (its directory is retired first, so no stamp is left): Python's
+ * `client_core.supervisor_died`. Waits up to `SUPERVISOR_EXIT_GRACE_MS` for a dying one to go. */
+async function supervisorDied(directory: string): Promise<boolean> {
+  const deadline = Date.now() + SUPERVISOR_EXIT_GRACE_MS;
+  for (;;) {
+    const stamp = readOwnerStamp(directory);
+    if (stamp === null) return false;
+    if (!stampAlive(stamp)) return true;
+    if (Date.now() >= deadline) return false;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+function lostSandbox(op: string, directory: string): SandboxLost {
+  const sandboxId = basename(directory);
+  return new SandboxLost(
+    `${op}: sandbox ${sandboxId} is lost: its supervisor died; \`mvmctl gc\` (mvm.gc()) removes what it left`,
+    { sandbox_id: sandboxId, state: "lost" },
+  );
+}
+
+function supervisorDiedNow(directory: string): boolean {
+  const stamp = readOwnerStamp(directory);
+  return stamp !== null && !stampAlive(stamp);
 }
 
 function unwrap(frame: Frame): CallResult {

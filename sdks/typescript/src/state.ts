@@ -62,9 +62,14 @@ export function processIs(pid: unknown, startTicks: unknown): boolean {
     && startTime(pid) === String(startTicks);
 }
 
+/** The stamp of whoever owns the sandbox now: its supervisor, else its launcher (null: neither). */
+export function readOwnerStamp(directory: string): string | null {
+  return readText(join(directory, "supervisor.pid")) ?? readText(join(directory, "launcher"));
+}
+
 /** Whether the sandbox's owner runs: its supervisor, else (while it starts) its launcher. */
 export function ownerAlive(directory: string): boolean {
-  return stampAlive(readText(join(directory, "supervisor.pid")) ?? readText(join(directory, "launcher")));
+  return stampAlive(readOwnerStamp(directory));
 }
 
 /** `lost` if the sandbox's owner died, else what its supervisor last wrote (`creating` before). */

@@ -140,8 +140,26 @@ describe("lifecycle", () => {
     assert.equal((taken as NameTaken).field, "name");
     assert.equal((taken as NameTaken).sandboxId, sb.id);
     const supervisor = Number((await sb.describe()).details.supervisor_pid);
+    // Handles open when it dies end with SandboxLost, not a plain SandboxError: a stream
+    // being read, a process being waited for.
+    const ticker = await sb.commands.start(["sh", "-c", "while :; do echo tick; sleep 0.05; done"]);
+    const waited = thrown(() => ticker.wait());
+    const streamed = (async () => {
+      try {
+        for await (const line of ticker.stdout()) {
+          if (line === "tick\n") process.kill(supervisor, "SIGKILL");
+        }
+        return null;
+      } catch (exc) {
+        return exc;
+      }
+    })();
+    const streamEnd = await streamed;
+    assert.ok(streamEnd instanceof SandboxLost, String(streamEnd));
+    const waitEnd = await waited;
+    assert.ok(waitEnd instanceof SandboxLost, String(waitEnd));
+    assert.equal((waitEnd as SandboxLost).details.sandbox_id, sb.id);
     sb.close();
-    process.kill(supervisor, "SIGKILL");
     const state = async () => (await Sandbox.list()).find((i) => i.id === sb.id)?.state;
     for (let i = 0; i < 600 && (await state()) !== "lost"; i++) await new Promise((r) => setTimeout(r, 50));
     assert.equal(await state(), "lost");

@@ -21,7 +21,7 @@ from .. import errors
 from ..protocol import codec
 from ..protocol.codec import Frame, FrameDecoder, ProtocolError
 from . import client_core
-from .client_core import CLOSED, DataCallback, PendingRequests, Request, answer
+from .client_core import ConnectionEnded, DataCallback, PendingRequests, Request, answer
 from .session import MAX_INFLIGHT
 
 READ_SIZE = 1024 * 1024
@@ -31,7 +31,10 @@ class AsyncSupervisorClient:
     """A connection to one sandbox's supervisor, for one event loop. Open it with
     ``await AsyncSupervisorClient.open(path)``."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: dict[str, Any]):
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: dict[str, Any], directory: Path
+    ):
+        self._directory = directory  # the sandbox's: tells a destroyed sandbox from a lost one
         self._reader = reader
         self._writer = writer
         self.peer = peer
@@ -41,6 +44,7 @@ class AsyncSupervisorClient:
         # here, in arrival order, instead of failing with TooLarge.
         self._slots = asyncio.Semaphore(MAX_INFLIGHT)
         self._closed = False
+        self._ended: ConnectionEnded | None = None  # set by the reader task when the connection ends
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop(), name="mvm-async-client-reader")
 
     @classmethod
@@ -54,7 +58,7 @@ class AsyncSupervisorClient:
                 asyncio.open_unix_connection(str(socket_path), limit=READ_SIZE), connect_timeout
             )
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise client_core.not_running(exc) from None
+            raise client_core.not_running(exc, socket_path.parent) from None
         decoder = FrameDecoder()
         try:
             writer.write(client_core.hello(on_behalf_of))
@@ -71,7 +75,7 @@ class AsyncSupervisorClient:
         except BaseException:
             writer.close()
             raise
-        client = cls(reader, writer, peer)
+        client = cls(reader, writer, peer, socket_path.parent)
         client._decoder = decoder
         for frame in frames[1:]:
             client._deliver(frame)
@@ -97,7 +101,7 @@ class AsyncSupervisorClient:
             async with asyncio.timeout(timeout):
                 while True:
                     item = await box.get()
-                    finished = item is CLOSED or item.kind != "data"
+                    finished = isinstance(item, ConnectionEnded) or item.kind != "data"
                     done = answer(op, item, on_data)
                     if done is not None:
                         return done
@@ -133,9 +137,11 @@ class AsyncSupervisorClient:
                     item = await asyncio.wait_for(box.get(), idle_timeout)
                 except TimeoutError:
                     raise client_core.stream_idle(op, idle_timeout) from None
-                if item is CLOSED:
+                if isinstance(item, ConnectionEnded):
                     finished = True
-                    return
+                    if item.lost:
+                        raise item.error(op)
+                    return  # the sandbox was destroyed: its stream ends
                 if item.kind == "data":
                     yield item.header["stream"], item.payload
                     continue
@@ -163,8 +169,8 @@ class AsyncSupervisorClient:
     async def _open(self, op: str, args: dict[str, Any] | None, payload: bytes) -> tuple[int, asyncio.Queue[Any]]:
         if self._closed:
             raise client_core.handle_closed()
-        if self._read_task.done():
-            raise client_core.gone(op)
+        if self._ended is not None:  # the reader is done: nobody would fill the box
+            raise self._ended.error(op)
         await self._slots.acquire()
         box: asyncio.Queue[Any] = asyncio.Queue()
         ident, request = self._pending.open(op, args, payload, box)
@@ -178,7 +184,7 @@ class AsyncSupervisorClient:
             self._done(ident)
             self._cancel(ident)  # cancelled while flushing: the request may have gone out
             if isinstance(exc, (ConnectionError, OSError)):
-                raise client_core.gone(op) from None
+                raise await asyncio.to_thread(client_core.gone, op, self._directory) from None
             raise
         return ident, box
 
@@ -200,16 +206,20 @@ class AsyncSupervisorClient:
             box.put_nowait(frame)
 
     async def _read_loop(self) -> None:
+        lost = False
         try:
-            while True:
-                chunk = await self._reader.read(READ_SIZE)
-                if not chunk:
-                    return
-                for frame in self._decoder.feed(chunk):
-                    self._deliver(frame)
-        except (ProtocolError, ConnectionError, OSError):
-            pass
-        finally:
+            try:
+                while True:
+                    chunk = await self._reader.read(READ_SIZE)
+                    if not chunk:
+                        break
+                    for frame in self._decoder.feed(chunk):
+                        self._deliver(frame)
+            except (ProtocolError, ConnectionError, OSError):
+                pass
+            if not self._closed:  # the supervisor ended the connection: was the sandbox destroyed, or lost?
+                lost = await asyncio.to_thread(client_core.supervisor_died, self._directory)
+        finally:  # cancelled too (aclose, the loop's end): every waiter hears of the end
+            self._ended = ConnectionEnded(self._directory, lost)
             for box in self._pending.boxes():
-                box.put_nowait(CLOSED)
-
+                box.put_nowait(self._ended)

@@ -21,7 +21,7 @@ from ..protocol import codec
 from ..protocol.channel import ChannelClosed, FramedChannel
 from ..protocol.codec import ProtocolError
 from . import client_core
-from .client_core import CLOSED, DataCallback, PendingRequests, Request, answer
+from .client_core import ConnectionEnded, DataCallback, PendingRequests, Request, answer
 
 __all__ = ["DataCallback", "SupervisorClient"]
 
@@ -32,13 +32,14 @@ class SupervisorClient:
     def __init__(
         self, socket_path: Path, *, connect_timeout: float = 5.0, on_behalf_of: dict[str, str] | None = None
     ):
+        self._directory = socket_path.parent
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(connect_timeout)
         try:
             sock.connect(str(socket_path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            raise client_core.not_running(exc) from None
+            raise client_core.not_running(exc, socket_path.parent) from None
         self._channel = FramedChannel(sock)
         try:  # still under connect_timeout: a supervisor that accepts but never answers must not hang us
             self._channel.send_raw(client_core.hello(on_behalf_of))
@@ -53,6 +54,7 @@ class SupervisorClient:
         self._pending: PendingRequests[queue.Queue[Any]] = PendingRequests()
         self._lock = threading.Lock()
         self._closed = False
+        self._ended: ConnectionEnded | None = None  # set by the reader when the connection ends
         self._reader = threading.Thread(target=self._read_loop, name="mvm-client-reader", daemon=True)
         self._reader.start()
 
@@ -117,9 +119,11 @@ class SupervisorClient:
                     item = box.get(timeout=idle_timeout)
                 except queue.Empty:
                     raise client_core.stream_idle(op, idle_timeout) from None
-                if item is CLOSED:
+                if isinstance(item, ConnectionEnded):
                     finished = True
-                    return
+                    if item.lost:
+                        raise item.error(op)
+                    return  # the sandbox was destroyed: its stream ends
                 if item.kind == "data":
                     yield item.header["stream"], item.payload
                     continue
@@ -142,12 +146,16 @@ class SupervisorClient:
             raise client_core.handle_closed()
         box: queue.Queue[Any] = queue.Queue()
         with self._lock:
-            ident, request = self._pending.open(op, args, payload, box)
+            ended = self._ended
+            if ended is None:
+                ident, request = self._pending.open(op, args, payload, box)
+        if ended is not None:  # the reader is done: nobody would fill the box
+            raise ended.error(op)
         try:
             self._channel.send_raw(request)
         except ChannelClosed:
             self._finish(ident)
-            raise client_core.gone(op) from None
+            raise client_core.gone(op, self._directory) from None
         return ident, box
 
     def _finish(self, ident: int) -> None:
@@ -171,7 +179,9 @@ class SupervisorClient:
         except (ChannelClosed, ProtocolError, OSError):
             pass
         finally:
+            ended = ConnectionEnded(self._directory, not self._closed and client_core.supervisor_died(self._directory))
             with self._lock:
+                self._ended = ended
                 boxes = self._pending.boxes()
             for box in boxes:
-                box.put(CLOSED)
+                box.put(ended)

@@ -12,20 +12,57 @@ reader task and ``asyncio.Queue`` boxes).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from .. import errors
+from ..osutil import stamp_alive
 from ..protocol import codec
 from ..protocol.codec import Frame, ProtocolError
+from .state import owner_stamp
 
 Box = TypeVar("Box")
 DataCallback = Callable[[str, bytes], None]
 #: One request of a ``call_many`` window (``mvm.sdk.transport``): op, args, payload.
 Request = tuple[str, dict[str, Any] | None, bytes]
 
-#: Put into every waiting box when the connection ends (the reader saw EOF or an error).
-CLOSED = object()
+#: How long a supervisor may still show in /proc after its end closed our connection (the
+#: kernel closes a dying process's sockets before it reaps it).
+SUPERVISOR_EXIT_GRACE = 2.0
+
+
+class ConnectionEnded:
+    """Put into every waiting box when the connection ends (the reader saw EOF or an error).
+    ``lost``: its supervisor died without destroying the sandbox (it is listed ``lost``), so
+    the requests fail with ``SandboxLost``; else the sandbox was destroyed or the handle closed."""
+
+    def __init__(self, directory: Path, lost: bool):
+        self.directory = directory
+        self.lost = lost
+
+    def error(self, op: str) -> errors.SandboxError:
+        """What a request still waiting when the connection ended raises."""
+        if self.lost:
+            return lost(op, self.directory)
+        return errors.SandboxError(f"{op}: the sandbox closed the connection (it may have been destroyed)")
+
+
+def supervisor_died(directory: Path, grace: float = SUPERVISOR_EXIT_GRACE) -> bool:
+    """Whether the supervisor of sandbox ``directory``, which just ended a connection, died
+    leaving its sandbox behind (``lost``) rather than destroying it (its directory retired
+    first, so no stamp is left). Waits up to ``grace`` seconds for a dying one to go."""
+    deadline = time.monotonic() + grace
+    while True:
+        stamp = owner_stamp(directory)
+        if stamp is None:
+            return False
+        if not stamp_alive(stamp):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def hello(on_behalf_of: dict[str, str] | None = None) -> bytes:
@@ -77,8 +114,8 @@ def answer(op: str, item: Any, on_data: DataCallback | None) -> tuple[dict[str, 
     """One item taken from a request's box: ``None`` for a ``data`` frame (handed to
     ``on_data``), else the request's final ``(result, payload)``; an error answer or a
     closed connection raises."""
-    if item is CLOSED:
-        raise errors.SandboxError(f"{op}: the sandbox closed the connection (it may have been destroyed)")
+    if isinstance(item, ConnectionEnded):
+        raise item.error(op)
     frame: Frame = item
     if frame.kind == "data":
         if on_data is not None:
@@ -109,7 +146,10 @@ def unwrap_response(frame: Frame) -> tuple[dict[str, Any], bytes]:
 # ---- the errors of a failing connection (one wording for both clients) -----------------------
 
 
-def not_running(exc: BaseException) -> errors.SandboxNotFound:
+def not_running(exc: BaseException, directory: Path) -> errors.SandboxNotFound | errors.SandboxLost:
+    """Nothing listens on the control socket: ``SandboxLost`` if the supervisor died."""
+    if supervisor_died(directory, grace=0):
+        return lost("connect", directory)
     return errors.SandboxNotFound(f"sandbox supervisor is not running ({exc})")
 
 
@@ -121,8 +161,18 @@ def no_answer(op: str, timeout: float | None) -> errors.SandboxError:
     return errors.SandboxError(f"{op}: no answer from the sandbox within {timeout} s")
 
 
-def gone(op: str) -> errors.SandboxError:
+def gone(op: str, directory: Path) -> errors.SandboxError:
+    """A request could not be sent: ``SandboxLost`` if the supervisor died (see ``supervisor_died``)."""
+    if supervisor_died(directory):
+        return lost(op, directory)
     return errors.SandboxError(f"{op}: the sandbox is gone (its supervisor closed the connection)")
+
+
+def lost(op: str, directory: Path) -> errors.SandboxLost:
+    return errors.SandboxLost(
+        f"{op}: sandbox {directory.name} is lost: its supervisor died; `mvmctl gc` (mvm.gc()) removes what it left",
+        sandbox_id=directory.name, state="lost",
+    )
 
 
 def handle_closed() -> errors.SandboxError:
