@@ -1,0 +1,54 @@
+// TypeScript SDK: create -> first result (commands.run(["true"])) on the namespace backend,
+// through `mvmctl up` (the baseline) and by claiming a warm pool's member natively (the
+// `sandbox.claim` op over the member's socket), measured in the same run, median of N.
+//
+//   npm run build --prefix sdks/typescript && node bench/typescript_pool_bench.mjs [N]
+//
+// A private MVM_HOME; built templates are shared with ~/.mvm (as the tests do).
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { homedir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const userHome = process.env.MVM_HOME || join(homedir(), ".mvm");
+process.env.MVM_TEMPLATES ??= join(userHome, "templates");
+process.env.MVM_CACHE ??= join(userHome, "cache");
+process.env.MVM_HOME = mkdtempSync("/tmp/mvm-tsbench-");
+process.env.MVM_BACKEND = "namespace";
+const MVMCTL = process.env.MVMCTL || join(REPO, ".venv", "bin", "mvmctl");
+const { Sandbox, resources } = await import(join(REPO, "sdks", "typescript", "dist", "index.js"));
+
+const N = Number(process.argv[2] ?? 5);
+const median = (values) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
+
+async function createToFirstResult(options) {
+  const started = performance.now();
+  const sandbox = await Sandbox.create("python-3.13", { ttl: "5m", ...options });
+  await sandbox.commands.run(["true"]);
+  const ms = performance.now() - started;
+  const pooled = (await sandbox.describe()).pool !== null;
+  await sandbox.kill();
+  return { ms, pooled };
+}
+
+try {
+  await createToFirstResult({}); // the template built and its caches warm before anything is timed
+  const viaMvmctl = [];
+  for (let i = 0; i < N; i++) viaMvmctl.push((await createToFirstResult({})).ms);
+  const made = spawnSync(MVMCTL, ["pool", "up", "--size", String(N), "--ttl", "5m", "--memory", "288", "--json"],
+    { encoding: "utf8" });
+  if (made.status !== 0) throw new Error(`mvmctl pool up failed: ${made.stderr}`);
+  const claimed = [];
+  for (let i = 0; i < N; i++) {
+    const { ms, pooled } = await createToFirstResult({ resources: resources({ memoryMb: 288 }) });
+    if (!pooled) throw new Error("a create the pool serves did not claim a member");
+    claimed.push(ms);
+  }
+  const [up, claim] = [median(viaMvmctl), median(claimed)];
+  console.log(`create -> first result, median of ${N}: through mvmctl up ${up.toFixed(0)} ms; `
+    + `native pool claim ${claim.toFixed(0)} ms (${(up / claim).toFixed(1)}x faster)`);
+} finally {
+  rmSync(process.env.MVM_HOME, { recursive: true, force: true });
+}
