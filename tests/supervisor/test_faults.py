@@ -205,7 +205,9 @@ def _assert_nothing_left(sandbox_id: str, pids: list[int], *, lost: bool) -> Non
     assert sandbox_id not in listed, listed
     home = str(paths.mvm_home())
     assert not _mounts_mentioning(sandbox_id) and not _mounts_mentioning(home + "/sandboxes")
-    assert not _loop_devices_under(home)
+    # a loop device detaches itself once its file system's last user goes (a mount namespace
+    # another sandbox's bwrap copies while it sets up may hold it a moment longer)
+    wait_for(lambda: not _loop_devices_under(home), "the loop devices under MVM_HOME to detach", timeout=30)
     assert not _cgroups_of(sandbox_id)
     chain = verify(log_path(sandbox_id), sandbox_id=sandbox_id)
     assert chain.ok and chain.entries > 0, chain  # the audit chain still verifies

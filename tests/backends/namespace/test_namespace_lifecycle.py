@@ -41,8 +41,14 @@ def traces(inst) -> dict[str, object]:
         "cgroup_dirs": [str(d) for d in inst.cgroup.dirs() if d.exists()],
         "backend_dir": inst.spec.backend_dir.exists(),
         "run_dir": getattr(inst.layer, "run_dir", Path("/nonexistent")).exists(),
-        "loop_devices": diskimage.backed_by(inst.spec.backend_dir),
     }
+
+
+def wait_loop_devices_gone(directory: Path) -> None:
+    """A disk's loop device detaches itself once its file system's last user goes: that is
+    our unmount, or a moment later when a mount namespace being set up meanwhile (another
+    sandbox's bwrap copies every host mount until it pivots) lets go of its copy."""
+    wait_for(lambda: diskimage.backed_by(directory) == [], f"the loop devices of {directory} to detach", timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +79,10 @@ def test_destroy_leaves_nothing(sandbox, template_fingerprint):
     record = json.loads((inst.spec.backend_dir / "backend.json").read_text())
     assert record["bwrap_pid"] in pids
     assert record["mounts"] and record["cgroup"]["dirs"]
-    assert len(traces(inst)["loop_devices"]) == 1  # the sandbox's disk
+    assert len(diskimage.backed_by(inst.spec.backend_dir)) == 1  # the sandbox's disk
     inst.destroy()
-    assert traces(inst) == {"mounts": [], "cgroup_dirs": [], "backend_dir": False, "run_dir": False,
-                            "loop_devices": []}
+    assert traces(inst) == {"mounts": [], "cgroup_dirs": [], "backend_dir": False, "run_dir": False}
+    wait_loop_devices_gone(inst.spec.backend_dir)
     assert not any(pid_alive(p) for p in pids)
     with pytest.raises(InvalidState):
         inst.start()
@@ -174,7 +180,7 @@ def test_cleanup_orphan_after_everything_was_killed(template, state_root, templa
     cleanup_orphan(state_dir)
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert not any(f" {m} " in mountinfo for m in record["mounts"])
-    assert diskimage.backed_by(state_dir / "backend") == []
+    wait_loop_devices_gone(state_dir / "backend")
     assert not any(Path(d).exists() for d in record["cgroup"]["dirs"])
     assert not Path(record["run_dir"]).exists()
     assert not (state_dir / "backend").exists()
@@ -193,7 +199,7 @@ def test_cleanup_orphan_kills_live_processes(backend, make_spec):
     assert not any(pid_alive(p) for p in pids)
     mountinfo = Path("/proc/self/mountinfo").read_text()
     assert not any(f" {m} " in mountinfo for m in record["mounts"])
-    assert diskimage.backed_by(spec.backend_dir) == []
+    wait_loop_devices_gone(spec.backend_dir)
     assert not any(Path(d).exists() for d in record["cgroup"]["dirs"])
     backend.cleanup_orphan(spec.state_dir)
 
@@ -235,6 +241,7 @@ def test_availability_reports_the_setup(backend):
     available = backend.availability()
     assert available.ok, available.reason
     assert available.details["root"] == "overlay-image"  # root, loop devices
+    assert "ext4 image" in available.details["disk"]  # what mvmctl doctor shows
     assert available.details["cgroup"] in ("v1", "v2")
     assert available.details["uid_map"] == "idmapped"
     assert "bubblewrap" in available.details["bwrap"]
@@ -323,6 +330,35 @@ def test_guest_output_to_the_host_log_is_bounded(tmp_path):
     assert not writer.is_alive() and not drain.is_alive()  # the writer is never blocked
     assert LOG_CAP <= log.stat().st_size < LOG_CAP + 4096
     assert log.read_bytes().endswith(b"discarded]\n")
+
+
+def test_a_disk_is_shut_down_only_through_its_own_image(tmp_path):
+    """The no-writeback shutdown before a disk's deletion acts on the loop device of the
+    image it is given and nothing else (not another disk, not the file system around it)."""
+    from mvm.backends.namespace import overlay
+
+    images, mounts = [tmp_path / "a.ext4", tmp_path / "b.ext4"], [tmp_path / "a", tmp_path / "b"]
+    for image, mount_point in zip(images, mounts, strict=True):
+        diskimage.make_image(image, 64)
+        mount_point.mkdir()
+        device, path = diskimage.attach(image)
+        try:
+            overlay.mount(path, mount_point, "ext4")
+        finally:
+            os.close(device)
+    try:
+        diskimage.shut_down(mounts[0], images[1])  # the wrong image: refused
+        diskimage.shut_down(tmp_path, images[0])  # not a disk at all: refused
+        (mounts[0] / "still-writable").write_text("yes")
+        (tmp_path / "host-writable").write_text("yes")
+        diskimage.shut_down(mounts[0], images[0])
+        with pytest.raises(OSError):
+            (mounts[0] / "after-shutdown").write_text("no")
+        (mounts[1] / "the-other-disk").write_text("yes")
+    finally:
+        for mount_point in mounts:
+            overlay.unmount(mount_point)
+    wait_loop_devices_gone(tmp_path)  # the loop devices go with their mounts
 
 
 def test_tmpfs_root_mode_works(make_spec, template_fingerprint):
