@@ -6,7 +6,9 @@ Wall time depends on the host's load; CPU time per MiB (client + supervisor + th
 sandbox's processes: bwrap, the agent and the children it reaped) does not, so both are
 printed. The write is measured twice in the same run, interleaved: with the SDK's window
 of chunks in flight (``WRITE_WINDOW``) and with a window of one (each chunk waits for its
-answer, as before pipelining) -- an A/B of the same code on the same load. Issue 14's
+answer, as before pipelining) -- an A/B of the same code on the same load. A read as a
+guest user (``user="nobody"``) beside the same read as root shows what acting as the user
+costs (one child forked per read: the file stays open between chunks). Issue 14's
 target: write + read within 3x the local copy + read.
 """
 
@@ -80,6 +82,9 @@ def main() -> None:
         def read() -> None:
             assert len(sb.files.read("/tmp/bench.bin", max_bytes=len(data))) == len(data)
 
+        def read_as_nobody() -> None:
+            assert len(sb.files.read("/tmp/bench.bin", max_bytes=len(data), user="nobody")) == len(data)
+
         def local() -> None:
             shutil.copyfile(src, tmp / "dst.bin")
             assert len((tmp / "dst.bin").read_bytes()) == len(data)
@@ -88,7 +93,8 @@ def main() -> None:
         read()
         for _ in range(ns.runs):  # interleaved: every variant sees the same load
             for label, fn in ((f"files.write, window {window}", write(window)), ("files.write, window 1", write(1)),
-                              ("files.read (streamed)", read), ("local copy + read", local)):
+                              ("files.read (streamed)", read), ('files.read, user="nobody"', read_as_nobody),
+                              ("local copy + read", local)):
                 samples.setdefault(label, []).append(measure(fn, pids if fn is not local else []))
     shutil.rmtree(tmp)
 

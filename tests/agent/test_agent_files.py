@@ -47,6 +47,37 @@ def test_read_honours_offset_and_length(agent: AgentClient, tmp_path: Path) -> N
     assert (data, result["eof"]) == (b"", True)
 
 
+def test_a_kept_open_read_is_opened_once_and_read_by_its_handle(agent: AgentClient) -> None:
+    """A streamed read opens its file once (as the user: one child, not one per chunk):
+    the next chunks read the open file by handle, even after the user lost the right to
+    open it; the handle ends with fs.read_close."""
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        directory.chmod(0o755)
+        target = directory / "kept"
+        data = os.urandom(2 * CHUNK_SIZE + 7)
+        target.write_bytes(data)
+        target.chmod(0o644)
+        result, first = agent.call_with_payload("fs.read", path=str(target), keep_open=True, user="nobody")
+        handle = result["handle"]
+        target.chmod(0o600)  # nobody could not open it again
+        assert agent.error("fs.read", path=str(target), user="nobody")["type"] == "PermissionDenied"
+        rest = [agent.send_request("fs.read", {"handle": handle, "offset": offset})  # in flight together
+                for offset in (CHUNK_SIZE, 2 * CHUNK_SIZE)]
+        frames = [agent.response(ident) for ident in rest]
+        assert first + b"".join(frame.payload for frame in frames) == data
+        assert [frame.header["result"]["eof"] for frame in frames] == [False, True]
+        assert agent.call("fs.read_close", handle=handle) == {"closed": True}
+        assert agent.error("fs.read", handle=handle)["field"] == "handle"
+        assert agent.call("fs.read_close", handle=handle) == {"closed": False}
+        small = directory / "small"
+        small.write_bytes(b"whole")
+        result, whole = agent.call_with_payload("fs.read", path=str(small), keep_open=True)
+        assert whole == b"whole" and "handle" not in result, "a read that reached the end keeps nothing open"
+    finally:
+        shutil.rmtree(directory)
+
+
 def test_files_whose_size_is_unknown_are_read_until_a_short_read(agent: AgentClient) -> None:
     result, data = agent.call_with_payload("fs.read", path="/proc/self/status", length=16)
     assert len(data) == 16 and result == {"size": 0, "eof": False}

@@ -9,6 +9,7 @@ import pytest
 
 import mvm
 from mvm import errors
+from waiting import wait_for
 
 TEMPLATE = "python-3.13"
 
@@ -201,6 +202,24 @@ def test_files_as_a_guest_user_have_its_permissions_and_ownership(sandbox: mvm.S
     sandbox.files.remove("/tmp/by-nobody", recursive=True, user="nobody")
     assert not sandbox.files.exists("/tmp/by-nobody")
     sandbox.files.remove("/tmp/root-only-file")
+
+
+def test_streamed_reads_leave_no_file_open_in_the_guest(sandbox: mvm.Sandbox) -> None:
+    """A streamed read keeps its file open in the agent between chunks (one open, one
+    child for ``user``): it is closed at the end, after a refusal too."""
+    data = os.urandom(3 * 1024 * 1024 + 1)
+    sandbox.files.write("/tmp/held.bin", data)
+    assert sandbox.files.read("/tmp/held.bin", user="nobody") == data
+    assert sandbox.files.read("/tmp/held.bin") == data
+    with pytest.raises(errors.TooLarge):  # the size says so: refused at the first chunk
+        sandbox.files.read("/tmp/held.bin", max_bytes=1024 * 1024, user="nobody")
+
+    def holders() -> str:
+        listing = ["sh", "-c", "ls -l /proc/[0-9]*/fd/ 2>/dev/null | grep -c /tmp/held.bin"]
+        return sandbox.commands.run(listing).stdout.strip()
+
+    wait_for(lambda: holders() == "0", "every read handle of /tmp/held.bin closed in the guest")
+    sandbox.files.remove("/tmp/held.bin")
 
 
 def test_files_name_an_unknown_user_as_commands_do(sandbox: mvm.Sandbox) -> None:

@@ -33,6 +33,9 @@ from .errors import AgentError, Args, from_os_error, invalid
 
 #: Write handles (``fs.write_begin``) open at once, per agent.
 MAX_WRITE_HANDLES = 64
+#: Files kept open for a streamed read (``fs.read`` with ``keep_open``), per agent; past
+#: it a read is answered without a handle and its next chunks open the file again.
+MAX_READ_HANDLES = 64
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 #: Bytes of JSON a single ``fs.list`` page may carry (the header limit is 64 KiB).
@@ -181,6 +184,30 @@ def _read_buffer() -> memoryview:
     return buffer
 
 
+def _read_chunk(fd: int, path: str, offset: int, length: int) -> tuple[dict[str, Any], memoryview]:
+    """``length`` bytes at ``offset`` of an open file (``fs.read``), with ``{size, eof}``."""
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise AgentError("IsADirectory", f"{path} is a directory (use fs.list)", path=path)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise invalid("path", f"{path} is not a regular file")
+        view = _read_buffer()[:length]
+        try:
+            count = os.preadv(fd, [view], offset)
+        except OSError as exc:
+            if exc.errno != errno.ESPIPE or offset:  # an unseekable device: read it from its start
+                raise
+            count = os.readv(fd, [view])
+        data = view[:count]
+    except OSError as exc:
+        raise from_os_error(exc, path) from None
+    # A short read is the end; so is reaching st_size -- unless that is 0, as for /proc files.
+    known_size = stat.S_ISREG(st.st_mode) and st.st_size > 0
+    eof = (length > 0 and len(data) < length) or (known_size and offset + len(data) >= st.st_size)
+    return {"size": st.st_size, "eof": eof}, data
+
+
 def _list_page(path: str, offset: int) -> dict[str, Any]:
     """One page of ``fs.list`` (see ``Files.list``)."""
     try:
@@ -227,12 +254,47 @@ class _WriteHandle:
         self.lock = threading.Lock()
 
 
+class _ReadHandle:
+    """A file kept open across the chunks of one streamed read: opened once (as the
+    acting user: one child forked per read, not per chunk), closed by ``fs.read_close``
+    once no chunk read of it is running."""
+
+    def __init__(self, path: str, fd: int):
+        self.path = path
+        self._fd = fd
+        self._readers = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    def enter(self) -> int:
+        with self._lock:
+            if self._closing:
+                raise invalid("handle", "this read handle is already closed")
+            self._readers += 1
+            return self._fd
+
+    def leave(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._closing and not self._readers:
+                os.close(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            if not self._readers:
+                os.close(self._fd)
+
+
 class Files:
-    """Handlers for every ``fs.*`` op; holds the open write handles."""
+    """Handlers for every ``fs.*`` op; holds the open write and read handles."""
 
     def __init__(self, default_user: str | None = None) -> None:
         self._default_user = default_user  # an OCI image's User, as for commands
         self._handles: dict[int, _WriteHandle] = {}
+        self._readers: dict[int, _ReadHandle] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -243,39 +305,54 @@ class Files:
     # -- reading --------------------------------------------------------------
 
     def read(self, args: Args) -> tuple[dict[str, Any], memoryview]:
-        """One chunk of a file. The bytes are a view of this worker thread's read buffer:
-        valid until the thread's next read, i.e. until its answer was sent."""
-        path = args.path()
+        """One chunk of a file, by ``path`` or by the ``handle`` an earlier chunk's answer
+        gave (``keep_open``: the file stays open for the next chunks while it has more).
+        The bytes are a view of this worker thread's read buffer: valid until the
+        thread's next read, i.e. until its answer was sent."""
         offset = args.integer("offset", 0, minimum=0)
         length = args.integer("length", CHUNK_SIZE, minimum=0, maximum=CHUNK_SIZE)
         assert offset is not None and length is not None
+        handle_id = args.integer("handle")
+        if handle_id is not None:
+            with self._lock:
+                handle = self._readers.get(handle_id)
+            if handle is None:
+                raise invalid("handle", f"no open read handle {handle_id} (closed, or dropped when the host "
+                              "reconnected)")
+            fd = handle.enter()
+            try:
+                return _read_chunk(fd, handle.path, offset, length)
+            finally:
+                handle.leave()
+        path = args.path()
+        keep_open = args.boolean("keep_open")
         who = self._user(args)
         try:
             fd = open_as(who, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             raise from_os_error(exc, path) from None
+        kept = False
         try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise AgentError("IsADirectory", f"{path} is a directory (use fs.list)", path=path)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-                raise invalid("path", f"{path} is not a regular file")
-            view = _read_buffer()[:length]
-            try:
-                count = os.preadv(fd, [view], offset)
-            except OSError as exc:
-                if exc.errno != errno.ESPIPE or offset:  # an unseekable device: read it from its start
-                    raise
-                count = os.readv(fd, [view])
-            data = view[:count]
-        except OSError as exc:
-            raise from_os_error(exc, path) from None
+            result, data = _read_chunk(fd, path, offset, length)
+            if keep_open and not result["eof"]:
+                with self._lock:
+                    if len(self._readers) < MAX_READ_HANDLES:
+                        result["handle"] = next(self._ids)
+                        self._readers[result["handle"]] = _ReadHandle(path, fd)
+                        kept = True
+            return result, data
         finally:
-            os.close(fd)
-        # A short read is the end; so is reaching st_size -- unless that is 0, as for /proc files.
-        known_size = stat.S_ISREG(st.st_mode) and st.st_size > 0
-        eof = (length > 0 and len(data) < length) or (known_size and offset + len(data) >= st.st_size)
-        return {"size": st.st_size, "eof": eof}, data
+            if not kept:
+                os.close(fd)
+
+    def read_close(self, args: Args) -> dict[str, Any]:
+        """Close a read handle (chunk reads of it still running finish first)."""
+        handle_id = args.integer("handle", required=True)
+        with self._lock:
+            handle = self._readers.pop(handle_id, None)
+        if handle is not None:
+            handle.close()
+        return {"closed": handle is not None}
 
     def stat(self, args: Args) -> dict[str, Any]:
         path = args.path()
@@ -396,10 +473,15 @@ class Files:
             return {"size": handle.size, "committed": True}
 
     def discard_handles(self) -> None:
-        """Abort every open write handle (the host reconnected: they belonged to the old connection)."""
+        """Abort every open write handle and close every read handle (the host
+        reconnected: they belonged to the old connection)."""
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()
+            readers = list(self._readers.values())
+            self._readers.clear()
+        for reader in readers:
+            reader.close()
         for handle in handles:
             with handle.lock:
                 fd, handle.fd = handle.fd, -1

@@ -232,6 +232,7 @@ class Server:
             "proc.signal": lambda request: self.processes.signal(request.args),
             "proc.list": lambda request: self.processes.list(),
             "fs.read": lambda request: Reply(*self.files.read(request.args)),  # type: ignore[arg-type]  # sent before the buffer is reused
+            "fs.read_close": lambda request: self.files.read_close(request.args),
             "fs.write": lambda request: self.files.write(request.args, request.payload),
             "fs.write_begin": lambda request: self.files.write_begin(request.args),
             "fs.write_chunk": lambda request: self.files.write_chunk(request.args, request.payload),

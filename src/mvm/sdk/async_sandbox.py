@@ -21,6 +21,7 @@ ends only the stream, not the process.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -47,7 +48,7 @@ from .commands import (
     stdin_payload,
 )
 from ..snapshots.model import Snapshot
-from .files import absolute_path, as_user, chunk_windows, payload_bytes, read_request, written_entry
+from .files import absolute_path, as_user, chunk_windows, gather_into, payload_bytes, read_request, written_entry
 from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
 from .network import close_args, forward_args, update_args
 from .sandbox import (
@@ -471,10 +472,10 @@ class AsyncFiles:
         return written_entry(answer) or await self.stat(path, user=user)
 
     async def read(self, path: str, *, max_bytes: int = DEFAULT_MAX_READ_BYTES, user: str | None = None) -> bytes:
-        chunks: list[bytes] = []
+        into = io.BytesIO()
         request = read_request(path, max_bytes, user)
-        await self._sandbox._call(*request, on_data=lambda _stream, data: chunks.append(data))
-        return b"".join(chunks)
+        await self._sandbox._call(*request, on_data=gather_into(into))
+        return into.getvalue()  # gathered in place (see read_request)
 
     async def read_text(
         self, path: str, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_READ_BYTES, user: str | None = None

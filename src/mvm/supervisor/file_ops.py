@@ -2,9 +2,11 @@
 frames (stream ``file``) in one call, audited once.
 
 The guest side stays the agent's chunk op (``fs.read`` with ``offset``/``length``, at most
-``CHUNK_SIZE``), asked ahead: up to ``READ_AHEAD`` chunks are in flight while the previous
-one goes out to the client, so the agent, this process and the client work at once. The
-supervisor asks for the next chunk only once it handed a chunk to the client's socket:
+``CHUNK_SIZE``; the first chunk by path with ``keep_open``, the next by the handle it
+answers with, closed with ``fs.read_close`` at the end: one open -- one child forked for
+``user`` -- per call), asked ahead: up to ``READ_AHEAD`` chunks are in flight while the
+previous one goes out to the client, so the agent, this process and the client work at once.
+The supervisor asks for the next chunk only once it handed a chunk to the client's socket:
 a client that stops reading blocks this request's thread in its send, and at most
 ``READ_AHEAD`` chunks wait in memory. A cancel (or the connection closing) ends the read
 between chunks; chunks still in flight are dropped when they arrive.
@@ -49,9 +51,12 @@ def read(sup: Supervisor, ctx: RequestContext) -> Reply:
     as_user = {} if user is None else {"user": user}
     audit_args = {"path": path, "max_bytes": max_bytes, **as_user}
     ahead: deque[PendingCall] = deque()
+    # The first chunk asks the agent to keep the file open; the next ones read it by the
+    # handle its answer gives (one open -- one child forked for ``user`` -- per call).
+    source: dict[str, Any] = {"path": path, "keep_open": True, **as_user}
 
     def ask(offset: int) -> None:
-        ahead.append(sup.agent.submit("fs.read", {"path": path, "offset": offset, "length": CHUNK_SIZE, **as_user}))
+        ahead.append(sup.agent.submit("fs.read", {**source, "offset": offset, "length": CHUNK_SIZE}))
 
     sent = 0
     audit_id: str | None = None
@@ -60,6 +65,8 @@ def read(sup: Supervisor, ctx: RequestContext) -> Reply:
         asked = CHUNK_SIZE
         while True:
             result, payload = ahead.popleft().wait()
+            if "handle" in result:
+                source = {"handle": result["handle"]}
             size = result.get("size")
             if (isinstance(size, int) and size > max_bytes) or sent + len(payload) > max_bytes:
                 raise too_large(path, max_bytes, size)
@@ -85,3 +92,8 @@ def read(sup: Supervisor, ctx: RequestContext) -> Reply:
     finally:
         for call in ahead:
             call.forget()
+        if "handle" in source:  # the agent closes it once the chunk reads still running are done
+            try:
+                sup.agent.submit("fs.read_close", source).forget()
+            except errors.MvmError:
+                pass  # no agent connection: its handles went with it
