@@ -23,13 +23,19 @@ def _config(template_dir: str | None) -> SandboxConfig:
                          template_dir=template_dir)
 
 
+def _resolved(config: SandboxConfig) -> Path:
+    """The build the supervisor would boot from (held while it looks, then let go)."""
+    with resolved_template(config) as hold:
+        return hold.image.directory
+
+
 def test_a_create_hands_its_resolved_template_to_the_supervisor() -> None:
     image = ensure_template(TEMPLATE)
     with mvm.Sandbox.create(TEMPLATE, backend="namespace", ttl="2m") as sb:
         config = json.loads((sandboxes_dir() / sb.id / "config.json").read_text())
         assert config["template_dir"] == str(image.directory)
         assert sb.commands.run(["true"]).exit_code == 0
-    assert resolved_template(_config(str(image.directory))).directory == image.directory
+    assert _resolved(_config(str(image.directory))) == image.directory
 
 
 def test_a_template_dir_outside_the_templates_folder_or_gone_is_resolved_anew(tmp_path: Path) -> None:
@@ -38,7 +44,7 @@ def test_a_template_dir_outside_the_templates_folder_or_gone_is_resolved_anew(tm
     elsewhere.mkdir()
     shutil.copy(image.directory / "manifest.json", elsewhere / "manifest.json")
     (elsewhere / "rootfs").mkdir()  # looks like a build, but not one of ours
-    assert resolved_template(_config(str(elsewhere))).directory == image.directory
+    assert _resolved(_config(str(elsewhere))) == image.directory
     gone = templates_dir() / (image.directory.name + "-gone")
-    assert resolved_template(_config(str(gone))).directory == image.directory
-    assert resolved_template(_config(None)).directory == image.directory
+    assert _resolved(_config(str(gone))) == image.directory
+    assert _resolved(_config(None)) == image.directory

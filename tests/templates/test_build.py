@@ -28,6 +28,7 @@ from mvm.templates import (
     recipe,
     store,
 )
+from mvm.paths import sandboxes_dir, templates_dir
 from mvm.templates.recipe import template_digest
 from mvm.templates.builder import load_image
 from mvm.templates.disk import raw_disk_size
@@ -347,3 +348,76 @@ def test_superseded_builds_are_pruned_unless_in_use(built: Built, isolated_templ
     assert olds[2].exists()      # the previous build is kept
     assert not olds[1].exists()  # older ones go...
     assert olds[0].exists()      # ...unless a sandbox uses them
+
+
+# ---- prune vs use, across processes ----------------------------------------------------
+
+#: Another process holding a build in use, as a create booting from it (its supervisor,
+#: for the sandbox's life) or a build copying from it does; it lets go when stdin closes.
+_HOLDER = ("import sys\n"
+           "from mvm.templates import store\n"
+           "store.hold_use(sys.argv[1])\n"
+           "print('held', flush=True)\n"
+           "sys.stdin.read()\n")
+
+
+def _mvmctl() -> str:
+    return str(Path(sys.executable).with_name("mvmctl"))
+
+
+def test_a_prune_in_another_process_never_removes_a_build_held_in_use(built: Built, isolated_templates: Path) -> None:
+    isolated_templates.mkdir(parents=True)
+    old = isolated_templates / "minimal-00000000000000ab"  # a build with another agent: not current
+    subprocess.run(["cp", "-a", "--reflink=auto", str(built("minimal").directory), str(old)], check=True)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "digest": "ab" * 32}))
+    assert [t["current"] for t in list_templates()] == [False]
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, old.name], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert not store.in_use(old)  # nothing mounted nor open inside: only the hold protects it
+        pruned = subprocess.run([_mvmctl(), "template", "prune"], capture_output=True, text=True, timeout=120)
+        assert pruned.returncode == 0, pruned.stderr
+        assert load_image(old) is not None
+        with pytest.raises(InvalidState, match="in use"):
+            remove_template("minimal")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    pruned = subprocess.run([_mvmctl(), "template", "prune"], capture_output=True, text=True, timeout=120)
+    assert pruned.returncode == 0, pruned.stderr
+    assert not old.exists()
+
+
+def _open_files(pid: int) -> list[str]:
+    """What process ``pid`` has open (nothing once it exited)."""
+    found = []
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except FileNotFoundError:
+        return []
+    for fd in fds:
+        try:
+            found.append(os.readlink(fd))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def test_a_sandbox_holds_its_template_for_its_life_against_other_processes() -> None:
+    import mvm
+
+    probe = ("import sys\n"
+             "from mvm.templates import store\n"
+             "print(store.held(sys.argv[1]))\n")
+    with mvm.Sandbox.create("python-3.13", backend="namespace", ttl="5m") as sb:
+        assert sb.commands.run(["true"]).exit_code == 0
+        key = ensure_template("python-3.13").directory.name
+        supervisor = json.loads((sandboxes_dir() / sb.id / "state.json").read_text())["supervisor_pid"]
+        use_lock = str(templates_dir() / ".locks" / f"{key}.use")
+        assert use_lock in _open_files(supervisor)  # its supervisor holds it...
+        held = subprocess.run([sys.executable, "-c", probe, key], capture_output=True, text=True, timeout=60)
+        assert held.stdout == "True\n", held.stderr  # ...so a prune in any process skips it
+    assert use_lock not in _open_files(supervisor)  # let go once destroyed (it may still run)

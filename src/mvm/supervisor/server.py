@@ -34,8 +34,8 @@ from ..protocol.codec import Frame
 from ..security.audit import current_actor
 from ..security.secrets import Redactor
 from ..spec import SandboxConfig
-from ..templates import TemplateImage, ensure_template
-from ..templates.builder import load_image
+from ..templates import TemplateHold, hold_template
+from ..templates.builder import hold_build
 from . import ops
 from .idle import IdleWatch
 from .agent_link import AgentLink
@@ -77,6 +77,8 @@ class Supervisor:
                                receive_fds=self.backend.agent_shares_kernel)
         self.instance: BackendInstance | None = None
         self.template_digest: str | None = None
+        #: The template held in use for the sandbox's life: no prune in any process removes it.
+        self.template_hold: TemplateHold | None = None
         self.boot_ms: dict[str, float] = {}
         self._phase_start = time.perf_counter()
         # Every backend call runs on this one long-lived thread: children started with
@@ -101,7 +103,8 @@ class Supervisor:
 
     def boot(self) -> None:
         config = SandboxConfig.from_json(self.config)  # the trust boundary: checked here, whoever wrote it
-        template = resolved_template(config)
+        self.template_hold = resolved_template(config)
+        template = self.template_hold.image
         self.template_digest = template.digest
         self._mark("template")
         spec = SandboxSpec(
@@ -377,6 +380,8 @@ class Supervisor:
                 self.on_backend(self.instance.destroy)
             except Exception:
                 traceback.print_exc()
+        if self.template_hold is not None:  # nothing runs from it any more: removable before we answer
+            self.template_hold.release()
         try:
             from ..snapshots import SnapshotStore
 
@@ -413,16 +418,18 @@ class Supervisor:
         os._exit(0)
 
 
-def resolved_template(config: SandboxConfig) -> TemplateImage:
+def resolved_template(config: SandboxConfig) -> TemplateHold:
     """The build ``launch`` resolved the template to (one manifest read), if it is still
-    there and in the templates folder; else the template resolved (built) here."""
+    there and in the templates folder; else the template resolved (built) here. Held in
+    use either way (``hold_template``): no prune in any process removes it from under the
+    sandbox."""
     if config.template_dir:
         directory = Path(config.template_dir)
         if directory.parent == templates_dir():
-            image = load_image(directory)
-            if image is not None:
-                return image
-    return ensure_template(config.template)
+            hold = hold_build(directory)
+            if hold is not None:
+                return hold
+    return hold_template(config.template)
 
 
 def run(directory: Path, ready_fd: int, secret_env: dict[str, str]) -> int:

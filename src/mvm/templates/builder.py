@@ -39,7 +39,9 @@ agent makes a new template directory. When a build of the same recipe (same
 hard links, since the old directory may be a running sandbox's lower layer) and only
 the agent is re-installed: ~1 s instead of a 10-40 s mmdebstrap run. After a build,
 superseded builds of the same name are removed except the newest one and any in use
-(``store.in_use``: mounted, or a file open inside); ``prune_templates`` removes the rest.
+(held by a process -- ``hold_template``: a sandbox's supervisor, a build copying from
+it -- or mounted, or a file open inside); ``prune_templates`` removes the rest, also
+under that rule, so checkouts sharing a cache never remove each other's builds mid-use.
 """
 
 from __future__ import annotations
@@ -119,6 +121,53 @@ def ensure_template(name: str | Path | Recipe, *, progress: ProgressCallback | N
     return _build_locked(recipe, digest, directory, progress)
 
 
+#: How often ``hold_template`` resolves a template that another process discarded between
+#: its resolution and the hold (each time it is built again) before giving up.
+_HOLD_ATTEMPTS = 3
+
+
+class TemplateHold:
+    """A built template held in use (``store.hold_use``) until :meth:`release`, the end
+    of the ``with`` or of this process: no prune or removal, in any process, discards it."""
+
+    def __init__(self, image: TemplateImage, fd: int):
+        self.image = image
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> TemplateHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def hold_build(directory: Path) -> TemplateHold | None:
+    """The complete build ``directory``, held; None if it is gone (pruned meanwhile)."""
+    fd = store.hold_use(directory.name)
+    image = load_image(directory)
+    if image is None:
+        os.close(fd)
+        return None
+    return TemplateHold(image, fd)
+
+
+def hold_template(name: str | Path | Recipe, *, progress: ProgressCallback | None = None) -> TemplateHold:
+    """:func:`ensure_template`, held: what a sandbox's supervisor boots from (and keeps for
+    its life), what a build copies from. A build another process's prune discarded right
+    after it was resolved is resolved (built) again."""
+    for _ in range(_HOLD_ATTEMPTS):
+        hold = hold_build(ensure_template(name, progress=progress).directory)
+        if hold is not None:
+            return hold
+    raise TemplateBuildError(f"template {name}: removed by another process each time it was ready",
+                             template=str(name))
+
+
 def _image_template(name: str) -> bool:
     """A plain name that is no recipe but a template built here from an image or Dockerfile."""
     if name in catalog.BUILTIN or str(name).endswith(".toml"):
@@ -194,9 +243,7 @@ def _prune_superseded(name: str, keep: Path) -> None:
     dated.sort(reverse=True)
     for _, entry in dated[1:]:
         try:
-            with store.build_lock(entry.name):
-                if os.path.lexists(entry) and not store.in_use(entry):
-                    store.discard(entry)
+            store.discard_unless_used(entry)
         except (OSError, TemplateBuildError):
             continue  # pruning is housekeeping: never fail the build that triggered it
 
@@ -229,7 +276,11 @@ def _build(recipe: Recipe, digest: str, directory: Path, progress: ProgressCallb
     title = f"building template {recipe.name} ({recipe.suite}, {count} package{'s' if count != 1 else ''})"
     tmp = store.make_temp_dir(directory.name)
     rootfs = tmp / "rootfs"
+    reuse_hold: TemplateHold | None = None
     try:
+        reuse_hold = hold_build(reuse) if reuse is not None else None  # no prune while it is copied
+        if reuse_hold is None:
+            reuse = None  # none, or pruned after it was chosen
         with BuildReporter(title, progress) as reporter:
             if reuse is not None:
                 reporter.phase(f"copying {reuse.name} (same recipe, only the mvm agent changed)")
@@ -262,6 +313,9 @@ def _build(recipe: Recipe, digest: str, directory: Path, progress: ProgressCallb
     except BaseException:
         store.remove_tree(tmp)
         raise
+    finally:
+        if reuse_hold is not None:
+            reuse_hold.release()
 
 
 def _install_agent(rootfs: Path) -> str:
@@ -689,11 +743,7 @@ def prune_templates(*, older_than_seconds: float = 0) -> int:
     for item in list_templates():
         built = datetime.fromisoformat(item["built_at"]).timestamp() if item["built_at"] else 0
         if not item["current"] and built <= cutoff:
-            entry = Path(item["path"])
-            with store.build_lock(entry.name):
-                if os.path.lexists(entry) and not store.in_use(entry):
-                    store.discard(entry)
-                    removed += 1
+            removed += store.discard_unless_used(Path(item["path"]))
     store.clean_stale()
     oci.collect_garbage()
     return removed

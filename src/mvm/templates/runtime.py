@@ -65,15 +65,15 @@ def runtime_key() -> str:
 
 def ensure_runtime(progress: ProgressCallback | None = None) -> Path:
     """The extracted runtime directory (``bin/``, ``lib/``), made once."""
-    from .builder import ensure_template
+    from .builder import hold_template
 
     key = catalog.recipe(RUNTIME_SOURCE).recipe_digest[:16]
     target = templates_dir() / ".oci" / f"runtime-{key}"
     if (target / "bin" / "python3").is_file():
         return target
-    source = ensure_template(RUNTIME_SOURCE, progress=progress).rootfs
     target.parent.mkdir(parents=True, exist_ok=True)
-    with store.build_lock(f"oci-runtime-{key}"):
+    with hold_template(RUNTIME_SOURCE, progress=progress) as source_hold, store.build_lock(f"oci-runtime-{key}"):
+        source = source_hold.image.rootfs
         if (target / "bin" / "python3").is_file():
             return target
         tmp = target.with_name(f".tmp-{target.name}")

@@ -11,9 +11,15 @@ Layout of ``templates_dir()`` (``$MVM_TEMPLATES`` or ``$MVM_HOME/templates``)::
     .tmp-<name>-<digest16>+XXXX/ a build in progress (or debris from a crashed one)
     .trash-…                     a template being removed
     .locks/<key>.lock            fcntl.flock locks: one build of a key at a time
+    .locks/<key>.use             shared flocks of the processes using a build (``hold_use``)
 
 A directory without the ``.`` prefix is always complete: builds happen beside it and
-are renamed into place, so readers never need a lock.
+are renamed into place, so readers never need a lock. Removing one is exclusive with
+using it: a create resolving and booting from a build, a sandbox's supervisor for its
+whole life, a build copying from an older one hold it shared (``hold_use``); a prune or
+removal discards it only under an exclusive hold it got without waiting
+(``discard_unless_used``), so checkouts sharing one cache never pull a build from under
+each other.
 """
 
 from __future__ import annotations
@@ -60,6 +66,58 @@ def build_lock(key: str, *, on_wait: str = "", report: Callable[[str], None] | N
         yield
     finally:
         os.close(fd)
+
+
+def _use_lock(key: str) -> int:
+    lock_dir = templates_dir() / ".locks"
+    lock_dir.mkdir(exist_ok=True)
+    return os.open(lock_dir / f"{key}.use", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def hold_use(key: str) -> int:
+    """Hold build ``key`` in use until the returned fd is closed (or this process ends):
+    no prune or removal discards it meanwhile. Waits only while one is discarding it --
+    the caller then finds it gone (``builder.hold_template`` builds it again)."""
+    fd = _use_lock(key)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def unused(key: str) -> Iterator[bool]:
+    """An exclusive hold on build ``key`` if no process holds it in use: yields True
+    (and holds it until the end of the ``with``), else False at once."""
+    fd = _use_lock(key)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def held(key: str) -> bool:
+    """Whether some process holds build ``key`` in use (``hold_use``) right now."""
+    with unused(key) as free:
+        return not free
+
+
+def discard_unless_used(entry: Path) -> bool:
+    """Discard the build ``entry`` unless something uses it: a process holding it
+    (``hold_use``), a mount or an open file inside it (``in_use``). Under its build lock
+    and an exclusive use hold, so no create starts using it while it goes. True if removed."""
+    with build_lock(entry.name), unused(entry.name) as free:
+        if not free or not os.path.lexists(entry) or in_use(entry):
+            return False
+        discard(entry)
+        return True
 
 
 def lock_is_free(key: str) -> bool:
@@ -148,12 +206,15 @@ def remove_builds(name: str, builds: list[Path], *, force: bool = False) -> int:
     ``InvalidState`` (removing nothing) when one is in use by a sandbox, unless ``force``."""
     from ..errors import InvalidState
 
-    busy = [] if force else [e.name for e in builds if in_use(e)]
+    busy = [] if force else [e.name for e in builds if held(e.name) or in_use(e)]
     if busy:
         raise InvalidState(f"template {name}: {', '.join(busy)} in use by a sandbox; destroy it first "
                            "(or force=True)", template=name, in_use=busy)
     removed = 0
     for entry in builds:
+        if not force:
+            removed += discard_unless_used(entry)
+            continue
         with build_lock(entry.name):
             if os.path.lexists(entry):
                 discard(entry)
