@@ -6,9 +6,9 @@ import array
 import os
 import socket
 import threading
-import time
 
 import pytest
+from waiting import wait_for
 
 from mvm.protocol import codec
 from mvm.protocol.channel import ChannelClosed, FramedChannel
@@ -92,6 +92,12 @@ def test_garbage_from_the_peer_is_a_protocol_error(pair) -> None:
         a.recv()
 
 
+def _sleeping(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked in the kernel (state S), e.g. in a ``recv``."""
+    with open(f"/proc/self/task/{thread.native_id}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "S"
+
+
 def test_close_wakes_a_blocked_receiver(pair) -> None:
     a, _ = pair
     outcome: list[BaseException] = []
@@ -104,7 +110,7 @@ def test_close_wakes_a_blocked_receiver(pair) -> None:
 
     thread = threading.Thread(target=receive)
     thread.start()
-    time.sleep(0.1)
+    wait_for(lambda: _sleeping(thread), "the receiver to block in recv")
     a.close()
     thread.join(5)
     assert not thread.is_alive() and isinstance(outcome[0], ChannelClosed)

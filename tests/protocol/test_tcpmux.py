@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from waiting import wait_stalled
+from waiting import wait_for, wait_stalled
 
 from mvm.protocol import codec
 from mvm.protocol.channel import ChannelClosed, FramedChannel
@@ -133,9 +133,7 @@ def test_the_guest_side_can_half_close_first(pair: Pair) -> None:
     assert _read_all(client) == b"banner\n"
     client.sendall(b"still talking after your EOF")
     client.shutdown(socket.SHUT_WR)
-    deadline = time.monotonic() + 5
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: got, "the bytes sent after the peer's EOF", interval=0.01)
     assert got == [b"still talking after your EOF"]
     client.close()
     pair.settle()
@@ -181,9 +179,7 @@ def test_a_peer_abort_resets_the_local_connection(pair: Pair) -> None:
     accepted: list[socket.socket] = []
     client = pair.connect(_server(accepted.append))
     client.sendall(b"x")
-    deadline = time.monotonic() + 5
-    while not accepted and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: accepted, "the server to accept", interval=0.01)
     sid = next(iter(pair.b._streams))
     pair.b.abort(sid, "testing")  # the guest side gives up: the host client sees a reset
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
@@ -327,9 +323,7 @@ def test_a_larger_window_is_granted_only_once_the_peer_knows_the_stream() -> Non
     time.sleep(0.1)
     assert seen == []  # no grant for a stream the peer cannot know yet (tcp.connect in flight)
     mux.start_reading(5)
-    deadline = time.monotonic() + 2
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: seen, "the window grant", interval=0.01)
     assert [f.header for f in seen] == [
         {"kind": "event", "event": "tcp.window", "stream": 5, "bytes": (1 << 20) - TCP_WINDOW}]
     client.close()

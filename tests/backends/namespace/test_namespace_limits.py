@@ -123,9 +123,7 @@ def test_pause_freezes_and_resume_continues(sandbox):
         },
     )
     counter = inst.layer.upper / "tmp" / "counter"
-    deadline = time.monotonic() + 20
-    while not counter.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(counter.exists, "the counter to start")
 
     def value() -> int:
         return int(counter.read_text())

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from test_vm_backend import Agent
+from waiting import wait_for
 
 from mvm.backends.base import SnapshotArtifacts
 from mvm.errors import SandboxError, SnapshotTampered
@@ -280,9 +281,7 @@ def _count_what_qemu_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name
 
 
 def _read_count(path: Path) -> tuple[int, int, str]:
-    deadline = time.monotonic() + 10
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(path.exists, f"{path.name} to be written", interval=0.01)
     n, pid, comm = path.read_text().split(" ", 2)
     return int(n), int(pid), comm
 
@@ -387,9 +386,8 @@ def test_sealer_killed_mid_stream_leaves_no_half_snapshot(
 
     thread = threading.Thread(target=save)
     thread.start()
-    deadline = time.monotonic() + 60
-    while (not sinks or sinks[0].helper_pid is None) and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.001)
+    wait_for(lambda: (sinks and sinks[0].helper_pid is not None) or not thread.is_alive(), "the sealer to start",
+             interval=0.001)
     assert sinks and sinks[0].helper_pid, "the sealer never started"
     pid = sinks[0].helper_pid
     os.kill(pid, signal.SIGSTOP)  # freeze it mid-stream (QEMU now blocks on the pipe), then kill it

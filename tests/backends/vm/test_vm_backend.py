@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from mvm.backends.base import SnapshotArtifacts
 from mvm.backends.vm import VmBackend, VmInstance, probe_accelerator, ready
@@ -175,23 +176,27 @@ def test_forcing_kvm_that_cannot_boot_is_a_clear_error(monkeypatch: pytest.Monke
 
 def test_pause_freezes_the_guest_and_resume_continues(booted: Booted) -> None:
     agent = booted.agent
-    pid = agent.start(["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"])
+    # each value replaces the last whole: a read never sees a torn one
+    loop = "i=0; while :; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/counter; sleep 0.05; done"
+    pid = agent.start(["/bin/sh", "-c", loop])
+
+    def count() -> int:
+        return int(agent.sh("cat /tmp/counter 2>/dev/null || echo 0"))
+
+    ticks = 20  # what the guest counts while the host watches it run, then must not while paused
     try:
-        time.sleep(1.0)
-        a = int(agent.sh("cat /tmp/counter"))
-        time.sleep(1.5)
-        b = int(agent.sh("cat /tmp/counter"))
-        running_ticks = b - a  # what 1.5 s of running is worth
-        assert running_ticks >= 6
+        a = count()
+        started = time.monotonic()
+        wait_for(lambda: count() >= a + ticks, f"the guest to count {ticks} ticks", timeout=120)
+        running = time.monotonic() - started  # how long that took here and now (TCG, the load)
+        b = count()
         booted.instance.pause()
         assert booted.instance.describe()["state"] == "paused"
-        time.sleep(1.5)
+        time.sleep(3 * running)  # the pause under test: a running guest would count 3x ``ticks`` meanwhile
         booted.instance.resume()
-        c = int(agent.sh("cat /tmp/counter"))
-        assert c - b < running_ticks / 2, (a, b, c)  # nothing counted while paused
-        time.sleep(1.5)
-        d = int(agent.sh("cat /tmp/counter"))
-        assert d - c >= running_ticks / 3, (c, d)  # counting again
+        c = count()
+        assert c - b < ticks, (a, b, c)  # nothing counted while paused (a read on either side may tick)
+        wait_for(lambda: count() >= c + ticks, "the guest to count again after resume", timeout=120)
     finally:
         agent.request("proc.signal", {"pid": pid, "signal": "KILL", "group": True})
 
@@ -379,12 +384,17 @@ def test_cleanup_orphan_kills_qemu_and_removes_files(make_instance) -> None:  # 
     # The supervisor "died": only what it recorded on disk is left.
     VmBackend().cleanup_orphan(instance.spec.state_dir)
     sock.close()
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists() or "qemu" not in Path(f"/proc/{pid}/cmdline").read_text()
+    wait_for(lambda: not _is_qemu(pid), "the orphaned QEMU to be gone")
     assert not instance.spec.backend_dir.exists()
     VmBackend().cleanup_orphan(instance.spec.state_dir)  # idempotent
+
+
+def _is_qemu(pid: int) -> bool:
+    """Whether ``pid`` is (still) a QEMU process (a reused pid is not)."""
+    try:
+        return "qemu" in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -455,10 +465,7 @@ def test_qemu_dies_with_the_process_that_started_it(vm_template: TemplateImage, 
         assert os.getpgid(qemu_pid) == qemu_pid != os.getpgid(child.pid)  # its own process group
         child.send_signal(signal.SIGKILL)
         child.wait()
-        deadline = time.monotonic() + 5
-        while Path(f"/proc/{qemu_pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not Path(f"/proc/{qemu_pid}").exists()
+        wait_for(lambda: not Path(f"/proc/{qemu_pid}").exists(), "QEMU to die with its parent")
     finally:
         child.kill()
         VmBackend().cleanup_orphan(tmp_path)
