@@ -25,7 +25,7 @@ import { join } from "node:path";
 import { SupervisorClient, type CallResult } from "./client.js";
 import { InvalidArgument, InvalidState, MvmError } from "./errors.js";
 import { CONTROL_SOCKET, mvmHome, sandboxesDir } from "./paths.js";
-import { ownerAlive, processIs } from "./state.js";
+import { ownerAlive, processIs, readJson } from "./state.js";
 import type { NetworkPolicy, Resources } from "./policy.js";
 import type { Header } from "./protocol.js";
 
@@ -43,15 +43,6 @@ export function poolsDir(): string {
 
 function namesDir(): string {
   return join(mvmHome(), "names");
-}
-
-function readJson(path: string): Record<string, unknown> | null {
-  try {
-    const data: unknown = JSON.parse(readFileSync(path, "utf8"));
-    return typeof data === "object" && data !== null && !Array.isArray(data) ? (data as Record<string, unknown>) : null;
-  } catch {
-    return null;
-  }
 }
 
 /** Every open pool (its `pool.json` readable), oldest first (Python's `store.live_pools`). */

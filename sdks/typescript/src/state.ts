@@ -19,7 +19,8 @@ import { shown } from "./shown.js";
 
 export type SandboxRecord = Record<string, unknown> & { id: string; name: string; state: string; directory: string };
 
-function readJson(path: string): Record<string, unknown> | null {
+/** A JSON object read from `path`; null when it is missing, unreadable or not an object. */
+export function readJson(path: string): Record<string, unknown> | null {
   try {
     const data: unknown = JSON.parse(readFileSync(path, "utf8"));
     return typeof data === "object" && data !== null && !Array.isArray(data) ? (data as Record<string, unknown>) : null;
