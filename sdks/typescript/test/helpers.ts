@@ -19,6 +19,8 @@ process.env.MVM_CACHE ??= join(userHome, "cache");
 // Short path: Unix socket paths must stay under 108 bytes.
 export const HOME = mkdtempSync("/tmp/mvmts-");
 process.env.MVM_HOME = HOME;
+// A file that never calls cleanup() (no sandbox of its own) leaves no home behind either.
+process.on("exit", () => rmSync(HOME, { recursive: true, force: true }));
 process.env.MVM_BACKEND = "namespace";
 delete process.env.MVM_MODE;
 delete process.env.MVM_RECORDING;
