@@ -8,11 +8,13 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import mvm
 from mvm.errors import InvalidArgument, SandboxError, SnapshotTampered
 from mvm.snapshots import (
     HEADER_SIZE,
@@ -24,6 +26,7 @@ from mvm.snapshots import (
     unseal_file,
     verify_snapshot,
 )
+from mvm.snapshots.streams import _stream_dir, sweep_stale_stream_dirs
 
 CHUNK = 4096
 
@@ -300,3 +303,40 @@ def test_pending_snapshot_checks_and_discards(store: SnapshotStore, tmp_path: Pa
     store.create("s", "sb-1", "full", tmp_path)  # an empty snapshot, to take the name
     with pytest.raises(InvalidArgument, match="already has a snapshot named"):
         store.begin("s", "sb-1")
+
+
+_DIES_WITH_A_STREAM_OPEN = r"""
+import os, signal, sys
+from mvm.snapshots.streams import _stream_dir
+path = _stream_dir()
+(path / "ctl").touch()
+print(path, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # never closes: as a supervisor killed mid save or restore
+"""
+
+
+def test_a_killed_process_control_socket_directory_is_swept() -> None:
+    """The directory of a stream whose process was SIGKILLed goes at the next stream or gc;
+    a live process's stays."""
+
+    def left_by_a_killed_process() -> Path:
+        done = subprocess.run([sys.executable, "-c", _DIES_WITH_A_STREAM_OPEN], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        path = Path(done.stdout.strip())
+        assert (path / "ctl").exists()
+        return path
+
+    mine = _stream_dir()
+    try:
+        stale = left_by_a_killed_process()
+        sweep_stale_stream_dirs()
+        assert not stale.exists() and mine.is_dir()
+        stale = left_by_a_killed_process()
+        _stream_dir().rmdir()  # a new stream sweeps first
+        assert not stale.exists() and mine.is_dir()
+        stale = left_by_a_killed_process()
+        mvm.gc()
+        assert not stale.exists() and mine.is_dir()
+    finally:
+        mine.rmdir()

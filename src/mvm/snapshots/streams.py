@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument, SandboxError, SnapshotTampered
+from ..osutil import process_stamp, stamp_alive
 from . import seal_stream as _seal_stream_module
 from .manifest import Manifest, SealedFile
 from .seal_stream import SealInfo, recv_frame, send_frame
@@ -41,6 +42,41 @@ def _python() -> str:
 def _socket_parent() -> str:
     # A short parent: a Unix socket path must fit in 108 bytes, $MVM_HOME may be deep.
     return "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
+
+
+#: A control socket's directory: ``mvm-seal-<pid>-<start time>-<random>`` of the process
+#: serving it, so a sweep can tell the directories whose process is gone.
+_DIR_PREFIX = "mvm-seal-"
+
+
+def _stream_dir() -> Path:
+    """A fresh 0700 directory for one control socket, named after this process."""
+    sweep_stale_stream_dirs()
+    stamp = process_stamp().replace(" ", "-")
+    return Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{stamp}-", dir=_socket_parent()))
+
+
+def sweep_stale_stream_dirs() -> None:
+    """Remove the control-socket directories whose process died without closing its
+    stream (a supervisor SIGKILLed mid snapshot save or restore): done before each new
+    stream and by ``mvm.gc()``. Only this user's, only of processes that are gone."""
+    parent = _socket_parent()
+    try:
+        names = [name for name in os.listdir(parent) if name.startswith(_DIR_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(_DIR_PREFIX):].split("-")
+        if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if os.lstat(path).st_uid != os.geteuid():
+                continue
+        except OSError:
+            continue
+        if not stamp_alive(f"{parts[0]} {parts[1]}"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class _StreamHelper:
@@ -85,7 +121,7 @@ class _StreamHelper:
                          shlex.quote(str(self._dir / "ctl"))])
 
     def _listen(self) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="mvm-seal-", dir=_socket_parent()))  # 0700
+        self._dir = _stream_dir()  # 0700
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(self._dir / "ctl"))

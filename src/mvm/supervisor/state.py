@@ -346,6 +346,9 @@ def gc() -> list[dict[str, Any]]:
 
 
 def _sweep_half_made() -> None:
+    from ..snapshots.streams import sweep_stale_stream_dirs  # (the snapshots package loads lazily)
+
+    sweep_stale_stream_dirs()
     root = sandboxes_dir()
     for entry in os.listdir(root):
         dead_launcher = entry.startswith(_STAGING) and not stamp_alive(" ".join(entry.rsplit("-", 2)[1:]))
