@@ -37,19 +37,8 @@ import mvm  # noqa: E402  (after MVM_HOME is chosen)
 from mvm.agent import MAX_AGENT_RESTARTS  # noqa: E402
 from mvm.backends import availability  # noqa: E402
 
-
-def agent_host_pid(sb: mvm.Sandbox) -> int:
-    details = sb.describe().details
-    inner = int(details["agent"]["pid"])
-    for pid in details["host_pids"]:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                nspids = next(line for line in fh if line.startswith("NSpid:")).split()[1:]
-        except (OSError, StopIteration):
-            continue
-        if len(nspids) > 1 and int(nspids[-1]) == inner:
-            return int(pid)
-    raise SystemExit(f"no host pid for the agent (pid {inner} inside)")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from sandbox_faults import agent_host_pid  # noqa: E402  (shared with the fault tests)
 
 
 def kill_agent(sb: mvm.Sandbox, backend: str) -> float:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 
 import pytest
+from sandbox_faults import agent_host_pid, run_started
 from waiting import wait_for
 
 import mvm
@@ -29,22 +29,6 @@ from mvm.security.audit import log_path, verify
 BACKENDS = [name for name in PREFERENCE if availability(name).ok] or ["namespace"]
 
 
-def _agent_host_pid(sb: mvm.Sandbox) -> int:
-    """The agent's pid on this host: the one of the sandbox's host pids whose innermost
-    pid-namespace pid is the pid the agent gave in its hello."""
-    details = sb.describe().details
-    inner = int(details["agent"]["pid"])
-    for pid in details["host_pids"]:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                nspids = next(line for line in fh if line.startswith("NSpid:")).split()[1:]
-        except (OSError, StopIteration):
-            continue
-        if len(nspids) > 1 and int(nspids[-1]) == inner:
-            return int(pid)
-    raise AssertionError(f"no host pid of the agent (pid {inner} inside) among {details['host_pids']}")
-
-
 def _kill_agent(sb: mvm.Sandbox, backend: str) -> None:
     """SIGKILL the real agent process (and wait until it is gone, where the host can see it)."""
     if backend == "vm":
@@ -54,7 +38,7 @@ def _kill_agent(sb: mvm.Sandbox, backend: str) -> None:
         except mvm.errors.SandboxError as exc:  # the agent died before it answered this start
             assert "restarted" in exc.message, exc.message
         return
-    pid = _agent_host_pid(sb)
+    pid = agent_host_pid(sb)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not pid_alive(pid), "the killed agent to be gone", timeout=30)
 
@@ -74,18 +58,7 @@ def test_a_killed_agent_is_restarted_and_the_sandbox_goes_on(backend: str) -> No
         sb.files.write("/w/before", b"written before the agent died")
         old_agent = sb.describe().details["agent"]["pid"]
         sleeper = sb.commands.start(["sleep", "300"])
-        outcome: list[object] = []
-
-        def run() -> None:
-            try:
-                outcome.append(sb.commands.run(["sh", "-c", "echo started; exec sleep 301"]))
-            except Exception as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        wait_for(lambda: any(e.message == "started" for e in sb.logs() if e.source.startswith("process:")),
-                 "the command to start", timeout=120)
+        thread, outcome = run_started(sb, 301)
 
         _kill_agent(sb, backend)
 

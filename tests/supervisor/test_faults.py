@@ -17,10 +17,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 
 import pytest
+from sandbox_faults import call_in_background, run_started
 from waiting import wait_for
 
 import mvm
@@ -32,22 +32,6 @@ from mvm.security.audit import log_path, verify
 from mvm.snapshots import SnapshotStore
 
 BACKENDS = [name for name in PREFERENCE if availability(name).ok] or ["namespace"]
-
-
-def _run_in_background(sb: mvm.Sandbox) -> tuple[threading.Thread, list[object]]:
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(sb.commands.run(["sh", "-c", "echo started; exec sleep 300"]))
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    wait_for(lambda: any(e.message == "started" for e in sb.logs() if e.source.startswith("process:")),
-             "the command to start", timeout=120)
-    return thread, outcome
 
 
 def _kill_supervisor(sb: mvm.Sandbox, details: dict) -> None:
@@ -76,7 +60,7 @@ def test_sigkill_mid_command_gives_a_typed_error_and_leaves_nothing(backend: str
     sandbox_id = sb.id
     try:
         details = sb.describe().details
-        thread, outcome = _run_in_background(sb)
+        thread, outcome = run_started(sb, 300)
         details = sb.describe().details  # the command's processes are among host_pids now
         host_pids = [int(p) for p in details["host_pids"]] + [int(details["supervisor_pid"])]
         FAULTS[fault](sb, details)
@@ -219,20 +203,6 @@ def _assert_nothing_left(sandbox_id: str, pids: list[int], *, lost: bool) -> Non
     assert not list(store.root.glob(".staging-*")) and not list(store.root.glob(".restore-*"))
 
 
-def _call_in_background(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
 def _write_under_way(sb: mvm.Sandbox) -> Callable[[], bool]:
     def check() -> bool:  # the agent's temp file is growing (asked over the same connection)
         return any(e.name.startswith(".big.mvm-") and e.size > 0 for e in sb.files.list("/w"))
@@ -255,13 +225,13 @@ def test_sigkill_mid_write_save_or_restore(backend: str, fault: str, stage: str)
             base = sb.snapshot("base", keep=True)
         pids = [supervisor_pid, *_descendants(supervisor_pid)]
         if stage == "write":
-            thread, outcome = _call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
+            thread, outcome = call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
             wait_for(_write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
         elif stage == "save":
-            thread, outcome = _call_in_background(lambda: sb.snapshot("cut"))
+            thread, outcome = call_in_background(lambda: sb.snapshot("cut"))
             wait_for(_in_progress("staging"), "the snapshot save to be under way", timeout=120, interval=0.005)
         else:
-            thread, outcome = _call_in_background(lambda: sb.resume("base"))
+            thread, outcome = call_in_background(lambda: sb.resume("base"))
             wait_for(_in_progress("restore"), "the restore to be under way", timeout=120, interval=0.005)
         if fault == "supervisor":
             os.kill(supervisor_pid, signal.SIGKILL)
@@ -326,9 +296,9 @@ def test_open_handles_raise_sandbox_lost_when_the_supervisor_dies(backend: str) 
         forward = sb.ports.forward(guest_port=8000)
         lines = ticker.lines()
         assert next(lines) == "tick\n"  # the stream is open and flowing
-        waiter, waited = _call_in_background(ticker.wait)
+        waiter, waited = call_in_background(ticker.wait)
         sb.files.mkdir("/w")
-        writer, written = _call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
+        writer, written = call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
         wait_for(_write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
 
         async def async_stream() -> object:

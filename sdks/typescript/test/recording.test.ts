@@ -52,6 +52,29 @@ after(() => {
   rmSync(work, { recursive: true, force: true });
 });
 
+/** The messages Python's SDK gives for the same calls (each source is eval'ed after
+ * `prelude`; null for a call Python does not refuse), or null without the Python SDK. */
+function pythonRefusals(sources: string[], env: Record<string, string>, prelude = ""): (string | null)[] | null {
+  const python = join(REPO, ".venv", "bin", "python");
+  if (!existsSync(python)) return null;
+  const script = `
+import json, mvm
+${prelude}
+out = []
+for source in json.loads(input()):
+    try:
+        eval(source)
+        out.append(None)
+    except mvm.errors.NotAvailableInRecordMode as exc:
+        out.append(exc.message)
+print(json.dumps(out))
+`;
+  const done = spawnSync(python, ["-c", script], { input: JSON.stringify(sources) + "\n", encoding: "utf8",
+    env: { ...process.env, ...env } });
+  assert.equal(done.status, 0, done.stderr);
+  return JSON.parse(done.stdout) as (string | null)[];
+}
+
 describe("record mode", () => {
   test("the seed example records Python's events, and nothing boots", async () => {
     {
@@ -178,26 +201,8 @@ describe("record mode", () => {
       [() => sandbox.ports.close("fwd_x"), "sandbox.ports.close('fwd_x')"],
       [() => sandbox.network.update({ allow: ["pypi.org:443"] }), "sandbox.network.update(['pypi.org:443'])"],
     ];
-    const python = join(REPO, ".venv", "bin", "python");
-    let expected: string[] | null = null;
-    if (existsSync(python)) {
-      const script = `
-import json, mvm
-sandbox = mvm.Sandbox.create("python-3.13", mode="plan")
-out = []
-for source in json.loads(input()):
-    try:
-        eval(source)
-        out.append(None)
-    except mvm.errors.NotAvailableInRecordMode as exc:
-        out.append(exc.message)
-print(json.dumps(out))
-`;
-      const done = spawnSync(python, ["-c", script], { input: JSON.stringify(calls.map(([, py]) => py)) + "\n",
-        encoding: "utf8", env: { ...process.env, MVM_RECORDING: join(work, "python.jsonl") } });
-      assert.equal(done.status, 0, done.stderr);
-      expected = JSON.parse(done.stdout) as string[];
-    }
+    const expected = pythonRefusals(calls.map(([, py]) => py), { MVM_RECORDING: join(work, "python.jsonl") },
+      'sandbox = mvm.Sandbox.create("python-3.13", mode="plan")');
     for (const [i, [call, py]] of calls.entries()) {
       const exc = await thrown(call);
       assert.ok(exc instanceof NotAvailableInRecordMode, String(exc));
@@ -227,25 +232,7 @@ print(json.dumps(out))
       [() => Sandbox.connect("box"), "mvm.Sandbox.connect('box')"],
       [() => Sandbox.list(), "mvm.Sandbox.list()"],
     ];
-    const python = join(REPO, ".venv", "bin", "python");
-    let expected: string[] | null = null;
-    if (existsSync(python)) {
-      const script = `
-import json, mvm
-out = []
-for source in json.loads(input()):
-    try:
-        eval(source)
-        out.append(None)
-    except mvm.errors.NotAvailableInRecordMode as exc:
-        out.append(exc.message)
-print(json.dumps(out))
-`;
-      const done = spawnSync(python, ["-c", script], { input: JSON.stringify(calls.map(([, py]) => py)) + "\n",
-        encoding: "utf8", env: { ...process.env, MVM_MODE: "plan" } });
-      assert.equal(done.status, 0, done.stderr);
-      expected = JSON.parse(done.stdout) as string[];
-    }
+    const expected = pythonRefusals(calls.map(([, py]) => py), { MVM_MODE: "plan" });
     process.env.MVM_MODE = "plan";
     for (const [i, [call, py]] of calls.entries()) {
       const exc = await thrown(call);
