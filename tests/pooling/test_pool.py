@@ -131,6 +131,10 @@ def test_unclaimed_members_are_not_sandboxes_anyone_can_use(pool: mvm.Pool) -> N
         with pytest.raises(errors.InvalidState):
             client.call("exec.run", {"argv": ["true"], "env": {}, "cwd": None, "secret_names": {}})
         assert client.call("sandbox.describe")[0]["state"] == "pooled"
+        # what a claimer that cannot hash the template (TypeScript) compares with the pool's digest
+        answer = client.call("sandbox.template_digest")[0]
+        assert answer == {"template": TEMPLATE, "digest": pool.describe().details["template_digest"]}
+        assert answer["digest"] == mvm.templates.ensure_template(TEMPLATE).digest
     finally:
         client.close()
 

@@ -1,8 +1,10 @@
 /**
  * The creator's side of a warm pool, natively (Python: `mvm/pooling/claim.py` and the
  * take of `mvm/pooling/store.py`): find a pool whose members are what this create asks
- * for, take one member (unlinking its `ready/` entry: of racing creators, in either
- * language, exactly one unlink succeeds) and claim it over its supervisor's socket with
+ * for and whose template build is the current one (a waiting member's supervisor answers
+ * the digest: `sandbox.template_digest`), take one member (unlinking its `ready/` entry:
+ * of racing creators, in either language, exactly one unlink succeeds) and claim it over
+ * its supervisor's socket with
  * the `sandbox.claim` op, which applies the create's name, TTL, env, secrets, metadata
  * and `on_behalf_of`. No serving pool, or no member left: the caller starts a sandbox
  * through `mvmctl up` as usual (which itself claims from a pool when one serves).
@@ -90,10 +92,9 @@ export interface PoolAsk {
 }
 
 /**
- * Python's `PoolSpec.serves` without the template digest: that digest hashes the recipe
- * and the Python agent's sources, which this SDK cannot recompute; the pool's owner took
- * it when it made the pool (so a pool made before an mvm upgrade may hand out the build
- * it was made with until it closes or its members' TTL ends).
+ * Python's `PoolSpec.serves` but for the template digest, which hashes the recipe and the
+ * Python agent's sources: this SDK does not recompute it but asks a waiting member's
+ * supervisor (`currentDigest`) before taking one.
  */
 function serves(serving: unknown, ask: PoolAsk): boolean {
   if (typeof serving !== "object" || serving === null) return false;
@@ -186,6 +187,7 @@ export interface Claimed {
 export async function claimMember(ask: PoolAsk, fields: ClaimFields, defaultName: (id: string) => string): Promise<Claimed | null> {
   if (fields.name !== null && nameClaimed(fields.name)) return null; // mvmctl up says NameTaken, or takes a stale claim over
   let attempts = 0;
+  let digest: string | null | undefined; // the template's current build: asked once, of the first member reached
   for (const { directory, record } of livePools()) {
     if (!serves(record.serves, ask)) continue;
     const members = readyMembers(directory);
@@ -194,9 +196,27 @@ export async function claimMember(ask: PoolAsk, fields: ClaimFields, defaultName
       [members[i], members[j]] = [members[j], members[i]];
     }
     for (const member of members) {
-      if (!take(directory, member)) continue; // another creator took it first
+      let client: SupervisorClient;
+      try {
+        client = await SupervisorClient.connect(join(sandboxesDir(), member, CONTROL_SOCKET), { onBehalfOf: fields.onBehalfOf });
+      } catch {
+        continue; // it died, expired or was claimed and destroyed after being listed
+      }
+      if (digest === undefined) digest = await currentDigest(client);
+      if (digest === undefined) { // it left before answering: ask the next one
+        client.close();
+        continue;
+      }
+      if (digest === null || digest !== (record.serves as Record<string, unknown>).template_digest) {
+        client.close(); // made from another build of the template (or none is built now): this pool serves nobody
+        break;
+      }
+      if (!take(directory, member)) { // another creator took it first
+        client.close();
+        continue;
+      }
       attempts += 1;
-      const claimed = await claim(directory, member, fields, fields.name ?? defaultName(member));
+      const claimed = await claim(directory, member, client, fields, fields.name ?? defaultName(member));
       if (claimed === "name-taken") return null;
       if (claimed !== null) return claimed;
       if (attempts >= MAX_ATTEMPTS) return null;
@@ -205,22 +225,30 @@ export async function claimMember(ask: PoolAsk, fields: ClaimFields, defaultName
   return null;
 }
 
-async function claim(pool: string, member: string, fields: ClaimFields, name: string): Promise<Claimed | "name-taken" | null> {
+/**
+ * The digest a create of the member's template gets now, as its supervisor computes it
+ * (`sandbox.template_digest`: Python's `ensure_template(...).digest`, without building;
+ * `null` when it would build); `undefined` when the member did not answer.
+ */
+async function currentDigest(client: SupervisorClient): Promise<string | null | undefined> {
+  try {
+    const digest = (await client.call("sandbox.template_digest", {})).result.digest;
+    return typeof digest === "string" ? digest : null;
+  } catch {
+    return undefined;
+  }
+}
+
+async function claim(pool: string, member: string, client: SupervisorClient, fields: ClaimFields, name: string): Promise<Claimed | "name-taken" | null> {
   const ownName = name === member; // the member holds its id as its name while it waits
   if (!ownName && !claimName(name, member)) {
     // An asked name someone claimed meanwhile: the member goes back (mvmctl up reports the name).
     // A derived name whose 6 hex digits collide: Python goes on without the claim, so does this.
     if (fields.name !== null) {
+      client.close();
       putBack(pool, member);
       return "name-taken";
     }
-  }
-  let client: SupervisorClient;
-  try {
-    client = await SupervisorClient.connect(join(sandboxesDir(), member, CONTROL_SOCKET), { onBehalfOf: fields.onBehalfOf });
-  } catch {
-    if (!ownName) releaseName(name, member);
-    return null; // it died or expired after being listed
   }
   let answer: CallResult;
   try {

@@ -115,4 +115,17 @@ describe("warm pools", () => {
       rmSync(include, { recursive: true, force: true });
     }
   });
+  test("a pool made from another build of the template serves nobody: its member is left waiting", async () => {
+    // 352 MiB: no other create of this file asks for it
+    const made = mvmctl("pool", "up", "--size", "1", "--ttl", "5m", "--memory", "352", "--json");
+    const file = join(HOME, "pools", made.id as string, "pool.json");
+    const record = JSON.parse(readFileSync(file, "utf8")) as { serves: { template_digest: string } };
+    assert.match(record.serves.template_digest, /^[0-9a-f]{64}$/); // the build it was made with, as mvmctl up has it
+    record.serves.template_digest = "0".repeat(64); // as if the template was rebuilt since (an mvm upgrade)
+    writeFileSync(file, JSON.stringify(record));
+    await using sb = await Sandbox.create("python-3.13", { ttl: "5m", resources: resources({ memoryMb: 352 }) });
+    assert.equal((await sb.describe()).pool, null); // started through mvmctl up, as Python's create would
+    assert.deepEqual((await pools()).map((p) => p.ready), [made.ready]); // the stale member was not taken
+    mvmctl("pool", "down", made.id as string, "--json");
+  });
 });

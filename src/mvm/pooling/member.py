@@ -20,6 +20,7 @@ from .. import errors
 from ..osutil import write_json_atomic
 from ..security.secrets import Redactor
 from ..spec import SandboxConfig
+from ..templates.builder import built_digest
 from . import store
 
 if TYPE_CHECKING:
@@ -85,6 +86,15 @@ def claim_args(config: SandboxConfig, secret_env: dict[str, str]) -> dict[str, A
     """The ``sandbox.claim`` arguments for a create that asked for ``config``."""
     data = config.to_json()
     return {**{key: data[key] for key in CLAIMED_FIELDS}, "secret_env": dict(secret_env)}
+
+
+def template_digest(sup: Supervisor, ctx: RequestContext) -> Reply:
+    """``sandbox.template_digest``: the digest a create of this sandbox's template gets now
+    (``ensure_template`` without building; None when it would build). A claimer that cannot
+    compute it (the TypeScript SDK) compares it with its pool's, as ``PoolSpec.serves`` does,
+    before taking a member: a pool made from another build of the template serves nobody."""
+    template = str(sup.config["template"])
+    return {"template": template, "digest": built_digest(template)}, b""
 
 
 def claim(sup: Supervisor, ctx: RequestContext) -> Reply:

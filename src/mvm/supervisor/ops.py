@@ -76,6 +76,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("sandbox.snapshot", sandbox_ops.snapshot, LIVE, Audit.BY_HANDLER),
     Op("sandbox.destroy", sandbox_ops.destroy, ANY_STATE, Audit.BY_HANDLER),
     Op("sandbox.claim", pool_member.claim, (pool_member.POOLED,), Audit.BY_HANDLER),
+    Op("sandbox.template_digest", pool_member.template_digest, ANY_STATE, Audit.NEVER),
     Op("exec.run", process_ops.exec_run, RUNNING, Audit.BY_HANDLER, auto_resume=True),
     Op("proc.start", process_ops.proc_start, RUNNING, Audit.BY_HANDLER, auto_resume=True),
     Op("proc.attach", process_ops.proc_attach, ANY_STATE, Audit.NEVER),

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent import install as agent_install
-from ..errors import InvalidArgument, TemplateBuildError
+from ..errors import InvalidArgument, MvmError, TemplateBuildError
 from ..osutil import fsync_dir, write_json_atomic
 from ..paths import templates_dir
 from . import catalog, oci, store
@@ -178,6 +178,22 @@ def _image_template(name: str) -> bool:
 def current_digest(recipe: Recipe) -> str:
     """The digest a build of ``recipe`` with today's agent sources has."""
     return template_digest(recipe, agent_install.source_digest())
+
+
+def built_digest(name: str) -> str | None:
+    """The digest ``ensure_template(name)`` returns now, without building anything: None
+    when it would build first (no current build) or cannot (an unknown name). A warm
+    pool's member answers it for a claimer that cannot compute it (``sandbox.template_digest``)."""
+    try:
+        if oci.is_image_name(name) or _image_template(name):
+            image = oci.find_built(name)
+            return None if image is None else image.digest
+        recipe = catalog.recipe(name)
+        digest = current_digest(recipe)
+    except (MvmError, LookupError, OSError, ValueError):
+        return None
+    image = load_image(templates_dir() / store.template_key(recipe.name, digest))
+    return None if image is None else image.digest
 
 
 def load_image(directory: Path) -> TemplateImage | None:
