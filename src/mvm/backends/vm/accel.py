@@ -22,7 +22,7 @@ from typing import Any
 from ...errors import BackendUnavailable, InvalidArgument
 from ...paths import cache_dir
 from .initramfs import PROBE_MARKER, ensure_initramfs
-from ...osutil import file_lock
+from ...osutil import file_lock, write_json_atomic
 from .kernel import Kernel, ensure_kernel
 from .process import spawn, terminate
 from .qemu import QemuConfig, kernel_cmdline, qemu_binary, qemu_version
@@ -133,9 +133,7 @@ def probe_accelerator(refresh: bool = False, kernel: Kernel | None = None) -> di
                 }
                 verdicts = cache.get("verdicts", {})
                 verdicts[key] = verdict
-                tmp = _cache_path().with_suffix(".tmp")
-                tmp.write_text(json.dumps({"format": _CACHE_FORMAT, "verdicts": verdicts}, indent=2) + "\n")
-                os.replace(tmp, _cache_path())
+                write_json_atomic(_cache_path(), {"format": _CACHE_FORMAT, "verdicts": verdicts})
     if verdict["kvm_ok"]:
         return {"accel": "kvm", "kvm_status": verdict["kvm_status"], "reason": "KVM probe booted a guest"}
     if forced == "kvm":

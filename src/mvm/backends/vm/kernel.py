@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BackendUnavailable
-from ...osutil import file_lock
+from ...osutil import file_lock, write_json_atomic
 from ...paths import cache_dir
 
 METAPACKAGE = "linux-image-cloud-amd64"
@@ -152,9 +152,7 @@ def _resolve_package_cached() -> tuple[str, str]:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     package, version = resolve_package()
-    tmp = path.with_name(f".resolved.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"package": package, "version": version, "checked_at": time.time()}) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, {"package": package, "version": version, "checked_at": time.time()})
     return package, version
 
 
