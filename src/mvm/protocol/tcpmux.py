@@ -51,6 +51,10 @@ MAX_CREDIT = 1 << 32
 #: Bytes per stream frame: small enough that a command frame never waits long behind one.
 STREAM_CHUNK = 512 * 1024
 DEFAULT_MAX_STREAMS = 1024
+#: The receive window each end of mvm's port forwards and egress grants per stream (the
+#: agent and the supervisor alike): more than the protocol's initial ``TCP_WINDOW``, so a
+#: bulk transfer needs fewer grants.
+RECEIVE_WINDOW = 2 * 1024 * 1024
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 

@@ -23,7 +23,7 @@ from .. import errors
 from ..osutil import write_json_atomic
 from ..protocol.codec import Frame
 from ..protocol.requests import AGENT_USER
-from ..protocol.tcpmux import StreamMux, id_counter
+from ..protocol.tcpmux import RECEIVE_WINDOW, StreamMux, id_counter
 from ..spec import NetworkPolicy
 from .egress import EGRESS_GUEST_PORT, PROXY_ENV, PROXY_URL, EgressPolicy, EgressProxy
 from .ports import PortForwards
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from .server import Supervisor
     from .session import Reply, RequestContext
 
-#: Receive window per stream on the host side.
-WINDOW = 2 * 1024 * 1024
 #: ``describe().network["relay"]``: the supervisor splices handed-over guest sockets, or
 #: the agent relays the bytes as stream frames over its channel.
 RELAY_SPLICE = "supervisor-splice"
@@ -46,7 +44,7 @@ OPEN_MODE_RESOLVER = "10.0.2.3"
 class NetworkManager:
     def __init__(self, sup: Supervisor):
         self.sup = sup
-        self.mux = StreamMux("mvm-sup-tcp", window=WINDOW)
+        self.mux = StreamMux("mvm-sup-tcp", window=RECEIVE_WINDOW)
         self.relays = Relays()  # connections whose guest socket the agent handed over
         self.next_id = id_counter(1)  # host-opened streams are odd
         self.policy = EgressPolicy.from_config(sup.config.get("network") or {})
