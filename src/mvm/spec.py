@@ -32,6 +32,9 @@ LIMITS: dict[str, tuple[float, int]] = {
     "max_processes": (8, 65536),
 }
 NETWORK_MODES = ("deny", "allow", "open")
+#: What a create asks for when it names no template / no TTL (SDK, ``mvmctl up``, pools, MCP, cluster).
+DEFAULT_TEMPLATE = "python-3.13"
+DEFAULT_TTL = "30m"
 #: Sandbox names: what ``mvmctl`` accepts as NAME and what a directory entry may be.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 #: The name a guest uses for the host's own loopback (127.0.0.1) in mode ``allow``: routed
@@ -53,8 +56,9 @@ class Resources:
     max_processes: int = 256
 
     @classmethod
-    def validated(
-        cls, cpu_cores: Any = 1, memory_mb: Any = 512, rootfs_size_mb: Any = 1024, max_processes: Any = 256
+    def validated(  # the defaults are the fields' own (class scope): one definition of each
+        cls, cpu_cores: Any = cpu_cores, memory_mb: Any = memory_mb, rootfs_size_mb: Any = rootfs_size_mb,
+        max_processes: Any = max_processes,
     ) -> Resources:
         values = {
             "cpu_cores": cpu_cores,

@@ -8,7 +8,8 @@ import time
 
 import click
 
-from ..pooling.store import DEFAULT_MEMBER_TTL
+from ..pooling.store import DEFAULT_MEMBER_TTL, POOL_BACKENDS
+from ..spec import DEFAULT_TEMPLATE
 from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
 from ..sdk.pool import DEFAULT_POOL_SIZE, PoolInfo, close_pool, pool, pools
@@ -25,11 +26,11 @@ def pool_group() -> None:
 
 
 @pool_group.command("up")
-@click.option("--template", "-t", default="python-3.13", show_default=True)
+@click.option("--template", "-t", default=DEFAULT_TEMPLATE, show_default=True)
 @click.option("--size", type=int, default=DEFAULT_POOL_SIZE, show_default=True, help="Members kept waiting (1-16).")
 @click.option("--ttl", default=DEFAULT_MEMBER_TTL, show_default=True,
               help="How long an unclaimed member waits (1s-24h) before it ends itself.")
-@click.option("--backend", default="namespace", show_default=True)
+@click.option("--backend", default=POOL_BACKENDS[0], show_default=True)
 @shape_options
 @click.option("--keep-filled", is_flag=True,
               help="Stay in the foreground refilling the pool after each claim; close it on Ctrl-C / SIGTERM.")

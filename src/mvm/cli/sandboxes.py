@@ -16,7 +16,8 @@ from .. import errors
 from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
 from ..backends import backend_names
-from ..spec import Resources
+from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES
+from ..spec import DEFAULT_TEMPLATE, DEFAULT_TTL, Resources
 from ..sdk.sandbox import Sandbox, snapshot_shape
 from ..security.secrets import SecretRef
 from .common import asked_resources, emit, json_option, parse_env, shape_options
@@ -34,8 +35,8 @@ def register(cli: click.Group) -> None:
 
 @click.command()
 @click.option("--name", help="Sandbox name (default: derived from the id).")
-@click.option("--template", "-t", default="python-3.13", show_default=True)
-@click.option("--ttl", default="30m", show_default=True, help='Lifetime ("30m", "2h", seconds; "0" = none).')
+@click.option("--template", "-t", default=DEFAULT_TEMPLATE, show_default=True)
+@click.option("--ttl", default=DEFAULT_TTL, show_default=True, help='Lifetime ("30m", "2h", seconds; "0" = none).')
 @shape_options
 @click.option("--auto-pause", help='Pause after this long idle, resume on the next request ("5m", seconds).')
 @click.option("--backend", type=click.Choice(backend_names()), default=None)
@@ -147,7 +148,7 @@ def describe(name: str, as_json: bool) -> None:
 @click.option("--cwd", help="Working directory: absolute, or relative to the default one ('/' or the template's).")
 @click.option("--user", "-u", help="Run as this guest user (name or uid).")
 @click.option("--timeout", "timeout_seconds", type=float, default=None, help="Seconds; kills the process tree.")
-@click.option("--max-output", "max_output_bytes", type=int, default=4 * 1024 * 1024, show_default=True)
+@click.option("--max-output", "max_output_bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES, show_default=True)
 @click.option("--stdin", "use_stdin", is_flag=True, help="Pass this command's stdin to the process.")
 @click.option("--receipt", "receipt", type=click.Path(dir_okay=False), help="Also write the signed receipt here.")
 @json_option

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
+from ..spec import Resources
 from . import directory
 from .placement import NodeReport, SandboxRequest
 
@@ -75,14 +76,15 @@ class NodeAgent:
                                      for r in list(self._reserved))]
         cpus = os.cpu_count() or 1
         total_mb = _mem_total_mb()
+        asked = [{**Resources().to_json(), **r.get("resources", {})} for r in with_starting]
         report = NodeReport(
             node_id=self.node_id,
             home=str(mvm_home()),
             backends=[name for name in backend_names() if availability(name).ok],
             templates=sorted({t["name"] for t in list_templates()}),
             sandboxes=len(with_starting),
-            cpu_used=sum(float(r.get("resources", {}).get("cpu_cores", 1)) for r in with_starting),
-            memory_used_mb=sum(int(r.get("resources", {}).get("memory_mb", 512)) for r in with_starting),
+            cpu_used=sum(float(r["cpu_cores"]) for r in asked),
+            memory_used_mb=sum(int(r["memory_mb"]) for r in asked),
             cpu_limit=self.limits.cpu_cores if self.limits.cpu_cores is not None else cpus * self.limits.cpu_overcommit,
             memory_limit_mb=self.limits.memory_mb if self.limits.memory_mb is not None else int(total_mb * 0.8),
             max_sandboxes=self.limits.max_sandboxes,

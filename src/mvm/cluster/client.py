@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import errors
 from ..sdk.models import SandboxInfo
-from ..spec import validate_on_behalf_of
+from ..spec import DEFAULT_TEMPLATE, validate_on_behalf_of
 from ..supervisor import client_core
 from ..templates.catalog import BUILTIN
 from . import directory
@@ -152,7 +152,7 @@ class Cluster:
 
     def create(
         self,
-        template: str = "python-3.13",
+        template: str = DEFAULT_TEMPLATE,
         *,
         placement: str | None = None,
         node: str | None = None,

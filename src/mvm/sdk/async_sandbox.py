@@ -51,8 +51,8 @@ from ..snapshots.model import Snapshot
 from .files import absolute_path, as_user, chunk_windows, gather_into, payload_bytes, read_request, written_entry
 from .models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
 from .network import close_args, forward_args, update_args
+from ..spec import DEFAULT_TEMPLATE, DEFAULT_TTL
 from .sandbox import (
-    DEFAULT_TTL,
     Sandbox,
     command_args,
     current_mode,
@@ -106,7 +106,7 @@ class AsyncSandbox:
     @classmethod
     async def create(
         cls,
-        template: str = "python-3.13",
+        template: str = DEFAULT_TEMPLATE,
         *,
         name: str | None = None,
         workload_id: str | None = None,

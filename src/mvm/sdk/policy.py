@@ -14,10 +14,10 @@ from ..spec import NetworkPolicy, Resources
 
 
 def resources(
-    cpu_cores: float = 1,
-    memory_mb: int = 512,
-    rootfs_size_mb: int = 1024,
-    max_processes: int = 256,
+    cpu_cores: float = Resources.cpu_cores,
+    memory_mb: int = Resources.memory_mb,
+    rootfs_size_mb: int = Resources.rootfs_size_mb,
+    max_processes: int = Resources.max_processes,
 ) -> Resources:
     """Limits the backend enforces: CPU, memory, writable disk, process count.
 

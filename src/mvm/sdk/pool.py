@@ -31,7 +31,7 @@ from .. import errors
 from ..backends import choose_backend
 from ..pooling import store
 from ..pooling.ending import destroy_member, member_alive
-from ..spec import NetworkPolicy, Resources, SandboxConfig
+from ..spec import DEFAULT_TEMPLATE, NetworkPolicy, Resources, SandboxConfig
 from ..supervisor.launch import launch
 from ..supervisor.state import new_sandbox_id
 from ..templates import ensure_template
@@ -246,11 +246,11 @@ class Pool:
 
 
 def pool(
-    template: str = "python-3.13",
+    template: str = DEFAULT_TEMPLATE,
     *,
     size: int = DEFAULT_POOL_SIZE,
     ttl: str | int | float = store.DEFAULT_MEMBER_TTL,
-    backend: str | None = "namespace",
+    backend: str | None = store.POOL_BACKENDS[0],
     resources: Resources | None = None,
     network: NetworkPolicy | None = None,
     refill: bool = True,
@@ -275,7 +275,7 @@ def pool(
     spec_args = _validated_spec(template, name=None, workload_id=None, ttl=None, resources=resources,
                                 network=network, env=None, tags=None, template_check=None if live else check_template)
     if not live:  # record/plan: a pool changes how fast a live create is served, not what it does
-        backend_name = store.validate_pool_backend("namespace" if backend is None else backend)
+        backend_name = store.validate_pool_backend(store.POOL_BACKENDS[0] if backend is None else backend)
         spec = store.PoolSpec(template=template, backend=backend_name, resources=spec_args["resources"],
                               network=spec_args["network"], template_digest="")
         return Pool(store.new_pool_id(), spec, size, ttl_seconds, refill=False, recorded=True)

@@ -18,6 +18,8 @@ from ..durations import parse_duration
 from ..protocol.requests import AGENT_USER, check_user
 from ..security.secrets import Redactor, SecretRef, resolve_secret
 from ..spec import (
+    DEFAULT_TEMPLATE,
+    DEFAULT_TTL,
     NetworkPolicy,
     Resources,
     SandboxConfig,
@@ -46,7 +48,6 @@ from .transport import Transport
 if TYPE_CHECKING:
     from ..cluster import Cluster
 
-DEFAULT_TTL = "30m"
 MODES = ("record", "plan", "live")
 
 
@@ -101,7 +102,7 @@ class Sandbox:
     @classmethod
     def create(
         cls,
-        template: str = "python-3.13",
+        template: str = DEFAULT_TEMPLATE,
         *,
         name: str | None = None,
         workload_id: str | None = None,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from mvm import errors
 from mvm.sdk.policy import network, resources
 from mvm.sdk.sandbox import Sandbox
+from mvm.spec import Resources
 
 from ..common import DEFAULT_WORKDIR, EVAL_TEMPLATE, guest_path
 
@@ -36,10 +37,10 @@ T = TypeVar("T")
 class MvmResourcesConfig(BaseModel, frozen=True):
     """``resources(...)``: checked by mvm when a sandbox is made."""
 
-    cpu_cores: float = 1
-    memory_mb: int = 512
-    rootfs_size_mb: int = 1024
-    max_processes: int = 256
+    cpu_cores: float = Resources.cpu_cores
+    memory_mb: int = Resources.memory_mb
+    rootfs_size_mb: int = Resources.rootfs_size_mb
+    max_processes: int = Resources.max_processes
 
 
 class MvmNetworkConfig(BaseModel, frozen=True):

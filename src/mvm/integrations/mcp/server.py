@@ -28,6 +28,7 @@ from ...sdk.commands import signal_args
 from ...sdk.policy import network as make_network
 from ...sdk.policy import resources as make_resources
 from ...sdk.policy import secret
+from ...spec import DEFAULT_TTL, Resources
 
 #: Largest file ``read_file`` returns to the model.
 MAX_READ_BYTES = 1024 * 1024
@@ -118,9 +119,9 @@ def build_server(policy: OperatorPolicy, *, transport: str = "stdio") -> tuple[M
     async def create_sandbox(
         ctx: Context[Any, Any],
         template: str = policy.templates[0],
-        ttl: str = "30m",
-        cpu_cores: int = 1,
-        memory_mb: int = 512,
+        ttl: str = DEFAULT_TTL,
+        cpu_cores: int = int(Resources.cpu_cores),
+        memory_mb: int = Resources.memory_mb,
         network_allow: list[str] | None = None,
         secret_env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
