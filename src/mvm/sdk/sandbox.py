@@ -490,7 +490,7 @@ def create_request(
     if live and from_snapshot is not None and resources is None:
         resources = snapshot_shape(from_snapshot)
     spec = _validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
-                           network=network, env=env, tags=tags, template_check=None if live else check_template)
+                           network=network, env=env, tags=tags)
     files = collect_includes(include or [], base_dir=script_dir())
     if not live:  # live, choose_backend checks it against what this host can run
         if backend is not None and backend not in backend_names():
@@ -523,16 +523,15 @@ def _validated_spec(
     network: NetworkPolicy | None,
     env: Mapping[str, Any] | None,
     tags: Mapping[str, str] | None,
-    template_check: Callable[[str], object] | None = None,
 ) -> dict[str, Any]:
     """Validate ``Sandbox.create``'s arguments (live and record/plan modes alike).
 
     A name not in ``available_templates()`` is checked without building
-    (``check_template``, or ``template_check`` when given): the live create builds the
-    template once afterwards, so validation never builds it a second time.
+    (``check_template``): the live create builds the template once afterwards, in the
+    launch path, so validation never builds it a second time.
     """
     if not isinstance(template, str) or template not in available_templates():
-        (template_check or check_template)(template)  # raises TemplateNotFound with the buildable names
+        check_template(template)  # raises TemplateNotFound with the buildable names
     if name is not None:
         validate_name(name)
     validate_workload_id(workload_id)
