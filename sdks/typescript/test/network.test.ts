@@ -7,24 +7,18 @@
  * with the Python SDK's messages.
  */
 
-import { cleanup, thrown } from "./helpers.js";
+import { cleanup, PYTHON, pythonErrors, thrown } from "./helpers.js";
 
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { createServer, request as httpRequest, type Server } from "node:http";
 import { createServer as createTcpServer, type AddressInfo } from "node:net";
-import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import {
   HOST_ALIAS, InvalidArgument, InvalidNetworkPolicy, MvmError, network, NetworkInfo, PortForward, PortInUse, Process, resources,
   Sandbox,
 } from "@mvm/sdk";
-
-import { REPO } from "./helpers.js";
-
-const PYTHON = join(REPO, ".venv", "bin", "python");
 
 /** Run in the guest: GET http://host.mvm.internal:PORT/probe for each port (through $HTTP_PROXY when set). */
 const PROBE = `
@@ -344,23 +338,8 @@ describe("argument checks (no supervisor needed)", () => {
   });
 
   test("the Python SDK's errors, word for word", { skip: !existsSync(PYTHON) && "no .venv" }, async () => {
-    const script = `
-import json, mvm
-from pathlib import Path
-sb = mvm.Sandbox("sb-nothing0001", "nothing", Path("/nonexistent"))
-out = []
-for source in json.loads(input()):
-    try:
-        eval(source)
-        out.append(None)
-    except mvm.MvmError as exc:
-        out.append({"type": exc.wire_type, "message": exc.message, "field": getattr(exc, "field", None),
-                    "allowed": getattr(exc, "allowed", None)})
-print(json.dumps(out))
-`;
-    const done = spawnSync(PYTHON, ["-c", script], { input: JSON.stringify(CASES.map(([, py]) => py)) + "\n", encoding: "utf8" });
-    assert.equal(done.status, 0, done.stderr);
-    const expected = JSON.parse(done.stdout) as { type: string; message: string; field: unknown; allowed: unknown }[];
+    const expected = pythonErrors(CASES.map(([, py]) => py),
+      { prelude: 'from pathlib import Path\nsb = mvm.Sandbox("sb-nothing0001", "nothing", Path("/nonexistent"))' });
     const sb = new Sandbox("sb-nothing0001", "nothing", "/nonexistent");
     for (let i = 0; i < CASES.length; i++) {
       const exc = await thrown(() => CASES[i][0](sb));
