@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from mvm.osutil import pid_alive
 from mvm.paths import sandboxes_dir
 from mvm.pooling import store
 from mvm.sdk.pool import pools
@@ -84,3 +85,39 @@ def test_keep_filled_refills_after_a_claim_and_closes_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_pool_hold_makes_a_pool_from_json_answers_requests_and_closes_it_at_the_end_of_stdin() -> None:
+    """What the TypeScript SDK's pool() runs: mvm.pool's own checks, then one answer per line."""
+    refused = subprocess.run([*MVMCTL, "pool", "hold", "--json"], input='{"sizes": 2}\n', capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2
+    error = json.loads(refused.stderr.strip().splitlines()[-1])["error"]
+    assert (error["type"], error["field"]) == ("InvalidArgument", "sizes") and "size" in error["allowed"]
+    assert json.loads(mvmctl("pool", "ls", "--json").stdout) == []
+
+    proc = subprocess.Popen([*MVMCTL, "pool", "hold", "--json"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(json.dumps({"size": 1, "ttl": "5m", "resources": {"memory_mb": 320}}) + "\n")
+        proc.stdin.flush()
+        first = json.loads(proc.stdout.readline())["result"]
+        made = first["pool"]
+        assert made["owner_pid"] == proc.pid and made["resources"]["memory_mb"] == 320 and not first["recorded"]
+        assert first["refused_options"]["from_snapshot"]["field"] == "from_snapshot"
+        proc.stdin.write('{"op": "wait_ready"}\n{"op": "bogus"}\n')
+        proc.stdin.flush()
+        ready = json.loads(proc.stdout.readline())["result"]["ready"]
+        assert len(ready) == 1
+        assert json.loads(proc.stdout.readline())["error"]["field"] == "op"
+        pids = [json.loads((sandboxes_dir() / m / "state.json").read_text())["supervisor_pid"] for m in ready]
+        proc.stdin.close()  # the program at the other end exited: the pool closes as at a Python exit
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not store.pool_dir(made["id"]).exists()
+    assert not any((sandboxes_dir() / member).exists() for member in ready)
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), "the members' supervisors to exit", timeout=30)

@@ -25,6 +25,7 @@ export {
   type OutputChunk, type OutputOptions,
   type RunOptions, type StartOptions,
 } from "./sandbox.js";
+export { Pool, pool, type PoolCreateOptions, type PoolOptions } from "./pool.js";
 export {
   CommandResult, FileEntry, LogEvent, NetworkInfo, PoolInfo, PortForward, ProcessInfo, SANDBOX_STATES, SandboxInfo, Snapshot,
   type EgressInfo, type PoolMembership, type FileType, type PortForwardFields, type SandboxState, type SnapshotKind,

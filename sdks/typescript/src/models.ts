@@ -219,7 +219,10 @@ export class PoolInfo {
     readonly ownerPid: number | null,
     readonly refilling: boolean,
     readonly createdAt: number,
+    /** The last error its refill hit (`null` after a success). */
     readonly lastError: string | null = null,
+    /** `template_digest`: the template build its members were made from. */
+    readonly details: Raw = {},
   ) {
     Object.freeze(this);
   }
@@ -228,7 +231,7 @@ export class PoolInfo {
     return new PoolInfo(String(raw.id), String(raw.template), String(raw.backend),
       Resources.fromDict((raw.resources ?? {}) as Raw), (raw.network ?? {}) as Raw, num(raw.size),
       Array.isArray(raw.ready) ? raw.ready.map(String) : [], num(raw.ttl_seconds), optNum(raw.owner_pid),
-      raw.refilling === true, num(raw.created_at), optStr(raw.last_error));
+      raw.refilling === true, num(raw.created_at), optStr(raw.last_error), (raw.details ?? {}) as Raw);
   }
 }
 

@@ -169,7 +169,8 @@ function toBuffer(data: string | Uint8Array, field = "data"): Buffer {
   throw InvalidArgument.create(field, `${kindOf(data)} is not bytes or str`);
 }
 
-interface MvmctlResult {
+/** @internal */
+export interface MvmctlResult {
   code: number | null;
   stdout: string;
   stderr: string;
@@ -224,8 +225,8 @@ async function liveOnly(call: string, hint: string): Promise<void> {
   if (mode !== "live") (await import("./recording.js")).notAvailable(call, mode, hint);
 }
 
-/** The typed error `mvmctl --json` printed on stderr (`{"error": {...}}`), else a `SandboxError`. */
-function mvmctlError(what: string, result: MvmctlResult): MvmError {
+/** The typed error `mvmctl --json` printed on stderr (`{"error": {...}}`), else a `SandboxError`. @internal */
+export function mvmctlError(what: string, result: MvmctlResult): MvmError {
   const lines = result.stderr.trim().split("\n").reverse();
   for (const line of lines) {
     if (!line.startsWith("{")) continue;

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
 import threading
 import time
+from typing import Any
 
 import click
 
+from .. import errors
 from ..pooling.store import DEFAULT_MEMBER_TTL, POOL_BACKENDS
-from ..spec import DEFAULT_TEMPLATE
 from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
-from ..sdk.pool import DEFAULT_POOL_SIZE, PoolInfo, close_pool, pool, pools
+from ..sdk.pool import DEFAULT_POOL_SIZE, POOL_OWN_OPTIONS, Pool, PoolInfo, close_pool, pool, pools, refused_option
+from ..spec import DEFAULT_TEMPLATE, NetworkPolicy, Resources
 from .common import asked_resources, emit, json_option, shape_options
 
 
@@ -100,6 +104,64 @@ def down(pool_id: str, as_json: bool) -> None:
     destroyed = close_pool(pool_id)
     emit(as_json, {"id": pool_id, "destroyed": destroyed, "closed_at": time.time()},
          f"closed {pool_id} ({destroyed} waiting members destroyed)")
+
+
+#: What ``mvmctl pool hold`` passes on to ``mvm.pool`` (the rest take ``mvm.pool``'s defaults).
+_HOLD_ARGUMENTS = ("template", "size", "ttl", "backend", "resources", "network", "refill")
+
+
+@pool_group.command("hold", hidden=True)
+@json_option
+def hold(as_json: bool) -> None:
+    """For the TypeScript SDK's ``pool()``: make a pool with ``mvm.pool`` from the JSON
+    arguments on stdin's first line (so its checks, defaults and messages are Python's),
+    print ``{"result": {"pool", "recorded", "refused_options"}}``, then answer one JSON request per line
+    (``describe``, ``wait_ready``, ``close``) until ``close`` or the end of stdin: the
+    process that holds the other end exited, and this one exits as a Python program
+    owning the pool would (a refilled pool is closed, ``refill: false`` members wait)."""
+    asked = json.loads(sys.stdin.readline() or "{}")
+    if not isinstance(asked, dict):
+        raise errors.InvalidArgument("pool", "the arguments must be a JSON object", allowed=list(_HOLD_ARGUMENTS))
+    unknown = sorted(set(asked) - set(_HOLD_ARGUMENTS))
+    if unknown:
+        raise errors.InvalidArgument(unknown[0], "is not an argument of pool()", allowed=list(_HOLD_ARGUMENTS))
+    if isinstance(asked.get("resources"), dict):
+        asked["resources"] = Resources.from_json(asked["resources"])
+    if isinstance(asked.get("network"), dict):
+        asked["network"] = NetworkPolicy.from_json(asked["network"])
+    made = pool(**asked)
+    _answer({"result": {"pool": made.describe().to_wire(), "recorded": made.recorded,
+                        "refused_options": {key: refused_option(key).to_wire() for key in POOL_OWN_OPTIONS}}})
+    while line := sys.stdin.readline():
+        try:
+            request = json.loads(line)
+            op = request.get("op") if isinstance(request, dict) else None
+            _answer({"result": _held(made, op, request)})
+        except errors.MvmError as exc:
+            _answer({"error": exc.to_wire()})
+            continue
+        except ValueError:
+            _answer({"error": errors.InvalidArgument("request", "is not JSON").to_wire()})
+            continue
+        if op == "close":
+            return
+
+
+def _held(made: Pool, op: Any, request: dict[str, Any]) -> dict[str, Any]:
+    if op == "describe":
+        return made.describe().to_wire()
+    if op == "wait_ready":
+        timeout = request.get("timeout")
+        return (made.wait_ready() if timeout is None else made.wait_ready(float(timeout))).to_wire()
+    if op == "close":
+        made.close()
+        return {}
+    raise errors.InvalidArgument("op", f"unknown request {op!r}", allowed=["describe", "wait_ready", "close"])
+
+
+def _answer(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
 
 
 def _print(as_json: bool, info: PoolInfo) -> None:

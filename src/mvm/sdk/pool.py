@@ -46,6 +46,17 @@ _REFILL_POLL = 0.2
 _BACKOFF = (1.0, 30.0)
 
 
+#: ``Sandbox.create`` arguments a pool's ``create`` does not take: they are what the pool serves.
+POOL_OWN_OPTIONS = ("template", "backend", "resources", "network", "from_snapshot", "cluster")
+
+
+def refused_option(key: str) -> errors.InvalidArgument:
+    """What ``Pool.create(key=...)`` raises for one of ``POOL_OWN_OPTIONS`` (the TypeScript
+    SDK's ``Pool.create`` raises these same errors: ``mvmctl pool hold`` hands them over)."""
+    return errors.InvalidArgument(key, "is the pool's own: use Sandbox.create for another one",
+                                  allowed="name, workload_id, ttl, include, env, tags, on_behalf_of, auto_pause, mode")
+
+
 @dataclass(frozen=True)
 class PoolInfo:
     """A pool as ``describe()`` / ``mvm.pools()`` report it."""
@@ -129,11 +140,9 @@ class Pool:
         it claims a member when one is ready); ``options`` are the rest of its arguments."""
         from .sandbox import Sandbox
 
-        for key in ("template", "backend", "resources", "network", "from_snapshot", "cluster"):
+        for key in POOL_OWN_OPTIONS:
             if key in options:
-                raise errors.InvalidArgument(key, "is the pool's own: use Sandbox.create for another one",
-                                             allowed="name, workload_id, ttl, include, env, tags, on_behalf_of, "
-                                                     "auto_pause, mode")
+                raise refused_option(key)
         sandbox = Sandbox.create(self.spec.template, backend=self.spec.backend, resources=self.spec.resources,
                                  network=self.spec.network, **options)
         self._wake.set()
