@@ -66,11 +66,14 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _temp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+def _temp_beside(path: Path) -> str:
+    # (string operations: every receipt is written through here, and pathlib's parsing
+    # cost more than the write)
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _write_temp(tmp: Path, data: bytes, durable: bool = True) -> None:
+def _write_temp(tmp: str, data: bytes, durable: bool = True) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
     try:
         os.fchmod(fd, PRIVATE_FILE)
@@ -81,21 +84,27 @@ def _write_temp(tmp: Path, data: bytes, durable: bool = True) -> None:
         os.close(fd)
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def write_private_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` (mode 0600) atomically: temp file beside it, rename over it.
     A reader sees the old or the new content, never a mix. ``durable``: fsync the file and
     its directory too (keys, manifests, receipts), not needed for a record a running
     process rewrites (``state.json``, ``backend.json``)."""
-    path = Path(path)
     tmp = _temp_beside(path)
     try:
         _write_temp(tmp, data, durable)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
     if durable:
-        fsync_dir(path.parent)
+        fsync_dir(Path(path).parent)
 
 
 class DeferredSync:
@@ -180,7 +189,7 @@ def create_private_exclusive(path: Path, data: bytes, *, durable: bool = True) -
             fsync_dir(path.parent)
         return True
     finally:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
 
 
 def read_private(path: Path) -> bytes:

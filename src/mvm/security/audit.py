@@ -301,7 +301,8 @@ class AuditLog:
 
 
 def _append_index(path: Path, record: dict[str, Any]) -> None:
-    make_dirs(path.parent)
+    if not os.path.isdir(path.parent):  # (one stat, not pathlib's walk: once per audit entry)
+        make_dirs(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -137,11 +137,24 @@ def load_public_key(key: PublicKeyLike = None) -> Ed25519PublicKey:
     raise InvalidArgument("public_key", "not an Ed25519 key", allowed="Ed25519 PEM or 32 raw bytes")
 
 
+#: key object's id -> (the key, its key_id): every receipt names its signer's key id, and
+#: deriving it (public key, raw bytes, sha256) cost ~35 us a time. Few keys are ever loaded.
+_KEY_IDS: dict[int, tuple[object, str]] = {}
+_KEY_IDS_MAX = 64
+
+
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """A short, stable fingerprint: ``ed25519:<first 16 hex of sha256(raw public key)>``."""
+    cached = _KEY_IDS.get(id(key))
+    if cached is not None and cached[0] is key:
+        return cached[1]
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+    kid = "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+    if len(_KEY_IDS) >= _KEY_IDS_MAX:
+        _KEY_IDS.clear()
+    _KEY_IDS[id(key)] = (key, kid)  # (holds the key: an id is not reused while it is cached)
+    return kid
 
 
 def symmetric_key(filename: str, *, create: bool = True) -> bytes | None:

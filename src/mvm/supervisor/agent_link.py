@@ -54,7 +54,7 @@ class AgentLink:
         self._on_event = on_event
         self._on_lost = on_lost
         self._ids = itertools.count(1)
-        self._waiting: dict[int, queue.Queue[Any]] = {}
+        self._waiting: dict[int, queue.SimpleQueue[Any]] = {}
         self._lock = threading.Lock()
         self._channel: FramedChannel | None = None
         self._generation = 0
@@ -233,7 +233,8 @@ class PendingCall:
         self._link = link
         self.ident = ident
         self.op = op
-        self.box: queue.Queue[Any] = queue.Queue()
+        # (a SimpleQueue: one answer, one taker; a Queue costs three Conditions per call)
+        self.box: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def wait(self, timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> tuple[dict[str, Any], bytes]:
         """The answer's ``(result, payload)``, or its error raised as the mapped ``MvmError``."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -72,7 +72,8 @@ def env_for(sup: Supervisor, env: dict[str, Any]) -> dict[str, str]:
     return merged
 
 
-def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) -> tuple[int, str]:
+def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) -> tuple[int, str, dict[str, str]]:
+    """Start the process (audited); its pid, audit id and the environment it got."""
     argv = ctx.arg.argv()
     env = env_for(sup, ctx.arg.env())
     # env key -> secret name: the shape of an env (never a null value without allow_unset)
@@ -101,7 +102,7 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
     pid = int(result["pid"])
     sup.processes.started(pid, argv, audit_id)
     sup.logs.system(f"started pid {pid}: {_argv_summary(argv)}", audit_id)
-    return pid, audit_id
+    return pid, audit_id, env
 
 
 def _stop_unrecorded(sup: Supervisor, starting: PendingCall) -> None:
@@ -114,7 +115,7 @@ def _stop_unrecorded(sup: Supervisor, starting: PendingCall) -> None:
 
 
 def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
-    pid, audit_id = start_process(sup, ctx, "proc.start", stdin=ctx.arg.boolean("stdin"))
+    pid, audit_id, _ = start_process(sup, ctx, "proc.start", stdin=ctx.arg.boolean("stdin"))
     return {"pid": pid, "audit_id": audit_id}, b""
 
 
@@ -126,7 +127,7 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     started_wall = time.time()
     started = time.monotonic()
     capture = OutputCapture(cap, sup.redactor if ctx.arg.boolean("redact", True) else None, ctx.send_data)
-    pid, audit_id = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
+    pid, audit_id, env = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
     record = sup.processes.subscribe(pid, capture.deliver, replay=True)
     try:
         if ctx.payload:
@@ -151,7 +152,7 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     capture.finish()
     duration = time.monotonic() - started
     sup.logs.system(f"pid {pid} exited with {record.exit_code}", audit_id)
-    receipt = _write_receipt(sup, ctx, audit_id, record.exit_code, capture, started_wall)
+    receipt = _write_receipt(sup, ctx, audit_id, env.keys(), record.exit_code, capture, started_wall)
     return {
         "exit_code": record.exit_code, "signal": record.signal, "timed_out": False,
         "truncated": capture.truncated, "duration_seconds": duration, "pid": pid, "audit_id": audit_id,
@@ -180,8 +181,8 @@ def _feed_stdin(sup: Supervisor, pid: int, payload: bytes) -> None:
     threading.Thread(target=feed, name=f"mvm-stdin-{pid}", daemon=True).start()
 
 
-def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, exit_code: int | None,
-                   capture: OutputCapture, started_at: float) -> Path:
+def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, env_keys: Iterable[str],
+                   exit_code: int | None, capture: OutputCapture, started_at: float) -> Path:
     from ..security.receipts import write_receipt
 
     # Durability (docs/security.md, "Audit durability"): the exec.run audit entry was
@@ -192,7 +193,7 @@ def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, exit_cod
     path = write_receipt(
         sup.receipts_dir, sandbox_id=sup.sandbox_id, template=sup.config["template"],
         template_digest=sup.template_digest, argv=ctx.args["argv"],
-        env_keys=env_for(sup, ctx.args.get("env") or {}).keys(), exit_code=exit_code,
+        env_keys=env_keys, exit_code=exit_code,
         stdout=bytes(capture.captured["stdout"]), stderr=bytes(capture.captured["stderr"]),
         started_at=started_at, ended_at=time.time(), audit_id=audit_id,
         truncated={name: capture.total[name] > len(capture.captured[name]) for name in ("stdout", "stderr")},
