@@ -28,7 +28,7 @@ import { PoolInfo } from "./models.js";
 import { findMvmctl } from "./paths.js";
 import { NetworkPolicy, Resources } from "./policy.js";
 import { poolsDir } from "./pooling.js";
-import { mvmctlError, Sandbox, type CreateOptions } from "./sandbox.js";
+import { mvmctlError, runMvmctl, Sandbox, type CreateOptions } from "./sandbox.js";
 import { validatedSpec } from "./spec.js";
 import { readJson } from "./state.js";
 
@@ -61,6 +61,8 @@ class Holder {
   private buffer = "";
   private stderr = "";
   private readonly waiting: { resolve: (answer: Answer) => void; reject: (exc: Error) => void }[] = [];
+  /** Why the holder is gone (it exited, or could not start); null while it runs. */
+  private gone: Error | null = null;
   readonly exited: Promise<number | null>;
 
   constructor(readonly child: ChildProcessWithoutNullStreams, mvmctl: string) {
@@ -70,7 +72,14 @@ class Holder {
       for (let end = this.buffer.indexOf("\n"); end >= 0; end = this.buffer.indexOf("\n")) {
         const line = this.buffer.slice(0, end);
         this.buffer = this.buffer.slice(end + 1);
-        this.waiting.shift()?.resolve(JSON.parse(line) as Answer);
+        let answer: Answer;
+        try {
+          answer = JSON.parse(line) as Answer;
+        } catch {
+          this.waiting.shift()?.reject(new SandboxError(`mvmctl pool hold answered ${JSON.stringify(line.slice(0, 200))}`));
+          continue;
+        }
+        this.waiting.shift()?.resolve(answer);
       }
       this.hold(this.waiting.length > 0);
     });
@@ -93,6 +102,7 @@ class Holder {
 
   /** The next answer (the first one is the pool's description, or the error that refused it). */
   next(): Promise<Answer> {
+    if (this.gone !== null) return Promise.reject(this.gone);
     this.hold(true);
     return new Promise((resolve, reject) => this.waiting.push({ resolve, reject }));
   }
@@ -124,6 +134,7 @@ class Holder {
   }
 
   private failAll(exc: Error): void {
+    this.gone ??= exc;
     for (const waiter of this.waiting.splice(0)) waiter.reject(exc);
     this.hold(false);
   }
@@ -194,14 +205,26 @@ export class Pool {
 
   /**
    * Stop refilling and destroy every member nobody claimed (claimed ones are ordinary
-   * sandboxes now and go on); resolves once they are gone. Safe to call twice.
+   * sandboxes now and go on); resolves once they are gone. Safe to call twice. A holder
+   * that was killed meanwhile cannot: its waiting members are then destroyed as
+   * `mvmctl pool down` destroys them.
    */
   close(): Promise<void> {
     this.closing ??= (async () => {
+      let held = true;
       try {
         answered(await this.holder.request({ op: "close" }));
+      } catch (exc) {
+        if (exc instanceof MvmError && exc.wireType !== "SandboxError") throw exc;
+        held = false; // the holder died (killed): Python's close_pool destroys what waits
       } finally {
         await this.holder.finish();
+      }
+      if (!held && !this.recorded) {
+        const down = await runMvmctl(["pool", "down", this.id, "--json"]);
+        if (down.code !== 0 && readJson(join(poolsDir(), this.id, "pool.json")) !== null) {
+          throw mvmctlError("mvmctl pool down", down);
+        }
       }
     })();
     return this.closing;

@@ -176,7 +176,8 @@ export interface MvmctlResult {
   stderr: string;
 }
 
-function runMvmctl(args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<MvmctlResult> {
+/** @internal */
+export function runMvmctl(args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<MvmctlResult> {
   const mvmctl = findMvmctl();
   if (mvmctl === null) {
     return Promise.reject(new SandboxError("mvmctl not found: set $MVMCTL, put mvmctl on PATH, or run ./setup.sh "

@@ -123,6 +123,21 @@ describe("pool()", () => {
     assert.deepEqual(await pools(), []);
   });
 
+  test("a holder killed meanwhile: requests fail typed, close() still destroys the waiting members", async () => {
+    const warm = await pool("python-3.13", { size: 1, ttl: "5m", resources: resources({ memoryMb: 480 }) });
+    const info = await warm.waitReady();
+    const member = { id: info.ready[0], pid: supervisorPid(info.ready[0]) };
+    process.kill(info.ownerPid as number, "SIGKILL");
+    await waitFor(() => !alive(info.ownerPid as number), "the holder is gone");
+    const exc = await thrown(() => warm.describe());
+    assert.ok(exc instanceof MvmError && exc.wireType === "SandboxError", String(exc));
+    await warm.close();
+    assert.ok(!existsSync(join(HOME, "pools", warm.id)));
+    assert.ok(!existsSync(join(HOME, "sandboxes", member.id)));
+    await waitFor(() => !alive(member.pid), "the member's supervisor exits");
+    assert.deepEqual(children(), []);
+  });
+
   test("bad values: the Python SDK's errors word for word, and nothing is left", { skip: !existsSync(PYTHON) && "no .venv" }, async () => {
     const cases: [() => Promise<unknown>, string][] = [
       [() => pool("python-3.13", { size: 0 }), "mvm.pool('python-3.13', size=0)"],
