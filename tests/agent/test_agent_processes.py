@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from agent_harness import CANARY, AgentClient, pid_exists, wait_until
+from waiting import wait_stalled
 
+from mvm.protocol import codec
 from mvm.protocol.codec import CHUNK_SIZE
 
 
@@ -307,3 +309,33 @@ def _descendants_of(root: int) -> set[int]:
             found.add(pid)
             stack.extend(children.get(pid, []))
     return found
+
+
+def _output_bytes(agent: AgentClient, pid: int) -> int:
+    return sum(len(e.payload) for e in agent.events_for(pid) if e.header["event"] == "proc.output")
+
+
+def test_output_credit_holds_a_process_and_its_exit_until_granted_and_nothing_is_lost(agent: AgentClient) -> None:
+    window = 16 * 1024
+    # 48 KiB fit in the pipe: the process writes them all and exits, a third sent, the rest in its pipe
+    pid = agent.start(["sh", "-c", "head -c 49152 /dev/zero | tr '\\0' y; exit 3"], output_window=window)
+    assert wait_until(lambda: not next(p for p in agent.call("proc.list")["processes"]
+                                       if p["pid"] == pid)["running"], timeout=30)  # the writer was reaped
+    # past LINGER_SECONDS after the reap: what waits for credit in its pipe is kept, not dropped
+    assert wait_stalled(lambda: _output_bytes(agent, pid), "the agent to stop at the credit", settle=0.5) == window
+    assert not [e for e in agent.events_for(pid) if e.header["event"] == "proc.exit"]
+    assert agent.run(["echo", "other"]).stdout == b"other\n"  # other processes flow meanwhile
+    agent.channel.send_raw(codec.event("proc.window", pid=pid, bytes=window))
+    assert wait_until(lambda: _output_bytes(agent, pid) == 2 * window, timeout=30)  # just what was granted
+    agent.channel.send_raw(codec.event("proc.window", pid=pid, bytes=window))
+    done = agent.wait_exit(pid)
+    assert done.stdout == b"y" * 49152 and done.exit_code == 3
+
+
+def test_a_stalled_process_blocks_on_its_pipe_and_goes_on_when_granted(agent: AgentClient) -> None:
+    pid = agent.start(["sh", "-c", "head -c 8388608 /dev/zero | tr '\\0' y"], output_window=256 * 1024)
+    assert wait_stalled(lambda: _output_bytes(agent, pid), "the agent to stop at the credit") == 256 * 1024
+    assert next(p for p in agent.call("proc.list")["processes"] if p["pid"] == pid)["running"]  # blocked, not done
+    agent.channel.send_raw(codec.event("proc.window", pid=pid, bytes=8 * 1024 * 1024))
+    done = agent.wait_exit(pid, timeout=60)
+    assert done.stdout == b"y" * 8388608 and done.exit_code == 0

@@ -340,6 +340,13 @@ def test_a_larger_window_is_granted_only_once_the_peer_knows_the_stream() -> Non
     {"kind": "event", "event": "tcp.close", "stream": 1, "reason": 5},
     {"kind": "event", "event": "tcp.open", "stream": 2, "port": 0},
     {"kind": "event", "event": "tcp.open", "stream": 2, "port": 3128, "peer": None},
+    # the other credit events and a request's window (docs/protocol.md, "Flow control")
+    {"kind": "event", "event": "data.window", "id": 1},
+    {"kind": "event", "event": "data.window", "id": 0, "bytes": 5},
+    {"kind": "event", "event": "proc.window", "pid": 7, "bytes": (1 << 32) + 1},
+    {"kind": "event", "event": "proc.window", "pid": "7", "bytes": 5},
+    {"kind": "request", "id": 1, "op": "x", "window": 0},
+    {"kind": "request", "id": 1, "op": "x", "window": True},
 ])
 def test_stream_frames_with_bad_fields_are_protocol_errors(header: dict) -> None:
     with pytest.raises(ProtocolError):

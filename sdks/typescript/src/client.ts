@@ -70,6 +70,29 @@ export function streamIdle(op: string, idleTimeout: number): StreamIdle {
   return new StreamIdle(`${op}: nothing from the sandbox for ${idleTimeout} s`, { idle_timeout: idleTimeout });
 }
 
+/**
+ * The credit of one flow-controlled request (Python: `client_core.Grants`): it opens with
+ * `STREAM_WINDOW` bytes, and `took` answers the bytes its reader has taken with a
+ * `data.window` grant once they make a `GRANT_STEP`. The supervisor never sends more than
+ * granted, so a reader that stops taking stops the stream: what is queued here stays within
+ * one window, however much the process writes.
+ */
+export class Grants {
+  static readonly WINDOW = codec.STREAM_WINDOW;
+  private taken = 0;
+
+  constructor(readonly ident: number) {}
+
+  /** The grant to send after the reader took `size` more bytes, or null (not yet). */
+  took(size: number): Buffer | null {
+    this.taken += size;
+    if (this.taken < codec.GRANT_STEP) return null;
+    const grant = this.taken;
+    this.taken = 0;
+    return codec.event("data.window", undefined, { id: this.ident, bytes: grant });
+  }
+}
+
 /** One connection to one sandbox's supervisor. */
 export class SupervisorClient {
   /** The supervisor's hello header (`role: "supervisor"`, `sandbox_id`). */
@@ -163,11 +186,13 @@ export class SupervisorClient {
 
   /**
    * Send one request; deliver its `data` frames to `onData`; resolve with the final
-   * result and payload, or reject with the mapped `MvmError`.
+   * result and payload, or reject with the mapped `MvmError`. With `onData` the data
+   * frames are flow-controlled: granted back as `onData` returns.
    */
   call(op: string, args: Header | null = null, payload?: Uint8Array, options: CallOptions = {}): Promise<CallResult> {
     return new Promise<CallResult>((resolve, reject) => {
       const ident = this.open(op);
+      const grants = new Grants(ident);
       let timer: NodeJS.Timeout | undefined;
       const finish = () => {
         if (timer !== undefined) clearTimeout(timer);
@@ -184,7 +209,9 @@ export class SupervisorClient {
               finish();
               this.cancel(ident);
               reject(exc);
+              return;
             }
+            this.grant(grants, frame.payload.length);
             return;
           }
           if (frame.kind !== "response") return;
@@ -202,7 +229,7 @@ export class SupervisorClient {
       });
       this.updateRef();
       try {
-        this.send(codec.request(ident, op, args, payload), op);
+        this.send(codec.request(ident, op, args, payload, options.onData !== undefined ? Grants.WINDOW : null), op);
       } catch (exc) {
         finish();
         reject(exc);
@@ -226,12 +253,15 @@ export class SupervisorClient {
   /**
    * Yield the `data` frames of a request until its response; leaving the loop early
    * (`break`, `return`, an exception) cancels the request. With `idleTimeout` a request
-   * that sends nothing for that long is cancelled and `StreamIdle` thrown.
+   * that sends nothing for that long is cancelled and `StreamIdle` thrown. Flow-controlled:
+   * the supervisor sends on as the caller takes what was yielded, so a caller that stops
+   * reading holds at most `Grants.WINDOW` bytes here (the process waits meanwhile).
    */
   async *stream(op: string, args: Header | null = null, options: StreamOptions = {}): AsyncGenerator<StreamChunk, void, undefined> {
     const idle = options.idleTimeout ?? null;
     const ident = this.open(op);
-    const queue: (Frame | "closed" | "lost")[] = [];
+    const grants = new Grants(ident);
+    const queue: (Frame | "closed" | "lost")[] = []; // bounded by the request's window
     let wake: (() => void) | null = null;
     this.pending.set(ident, {
       frame: (frame) => {
@@ -246,7 +276,7 @@ export class SupervisorClient {
     this.updateRef();
     let finished = false;
     try {
-      this.send(codec.request(ident, op, args), op);
+      this.send(codec.request(ident, op, args, undefined, Grants.WINDOW), op);
       for (;;) {
         while (!queue.length) {
           let timer: NodeJS.Timeout | undefined;
@@ -270,6 +300,7 @@ export class SupervisorClient {
         }
         if (item.kind === "data") {
           yield { stream: String(item.header.stream), data: item.payload };
+          this.grant(grants, item.payload.length); // the caller took it: send more
           continue;
         }
         if (item.kind !== "response") continue;
@@ -313,6 +344,12 @@ export class SupervisorClient {
 
   private lost(op: string): SandboxLost {
     return lostSandbox(op, this.directory);
+  }
+
+  private grant(grants: Grants, size: number): void {
+    const grant = grants.took(size);
+    if (grant === null || this.isClosed || this.socket.destroyed || !this.socket.writable) return;
+    this.socket.write(grant);
   }
 
   private cancel(ident: number): void {

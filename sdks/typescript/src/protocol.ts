@@ -22,6 +22,17 @@ export const MAX_HEADER = 4 * 1024 * 1024;
 export const MAX_PAYLOAD = 4 * 1024 * 1024;
 /** Size senders use when splitting file and stream bytes into frames. */
 export const CHUNK_SIZE = 1024 * 1024;
+/**
+ * The receive window of every flow-controlled byte stream (Python: `codec.STREAM_WINDOW`;
+ * docs/protocol.md, "Flow control"): a request's `data` frames (its header's `window`) are
+ * sent only as far as the client grants them back (`data.window`), at least every `GRANT_STEP`.
+ */
+export const STREAM_WINDOW = 2 * 1024 * 1024;
+export const GRANT_STEP = STREAM_WINDOW / 4;
+/** The credit events (`bytes` in 1..2**32 more may be sent) and the field naming what they credit. */
+export const WINDOW_EVENTS: Readonly<Record<string, string>> = { "tcp.window": "stream", "data.window": "id", "proc.window": "pid" };
+/** Largest credit one grant or a request's `window` may give. */
+export const MAX_GRANT = 2 ** 32;
 
 export const KINDS = ["hello", "request", "response", "data", "event", "cancel"] as const;
 export type FrameKind = (typeof KINDS)[number];
@@ -95,6 +106,16 @@ export function validateHeader(header: unknown): asserts header is Header {
   }
   if (kind === "event") {
     if (typeof header.event !== "string") throw new ProtocolError("event frame needs a string 'event'");
+    const target = Object.hasOwn(WINDOW_EVENTS, header.event) ? WINDOW_EVENTS[header.event] : undefined;
+    if (target !== undefined) {
+      if (!isInt(header[target]) || (header[target] as number) < 1) {
+        throw new ProtocolError(`${header.event} needs an integer '${target}' >= 1`);
+      }
+      const grant = header.bytes;
+      if (!isInt(grant) || (grant as number) < 1 || (grant as number) > MAX_GRANT) {
+        throw new ProtocolError(`${header.event} needs an integer 'bytes' in 1..2**32`);
+      }
+    }
     return;
   }
   const ident = header.id;
@@ -104,6 +125,12 @@ export function validateHeader(header: unknown): asserts header is Header {
   if (kind === "request" && typeof header.op !== "string") throw new ProtocolError("request frame needs a string 'op'");
   if (kind === "request" && "args" in header && !isObject(header.args)) {
     throw new ProtocolError("request 'args' must be an object");
+  }
+  if (kind === "request" && "window" in header) {
+    const window = header.window;
+    if (!isInt(window) || (window as number) < 1 || (window as number) > MAX_GRANT) {
+      throw new ProtocolError("request 'window' must be an integer in 1..2**32");
+    }
   }
   if (kind === "response") {
     if (typeof header.ok !== "boolean") throw new ProtocolError("response frame needs a boolean 'ok'");
@@ -227,8 +254,12 @@ export function hello(role: string, extra: Header = {}): Buffer {
   return encode({ kind: "hello", protocol: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, ...extra });
 }
 
-export function request(ident: number, op: string, args: Header | null = null, payload?: Uint8Array): Buffer {
-  return encode({ kind: "request", id: ident, op, args: args ?? {} }, payload);
+/** A request; with `window` its `data` frames are flow-controlled (`data.window`). */
+export function request(ident: number, op: string, args: Header | null = null, payload?: Uint8Array,
+  window: number | null = null): Buffer {
+  const header: Header = { kind: "request", id: ident, op, args: args ?? {} };
+  if (window !== null) header.window = window;
+  return encode(header, payload);
 }
 
 export function responseOk(ident: number, result: Header | null = null, payload?: Uint8Array): Buffer {

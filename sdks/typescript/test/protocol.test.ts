@@ -76,6 +76,10 @@ describe("protocol codec", () => {
     ["result not an object", { kind: "response", id: 1, ok: true, result: "x" }, /'result' must be an object/],
     ["error without type", { kind: "response", id: 1, ok: false, error: {} }, /'error' object with a string 'type'/],
     ["data without stream", { kind: "data", id: 1 }, /string 'stream'/],
+    ["a window of 0", { kind: "request", id: 1, op: "x", window: 0 }, /request 'window' must be an integer in 1\.\.2\*\*32/],
+    ["a grant without bytes", { kind: "event", event: "data.window", id: 1 }, /data.window needs an integer 'bytes' in 1\.\.2\*\*32/],
+    ["a grant for id 0", { kind: "event", event: "data.window", id: 0, bytes: 5 }, /data.window needs an integer 'id' >= 1/],
+    ["a grant past 2**32", { kind: "event", event: "proc.window", pid: 7, bytes: 2 ** 32 + 1 }, /proc.window needs an integer 'bytes'/],
   ];
   for (const [name, header, message] of invalid) {
     test(`a header with ${name} is a ProtocolError, encoding and decoding`, () => {

@@ -7,6 +7,8 @@
 import { cleanup, collect, thrown } from "./helpers.js";
 
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { after, before, describe, test } from "node:test";
 
 import {
@@ -192,6 +194,57 @@ describe("a live sandbox", () => {
     assert.equal(await sleeper.wait(10), 137);
     assert.ok((await thrown(() => sleeper.signal("SIGBOGUS"))) instanceof InvalidArgument);
     assert.ok((await thrown(() => sb.commands.connect(999999))) instanceof ProcessNotFound);
+  });
+
+  test("a stalled reader holds the process, not memory; the sandbox answers meanwhile; then every byte, in order", async () => {
+    // Python: tests/supervisor/test_stream_backpressure.py (the same flood, the same bounds)
+    const floodMib = 256;
+    const rssBound = 64 * 1024 * 1024;
+    const block = (i: number) => (`${String(i).padStart(15, "0")} `.repeat(64).slice(0, 1023) + "\n").repeat(1024);
+    const flood = [
+      "import os, sys",
+      "out = sys.stdout.buffer",
+      "open('/tmp/written', 'w').write('0')",
+      "out.write(b'ready\\n'); out.flush()",
+      "sys.stdin.readline()",
+      `for i in range(${floodMib}):`,
+      "    out.write(((f'{i:015d} ' * 64)[:1023] + '\\n').encode() * 1024); out.flush()",
+      "    open('/tmp/written.new', 'w').write(str(i + 1)); os.replace('/tmp/written.new', '/tmp/written')",
+    ].join("\n");
+    const rss = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
+    const supervisor = Number((await sb.describe()).details.supervisor_pid);
+    const proc = await sb.commands.start(["python3", "-c", flood], { stdin: true });
+    const chunks = proc.output()[Symbol.asyncIterator]();
+    assert.deepEqual((await chunks.next()).value, { stream: "stdout", text: "ready\n" }); // attached: let it go
+    const before = [process.memoryUsage().rss, rss(supervisor)];
+    await proc.sendStdin("go\n");
+    // until the flooder stopped making progress for 1.5 s (blocked on its full pipe), reading nothing
+    const written = async () => Number(await sb.files.readText("/tmp/written"));
+    let last = -1;
+    let since = Date.now();
+    for (const deadline = Date.now() + 120_000; ; await new Promise((r) => setTimeout(r, 50))) {
+      const now = await written();
+      if (now !== last) [last, since] = [now, Date.now()];
+      else if (now > 0 && Date.now() - since >= 1500) break;
+      assert.ok(Date.now() < deadline, `the flooder never blocked (at ${now} MiB)`);
+    }
+    assert.ok(last < floodMib / 4, `the flooder wrote ${last} MiB with nobody reading`);
+    const grown = [process.memoryUsage().rss - before[0], rss(supervisor) - before[1]];
+    assert.ok(grown.every((g) => g < rssBound), `RSS grew by ${grown} bytes (client, supervisor)`);
+    assert.equal((await sb.commands.run(["echo", "meanwhile"])).stdout, "meanwhile\n");
+    assert.equal(await written(), last); // still held
+    const digest = createHash("sha256");
+    const expected = createHash("sha256");
+    let received = 0;
+    for (let item = await chunks.next(); !item.done; item = await chunks.next()) {
+      assert.equal(item.value.stream, "stdout");
+      digest.update(item.value.text);
+      received += item.value.text.length;
+    }
+    for (let i = 0; i < floodMib; i++) expected.update(block(i));
+    assert.equal(received, floodMib * 1024 * 1024);
+    assert.equal(digest.digest("hex"), expected.digest("hex")); // every byte, in order
+    assert.equal(await proc.wait(60), 0);
   });
 
   test("a silent stream throws StreamIdle past idleTimeout and leaves the process running", async () => {

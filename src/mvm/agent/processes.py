@@ -5,17 +5,23 @@
   asked for). It is spawned under the reaper's lock, so the reaper always finds
   its record and ``Popen`` never waits for it.
 * ``OutputPump`` is one thread multiplexing every pipe: it reads output in
-  ``CHUNK_SIZE`` pieces and sends ``proc.output`` events (blocking on the channel
-  is the backpressure: unread output stays in the kernel's pipe), feeds queued
-  stdin, and sends ``proc.exit`` once the process was reaped *and* its output
-  pipes reached EOF -- or ``LINGER_SECONDS`` after the reap if a descendant still
-  holds them, which are then closed. All events of one pid come from this one
-  thread, so ``proc.exit`` is always after the last ``proc.output``.
+  ``CHUNK_SIZE`` pieces and sends ``proc.output`` events, feeds queued stdin, and
+  sends ``proc.exit`` once the process was reaped *and* its output pipes reached
+  EOF -- or ``LINGER_SECONDS`` after the reap if a descendant still holds them,
+  which are then closed. All events of one pid come from this one thread, so
+  ``proc.exit`` is always after the last ``proc.output``.
+* Backpressure per process: a process started with ``output_window`` has that
+  much credit; the pump reads its pipes only while credit is left and the host
+  grants more (``proc.window``) as its readers take the output. A process whose
+  reader stalls blocks on its full pipe (nothing is lost, nothing piles up here)
+  while every other process keeps flowing. Without ``output_window`` (an older
+  host) blocking on the channel is the only backpressure.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -23,7 +29,9 @@ import selectors
 import shutil
 import signal
 import stat
+import struct
 import subprocess
+import termios
 import threading
 import time
 from collections import deque
@@ -90,6 +98,11 @@ class Process:
     stdin_queue: deque[_StdinItem] = field(default_factory=deque)
     stdin_backlog: int = 0
     stdin_requested: bool = False
+    #: Output bytes the host still accepts (``proc.window``); None: not flow-controlled.
+    credit: int | None = None
+    output_window: int | None = None  # the credit it started with (given again on a new host link)
+    paused: bool = False  # out of credit: its pipes are not watched
+    drain_left: int | None = None  # reaped, pipes force-closing: what may still be read of them
 
     @property
     def running(self) -> bool:
@@ -98,6 +111,14 @@ class Process:
     def summary(self) -> dict[str, Any]:
         return {"pid": self.pid, "argv": self.argv, "running": self.running, "exit_code": self.exit_code,
                 "signal": self.signal, "started_at": self.started_at, "ended_at": self.ended_at}
+
+
+def _unread(pipe: IO[bytes]) -> int:
+    """Bytes waiting in a pipe (FIONREAD): an empty one out of credit can be closed, losing nothing."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 def parse_signal(value: Any) -> int:
@@ -140,6 +161,7 @@ class ProcessManager:
             args.raw["cwd"] = os.path.normpath(os.path.join(self._default_cwd, raw_cwd))
         cwd = args.path("cwd", default=self._default_cwd)
         want_stdin = args.boolean("stdin")
+        window = args.integer("output_window", minimum=1, maximum=codec.MAX_GRANT)
         stdin_path = args.path("stdin_path", default="") or None
         account = accounts.acting_account(args, self._default_user)
         env = self._base_env()
@@ -191,7 +213,7 @@ class ProcessManager:
                 pid=popen.pid, argv=argv, started_at=started_at, popen=popen,
                 outputs={"stdout": popen.stdout, "stderr": popen.stderr}, stdin=popen.stdin,
                 pipe_inodes=tuple(os.fstat(stream.fileno()).st_ino for stream in streams),
-                stdin_requested=want_stdin,
+                stdin_requested=want_stdin, credit=window, output_window=window,
             )
             with self._lock:
                 self._table[process.pid] = process
@@ -341,7 +363,7 @@ class OutputPump(threading.Thread):
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._commands: deque[Callable[[], None]] = deque()
-        self._active: set[Process] = set()
+        self._active: dict[int, Process] = {}
 
     # -- called from other threads ----------------------------------------------
 
@@ -358,6 +380,16 @@ class OutputPump(threading.Thread):
 
     def feed(self, process: Process, item: _StdinItem) -> None:
         self._commands.append(lambda: self._queue_stdin(process, item))
+        self.wake()
+
+    def grant(self, pid: int, size: int) -> None:
+        """The host takes ``size`` more output bytes of ``pid`` (``proc.window``; never blocks)."""
+        self._commands.append(lambda: self._grant(pid, size))
+        self.wake()
+
+    def new_link(self) -> None:
+        """A new host connection: its credit accounting starts afresh, at each process's window."""
+        self._commands.append(self._reset_credit)
         self.wake()
 
     # -- the pump thread ----------------------------------------------------------
@@ -381,7 +413,10 @@ class OutputPump(threading.Thread):
         self._finish_exited()
 
     def _timeout(self) -> float | None:
-        deadlines = [p.reaped_at + LINGER_SECONDS for p in self._active if p.reaped_at is not None]
+        now = time.monotonic()
+        deadlines = [p.reaped_at + LINGER_SECONDS for p in self._active.values()  # (past it, a paused
+                     if p.reaped_at is not None and not (p.paused and p.reaped_at + LINGER_SECONDS <= now)]
+        # one waits for credit, not time)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -394,16 +429,49 @@ class OutputPump(threading.Thread):
             pass
 
     def _add(self, process: Process) -> None:
-        self._active.add(process)
+        self._active[process.pid] = process
+        self._watch_outputs(process)
+
+    def _watch_outputs(self, process: Process) -> None:
         for stream, pipe in process.outputs.items():
             self._selector.register(pipe.fileno(), selectors.EVENT_READ,
                                     lambda _events, p=process, s=stream: self._read(p, s))
 
+    def _pause(self, process: Process) -> None:
+        """Out of credit: stop watching its pipes (the process blocks once they are full)."""
+        process.paused = True
+        for pipe in process.outputs.values():
+            self._selector.unregister(pipe.fileno())
+
+    def _grant(self, pid: int, size: int) -> None:
+        process = self._active.get(pid)
+        if process is None or process.credit is None:
+            return  # ended meanwhile (or not flow-controlled): nothing to resume
+        process.credit += size
+        if process.paused and process.credit > 0:
+            process.paused = False
+            self._watch_outputs(process)
+
+    def _reset_credit(self) -> None:
+        for process in self._active.values():
+            if process.output_window is not None:
+                process.credit = 0
+                self._grant(process.pid, process.output_window)
+
     def _read(self, process: Process, stream: str, budget: int = CHUNK_SIZE) -> None:
         pipe = process.outputs[stream]
+        if process.drain_left is not None:  # force-closing: only what is left of the final drain
+            budget = min(budget, process.drain_left)
         while budget > 0:
+            size = min(budget, CHUNK_SIZE)
+            if process.credit is not None:
+                if process.credit <= 0:
+                    if not process.paused:
+                        self._pause(process)
+                    return
+                size = min(size, process.credit)
             try:
-                data = os.read(pipe.fileno(), min(budget, CHUNK_SIZE))
+                data = os.read(pipe.fileno(), size)
             except BlockingIOError:
                 return
             except OSError:
@@ -412,11 +480,18 @@ class OutputPump(threading.Thread):
                 self._close_output(process, stream)
                 return
             budget -= len(data)
+            if process.credit is not None:
+                process.credit -= len(data)
+            if process.drain_left is not None:
+                process.drain_left -= len(data)
             self._emit(codec.event("proc.output", data, pid=process.pid, stream=stream))
+        if process.credit is not None and process.credit <= 0 and not process.paused:
+            self._pause(process)
 
     def _close_output(self, process: Process, stream: str) -> None:
         pipe = process.outputs.pop(stream)
-        self._selector.unregister(pipe.fileno())
+        if not process.paused:
+            self._selector.unregister(pipe.fileno())
         pipe.close()
 
     def _queue_stdin(self, process: Process, item: _StdinItem) -> None:
@@ -480,23 +555,32 @@ class OutputPump(threading.Thread):
 
     def _finish_exited(self) -> None:
         now = time.monotonic()
-        for process in [p for p in self._active if p.reaped_at is not None]:
+        for process in [p for p in self._active.values() if p.reaped_at is not None]:
             if process.outputs:
                 if now < process.reaped_at + LINGER_SECONDS:  # type: ignore[operator]
                     continue
                 self._force_close_outputs(process)
+                if process.outputs:
+                    continue  # output still in a pipe waits for the host's credit
             self._close_stdin(process)
-            self._active.discard(process)
+            del self._active[process.pid]
             process.reported = True
             self._emit(codec.event("proc.exit", pid=process.pid, exit_code=process.exit_code,
                                    signal=process.signal, ended_at=process.ended_at))
 
     def _force_close_outputs(self, process: Process) -> None:
-        """A descendant still holds the pipes: remember who, send what is there, close them."""
-        table = proctree.snapshot()
-        holders = proctree.pipe_holders(process.pipe_inodes, table) - proctree.protected_pids()
-        process.lingering = [(pid, table[pid].starttime) for pid in holders if pid in table]
+        """A descendant still holds the pipes: remember who, send what is there (at most
+        ``FINAL_DRAIN_BYTES``, within the host's credit), close them."""
+        if process.drain_left is None:
+            table = proctree.snapshot()
+            holders = proctree.pipe_holders(process.pipe_inodes, table) - proctree.protected_pids()
+            process.lingering = [(pid, table[pid].starttime) for pid in holders if pid in table]
+            process.drain_left = FINAL_DRAIN_BYTES
         for stream in list(process.outputs):
-            self._read(process, stream, budget=FINAL_DRAIN_BYTES)
-            if stream in process.outputs:
-                self._close_output(process, stream)
+            if process.drain_left > 0 and not process.paused:
+                self._read(process, stream, budget=process.drain_left)
+            if stream not in process.outputs:
+                continue  # it reached EOF
+            if process.paused and process.drain_left > 0 and _unread(process.outputs[stream]) > 0:
+                continue  # the rest of the drain once the host grants more
+            self._close_output(process, stream)

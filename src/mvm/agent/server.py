@@ -296,6 +296,8 @@ class Server:
                 raise ProtocolError(f"the host's first frame must be hello, got {kind}")
             elif kind == "request":
                 self._dispatch(link, frame)
+            elif kind == "event" and frame.header["event"] == "proc.window":  # output credit (never blocks)
+                self.processes.pump.grant(frame.header["pid"], frame.header["bytes"])
             elif kind in ("data", "event"):  # TCP stream bytes and credit (never blocks)
                 self.tcp.feed(frame)
             elif kind != "cancel":  # agent operations are short: a cancel just gets the normal answer
@@ -310,6 +312,7 @@ class Server:
         """Start a logical connection: drop the old one's state, send our hello first."""
         self.files.discard_handles()
         self.tcp.link_changed()
+        self.processes.pump.new_link()
         with self._send_lock:
             if self._link is not None:
                 self._link.alive = False

@@ -41,6 +41,16 @@ TCP_STREAM = "tcp"
 TCP_WINDOW = 256 * 1024
 #: Events that open, credit and abort TCP streams (their fields are checked here; docs/protocol.md).
 TCP_EVENTS = frozenset({"tcp.open", "tcp.window", "tcp.close"})
+#: The receive window of every flow-controlled byte stream (docs/protocol.md, "Flow control"):
+#: a relayed TCP stream (grown from ``TCP_WINDOW`` by a grant once both ends know it), a
+#: request's ``data`` frames (its header's ``window``) and a process's output on the agent hop
+#: (``proc.start``'s ``output_window``). A receiver grants back at least every ``GRANT_STEP``.
+STREAM_WINDOW = 2 * 1024 * 1024
+GRANT_STEP = STREAM_WINDOW // 4
+#: The credit events (``bytes`` in 1..2**32 more may be sent) and the field naming what they credit.
+WINDOW_EVENTS = {"tcp.window": "stream", "data.window": "id", "proc.window": "pid"}
+#: Largest credit one grant or a request's ``window`` may give.
+MAX_GRANT = 1 << 32
 #: Most file descriptors one frame carries (header field ``fds``; SCM_RIGHTS on an AF_UNIX channel,
 #: the namespace backend's agent handing a connected socket to the supervisor).
 MAX_FDS = 1
@@ -133,6 +143,8 @@ def validate_header(header: Any) -> None:
             raise ProtocolError("event frame needs a string 'event'")
         if header["event"] in TCP_EVENTS:
             _validate_tcp_event(header)
+        elif header["event"] in WINDOW_EVENTS:
+            _validate_grant(header)
         return
     ident = header.get("id")
     if not _is_int(ident) or ident < 0:
@@ -141,6 +153,10 @@ def validate_header(header: Any) -> None:
         raise ProtocolError("request frame needs a string 'op'")
     if kind == "request" and not isinstance(header.get("args", {}), dict):
         raise ProtocolError("request 'args' must be an object")
+    if kind == "request" and "window" in header:
+        window = header["window"]
+        if not _is_int(window) or not 1 <= window <= MAX_GRANT:
+            raise ProtocolError("request 'window' must be an integer in 1..2**32")
     if kind == "response":
         if not isinstance(header.get("ok"), bool):
             raise ProtocolError("response frame needs a boolean 'ok'")
@@ -166,9 +182,7 @@ def _validate_tcp_event(header: dict[str, Any]) -> None:
     if not _is_int(stream) or stream < 1:
         raise ProtocolError(f"{name} needs an integer 'stream' >= 1")
     if name == "tcp.window":
-        grant = header.get("bytes")
-        if not _is_int(grant) or not 1 <= grant <= 1 << 32:
-            raise ProtocolError("tcp.window needs an integer 'bytes' in 1..2**32")
+        _validate_grant(header)
     elif name == "tcp.open":
         port = header.get("port")
         if not _is_int(port) or not 1 <= port <= 65535:
@@ -177,6 +191,17 @@ def _validate_tcp_event(header: dict[str, Any]) -> None:
             raise ProtocolError("tcp.open's 'peer' must be a string")
     elif not isinstance(header.get("reason", ""), str):
         raise ProtocolError("tcp.close's 'reason' must be a string")
+
+
+def _validate_grant(header: dict[str, Any]) -> None:
+    """A credit event: what it credits (``WINDOW_EVENTS``) >= 1, ``bytes`` in 1..2**32."""
+    name = header["event"]
+    target = WINDOW_EVENTS[name]
+    if not _is_int(header.get(target)) or header[target] < 1:
+        raise ProtocolError(f"{name} needs an integer '{target}' >= 1")
+    grant = header.get("bytes")
+    if not _is_int(grant) or not 1 <= grant <= MAX_GRANT:
+        raise ProtocolError(f"{name} needs an integer 'bytes' in 1..2**32")
 
 
 #: A payload at least this big, not yet fully received, is read straight into its own buffer
@@ -304,8 +329,13 @@ def _encoded(header: dict[str, Any], payload: bytes) -> Encoded:
     return encode_parts(header, payload) if len(payload) >= DIRECT_MIN else encode(header, payload)
 
 
-def request(ident: int, op: str, args: dict[str, Any] | None = None, payload: bytes = b"") -> Encoded:
-    return _encoded({"kind": "request", "id": ident, "op": op, "args": args or {}}, payload)
+def request(ident: int, op: str, args: dict[str, Any] | None = None, payload: bytes = b"", *,
+            window: int | None = None) -> Encoded:
+    """A request; with ``window`` its ``data`` frames are flow-controlled (``data.window``)."""
+    header: dict[str, Any] = {"kind": "request", "id": ident, "op": op, "args": args or {}}
+    if window is not None:
+        header["window"] = window
+    return _encoded(header, payload)
 
 
 def response_ok(ident: int, result: dict[str, Any] | None = None, payload: bytes = b"", **extra: Any) -> Encoded:

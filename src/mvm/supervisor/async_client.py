@@ -21,7 +21,7 @@ from .. import errors
 from ..protocol import codec
 from ..protocol.codec import Frame, FrameDecoder, ProtocolError
 from . import client_core
-from .client_core import ConnectionEnded, DataCallback, PendingRequests, Request, answer
+from .client_core import ConnectionEnded, DataCallback, Grants, PendingRequests, Request, answer
 from .session import MAX_INFLIGHT
 
 READ_SIZE = 1024 * 1024
@@ -94,8 +94,10 @@ class AsyncSupervisorClient:
     ) -> tuple[dict[str, Any], bytes]:
         """Send one request; deliver its ``data`` frames to ``on_data``; return the final
         result and payload, or raise the mapped ``MvmError``. ``timeout`` bounds the whole
-        call; cancelling the awaiting task cancels the request in the supervisor."""
-        ident, box = await self._open(op, args, payload)
+        call; cancelling the awaiting task cancels the request in the supervisor. With
+        ``on_data`` the data frames are flow-controlled: granted back as ``on_data`` returns."""
+        ident, box = await self._open(op, args, payload, window=Grants.WINDOW if on_data is not None else None)
+        grants = Grants(ident)
         finished = False
         try:
             async with asyncio.timeout(timeout):
@@ -105,6 +107,7 @@ class AsyncSupervisorClient:
                     done = answer(op, item, on_data)
                     if done is not None:
                         return done
+                    self._grant(grants, len(item.payload))
         except TimeoutError:
             raise client_core.no_answer(op, timeout) from None
         finally:
@@ -128,8 +131,10 @@ class AsyncSupervisorClient:
         """Yield ``(stream, bytes)`` of ``data`` frames until the response. With
         ``idle_timeout`` a request that sends nothing for that long is cancelled and
         ``StreamIdle`` raised, so a silent process never hangs its reader. Closing the
-        iterator early (or cancelling its task) cancels the request."""
-        ident, box = await self._open(op, args, b"")
+        iterator early (or cancelling its task) cancels the request. Flow-controlled as
+        ``SupervisorClient.stream``: a caller that stops reading holds at most ``Grants.WINDOW``."""
+        ident, box = await self._open(op, args, b"", window=Grants.WINDOW)
+        grants = Grants(ident)
         finished = False
         try:
             while True:
@@ -144,6 +149,7 @@ class AsyncSupervisorClient:
                     return  # the sandbox was destroyed: its stream ends
                 if item.kind == "data":
                     yield item.header["stream"], item.payload
+                    self._grant(grants, len(item.payload))  # the caller took it: send more
                     continue
                 finished = True
                 answer(op, item, None)
@@ -166,14 +172,15 @@ class AsyncSupervisorClient:
 
     # -- internals ------------------------------------------------------------
 
-    async def _open(self, op: str, args: dict[str, Any] | None, payload: bytes) -> tuple[int, asyncio.Queue[Any]]:
+    async def _open(self, op: str, args: dict[str, Any] | None, payload: bytes, *,
+                    window: int | None = None) -> tuple[int, asyncio.Queue[Any]]:
         if self._closed:
             raise client_core.handle_closed()
         if self._ended is not None:  # the reader is done: nobody would fill the box
             raise self._ended.error(op)
         await self._slots.acquire()
-        box: asyncio.Queue[Any] = asyncio.Queue()
-        ident, request = self._pending.open(op, args, payload, box)
+        box: asyncio.Queue[Any] = asyncio.Queue()  # bounded by the request's window, if it has one
+        ident, request = self._pending.open(op, args, payload, box, window=window)
         try:
             if isinstance(request, bytes):
                 self._writer.write(request)
@@ -191,6 +198,12 @@ class AsyncSupervisorClient:
     def _done(self, ident: int) -> None:
         if self._pending.finish(ident):
             self._slots.release()
+
+    def _grant(self, grants: Grants, size: int) -> None:
+        grant = grants.took(size)
+        if grant is not None and not self._closed and not self._writer.is_closing():
+            with contextlib.suppress(ConnectionError, OSError):
+                self._writer.write(grant)  # (small: the transport buffers it, the writer flushes it)
 
     def _cancel(self, ident: int) -> None:
         # Synchronous on purpose: it runs in ``finally`` of a cancelled task, where awaiting

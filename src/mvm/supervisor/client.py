@@ -21,7 +21,7 @@ from ..protocol import codec
 from ..protocol.channel import ChannelClosed, FramedChannel
 from ..protocol.codec import ProtocolError
 from . import client_core
-from .client_core import ConnectionEnded, DataCallback, PendingRequests, Request, answer
+from .client_core import ConnectionEnded, DataCallback, Grants, PendingRequests, Request, answer
 
 __all__ = ["DataCallback", "SupervisorClient"]
 
@@ -70,8 +70,10 @@ class SupervisorClient:
         timeout: float | None = None,
     ) -> tuple[dict[str, Any], bytes]:
         """Send one request; deliver its ``data`` frames to ``on_data``; return the
-        final result and payload, or raise the mapped ``MvmError``."""
-        ident, box = self._open(op, args, payload)
+        final result and payload, or raise the mapped ``MvmError``. With ``on_data`` the data
+        frames are flow-controlled: granted back as ``on_data`` returns."""
+        ident, box = self._open(op, args, payload, window=Grants.WINDOW if on_data is not None else None)
+        grants = Grants(ident)
         try:
             while True:
                 try:
@@ -82,6 +84,7 @@ class SupervisorClient:
                 done = answer(op, item, on_data)
                 if done is not None:
                     return done
+                self._grant(grants, len(item.payload))
         finally:
             self._finish(ident)
 
@@ -110,8 +113,11 @@ class SupervisorClient:
     ) -> Iterator[tuple[str, bytes]]:
         """Yield ``(stream, bytes)`` of ``data`` frames until the response; closing the
         iterator early cancels the request. With ``idle_timeout`` a request that sends
-        nothing for that long is cancelled and ``StreamIdle`` raised."""
-        ident, box = self._open(op, args, b"")
+        nothing for that long is cancelled and ``StreamIdle`` raised. Flow-controlled: the
+        supervisor sends on as the caller takes what was yielded, so a caller that stops
+        reading holds at most ``Grants.WINDOW`` bytes here (the process waits meanwhile)."""
+        ident, box = self._open(op, args, b"", window=Grants.WINDOW)
+        grants = Grants(ident)
         finished = False
         try:
             while True:
@@ -126,6 +132,7 @@ class SupervisorClient:
                     return  # the sandbox was destroyed: its stream ends
                 if item.kind == "data":
                     yield item.header["stream"], item.payload
+                    self._grant(grants, len(item.payload))  # the caller took it: send more
                     continue
                 finished = True
                 answer(op, item, None)
@@ -141,14 +148,15 @@ class SupervisorClient:
 
     # -- internals ------------------------------------------------------------
 
-    def _open(self, op: str, args: dict[str, Any] | None, payload: bytes) -> tuple[int, queue.Queue[Any]]:
+    def _open(self, op: str, args: dict[str, Any] | None, payload: bytes, *,
+              window: int | None = None) -> tuple[int, queue.Queue[Any]]:
         if self._closed:
             raise client_core.handle_closed()
-        box: queue.Queue[Any] = queue.Queue()
+        box: queue.Queue[Any] = queue.Queue()  # bounded by the request's window, if it has one
         with self._lock:
             ended = self._ended
             if ended is None:
-                ident, request = self._pending.open(op, args, payload, box)
+                ident, request = self._pending.open(op, args, payload, box, window=window)
         if ended is not None:  # the reader is done: nobody would fill the box
             raise ended.error(op)
         try:
@@ -161,6 +169,14 @@ class SupervisorClient:
     def _finish(self, ident: int) -> None:
         with self._lock:
             self._pending.finish(ident)
+
+    def _grant(self, grants: Grants, size: int) -> None:
+        grant = grants.took(size)
+        if grant is not None:
+            try:
+                self._channel.send_raw(grant)
+            except ChannelClosed:
+                pass  # the reader hears of the end
 
     def _cancel(self, ident: int) -> None:
         try:

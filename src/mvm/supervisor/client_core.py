@@ -86,11 +86,13 @@ class PendingRequests(Generic[Box]):
         self._ids = itertools.count(1)
         self._boxes: dict[int, Box] = {}
 
-    def open(self, op: str, args: dict[str, Any] | None, payload: bytes, box: Box) -> tuple[int, codec.Encoded]:
-        """Register ``box`` under a fresh id; returns the id and the encoded request."""
+    def open(self, op: str, args: dict[str, Any] | None, payload: bytes, box: Box, *,
+             window: int | None = None) -> tuple[int, codec.Encoded]:
+        """Register ``box`` under a fresh id; returns the id and the encoded request (with
+        ``window``: its data frames flow-controlled, see ``Grants``)."""
         ident = next(self._ids)
         self._boxes[ident] = box
-        return ident, codec.request(ident, op, args, payload)
+        return ident, codec.request(ident, op, args, payload, window=window)
 
     def box_of(self, frame: Frame) -> Box | None:
         """The box waiting for ``frame`` (``None``: an answer nobody waits for any more)."""
@@ -103,6 +105,28 @@ class PendingRequests(Generic[Box]):
 
     def boxes(self) -> list[Box]:
         return list(self._boxes.values())
+
+
+class Grants:
+    """The credit of one flow-controlled request (docs/protocol.md, "Flow control"): it opens
+    with ``WINDOW`` bytes, and ``took`` answers the bytes its reader has taken with a
+    ``data.window`` grant once they make a ``GRANT_STEP``. The supervisor never sends more
+    than granted, so a reader that stops taking stops the stream: what a box holds stays
+    within one window, however much the process writes."""
+
+    WINDOW = codec.STREAM_WINDOW
+
+    def __init__(self, ident: int):
+        self.ident = ident
+        self._taken = 0
+
+    def took(self, size: int) -> bytes | None:
+        """The grant to send after the reader took ``size`` more bytes, or None (not yet)."""
+        self._taken += size
+        if self._taken < codec.GRANT_STEP:
+            return None
+        grant, self._taken = self._taken, 0
+        return codec.event("data.window", id=self.ident, bytes=grant)
 
 
 def stream_idle(op: str, idle_timeout: float | None) -> errors.StreamIdle:

@@ -12,14 +12,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .. import errors
 from ..protocol import CHUNK_SIZE
+from ..protocol.codec import STREAM_WINDOW
 from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES, MAX_OUTPUT_LIMIT
 from ..security.secrets import Redactor
 from .agent_link import PendingCall
-from .processes import ProcessRecord
+from .processes import Outbox, ProcessRecord
 
 if TYPE_CHECKING:
     from .server import Supervisor
     from .session import Reply, RequestContext
+
+#: Takes a piece of a process's output from a request's outbox (sends it on to the client).
+Consumer = Callable[[str, bytes], object]
 
 
 
@@ -29,7 +33,7 @@ class OutputCapture:
 
     STREAMS = ("stdout", "stderr")
 
-    def __init__(self, cap: int, redactor: Redactor | None, send: Callable[[str, bytes], None]):
+    def __init__(self, cap: int, redactor: Redactor | None, send: Callable[[str, bytes], object]):
         self.cap = cap
         self.send = send
         self.total = dict.fromkeys(self.STREAMS, 0)
@@ -88,7 +92,8 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
     # that refuses to start it adds an error entry.
     starting = sup.agent.submit("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
                                                "user": ctx.args.get("user"), "stdin": stdin,
-                                               "stdin_path": ctx.args.get("stdin_path")})
+                                               "stdin_path": ctx.args.get("stdin_path"),
+                                               "output_window": STREAM_WINDOW})
     try:
         audit_id = sup.audit.record(op, audit_args, details={"secret_env_keys": sorted(secret_keys)})
     except BaseException:  # not on record: the process must not run
@@ -128,26 +133,29 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     started = time.monotonic()
     capture = OutputCapture(cap, sup.redactor if ctx.arg.boolean("redact", True) else None, ctx.send_data)
     pid, audit_id, env = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
-    record = sup.processes.subscribe(pid, capture.deliver, replay=True)
+    outbox = Outbox(ctx.wake)
+    record = sup.processes.subscribe(pid, outbox, replay=True)
     try:
         if ctx.payload:
             _feed_stdin(sup, pid, ctx.payload)
-        deadline = None if timeout is None else started + float(timeout)
-        ended = _until_exit(sup, ctx, record, deadline)
+        ctx.deadline = None if timeout is None else started + float(timeout)
+        ended = _until_exit(sup, ctx, record, (outbox, capture.deliver))
         if ended == "cancelled":
             _kill_group(sup, pid)
             raise errors.Cancelled("exec.run cancelled by the client; its process group was killed")
         if ended == "timeout":
             _kill_group(sup, pid)
             record.exited.wait(5)
-            sup.processes.unsubscribe(pid, capture.deliver)
+            sup.processes.unsubscribe(pid, outbox)
+            ctx.deadline = None  # what it wrote before the kill still goes to the client
+            _relay(sup, ctx, record, outbox, capture.deliver)
             capture.finish()
             sup.logs.system(f"pid {pid} killed after its {timeout} s timeout", audit_id)
             raise errors.CommandTimeout(
                 f"command timed out after {timeout} s; its process group was killed",
                 pid=pid, audit_id=audit_id, timeout_seconds=timeout)
     finally:
-        sup.processes.unsubscribe(pid, capture.deliver)
+        sup.processes.unsubscribe(pid, outbox)
     _check_not_lost(record)
     capture.finish()
     duration = time.monotonic() - started
@@ -203,23 +211,47 @@ def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, env_keys
     return path
 
 
-def _until_exit(sup: Supervisor, ctx: RequestContext, record: ProcessRecord, deadline: float | None) -> str:
+def _until_exit(sup: Supervisor, ctx: RequestContext, record: ProcessRecord,
+                relay: tuple[Outbox, Consumer] | None = None) -> str:
     """Block until the process exited (``"exited"``), the request is cancelled or its
-    connection closed (``"cancelled"``), or the monotonic ``deadline`` passed
-    (``"timeout"``). Nothing polls: the exit and the cancel both set ``ctx.wake``."""
+    connection closed (``"cancelled"``), or ``ctx.deadline`` passed (``"timeout"``);
+    meanwhile ``relay`` hands the output put in its outbox to its consumer, at the
+    client's pace (a process's exit comes after its last output: once it exited, the
+    rest is relayed whatever the deadline). Nothing polls: the exit, new output, the
+    client's credit and the cancel all wake it."""
     sup.processes.wake_on_exit(record, ctx.wake)
     try:
         while True:
-            if record.exited.is_set():
-                return "exited"
+            ctx.wake.clear()
+            exited = record.exited.is_set()
+            if exited:
+                ctx.deadline = None
+            if relay is not None:
+                _relay(sup, ctx, record, *relay)
             if ctx.cancelled.is_set() or ctx.session.closed.is_set():
                 return "cancelled"
-            remaining = None if deadline is None else deadline - time.monotonic()
+            if exited:
+                return "exited"
+            remaining = None if ctx.deadline is None else ctx.deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return "timeout"
             ctx.wake.wait(remaining)
     finally:
         sup.processes.stop_waking(record, ctx.wake)
+
+
+def _relay(sup: Supervisor, ctx: RequestContext, record: ProcessRecord, outbox: Outbox, consume: Consumer) -> None:
+    """Hand what ``outbox`` holds to ``consume`` (which waits for the client's credit), each
+    piece then released to the agent (``ProcessTable.sent``), until it is empty or the
+    request stops."""
+    while not ctx.stopping():
+        item = outbox.take()
+        if item is None:
+            return
+        try:
+            consume(*item)
+        finally:
+            sup.processes.sent(record, outbox, len(item[1]))
 
 
 def _kill_group(sup: Supervisor, pid: int) -> None:
@@ -257,15 +289,13 @@ def proc_attach(sup: Supervisor, ctx: RequestContext) -> Reply:
     pid = _pid_arg(ctx)
     _known_record(sup, pid)
 
-    def deliver(stream: str, data: bytes) -> None:
-        ctx.send_data(stream, data)
-
-    record = sup.processes.subscribe(pid, deliver, replay=ctx.arg.boolean("replay", True))
+    outbox = Outbox(ctx.wake)
+    record = sup.processes.subscribe(pid, outbox, replay=ctx.arg.boolean("replay", True))
     try:
-        if _until_exit(sup, ctx, record, None) == "cancelled":
+        if _until_exit(sup, ctx, record, (outbox, ctx.send_data)) == "cancelled":
             raise errors.Cancelled("proc.attach cancelled")
     finally:
-        sup.processes.unsubscribe(pid, deliver)
+        sup.processes.unsubscribe(pid, outbox)
     _check_not_lost(record)
     return {"exit_code": record.exit_code, "signal": record.signal, "truncated": record.dropped_bytes > 0}, b""
 
@@ -274,8 +304,8 @@ def proc_wait(sup: Supervisor, ctx: RequestContext) -> Reply:
     pid = _pid_arg(ctx)
     record = _known_record(sup, pid)
     timeout = _timeout_arg(ctx)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    ended = _until_exit(sup, ctx, record, deadline)
+    ctx.deadline = None if timeout is None else time.monotonic() + timeout
+    ended = _until_exit(sup, ctx, record)
     if ended == "cancelled":
         raise errors.Cancelled("proc.wait cancelled")
     if ended == "timeout":

@@ -4,6 +4,13 @@ The agent reports output and exit as events (docs/protocol.md); each event is
 applied to the process's record here and fanned out to subscribers
 (``exec.run``, ``proc.attach``). Records are created on first sight, so output
 that arrives before the ``proc.start`` answer is not lost.
+
+Flow control (docs/protocol.md, "Flow control"): a subscriber is an ``Outbox`` --
+output is put in it without ever blocking the agent's reader, and its request's
+thread sends it on at the client's pace. The agent gets credit back for a process's
+output (``proc.window``) only as far as its slowest subscriber has sent it, so a
+stalled reader holds at most one window per subscriber here; the agent stops
+reading that process's pipes meanwhile (the process blocks), everything else flows.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import errors
+from ..protocol import codec
+from ..protocol.codec import GRANT_STEP
+
 #: Output kept per process for late ``proc.attach`` replays; older bytes are dropped.
 REPLAY_BYTES = 4 * 1024 * 1024
 #: Exited processes remembered for ``proc.wait``/``proc.list``.
@@ -22,7 +33,67 @@ MAX_EXITED = 1000
 #: Trimmed in batches of this many, so a process start does not scan the table each time.
 _TRIM_BATCH = 100
 
-Subscriber = Callable[[str, bytes], None]
+#: ``on_window(pid, size)``: send the agent a ``proc.window`` (never called under the table's lock).
+OnWindow = Callable[[int, int], None]
+
+
+class Outbox:
+    """A subscriber's output not sent on yet: filled without blocking (the agent's reader),
+    emptied by its request's thread; ``wake`` is set whenever something is put in."""
+
+    def __init__(self, wake: threading.Event):
+        self.wake = wake
+        self._items: deque[tuple[str, bytes]] = deque()
+        self.queued = 0  # bytes put in and not yet taken out and sent
+
+    def put(self, stream: str, data: bytes) -> None:
+        self._items.append((stream, data))
+        self.queued += len(data)
+        self.wake.set()
+
+    def take(self) -> tuple[str, bytes] | None:
+        """The oldest item (``done`` it once sent), or None."""
+        try:
+            return self._items.popleft()
+        except IndexError:
+            return None
+
+
+class OutputWindows:
+    """Sends the agent its ``proc.window`` grants from a thread of its own, coalesced per pid:
+    grants are made on the agent reader's thread, which must never block on a send to the
+    agent (an agent that stops reading while its answers wait to be read would hang both)."""
+
+    def __init__(self, send: Callable[[codec.Encoded], None]):
+        self._send = send
+        self._cond = threading.Condition()
+        self._pending: dict[int, int] = {}
+        self._thread: threading.Thread | None = None
+
+    def grant(self, pid: int, size: int) -> None:
+        with self._cond:
+            self._pending[pid] = self._pending.get(pid, 0) + size
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mvm-output-windows", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def reset(self) -> None:
+        """The agent connection changed: grants for the old one are void."""
+        with self._cond:
+            self._pending.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                grants, self._pending = self._pending, {}
+            for pid, size in grants.items():
+                try:
+                    self._send(codec.event("proc.window", pid=pid, bytes=min(size, codec.MAX_GRANT)))
+                except errors.MvmError:
+                    pass  # no agent connection: a new one starts every credit afresh
 
 
 @dataclass
@@ -37,7 +108,9 @@ class ProcessRecord:
     replay: deque[tuple[str, bytes]] = field(default_factory=deque)
     replay_size: int = 0
     dropped_bytes: int = 0
-    subscribers: list[Subscriber] = field(default_factory=list)
+    subscribers: list[Outbox] = field(default_factory=list)
+    #: Output bytes the agent sent that were not granted back to it yet (``proc.window``).
+    ungranted: int = 0
     exited: threading.Event = field(default_factory=threading.Event)
     #: Set once it exits, besides ``exited`` (a request's wake event: ``ProcessTable.wake_on_exit``).
     exit_watchers: list[threading.Event] = field(default_factory=list)
@@ -57,9 +130,10 @@ class ProcessRecord:
 
 
 class ProcessTable:
-    def __init__(self) -> None:
+    def __init__(self, on_window: OnWindow | None = None) -> None:
         self._lock = threading.Lock()
         self._records: dict[int, ProcessRecord] = {}
+        self.on_window = on_window
 
     def get(self, pid: int, *, create: bool = False) -> ProcessRecord | None:
         with self._lock:
@@ -78,6 +152,7 @@ class ProcessTable:
         return record
 
     def output(self, pid: int, stream: str, data: bytes) -> None:
+        """Keep it for replays, put it in every subscriber's outbox (never blocks)."""
         record = self.get(pid, create=True)
         assert record is not None
         with self._lock:
@@ -87,9 +162,38 @@ class ProcessTable:
                 _, old = record.replay.popleft()
                 record.replay_size -= len(old)
                 record.dropped_bytes += len(old)
-            subscribers = list(record.subscribers)
-        for deliver in subscribers:
-            deliver(stream, data)
+            for outbox in record.subscribers:
+                outbox.put(stream, data)
+            record.ungranted += len(data)
+            grant = self._grantable(record)
+        self._grant(pid, grant)
+
+    def sent(self, record: ProcessRecord, outbox: Outbox, size: int) -> None:
+        """A subscriber's request thread sent (or dropped) ``size`` bytes it took from ``outbox``."""
+        with self._lock:
+            outbox.queued -= size
+            grant = self._grantable(record)
+        self._grant(record.pid, grant)
+
+    def _grantable(self, record: ProcessRecord) -> int:
+        """What the agent may be granted back now (lock held): the bytes it sent, less what
+        the slowest subscriber still holds; in steps of ``GRANT_STEP``."""
+        backlog = max((outbox.queued for outbox in record.subscribers), default=0)
+        free = record.ungranted - backlog
+        if free < GRANT_STEP:  # (an agent out of credit has STREAM_WINDOW ungranted: a full step once drained)
+            return 0
+        record.ungranted -= free
+        return free
+
+    def _grant(self, pid: int, size: int) -> None:
+        if size > 0 and self.on_window is not None:
+            self.on_window(pid, size)
+
+    def reset_windows(self) -> None:
+        """A new agent connection: the agent starts each process's credit afresh."""
+        with self._lock:
+            for record in self._records.values():
+                record.ungranted = 0
 
     def exit(self, pid: int, exit_code: int, signal: int | None, ended_at: float | None) -> ProcessRecord:
         record = self.get(pid, create=True)
@@ -117,24 +221,26 @@ class ProcessTable:
             if watcher in record.exit_watchers:
                 record.exit_watchers.remove(watcher)
 
-    def subscribe(self, pid: int, deliver: Subscriber, *, replay: bool) -> ProcessRecord:
-        """Attach ``deliver``; with ``replay`` it first gets the kept output, in order,
+    def subscribe(self, pid: int, outbox: Outbox, *, replay: bool) -> ProcessRecord:
+        """Attach ``outbox``; with ``replay`` it first gets the kept output, in order,
         with nothing lost or doubled between replay and live delivery."""
         record = self.get(pid, create=True)
         assert record is not None
         with self._lock:
-            backlog = list(record.replay) if replay else []
-            record.subscribers.append(deliver)
-            # Deliver the backlog under the lock so live output can't interleave.
-            for stream, data in backlog:
-                deliver(stream, data)
+            # The backlog goes in under the lock so live output can't interleave.
+            for stream, data in (record.replay if replay else ()):
+                outbox.put(stream, data)
+            record.subscribers.append(outbox)
         return record
 
-    def unsubscribe(self, pid: int, deliver: Subscriber) -> None:
+    def unsubscribe(self, pid: int, outbox: Outbox) -> None:
         with self._lock:
             record = self._records.get(pid)
-            if record and deliver in record.subscribers:
-                record.subscribers.remove(deliver)
+            if record is None or outbox not in record.subscribers:
+                return
+            record.subscribers.remove(outbox)
+            grant = self._grantable(record)  # a stalled reader that leaves no longer holds the process
+        self._grant(pid, grant)
 
     def all(self) -> list[ProcessRecord]:
         with self._lock:

@@ -28,15 +28,19 @@ def logs(sup: Supervisor, ctx: RequestContext) -> Reply:
     follow = ctx.arg.boolean("follow")
     offset = sup.logs.size()
     count = 0
+    # Each entry waits for the client's credit: a reader that stalls leaves the rest in the
+    # log file (the log is the buffer), read on as it takes more.
     for entry in sup.logs.read(tail=tail, since=since):
-        ctx.send_data("log", json.dumps(entry).encode())
+        if not ctx.send_data("log", json.dumps(entry).encode(), whole=True):
+            break
         count += 1
     if follow:
         def stop() -> bool:
-            return ctx.cancelled.is_set() or ctx.session.closed.is_set() or sup.destroyed.is_set()
+            return ctx.stopping() or sup.destroyed.is_set()
 
         for entry in sup.logs.follow(offset, stop):
-            ctx.send_data("log", json.dumps(entry).encode())
+            if not ctx.send_data("log", json.dumps(entry).encode(), whole=True):
+                break
             count += 1
     return {"count": count}, b""
 

@@ -42,7 +42,7 @@ from .agent_link import AgentLink
 from .audit import Auditor
 from .logbook import LogBook
 from .network import NetworkManager
-from .processes import ProcessTable
+from .processes import OutputWindows, ProcessTable
 from .session import ClientSession, Reply, RequestContext, with_principal
 from .state import CONTROL_SOCKET, retire_directory, write_supervisor_stamp
 
@@ -75,6 +75,9 @@ class Supervisor:
         self.backend = get_backend(config["backend"])
         self.agent = AgentLink(on_event=self._on_agent_event, on_lost=self._on_agent_lost,
                                receive_fds=self.backend.agent_shares_kernel)
+        self.output_windows = OutputWindows(self.agent.send)  # credit for processes' output
+        self.processes.on_window = self.output_windows.grant
+        self.agent.on_change.append(self._on_agent_channel_change)
         self.instance: BackendInstance | None = None
         self.template_digest: str | None = None
         #: The template held in use for the sandbox's life: no prune in any process removes it.
@@ -310,6 +313,11 @@ class Supervisor:
             self.logs.process_exit(pid)
             self.processes.exit(pid, int(frame.header.get("exit_code", -1)), frame.header.get("signal"),
                                 frame.header.get("ended_at"))
+
+    def _on_agent_channel_change(self) -> None:
+        """A new agent connection starts every process's output credit afresh (both ends)."""
+        self.output_windows.reset()
+        self.processes.reset_windows()
 
     def _on_agent_lost(self, reason: str) -> None:
         if self.state in ("running", "paused") and not self.destroyed.is_set():

@@ -7,6 +7,7 @@ import functools
 import queue
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -86,12 +87,34 @@ class RequestContext:
         self.payload = frame.payload
         self.cancelled = threading.Event()
         #: Set by what ends a wait of this request's handler: its cancel (or its connection's
-        #: end), and whatever the handler asked to be woken by (a process's exit).
+        #: end), and whatever the handler asked to be woken by (a process's exit, its output).
         self.wake = threading.Event()
+        #: Data bytes the client still takes (its ``window``, then its ``data.window`` grants);
+        #: None: a client that does not flow-control its requests (sends just block on its socket).
+        self.window: int | None = frame.header.get("window")
+        self.credit = self.window
+        self._credit_changed = threading.Condition()
+        #: A monotonic time past which ``send_data`` stops waiting for credit (``exec.run``'s timeout).
+        self.deadline: float | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
         self.wake.set()
+        with self._credit_changed:
+            self._credit_changed.notify_all()
+
+    def grant(self, size: int) -> None:
+        """The client's ``data.window``: ``size`` more bytes may be sent (the session's reader)."""
+        with self._credit_changed:
+            if self.credit is None:
+                return  # not flow-controlled: nothing waits for it
+            self.credit = min(self.credit + size, codec.MAX_GRANT)
+            self._credit_changed.notify_all()
+
+    def stopping(self) -> bool:
+        """Cancelled, its connection gone, or past its ``deadline``: no more data to send."""
+        return (self.cancelled.is_set() or self.session.closed.is_set()
+                or (self.deadline is not None and time.monotonic() >= self.deadline))
 
     @property
     def arg(self) -> Args:
@@ -99,10 +122,30 @@ class RequestContext:
         value raises an ``InvalidArgument`` naming its field."""
         return Args(self.args)
 
-    def send_data(self, stream: str, payload: bytes) -> None:
+    def send_data(self, stream: str, payload: bytes, *, whole: bool = False) -> bool:
+        """Send ``payload`` as ``data`` frames, never beyond the client's credit: waits for its
+        grants (the client reads at its own pace; the bytes not sent yet stay with the
+        caller). ``whole``: one frame, sent once the credit covers it all (a log entry).
+        ``False`` when it stopped unsent (``stopping``)."""
         view = memoryview(payload)  # slices of it are sent as they are, never copied
-        for start in range(0, max(len(payload), 1), CHUNK_SIZE):
-            self.session.send(codec.data_parts(self.id, stream, view[start : start + CHUNK_SIZE]))  # type: ignore[arg-type]
+        while True:
+            size = min(len(view), CHUNK_SIZE) if not whole else len(view)
+            if self.credit is not None:
+                with self._credit_changed:
+                    # (a whole frame larger than the client's whole window waits for all of it)
+                    need = min(size, self.window or size) if whole else 1
+                    while self.credit < need and not self.stopping():
+                        remaining = None if self.deadline is None else self.deadline - time.monotonic()
+                        self._credit_changed.wait(remaining)
+                    if self.stopping():
+                        return False
+                    if not whole:
+                        size = min(size, self.credit)
+                    self.credit -= size
+            self.session.send(codec.data_parts(self.id, stream, view[:size]))  # type: ignore[arg-type]
+            view = view[size:]
+            if not view:
+                return True
 
 
 class ClientSession:
@@ -163,6 +206,10 @@ class ClientSession:
                     ctx_or_none = self.inflight.get(frame.header["id"])
                     if ctx_or_none is not None:
                         ctx_or_none.cancel()
+                elif frame.kind == "event" and frame.header["event"] == "data.window":
+                    ctx_or_none = self.inflight.get(frame.header["id"])
+                    if ctx_or_none is not None:  # (a grant may cross the request's answer)
+                        ctx_or_none.grant(frame.header["bytes"])
         except (ChannelClosed, ProtocolError, OSError):
             pass
         finally:

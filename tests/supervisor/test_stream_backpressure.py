@@ -1,0 +1,136 @@
+"""A caller that stops reading a stream holds the process, not memory (docs/protocol.md,
+"Flow control"; docs/reliability.md).
+
+A guest process writes far more than any window (``FLOOD_MIB``) while the caller holds its
+output stream open and reads nothing: the process blocks once the windows are full, the
+resident memory of the client (this process) and of the supervisor stays within a bound
+far below the flood, another request on the same sandbox completes meanwhile, and once the
+caller reads it gets every byte, in order. The sync and the asyncio clients both; the
+TypeScript client in sdks/typescript/test/sandbox.test.ts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from waiting import wait_stalled
+
+import mvm
+from mvm.backends import availability
+
+pytestmark = pytest.mark.skipif(not availability("namespace").ok, reason="namespace backend unavailable here")
+
+FLOOD_MIB = 256
+#: What a stalled stream may cost a process: a few windows (2 MiB each) and the replay ring
+#: (4 MiB), with room for the allocator's slack -- a quarter of the flood.
+RSS_BOUND = 64 * 1024 * 1024
+#: Prints "ready", waits for a line on stdin, then writes FLOOD_MIB distinct 1 MiB blocks
+#: (1 KiB lines), noting in /tmp/written how many the pipe took.
+FLOOD = f"""
+import os, sys
+out = sys.stdout.buffer
+with open("/tmp/written", "w") as f:
+    f.write("0")
+out.write(b"ready\\n"); out.flush()
+sys.stdin.readline()
+for i in range({FLOOD_MIB}):
+    out.write(((f"{{i:015d}} " * 64)[:1023] + "\\n").encode() * 1024); out.flush()
+    with open("/tmp/written.new", "w") as f:
+        f.write(str(i + 1))
+    os.replace("/tmp/written.new", "/tmp/written")
+"""
+
+
+def expected_digest() -> str:
+    digest = hashlib.sha256()
+    for i in range(FLOOD_MIB):
+        digest.update(((f"{i:015d} " * 64)[:1023] + "\n").encode() * 1024)
+    return digest.hexdigest()
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[mvm.Sandbox]:
+    with mvm.Sandbox.create("python-3.13", backend="namespace", ttl="15m") as sb:
+        yield sb
+
+
+def written_mib(sandbox: mvm.Sandbox) -> int:
+    """How many MiB the flooder got into its pipe (read by another request on the same sandbox)."""
+    return int(sandbox.files.read_text("/tmp/written"))
+
+
+def assert_stalled_within_bounds(sandbox: mvm.Sandbox, before: dict[int, int]) -> None:
+    """The flooder is blocked well before its end, memory grew by less than RSS_BOUND, and
+    another command on the same sandbox completes meanwhile."""
+    written = wait_stalled(lambda: written_mib(sandbox), "the flooder to block on its full pipe", settle=1.5,
+                           timeout=120)
+    assert written < FLOOD_MIB // 4, f"the flooder wrote {written} MiB with nobody reading"
+    grown = {pid: rss(pid) - base for pid, base in before.items()}
+    assert all(growth < RSS_BOUND for growth in grown.values()), grown
+    result = sandbox.commands.run(["echo", "meanwhile"], timeout_seconds=120)
+    assert (result.exit_code, result.stdout) == (0, "meanwhile\n")
+    assert written_mib(sandbox) == written  # (still held)
+
+
+def test_a_stalled_reader_holds_the_process_not_the_memory(sandbox: mvm.Sandbox) -> None:
+    supervisor = int(sandbox.describe().details["supervisor_pid"])
+    process = sandbox.commands.start(["python3", "-c", FLOOD], stdin=True)
+    chunks = process.output()
+    assert next(chunks) == ("stdout", "ready\n")  # attached: the flood is let go only now
+    follow = sandbox.logs(follow=True)  # a log follow that reads nothing either
+    next(follow)
+    before = {os.getpid(): rss(os.getpid()), supervisor: rss(supervisor)}
+    process.send_stdin("go\n")
+    assert_stalled_within_bounds(sandbox, before)
+    digest, received = hashlib.sha256(), 0
+    for stream, text in chunks:
+        assert stream == "stdout"
+        data = text.encode()
+        digest.update(data)
+        received += len(data)
+    assert received == FLOOD_MIB * 1024 * 1024
+    assert digest.hexdigest() == expected_digest()  # every byte, in order
+    assert process.wait(timeout=60) == 0
+    follow.close()  # type: ignore[attr-defined]
+
+
+def test_a_stalled_asyncio_reader_holds_the_process_not_the_memory(sandbox: mvm.Sandbox) -> None:
+    supervisor = int(sandbox.describe().details["supervisor_pid"])
+
+    async def scenario() -> None:
+        handle = await mvm.AsyncSandbox.connect(sandbox.id)
+        try:
+            process = await handle.commands.start(["python3", "-c", FLOOD], stdin=True)
+            chunks = process.output()
+            assert await anext(chunks) == ("stdout", "ready\n")
+            before = {os.getpid(): rss(os.getpid()), supervisor: rss(supervisor)}
+            await process.send_stdin("go\n")
+            # the event loop goes on (its reader task keeps reading the socket) while nobody reads the stream
+            await asyncio.to_thread(assert_stalled_within_bounds, sandbox, before)
+            meanwhile = await handle.commands.run(["echo", "on the same connection"], timeout_seconds=120)
+            assert meanwhile.stdout == "on the same connection\n"
+            digest, received = hashlib.sha256(), 0
+            async for stream, text in chunks:
+                assert stream == "stdout"
+                data = text.encode()
+                digest.update(data)
+                received += len(data)
+            assert received == FLOOD_MIB * 1024 * 1024
+            assert digest.hexdigest() == expected_digest()
+            assert await process.wait(timeout=60) == 0
+        finally:
+            await handle.close()
+
+    asyncio.run(scenario())
