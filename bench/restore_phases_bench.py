@@ -5,9 +5,11 @@ A/B against another checkout in the same run.
 
 Each measurement is one fresh process (so both variants pay the same imports) that creates
 a VM instance on the backend, restores the ready snapshot (``start()``), says hello to the
-agent, sends ``agent.configure`` as the supervisor does and runs ``true`` twice; it prints
-the milliseconds of each phase. With ``--other`` the same runs alternate with a checkout
-of other code (its ``src``), and the medians are printed side by side. Runs in a throw-away
+agent, sends ``agent.configure`` as the supervisor does (clock, entropy, hostname and the
+limits the agent enforces itself: ``max_processes``) and runs ``true`` twice; it prints
+the milliseconds of each phase and how many blocks of guest code QEMU translated. With
+``--other`` the same runs alternate with a checkout of other code (its ``src``), and the
+medians are printed side by side. Runs in a throw-away
 MVM_HOME (templates and caches shared with ~/.mvm); exits 0.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -23,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 PHASES = ("overlay", "qemu_launch", "incoming", "cont_connect", "agent_hello", "agent_configure", "first_true",
-          "second_true", "to_first_result", "qemu_cpu")
+          "second_true", "to_first_result", "qemu_cpu", "guest_blocks")
 
 
 def measure(runs: int) -> list[dict[str, float]]:
@@ -87,13 +90,16 @@ def measure(runs: int) -> list[dict[str, float]]:
         channel.handshake("supervisor")
         marks["agent_hello"] = time.perf_counter()
         call(channel, "agent.configure", {"clock_epoch": time.time(), "entropy_hex": secrets.token_hex(32),
-                                          "hostname": "sandbox"})
+                                          "hostname": "sandbox", **instance.agent_limits()})
         marks["agent_configure"] = time.perf_counter()
         run_true(channel)
         marks["first_true"] = time.perf_counter()
         assert instance.machine.proc is not None
         fields = Path(f"/proc/{instance.machine.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         qemu_cpu = (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+        assert instance.machine.qmp is not None
+        jit = instance.machine.qmp.execute("human-monitor-command", **{"command-line": "info jit"})
+        blocks = re.search(r"TB count\s+(\d+)", jit)
         run_true(channel)
         marks["second_true"] = time.perf_counter()
         channel.close()
@@ -106,6 +112,7 @@ def measure(runs: int) -> list[dict[str, float]]:
             previous = marks[phase]
         row["to_first_result"] = (marks["first_true"] - start) * 1000
         row["qemu_cpu"] = qemu_cpu
+        row["guest_blocks"] = float(blocks.group(1)) if blocks else float("nan")
         rows.append(row)
     return rows
 
@@ -137,7 +144,10 @@ def main() -> None:
                 samples[label] += json.loads(out.strip().splitlines()[-1])
                 loads.append(os.getloadavg()[0])
     print(f"VM restore from the ready snapshot, phases in ms (median of {ns.rounds * ns.per_process}; "
-          f"load average {min(loads):.1f}-{max(loads):.1f}; qemu_cpu = QEMU's CPU time up to the first result)")
+          f"load average {min(loads):.1f}-{max(loads):.1f}; qemu_cpu = QEMU's CPU time up to the first result; "
+          "guest_blocks = blocks of guest code TCG translated from the restore to the first result: QEMU starts "
+          "with an empty translation cache, so this is the guest's cold-code cost, and unlike times it hardly "
+          "moves with the host's load)")
     print("| phase | " + " | ".join(label for label, _ in variants) + " |")
     print("|---" * (len(variants) + 1) + "|")
     for phase in PHASES:
