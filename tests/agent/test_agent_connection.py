@@ -92,6 +92,10 @@ def test_missing_or_mistyped_arguments_get_InvalidArgument_naming_the_field(agen
     assert agent.error("fs.read", path="/etc/hostname", length=-1)["field"] == "length"
     assert agent.error("fs.stat", path=7)["field"] == "path"
     assert agent.error("proc.signal", pid="1")["field"] == "pid"
+    # values read as either SDK shows them (mvm.protocol.shown), not as Python reprs
+    assert agent.error("fs.stat", path=None)["message"] == "path: is required"
+    assert agent.error("fs.read", path="/etc/hostname", length=None, offset=True)["message"] == \
+        "offset: must be an integer, got true"
 
 
 def test_a_request_before_hello_makes_the_agent_close_the_connection(spawn_agent) -> None:

@@ -152,6 +152,16 @@ def test_headers_missing_or_mistyping_their_kinds_fields_are_protocol_errors(hea
         FrameDecoder().feed(raw_frame(json.dumps(header).encode()))
 
 
+@pytest.mark.parametrize("kind, shown", [("nope", "'nope'"), (None, "null"), (True, "true"), ([1], "[1]")])
+def test_an_unknown_kind_is_named_as_either_sdk_shows_values(kind: Any, shown: str) -> None:
+    # the TypeScript codec says the same (sdks/typescript/test/protocol.test.ts): no Python repr (None, True)
+    kinds = "['cancel', 'data', 'event', 'hello', 'request', 'response']"
+    expected = f"unknown frame kind {shown}; expected one of {kinds}"
+    with pytest.raises(ProtocolError) as err:
+        codec.validate_header({"kind": kind})
+    assert str(err.value) == expected
+
+
 @pytest.mark.parametrize("body", [b"[]", b'"hello"', b"42", b"null", b"true", b"{", b"\xff\xfe{}", b"{}x",
                                   b"[" * 60000 + b"]" * 60000, b'{"kind":' * 5000])
 def test_header_bodies_that_are_not_json_objects_are_protocol_errors(body: bytes) -> None:

@@ -11,6 +11,8 @@
  * `ProtocolError`; the decoder is then poisoned and every later `feed` throws.
  */
 
+import { shown } from "./shown.js";
+
 export const PROTOCOL_NAME = "mvm";
 export const PROTOCOL_VERSION = 1;
 /** Size of the length prefix (two big-endian u32). */
@@ -79,23 +81,12 @@ function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }
 
-function pyList(values: readonly string[]): string {
-  return "[" + values.map((v) => `'${v}'`).join(", ") + "]";
-}
-
-function pyValue(value: unknown): string {
-  if (value === undefined || value === null) return "None";
-  if (typeof value === "string") return `'${value}'`;
-  if (typeof value === "boolean") return value ? "True" : "False";
-  return String(value);
-}
-
 /** Check the fields every frame kind requires (not the op-specific arguments). */
 export function validateHeader(header: unknown): asserts header is Header {
   if (!isObject(header)) throw new ProtocolError("header must be a JSON object");
   const kind = header.kind;
   if (typeof kind !== "string" || !(KINDS as readonly string[]).includes(kind)) {
-    throw new ProtocolError(`unknown frame kind ${pyValue(kind)}; expected one of ${pyList([...KINDS].sort())}`);
+    throw new ProtocolError(`unknown frame kind ${shown(kind)}; expected one of ${shown([...KINDS].sort())}`);
   }
   if (kind === "hello") {
     if (header.protocol !== PROTOCOL_NAME || !isInt(header.version)) {

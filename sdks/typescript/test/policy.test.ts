@@ -6,6 +6,7 @@
 import "./helpers.js";
 
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { describe, test } from "node:test";
 
@@ -13,6 +14,7 @@ import {
   CommandTimeout, ConnectionRefused, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy,
   InvalidState, MvmError, network, NetworkInfo, NetworkPolicy, parseDuration, PortForward, PortInUse, resources,
   Resources, SandboxInfo, SandboxPaused, secret, SecretRef, TemplateNotFound, WIRE_TYPES,
+  DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES, DURATION_HELP, HOST_ALIAS, LIMITS, NETWORK_MODES, Sandbox,
 } from "@mvm/sdk";
 
 import { PYTHON, pythonErrors, thrown } from "./helpers.js";
@@ -107,6 +109,35 @@ describe("policy builders", () => {
       assert.equal((exc as InvalidArgument).field, want.field, CASES[i][1]);
       assert.deepEqual((exc as InvalidArgument).allowed, want.allowed, CASES[i][1]);
     }
+  });
+});
+
+describe("constants shared with the Python SDK", () => {
+  test("are Python's own values (limits, defaults, modes, the host alias, output caps, backend names)", { skip: !existsSync(PYTHON) && "no .venv" }, async () => {
+    const script = `
+import json, mvm
+from mvm.backends import backend_names
+from mvm.durations import DURATION_HELP
+from mvm.protocol.requests import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_READ_BYTES
+from mvm.spec import HOST_ALIAS, LIMITS, NETWORK_MODES
+print(json.dumps({"limits": LIMITS, "modes": NETWORK_MODES, "host": HOST_ALIAS, "output": DEFAULT_MAX_OUTPUT_BYTES,
+                  "read": DEFAULT_MAX_READ_BYTES, "resources": mvm.resources().to_json(), "durations": DURATION_HELP,
+                  "backends": backend_names()}))
+`;
+    const done = spawnSync(PYTHON, ["-c", script], { encoding: "utf8" });
+    assert.equal(done.status, 0, done.stderr);
+    const python = JSON.parse(done.stdout);
+    assert.deepEqual(LIMITS, python.limits);
+    assert.deepEqual(NETWORK_MODES, python.modes);
+    assert.equal(HOST_ALIAS, python.host);
+    assert.equal(DEFAULT_MAX_OUTPUT_BYTES, python.output);
+    assert.equal(DEFAULT_MAX_READ_BYTES, python.read);
+    assert.deepEqual(resources().toDict(), python.resources);
+    assert.equal(DURATION_HELP, python.durations);
+    // the TypeScript SDK checks a recorded create's backend against its own list: the registry's
+    const backend = await thrown(() => Sandbox.create("python-3.13", { backend: "docker", mode: "record" }));
+    const allowed = (python.backends as string[]).map((name) => `'${name}'`).join(", ");
+    assert.equal(backend.message, `backend: unknown backend 'docker' (allowed: [${allowed}])`);
   });
 });
 

@@ -64,6 +64,8 @@ describe("protocol codec", () => {
 
   const invalid: [string, Record<string, unknown>, RegExp][] = [
     ["unknown kind", { kind: "nope" }, /unknown frame kind 'nope'; expected one of \['cancel', 'data', 'event', 'hello', 'request', 'response'\]/],
+    ["null kind", { kind: null }, /unknown frame kind null; expected one of \['cancel'/],
+    ["boolean kind", { kind: true }, /unknown frame kind true; expected one of \['cancel'/],
     ["hello without protocol", { kind: "hello", version: 1, role: "x" }, /hello needs protocol='mvm'/],
     ["hello without role", { kind: "hello", protocol: "mvm", version: 1 }, /hello needs a string 'role'/],
     ["event without name", { kind: "event" }, /event frame needs a string 'event'/],

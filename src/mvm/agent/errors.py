@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any, Literal, overload
 
+from ..protocol.shown import shown
+
 #: errno -> protocol error type, for OSErrors raised by file and process operations.
 _ERRNO_TYPES = {
     errno.ENOENT: "FileNotFound",
@@ -80,11 +82,11 @@ class Args:
         if value is None:
             return default  # type: ignore[return-value]
         if not isinstance(value, str) or not value:
-            raise invalid(name, f"must be an absolute path string, got {value!r}")
+            raise invalid(name, f"must be an absolute path string, got {shown(value)}")
         if "\0" in value:
             raise invalid(name, "must not contain NUL characters")
         if not value.startswith("/"):
-            raise invalid(name, f"must be an absolute path, got relative path {value!r}")
+            raise invalid(name, f"must be an absolute path, got relative path {shown(value)}")
         try:
             os.fsencode(value)
         except UnicodeError:
@@ -96,7 +98,7 @@ class Args:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise invalid(name, f"must be true or false, got {value!r}", allowed=[True, False])
+            raise invalid(name, f"must be true or false, got {shown(value)}", allowed=[True, False])
         return value
 
     @overload
@@ -115,7 +117,7 @@ class Args:
         if value is None:
             return default
         if not isinstance(value, int) or isinstance(value, bool):
-            raise invalid(name, f"must be an integer, got {value!r}")
+            raise invalid(name, f"must be an integer, got {shown(value)}")
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
             low = "" if minimum is None else str(minimum)
             high = "" if maximum is None else str(maximum)
@@ -128,7 +130,7 @@ class Args:
         if value is None:
             return None
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise invalid(name, f"must be a finite number, got {value!r}")
+            raise invalid(name, f"must be a finite number, got {shown(value)}")
         return float(value)
 
     def string(self, name: str, *, required: bool = False, max_length: int = 4096) -> str | None:
@@ -136,7 +138,7 @@ class Args:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise invalid(name, f"must be a string, got {value!r}")
+            raise invalid(name, f"must be a string, got {shown(value)}")
         if len(value) > max_length:
             raise invalid(name, f"is longer than {max_length} characters")
         return value
@@ -151,7 +153,7 @@ class Args:
             raise invalid(name, "must be a non-empty list of strings", allowed="e.g. ['python3', '-c', 'print(1)']")
         for item in value:
             if not isinstance(item, str) or "\0" in item:
-                raise invalid(name, f"every element must be a string without NUL characters, got {item!r}")
+                raise invalid(name, f"every element must be a string without NUL characters, got {shown(item)}")
         if not value[0]:
             raise invalid(name, "the command (argv[0]) must not be empty")
         return list(value)
@@ -166,11 +168,11 @@ class Args:
         result: dict[str, str | None] = {}
         for key, item in value.items():
             if not key or "=" in key or "\0" in key:
-                raise invalid(name, f"{key!r} is not a valid environment variable name")
+                raise invalid(name, f"{shown(key)} is not a valid environment variable name")
             if item is None and allow_unset:
                 result[key] = None
                 continue
             if not isinstance(item, str) or "\0" in item:
-                raise invalid(name, f"the value of {key!r} must be a string without NUL characters")
+                raise invalid(name, f"the value of {shown(key)} must be a string without NUL characters")
             result[key] = item
         return result

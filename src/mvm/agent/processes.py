@@ -41,6 +41,7 @@ from typing import IO, Any
 
 from ..protocol import codec
 from ..protocol.codec import CHUNK_SIZE
+from ..protocol.shown import shown
 from . import accounts, proctree
 from .errors import AgentError, Args, from_os_error, invalid
 from .reaper import Reaper, exit_code_of
@@ -130,7 +131,7 @@ def parse_signal(value: Any) -> int:
             return int(SIGNALS[name])
     elif isinstance(value, int) and not isinstance(value, bool) and value in signal.valid_signals():
         return int(value)
-    raise invalid("signal", f"unknown signal {value!r}", allowed=allowed)
+    raise invalid("signal", f"unknown signal {shown(value)}", allowed=allowed)
 
 
 class ProcessManager:

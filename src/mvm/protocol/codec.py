@@ -21,6 +21,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
+from .shown import shown
+
 PROTOCOL_NAME = "mvm"
 PROTOCOL_VERSION = 1
 
@@ -128,7 +130,7 @@ def validate_header(header: Any) -> None:
         raise ProtocolError("header must be a JSON object")
     kind = header.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
-        raise ProtocolError(f"unknown frame kind {kind!r}; expected one of {sorted(KINDS)}")
+        raise ProtocolError(f"unknown frame kind {shown(kind)}; expected one of {shown(sorted(KINDS))}")
     fds = header.get("fds")
     if fds is not None and (not _is_int(fds) or not 1 <= fds <= MAX_FDS):
         raise ProtocolError(f"'fds' must be an integer in 1..{MAX_FDS}")
