@@ -12,7 +12,6 @@ In record/plan mode the TypeScript SDK appends the same recording events as
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import errors
+from ..osutil import file_lock
 
 #: Script suffixes run with Node instead of Python.
 NODE_SUFFIXES = (".ts", ".mts", ".js", ".mjs")
@@ -64,19 +64,14 @@ def ensure_built() -> Path:
     tsc = SDK_DIR / "node_modules" / "typescript" / "bin" / "tsc"
     if not tsc.is_file():
         raise errors.MvmError(f"the TypeScript SDK is not installed: run `npm ci` in {SDK_DIR} (./setup.sh does it)")
-    lock_path = SDK_DIR / ".build.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _STAMP.is_file() and _STAMP.stat().st_mtime >= _newest_source() and BOOT.is_file():
-                return BOOT
-            done = subprocess.run([node_binary(), str(tsc), "-p", str(SDK_DIR / "tsconfig.json")], cwd=SDK_DIR,
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                raise errors.MvmError(f"building the TypeScript SDK failed:\n{done.stdout}{done.stderr}")
-            _STAMP.write_text("built by mvm.modes.node\n")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(SDK_DIR / ".build.lock"):
+        if _STAMP.is_file() and _STAMP.stat().st_mtime >= _newest_source() and BOOT.is_file():
+            return BOOT
+        done = subprocess.run([node_binary(), str(tsc), "-p", str(SDK_DIR / "tsconfig.json")], cwd=SDK_DIR,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise errors.MvmError(f"building the TypeScript SDK failed:\n{done.stdout}{done.stderr}")
+        _STAMP.write_text("built by mvm.modes.node\n")
     return BOOT
 
 
