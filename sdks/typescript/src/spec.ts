@@ -1,6 +1,6 @@
 /**
  * Argument checks shared by the live and the recorded sandbox (Python:
- * `mvm.sdk.sandbox.validate_command` / `_validated_spec`), with the same fields and
+ * `mvm.sdk.sandbox.validate_command` / `validated_spec`), with the same fields and
  * messages, so a bad call fails the same way in every mode and in both languages.
  * @internal
  */

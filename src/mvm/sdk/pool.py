@@ -275,12 +275,12 @@ def pool(
     once) and its members wait until claimed, ``close()``d or their TTL; ``mvmctl pool up``
     makes such a pool. ``backend``: pools pre-start ``namespace`` sandboxes only.
     """
-    from .sandbox import _validated_spec, current_mode
+    from .sandbox import validated_spec, current_mode
 
     size = store.validate_size(size)
     ttl_seconds = store.validate_member_ttl(ttl)
     live = current_mode() == "live"
-    spec_args = _validated_spec(template, name=None, workload_id=None, ttl=None, resources=resources,
+    spec_args = validated_spec(template, name=None, workload_id=None, ttl=None, resources=resources,
                                 network=network, env=None, tags=None)
     if not live:  # record/plan: a pool changes how fast a live create is served, not what it does
         backend_name = store.validate_pool_backend(store.POOL_BACKENDS[0] if backend is None else backend)

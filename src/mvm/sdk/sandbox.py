@@ -489,7 +489,7 @@ def create_request(
     principal = validate_on_behalf_of(on_behalf_of)
     if live and from_snapshot is not None and resources is None:
         resources = snapshot_shape(from_snapshot)
-    spec = _validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
+    spec = validated_spec(template, name=name, workload_id=workload_id, ttl=ttl, resources=resources,
                            network=network, env=env, tags=tags)
     files = collect_includes(include or [], base_dir=script_dir())
     if not live:  # live, choose_backend checks it against what this host can run
@@ -513,7 +513,7 @@ def live_only(call: str, hint: str) -> None:
         not_available(call, mode, hint)
 
 
-def _validated_spec(
+def validated_spec(
     template: str,
     *,
     name: str | None,
