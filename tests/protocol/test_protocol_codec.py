@@ -139,6 +139,8 @@ def test_strings_that_are_not_valid_unicode_survive_a_round_trip() -> None:
     {"kind": "response", "id": 1, "ok": False, "error": "bad"},
     {"kind": "response", "id": 1, "ok": False, "error": {"message": "no type"}},
     {"kind": "response", "id": 1, "ok": True, "result": [1]},
+    {"kind": "response", "id": 1, "ok": True, "result": []},  # not an object, even if empty (or false, 0, "")
+    {"kind": "response", "id": 1, "ok": True, "result": False},
     {"kind": "data", "id": 1},
     {"kind": "data", "id": 1, "stream": 1},
     {"kind": "event"},

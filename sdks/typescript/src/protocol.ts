@@ -72,11 +72,6 @@ function isInt(value: unknown): boolean {
   return typeof value === "number" && Number.isInteger(value);
 }
 
-/** Python truthiness of a JSON value (the codec's `x or {}`): `[]` is falsy there, truthy in JS. */
-function pyFalsy(value: unknown): boolean {
-  return !value || (Array.isArray(value) && value.length === 0);
-}
-
 function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }
@@ -125,7 +120,7 @@ export function validateHeader(header: unknown): asserts header is Header {
   }
   if (kind === "response") {
     if (typeof header.ok !== "boolean") throw new ProtocolError("response frame needs a boolean 'ok'");
-    if (header.ok && !isObject(pyFalsy(header.result) ? {} : header.result)) {
+    if (header.ok && header.result !== undefined && header.result !== null && !isObject(header.result)) {
       throw new ProtocolError("response 'result' must be an object");
     }
     if (!header.ok) {

@@ -76,6 +76,8 @@ describe("protocol codec", () => {
     ["args not an object", { kind: "request", id: 1, op: "x", args: [] }, /'args' must be an object/],
     ["response without ok", { kind: "response", id: 1 }, /boolean 'ok'/],
     ["result not an object", { kind: "response", id: 1, ok: true, result: "x" }, /'result' must be an object/],
+    ["result an empty list", { kind: "response", id: 1, ok: true, result: [] }, /'result' must be an object/],
+    ["result false", { kind: "response", id: 1, ok: true, result: false }, /'result' must be an object/],
     ["error without type", { kind: "response", id: 1, ok: false, error: {} }, /'error' object with a string 'type'/],
     ["data without stream", { kind: "data", id: 1 }, /string 'stream'/],
     ["a window of 0", { kind: "request", id: 1, op: "x", window: 0 }, /request 'window' must be an integer in 1\.\.2\*\*32/],
@@ -90,9 +92,13 @@ describe("protocol codec", () => {
     });
   }
 
-  test("an empty result/args of any falsy JSON value is accepted, like Python's `or {}`", () => {
-    for (const result of [null, [], 0, "", false]) {
-      assert.equal(new FrameDecoder().feed(rawFrame(JSON.stringify({ kind: "response", id: 1, ok: true, result })))[0].kind, "response");
+  test("a result that is missing or null is accepted; any other non-object is refused, as in Python", () => {
+    for (const header of [{ kind: "response", id: 1, ok: true }, { kind: "response", id: 1, ok: true, result: null }]) {
+      assert.equal(new FrameDecoder().feed(rawFrame(JSON.stringify(header)))[0].kind, "response");
+    }
+    for (const result of [[], 0, "", false]) {
+      assert.throws(() => new FrameDecoder().feed(rawFrame(JSON.stringify({ kind: "response", id: 1, ok: true, result }))),
+        /'result' must be an object/);
     }
   });
 

@@ -162,7 +162,8 @@ def validate_header(header: Any) -> None:
     if kind == "response":
         if not isinstance(header.get("ok"), bool):
             raise ProtocolError("response frame needs a boolean 'ok'")
-        if header["ok"] and not isinstance(header.get("result") or {}, dict):
+        result = header.get("result")
+        if header["ok"] and result is not None and not isinstance(result, dict):
             raise ProtocolError("response 'result' must be an object")
         if not header["ok"]:
             error = header.get("error")
