@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 from sandbox_faults import agent_host_pid, run_started
@@ -85,6 +86,69 @@ def test_a_killed_agent_is_restarted_and_the_sandbox_goes_on(backend: str) -> No
     assert "agent.restart" in ops, ops
     chain = verify(log_path(sandbox_id), sandbox_id=sandbox_id)
     assert chain.ok, chain
+
+
+def _give_out_next(sb: mvm.Sandbox, backend: str, pid: int) -> None:
+    """Make ``pid`` the next pid the guest's pid namespace gives out (``ns_last_pid``): in a
+    VM from inside (the guest's root may), in a namespace sandbox from the host, entering
+    the sandbox's user and pid namespaces (its processes have no CAP_SYS_ADMIN)."""
+    script = f"echo {pid - 1} > /proc/sys/kernel/ns_last_pid"  # (echo is a builtin: no fork after it)
+    if backend == "vm":
+        sb.commands.run(["sh", "-c", script], check=True)
+    else:
+        subprocess.run(["nsenter", "-t", str(agent_host_pid(sb)), "-U", "-p", "sh", "-c", script], check=True)
+
+
+def _started_with_pid(sb: mvm.Sandbox, backend: str, pid: int, argv: list[str]) -> mvm.Process:
+    """Start ``argv`` as ``pid`` (a pid the dead agent's process had): another fork in the
+    guest between setting and starting takes it, so try a few times."""
+    for _ in range(5):
+        _give_out_next(sb, backend, pid)
+        process = sb.commands.start(argv)
+        if process.pid == pid:
+            return process
+        process.kill()
+    raise AssertionError(f"the guest did not give out pid {pid} again")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pid_reused_after_an_agent_restart_names_the_new_process_only(backend: str) -> None:
+    """A restarted agent's process that gets the pid of a dead agent's process: its output
+    and exit are its own, the old handle still tells the old process's end and cannot
+    signal or feed the new one (a typed error says the process ended with its agent)."""
+    with mvm.Sandbox.create("python-3.13", backend=backend, ttl="10m") as sb:
+        old = sb.commands.start(["sleep", "300"], stdin=True)
+        assert old.pid is not None
+        _kill_agent(sb, backend)
+        wait_for(lambda: _restarted(sb, 1), "the agent restart", timeout=120)
+        wait_for(lambda: sb.commands.run(["test", "-d", f"/proc/{old.pid}"]).exit_code != 0,
+                 "the dead agent's process to be gone", timeout=60)
+
+        # a command run to completion as the reused pid: its own output and exit status
+        for _ in range(5):
+            _give_out_next(sb, backend, old.pid)
+            run = sb.commands.run(["sh", "-c", "echo fresh; exit 7"])
+            if run.pid == old.pid:
+                break
+        assert (run.pid, run.exit_code, run.stdout) == (old.pid, 7, "fresh\n")
+
+        new = _started_with_pid(sb, backend, old.pid, ["sh", "-c", "echo new; exec sleep 300"])
+        assert next(new.output()) == ("stdout", "new\n")
+        assert new.agent_generation != old.agent_generation
+        # the old handle: the old process's end, not the new one's
+        with pytest.raises(errors.SandboxError, match="restarted"):
+            old.wait(timeout=30)
+        assert not old.is_running() and old.info().argv == ["sleep", "300"]
+        with pytest.raises(errors.ProcessNotFound, match=f"pid {old.pid} ended with the guest agent that ran it"):
+            old.kill()
+        with pytest.raises(errors.ProcessNotFound, match="ended with the guest agent"):
+            old.send_stdin("for the old process")
+        # the new process was not touched, and is the one its pid names now
+        assert new.is_running()
+        assert sb.commands.connect(old.pid).argv == new.argv
+        new.kill()
+        assert new.wait(timeout=60) == 128 + signal.SIGKILL
+        assert list(new.output()) == [("stdout", "new\n")]
 
 
 MiB = 1 << 20

@@ -35,7 +35,7 @@ class Hostile:
         self.lost: list[str] = []
         self.link = AgentLink(on_event=self._on_event, on_lost=self.lost.append, receive_fds=receive_fds)
 
-    def _on_event(self, frame: codec.Frame) -> None:
+    def _on_event(self, frame: codec.Frame, generation: int) -> None:
         # as the supervisor's handler does: an event's fields are used as the protocol says
         self.events.append(frame)
         int(frame.header["pid"])
@@ -163,7 +163,7 @@ def test_a_flood_of_frames_nobody_asked_for_is_dropped_in_bounded_memory(hostile
 
 def test_an_agent_that_never_says_hello_fails_attach_in_bounded_time() -> None:
     host, guest = socket.socketpair()
-    link = AgentLink(on_event=lambda frame: None, on_lost=lambda reason: None)
+    link = AgentLink(on_event=lambda frame, generation: None, on_lost=lambda reason: None)
     try:
         with pytest.raises(errors.SandboxError, match="did not answer hello"):
             link.attach(host, timeout=2)

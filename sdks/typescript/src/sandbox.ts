@@ -786,14 +786,14 @@ export class Commands {
     const { result } = await sb.call("proc.start", args, undefined, { call: "commands.start" });
     const index = result.process === undefined || result.process === null ? null : Number(result.process);
     return new Process(sb, result.pid === undefined || result.pid === null ? null : Number(result.pid),
-      (result.audit_id ?? null) as string | null, args.argv as string[], index);
+      (result.audit_id ?? null) as string | null, args.argv as string[], index, agentGeneration(result));
   }
 
   /** A handle on a process started earlier (by this or another client). */
   async connect(pid: number): Promise<Process> {
     const { result } = await this.sandbox.call("proc.info", { pid: Math.trunc(pid) }, undefined, { call: "commands.connect" });
     return new Process(this.sandbox, Math.trunc(pid), (result.audit_id ?? null) as string | null,
-      Array.isArray(result.argv) ? (result.argv as string[]) : []);
+      Array.isArray(result.argv) ? (result.argv as string[]) : [], null, agentGeneration(result));
   }
 
   /** Processes the guest agent knows (running and recently exited). */
@@ -801,6 +801,11 @@ export class Commands {
     const { result } = await this.sandbox.call("proc.list", {}, undefined, { call: "commands.list" });
     return (Array.isArray(result.processes) ? result.processes : []).map((p) => ProcessInfo.fromWire(p as Header));
   }
+}
+
+/** The `agent_generation` of a `proc.start` / `proc.info` answer (`null` if it has none: a recording). */
+function agentGeneration(result: Header): number | null {
+  return typeof result.agent_generation === "number" ? result.agent_generation : null;
 }
 
 /**
@@ -814,15 +819,18 @@ export class Process implements AsyncIterable<OutputChunk> {
   readonly argv: string[];
   /** A recorded process's place among the recording's `commands.start`s (`null` live). */
   readonly index: number | null;
+  /** Which guest agent started it (the pid alone may be reused after an agent restart). */
+  readonly agentGeneration: number | null;
   private exit: [number | null, number | null] | null = null;
 
   /** @internal */
   constructor(protected readonly sandbox: Sandbox, pid: number | null, auditId: string | null = null, argv: string[] = [],
-    index: number | null = null) {
+    index: number | null = null, agentGeneration: number | null = null) {
     this.pid = pid;
     this.auditId = auditId;
     this.argv = argv;
     this.index = index;
+    this.agentGeneration = agentGeneration;
   }
 
   /** `true` for a recorded process (nothing runs). */
@@ -835,9 +843,10 @@ export class Process implements AsyncIterable<OutputChunk> {
       : `<Process pid=${this.pid} argv=${shown(this.argv)}>`;
   }
 
-  /** How requests name it: its pid, or its index in a recording. */
+  /** How requests name it: its pid and the agent generation that started it, or its index in a recording. */
   private ref(): Header {
-    return this.index !== null ? { process: this.index } : { pid: this.pid };
+    if (this.index !== null) return { process: this.index };
+    return this.agentGeneration === null ? { pid: this.pid } : { pid: this.pid, agent_generation: this.agentGeneration };
   }
 
   /**

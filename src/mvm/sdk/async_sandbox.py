@@ -328,11 +328,13 @@ class AsyncCommands:
         args.update(stdin=stdin, auto_resume=auto_resume)
         result, _ = await self._sandbox._call("proc.start", args)
         pid, index = started_process(result)
-        return AsyncProcess(self._sandbox, pid, index, audit_id=result.get("audit_id"), argv=list(args["argv"]))
+        return AsyncProcess(self._sandbox, pid, index, audit_id=result.get("audit_id"), argv=list(args["argv"]),
+                       agent_generation=result.get("agent_generation"))
 
     async def connect(self, pid: int) -> AsyncProcess:
         info, _ = await self._sandbox._call("proc.info", {"pid": int(pid)})
-        return AsyncProcess(self._sandbox, int(pid), audit_id=info.get("audit_id"), argv=list(info.get("argv", [])))
+        return AsyncProcess(self._sandbox, int(pid), audit_id=info.get("audit_id"), argv=list(info.get("argv", [])),
+                       agent_generation=info.get("agent_generation"))
 
     async def list(self) -> list[ProcessInfo]:
         result, _ = await self._sandbox._call("proc.list", {})
@@ -350,9 +352,12 @@ class AsyncProcess:
         *,
         audit_id: str | None = None,
         argv: list[str] | None = None,
+        agent_generation: int | None = None,
     ):
         self._sandbox = sandbox
         self.pid = pid
+        #: Which guest agent started it (the pid alone may be reused after an agent restart).
+        self.agent_generation = agent_generation
         self.index = recorded_index
         self.audit_id = audit_id
         self.argv = argv or []
@@ -366,7 +371,7 @@ class AsyncProcess:
         return process_repr("AsyncProcess", self.pid, self.index, self.argv)
 
     def _ref(self) -> dict[str, Any]:
-        return process_ref(self.pid, self.index)
+        return process_ref(self.pid, self.index, self.agent_generation)
 
     async def wait(self, timeout: float | None = None) -> int:
         """Its exit code (128+N if killed by signal N); ``CommandTimeout`` past ``timeout``."""

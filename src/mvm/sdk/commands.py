@@ -107,12 +107,14 @@ class Commands:
         args.update(stdin=stdin, auto_resume=auto_resume)
         result, _ = self._sandbox._client().call("proc.start", args)
         pid, index = started_process(result)
-        return Process(self._sandbox, pid, index, audit_id=result.get("audit_id"), argv=list(args["argv"]))
+        return Process(self._sandbox, pid, index, audit_id=result.get("audit_id"), argv=list(args["argv"]),
+                       agent_generation=result.get("agent_generation"))
 
     def connect(self, pid: int) -> Process:
         """A handle on a process started earlier (by this or another client)."""
         info, _ = self._sandbox._client().call("proc.info", {"pid": int(pid)})
-        return Process(self._sandbox, int(pid), audit_id=info.get("audit_id"), argv=list(info.get("argv", [])))
+        return Process(self._sandbox, int(pid), audit_id=info.get("audit_id"), argv=list(info.get("argv", [])),
+                       agent_generation=info.get("agent_generation"))
 
     def list(self) -> list[ProcessInfo]:
         """Processes the guest agent knows (running and recently exited)."""
@@ -138,9 +140,12 @@ class Process:
         *,
         audit_id: str | None = None,
         argv: list[str] | None = None,
+        agent_generation: int | None = None,
     ):
         self._sandbox = sandbox
         self.pid = pid
+        #: Which guest agent started it (the pid alone may be reused after an agent restart).
+        self.agent_generation = agent_generation
         self.index = recorded_index
         self.audit_id = audit_id
         self.argv = argv or []
@@ -154,7 +159,7 @@ class Process:
         return process_repr("Process", self.pid, self.index, self.argv)
 
     def _ref(self) -> dict[str, Any]:
-        return process_ref(self.pid, self.index)
+        return process_ref(self.pid, self.index, self.agent_generation)
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the process exits; returns its exit code (128+N if killed by signal N).
@@ -261,9 +266,12 @@ def started_process(result: dict[str, Any]) -> tuple[int | None, int | None]:
     return (None if pid is None else int(pid)), (None if index is None else int(index))
 
 
-def process_ref(pid: int | None, index: int | None) -> dict[str, Any]:
-    """How requests name a process: its pid, or its index in a recording."""
-    return {"process": index} if index is not None else {"pid": pid}
+def process_ref(pid: int | None, index: int | None, agent_generation: int | None = None) -> dict[str, Any]:
+    """How requests name a process: its pid and the agent generation that started it
+    (a pid may be reused after an agent restart), or its index in a recording."""
+    if index is not None:
+        return {"process": index}
+    return {"pid": pid} if agent_generation is None else {"pid": pid, "agent_generation": int(agent_generation)}
 
 
 def process_repr(kind: str, pid: int | None, index: int | None, argv: list[str]) -> str:

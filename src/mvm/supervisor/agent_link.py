@@ -5,6 +5,12 @@ namespace sandbox started again, a guest agent restarted); requests in flight on
 the old channel fail with ``SandboxError``. Between ``begin_restart`` and the new
 agent's hello, new requests wait for it (``RESTART_WAIT``) instead of failing.
 
+Each channel has a generation (``generation``: counted up at every attach, detach and
+restart). Events reach the handler with the generation of the channel they came on, a
+call knows the one it was sent on, and ``submit(..., generation=g)`` refuses (raising
+``AgentReplaced``) unless channel ``g`` is still the current one: a request about a
+process of an agent that has since been replaced never reaches the new agent.
+
 With ``receive_fds`` (a backend whose agent shares this kernel and is reached over
 a socketpair: namespace) the channel accepts descriptors, and an agent whose hello
 says ``fd_passing`` hands connected sockets over (``hands_off_sockets``): only a
@@ -27,11 +33,18 @@ from ..protocol.channel import ChannelClosed, FramedChannel, discard_fds
 from ..protocol.codec import Frame, ProtocolError
 
 EventHandler = Callable[[Frame], None]
+#: An agent event (or a call's answer) and the generation of the channel it came on.
+AgentEventHandler = Callable[[Frame, int], None]
 
 #: How long one agent request may take before the supervisor gives up on it.
 DEFAULT_AGENT_TIMEOUT = 60.0
 #: How long a request waits for a restarting agent's hello before it fails.
 RESTART_WAIT = 60.0
+
+
+class AgentReplaced(Exception):
+    """``submit(..., generation=g)``: channel ``g`` is no longer the agent's (it died,
+    was restarted or the guest was replaced); nothing was sent."""
 
 
 class _Lost:
@@ -47,7 +60,7 @@ class _Lost:
 
 
 class AgentLink:
-    def __init__(self, on_event: EventHandler, on_lost: Callable[[str], None], *, receive_fds: bool = False):
+    def __init__(self, on_event: AgentEventHandler, on_lost: Callable[[str], None], *, receive_fds: bool = False):
         self._receive_fds = receive_fds
         #: The current agent hands connected sockets to us (``tcp.*`` with ``handoff``).
         self.hands_off_sockets = False
@@ -55,9 +68,12 @@ class AgentLink:
         self._on_lost = on_lost
         self._ids = itertools.count(1)
         self._waiting: dict[int, queue.SimpleQueue[Any]] = {}
+        self._answer_hooks: dict[int, AgentEventHandler] = {}
         self._lock = threading.Lock()
         self._channel: FramedChannel | None = None
         self._generation = 0
+        #: The generation of the last attached agent (kept while it restarts or is detached).
+        self.generation = 0
         self._attached = threading.Condition(self._lock)
         self._restarting: str | None = None  # why, between begin_restart and the new agent's hello
         self.agent_hello: dict[str, Any] = {}
@@ -87,19 +103,23 @@ class AgentLink:
         sock.settimeout(None)
         self.hands_off_sockets = False
         generation = self._replace_channel(channel)
+        self.generation = generation
         self.agent_hello = hello
         self.hands_off_sockets = self._receive_fds and channel.passes_fds and hello.get("fd_passing") is True
         threading.Thread(target=self._read_loop, args=(channel, generation), name="mvm-agent-reader",
                          daemon=True).start()
         return hello
 
-    def detach(self) -> None:
-        self._replace_channel(None)
+    def detach(self) -> int:
+        """Close the channel (calls in flight fail); returns the generation every earlier
+        channel is below."""
+        return self._replace_channel(None)
 
-    def begin_restart(self, why: str) -> None:
+    def begin_restart(self, why: str) -> int:
         """The agent died and a new one is coming: close its channel, fail the calls in
-        flight naming ``why``; new calls wait for ``attach`` (or ``detach``)."""
-        self._replace_channel(None, restarting=why)
+        flight naming ``why``; new calls wait for ``attach`` (or ``detach``). Returns the
+        generation every earlier channel is below."""
+        return self._replace_channel(None, restarting=why)
 
     def _replace_channel(self, channel: FramedChannel | None, *, restarting: str | None = None) -> int:
         """Put ``channel`` in place of the current one (closed), fail every call waiting on
@@ -110,6 +130,7 @@ class AgentLink:
             generation = self._generation
             stale = list(self._waiting.values())
             self._waiting.clear()
+            self._answer_hooks.clear()
             self._restarting = restarting
             self._attached.notify_all()
         if old is not None:
@@ -137,12 +158,19 @@ class AgentLink:
             raise errors.SandboxError("the guest agent connection is closed") from None
 
     @property
+    def next_generation(self) -> int:
+        """The generation the next attached agent gets (every current one is below it)."""
+        with self._lock:
+            return self._generation + 1
+
+    @property
     def attached(self) -> bool:
         return self._channel is not None
 
     def call(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"",
-             *, timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> tuple[dict[str, Any], bytes]:
-        return self.submit(op, args, payload).wait(timeout)
+             *, timeout: float | None = DEFAULT_AGENT_TIMEOUT,
+             generation: int | None = None) -> tuple[dict[str, Any], bytes]:
+        return self.submit(op, args, payload, generation=generation).wait(timeout)
 
     def call_for_fd(self, op: str, args: dict[str, Any], *,
                     timeout: float | None = DEFAULT_AGENT_TIMEOUT) -> tuple[dict[str, Any], int]:
@@ -153,18 +181,27 @@ class AgentLink:
             raise errors.SandboxError(f"the guest agent answered {op} without the connection it was asked for")
         return dict(frame.header.get("result") or {}), frame.fds[0]
 
-    def submit(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"") -> PendingCall:
+    def submit(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"",
+               *, generation: int | None = None, on_answer: AgentEventHandler | None = None) -> PendingCall:
         """Send a request without waiting for its answer (several may be in flight: a
-        streamed ``fs.read`` reads ahead); ``wait`` on the returned call, or ``forget`` it."""
+        streamed ``fs.read`` reads ahead); ``wait`` on the returned call, or ``forget`` it.
+        With ``generation``: only to that agent (else ``AgentReplaced``, nothing sent).
+        ``on_answer`` sees a successful answer on the reader's thread, before any frame
+        that came after it is dispatched (a ``proc.start`` answer precedes its events)."""
         ident = next(self._ids)
         call = PendingCall(self, ident, op)
         with self._lock:
             if self._channel is None and self._restarting is not None:
                 self._attached.wait_for(lambda: self._channel is not None or self._restarting is None, RESTART_WAIT)
             channel = self._channel
+            if generation is not None and generation != self._generation:
+                raise AgentReplaced(op)
             if channel is None:
                 raise errors.InvalidState("the sandbox is not running (no agent connection)")
+            call.generation = self._generation
             self._waiting[ident] = call.box
+            if on_answer is not None:
+                self._answer_hooks[ident] = on_answer
         try:
             channel.send_raw(codec.request(ident, op, args, payload))
         except ChannelClosed:
@@ -175,8 +212,9 @@ class AgentLink:
     def _forget(self, ident: int) -> None:
         with self._lock:
             self._waiting.pop(ident, None)
+            self._answer_hooks.pop(ident, None)
 
-    def _dispatch(self, frame: Frame) -> None:
+    def _dispatch(self, frame: Frame, generation: int) -> None:
         if frame.fds and not (frame.kind == "response" or (frame.kind == "event" and frame.header["event"] == "tcp.open"
                                                            and self.on_stream is not None)):
             discard_fds(frame)
@@ -185,11 +223,17 @@ class AgentLink:
             if self.on_stream is not None and frame.header["event"] in codec.TCP_EVENTS:
                 self.on_stream(frame)  # (owns a tcp.open's descriptor)
             else:
-                self._on_event(frame)
+                self._on_event(frame, generation)
         elif frame.kind == "data":
             if self.on_stream is not None:
                 self.on_stream(frame)
         elif frame.kind == "response":
+            hook = None
+            with self._lock:
+                if frame.id is not None and frame.header.get("ok"):
+                    hook = self._answer_hooks.pop(frame.id, None)
+            if hook is not None:
+                hook(frame, generation)
             with self._lock:  # (put under the lock: a caller giving up drains its box after removing it)
                 box = self._waiting.get(frame.id) if frame.id is not None else None
                 if box is not None:
@@ -203,7 +247,7 @@ class AgentLink:
             while True:
                 frame = channel.recv()
                 try:
-                    self._dispatch(frame)
+                    self._dispatch(frame, generation)
                 except Exception as exc:  # a well-framed lie (an event without its fields, ...)
                     raise ProtocolError(f"unusable {frame.kind} frame: {type(exc).__name__}: {exc}") from None
         except ProtocolError as exc:
@@ -233,6 +277,8 @@ class PendingCall:
         self._link = link
         self.ident = ident
         self.op = op
+        #: The generation of the channel it was sent on.
+        self.generation = 0
         # (a SimpleQueue: one answer, one taker; a Queue costs three Conditions per call)
         self.box: queue.SimpleQueue[Any] = queue.SimpleQueue()
 

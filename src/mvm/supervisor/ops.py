@@ -54,14 +54,17 @@ class Op:
     #: A paused sandbox is resumed first when the call passes ``auto_resume: true``
     #: (only for ops allowed while running); otherwise the call fails with ``SandboxPaused``.
     auto_resume: bool = False
+    #: A forwarded op naming a process: it goes only to the agent that started it
+    #: (``process_ops.forward_to_its_agent``).
+    names_process: bool = False
 
     @property
     def forwarded(self) -> bool:
         return self.handler is None
 
 
-def _forwarded(name: str, audit: Audit = Audit.PER_CALL) -> Op:
-    return Op(name, None, RUNNING, audit, auto_resume=True)
+def _forwarded(name: str, audit: Audit = Audit.PER_CALL, *, names_process: bool = False) -> Op:
+    return Op(name, None, RUNNING, audit, auto_resume=True, names_process=names_process)
 
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -82,8 +85,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("proc.attach", process_ops.proc_attach, ANY_STATE, Audit.NEVER),
     Op("proc.wait", process_ops.proc_wait, ANY_STATE, Audit.NEVER),
     Op("proc.info", process_ops.proc_info, ANY_STATE, Audit.NEVER),
-    _forwarded("proc.stdin"),
-    _forwarded("proc.signal"),
+    _forwarded("proc.stdin", names_process=True),
+    _forwarded("proc.signal", names_process=True),
     _forwarded("proc.list", Audit.NEVER),
     Op("fs.read", file_ops.read, RUNNING, Audit.BY_HANDLER, auto_resume=True),
     _forwarded("fs.write"),
@@ -112,12 +115,16 @@ def dispatch(sup: Supervisor, ctx: RequestContext) -> Reply:
         sup.require_state(op.name, *op.states, auto_resume=op.auto_resume and auto_resume)
     if op.handler is not None:
         return op.handler(sup, ctx)
-    return _forward(sup, ctx, audit=op.audit is Audit.PER_CALL)
+    return _forward(sup, ctx, op)
 
 
-def _forward(sup: Supervisor, ctx: RequestContext, audit: bool) -> Reply:
+def _forward(sup: Supervisor, ctx: RequestContext, op: Op) -> Reply:
+    audit = op.audit is Audit.PER_CALL
     try:
-        result, payload = sup.agent.call(ctx.op, ctx.args, ctx.payload)
+        if op.names_process:
+            result, payload = process_ops.forward_to_its_agent(sup, ctx)
+        else:
+            result, payload = sup.agent.call(ctx.op, ctx.args, ctx.payload)
     except errors.MvmError as exc:
         if audit:
             sup.audit.record(ctx.op, _digestable(ctx), outcome="error", error_type=exc.wire_type)

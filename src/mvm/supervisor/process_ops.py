@@ -1,6 +1,11 @@
 """The process operations: ``exec.run`` (run to completion: redacted, capped output, a
 timeout on the whole process group, a signed receipt) and ``proc.start`` / ``proc.attach``
-/ ``proc.wait`` / ``proc.info`` on the processes this supervisor started."""
+/ ``proc.wait`` / ``proc.info`` on the processes this supervisor started.
+
+A process is its pid and the agent generation that started it (``agent_generation`` in
+the ``proc.start`` answer; a handle sends it back). A request naming an earlier agent's
+process is answered from that process's record, or refused with ``ProcessNotFound``
+saying it ended with that agent -- never applied to a new process that got its pid."""
 
 from __future__ import annotations
 
@@ -12,10 +17,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .. import errors
 from ..protocol import CHUNK_SIZE
-from ..protocol.codec import STREAM_WINDOW
+from ..protocol.codec import STREAM_WINDOW, Frame
 from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES, MAX_OUTPUT_LIMIT
 from ..security.secrets import Redactor
-from .agent_link import PendingCall
+from .agent_link import AgentReplaced, PendingCall
 from .processes import Outbox, ProcessRecord
 
 if TYPE_CHECKING:
@@ -76,8 +81,8 @@ def env_for(sup: Supervisor, env: dict[str, Any]) -> dict[str, str]:
     return merged
 
 
-def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) -> tuple[int, str, dict[str, str]]:
-    """Start the process (audited); its pid, audit id and the environment it got."""
+def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) -> tuple[ProcessRecord, dict[str, str]]:
+    """Start the process (audited); its record and the environment it got."""
     argv = ctx.arg.argv()
     env = env_for(sup, ctx.arg.env())
     # env key -> secret name: the shape of an env (never a null value without allow_unset)
@@ -93,7 +98,8 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
     starting = sup.agent.submit("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
                                                "user": ctx.args.get("user"), "stdin": stdin,
                                                "stdin_path": ctx.args.get("stdin_path"),
-                                               "output_window": STREAM_WINDOW})
+                                               "output_window": STREAM_WINDOW},
+                                  on_answer=lambda answer, agent: sup.processes.starting(agent, _pid_of(answer)))
     try:
         audit_id = sup.audit.record(op, audit_args, details={"secret_env_keys": sorted(secret_keys)})
     except BaseException:  # not on record: the process must not run
@@ -105,9 +111,13 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
         sup.audit.record(op, audit_args, outcome="error", error_type=exc.wire_type, details={"request": audit_id})
         raise
     pid = int(result["pid"])
-    sup.processes.started(pid, argv, audit_id)
+    record = sup.processes.started(starting.generation, pid, argv, audit_id)
     sup.logs.system(f"started pid {pid}: {_argv_summary(argv)}", audit_id)
-    return pid, audit_id, env
+    return record, env
+
+
+def _pid_of(answer: Frame) -> int:
+    return int((answer.header.get("result") or {})["pid"])
 
 
 def _stop_unrecorded(sup: Supervisor, starting: PendingCall) -> None:
@@ -116,12 +126,12 @@ def _stop_unrecorded(sup: Supervisor, starting: PendingCall) -> None:
         result, _ = starting.wait()
     except errors.MvmError:
         return
-    _kill_group(sup, int(result["pid"]))
+    _kill_group(sup, ProcessRecord(int(result["pid"]), starting.generation))
 
 
 def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
-    pid, audit_id, _ = start_process(sup, ctx, "proc.start", stdin=ctx.arg.boolean("stdin"))
-    return {"pid": pid, "audit_id": audit_id}, b""
+    record, _ = start_process(sup, ctx, "proc.start", stdin=ctx.arg.boolean("stdin"))
+    return {"pid": record.pid, "audit_id": record.audit_id, "agent_generation": record.generation}, b""
 
 
 def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
@@ -132,21 +142,22 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     started_wall = time.time()
     started = time.monotonic()
     capture = OutputCapture(cap, sup.redactor if ctx.arg.boolean("redact", True) else None, ctx.send_data)
-    pid, audit_id, env = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
+    record, env = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
+    pid, audit_id = record.pid, str(record.audit_id)
     outbox = Outbox(ctx.wake)
-    record = sup.processes.subscribe(pid, outbox, replay=True)
+    sup.processes.subscribe(record, outbox, replay=True)
     try:
         if ctx.payload:
-            _feed_stdin(sup, pid, ctx.payload)
+            _feed_stdin(sup, record, ctx.payload)
         ctx.deadline = None if timeout is None else started + float(timeout)
         ended = _until_exit(sup, ctx, record, (outbox, capture.deliver))
         if ended == "cancelled":
-            _kill_group(sup, pid)
+            _kill_group(sup, record)
             raise errors.Cancelled("exec.run cancelled by the client; its process group was killed")
         if ended == "timeout":
-            _kill_group(sup, pid)
+            _kill_group(sup, record)
             record.exited.wait(5)
-            sup.processes.unsubscribe(pid, outbox)
+            sup.processes.unsubscribe(record, outbox)
             ctx.deadline = None  # what it wrote before the kill still goes to the client
             _relay(sup, ctx, record, outbox, capture.deliver)
             capture.finish()
@@ -155,7 +166,7 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
                 f"command timed out after {timeout} s; its process group was killed",
                 pid=pid, audit_id=audit_id, timeout_seconds=timeout)
     finally:
-        sup.processes.unsubscribe(pid, outbox)
+        sup.processes.unsubscribe(record, outbox)
     _check_not_lost(record)
     capture.finish()
     duration = time.monotonic() - started
@@ -169,21 +180,23 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     }, b""
 
 
-def _feed_stdin(sup: Supervisor, pid: int, payload: bytes) -> None:
+def _feed_stdin(sup: Supervisor, record: ProcessRecord, payload: bytes) -> None:
     """Feed ``payload`` to the process's stdin off the request's thread: a process that
     never reads it keeps each ``proc.stdin`` unanswered (the agent answers once the pipe
     took the bytes), and the run's timeout and cancellation must still bite. Killing the
     process closes its pipe, which answers the call in flight."""
 
+    pid, generation = record.pid, record.generation
+
     def feed() -> None:
         try:
             for start in range(0, len(payload), CHUNK_SIZE):
                 result, _ = sup.agent.call("proc.stdin", {"pid": pid, "eof": False},
-                                           payload[start : start + CHUNK_SIZE], timeout=None)
+                                           payload[start : start + CHUNK_SIZE], timeout=None, generation=generation)
                 if result.get("closed"):
                     return  # the process closed its stdin (or ended): the rest has no reader
-            sup.agent.call("proc.stdin", {"pid": pid, "eof": True}, timeout=None)
-        except errors.MvmError:
+            sup.agent.call("proc.stdin", {"pid": pid, "eof": True}, timeout=None, generation=generation)
+        except (errors.MvmError, AgentReplaced):
             pass  # the process or the agent went away: the run's outcome says which
 
     threading.Thread(target=feed, name=f"mvm-stdin-{pid}", daemon=True).start()
@@ -254,10 +267,13 @@ def _relay(sup: Supervisor, ctx: RequestContext, record: ProcessRecord, outbox: 
             sup.processes.sent(record, outbox, len(item[1]))
 
 
-def _kill_group(sup: Supervisor, pid: int) -> None:
+def _kill_group(sup: Supervisor, record: ProcessRecord) -> None:
+    """SIGKILL its process group -- through the agent that started it only (a pid of a
+    dead agent's process may be a new agent's now)."""
     try:
-        sup.agent.call("proc.signal", {"pid": pid, "signal": "KILL", "group": True}, timeout=10)
-    except errors.MvmError:
+        sup.agent.call("proc.signal", {"pid": record.pid, "signal": "KILL", "group": True}, timeout=10,
+                       generation=record.generation)
+    except (errors.MvmError, AgentReplaced):
         pass
 
 
@@ -278,31 +294,59 @@ def _timeout_arg(ctx: RequestContext) -> float | None:
     return timeout
 
 
-def _known_record(sup: Supervisor, pid: int) -> ProcessRecord:
-    record = sup.processes.get(pid)
+def agent_generation(sup: Supervisor, ctx: RequestContext) -> int:
+    """The agent generation a request names its process by (``agent_generation``; a
+    request by pid alone means the current agent's process)."""
+    generation = ctx.arg.integer("agent_generation", minimum=0)
+    return sup.agent.generation if generation is None else generation
+
+
+def ended_with_its_agent(pid: int, generation: int) -> errors.ProcessNotFound:
+    """The error for a request about a process of an agent that was since replaced."""
+    return errors.ProcessNotFound(
+        f"pid {pid} ended with the guest agent that ran it (agent generation {generation}; that agent "
+        f"died and was replaced): this handle no longer names a process, and pid {pid} now, if it "
+        f"exists, is another process", pid=pid, agent_generation=generation)
+
+
+def forward_to_its_agent(sup: Supervisor, ctx: RequestContext) -> tuple[dict[str, Any], bytes]:
+    """Forward a request naming a process (``proc.signal``, ``proc.stdin``) to the agent
+    that started it, and only to that one."""
+    generation = agent_generation(sup, ctx)
+    ctx.args.pop("agent_generation", None)  # the agent knows no generations
+    try:
+        return sup.agent.call(ctx.op, ctx.args, ctx.payload, generation=generation)
+    except AgentReplaced:
+        raise ended_with_its_agent(_pid_arg(ctx), generation) from None
+
+
+def _known_record(sup: Supervisor, ctx: RequestContext) -> ProcessRecord:
+    pid = _pid_arg(ctx)
+    generation = agent_generation(sup, ctx)
+    record = sup.processes.get(generation, pid)
     if record is None:
+        if generation != sup.agent.generation:
+            raise ended_with_its_agent(pid, generation)
         raise errors.ProcessNotFound(f"no process with pid {pid} was started in this sandbox", pid=pid)
     return record
 
 
 def proc_attach(sup: Supervisor, ctx: RequestContext) -> Reply:
-    pid = _pid_arg(ctx)
-    _known_record(sup, pid)
-
+    record = _known_record(sup, ctx)
     outbox = Outbox(ctx.wake)
-    record = sup.processes.subscribe(pid, outbox, replay=ctx.arg.boolean("replay", True))
+    sup.processes.subscribe(record, outbox, replay=ctx.arg.boolean("replay", True))
     try:
         if _until_exit(sup, ctx, record, (outbox, ctx.send_data)) == "cancelled":
             raise errors.Cancelled("proc.attach cancelled")
     finally:
-        sup.processes.unsubscribe(pid, outbox)
+        sup.processes.unsubscribe(record, outbox)
     _check_not_lost(record)
     return {"exit_code": record.exit_code, "signal": record.signal, "truncated": record.dropped_bytes > 0}, b""
 
 
 def proc_wait(sup: Supervisor, ctx: RequestContext) -> Reply:
-    pid = _pid_arg(ctx)
-    record = _known_record(sup, pid)
+    record = _known_record(sup, ctx)
+    pid = record.pid
     timeout = _timeout_arg(ctx)
     ctx.deadline = None if timeout is None else time.monotonic() + timeout
     ended = _until_exit(sup, ctx, record)
@@ -315,8 +359,7 @@ def proc_wait(sup: Supervisor, ctx: RequestContext) -> Reply:
 
 
 def proc_info(sup: Supervisor, ctx: RequestContext) -> Reply:
-    pid = _pid_arg(ctx)
-    return _known_record(sup, pid).info(), b""
+    return _known_record(sup, ctx).info(), b""
 
 
 def _argv_summary(argv: list[str]) -> str:

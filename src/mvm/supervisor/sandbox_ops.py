@@ -62,7 +62,7 @@ def stop(sup: Supervisor, ctx: RequestContext) -> Reply:
 def start(sup: Supervisor, ctx: RequestContext) -> Reply:
     if sup.state == "stopped":
         assert sup.instance is not None
-        sup.processes.new_boot()
+        sup.processes.new_boot(sup.agent.next_generation)
         sup.agent.attach(sup.on_backend(sup.instance.start))
         sup.configure_agent()
         sup.set_state("running")

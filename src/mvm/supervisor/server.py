@@ -75,7 +75,7 @@ class Supervisor:
         self.backend = get_backend(config["backend"])
         self.agent = AgentLink(on_event=self._on_agent_event, on_lost=self._on_agent_lost,
                                receive_fds=self.backend.agent_shares_kernel)
-        self.output_windows = OutputWindows(self.agent.send)  # credit for processes' output
+        self.output_windows = OutputWindows(self.agent.send, lambda: self.agent.generation)  # output credit
         self.processes.on_window = self.output_windows.grant
         self.agent.on_change.append(self._on_agent_channel_change)
         self.instance: BackendInstance | None = None
@@ -187,7 +187,7 @@ class Supervisor:
         # Verified whole first; a VM's memory image then streams through the unsealer.
         sock, info = snapshots.restore(instance, snapshots.SnapshotStore(), snapshot_id, run=self.on_backend,
                                        replacing=stop_running if replace_running else None)
-        self.processes.new_boot()
+        self.processes.new_boot(self.agent.next_generation)
         self.agent.attach(sock)
         self.configure_agent()
         self.audit.record("snapshot.restore", {"snapshot": info.id, "name": info.name})
@@ -301,17 +301,17 @@ class Supervisor:
 
     # ---- agent events -------------------------------------------------------
 
-    def _on_agent_event(self, frame: Frame) -> None:
+    def _on_agent_event(self, frame: Frame, generation: int) -> None:
         name = frame.header["event"]
         if name == "proc.output":
             pid = int(frame.header["pid"])
             stream = str(frame.header.get("stream", "stdout"))
-            self.processes.output(pid, stream, frame.payload)
+            self.processes.output(generation, pid, stream, frame.payload)
             self.logs.process_output(pid, stream, frame.payload)
         elif name == "proc.exit":
             pid = int(frame.header["pid"])
             self.logs.process_exit(pid)
-            self.processes.exit(pid, int(frame.header.get("exit_code", -1)), frame.header.get("signal"),
+            self.processes.exit(generation, pid, int(frame.header.get("exit_code", -1)), frame.header.get("signal"),
                                 frame.header.get("ended_at"))
 
     def _on_agent_channel_change(self) -> None:
@@ -344,8 +344,7 @@ class Supervisor:
             return
         why = f"the guest agent died and was restarted (restart {restart} of at most {MAX_AGENT_RESTARTS})"
         started = time.monotonic()
-        self.agent.begin_restart(why)
-        self.processes.mark_all_lost(why)
+        self.processes.agent_gone(self.agent.begin_restart(why), why)
         self.logs.system(f"{why}; reconnecting")
         try:
             self.agent.attach(self.instance.reconnect_agent())
