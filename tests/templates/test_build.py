@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -240,18 +241,28 @@ def test_interrupted_build_stops_mmdebstrap_and_leaves_nothing_behind(isolated_t
     assert _processes_using(isolated_templates) == []
 
 
+def _mmdebstrap_temporaries() -> set[Path]:
+    """What mmdebstrap leaves in the system's temporary directory when it is killed."""
+    return set(Path(tempfile.gettempdir()).glob("mmdebstrap.*")) | set(Path("/tmp").glob("mmdebstrap.*"))
+
+
 def test_killed_build_takes_mmdebstrap_with_it_and_leaves_only_removable_debris(isolated_templates: Path) -> None:
     code = "from mvm.templates import ensure_template; ensure_template('minimal')"
     env = {**os.environ, "MVM_TEMPLATES": str(isolated_templates)}
+    before = _mmdebstrap_temporaries()
     build = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env)
     assert build.stderr is not None
     for line in build.stderr:
         if "installing essential packages" in line:
             break
+    # mmdebstrap's own temporaries (its gpg home) are in the build's directory
+    scratch = [p for p in isolated_templates.glob(f".tmp-*/{builder.BUILD_TMPDIR}/mmdebstrap.gpghome.*")]
+    assert len(scratch) == 1, list(isolated_templates.glob(".tmp-*/*"))
     build.kill()  # SIGKILL: no finally blocks run
     build.wait()
     wait_for(lambda: _processes_using(isolated_templates) == [], "the build's processes to end", timeout=60,
              interval=0.2)
+    assert _mmdebstrap_temporaries() - before == set()
     debris = [p for p in isolated_templates.iterdir() if p.name.startswith(".tmp-")]
     assert len(debris) == 1
     key = debris[0].name[len(".tmp-"):].split("+")[0]

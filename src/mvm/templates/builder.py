@@ -89,7 +89,13 @@ ff02::2\t\tip6-allrouters
 #: Environment passed through to mmdebstrap (apt and the pip hook); nothing else from
 #: the host leaks in (a host venv's PYTHONPATH, PIP_FIND_LINKS with host paths, ...).
 _PASS_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-             "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT", "TMPDIR")
+             "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT")
+#: mmdebstrap's TMPDIR, in the build's own directory: the temporaries it makes before it
+#: moves TMPDIR into the new root (a gpg home to check the keyring) go with the build,
+#: and a build killed mid-way leaves them only there, where the next build's
+#: ``store.clean_stale`` removes them -- not in /tmp. (mmdebstrap unsets TMPDIR for its
+#: hooks and chroot commands, so pip in the chroot never sees this host path.)
+BUILD_TMPDIR = "mmdebstrap-tmp"
 LOG_TAIL_LINES = 40
 MIN_FREE_BYTES = 1024 * 2**20  # the largest built-in template needs ~400 MiB + its .debs
 
@@ -437,9 +443,12 @@ def _host_ca_bundle() -> str | None:
     return None
 
 
-def _build_env() -> dict[str, str]:
+def _build_env(workdir: Path) -> dict[str, str]:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
     env.update({k: os.environ[k] for k in _PASS_ENV if k in os.environ})
+    scratch = workdir / BUILD_TMPDIR
+    scratch.mkdir(mode=0o700, exist_ok=True)
+    env["TMPDIR"] = str(scratch)
     return env
 
 
@@ -458,7 +467,7 @@ def _run_mmdebstrap(recipe: Recipe, rootfs: Path, workdir: Path, mirror: str, re
     with open(workdir / "build.log", "wb") as log:
         log.write(("$ " + shlex.join(argv) + "\n").encode())
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, env=_build_env(), start_new_session=True,
+                                   stderr=subprocess.STDOUT, env=_build_env(workdir), start_new_session=True,
                                    preexec_fn=_terminate_with_parent)
         try:
             assert process.stdout is not None
@@ -475,6 +484,7 @@ def _run_mmdebstrap(recipe: Recipe, rootfs: Path, workdir: Path, mirror: str, re
         except BaseException:
             _stop(process)
             raise
+    store.remove_tree(workdir / BUILD_TMPDIR)  # (empty unless mmdebstrap died: not part of the template)
     if returncode != 0:
         first = _diagnosis(errors, tail) or f"mmdebstrap exited with status {returncode}"
         raise TemplateBuildError(
