@@ -248,14 +248,18 @@ def test_availability_reports_the_setup(backend):
 
 
 def test_copy_root_mode_works(make_spec, template_fingerprint):
-    """The fallback for hosts without root overlays: a private copy of the template."""
-    inst = NamespaceBackend(root_mode="copy", uid_mode="host-root").create(make_spec())
+    """The fallback for hosts without root overlays: a private copy of the template. It has
+    no size limit, and describe() says so: 80 MiB go into a sandbox of rootfs_size_mb 64."""
+    inst = NamespaceBackend(root_mode="copy", uid_mode="host-root").create(make_spec(rootfs_size_mb=64))
     try:
         guest = Guest(inst.start())
         assert guest.sh("echo hi > /root/x && cat /root/x").out.strip() == "hi"
+        assert guest.sh("head -c 80M /dev/zero > /root/big; echo $?; stat -c %s /root/big").out.split() == [
+            "0", str(80 << 20)]
         assert inst.describe()["root"] == "copy"
         assert inst.describe()["uid_map"]["mode"] == "host-root"
         assert any("host root" in note for note in inst.describe()["notes"])
+        assert any("rootfs_size_mb is NOT enforced" in note for note in inst.describe()["notes"])
     finally:
         inst.destroy()
     assert not inst.spec.backend_dir.exists()
