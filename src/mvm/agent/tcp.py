@@ -30,8 +30,8 @@ from typing import Any
 
 from ..protocol import codec
 from ..protocol.channel import ChannelClosed
-from ..protocol.codec import Frame
-from ..protocol.tcpmux import DEFAULT_MAX_STREAMS, RECEIVE_WINDOW, StreamLimit, StreamMux, id_counter
+from ..protocol.codec import STREAM_WINDOW, Frame
+from ..protocol.tcpmux import DEFAULT_MAX_STREAMS, StreamLimit, StreamMux, id_counter
 from .errors import AgentError, Args, invalid
 
 log = logging.getLogger("mvm.agent")
@@ -45,7 +45,7 @@ class Tcp:
 
     def __init__(self, current_link: Callable[[], Any]):
         self._current_link = current_link
-        self.mux = StreamMux("mvm-tcp", window=RECEIVE_WINDOW, max_streams=DEFAULT_MAX_STREAMS)
+        self.mux = StreamMux("mvm-tcp", window=STREAM_WINDOW, max_streams=DEFAULT_MAX_STREAMS)
         self._next_id = id_counter(2)  # guest-opened streams are even
         self._listeners: dict[int, socket.socket] = {}
         self._handoff: set[int] = set()  # listener ports whose connections are handed to the host
@@ -106,7 +106,7 @@ class Tcp:
         except ValueError as exc:
             sock.close()
             raise invalid("stream", str(exc)) from None
-        return {"stream": sid, "window": RECEIVE_WINDOW}, None
+        return {"stream": sid, "window": STREAM_WINDOW}, None
 
     def listen(self, args: Args, link: Any) -> dict[str, Any]:
         port = args.integer("port", minimum=0, maximum=65535, required=True)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import codec
-from .codec import CHUNK_SIZE, STREAM_WINDOW, TCP_STREAM, TCP_WINDOW, Frame
+from .codec import CHUNK_SIZE, TCP_STREAM, TCP_WINDOW, Frame
 
 #: ``send(encoded)`` puts one frame on the channel (blocking); raises when the channel is gone.
 Send = Callable[[codec.Encoded], None]
@@ -51,10 +51,6 @@ MAX_CREDIT = 1 << 32
 #: Bytes per stream frame: small enough that a command frame never waits long behind one.
 STREAM_CHUNK = 512 * 1024
 DEFAULT_MAX_STREAMS = 1024
-#: The receive window each end of mvm's port forwards and egress grants per stream (the
-#: agent and the supervisor alike): more than the protocol's initial ``TCP_WINDOW``, so a
-#: bulk transfer needs fewer grants -- the window of every flow-controlled stream.
-RECEIVE_WINDOW = STREAM_WINDOW
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..osutil import write_json_atomic
-from ..protocol.codec import Frame
+from ..protocol.codec import STREAM_WINDOW, Frame
 from ..protocol.requests import AGENT_USER
-from ..protocol.tcpmux import RECEIVE_WINDOW, StreamMux, id_counter
+from ..protocol.tcpmux import StreamMux, id_counter
 from ..spec import NetworkPolicy
 from .egress import EGRESS_GUEST_PORT, PROXY_ENV, PROXY_URL, EgressPolicy, EgressProxy
 from .ports import PortForwards
@@ -44,7 +44,7 @@ OPEN_MODE_RESOLVER = "10.0.2.3"
 class NetworkManager:
     def __init__(self, sup: Supervisor):
         self.sup = sup
-        self.mux = StreamMux("mvm-sup-tcp", window=RECEIVE_WINDOW)
+        self.mux = StreamMux("mvm-sup-tcp", window=STREAM_WINDOW)
         self.relays = Relays()  # connections whose guest socket the agent handed over
         self.next_id = id_counter(1)  # host-opened streams are odd
         self.policy = EgressPolicy.from_config(sup.config.get("network") or {})
