@@ -19,7 +19,7 @@ import {
   Process, resetRecording, resources, Sandbox, secret, TemplateNotFound,
 } from "@mvm/sdk";
 
-import { HOME, REPO, thrown } from "./helpers.js";
+import { HOME, PYTHON, pythonErrors, thrown } from "./helpers.js";
 
 const work = mkdtempSync("/tmp/mvm-rec-");
 const recording = join(work, "recording.jsonl");
@@ -52,27 +52,16 @@ after(() => {
   rmSync(work, { recursive: true, force: true });
 });
 
-/** The messages Python's SDK gives for the same calls (each source is eval'ed after
- * `prelude`; null for a call Python does not refuse), or null without the Python SDK. */
+/** The messages of Python's refusals (NotAvailableInRecordMode) for the same calls, each
+ * source eval'ed after `prelude`; null for a call Python does not refuse, or null without
+ * the Python SDK. Any other Python error fails the test. */
 function pythonRefusals(sources: string[], env: Record<string, string>, prelude = ""): (string | null)[] | null {
-  const python = join(REPO, ".venv", "bin", "python");
-  if (!existsSync(python)) return null;
-  const script = `
-import json, mvm
-${prelude}
-out = []
-for source in json.loads(input()):
-    try:
-        eval(source)
-        out.append(None)
-    except mvm.errors.NotAvailableInRecordMode as exc:
-        out.append(exc.message)
-print(json.dumps(out))
-`;
-  const done = spawnSync(python, ["-c", script], { input: JSON.stringify(sources) + "\n", encoding: "utf8",
-    env: { ...process.env, ...env } });
-  assert.equal(done.status, 0, done.stderr);
-  return JSON.parse(done.stdout) as (string | null)[];
+  if (!existsSync(PYTHON)) return null;
+  return pythonErrors(sources, { prelude, env }).map((error) => {
+    if (error === null) return null;
+    assert.equal(error.type, "NotAvailableInRecordMode", error.message);
+    return error.message;
+  });
 }
 
 describe("record mode", () => {
@@ -255,11 +244,10 @@ describe("record mode", () => {
   test("'did you mean' follows Python's rule (closest_name), word for word", () => {
     const names = ["minimal", "node-20", "python-3.11", "python-3.13"];
     const words = ["python-3.1", "pyhton-3.13", "node20", "minimal", "ruby-3.3", "x", "", "pythn-3.13", "nod-20x"];
-    const python = join(REPO, ".venv", "bin", "python");
     const expected = words.map((w) => closestName(w, names));
     assert.deepEqual(expected.slice(0, 5), ["python-3.11", "python-3.13", "node-20", "minimal", null]);
-    if (!existsSync(python)) return;
-    const done = spawnSync(python, ["-c", "import json, sys; from mvm.templates.catalog import closest_name; "
+    if (!existsSync(PYTHON)) return;
+    const done = spawnSync(PYTHON, ["-c", "import json, sys; from mvm.templates.catalog import closest_name; "
       + "words, names = json.loads(sys.stdin.read()); print(json.dumps([closest_name(w, names) for w in words]))"],
     { input: JSON.stringify([words, names]), encoding: "utf8" });
     assert.equal(done.status, 0, done.stderr);
