@@ -24,7 +24,7 @@ json_values = st.recursive(
 extras = st.dictionaries(st.text(max_size=10).filter(lambda k: k not in {"kind", "id", "ok", "error", "result",
                                                                             "op", "args", "stream", "event",
                                                                             "protocol", "version", "role",
-                                                                            "eof"}),
+                                                                            "eof", "window", "fds"}),
                          json_values, max_size=4)
 ids = st.integers(0, 2**53)
 objects = st.dictionaries(st.text(max_size=10), json_values, max_size=4)
@@ -37,12 +37,15 @@ def headers(draw: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"kind": kind}
     if kind == "hello":
         base.update(protocol="mvm", version=draw(st.integers(0, 10)), role=draw(st.text(max_size=10)))
-    elif kind == "event":  # (the tcp.* events have required fields: tests/protocol/test_tcpmux.py)
-        base["event"] = draw(st.text(max_size=20).filter(lambda name: name not in codec.TCP_EVENTS))
+    elif kind == "event":  # (tcp.* and credit events have required fields, tested below)
+        base["event"] = draw(st.text(max_size=20).filter(
+            lambda name: name not in codec.TCP_EVENTS and name not in codec.WINDOW_EVENTS))
     else:
         base["id"] = draw(ids)
         if kind == "request":
             base.update(op=draw(st.text(max_size=20)), args=draw(objects))
+            if draw(st.booleans()):
+                base["window"] = draw(st.integers(1, codec.MAX_GRANT))
         elif kind == "response":
             if draw(st.booleans()):
                 base.update(ok=True, result=draw(objects))
@@ -146,6 +149,17 @@ def test_strings_that_are_not_valid_unicode_survive_a_round_trip() -> None:
     {"kind": "event"},
     {"kind": "event", "event": None},
     {"kind": "cancel"},
+    {"kind": "request", "id": 1, "op": "fs.write", "window": None},
+    {"kind": "request", "id": 1, "op": "fs.write", "window": 0},
+    {"kind": "request", "id": 1, "op": "fs.write", "window": 2**32 + 1},
+    {"kind": "request", "id": 1, "op": "fs.write", "window": "1"},
+    {"kind": "event", "event": "data.window", "bytes": 5},
+    {"kind": "event", "event": "data.window", "id": 0, "bytes": 5},
+    {"kind": "event", "event": "proc.window", "pid": 7, "bytes": 0},
+    {"kind": "event", "event": "proc.window", "pid": 7, "bytes": True},
+    {"kind": "event", "event": "tcp.window", "stream": 3, "bytes": 2**32 + 1},
+    {"kind": "request", "id": 1, "op": "ping", "fds": 2},
+    {"kind": "request", "id": 1, "op": "ping", "fds": 0},
 ])
 def test_headers_missing_or_mistyping_their_kinds_fields_are_protocol_errors(header: dict) -> None:
     with pytest.raises(ProtocolError):
