@@ -23,6 +23,7 @@ import pytest
 
 import mvm
 from mvm import errors
+from mvm.backends import get_backend, pool_backend_names
 from mvm.osutil import pid_alive
 from mvm.paths import pools_dir, sandboxes_dir
 from mvm.pooling import store
@@ -150,6 +151,16 @@ def test_bad_pool_values_are_refused_naming_the_field_and_leave_nothing(kwargs: 
         mvm.pool(TEMPLATE, **kwargs)  # type: ignore[arg-type]
     assert err.value.field == field
     assert (set(os.listdir(pools_dir())), set(os.listdir(sandboxes_dir()))) == before
+
+
+def test_which_backends_a_pool_pre_starts_is_the_backend_registry_s_answer() -> None:
+    # a capability each backend states (Backend.poolable), not a list of names kept by pooling
+    assert get_backend("namespace").poolable and not get_backend("vm").poolable
+    assert pool_backend_names() == ["namespace"]
+    assert store.validate_pool_backend(None) == "namespace"
+    with pytest.raises(errors.InvalidArgument) as err:
+        store.validate_pool_backend("vm")
+    assert (err.value.field, err.value.details["allowed"]) == ("backend", ["namespace"])
 
 
 def test_the_host_wide_bound_counts_every_pool(pool: mvm.Pool) -> None:

@@ -26,6 +26,18 @@ def backend_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def pool_backend_names() -> list[str]:
+    """The backends a warm pool can pre-start (``Backend.poolable``), in :data:`PREFERENCE` order."""
+    names = []
+    for name in PREFERENCE:
+        try:
+            if get_backend(name).poolable:
+                names.append(name)
+        except errors.BackendUnavailable:  # cannot even be loaded: nothing to pre-start
+            pass
+    return names
+
+
 def isolation_of(name: str) -> str:
     """The kind of isolation a backend gives (``Backend.isolation``), for listings."""
     try:

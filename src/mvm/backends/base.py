@@ -179,6 +179,9 @@ class Backend(abc.ABC):
     #: an AF_UNIX socketpair: the agent can hand connected sockets to the supervisor (SCM_RIGHTS),
     #: which then relays forwards and egress itself (docs/security.md, "Network relays").
     agent_shares_kernel: ClassVar[bool] = False
+    #: A warm pool (``mvm.pool``) may pre-start sandboxes of this backend. A VM create already
+    #: restores a ready snapshot, and a pooled VM would hold its whole memory while it waits.
+    poolable: ClassVar[bool] = False
 
     @abc.abstractmethod
     def availability(self) -> Availability:

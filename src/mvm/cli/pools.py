@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from .. import errors
-from ..pooling.store import DEFAULT_MEMBER_TTL, POOL_BACKENDS
+from ..pooling.store import DEFAULT_MEMBER_TTL
 from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
 from ..sdk.pool import DEFAULT_POOL_SIZE, POOL_OWN_OPTIONS, Pool, PoolInfo, close_pool, pool, pools, refused_option
@@ -34,7 +34,7 @@ def pool_group() -> None:
 @click.option("--size", type=int, default=DEFAULT_POOL_SIZE, show_default=True, help="Members kept waiting (1-16).")
 @click.option("--ttl", default=DEFAULT_MEMBER_TTL, show_default=True,
               help="How long an unclaimed member waits (1s-24h) before it ends itself.")
-@click.option("--backend", default=POOL_BACKENDS[0], show_default=True)
+@click.option("--backend", help="One whose sandboxes a pool can pre-start (default: the first such backend).")
 @shape_options
 @click.option("--keep-filled", is_flag=True,
               help="Stay in the foreground refilling the pool after each claim; close it on Ctrl-C / SIGTERM.")
@@ -43,7 +43,7 @@ def up(
     template: str,
     size: int,
     ttl: str,
-    backend: str,
+    backend: str | None,
     cpus: float | None,
     memory_mb: int | None,
     rootfs_size_mb: int | None,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
+from ..backends import pool_backend_names
 from ..durations import parse_duration
 from ..osutil import process_is, process_start_time, write_json_atomic
 from ..paths import pools_dir
@@ -39,9 +40,6 @@ MAX_POOLED = 32
 #: How long an unclaimed member waits before its supervisor destroys it.
 DEFAULT_MEMBER_TTL = "10m"
 MAX_MEMBER_TTL_SECONDS = 24 * 3600
-#: Backends a pool can pre-start. A VM create already restores a ready snapshot, and a
-#: pooled VM would hold its whole memory while it waits.
-POOL_BACKENDS = ("namespace",)
 POOL_FILE = "pool.json"
 READY_DIR = "ready"
 
@@ -89,9 +87,13 @@ def validate_member_ttl(ttl: Any) -> int:
 
 
 def validate_pool_backend(backend: Any) -> str:
-    if backend not in POOL_BACKENDS:
-        raise errors.InvalidArgument("backend", f"a pool cannot pre-start {backend!r} sandboxes",
-                                     allowed=list(POOL_BACKENDS))
+    """``backend`` if a pool can pre-start its sandboxes (``Backend.poolable``, as the backend
+    registry answers), else refused; ``None``: the first backend that can."""
+    poolable = pool_backend_names()
+    if backend is None and poolable:
+        return poolable[0]
+    if backend not in poolable:
+        raise errors.InvalidArgument("backend", f"a pool cannot pre-start {backend!r} sandboxes", allowed=poolable)
     return str(backend)
 
 

@@ -259,7 +259,7 @@ def pool(
     *,
     size: int = DEFAULT_POOL_SIZE,
     ttl: str | int | float = store.DEFAULT_MEMBER_TTL,
-    backend: str | None = store.POOL_BACKENDS[0],
+    backend: str | None = None,
     resources: Resources | None = None,
     network: NetworkPolicy | None = None,
     refill: bool = True,
@@ -273,7 +273,8 @@ def pool(
     claim, start in a background thread, and ``close()`` — or this process's exit — destroys
     the members still waiting. ``refill=False``: nothing refills it (``fill()`` fills it
     once) and its members wait until claimed, ``close()``d or their TTL; ``mvmctl pool up``
-    makes such a pool. ``backend``: pools pre-start ``namespace`` sandboxes only.
+    makes such a pool. ``backend``: one whose sandboxes a pool can pre-start (``namespace``;
+    ``None``: the first such backend).
     """
     from .sandbox import validated_spec, current_mode
 
@@ -283,11 +284,11 @@ def pool(
     spec_args = validated_spec(template, name=None, workload_id=None, ttl=None, resources=resources,
                                 network=network, env=None, tags=None)
     if not live:  # record/plan: a pool changes how fast a live create is served, not what it does
-        backend_name = store.validate_pool_backend(store.POOL_BACKENDS[0] if backend is None else backend)
+        backend_name = store.validate_pool_backend(backend)
         spec = store.PoolSpec(template=template, backend=backend_name, resources=spec_args["resources"],
                               network=spec_args["network"], template_digest="")
         return Pool(store.new_pool_id(), spec, size, ttl_seconds, refill=False, recorded=True)
-    backend_name = store.validate_pool_backend(choose_backend(backend))
+    backend_name = choose_backend(store.validate_pool_backend(backend))  # refused if this host cannot run it
     image = ensure_template(template)
     spec = store.PoolSpec(template=template, backend=backend_name, resources=spec_args["resources"],
                           network=spec_args["network"], template_digest=image.digest)

@@ -638,6 +638,7 @@ class NamespaceBackend(Backend):
     name = "namespace"
     isolation = "namespace"
     agent_shares_kernel = True
+    poolable = True
 
     def __init__(self, root_mode: str | None = None, uid_mode: str | None = None):
         if root_mode is not None and root_mode not in ROOT_MODES:
