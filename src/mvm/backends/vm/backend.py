@@ -54,6 +54,7 @@ from .qemu import (
     qemu_version,
     vcpus_for,
 )
+from .deadline import GuestDeadline
 from .snapshot import DETAILS_FILE, SNAPSHOT_FORMAT, await_incoming, check_compatible, migrate_memory
 
 
@@ -223,6 +224,14 @@ class VmInstance(BackendInstance):
     def _launch(self, incoming: str | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.machine.launch(self._config(incoming), pass_fds)
 
+    def _deadline(self, started: float) -> GuestDeadline:
+        """The boot/restore budget from ``started``, charged only with the time the launched
+        QEMU could run (a busy host stretches it; deadline.py)."""
+        deadline = GuestDeadline(self.boot_timeout, started=started)
+        if self.machine.proc is not None:
+            deadline.watch(self.machine.proc.pid)
+        return deadline
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> socket.socket:
@@ -286,8 +295,7 @@ class VmInstance(BackendInstance):
         started = time.monotonic()
         self.machine.rotate_console()
         self._launch()
-        sock = self.machine.await_agent(started + self.boot_timeout, boot_timeout=self.boot_timeout,
-                                        accel=self.accel)
+        sock = self.machine.await_agent(self._deadline(started), accel=self.accel)
         self._state = "running"
         self._boot = "cold"
         self.boot_seconds = time.monotonic() - started
@@ -476,12 +484,12 @@ class VmInstance(BackendInstance):
                 finally:
                     os.close(memory_fd)  # QEMU has its own
             assert self.machine.qmp is not None
-            deadline = started + self.boot_timeout
-            status = await_incoming(self.machine.qmp, deadline, self.boot_timeout)
+            deadline = self._deadline(started)
+            status = await_incoming(self.machine.qmp, deadline)
             if memory_source is not None:
                 # The unsealer authenticated every chunk before QEMU got its bytes (so a load
                 # can only complete on the whole, authentic image); its verdict comes first.
-                memory_source.finish(max(deadline - time.monotonic(), 5.0))
+                memory_source.finish(max(deadline.wall_limit - time.monotonic(), 5.0))
             sock = None
             if idle_agent and status != "running":
                 # Connecting before ``cont`` keeps the port's host side "connected" across the
@@ -489,11 +497,11 @@ class VmInstance(BackendInstance):
                 # the agent just reads our hello (instead of ending its session, logging and
                 # polling every 50 ms for a host: ~100 ms less under TCG here). Not for other
                 # snapshots: output the guest had queued for its old host would reach us first.
-                sock = self.machine.connect_agent(deadline)
+                sock = self.machine.connect_agent(deadline.wall_limit)
             if status != "running":
                 self.machine.qmp.execute("cont")
             if sock is None:
-                sock = self.machine.connect_agent(deadline)
+                sock = self.machine.connect_agent(deadline.wall_limit)
         except (SandboxError, SnapshotTampered) as exc:
             diag = self.machine.diagnostics()
             self.machine.kill()

@@ -19,6 +19,7 @@ from typing import Any
 from ...errors import InvalidArgument, SandboxError
 from ...protocol.channel import ChannelClosed, FramedChannel
 from ...protocol.codec import ProtocolError
+from .deadline import GuestDeadline
 from .initramfs import INIT_FAIL_PREFIX
 from .process import spawn, terminate
 from ...agent import keeper
@@ -186,9 +187,9 @@ class QemuMachine:
                 raise SandboxError(f"vm: cannot connect to {path.name}: {self.diagnostics()}")
             time.sleep(0.005)
 
-    def await_agent(self, deadline: float, *, boot_timeout: float, accel: str) -> socket.socket:
+    def await_agent(self, deadline: GuestDeadline, *, accel: str) -> socket.socket:
         """Connect and exchange hellos: proves the guest booted to a working agent."""
-        sock = self.connect_agent(deadline)
+        sock = self.connect_agent(deadline.wall_limit)
         channel = FramedChannel(sock)
         result: dict[str, Any] = {}
 
@@ -202,7 +203,7 @@ class QemuMachine:
         worker.start()
         while worker.is_alive():
             worker.join(0.05)
-            if time.monotonic() > deadline or not self.alive():
+            if deadline.expired() or not self.alive():
                 break
         if "hello" in result:
             return sock
@@ -220,7 +221,7 @@ class QemuMachine:
         elif not timed_out:
             why = f"the agent channel failed ({result['error']})"
         else:
-            why = f"the guest agent did not answer within {boot_timeout:.0f} s (accelerator {accel})"
+            why = f"the guest agent did not answer {deadline.describe()} (accelerator {accel})"
         raise SandboxError(f"vm: boot failed: {why}; {self.diagnostics()}", console_tail=self.console_tail())
 
     # ------------------------------------------------------------------ console and diagnostics

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InvalidArgument, SandboxError
+from .deadline import GuestDeadline
 from .machine import QMP_TIMEOUT
 from .qmp import QmpClient
 
@@ -50,14 +51,14 @@ def migrate_memory(qmp: QmpClient, uri: str) -> None:
         time.sleep(0.005)
 
 
-def await_incoming(qmp: QmpClient, deadline: float, boot_timeout: float) -> str:
+def await_incoming(qmp: QmpClient, deadline: GuestDeadline) -> str:
     """Wait until QEMU has loaded an incoming memory image; return its run state then."""
     while True:
         status = qmp.status()
         if status not in ("inmigrate", "prelaunch"):
             break
-        if time.monotonic() > deadline:
-            raise SandboxError(f"vm: restoring memory did not finish within {boot_timeout:.0f} s")
+        if deadline.expired():
+            raise SandboxError(f"vm: restoring memory did not finish {deadline.describe()}")
         time.sleep(0.003)
     if status not in ("paused", "postmigrate", "running"):
         raise SandboxError(f"vm: restore ended in state {status!r}")
