@@ -48,7 +48,14 @@ TCP_EVENTS = frozenset({"tcp.open", "tcp.window", "tcp.close"})
 #: request's ``data`` frames (its header's ``window``) and a process's output on the agent hop
 #: (``proc.start``'s ``output_window``). A receiver grants back at least every ``GRANT_STEP``.
 STREAM_WINDOW = 2 * 1024 * 1024
-GRANT_STEP = STREAM_WINDOW // 4
+
+
+def grant_step(window: int) -> int:
+    """How much a receiver with ``window`` bytes of credit lets accumulate before granting it back."""
+    return max(window // 4, 1)
+
+
+GRANT_STEP = grant_step(STREAM_WINDOW)
 #: The credit events (``bytes`` in 1..2**32 more may be sent) and the field naming what they credit.
 WINDOW_EVENTS = {"tcp.window": "stream", "data.window": "id", "proc.window": "pid"}
 #: Largest credit one grant or a request's ``window`` may give.

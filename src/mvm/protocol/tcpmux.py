@@ -96,7 +96,7 @@ class StreamMux:
     def __init__(self, name: str = "mvm-tcp", *, window: int = TCP_WINDOW,
                  max_streams: int = DEFAULT_MAX_STREAMS):
         self.window = max(int(window), TCP_WINDOW)
-        self.grant_step = max(self.window // 4, 1)
+        self.grant_step = codec.grant_step(self.window)
         self.max_streams = max_streams
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
