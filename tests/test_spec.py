@@ -22,7 +22,7 @@ def _config(**overrides: Any) -> dict[str, Any]:
         network=mvm.network(mode="allow", allow=["pypi.org:443"]),
         ttl_seconds=1800, env={"MODE": "dev"}, secret_env_names={"API_KEY": "api-key"},
         workload_id="wl", tags={"team": "a"}, created_at=1700000000.5, from_snapshot=None, run_id="run-1",
-        template_dir="/var/tmp/mvm-templates/python-3.13-0123456789abcdef",
+        template_dir="/var/tmp/mvm-templates/python-3.13-0123456789abcdef", isolation="namespace",
     ).to_json()
     base.update(overrides)
     return base
@@ -49,6 +49,7 @@ def test_config_round_trips_through_json_unchanged() -> None:
     ({"ttl_seconds": -5}, "ttl", errors.InvalidArgument),
     ({"backend": ""}, "backend", errors.InvalidArgument),
     ({"template_dir": "templates/python-3.13"}, "template_dir", errors.InvalidArgument),
+    ({"isolation": ""}, "isolation", errors.InvalidArgument),
 ])
 def test_from_json_refuses_bad_input_naming_the_field(override: dict[str, Any], field: str,
                                                       error: type[errors.MvmError]) -> None:

@@ -308,6 +308,9 @@ class SandboxConfig:
     #: The built template directory ``launch`` resolved ``template`` to: the supervisor
     #: loads that build rather than resolving (hashing the agent, listing templates) again.
     template_dir: str | None = None
+    #: The isolation ``backend`` gives (``vm`` / ``namespace``), as the backend registry
+    #: answered when ``launch`` chose it: listings (Python's and TypeScript's) read it here.
+    isolation: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -329,6 +332,7 @@ class SandboxConfig:
             "on_behalf_of": dict(self.on_behalf_of) if self.on_behalf_of is not None else None,
             "pool": self.pool,
             "template_dir": self.template_dir,
+            "isolation": self.isolation,
         }
 
     @classmethod
@@ -350,6 +354,9 @@ class SandboxConfig:
         template_dir = data.get("template_dir")
         if template_dir is not None and (not isinstance(template_dir, str) or not template_dir.startswith("/")):
             raise errors.InvalidArgument("template_dir", f"{shown(template_dir)} must be an absolute path")
+        isolation = data.get("isolation")
+        if isolation is not None and (not isinstance(isolation, str) or not isolation):
+            raise errors.InvalidArgument("isolation", f"{shown(isolation)} must be a non-empty string")
         return cls(
             id=data["id"],
             name=validate_name(data.get("name")),
@@ -369,4 +376,5 @@ class SandboxConfig:
             on_behalf_of=validate_on_behalf_of(data.get("on_behalf_of")),
             pool=validate_pool_id(data.get("pool")),
             template_dir=template_dir,
+            isolation=isolation,
         )

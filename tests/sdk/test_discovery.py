@@ -19,6 +19,7 @@ from waiting import wait_for
 
 import mvm
 from mvm import errors
+from mvm.backends import get_backend
 from mvm.osutil import pid_alive, process_stamp
 from mvm.paths import names_dir, sandboxes_dir
 
@@ -189,6 +190,12 @@ def test_a_dead_supervisor_leaves_a_lost_sandbox_until_gc(backend: str) -> None:
     (directory / "supervisor.pid").write_text(f"{os.getpid()} {int(process_stamp().split()[1]) + 1}")
     assert {i.id: i.state for i in mvm.Sandbox.list()}.get(sandbox.id) == "lost"
     assert directory.exists()  # listing never reaps
+    # a record written before records held the isolation is listed with the backend registry's answer
+    for record_file in ("state.json", "config.json"):
+        record = json.loads((directory / record_file).read_text())
+        assert record.pop("isolation") == get_backend(backend).isolation
+        (directory / record_file).write_text(json.dumps(record))
+    assert {i.id: i.isolation for i in mvm.Sandbox.list()}.get(sandbox.id) == get_backend(backend).isolation
     reaped = json.loads(_mvmctl("gc", "--json").stdout)["reaped"]
     assert [(e["id"], e["state"]) for e in reaped] == [(sandbox.id, "lost")]
     assert not directory.exists() and not (names_dir() / name).exists()

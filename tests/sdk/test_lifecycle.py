@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 import mvm
 from mvm import errors
+from mvm.backends import get_backend
 from mvm.paths import sandboxes_dir
 
 TEMPLATE = "python-3.13"
@@ -144,7 +146,11 @@ def test_stop_keeps_files_start_runs_again_and_states_are_enforced(backend: str)
 
 def test_connect_and_list_from_another_process(backend: str) -> None:
     with mvm.Sandbox.create(TEMPLATE, backend=backend, name=f"shared-{backend}", ttl="10m") as sandbox:
-        assert sandbox.id in [i.id for i in mvm.Sandbox.list()]
+        listed = {i.id: i for i in mvm.Sandbox.list()}
+        assert sandbox.id in listed
+        # the isolation the launch path recorded (the backend registry's answer), read back by the listing
+        config = json.loads((sandboxes_dir() / sandbox.id / "config.json").read_text())
+        assert config["isolation"] == get_backend(backend).isolation == listed[sandbox.id].isolation
         code = textwrap.dedent(f"""
             import mvm
             sb = mvm.Sandbox.connect("shared-{backend}")

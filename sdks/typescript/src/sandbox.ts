@@ -200,7 +200,7 @@ export function runMvmctl(args: string[], options: { cwd?: string; env?: NodeJS.
 function infoOf(record: Record<string, unknown>): SandboxInfo {
   return SandboxInfo.fromWire({
     id: record.id, name: record.name, state: record.state ?? "creating", template: record.template,
-    backend: record.backend, isolation: record.backend === "vm" ? "vm" : "namespace",
+    backend: record.backend, isolation: record.isolation ?? "unknown", // written at launch; older records lack it
     resources: record.resources ?? {}, network: record.network ?? {}, created_at: record.created_at ?? 0,
     expires_at: record.expires_at ?? null, workload_id: record.workload_id ?? null,
     details: { tags: record.tags ?? {}, run_id: record.run_id ?? null },

@@ -141,7 +141,12 @@ describe("lifecycle", () => {
     assert.ok(taken instanceof NameTaken && taken instanceof InvalidArgument, String(taken));
     assert.equal((taken as NameTaken).field, "name");
     assert.equal((taken as NameTaken).sandboxId, sb.id);
-    const supervisor = Number((await sb.describe()).details.supervisor_pid);
+    const described = await sb.describe();
+    const supervisor = Number(described.details.supervisor_pid);
+    // the listing reads the isolation the launch path recorded (the backend registry's answer)
+    const record = JSON.parse(readFileSync(join(HOME, "sandboxes", sb.id, "config.json"), "utf8")) as { isolation: string };
+    assert.equal(record.isolation, described.isolation);
+    assert.equal((await Sandbox.list()).find((i) => i.id === sb.id)?.isolation, described.isolation);
     // Handles open when it dies end with SandboxLost, not a plain SandboxError: a stream
     // being read, a process being waited for.
     const ticker = await sb.commands.start(["sh", "-c", "while :; do echo tick; sleep 0.05; done"]);
@@ -170,7 +175,7 @@ describe("lifecycle", () => {
     assert.ok(lost instanceof SandboxLost && lost instanceof SandboxError, String(lost));
     assert.match(lost.message, /mvmctl gc/);
     const reaped = await gc();
-    assert.deepEqual(reaped.map((i) => [i.id, i.state]), [[sb.id, "lost"]]);
+    assert.deepEqual(reaped.map((i) => [i.id, i.state, i.isolation]), [[sb.id, "lost", described.isolation]]);
     assert.ok(await gone(sb.id));
     assert.ok((await thrown(() => Sandbox.connect("ts-doomed"))) instanceof SandboxNotFound);
   });

@@ -145,8 +145,9 @@ class SandboxInfo:
     def from_record(
         cls, record: dict[str, Any], *, state: str | None = None, details: dict[str, Any] | None = None
     ) -> SandboxInfo:
-        """From a sandbox's on-disk record (``Sandbox.list``, the cluster's list)."""
-        from ..backends import isolation_of  # the registry knows each backend's isolation
+        """From a sandbox's on-disk record (``Sandbox.list``, the cluster's list): its isolation
+        is the record's own (written at launch); a record older than that field asks the registry."""
+        from ..backends import isolation_of
 
         return cls(
             id=record["id"],
@@ -154,7 +155,7 @@ class SandboxInfo:
             state=state or record.get("state", "creating"),
             template=record["template"],
             backend=record["backend"],
-            isolation=isolation_of(record["backend"]),
+            isolation=record.get("isolation") or isolation_of(record["backend"]),
             resources=record.get("resources", {}),
             network=record.get("network", {}),
             created_at=record.get("created_at", 0.0),

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
-from ..backends import choose_backend
+from ..backends import choose_backend, isolation_of
 from ..osutil import stamp_alive, stamp_pid, write_json_atomic
 from ..paths import sandboxes_dir
 from ..spec import SandboxConfig, default_name
@@ -89,7 +89,7 @@ def launch(asked: SandboxConfig, secret_env: Mapping[str, str], *, timeout: floa
         image = ensure_template(asked.template)  # builds on first use, with progress on a terminal
 
         def config_for(chosen_id: str) -> SandboxConfig:
-            return dataclasses.replace(asked, id=chosen_id, backend=backend,
+            return dataclasses.replace(asked, id=chosen_id, backend=backend, isolation=isolation_of(backend),
                                        name=asked.name or default_name(asked.workload_id, chosen_id))
 
         if not asked.id:  # a warm pool's member pre-started with this config, if one waits (mvm/pooling)
