@@ -39,9 +39,8 @@ from .commands import (
     LineSplitter,
     OutputCallback,
     OutputCapture,
+    ProcessHandle,
     StreamDecoder,
-    process_ref,
-    process_repr,
     run_options,
     signal_args,
     started_process,
@@ -341,47 +340,16 @@ class AsyncCommands:
         return [ProcessInfo.from_wire(p) for p in result.get("processes", [])]
 
 
-class AsyncProcess:
+class AsyncProcess(ProcessHandle):
     """A process started in the sandbox (``await sandbox.commands.start(...)``)."""
 
-    def __init__(
-        self,
-        sandbox: AsyncSandbox,
-        pid: int | None,
-        recorded_index: int | None = None,
-        *,
-        audit_id: str | None = None,
-        argv: list[str] | None = None,
-        agent_generation: int | None = None,
-    ):
-        self._sandbox = sandbox
-        self.pid = pid
-        #: Which guest agent started it (the pid alone may be reused after an agent restart).
-        self.agent_generation = agent_generation
-        self.index = recorded_index
-        self.audit_id = audit_id
-        self.argv = argv or []
-        self._exit_code: int | None = None
-
-    @property
-    def recorded(self) -> bool:
-        return self.index is not None
-
-    def __repr__(self) -> str:
-        return process_repr("AsyncProcess", self.pid, self.index, self.argv)
-
-    def _ref(self) -> dict[str, Any]:
-        return process_ref(self.pid, self.index, self.agent_generation)
+    _sandbox: AsyncSandbox
 
     async def wait(self, timeout: float | None = None) -> int:
         """Its exit code (128+N if killed by signal N); ``CommandTimeout`` past ``timeout``."""
         if self._exit_code is None:
-            args: dict[str, Any] = self._ref()
-            if timeout is not None:
-                args["timeout_seconds"] = timeout
-            result, _ = await self._sandbox._call("proc.wait", args)
-            code = result.get("exit_code")
-            self._exit_code = -1 if code is None else int(code)
+            result, _ = await self._sandbox._call("proc.wait", self._wait_args(timeout))
+            return self._exited(result.get("exit_code"))
         return self._exit_code
 
     async def exit_code(self) -> int | None:
@@ -390,7 +358,7 @@ class AsyncProcess:
             info = await self.info()
             if info.running:
                 return None
-            self._exit_code = -1 if info.exit_code is None else int(info.exit_code)
+            return self._exited(info.exit_code)
         return self._exit_code
 
     async def info(self) -> ProcessInfo:

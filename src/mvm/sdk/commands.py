@@ -125,8 +125,8 @@ class Commands:
 _SIGNALS = {"TERM": _signal.SIGTERM, "KILL": _signal.SIGKILL, "INT": _signal.SIGINT, "HUP": _signal.SIGHUP}
 
 
-class Process:
-    """A process started in the sandbox. Usable from any client that knows its pid.
+class ProcessHandle:
+    """What a handle of a started process knows, sync (``Process``) or asyncio (``AsyncProcess``).
 
     A process started in record/plan mode has ``pid=None`` and ``recorded=True``: its
     signals and stdin are recorded, its exit code and output do not exist.
@@ -134,7 +134,7 @@ class Process:
 
     def __init__(
         self,
-        sandbox: Sandbox,
+        sandbox: Any,
         pid: int | None,
         recorded_index: int | None = None,
         *,
@@ -149,39 +149,59 @@ class Process:
         self.index = recorded_index
         self.audit_id = audit_id
         self.argv = argv or []
-        self._exit: tuple[int | None, int | None] | None = None
+        self._exit_code: int | None = None  # once known; -1 when the agent could not tell
 
     @property
     def recorded(self) -> bool:
         return self.index is not None
 
     def __repr__(self) -> str:
-        return process_repr("Process", self.pid, self.index, self.argv)
+        if self.index is not None:
+            return f"<{type(self).__name__} #{self.index + 1} (recorded) argv={self.argv!r}>"
+        return f"<{type(self).__name__} pid={self.pid} argv={self.argv!r}>"
 
     def _ref(self) -> dict[str, Any]:
-        return process_ref(self.pid, self.index, self.agent_generation)
+        """How requests name it: its pid and the agent generation that started it (a pid
+        may be reused after an agent restart), or its index in a recording."""
+        if self.index is not None:
+            return {"process": self.index}
+        if self.agent_generation is None:
+            return {"pid": self.pid}
+        return {"pid": self.pid, "agent_generation": int(self.agent_generation)}
+
+    def _wait_args(self, timeout: float | None) -> dict[str, Any]:
+        args: dict[str, Any] = self._ref()
+        if timeout is not None:
+            args["timeout_seconds"] = timeout
+        return args
+
+    def _exited(self, code: int | None) -> int:
+        self._exit_code = -1 if code is None else int(code)
+        return self._exit_code
+
+
+class Process(ProcessHandle):
+    """A process started in the sandbox. Usable from any client that knows its pid."""
+
+    _sandbox: Sandbox
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the process exits; returns its exit code (128+N if killed by signal N).
         Raises ``CommandTimeout`` if it is still running after ``timeout`` seconds."""
-        if self._exit is None:
-            args: dict[str, Any] = self._ref()
-            if timeout is not None:
-                args["timeout_seconds"] = timeout
-            result, _ = self._sandbox._client().call("proc.wait", args)
-            self._exit = (result.get("exit_code"), result.get("signal"))
-        code = self._exit[0]
-        return -1 if code is None else int(code)
+        if self._exit_code is None:
+            result, _ = self._sandbox._client().call("proc.wait", self._wait_args(timeout))
+            return self._exited(result.get("exit_code"))
+        return self._exit_code
 
     @property
     def exit_code(self) -> int | None:
         """The exit code once it exited, else ``None`` (does not block)."""
-        if self._exit is None:
+        if self._exit_code is None:
             info = self.info()
             if info.running:
                 return None
-            self._exit = (info.exit_code, None)
-        return self._exit[0]
+            return self._exited(info.exit_code)
+        return self._exit_code
 
     def is_running(self) -> bool:
         return self.exit_code is None
@@ -266,20 +286,6 @@ def started_process(result: dict[str, Any]) -> tuple[int | None, int | None]:
     return (None if pid is None else int(pid)), (None if index is None else int(index))
 
 
-def process_ref(pid: int | None, index: int | None, agent_generation: int | None = None) -> dict[str, Any]:
-    """How requests name a process: its pid and the agent generation that started it
-    (a pid may be reused after an agent restart), or its index in a recording."""
-    if index is not None:
-        return {"process": index}
-    return {"pid": pid} if agent_generation is None else {"pid": pid, "agent_generation": int(agent_generation)}
-
-
-def process_repr(kind: str, pid: int | None, index: int | None, argv: list[str]) -> str:
-    if index is not None:
-        return f"<{kind} #{index + 1} (recorded) argv={argv!r}>"
-    return f"<{kind} pid={pid} argv={argv!r}>"
-
-
 def stdin_payload(stdin: bytes | str | None) -> tuple[bytes, str | None]:
     """``(bytes, staging path or None)``: stdin larger than one frame is staged as a guest file."""
     payload = b"" if stdin is None else payload_bytes(stdin, "stdin")
@@ -289,7 +295,7 @@ def stdin_payload(stdin: bytes | str | None) -> tuple[bytes, str | None]:
 
 
 def signal_args(process: dict[str, Any], sig: str | int, group: bool) -> dict[str, Any]:
-    """``proc.signal`` arguments for ``process`` (:func:`process_ref`); an unknown signal
+    """``proc.signal`` arguments for ``process`` (``ProcessHandle._ref``); an unknown signal
     name raises ``InvalidArgument``."""
     if isinstance(sig, str) and sig.upper().removeprefix("SIG") not in _SIGNALS:
         raise errors.InvalidArgument("signal", f"unknown signal {shown(sig)}", allowed=sorted(_SIGNALS))
