@@ -131,6 +131,7 @@ class Supervisor:
             self._mark("agent_hello")
             self.configure_agent()
         self._mark("agent_configure")
+        self._check_guest_survived_create()
         if self.pool is not None:
             pooling.prestarted(self, self.pool)
             self._mark("audit")
@@ -142,7 +143,18 @@ class Supervisor:
         self._mark("audit")
         self.logs.system(f"sandbox created from template {self.config['template']} on backend "
                          f"{self.config['backend']}", audit_id)
-        self.set_state("running")
+        with self.state_lock:  # an agent lost from here on finds the sandbox running: it says error
+            self._check_guest_survived_create()
+            self.set_state("running")
+
+    def _check_guest_survived_create(self) -> None:
+        """A guest that died while the sandbox was being created (its agent's channel
+        closed, or its host processes gone: QEMU, bwrap) fails the create, rather than
+        being reported ready as ``running`` with nothing behind it. Asked of the host, not
+        left to the agent reader's thread, which may not have seen the end yet."""
+        if not self.agent.attached or self.instance is None or not self.instance.host_pids():
+            raise errors.SandboxError("the guest ended while the sandbox was being created "
+                                      f"({self.config['backend']} backend); see the sandbox log")
 
     def on_backend(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the backend thread and return its result."""
@@ -320,10 +332,12 @@ class Supervisor:
         self.processes.reset_windows()
 
     def _on_agent_lost(self, reason: str) -> None:
-        if self.state in ("running", "paused") and not self.destroyed.is_set():
-            self.logs.system(f"guest agent lost: {reason}")
-            self.processes.mark_all_lost(f"the guest agent was lost ({reason})")
+        with self.state_lock:  # (a create going running checks the link under this lock)
+            if self.state not in ("running", "paused") or self.destroyed.is_set():
+                return
             self.set_state("error", error=reason)
+        self.logs.system(f"guest agent lost: {reason}")
+        self.processes.mark_all_lost(f"the guest agent was lost ({reason})")
 
     def _on_agent_gone(self) -> None:
         """The guest agent died and the guest's init starts a new one (VM): the calls in

@@ -254,6 +254,8 @@ class VmInstance(BackendInstance):
                         return self._restore_from(found, ready.read_details(found), boot="restored",
                                                   idle_agent=True)
                     except MvmError as exc:  # stale or damaged: boot cold and replace it
+                        if exc.details.get("qemu_signal"):
+                            raise  # QEMU was killed (not by us): the create fails, the snapshot stays
                         self._ready_note = f"ready snapshot failed to restore, rebuilt: {exc.message[:200]}"
                         self._discard_layers()
                         ready.discard(key)
@@ -503,6 +505,7 @@ class VmInstance(BackendInstance):
             if sock is None:
                 sock = self.machine.connect_agent(deadline.wall_limit)
         except (SandboxError, SnapshotTampered) as exc:
+            signum = self.machine.killed_by()
             diag = self.machine.diagnostics()
             self.machine.kill()
             self._state = "stopped"
@@ -515,7 +518,11 @@ class VmInstance(BackendInstance):
                     pass
             if isinstance(exc, SnapshotTampered):
                 raise
-            raise SandboxError(f"{exc.message}; {diag}") from None
+            # QEMU killed from outside says nothing of the snapshot: ``start`` does not fall back
+            said = exc.details.get("qemu_signal")
+            killed = {"qemu_signal": signum or said} if signum or said else {}
+            prefix = f"vm: QEMU was killed by signal {signum} during the restore: " if signum and not said else ""
+            raise SandboxError(f"{prefix}{exc.message}; {diag}", **killed) from None
         self._state = "running"
         self._boot = boot
         self.boot_seconds = time.monotonic() - started

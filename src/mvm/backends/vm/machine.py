@@ -8,6 +8,7 @@ module only knows how to run it and how to explain a failure (console and QEMU t
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -29,6 +30,8 @@ from .qmp import QmpClient
 CONSOLE_MAX = 1024 * 1024  # console.log is rotated to console.log.1 past this
 #: QMP commands wait this long at most (a memory migration is the slowest).
 QMP_TIMEOUT = 300.0
+#: Signals QEMU dies of when killed by someone (a user, the OOM killer), never of its own accord.
+_KILLED_FROM_OUTSIDE = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes including the NUL
 
 
@@ -89,7 +92,11 @@ class QemuMachine:
         try:
             qmp.connect(time.monotonic() + 10, alive=lambda: self.proc is not None and self.proc.poll() is None)
         except SandboxError:
+            signum = self.killed_by()
             self.kill()
+            if signum is not None:
+                raise SandboxError(f"vm: QEMU was killed by signal {signum} as it started: {self.diagnostics()}",
+                                   qemu_signal=signum) from None
             raise SandboxError(f"vm: QEMU did not start: {self.diagnostics()}") from None
         self.qmp = qmp
         if config.init_socket is not None:
@@ -143,6 +150,12 @@ class QemuMachine:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def killed_by(self) -> int | None:
+        """The signal QEMU was killed with from outside (before our ``kill``: a user, the
+        OOM killer), if so; not a crash of its own (SIGABRT, SIGSEGV on a bad image)."""
+        code = self.proc.poll() if self.proc is not None else None
+        return -code if code is not None and -code in _KILLED_FROM_OUTSIDE else None
 
     def kill(self) -> None:
         self._init_port = None  # (its thread closes it when QEMU is gone)
