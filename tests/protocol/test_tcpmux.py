@@ -319,14 +319,22 @@ def test_a_larger_window_is_granted_only_once_the_peer_knows_the_stream() -> Non
     front.listen(1)
     client = socket.create_connection(front.getsockname())
     conn, _ = front.accept()
-    mux.attach(5, conn, FramedChannel(ours).send_raw, reading=False)
-    time.sleep(0.1)
-    assert seen == []  # no grant for a stream the peer cannot know yet (tcp.connect in flight)
+    send = FramedChannel(ours).send_raw
+    mux.attach(5, conn, send, reading=False)
+    # A marker on the same ordered channel: the mux sends what attaching queues in order, so
+    # stream 7's grant (a stream the peer knows) comes after any frame attach(5) queued.
+    marker_client = socket.create_connection(front.getsockname())
+    marker_conn, _ = front.accept()
+    mux.attach(7, marker_conn, send)
+    grant = (1 << 20) - TCP_WINDOW
+    wait_for(lambda: seen, "the marker stream's window grant", interval=0.01)
+    # no grant for a stream the peer cannot know yet (tcp.connect in flight)
+    assert [f.header for f in seen] == [{"kind": "event", "event": "tcp.window", "stream": 7, "bytes": grant}]
     mux.start_reading(5)
-    wait_for(lambda: seen, "the window grant", interval=0.01)
-    assert [f.header for f in seen] == [
-        {"kind": "event", "event": "tcp.window", "stream": 5, "bytes": (1 << 20) - TCP_WINDOW}]
+    wait_for(lambda: len(seen) == 2, "the window grant", interval=0.01)
+    assert seen[1].header == {"kind": "event", "event": "tcp.window", "stream": 5, "bytes": grant}
     client.close()
+    marker_client.close()
     mux.close()
 
 
