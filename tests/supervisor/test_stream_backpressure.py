@@ -15,9 +15,9 @@ import asyncio
 import hashlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from flooding import expected_digest, flood_script, rss
 from waiting import wait_stalled
 
 import mvm
@@ -26,38 +26,6 @@ from mvm.backends import availability
 BACKENDS = [name for name in ("namespace", "vm") if availability(name).ok] or ["namespace"]
 #: The flood per backend, in MiB: under TCG a guest writes a few MiB/s, so the VM's is smaller.
 FLOOD_MIB = {"namespace": 256, "vm": 64}
-
-
-def flood_script(mib: int) -> str:
-    """Prints "ready", waits for a line on stdin, then writes ``mib`` distinct 1 MiB blocks
-    (1 KiB lines), noting in /tmp/written how many the pipe took."""
-    return f"""
-import os, sys
-out = sys.stdout.buffer
-with open("/tmp/written", "w") as f:
-    f.write("0")
-out.write(b"ready\\n"); out.flush()
-sys.stdin.readline()
-for i in range({mib}):
-    out.write(((f"{{i:015d}} " * 64)[:1023] + "\\n").encode() * 1024); out.flush()
-    with open("/tmp/written.new", "w") as f:
-        f.write(str(i + 1))
-    os.replace("/tmp/written.new", "/tmp/written")
-"""
-
-
-def expected_digest(mib: int) -> str:
-    digest = hashlib.sha256()
-    for i in range(mib):
-        digest.update(((f"{i:015d} " * 64)[:1023] + "\n").encode() * 1024)
-    return digest.hexdigest()
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -18,18 +18,31 @@ import shutil
 import tarfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import errors
+from ..protocol.codec import GRANT_STEP, STREAM_WINDOW
 from ..spec import Resources
 from . import directory
 from .placement import NodeReport, SandboxRequest
 
 #: Bytes per item when a snapshot streams from one node to another.
 TRANSFER_CHUNK = 4 * 1024 * 1024
+#: A relayed request's ``data`` items carry frames of at most ``GRANT_STEP`` bytes in all
+#: (or one larger frame) and at most this many travel unconsumed (Ray's generator
+#: backpressure): one ``STREAM_WINDOW`` on the Ray hop, the same credit as on the local
+#: socket (docs/protocol.md, "Flow control").
+ITEMS_IN_FLIGHT = STREAM_WINDOW // GRANT_STEP
+
+
+def relay_options() -> dict[str, Any]:
+    """The Ray call options of ``call_streaming`` and ``stream``: a streaming generator the
+    node agent runs only as far as the caller consumes it."""
+    return {"num_returns": "streaming", "_generator_backpressure_num_objects": ITEMS_IN_FLIGHT}
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class NodeAgent:
         # (sandbox id, principal as JSON or None) -> SupervisorClient (a cache, rebuildable)
         self._clients: dict[tuple[str, str | None], Any] = {}
         self._streams: dict[str, Any] = {}  # stream token -> its own SupervisorClient, for cancel
+        self._relays: dict[str, _Relay] = {}  # the requests whose data frames are relayed now
 
     # ---- what this node is ----------------------------------------------------------
 
@@ -161,25 +175,15 @@ class NodeAgent:
     def call_streaming(self, sandbox_id: str, op: str, args: dict[str, Any] | None, payload: bytes,
                        timeout: float | None, on_behalf_of: dict[str, str] | None = None) -> Iterator[Reply]:
         """A request whose ``data`` frames the caller wants as they come (a Ray streaming
-        generator): ``("data", stream, bytes)`` items, then ``("ok", result, payload)``."""
-        import queue
+        generator, called with ``relay_options()``): ``("data", [(stream, bytes), ...], None)``
+        items, then ``("ok", result, payload)``. Flow-controlled end to end (see ``_Relay``)."""
 
-        items: queue.Queue[Reply | None] = queue.Queue()
+        def run(put: Callable[[str, bytes], None]) -> Reply:
+            result, data = self._client(sandbox_id, on_behalf_of).call(op, args, payload, timeout=timeout,
+                                                                       on_data=put)
+            return ("ok", result, data)
 
-        def run() -> None:
-            try:
-                result, data = self._client(sandbox_id, on_behalf_of).call(
-                    op, args, payload, timeout=timeout, on_data=lambda s, b: items.put(("data", s, b))
-                )
-                items.put(("ok", result, data))
-            except errors.MvmError as exc:
-                items.put(_error(exc))
-            finally:
-                items.put(None)
-
-        threading.Thread(target=run, name=f"mvm-relay-{op}", daemon=True).start()
-        while (item := items.get()) is not None:
-            yield item
+        yield from self._relayed(op, run)
 
     def open_stream(self) -> str:
         return uuid.uuid4().hex
@@ -187,7 +191,8 @@ class NodeAgent:
     def stream(self, token: str, sandbox_id: str, op: str, args: dict[str, Any] | None,
                idle_timeout: float | None = None, on_behalf_of: dict[str, str] | None = None) -> Iterator[Reply]:
         """A streaming op (``proc.attach``, ``sandbox.logs``) on its own connection, so
-        ``cancel_stream(token)`` can end it from another request."""
+        ``cancel_stream(token)`` can end it from another request. Flow-controlled as
+        ``call_streaming``."""
         from ..supervisor.client import SupervisorClient
 
         try:
@@ -196,15 +201,46 @@ class NodeAgent:
             yield _error(exc)
             return
         self._streams[token] = client
-        try:
+
+        def run(put: Callable[[str, bytes], None]) -> Reply:
             for stream, data in client.stream(op, args, idle_timeout=idle_timeout):
-                yield ("data", stream, data)
-            yield ("ok", {}, b"")
-        except errors.MvmError as exc:
-            yield _error(exc)
+                put(stream, data)  # (the next frame is granted once the relay took this one)
+            return ("ok", {}, b"")
+
+        try:
+            yield from self._relayed(op, run)
         finally:
             self._streams.pop(token, None)
             client.close()
+
+    def relay_status(self) -> dict[str, Any]:
+        """What the relays hold now: this agent's pid and resident memory, and per relayed
+        request the bytes buffered here and the most it ever held (tests, benches)."""
+        return {"pid": os.getpid(), "rss_bytes": _rss_bytes(),
+                "relays": [relay.status() for relay in list(self._relays.values())]}
+
+    def _relayed(self, op: str, run: Callable[[Callable[[str, bytes], None]], Reply]) -> Iterator[Reply]:
+        """``run(put)`` talks to the supervisor on a thread of its own, handing each ``data``
+        frame to ``put``; its items are yielded here, at the caller's pace (``_Relay``)."""
+        relay = _Relay(op)
+        key = uuid.uuid4().hex
+        self._relays[key] = relay
+
+        def work() -> None:
+            try:
+                relay.finish(run(relay.put))
+            except errors.MvmError as exc:
+                relay.finish(_error(exc))
+            except BaseException as exc:  # never leave the generator waiting, even on an agent bug
+                relay.finish(_error(errors.SandboxError(f"{op}: relay failed: {exc!r}")))
+                raise
+
+        threading.Thread(target=work, name=f"mvm-relay-{op}", daemon=True).start()
+        try:
+            yield from relay.items()
+        finally:
+            relay.close()
+            self._relays.pop(key, None)
 
     def cancel_stream(self, token: str) -> None:
         client = self._streams.pop(token, None)
@@ -384,6 +420,77 @@ class NodeAgent:
                 client.close()
 
 
+class _Relay:
+    """The ``data`` frames of one relayed request, between the thread that reads them from
+    the supervisor and the Ray generator that hands them to the caller: at most
+    ``STREAM_WINDOW`` bytes. ``put`` blocks while the window is full, and the supervisor
+    client grants its request more only once ``put`` returned, so a caller that stops
+    consuming stops the supervisor's sending (its other requests go on: they have threads
+    of their own) and so the process: nothing piles up here. ``items`` hands out the
+    frames in batches of at most ``GRANT_STEP`` bytes (or one larger frame), which Ray
+    keeps at most ``ITEMS_IN_FLIGHT`` of unconsumed."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self._frames: deque[tuple[str, bytes]] = deque()
+        self._buffered = 0
+        self.peak = 0
+        self._final: Reply | None = None
+        self._left = False  # the generator ended (its caller left): put drops instead of waiting
+        self._changed = threading.Condition()
+
+    def put(self, stream: str, data: bytes) -> None:
+        with self._changed:
+            while self._buffered and self._buffered + len(data) > STREAM_WINDOW and not self._left:
+                self._changed.wait()
+            if self._left:
+                return
+            self._frames.append((stream, bytes(data)))
+            self._buffered += len(data)
+            self.peak = max(self.peak, self._buffered)
+            self._changed.notify_all()
+
+    def finish(self, reply: Reply) -> None:
+        with self._changed:
+            self._final = reply
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._left = True
+            self._frames.clear()
+            self._buffered = 0
+            self._changed.notify_all()
+
+    def items(self) -> Iterator[Reply]:
+        while True:
+            with self._changed:
+                while not self._frames and self._final is None:
+                    self._changed.wait()
+                if not self._frames:
+                    final = self._final
+                    break
+                frames = self._take()
+                self._changed.notify_all()
+            yield ("data", frames, None)  # (blocks while ITEMS_IN_FLIGHT are unconsumed)
+        assert final is not None
+        yield final
+
+    def status(self) -> dict[str, Any]:
+        return {"op": self.op, "buffered_bytes": self._buffered, "peak_bytes": self.peak}
+
+    def _take(self) -> list[tuple[str, bytes]]:
+        """The first frames, whole, up to ``GRANT_STEP`` bytes -- at least one (under the lock).
+        A frame is a message (a ``sandbox.logs`` entry is one JSON line), never split or joined."""
+        frames = [self._frames.popleft()]
+        size = len(frames[0][1])
+        while self._frames and size + len(self._frames[0][1]) <= GRANT_STEP:
+            frames.append(self._frames.popleft())
+            size += len(frames[-1][1])
+        self._buffered -= size
+        return frames
+
+
 class _ChunkSink(io.RawIOBase):
     """A write-only file tarfile streams into; ``drain`` hands out whole chunks."""
 
@@ -446,3 +553,11 @@ def _mem_total_mb() -> int:
 
 def _mem_available_mb() -> int:
     return _meminfo("MemAvailable")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

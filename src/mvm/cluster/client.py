@@ -25,7 +25,7 @@ from ..spec import DEFAULT_TEMPLATE, validate_on_behalf_of
 from ..supervisor import client_core
 from ..templates.catalog import BUILTIN
 from . import directory
-from .agent import NodeLimits
+from .agent import NodeLimits, relay_options
 from .placement import DEFAULT_STRATEGY, NodeReport, SandboxRequest, rank, validate_strategy
 
 NAMESPACE = "mvm"
@@ -376,12 +376,13 @@ class ClusterTransport:
             reply = self._lost_guard(lambda: self._cluster._get(
                 self._agent.call.remote(self.sandbox_id, op, args, payload, timeout, self.on_behalf_of), wait))
             return _unwrap(reply)
-        generator = self._agent.call_streaming.options(num_returns="streaming").remote(
+        generator = self._agent.call_streaming.options(**relay_options()).remote(
             self.sandbox_id, op, args, payload, timeout, self.on_behalf_of
         )
         for item in self._items(generator):
-            if item[0] == "data":
-                on_data(item[1], item[2])
+            if item[0] == "data":  # a batch of frames (cluster.agent._Relay)
+                for stream, data in item[1]:
+                    on_data(stream, data)
                 continue
             return _unwrap(item)
         raise errors.SandboxLost(f"{op}: the relay ended without an answer")
@@ -401,13 +402,13 @@ class ClusterTransport:
         back as the relay's answer), so a silent stream also ends where it is read."""
         self._check_open()
         token = self._lost_guard(lambda: self._cluster._get(self._agent.open_stream.remote(), REPORT_TIMEOUT))
-        generator = self._agent.stream.options(num_returns="streaming").remote(
+        generator = self._agent.stream.options(**relay_options()).remote(
             token, self.sandbox_id, op, args, idle_timeout, self.on_behalf_of)
         finished = False
         try:
             for item in self._items(generator):
-                if item[0] == "data":
-                    yield item[1], item[2]
+                if item[0] == "data":  # a batch of frames (cluster.agent._Relay)
+                    yield from item[1]
                     continue
                 finished = True
                 _unwrap(item)
