@@ -113,7 +113,9 @@ class NetworkPolicy:
     allow_wildcards: bool = False
 
     @classmethod
-    def validated(cls, mode: Any = "deny", allow: Any = (), *, allow_wildcards: Any = False) -> NetworkPolicy:
+    def validated(  # the defaults are the fields' own (class scope), as in Resources.validated
+        cls, mode: Any = mode, allow: Any = allow, *, allow_wildcards: Any = allow_wildcards,
+    ) -> NetworkPolicy:
         if mode not in NETWORK_MODES:
             raise errors.InvalidNetworkPolicy("network.mode", f"unknown mode {shown(mode)}",
                                               allowed=list(NETWORK_MODES))
@@ -200,6 +202,18 @@ def is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
+
+
+def create_defaults() -> dict[str, Any]:
+    """What a create asks for where it names nothing, in wire form: ``mvmctl defaults --json``
+    prints it, and ``mvmctl run`` / ``compile`` hand it to a Node script as
+    ``$MVM_CREATE_DEFAULTS``, so the TypeScript SDK applies these values, not copies of them."""
+    return {
+        "template": DEFAULT_TEMPLATE,
+        "ttl_seconds": parse_duration(DEFAULT_TTL, field="ttl"),
+        "resources": Resources().to_json(),
+        "network": NetworkPolicy().to_json(),
+    }
 
 
 def validate_name(name: Any) -> str:

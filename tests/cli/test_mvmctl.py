@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from mvm.durations import parse_duration
+from mvm.modes.node import node_env
+from mvm.spec import DEFAULT_TEMPLATE, DEFAULT_TTL, NetworkPolicy, Resources
+
 MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
 
 
@@ -111,6 +115,14 @@ def test_template_ls_and_doctor() -> None:
     report = json.loads(mvmctl("doctor", "--json").stdout)
     assert report["namespace"]["ok"] is True
     assert "vm" in report and "default_backend" in report
+
+
+def test_defaults_are_the_spec_s_and_reach_a_node_script() -> None:
+    # what the TypeScript SDK applies where a create names nothing: asked of Python, never copied
+    shown = json.loads(mvmctl("defaults", "--json").stdout)
+    assert shown == {"template": DEFAULT_TEMPLATE, "ttl_seconds": parse_duration(DEFAULT_TTL),
+                     "resources": Resources().to_json(), "network": NetworkPolicy().to_json()}
+    assert json.loads(node_env({})["MVM_CREATE_DEFAULTS"]) == shown
 
 
 def test_down_all(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@
 
 import { BlockList, isIP } from "node:net";
 
+import { createDefaults } from "./defaults.js";
 import { InvalidArgument, InvalidNetworkPolicy } from "./errors.js";
 import { kindOf, shown } from "./shown.js";
 
@@ -83,7 +84,7 @@ const RESOURCE_KEYS: Record<string, keyof typeof LIMITS> = {
  * ```
  */
 export function resources(options: ResourcesOptions = {}): Resources {
-  const values: Record<keyof typeof LIMITS, unknown> = { cpu_cores: 1, memory_mb: 512, rootfs_size_mb: 1024, max_processes: 256 };
+  const values: Record<keyof typeof LIMITS, unknown> = { ...createDefaults().resources }; // Python's, for what is not asked
   for (const [key, value] of Object.entries(options ?? {})) {
     const field = RESOURCE_KEYS[key];
     if (field === undefined) {
@@ -158,7 +159,7 @@ export interface NetworkOptions {
  * network("allow", ["pypi.org:443"])
  * ```
  */
-export function network(mode: NetworkMode | NetworkOptions = "deny", allow?: readonly string[],
+export function network(mode?: NetworkMode | NetworkOptions, allow?: readonly string[],
   options: { allowWildcards?: boolean } = {}): NetworkPolicy {
   let opts: NetworkOptions;
   if (typeof mode === "object" && mode !== null && !Array.isArray(mode)) {
@@ -166,7 +167,7 @@ export function network(mode: NetworkMode | NetworkOptions = "deny", allow?: rea
   } else {
     opts = { mode: mode as NetworkMode, allow, allowWildcards: options.allowWildcards };
   }
-  const chosen: unknown = opts.mode ?? "deny";
+  const chosen: unknown = opts.mode ?? createDefaults().network.mode; // Python's default mode
   const entriesRaw: unknown = opts.allow ?? [];
   const wildcards = Boolean(opts.allowWildcards ?? opts.allow_wildcards ?? false);
   if (typeof chosen !== "string" || !(NETWORK_MODES as readonly string[]).includes(chosen)) {

@@ -27,6 +27,7 @@ import {
   CommandError, CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy, InvalidState,
   MvmError, SandboxError, SandboxNotFound,
 } from "./errors.js";
+import { createDefaults } from "./defaults.js";
 import { parseDuration } from "./durations.js";
 import {
   CommandResult, FileEntry, LogEvent, NetworkInfo, PoolInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot,
@@ -39,7 +40,7 @@ import { CHUNK_SIZE, type Header } from "./protocol.js";
 import { kindOf, shown } from "./shown.js";
 import { resolveSecret } from "./secrets.js";
 import {
-  absolutePath, callerSite, currentMode, DEFAULT_TTL, defaultName, scriptDir, splitEnv, validateCommand, validatedSpec,
+  absolutePath, callerSite, currentMode, defaultName, scriptDir, splitEnv, validateCommand, validatedSpec,
   validateOnBehalfOf, type Env, type Mode, type Spec,
 } from "./spec.js";
 import { findSandbox, listSandboxes } from "./state.js";
@@ -58,7 +59,7 @@ export interface CreateOptions {
   /** Sandbox name (default: derived from `workloadId`, else the id). */
   name?: string;
   workloadId?: string;
-  /** `"30m"`, `"2h"`, seconds; `null` = no expiry. Default `"30m"`. */
+  /** `"30m"`, `"2h"`, seconds; `null` = no expiry. Default: Python's `DEFAULT_TTL` (`mvmctl defaults`). */
   ttl?: string | number | null;
   /** Host paths (relative to the script's folder) copied into `/app`. */
   include?: string[];
@@ -340,7 +341,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
    * (`mvmctl compile` / `mvmctl run --mode plan`) nothing boots: the call is recorded
    * and a recorded sandbox with the same surface is returned.
    */
-  static async create(template = "python-3.13", options: CreateOptions = {}): Promise<Sandbox> {
+  static async create(template: string = createDefaults().template, options: CreateOptions = {}): Promise<Sandbox> {
     const mode = currentMode(options.mode);
     const autoPause = options.autoPause === undefined || options.autoPause === null
       ? null : parseDuration(options.autoPause, "auto_pause");
@@ -369,7 +370,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
     if (typeof template !== "string" || !template) {
       throw InvalidArgument.create("template", `${shown(template)} is not a template name`);
     }
-    const spec = validatedSpec({ ...options, ttl: options.ttl === undefined ? DEFAULT_TTL : options.ttl });
+    const spec = validatedSpec(options);
     for (const key of Object.keys(spec.tags)) {
       if (!key || key.includes("=")) { // mvmctl up --tag KEY=VALUE cannot carry them
         throw InvalidArgument.create("tags", `${shown(key)} is not a tag name a live sandbox can have`,

@@ -9,12 +9,12 @@ import { existsSync, realpathSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
+import { createDefaults } from "./defaults.js";
 import { InvalidArgument } from "./errors.js";
 import { parseDuration } from "./durations.js";
 import { network as makeNetwork, NetworkPolicy, resources as makeResources, Resources, SecretRef } from "./policy.js";
 import { kindOf, shown } from "./shown.js";
 
-export const DEFAULT_TTL = "30m";
 export const MODES = ["record", "plan", "live"] as const;
 export type Mode = (typeof MODES)[number];
 export type EnvValue = string | SecretRef;
@@ -113,8 +113,8 @@ export function validatedSpec(options: {
       tags[key] = value;
     }
   }
-  const ttl = options.ttl === undefined ? DEFAULT_TTL : options.ttl;
-  const ttlSeconds = ttl === null ? null : parseDuration(ttl, "ttl");
+  const ttl = options.ttl;
+  const ttlSeconds = ttl === undefined ? createDefaults().ttl_seconds : ttl === null ? null : parseDuration(ttl, "ttl");
   return {
     name, workloadId, env, tags, ttlSeconds,
     resources: (options.resources as Resources | undefined) ?? makeResources(),

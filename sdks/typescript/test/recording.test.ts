@@ -19,7 +19,7 @@ import {
   Process, resetRecording, resources, Sandbox, secret, TemplateNotFound,
 } from "@mvm/sdk";
 
-import { HOME, PYTHON, pythonErrors, thrown } from "./helpers.js";
+import { HOME, PACKAGE_DIR, PYTHON, pythonErrors, thrown } from "./helpers.js";
 
 const work = mkdtempSync("/tmp/mvm-rec-");
 const recording = join(work, "recording.jsonl");
@@ -204,6 +204,30 @@ describe("record mode", () => {
     // the policy asked for is known without a live sandbox (Python's record transport answers the same)
     assert.deepEqual((await sandbox.network.policy()).toDict(), info.network.toDict());
     assert.deepEqual(events().map((e) => e.op), ["sandbox.create"]); // nothing of the refused calls was recorded
+  });
+
+  test("a create naming nothing records Python's defaults (asked of mvmctl, not copied)", { skip: !existsSync(PYTHON) && "no .venv" }, async () => {
+    const done = spawnSync(PYTHON, ["-c", "import json; from mvm.spec import create_defaults; print(json.dumps(create_defaults()))"],
+      { encoding: "utf8" });
+    assert.equal(done.status, 0, done.stderr);
+    const python = JSON.parse(done.stdout) as Record<string, unknown>;
+    await (await Sandbox.create()).kill();
+    const [create] = events();
+    assert.deepEqual({ template: create.template, ttl_seconds: create.ttl_seconds, resources: create.resources,
+      network: create.network }, python);
+    assert.deepEqual(resources({ memoryMb: 1024 }).toDict(), { ...(python.resources as object), memory_mb: 1024 });
+    assert.deepEqual(network().toDict(), python.network);
+    // and they are whatever Python answers: another answer ($MVM_CREATE_DEFAULTS, as mvmctl run hands it) is followed
+    const other = { template: "python-3.11", ttl_seconds: 60, resources: { ...(python.resources as object), memory_mb: 384 },
+      network: python.network };
+    const script = `import { Sandbox } from ${JSON.stringify(join(PACKAGE_DIR, "dist", "index.js"))};
+await (await Sandbox.create()).kill();`;
+    const child = spawnSync(process.execPath, ["--input-type=module", "-e", script],
+      { encoding: "utf8", env: { ...process.env, MVM_CREATE_DEFAULTS: JSON.stringify(other) } });
+    assert.equal(child.status, 0, child.stderr);
+    const recorded = events().filter((e) => e.op === "sandbox.create").at(-1) ?? {};
+    assert.deepEqual({ template: recorded.template, ttl_seconds: recorded.ttl_seconds, resources: recorded.resources,
+      network: recorded.network }, other);
   });
 
   test("onBehalfOf is recorded for the IR, as Python's on_behalf_of", async () => {

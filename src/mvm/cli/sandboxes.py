@@ -17,7 +17,7 @@ from ..sdk.policy import network as make_network
 from ..sdk.policy import resources as make_resources
 from ..backends import backend_names
 from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES
-from ..spec import DEFAULT_TEMPLATE, DEFAULT_TTL, Resources
+from ..spec import DEFAULT_TEMPLATE, DEFAULT_TTL, Resources, create_defaults
 from ..sdk.sandbox import Sandbox, snapshot_shape
 from ..security.secrets import SecretRef
 from .common import asked_resources, emit, json_option, parse_env, shape_options
@@ -25,6 +25,7 @@ from .common import asked_resources, emit, json_option, parse_env, shape_options
 
 def register(cli: click.Group) -> None:
     cli.add_command(up)
+    cli.add_command(defaults)
     cli.add_command(ls)
     cli.add_command(describe)
     cli.add_command(exec_)
@@ -113,6 +114,14 @@ def up(
     info = sandbox.describe()
     sandbox.close()
     emit(as_json, info.to_dict(), f"{info.name}\t{info.id}\t{info.backend}\t{info.isolation}")
+
+
+@click.command()
+@json_option
+def defaults(as_json: bool) -> None:
+    """What `up` (and each SDK's create) asks for where it names nothing."""
+    values = create_defaults()
+    emit(as_json, values, "\n".join(f"{key}\t{json.dumps(value)}" for key, value in values.items()))
 
 
 @click.command()

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import InvalidArgument
+from ..spec import DEFAULT_TEMPLATE
 from ..templates import (
     TemplateImage,
     available_templates,
@@ -60,7 +61,7 @@ def build(names: tuple[str, ...], from_image: str | None, dockerfile: Path | Non
         images.append(oci.build_from_dockerfile(dockerfile, name=name, context=context, creds_secret=creds_secret))
     elif name or context or creds_secret:
         raise InvalidArgument("--name", "--name, --context and --creds-secret go with --from-image or --dockerfile")
-    for template_name in names or (() if images else ("python-3.13",)):
+    for template_name in names or (() if images else (DEFAULT_TEMPLATE,)):
         images.append(ensure_template(template_name))
     built = [{"name": i.name, "digest": i.digest, "path": str(i.directory)} for i in images]
     emit(as_json, built, "\n".join(f"{b['name']}\t{b['digest'][:16]}\t{b['path']}" for b in built))

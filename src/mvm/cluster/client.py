@@ -282,13 +282,13 @@ class Cluster:
         """A sandbox from ``snapshot_id`` (saved on node ``source``) on ``node`` (default:
         the placement's pick other than ``source``... or ``source`` if it is the only one)."""
         if node is None:
-            template = str(options.get("template", "python-3.13"))
+            template = str(options.get("template", DEFAULT_TEMPLATE))
             ordered, _ = rank(self.reports(), SandboxRequest.of(template, options), self.strategy)
             others = [r.node_id for r in ordered if r.node_id != source]
             node = others[0] if others else source
         if node != source:
             self.copy_snapshot(snapshot_id, source=source, target=node)
-        template = options.pop("template", "python-3.13")
+        template = options.pop("template", DEFAULT_TEMPLATE)
         return self.create(template, node=node, from_snapshot=snapshot_id, **options)
 
     # ---- internals --------------------------------------------------------------

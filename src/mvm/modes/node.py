@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .. import errors
 from ..osutil import file_lock
+from ..spec import create_defaults
 
 #: Script suffixes run with Node instead of Python.
 NODE_SUFFIXES = (".ts", ".mts", ".js", ".mjs")
@@ -94,4 +95,5 @@ def node_env(env: dict[str, str]) -> dict[str, str]:
                                                   "unbuildable": dict(getattr(catalog, "UNBUILDABLE", {}))})
     except Exception:  # the SDK then asks `mvmctl template ls --available`
         out.pop("MVM_TEMPLATE_CATALOG", None)
+    out["MVM_CREATE_DEFAULTS"] = json.dumps(create_defaults())  # else the SDK asks `mvmctl defaults --json`
     return out

@@ -27,7 +27,8 @@ def resources(
 
 
 def network(
-    mode: str = "deny", allow: list[str] | tuple[str, ...] = (), *, allow_wildcards: bool = False
+    mode: str = NetworkPolicy.mode, allow: list[str] | tuple[str, ...] = NetworkPolicy.allow, *,
+    allow_wildcards: bool = NetworkPolicy.allow_wildcards,
 ) -> NetworkPolicy:
     """The sandbox's network: ``deny`` (default: no interface at all but loopback),
     ``allow`` (egress only to ``host:port`` entries, through mvm's egress proxy), or

@@ -28,7 +28,7 @@ from ...sdk.commands import signal_args
 from ...sdk.policy import network as make_network
 from ...sdk.policy import resources as make_resources
 from ...sdk.policy import secret
-from ...spec import DEFAULT_TTL, Resources
+from ...spec import DEFAULT_TEMPLATE, DEFAULT_TTL, Resources
 
 #: Largest file ``read_file`` returns to the model.
 MAX_READ_BYTES = 1024 * 1024
@@ -40,7 +40,7 @@ class OperatorPolicy:
     """What ``mvmctl mcp`` lets the model do (flags ``--max-sandboxes``, ``--template``, ``--network``)."""
 
     max_sandboxes: int = 4
-    templates: tuple[str, ...] = ("python-3.13",)
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
     network_allow: tuple[str, ...] = ()  # empty: deny
     backend: str | None = None
 
