@@ -2,7 +2,10 @@
  * What a create asks for where it names nothing (template, TTL, resources, network), as
  * Python's `mvm.spec.create_defaults()` defines it: `$MVM_CREATE_DEFAULTS` (set by
  * `mvmctl run`/`compile` for a Node script), else `mvmctl defaults --json`, asked once per
- * process. This SDK keeps no copy of these values.
+ * process. This SDK keeps no copy of these values. Asked only where TypeScript must know
+ * them itself (a recording, a pool claim when a pool exists, `resources()`/`network()`
+ * filling what they are not given): a live create leaves out what its caller left out
+ * and `mvmctl up` applies them, so it costs no second Python start.
  * @internal
  */
 

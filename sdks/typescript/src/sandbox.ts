@@ -35,13 +35,13 @@ import {
 import { CONTROL_SOCKET, findMvmctl, sandboxesDir } from "./paths.js";
 import { network as makeNetwork, NetworkPolicy, Resources, SecretRef, type NetworkMode } from "./policy.js";
 import { collectIncludes } from "./includes.js";
-import { claimMember, poolRecords } from "./pooling.js";
+import { claimMember, livePools, poolRecords } from "./pooling.js";
 import { CHUNK_SIZE, type Header } from "./protocol.js";
 import { kindOf, shown } from "./shown.js";
 import { resolveSecret } from "./secrets.js";
 import {
-  absolutePath, callerSite, currentMode, defaultName, scriptDir, splitEnv, validateCommand, validatedSpec,
-  validateOnBehalfOf, type Env, type Mode, type Spec,
+  absolutePath, askedSpec, callerSite, currentMode, defaultName, scriptDir, splitEnv, validateCommand, validatedSpec,
+  validateOnBehalfOf, withDefaults, type AskedSpec, type Env, type Mode, type Spec,
 } from "./spec.js";
 import { findSandbox, listSandboxes } from "./state.js";
 import type { RequestContext, Transport, TransportCallOptions, TransportStreamOptions, WireRequest } from "./transport.js";
@@ -341,7 +341,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
    * (`mvmctl compile` / `mvmctl run --mode plan`) nothing boots: the call is recorded
    * and a recorded sandbox with the same surface is returned.
    */
-  static async create(template: string = createDefaults().template, options: CreateOptions = {}): Promise<Sandbox> {
+  static async create(template?: string, options: CreateOptions = {}): Promise<Sandbox> {
     const mode = currentMode(options.mode);
     const autoPause = options.autoPause === undefined || options.autoPause === null
       ? null : parseDuration(options.autoPause, "auto_pause");
@@ -349,6 +349,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
     if (mode !== "live") {
       const at = callerSite(); // before any await: the script's frame is still on the stack
       const { checkTemplate, BACKEND_NAMES, RecordTransport } = await import("./recording.js");
+      template ??= createDefaults().template; // (mvmctl compile/run hand them over: no Python call)
       checkTemplate(template);
       const spec = validatedSpec(options);
       const files = collectIncludes(options.include ?? [], scriptDir());
@@ -367,10 +368,11 @@ export class Sandbox implements AsyncDisposable, Disposable {
       }, at, (fallback) => defaultName(spec.workloadId, fallback));
       return new Sandbox(recorder.sandboxId, recorder.name, "", undefined, { recorder, mode });
     }
-    if (typeof template !== "string" || !template) {
+    // Live, what the caller left out is left to `mvmctl up` (Python's defaults, no extra call)
+    if (template !== undefined && (typeof template !== "string" || !template)) {
       throw InvalidArgument.create("template", `${shown(template)} is not a template name`);
     }
-    const spec = validatedSpec(options);
+    const spec = askedSpec(options);
     for (const key of Object.keys(spec.tags)) {
       if (!key || key.includes("=")) { // mvmctl up --tag KEY=VALUE cannot carry them
         throw InvalidArgument.create("tags", `${shown(key)} is not a tag name a live sandbox can have`,
@@ -394,16 +396,20 @@ export class Sandbox implements AsyncDisposable, Disposable {
       const claimed = await Sandbox.fromPool(template, backend, spec, include, onBehalfOf, autoPause);
       if (claimed !== null) return claimed;
     }
-    const args = ["up", "--json", "--template", template,
-      "--ttl", spec.ttlSeconds === null ? "none" : String(spec.ttlSeconds), "--network", spec.network.mode];
-    if (options.resources !== undefined && options.resources !== null) {
+    const args = ["up", "--json"];
+    if (template !== undefined) args.push("--template", template);
+    if (spec.ttlSeconds !== undefined) args.push("--ttl", spec.ttlSeconds === null ? "none" : String(spec.ttlSeconds));
+    if (spec.resources !== null) {
       // without them mvmctl up picks the defaults, or a snapshot's own shape with fromSnapshot
       const r = spec.resources;
       args.push("--cpus", String(r.cpuCores), "--memory", String(r.memoryMb), "--disk", String(r.rootfsSizeMb),
         "--max-processes", String(r.maxProcesses));
     }
-    for (const entry of spec.network.allow) args.push("--allow", entry);
-    if (spec.network.allowWildcards) args.push("--allow-wildcards");
+    if (spec.network !== null) {
+      args.push("--network", spec.network.mode);
+      for (const entry of spec.network.allow) args.push("--allow", entry);
+      if (spec.network.allowWildcards) args.push("--allow-wildcards");
+    }
     for (const [key, value] of Object.entries(spec.tags)) args.push("--tag", `${key}=${value}`);
     if (spec.name !== null) args.push("--name", spec.name);
     if (spec.workloadId !== null) args.push("--workload-id", spec.workloadId);
@@ -443,8 +449,11 @@ export class Sandbox implements AsyncDisposable, Disposable {
    * `include` files then written; `null` when no member could be claimed. A secret that
    * does not resolve is left to `mvmctl up` to report.
    */
-  private static async fromPool(template: string, backend: string, spec: Spec, include: string[],
+  private static async fromPool(asked: string | undefined, backend: string, askedFields: AskedSpec, include: string[],
     onBehalfOf: Record<string, string> | null, autoPause: number | null): Promise<Sandbox | null> {
+    if (!livePools().length) return null; // no pool on this host: nothing to match, no defaults to ask for
+    const template = asked ?? createDefaults().template;
+    const spec = withDefaults(askedFields);
     const { literal, secrets } = splitEnv(spec.env);
     const secretEnv: Record<string, string> = {};
     const secretNames: Record<string, string> = {};

@@ -85,11 +85,22 @@ export interface Spec {
   tags: Record<string, string>;
 }
 
-/** `Sandbox.create`'s arguments checked (the template is checked by the caller). */
-export function validatedSpec(options: {
+/**
+ * A create's arguments as the caller gave them, checked: what it left out is `null`
+ * (resources, network) or `undefined` (ttl), for Python's defaults to fill — by
+ * `withDefaults`, or by `mvmctl up` itself on the live path (no extra Python call there).
+ */
+export interface AskedSpec extends Omit<Spec, "resources" | "network" | "ttlSeconds"> {
+  resources: Resources | null;
+  network: NetworkPolicy | null;
+  ttlSeconds: number | null | undefined;
+}
+
+/** `Sandbox.create`'s arguments checked (the template is checked by the caller); no defaults applied. */
+export function askedSpec(options: {
   name?: string | null; workloadId?: string | null; ttl?: string | number | null; resources?: unknown;
   network?: unknown; env?: unknown; tags?: unknown;
-}): Spec {
+}): AskedSpec {
   const name = options.name ?? null;
   if (name !== null) validateName(name);
   const workloadId = options.workloadId ?? null;
@@ -114,12 +125,27 @@ export function validatedSpec(options: {
     }
   }
   const ttl = options.ttl;
-  const ttlSeconds = ttl === undefined ? createDefaults().ttl_seconds : ttl === null ? null : parseDuration(ttl, "ttl");
   return {
-    name, workloadId, env, tags, ttlSeconds,
-    resources: (options.resources as Resources | undefined) ?? makeResources(),
-    network: (options.network as NetworkPolicy | undefined) ?? makeNetwork(),
+    name, workloadId, env, tags,
+    ttlSeconds: ttl === undefined ? undefined : ttl === null ? null : parseDuration(ttl, "ttl"),
+    resources: (options.resources as Resources | null | undefined) ?? null,
+    network: (options.network as NetworkPolicy | null | undefined) ?? null,
   };
+}
+
+/** What was left out of `asked`, filled with Python's create defaults. */
+export function withDefaults(asked: AskedSpec): Spec {
+  return {
+    ...asked,
+    ttlSeconds: asked.ttlSeconds === undefined ? createDefaults().ttl_seconds : asked.ttlSeconds,
+    resources: asked.resources ?? makeResources(),
+    network: asked.network ?? makeNetwork(),
+  };
+}
+
+/** `Sandbox.create`'s arguments checked, with Python's defaults for what they leave out. */
+export function validatedSpec(options: Parameters<typeof askedSpec>[0]): Spec {
+  return withDefaults(askedSpec(options));
 }
 
 /**

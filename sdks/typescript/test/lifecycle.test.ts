@@ -1,9 +1,10 @@
 /** Lifecycle on real sandboxes (namespace backend): stop/start, pause/resume, snapshots, destroy, disposal. */
 
-import { cleanup, HOME, thrown } from "./helpers.js";
+import { cleanup, HOME, PACKAGE_DIR, PYTHON, REPO, thrown } from "./helpers.js";
 
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 
@@ -30,6 +31,36 @@ async function gone(id: string): Promise<boolean> {
 }
 
 describe("lifecycle", () => {
+  test("a live create naming nothing gets Python's defaults from mvmctl up itself, with no other Python call",
+    { skip: !existsSync(PYTHON) && "no .venv" }, () => {
+      const python = JSON.parse(spawnSync(PYTHON, ["-c",
+        "import json; from mvm.spec import create_defaults; print(json.dumps(create_defaults()))"], { encoding: "utf8" }).stdout);
+      const dir = mkdtempSync("/tmp/mvmts-mvmctl-");
+      try { // a real mvmctl behind a wrapper that notes each call
+        const wrapper = join(dir, "mvmctl");
+        writeFileSync(wrapper, `#!/bin/sh\necho "$*" >> ${join(dir, "calls")}\nexec ${join(REPO, ".venv", "bin", "mvmctl")} "$@"\n`);
+        chmodSync(wrapper, 0o755);
+        const script = `import { Sandbox } from ${JSON.stringify(join(PACKAGE_DIR, "dist", "index.js"))};
+const sb = await Sandbox.create();
+const info = await sb.describe();
+console.log(JSON.stringify({ template: info.template, ttl: info.expiresAt === null ? null : Math.round(info.expiresAt - info.createdAt),
+  resources: info.resources.toDict(), network: { mode: info.network.mode, allow: info.network.allow, allow_wildcards: info.network.allowWildcards } }));
+await sb.kill();`;
+        const env: NodeJS.ProcessEnv = { ...process.env, MVMCTL: wrapper };
+        delete env.MVM_CREATE_DEFAULTS;
+        const child = spawnSync(process.execPath, ["--input-type=module", "-e", script], { encoding: "utf8", env });
+        assert.equal(child.status, 0, child.stderr);
+        const made = JSON.parse(child.stdout.trim().split("\n").at(-1) ?? "{}");
+        assert.deepEqual(made, { template: python.template, ttl: python.ttl_seconds, resources: python.resources,
+          network: python.network });
+        const calls = readFileSync(join(dir, "calls"), "utf8").trim().split("\n");
+        assert.deepEqual(calls.map((c) => c.split(" ")[0]), ["up"]); // not `mvmctl defaults` as well
+        assert.ok(!calls[0].includes("--template") && !calls[0].includes("--ttl") && !calls[0].includes("--network"), calls[0]);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
   test("stop keeps the disk, start runs it again; pause freezes, resume continues", async () => {
     await using sb = await Sandbox.create("python-3.13", { ttl: "5m" });
     await sb.files.write("/work/keep.txt", "kept");
