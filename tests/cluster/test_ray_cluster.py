@@ -61,6 +61,7 @@ def test_a_node_without_the_template_gets_it_copied_not_built(ray_cluster: Simul
     assert (copied / "manifest.json").read_bytes() == (
         Path(os.environ["MVM_TEMPLATES"]) / _current_key() / "manifest.json"
     ).read_bytes()
+    assert not list(copied.glob("*.ext4"))  # the disks derived from the rootfs stay on their node
     assert TEMPLATE in {r.node_id: r for r in sim.mvm.reports()}[fresh].templates
     again = sim.mvm.copy_template(TEMPLATE, source=sim.nodes[0], target=fresh)
     assert again["already"] is True

@@ -35,13 +35,15 @@ TRANSFER_CHUNK = 4 * 1024 * 1024
 #: A relayed request's ``data`` items carry frames of at most ``GRANT_STEP`` bytes in all
 #: (or one larger frame) and at most this many travel unconsumed (Ray's generator
 #: backpressure): one ``STREAM_WINDOW`` on the Ray hop, the same credit as on the local
-#: socket (docs/protocol.md, "Flow control").
+#: socket (docs/protocol.md, "Flow control"). A transfer between nodes holds as many
+#: ``TRANSFER_CHUNK`` items at most.
 ITEMS_IN_FLIGHT = STREAM_WINDOW // GRANT_STEP
 
 
-def relay_options() -> dict[str, Any]:
-    """The Ray call options of ``call_streaming`` and ``stream``: a streaming generator the
-    node agent runs only as far as the caller consumes it."""
+def streaming_options() -> dict[str, Any]:
+    """The Ray call options of every streaming generator of the node agent (the relays
+    ``call_streaming`` and ``stream``, the transfers ``export_snapshot`` and
+    ``export_template``): it runs only as far as its caller consumes it."""
     return {"num_returns": "streaming", "_generator_backpressure_num_objects": ITEMS_IN_FLIGHT}
 
 
@@ -175,7 +177,7 @@ class NodeAgent:
     def call_streaming(self, sandbox_id: str, op: str, args: dict[str, Any] | None, payload: bytes,
                        timeout: float | None, on_behalf_of: dict[str, str] | None = None) -> Iterator[Reply]:
         """A request whose ``data`` frames the caller wants as they come (a Ray streaming
-        generator, called with ``relay_options()``): ``("data", [(stream, bytes), ...], None)``
+        generator, called with ``streaming_options()``): ``("data", [(stream, bytes), ...], None)``
         items, then ``("ok", result, payload)``. Flow-controlled end to end (see ``_Relay``)."""
 
         def run(put: Callable[[str, bytes], None]) -> Reply:
@@ -287,7 +289,7 @@ class NodeAgent:
         received = 0
         try:
             with open(archive, "wb") as out:
-                for ref in source.export_snapshot.options(num_returns="streaming").remote(snapshot_id):
+                for ref in source.export_snapshot.options(**streaming_options()).remote(snapshot_id):
                     chunk = ray.get(ref)
                     received += len(chunk)
                     out.write(chunk)
@@ -309,13 +311,18 @@ class NodeAgent:
 
     def export_template(self, name: str) -> Iterator[bytes]:
         """This node's current build of catalog template ``name`` as a tar stream
-        (system ``tar``: owners, modes, xattrs and device nodes of the rootfs kept)."""
+        (system ``tar``: owners, modes, xattrs and device nodes of the rootfs kept). Only the
+        build itself (``BUILD_FILES``): the ext4 disks derived from it stay node-local (they
+        are rebuilt where needed, and one may be in the making while this runs)."""
         import subprocess
+
+        from ..templates.image import BUILD_FILES
 
         built = _current_build(name)
         if built is None:
             raise errors.TemplateNotFound(name, [], reason=f"not built on node {self.node_id[:12]}")
-        tar = subprocess.Popen(["tar", "-C", str(built), "--xattrs", "--numeric-owner", "-cf", "-", "."],
+        members = [f"./{member}" for member in BUILD_FILES if (built / member).exists()]
+        tar = subprocess.Popen(["tar", "-C", str(built), "--xattrs", "--numeric-owner", "-cf", "-", *members],
                                stdout=subprocess.PIPE)
         assert tar.stdout is not None
         try:
@@ -350,7 +357,7 @@ class NodeAgent:
                                            stdin=subprocess.PIPE)
                     assert tar.stdin is not None
                     try:
-                        for ref in source.export_template.options(num_returns="streaming").remote(name):
+                        for ref in source.export_template.options(**streaming_options()).remote(name):
                             chunk = ray.get(ref)
                             received += len(chunk)
                             tar.stdin.write(chunk)

@@ -25,7 +25,7 @@ from ..spec import DEFAULT_TEMPLATE, validate_on_behalf_of
 from ..supervisor import client_core
 from ..templates.catalog import BUILTIN
 from . import directory
-from .agent import NodeLimits, relay_options
+from .agent import NodeLimits, streaming_options
 from .placement import DEFAULT_STRATEGY, NodeReport, SandboxRequest, rank, validate_strategy
 
 NAMESPACE = "mvm"
@@ -376,7 +376,7 @@ class ClusterTransport:
             reply = self._lost_guard(lambda: self._cluster._get(
                 self._agent.call.remote(self.sandbox_id, op, args, payload, timeout, self.on_behalf_of), wait))
             return _unwrap(reply)
-        generator = self._agent.call_streaming.options(**relay_options()).remote(
+        generator = self._agent.call_streaming.options(**streaming_options()).remote(
             self.sandbox_id, op, args, payload, timeout, self.on_behalf_of
         )
         for item in self._items(generator):
@@ -402,7 +402,7 @@ class ClusterTransport:
         back as the relay's answer), so a silent stream also ends where it is read."""
         self._check_open()
         token = self._lost_guard(lambda: self._cluster._get(self._agent.open_stream.remote(), REPORT_TIMEOUT))
-        generator = self._agent.stream.options(**relay_options()).remote(
+        generator = self._agent.stream.options(**streaming_options()).remote(
             token, self.sandbox_id, op, args, idle_timeout, self.on_behalf_of)
         finished = False
         try:

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: What a catalog build consists of (``builder``). Everything else in its directory -- the
+#: raw and sized ext4 disks with their locks and temporaries -- is derived from ``rootfs``
+#: on the node that needs it, so a template copied to another node (``mvm.cluster``) is these.
+BUILD_FILES = ("rootfs", "manifest.json", "recipe.json", "build.log")
+
 
 @dataclass(frozen=True)
 class TemplateImage:
