@@ -224,12 +224,22 @@ def test_a_restarted_node_agent_finds_the_sandboxes_of_its_node(ray_cluster: Sim
     sim = ray_cluster
     with sim.mvm.create(TEMPLATE, backend="namespace", ttl="10m", node=sim.nodes[1]) as sb:
         sb.files.write("/tmp/kept", "still here")
-        ray.kill(sim.mvm.agent(sim.nodes[1]))  # the agent process dies; the node and supervisors live
+        agent = sim.mvm.agent(sim.nodes[1])
+        ray.kill(agent)  # the agent process dies; the node and supervisors live
+        wait_for(lambda: _dead(agent), "the killed agent to be dead (ray.kill does not wait)")
         with pytest.raises(errors.SandboxError) as caught:
             sb.commands.run(["true"])
         assert not isinstance(caught.value, errors.SandboxLost) and "restarted" in caught.value.message
         assert sb.files.read("/tmp/kept") == b"still here"  # the same handle, through the new agent
         assert sb.id in {info.id for info in mvm.Sandbox.list(cluster=Cluster())}
+
+
+def _dead(actor: object) -> bool:
+    try:
+        ray.get(actor.ping.remote(), timeout=30)  # type: ignore[attr-defined]
+    except ray.exceptions.RayActorError:
+        return True
+    return False
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
