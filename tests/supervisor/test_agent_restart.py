@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
+import threading
 
 import pytest
-from sandbox_faults import agent_host_pid, run_started
+from sandbox_faults import (agent_host_pid, assert_snapshots_whole, call_in_background, descendants, run_started,
+                             snapshot_in_progress, write_under_way)
 from waiting import wait_for
 
 import mvm
-from mvm import errors
+from mvm import errors, paths
 from mvm.agent import MAX_AGENT_RESTARTS
 from mvm.backends import PREFERENCE, availability
 from mvm.osutil import pid_alive
 from mvm.security.audit import log_path, verify
+from mvm.snapshots import SnapshotStore
 
 BACKENDS = [name for name in PREFERENCE if availability(name).ok] or ["namespace"]
 
@@ -202,3 +206,169 @@ def test_an_agent_that_keeps_dying_ends_the_sandbox(backend: str) -> None:
     ops = _audit_ops(sandbox_id)
     assert ops.count("agent.restart") == MAX_AGENT_RESTARTS, ops
     assert verify(log_path(sandbox_id), sandbox_id=sandbox_id).ok
+
+
+# ---- the agent killed mid files.write, snapshot save, restore ---------------------------
+
+
+def _arm_guest_killer(sb: mvm.Sandbox) -> None:
+    """VM: a guest process that SIGKILLs the agent the moment the agent reads anything more
+    (the next request from the host: a snapshot's ``fs.sync``, the hello after a restore).
+    Its output goes to /dev/null (the agent reading it would count), and it tells the host
+    it is armed on the serial console, which the host reads from a file: no agent call."""
+    agent = int(sb.describe().details["agent"]["pid"])
+    marker = f"armed-{secrets.token_hex(4)}"
+    rchar = f"awk '/^rchar/ {{print $2}}' /proc/{agent}/io"
+    sb.commands.start(["sh", "-c", f"exec >/dev/null 2>&1 </dev/null; r0=$({rchar}); echo {marker} >/dev/console; "
+                       f"while [ \"$({rchar})\" = \"$r0\" ]; do :; done; kill -KILL {agent}"])
+    console = paths.sandboxes_dir() / sb.id / "backend" / "console.log"
+    wait_for(lambda: marker in console.read_text(errors="replace"), "the guest killer to arm", timeout=120)
+
+
+def _new_agent_host_pid(supervisor_pid: int, old: set[int]) -> int | None:
+    """Namespace: the host pid of an agent started since ``old`` was taken (the keeper's
+    child: the keeper and its agent run the same command line)."""
+    pids = set(descendants(supervisor_pid))
+    for pid in pids - old:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = fh.read()
+            with open(f"/proc/{parent}/cmdline", "rb") as fh:
+                parent_argv = fh.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent in pids and argv == parent_argv and b"mvm-agent" in argv and b"bwrap" not in argv:
+            return pid
+    return None
+
+
+def _save_killing_the_agent(sb: mvm.Sandbox, store: SnapshotStore) -> tuple[threading.Thread, list[object]]:
+    """Namespace: ``snapshot("cut")`` in the background, the agent SIGKILLed from the host
+    once the store's staging directory has bytes; a save that ended first is removed and
+    taken again."""
+    agent = agent_host_pid(sb)
+    under_way = snapshot_in_progress("staging")
+    for _attempt in range(10):
+        thread, outcome = call_in_background(lambda: sb.snapshot("cut"))
+        wait_for(lambda saving=thread: under_way() or not saving.is_alive(), "the snapshot save to be under way",
+                 timeout=120, interval=0.002)
+        if thread.is_alive():
+            os.kill(agent, signal.SIGKILL)
+            return thread, outcome
+        thread.join()
+        assert isinstance(outcome[0], mvm.Snapshot), outcome
+        store.remove(outcome[0].id)
+    raise AssertionError("no snapshot save was caught under way in 10 tries")
+
+
+def _first_new_agent(thread: threading.Thread, supervisor_pid: int, old: set[int]) -> int | None:
+    """The host pid of the first agent started since ``old`` while ``thread`` runs, or None."""
+    found: list[int | None] = [None]
+
+    def appeared() -> bool:
+        found[0] = _new_agent_host_pid(supervisor_pid, old)
+        return found[0] is not None or not thread.is_alive()
+
+    wait_for(appeared, "the restored guest's agent to start", timeout=120, interval=0.001)
+    return found[0]
+
+
+def _resume_killing_the_new_agent(sb: mvm.Sandbox, supervisor_pid: int,
+                                  snapshot: str) -> tuple[threading.Thread, list[object]]:
+    """Namespace: ``resume(snapshot)`` in the background, its new guest's agent SIGKILLed
+    while the restore is under way: the supervisor is SIGSTOPped once the agent appears,
+    and if the restore got as far as its audit entry, it is let go and tried again."""
+    for _attempt in range(10):
+        old = set(descendants(supervisor_pid))
+        restores = _audit_ops(sb.id).count("snapshot.restore")
+        thread, outcome = call_in_background(lambda: sb.resume(snapshot))
+        agent = _first_new_agent(thread, supervisor_pid, old)
+        if agent is not None:
+            os.kill(supervisor_pid, signal.SIGSTOP)
+            if _audit_ops(sb.id).count("snapshot.restore") == restores:  # still under way
+                os.kill(agent, signal.SIGKILL)
+                wait_for(lambda pid=agent: not pid_alive(pid), "the killed agent to be gone", timeout=30)
+                os.kill(supervisor_pid, signal.SIGCONT)
+                return thread, outcome
+            os.kill(supervisor_pid, signal.SIGCONT)
+        thread.join(120)
+        assert not thread.is_alive() and not isinstance(outcome[0], Exception), outcome
+    raise AssertionError("no restore was caught under way in 10 tries")
+
+
+# (not a VM restore: there the outcome is not settled yet, see docs/reliability.md)
+@pytest.mark.parametrize(("stage", "backend"), [(stage, backend) for stage in ("write", "save", "restore")
+                                                for backend in BACKENDS if (stage, backend) != ("restore", "vm")])
+def test_an_agent_killed_mid_write_save_or_restore_is_restarted(backend: str, stage: str) -> None:
+    """The guest agent process SIGKILLed in the middle of a 64 MiB ``files.write``, a
+    snapshot save, or a restore: the call ends (a typed error naming the restart, or whole
+    when the agent's part was done), the agent is restarted and the sandbox goes on, with
+    the files it had; no partial snapshot, earlier ones verify; the audit chain verifies."""
+    store = SnapshotStore()
+    with mvm.Sandbox.create("python-3.13", backend=backend, ttl="10m") as sb:
+        sb.files.write("/w/before", b"written before the agent died")
+        details = sb.describe().details
+        supervisor_pid = int(details["supervisor_pid"])
+        base = None
+        if stage == "write":
+            thread, outcome = call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
+            wait_for(write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
+            _kill_agent(sb, backend)
+        elif stage == "save":
+            if backend == "vm":
+                _arm_guest_killer(sb)  # fires on the save's fs.sync
+                thread, outcome = call_in_background(lambda: sb.snapshot("cut"))
+            else:
+                sb.files.write("/w/state", os.urandom(32 * MiB))  # (enough that saving takes a while)
+                thread, outcome = _save_killing_the_agent(sb, store)
+        else:
+            if backend == "vm":
+                _arm_guest_killer(sb)  # in the snapshot: fires in the restored guest, on the hello
+                sb.pause()  # (a paused sandbox is saved without an fs.sync: the killer stays armed)
+                base = sb.snapshot("base", keep=True)
+                thread, outcome = call_in_background(lambda: sb.resume("base"))
+            else:
+                base = sb.snapshot("base", keep=True)
+                thread, outcome = _resume_killing_the_new_agent(sb, supervisor_pid, base.id)
+        thread.join(120)  # a hang guard, not a speed check
+        assert not thread.is_alive(), f"the {stage} hung after the agent was killed"
+        result = outcome[0]
+        print(f"{stage} on {backend}: {result!r}"[:300])
+        if isinstance(result, Exception):
+            assert isinstance(result, (errors.SandboxError, errors.InvalidArgument)), result
+        # the agent is restarted and the sandbox goes on
+        wait_for(lambda: _restarted(sb, 1), "the agent restart", timeout=120)
+        assert sb.commands.run(["sh", "-c", "echo after"]).stdout == "after\n"
+        info = sb.describe()
+        assert info.state == "running", info.details.get("error")
+        assert info.details["agent_restarts"] == 1, info.details
+        assert sb.files.read("/w/before") == b"written before the agent died"
+        left = sorted(entry.name for entry in sb.files.list("/w"))
+        print(f"{stage} on {backend}: left in /w: {left}")
+        if stage == "write":
+            # never a half-written target: the whole file, or none (the cut write's temp file stays)
+            assert "big" not in left or len(sb.files.read("/w/big", max_bytes=64 * MiB)) == 64 * MiB, left
+        assert {name for name in left if not name.startswith(".big.mvm-")} <= {"before", "big", "state"}, left
+        assert {i.id: i.state for i in mvm.Sandbox.list()}[sb.id] == "running"
+        assert_snapshots_whole()
+        saved = [i for i in store.list() if i.name == "cut"]
+        if stage == "save":
+            assert bool(saved) == (not isinstance(result, Exception)), (saved, result)
+        # a whole snapshot restores and runs (not a VM's base: its guest killer would fire again)
+        for snap in saved + ([base] if base is not None and backend != "vm" else []):
+            with mvm.Sandbox.create("python-3.13", backend=backend, from_snapshot=snap.id, ttl="10m") as again:
+                assert again.files.read("/w/before") == b"written before the agent died"
+                assert again.commands.run(["true"]).exit_code == 0
+        sandbox_id = sb.id
+    if isinstance(result, Exception) and stage != "restore":  # (a restore's own hello may be what failed)
+        # the dead agent's calls name its death (a save whose memory image may hold a guest
+        # without its agent is not kept); a chunk that reached the new agent finds its handle gone
+        assert ("the guest agent died" in result.message
+                or "dropped when the host reconnected" in result.message), result.message
+    if base is not None:
+        store.remove(base.id)
+    assert "agent.restart" in _audit_ops(sandbox_id)
+    chain = verify(log_path(sandbox_id), sandbox_id=sandbox_id)
+    assert chain.ok, chain

@@ -22,7 +22,8 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from sandbox_faults import call_in_background, run_started
+from sandbox_faults import (assert_snapshots_whole, call_in_background, descendants, guest_pids, run_started,
+                             snapshot_in_progress, write_under_way)
 from waiting import wait_for
 
 import mvm
@@ -102,59 +103,6 @@ def test_sigkill_mid_command_gives_a_typed_error_and_leaves_nothing(backend: str
 MiB = 1 << 20
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
-
-
-def _guest_pids(supervisor_pid: int) -> list[int]:
-    """The guest side as it is right now (a restore starts a new one): QEMU, or bwrap
-    and the agent under it."""
-    return [pid for pid in _descendants(supervisor_pid) if _comm(pid) in ("bwrap", "qemu-system-x86")]
-
-
-def _in_progress(kind: str) -> Callable[[], bool]:
-    """Whether the supervisor is in the middle of writing a snapshot (``staging``) or
-    unsealing one for a restore (``restore``): its private directory in the store has bytes."""
-    root = paths.snapshots_dir()
-
-    def check() -> bool:
-        for entry in root.glob(f".{kind}-snap_*"):
-            try:
-                if any(f.is_file() and f.stat().st_size > 0 for f in entry.rglob("*")):
-                    return True
-            except OSError:
-                continue
-        return False
-
-    return check
-
-
 def _mounts_mentioning(text: str) -> list[str]:
     with open("/proc/self/mountinfo") as fh:
         return [line for line in fh if text in line]
@@ -202,18 +150,7 @@ def _assert_nothing_left(sandbox_id: str, pids: list[int], *, lost: bool, audite
     if audited or log_path(sandbox_id).exists():
         chain = verify(log_path(sandbox_id), sandbox_id=sandbox_id)
         assert chain.ok and (chain.entries > 0 or not audited), chain  # the audit chain still verifies
-    # no partial snapshot: every listed one verifies, nothing half-written or unsealed stays
-    store = SnapshotStore()
-    for info in store.list():
-        store.verify(info.id)
-    assert not store.problems()
-    assert not list(store.root.glob(".staging-*")) and not list(store.root.glob(".restore-*"))
-
-
-def _write_under_way(sb: mvm.Sandbox) -> Callable[[], bool]:
-    def check() -> bool:  # the agent's temp file is growing (asked over the same connection)
-        return any(e.name.startswith(".big.mvm-") and e.size > 0 for e in sb.files.list("/w"))
-    return check
+    assert_snapshots_whole()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -230,20 +167,20 @@ def test_sigkill_mid_write_save_or_restore(backend: str, fault: str, stage: str)
         sb.files.write("/w/state", os.urandom(32 * MiB))  # enough state that saving and restoring take a while
         if stage == "restore":
             base = sb.snapshot("base", keep=True)
-        pids = [supervisor_pid, *_descendants(supervisor_pid)]
+        pids = [supervisor_pid, *descendants(supervisor_pid)]
         if stage == "write":
             thread, outcome = call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
-            wait_for(_write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
+            wait_for(write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
         elif stage == "save":
             thread, outcome = call_in_background(lambda: sb.snapshot("cut"))
-            wait_for(_in_progress("staging"), "the snapshot save to be under way", timeout=120, interval=0.005)
+            wait_for(snapshot_in_progress("staging"), "the snapshot save to be under way", timeout=120, interval=0.005)
         else:
             thread, outcome = call_in_background(lambda: sb.resume("base"))
-            wait_for(_in_progress("restore"), "the restore to be under way", timeout=120, interval=0.005)
+            wait_for(snapshot_in_progress("restore"), "the restore to be under way", timeout=120, interval=0.005)
         if fault == "supervisor":
             os.kill(supervisor_pid, signal.SIGKILL)
         else:
-            for pid in _guest_pids(supervisor_pid):
+            for pid in guest_pids(supervisor_pid):
                 pids.append(pid)
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -271,7 +208,7 @@ def test_sigkill_mid_write_save_or_restore(backend: str, fault: str, stage: str)
                 assert info.state == "error", info
                 assert info.details.get("error"), info
         assert not [i for i in store.list() if i.name == "cut" and isinstance(result, Exception)]
-        pids.extend(_descendants(supervisor_pid))
+        pids.extend(descendants(supervisor_pid))
     finally:
         try:
             sb.kill()
@@ -306,7 +243,7 @@ def test_open_handles_raise_sandbox_lost_when_the_supervisor_dies(backend: str) 
         waiter, waited = call_in_background(ticker.wait)
         sb.files.mkdir("/w")
         writer, written = call_in_background(lambda: sb.files.write("/w/big", os.urandom(64 * MiB)))
-        wait_for(_write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
+        wait_for(write_under_way(sb), "the 64 MiB write to be under way", timeout=120, interval=0.01)
 
         async def async_stream() -> object:
             async_sb = await mvm.AsyncSandbox.connect(sandbox_id)
@@ -361,7 +298,7 @@ def _stopped_mid_create(known: set[str], thread: threading.Thread) -> tuple[str,
             if entry.name.startswith(".") or entry.name in known:
                 continue
             pid = stamp_pid(owner_stamp(entry))
-            guest = _sandbox_guest_pids(pid, entry.name) if pid is not None else []
+            guest = _sandboxguest_pids(pid, entry.name) if pid is not None else []
             if guest:
                 found.append((entry.name, pid, guest))
                 return True
@@ -375,10 +312,10 @@ def _stopped_mid_create(known: set[str], thread: threading.Thread) -> tuple[str,
     if (root / sandbox_id / "state.json").exists():  # too late: it is running already
         os.kill(supervisor_pid, signal.SIGCONT)
         return None
-    return sandbox_id, supervisor_pid, _sandbox_guest_pids(supervisor_pid, sandbox_id) or guest
+    return sandbox_id, supervisor_pid, _sandboxguest_pids(supervisor_pid, sandbox_id) or guest
 
 
-def _sandbox_guest_pids(supervisor_pid: int, sandbox_id: str) -> list[int]:
+def _sandboxguest_pids(supervisor_pid: int, sandbox_id: str) -> list[int]:
     """The sandbox's own guest (its id is on QEMU's and bwrap's command line), not the
     bwrap a backend probe runs on the way."""
     def names_it(pid: int) -> bool:
@@ -388,7 +325,7 @@ def _sandbox_guest_pids(supervisor_pid: int, sandbox_id: str) -> list[int]:
         except OSError:
             return False
 
-    return [pid for pid in _guest_pids(supervisor_pid) if names_it(pid)]
+    return [pid for pid in guest_pids(supervisor_pid) if names_it(pid)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

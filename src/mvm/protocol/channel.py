@@ -174,10 +174,22 @@ class FramedChannel:
         return codec.check_hello(self.recv())
 
     def close(self) -> None:
-        with self._send_lock:
+        if not self._send_lock.acquire(blocking=False):
+            # A sender holds the lock, maybe blocked on a full socket whose peer stopped
+            # reading (an agent that died while the keeper keeps its socket): a shutdown
+            # wakes it (EPIPE), else this close would wait on it for ever.
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._send_lock.acquire()
+        try:
             if self._closed:
                 return
             self._closed = True
+        finally:
+            self._send_lock.release()
         while self._fds:  # received, never claimed
             _close_quietly(self._fds.popleft())
         for frame in self._pending:  # decoded, never taken

@@ -76,6 +76,8 @@ class AgentLink:
         self.generation = 0
         self._attached = threading.Condition(self._lock)
         self._restarting: str | None = None  # why, between begin_restart and the new agent's hello
+        #: The last restart: channels of a generation below the first ended for the second.
+        self._restarted: tuple[int, str] | None = None
         self.agent_hello: dict[str, Any] = {}
         #: TCP stream frames (``data`` and ``tcp.*`` events) go here instead of ``on_event``.
         self.on_stream: EventHandler | None = None
@@ -132,6 +134,8 @@ class AgentLink:
             self._waiting.clear()
             self._answer_hooks.clear()
             self._restarting = restarting
+            if restarting is not None:
+                self._restarted = (generation, restarting)
             self._attached.notify_all()
         if old is not None:
             old.close()
@@ -206,6 +210,10 @@ class AgentLink:
             channel.send_raw(codec.request(ident, op, args, payload))
         except ChannelClosed:
             call.forget()
+            with self._lock:  # closed under us by a restart: the error names it, as for calls in flight
+                restarted = self._restarted
+            if restarted is not None and call.generation < restarted[0]:
+                raise _Lost(restarted[1]).error(op) from None
             raise errors.SandboxError(f"the guest agent connection is closed ({op})") from None
         return call
 

@@ -9,6 +9,9 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+from .. import errors
+from .agent_link import AgentReplaced
+
 if TYPE_CHECKING:
     from .server import Supervisor
     from .session import Reply, RequestContext
@@ -101,16 +104,34 @@ def snapshot(sup: Supervisor, ctx: RequestContext) -> Reply:
     assert sup.instance is not None
     name = str(ctx.args.get("name") or time.strftime("snap-%Y%m%d-%H%M%S"))
     store = snapshots.SnapshotStore()
-    if sup.state == "running":
+    running = sup.state == "running"
+    agent = sup.agent.generation
+    if running:
         sup.sync_guest()
     # A VM's memory image streams QEMU -> sealer -> store; the rest is sealed from staging.
     info, artifacts = snapshots.save(sup.instance, store, name, sup.sandbox_id, staging_parent=sup.directory,
                                      expires=ctx.args.get("expires"), keep=bool(ctx.args.get("keep")),
                                      run=sup.on_backend)
+    if running and artifacts.kind == "full" and not _same_agent_answers(sup, agent):  # memory: processes too
+        store.remove(info.id)
+        raise errors.SandboxError(f"snapshot {name!r} was not kept: the guest agent died while it was taken (its "
+                                  "memory image would hold a guest without its agent); the sandbox goes on with a "
+                                  "new agent: take it again", agent_restart=True)
     audit_id = sup.audit.record("snapshot.save", {"name": name, "snapshot": info.id},
                                 details={"kind": artifacts.kind})
     sup.logs.system(f"snapshot {info.id} ({name}, {artifacts.kind}) saved", audit_id)
     return dataclasses.replace(info, audit_id=audit_id).to_wire(), b""
+
+
+def _same_agent_answers(sup: Supervisor, generation: int) -> bool:
+    """Whether the agent of connection ``generation`` is still there and answers: one that
+    died before the guest's memory was saved (its death may reach us only afterwards) fails
+    this call with the restart, or was replaced already."""
+    try:
+        sup.agent.call("agent.info", {}, timeout=30, generation=generation)
+    except (errors.MvmError, AgentReplaced):
+        return False
+    return True
 
 
 def destroy(sup: Supervisor, ctx: RequestContext) -> Reply:
