@@ -199,6 +199,8 @@ class Supervisor:
         # Verified whole first; a VM's memory image then streams through the unsealer.
         sock, info = snapshots.restore(instance, snapshots.SnapshotStore(), snapshot_id, run=self.on_backend,
                                        replacing=stop_running if replace_running else None)
+        if replace_running:  # (from paused too) the restored guest runs: its agent's death is a restart
+            self.set_state("running")
         self.processes.new_boot(self.agent.next_generation)
         self.agent.attach(sock)
         self.configure_agent()
