@@ -272,10 +272,23 @@ def test_200_commands_and_50_file_transfers_over_10_sandboxes_from_one_loop() ->
                 assert await sandbox.files.read(f"/tmp/t{i}") == payloads[i]
                 finished.append("file")
 
-            await asyncio.gather(*(command(i) for i in range(200)), *(transfer(i) for i in range(50)))
+            async def held(sandbox: mvm.AsyncSandbox) -> None:
+                # A command that runs until /tmp/go exists: written only once every transfer is done.
+                result = await sandbox.commands.run(
+                    ["sh", "-c", "while [ ! -e /tmp/go ]; do sleep 0.01; done; echo through"], timeout_seconds=300)
+                assert result.stdout == "through\n"
+                finished.append("held")
+
+            async def transfers_then_release() -> None:
+                await asyncio.gather(*(transfer(i) for i in range(50)))
+                await asyncio.gather(*(sandbox.files.write("/tmp/go", b"") for sandbox in sandboxes))
+
+            await asyncio.gather(*(held(sandbox) for sandbox in sandboxes), *(command(i) for i in range(200)),
+                                 transfers_then_release())
             assert finished.count("command") == 200 and finished.count("file") == 50
-            # No starvation: file transfers are served among the commands, not after all of them.
-            assert finished.index("file") < len(finished) - 1 - finished[::-1].index("command")
+            # No starvation: every transfer was served while a command of each sandbox was still
+            # running (the held ones end only after the last transfer), in the order of events.
+            assert finished.index("held") > max(i for i, what in enumerate(finished) if what == "file")
             # Every sandbox's files arrived whole (checked inside the guest too).
             sums = await sandboxes[3].commands.run(["sha256sum", "/tmp/t3", "/tmp/t13"])
             assert hashlib.sha256(payloads[3]).hexdigest() in sums.stdout
