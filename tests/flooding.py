@@ -5,6 +5,7 @@ tests/cluster/test_ray_backpressure.py over the Ray hop)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -34,6 +35,18 @@ def expected_digest(mib: int) -> str:
     for i in range(mib):
         digest.update(((f"{i:015d} " * 64)[:1023] + "\n").encode() * 1024)
     return digest.hexdigest()
+
+
+def assert_all_arrived(chunks: Iterable[tuple[str, str]], mib: int) -> None:
+    """Read the rest of a ``flood_script(mib)`` process's output: every byte, in order, on stdout."""
+    digest, received = hashlib.sha256(), 0
+    for stream, text in chunks:
+        assert stream == "stdout"
+        data = text.encode()
+        digest.update(data)
+        received += len(data)
+    assert received == mib * MIB
+    assert digest.hexdigest() == expected_digest(mib)
 
 
 def rss(pid: int) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import ray
-from flooding import MIB, expected_digest, flood_script
+from flooding import MIB, assert_all_arrived, expected_digest, flood_script
 from waiting import wait_for, wait_stalled
 
 import mvm
@@ -69,14 +69,7 @@ def test_a_stalled_remote_output_stream_holds_the_process(remote: tuple[mvm.Sand
     rss_before = relay_status(agent)["rss_bytes"]
     process.send_stdin("go\n")
     assert_held_within_bounds(sandbox, agent, "proc.attach", rss_before)
-    digest, received = hashlib.sha256(), 0
-    for stream, text in chunks:
-        assert stream == "stdout"
-        data = text.encode()
-        digest.update(data)
-        received += len(data)
-    assert received == FLOOD_MIB * MIB
-    assert digest.hexdigest() == expected_digest(FLOOD_MIB)  # every byte, in order
+    assert_all_arrived(chunks, FLOOD_MIB)  # every byte, in order
     assert process.wait(timeout=60) == 0
     wait_for(lambda: not relay_status(agent)["relays"], "the node agent to let go of the relay")
 

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from flooding import expected_digest, flood_script, rss
+from flooding import assert_all_arrived, expected_digest, flood_script, rss
 from waiting import wait_stalled
 
 import mvm
@@ -67,14 +67,7 @@ def test_a_stalled_reader_holds_the_process_not_the_memory(sandbox: mvm.Sandbox)
     before = {os.getpid(): rss(os.getpid()), supervisor: rss(supervisor)}
     process.send_stdin("go\n")
     assert_stalled_within_bounds(sandbox, mib, before)
-    digest, received = hashlib.sha256(), 0
-    for stream, text in chunks:
-        assert stream == "stdout"
-        data = text.encode()
-        digest.update(data)
-        received += len(data)
-    assert received == mib * 1024 * 1024
-    assert digest.hexdigest() == expected_digest(mib)  # every byte, in order
+    assert_all_arrived(chunks, mib)  # every byte, in order
     assert process.wait(timeout=60) == 0
     follow.close()  # type: ignore[attr-defined]
 

@@ -178,11 +178,7 @@ class FramedChannel:
             # A sender holds the lock, maybe blocked on a full socket whose peer stopped
             # reading (an agent that died while the keeper keeps its socket): a shutdown
             # wakes it (EPIPE), else this close would wait on it for ever.
-            if self._sock is not None:
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._shutdown()
             self._send_lock.acquire()
         try:
             if self._closed:
@@ -195,11 +191,16 @@ class FramedChannel:
         for frame in self._pending:  # decoded, never taken
             discard_fds(frame)
         if self._sock is not None:
+            self._shutdown()
+            self._sock.close()
+
+    def _shutdown(self) -> None:
+        """Shut the socket down both ways (waking any thread blocked on it); quietly."""
+        if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self._sock.close()
 
 
 def discard_fds(frame: Frame) -> None:
