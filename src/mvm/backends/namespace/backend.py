@@ -332,7 +332,7 @@ class NamespaceInstance(BackendInstance):
             self._init_pid = int(info["child-pid"])
             if self.spec.network.mode == "open":
                 self._start_pasta()
-            self._await_agent(parent, proc, log_path, drain)
+            self._await_agent(parent, keeper_parent, proc, log_path, drain)
             self._keeper = KeeperLink(keeper_parent, self._agent_ended)
             self._keeper.start()
             return parent
@@ -347,15 +347,20 @@ class NamespaceInstance(BackendInstance):
                     os.close(fd)
 
     def _await_agent(
-        self, sock: socket.socket, proc: subprocess.Popen[bytes], log_path: Path, drain: threading.Thread
+        self, sock: socket.socket, keeper_sock: socket.socket, proc: subprocess.Popen[bytes], log_path: Path,
+        drain: threading.Thread,
     ) -> None:
         """Wait (briefly) for the agent's first bytes without consuming them, so that a
         sandbox that failed to set up is reported here with bwrap's words instead of as a
-        closed channel. EOF means everything inside exited."""
+        closed channel. EOF means everything inside exited. A word from the keeper first
+        (``agent-ended``: the agent died before it said anything) ends the wait at once: the
+        keeper link answers it, and the keeper would otherwise give up waiting for us."""
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        if not poller.poll(AGENT_WAIT * 1000):
-            return  # still booting (or waiting for our hello): the caller's handshake decides
+        poller.register(keeper_sock, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(AGENT_WAIT * 1000)}
+        if sock.fileno() not in ready:
+            return  # still booting, or its agent died: the caller's handshake decides
         try:
             peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
