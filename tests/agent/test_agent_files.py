@@ -7,10 +7,11 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from agent_harness import SYSTEM_PYTHON, AgentClient, installed_agent_command
+from agent_harness import SYSTEM_PYTHON, AgentClient, AgentProcess, installed_agent_command
 from mvm.agent.files import MAX_WRITE_HANDLES
 from mvm.protocol.codec import CHUNK_SIZE
 
@@ -194,6 +195,26 @@ def test_an_aborted_upload_leaves_nothing_behind(agent: AgentClient, tmp_path: P
     assert agent.call("fs.write_end", handle=handle, commit=False)["committed"] is False
     assert list(tmp_path.iterdir()) == []
     assert agent.error("fs.write_chunk", b"more", handle=handle)["field"] == "handle"
+
+
+def test_a_new_agent_process_never_reuses_a_dead_agents_handle_numbers(
+        spawn_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """A restarted agent is a new process: its write and read handles must not name the ones
+    the dead agent gave out, or a chunk the host sent to the old write that arrives after
+    the restart would land in a new write (docs/reliability.md, "Agent restart")."""
+    (tmp_path / "big").write_bytes(os.urandom(2 * CHUNK_SIZE))
+    given: list[set[int]] = []
+    for _agent in range(2):
+        client = spawn_agent().client()
+        writes = {client.call("fs.write_begin", path=str(tmp_path / f"w{n}"))["handle"] for n in range(3)}
+        read = client.call_with_payload("fs.read", path=str(tmp_path / "big"), length=CHUNK_SIZE,
+                                        keep_open=True)[0]["handle"]
+        given.append(writes | {read})
+        assert len(given[-1]) == 4, given  # (one numbering for writes and reads)
+    old, new = given
+    assert not old & new, given
+    error = client.error("fs.write_chunk", b"a chunk for the dead agent's write", handle=min(old), offset=0)
+    assert error["field"] == "handle" and "no open write handle" in error["message"], error
 
 
 def test_open_write_handles_are_bounded(agent: AgentClient, tmp_path: Path) -> None:

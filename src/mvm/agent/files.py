@@ -24,6 +24,7 @@ import shutil
 import stat
 import pwd
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,7 +297,17 @@ class Files:
         self._handles: dict[int, _WriteHandle] = {}
         self._readers: dict[int, _ReadHandle] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._ids: Iterator[int] | None = None  # (drawn at the first handle: see _new_handle)
+
+    def _new_handle(self) -> int:
+        """A handle number (under ``self._lock``). The numbers of one agent process start at a
+        random point: a restarted agent's handles never name a dead agent's, so a chunk the
+        host sent to the dead agent's write that arrives after the restart finds no handle
+        instead of landing in a new write. Drawn at the first handle, not at start: a VM's
+        agent starts before the guest's random pool may be ready."""
+        if self._ids is None:
+            self._ids = itertools.count(secrets.randbits(48) + 1)
+        return next(self._ids)
 
     def _user(self, args: Args) -> pwd.struct_passwd | None:
         """The account an op acts as (``None``: the agent itself)."""
@@ -337,7 +348,7 @@ class Files:
             if keep_open and not result["eof"]:
                 with self._lock:
                     if len(self._readers) < MAX_READ_HANDLES:
-                        result["handle"] = next(self._ids)
+                        result["handle"] = self._new_handle()
                         self._readers[result["handle"]] = _ReadHandle(path, fd)
                         kept = True
             return result, data
@@ -430,7 +441,7 @@ class Files:
                 raise AgentError("InvalidState", f"too many open write handles (at most {MAX_WRITE_HANDLES}); "
                                  "finish or abort some with fs.write_end", path=path)
             fd, temp = _open_temp(target, path, who, existing is not None)
-            handle = next(self._ids)
+            handle = self._new_handle()
             self._handles[handle] = _WriteHandle(path, target, temp, fd, final_mode, owner)
         return {"handle": handle}
 
