@@ -1,8 +1,9 @@
 """Host OS helpers every layer shares (stdlib only, imports nothing of mvm, so security,
 backends and the supervisor may all use it): private files (0700 directories, 0600 files,
 no symlinks followed), atomic writes (one for bytes, one for JSON), an exclusive file
-lock, a background fsync for files written without one, and whether a process is alive
-(by pid, or by pid and start time: a *stamp*, which a reused pid does not match)."""
+lock, a background fsync for files written without one, whether a process is alive
+(by pid, or by pid and start time: a *stamp*, which a reused pid does not match), and how a
+child process ended, in words."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import secrets
 import queue
+import signal
 import stat
 import threading
 from collections.abc import Iterator
@@ -295,3 +297,20 @@ def stamp_alive(stamp: str | None) -> bool:
     """Whether the process a :func:`process_stamp` names still runs."""
     pid = stamp_pid(stamp)
     return pid is not None and process_is(pid, int((stamp or "").split()[1]))
+
+
+def signal_name(signum: int) -> str:
+    """``"SIGKILL"`` for 9: the name a user looks up; ``"signal 99"`` for a number no signal has."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def exit_description(returncode: int) -> str:
+    """How a child process ended, from its ``subprocess`` return code (N: it exited with
+    status N; -N: signal N killed it): ``"exited with status 1"``, ``"was killed by SIGKILL"``.
+    Follows the program's name: ``f"mke2fs {exit_description(code)}"``."""
+    if returncode < 0:
+        return f"was killed by {signal_name(-returncode)}"
+    return f"exited with status {returncode}"

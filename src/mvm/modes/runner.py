@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
+from ..osutil import exit_description
 from . import admission, ir, node
 from .recording import RECORDING_ENV, Recording
 
@@ -251,7 +252,7 @@ def _failure_error(script: Path, status: int, outcome: dict[str, Any] | None) ->
     name = _display(script)
     if outcome is None:
         text = (f"{name} failed (exit status {status}) before it could report where; see its output above"
-                if status > 0 else f"{name} was killed by signal {-status}")
+                if status > 0 else f"{name} {exit_description(status)}")
         return ScriptFailed(text, script=str(script), status=status, file=None, line=None)
     if outcome["op"] == "script.exit":
         text = f"{name} exited with status {outcome['status']}"

@@ -62,7 +62,7 @@ from typing import Any
 
 from ..agent import install as agent_install
 from ..errors import InvalidArgument, MvmError, TemplateBuildError
-from ..osutil import fsync_dir, write_json_atomic
+from ..osutil import exit_description, fsync_dir, write_json_atomic
 from ..paths import templates_dir
 from . import catalog, oci, store
 from .image import TemplateImage
@@ -486,7 +486,7 @@ def _run_mmdebstrap(recipe: Recipe, rootfs: Path, workdir: Path, mirror: str, re
             raise
     store.remove_tree(workdir / BUILD_TMPDIR)  # (empty unless mmdebstrap died: not part of the template)
     if returncode != 0:
-        first = _diagnosis(errors, tail) or f"mmdebstrap exited with status {returncode}"
+        first = _diagnosis(errors, tail) or f"mmdebstrap {exit_description(returncode)}"
         raise TemplateBuildError(
             f"template {recipe.name}: mmdebstrap failed: {first}\n--- last lines of its log ---\n" + "\n".join(tail),
             template=recipe.name,

@@ -1,17 +1,23 @@
 """Pieces of the namespace backend that need no sandbox: cgroup v2 file layout (on a
-fake tree: this host is v1), the upper-layer archive, the bwrap command line."""
+fake tree: this host is v1), the upper-layer archive, the bwrap command line, the words of
+a failed availability probe."""
 
 from __future__ import annotations
 
 import io
 import os
+import shlex
+import signal
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from mvm.backends.namespace import bwrap, cgroups, layer
+from mvm.backends.namespace.backend import _probe_root, probe_failure_reason
+from mvm.osutil import exit_description
 
 
 def _fake_v2(tmp_path: Path) -> tuple[Path, Path]:
@@ -174,3 +180,31 @@ def test_bwrap_command_line():
     assert argv[-6:] == ["--", "/usr/bin/python3", "-I", "/opt/mvm/bin/mvm-agent", "--fd", "3"]
     no_userns = bwrap.build_argv(bwrap.BwrapConfig(None, "/r", None, 5, 6, ["x"]))
     assert "--unshare-user" in no_userns and "--disable-userns" in no_userns
+
+
+def test_a_killed_probe_bwrap_is_reported_in_words():
+    # a real bwrap with the probe's root, killed from outside as the OOM killer would
+    # while it runs (--die-with-parent: what it started goes with it)
+    argv = [str(bwrap.bwrap_path()), "--unshare-all", "--die-with-parent", *_probe_root(),
+            "sh", "-c", "echo running; exec sleep 60"]
+    probe = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert probe.stdout is not None and probe.stdout.readline() == "running\n"
+    probe.send_signal(signal.SIGKILL)
+    _, stderr = probe.communicate(timeout=30)
+    assert probe.returncode == -signal.SIGKILL
+    assert exit_description(probe.returncode) == "was killed by SIGKILL"
+    reason = probe_failure_reason(argv, probe.returncode, stderr)
+    assert reason.startswith("the probe bwrap was killed by SIGKILL before it could answer")
+    assert "-9" not in reason and "see dmesg" in reason and reason.endswith(shlex.join(argv))
+
+
+def test_a_failed_probe_keeps_what_bwrap_said_and_otherwise_its_exit_status():
+    argv = [str(bwrap.bwrap_path()), "--no-such-option", "true"]
+    probe = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 1 and probe.stderr.strip()
+    assert probe_failure_reason(argv, probe.returncode, probe.stderr) == (
+        f"bwrap cannot create namespaces here: {probe.stderr.strip()}")
+    quiet = subprocess.run(["sh", "-c", "exit 3"], timeout=30)
+    assert exit_description(quiet.returncode) == "exited with status 3"
+    assert "the probe bwrap exited with status 3 and printed nothing" in probe_failure_reason(
+        argv, quiet.returncode, "")

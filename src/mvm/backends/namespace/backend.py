@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -50,7 +51,7 @@ from ...errors import (
     InvalidState,
     SandboxError,
 )
-from ...osutil import process_start_time, write_json_atomic
+from ...osutil import exit_description, process_start_time, write_json_atomic
 from ..base import Availability, Backend, BackendInstance, SandboxSpec, SnapshotArtifacts
 from . import bwrap as bw
 from . import cgroups, diskimage, layer, pasta, seccomp
@@ -688,15 +689,13 @@ class NamespaceBackend(Backend):
         if binary is None:
             return Availability(False, "bubblewrap (bwrap) is not installed: apt-get install bubblewrap", details)
         details["bwrap"] = bw.bwrap_version(binary) or binary
+        argv = [binary, "--unshare-all", *_probe_root(), "true"]
         try:
-            run = subprocess.run([binary, "--unshare-all", *_probe_root(), "true"], capture_output=True, text=True,
-                                 timeout=30)
+            run = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError) as exc:
             return Availability(False, f"bwrap does not run: {exc}", details)
         if run.returncode != 0:
-            return Availability(
-                False, f"bwrap cannot create namespaces here: {run.stderr.strip() or run.returncode}", details
-            )
+            return Availability(False, probe_failure_reason(argv, run.returncode, run.stderr), details)
         root_mode, uid_mode = self._choose()
         details["root"] = root_mode
         details["uid_map"] = uid_mode
@@ -822,6 +821,24 @@ def cleanup_orphan(state_dir: Path) -> None:
 
 
 backend = NamespaceBackend()
+
+
+def probe_failure_reason(argv: list[str], returncode: int, stderr: str) -> str:
+    """Why the availability probe ``argv`` (``bwrap --unshare-all ... true``) failed, and
+    what to do: bwrap's own words when it printed any, otherwise how it ended."""
+    said = stderr.strip()
+    if returncode < 0:  # killed: no verdict on namespaces, and the next mvm process probes anew
+        signum = -returncode
+        why = ("a seccomp filter (a container's?) forbids a system call it needs: allow unshare/clone of "
+               "namespaces in the container's seccomp profile" if signum == signal.SIGSYS else
+               "something outside mvm ended it (the OOM killer, a container's limits, a user): see dmesg")
+        return (f"the probe bwrap {exit_description(returncode)} before it could answer whether namespaces "
+                f"can be created here{f' (it printed: {said})' if said else ''}; {why}, then check by hand "
+                f"with: {shlex.join(argv)}")
+    if said:
+        return f"bwrap cannot create namespaces here: {said}"
+    return (f"bwrap cannot create namespaces here: the probe bwrap {exit_description(returncode)} and printed "
+            f"nothing; run it by hand to see: {shlex.join(argv)}")
 
 
 def _probe_root() -> list[str]:

@@ -31,6 +31,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from ...osutil import exit_description
 from ...paths import cache_dir
 
 LOOP_CONTROL = "/dev/loop-control"
@@ -118,7 +119,8 @@ def _blank(size_mb: int) -> Path:
         done = subprocess.run(["mke2fs", *MKE2FS_OPTIONS, str(partial)], capture_output=True, text=True,
                               timeout=MKE2FS_TIMEOUT, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
-            raise OSError(errno.EIO, f"mke2fs {partial}: {done.stderr.strip()[-300:] or done.returncode}")
+            said = done.stderr.strip()[-300:] or f"it {exit_description(done.returncode)}"
+            raise OSError(errno.EIO, f"mke2fs {partial}: {said}")
         os.replace(partial, blank)  # whole or not at all (two makers write the same thing)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ...osutil import exit_description
+
 GUEST_ADDRESS = "10.0.2.15"
 GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"
@@ -82,7 +84,7 @@ def attach(init_pid: int, work_dir: Path,
     deadline = time.monotonic() + READY_TIMEOUT
     while not pid_file.exists():  # written once the namespace is configured
         if proc.poll() is not None:
-            raise RuntimeError(f"pasta exited with status {proc.returncode}")
+            raise RuntimeError(f"pasta {exit_description(proc.returncode)}")
         if time.monotonic() > deadline:
             stop(proc)
             raise RuntimeError(f"pasta did not configure the network within {READY_TIMEOUT:.0f} s")

@@ -22,7 +22,7 @@ from typing import Any
 from ...errors import BackendUnavailable, InvalidArgument
 from ...paths import cache_dir
 from .initramfs import PROBE_MARKER, ensure_initramfs
-from ...osutil import file_lock, write_json_atomic
+from ...osutil import exit_description, file_lock, write_json_atomic
 from .kernel import Kernel, ensure_kernel
 from .process import spawn, terminate
 from .qemu import QemuConfig, kernel_cmdline, qemu_binary, qemu_version
@@ -79,7 +79,7 @@ def probe_boot(kernel: Kernel, initrd: Path, accel: str = "kvm", timeout: float 
                     if PROBE_MARKER.encode() in _read(console):
                         return True, f"probe guest booted in {time.monotonic() - started:.1f} s"
                     err = _read(work / "qemu.log").decode(errors="replace").strip().splitlines()
-                    detail = err[0] if err else f"exit status {proc.returncode}"
+                    detail = err[0] if err else f"it {exit_description(proc.returncode)}"
                     return False, f"QEMU exited before the guest booted: {detail[:300]}"
                 time.sleep(0.05)
             return False, f"no boot marker within {timeout:.0f} s"

@@ -42,7 +42,7 @@ from .accel import probe_accelerator
 from .initramfs import busybox_path, ensure_initramfs, initramfs_digest
 from .kernel import Kernel, ensure_kernel, kernel_obtainable
 from .machine import QemuMachine, socket_dir_for
-from ...osutil import process_start_time
+from ...osutil import process_start_time, signal_name
 from .process import kill_recorded
 from .qemu import (
     MACHINE,
@@ -521,7 +521,7 @@ class VmInstance(BackendInstance):
             # QEMU killed from outside says nothing of the snapshot: ``start`` does not fall back
             said = exc.details.get("qemu_signal")
             killed = {"qemu_signal": signum or said} if signum or said else {}
-            prefix = f"vm: QEMU was killed by signal {signum} during the restore: " if signum and not said else ""
+            prefix = f"vm: QEMU was killed by {signal_name(signum)} during the restore: " if signum and not said else ""
             raise SandboxError(f"{prefix}{exc.message}; {diag}", **killed) from None
         self._state = "running"
         self._boot = boot

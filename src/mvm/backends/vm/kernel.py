@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BackendUnavailable
-from ...osutil import file_lock, write_json_atomic
+from ...osutil import exit_description, file_lock, write_json_atomic
 from ...paths import cache_dir
 
 METAPACKAGE = "linux-image-cloud-amd64"
@@ -101,7 +101,7 @@ def _run(argv: list[str], timeout: float = 300, cwd: Path | None = None) -> str:
         raise BackendUnavailable(f"vm: {' '.join(argv)} timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
         raise BackendUnavailable(
-            f"vm: {' '.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+            f"vm: {' '.join(argv)} failed (it {exit_description(proc.returncode)}): {proc.stderr.strip()[-500:]}"
         )
     return proc.stdout
 

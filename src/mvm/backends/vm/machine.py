@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InvalidArgument, SandboxError
+from ...osutil import signal_name
 from ...protocol.channel import ChannelClosed, FramedChannel
 from ...protocol.codec import ProtocolError
 from .deadline import GuestDeadline
@@ -95,7 +96,7 @@ class QemuMachine:
             signum = self.killed_by()
             self.kill()
             if signum is not None:
-                raise SandboxError(f"vm: QEMU was killed by signal {signum} as it started: {self.diagnostics()}",
+                raise SandboxError(f"vm: QEMU was killed by {signal_name(signum)} as it started: {self.diagnostics()}",
                                    qemu_signal=signum) from None
             raise SandboxError(f"vm: QEMU did not start: {self.diagnostics()}") from None
         self.qmp = qmp
