@@ -7,8 +7,9 @@
 ...     print(result.exit_code, result.stdout, result.audit_id)
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -55,49 +56,48 @@ _LAZY = {
     "resources": "mvm.sdk.policy",
     "secret": "mvm.sdk.policy",
 }
+#: Submodules that are part of the public surface: ``mvm.errors.X`` right after ``import mvm``.
+_SUBMODULES = ("errors",)
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mvm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
-
-if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    # ruff: noqa: F401
+if TYPE_CHECKING:  # type checkers and IDEs see the same names as plain imports ("X as X": re-exported)
+    from . import errors as errors
     from .errors import (
-        CommandError,
-        CommandTimeout,
-        FileNotFoundInSandbox,
-        InvalidArgument,
-        InvalidNetworkPolicy,
-        InvalidState,
-        MvmError,
-        NameTaken,
-        NotADirectory,
-        PermissionDenied,
-        PortInUse,
-        SandboxLost,
-        SandboxNotFound,
-        SandboxPaused,
-        SecretNotFound,
-        SnapshotTampered,
-        StreamIdle,
-        TemplateNotFound,
+        CommandError as CommandError,
+        CommandTimeout as CommandTimeout,
+        FileNotFoundInSandbox as FileNotFoundInSandbox,
+        InvalidArgument as InvalidArgument,
+        InvalidNetworkPolicy as InvalidNetworkPolicy,
+        InvalidState as InvalidState,
+        MvmError as MvmError,
+        NameTaken as NameTaken,
+        NotADirectory as NotADirectory,
+        PermissionDenied as PermissionDenied,
+        PortInUse as PortInUse,
+        SandboxLost as SandboxLost,
+        SandboxNotFound as SandboxNotFound,
+        SandboxPaused as SandboxPaused,
+        SecretNotFound as SecretNotFound,
+        SnapshotTampered as SnapshotTampered,
+        StreamIdle as StreamIdle,
+        TemplateNotFound as TemplateNotFound,
+        UserNotFound as UserNotFound,
     )
-    from .sdk.async_sandbox import AsyncProcess, AsyncSandbox
-    from .sdk.commands import Process
-    from .sdk.models import CommandResult, FileEntry, LogEvent, PortForward, ProcessInfo, SandboxInfo
-    from .snapshots.model import Snapshot
-    from .sdk.policy import network, resources, secret
-    from .sdk.pool import Pool, PoolInfo, pool, pools
-    from .cluster import connect_cluster
-    from .sdk.sandbox import Sandbox, gc
+    from .sdk.async_sandbox import AsyncProcess as AsyncProcess, AsyncSandbox as AsyncSandbox
+    from .sdk.commands import Process as Process
+    from .sdk.models import (
+        CommandResult as CommandResult,
+        FileEntry as FileEntry,
+        LogEvent as LogEvent,
+        PortForward as PortForward,
+        ProcessInfo as ProcessInfo,
+        SandboxInfo as SandboxInfo,
+    )
+    from .snapshots.model import Snapshot as Snapshot
+    from .sdk.policy import network as network, resources as resources, secret as secret
+    from .sdk.pool import Pool as Pool, PoolInfo as PoolInfo, pool as pool, pools as pools
+    from .cluster import connect_cluster as connect_cluster
+    from .sdk.sandbox import Sandbox as Sandbox, gc as gc
+else:
+    __getattr__, __dir__ = lazy_exports(__name__, _LAZY, _SUBMODULES)

@@ -9,8 +9,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
+from mvm.cli.main import cli
 from mvm.durations import parse_duration
 from mvm.modes.node import node_env
 from mvm.spec import DEFAULT_TEMPLATE, DEFAULT_TTL, NetworkPolicy, Resources
@@ -141,3 +144,53 @@ def test_up_auto_pause() -> None:
         assert info["details"]["auto_pause_seconds"] == 120 and info["details"]["paused_by_idle"] is False
     finally:
         mvmctl("down", "cli-napper")
+
+
+def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, name
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from _command_paths(command, (*prefix, name))
+
+
+def test_every_command_s_help() -> None:
+    # The command modules import their heavy parts (SDK, modes, templates, security) inside
+    # the commands. `mvmctl --help`, through the console script users and the TypeScript SDK
+    # run, loads every command module and lists each command with its help; --help of each
+    # command and subcommand shows its options still build.
+    entry_point = Path(sys.executable).with_name("mvmctl")
+    assert entry_point.exists(), f"{entry_point}: the package's console script is not installed"
+    top = subprocess.run([str(entry_point), "--help"], capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and top.stderr == "", top.stderr
+    listed = top.stdout.split("Commands:\n", 1)[1].splitlines()
+    paths = list(_command_paths(cli))
+    assert len(paths) > 40
+    runner = CliRunner()
+    for path, command in paths:
+        result = runner.invoke(cli, [*path, "--help"], prog_name="mvmctl")
+        assert result.exit_code == 0, (path, result.output)
+        assert result.output.startswith(f"Usage: mvmctl {' '.join(path)} "), (path, result.output)
+        assert (command.help or "").split("\n")[0].strip()[:30] in result.output, path
+        if len(path) == 1 and not command.hidden:  # the top-level listing names it, with its help
+            line = next((row for row in listed if row.split()[:1] == [path[0]]), None)
+            assert line is not None and command.get_short_help_str(limit=45)[:20] in line, (path, listed)
+
+
+def test_start_up_loads_no_command_s_heavy_parts() -> None:
+    # What keeps `mvmctl` start-up short (every TypeScript create runs `mvmctl up`): building
+    # the command tree and printing help load none of these; the commands load them when run.
+    heavy = ["jsonschema", "cryptography", "mvm.sdk.sandbox", "mvm.sdk.pool", "mvm.templates.builder",
+             "mvm.templates.oci", "mvm.modes.ir", "mvm.modes.runner", "mvm.security.audit", "mvm.supervisor.client"]
+    code = ("import sys\nfrom mvm.cli.main import cli\n"
+            "try:\n    cli(['--help'], prog_name='mvmctl')\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', ' '.join(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded = set(proc.stdout.rsplit("LOADED ", 1)[1].split())
+    assert "mvm.cli.sandboxes" in loaded and "mvm.cli.modes" in loaded
+    assert [name for name in heavy if name in loaded] == []
+    # ... and a command that needs one still gets it
+    listed = mvmctl("ls", "--json")
+    assert isinstance(json.loads(listed.stdout), list)

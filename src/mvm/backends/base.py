@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 # Resources, NetworkPolicy and the host alias are defined in mvm.spec; re-exported for backends.
 from ..spec import HOST_ALIAS as HOST_ALIAS
@@ -30,7 +30,9 @@ from ..spec import HOST_ALIAS_ADDRESS as HOST_ALIAS_ADDRESS
 from ..spec import NetworkPolicy as NetworkPolicy
 from ..spec import Resources as Resources
 from ..errors import SandboxError
-from ..templates.image import TemplateImage
+
+if TYPE_CHECKING:  # an annotation only: the registry (`mvmctl` start-up) need not load templates
+    from ..templates.image import TemplateImage
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .. import errors
 from ..spec import NETWORK_MODES, Resources
 
+if TYPE_CHECKING:
+    from ..sdk.sandbox import Sandbox
+
 
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
+
+
+def connect(name: str) -> Sandbox:
+    """``Sandbox.connect(name)``. The SDK loads here, when a command runs, not when
+    ``mvmctl`` starts: ``--help`` and the commands that need no sandbox do not pay for it."""
+    from ..sdk.sandbox import Sandbox
+
+    return Sandbox.connect(name)
 
 
 def emit(as_json: bool, data: Any, human: Callable[[], None] | str | None = None) -> None:

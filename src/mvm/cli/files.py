@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from ..protocol.requests import DEFAULT_MAX_READ_BYTES
-from ..sdk.models import FileEntry
-from ..sdk.sandbox import Sandbox
-from .common import emit, json_option
+from .common import connect, emit, json_option
+
+if TYPE_CHECKING:
+    from ..sdk.models import FileEntry
 
 
 def register(cli: click.Group) -> None:
@@ -33,7 +35,7 @@ user_option = click.option("--user", "-u", help="Act as this guest user (name or
 @user_option
 def read(name: str, path: str, max_bytes: int, user: str | None) -> None:
     """Write the guest file PATH to stdout (bytes are untrusted: pipe with care)."""
-    sys.stdout.buffer.write(Sandbox.connect(name).files.read(path, max_bytes=max_bytes, user=user))
+    sys.stdout.buffer.write(connect(name).files.read(path, max_bytes=max_bytes, user=user))
     sys.stdout.buffer.flush()
 
 
@@ -47,7 +49,7 @@ def read(name: str, path: str, max_bytes: int, user: str | None) -> None:
 def write(name: str, path: str, content: str | None, mode: str, user: str | None, as_json: bool) -> None:
     """Write PATH in the sandbox from --content or stdin."""
     data = content.encode() if content is not None else sys.stdin.buffer.read()
-    entry = Sandbox.connect(name).files.write(path, data, mode=int(mode, 8), user=user)
+    entry = connect(name).files.write(path, data, mode=int(mode, 8), user=user)
     emit(as_json, entry.to_dict(), f"wrote {entry.size} bytes to {path}")
 
 
@@ -64,7 +66,7 @@ def _entry_line(e: FileEntry) -> str:
 @json_option
 def ls(name: str, path: str, user: str | None, as_json: bool) -> None:
     """List a guest directory."""
-    entries = Sandbox.connect(name).files.list(path, user=user)
+    entries = connect(name).files.list(path, user=user)
     emit(as_json, [e.to_dict() for e in entries], "\n".join(_entry_line(e) for e in entries))
 
 
@@ -74,7 +76,7 @@ def ls(name: str, path: str, user: str | None, as_json: bool) -> None:
 @user_option
 @json_option
 def stat(name: str, path: str, user: str | None, as_json: bool) -> None:
-    entry = Sandbox.connect(name).files.stat(path, user=user)
+    entry = connect(name).files.stat(path, user=user)
     emit(as_json, entry.to_dict(), _entry_line(entry))
 
 
@@ -85,7 +87,7 @@ def stat(name: str, path: str, user: str | None, as_json: bool) -> None:
 @user_option
 @json_option
 def mkdir(name: str, path: str, parents: bool, user: str | None, as_json: bool) -> None:
-    Sandbox.connect(name).files.mkdir(path, parents=parents, user=user)
+    connect(name).files.mkdir(path, parents=parents, user=user)
     emit(as_json, {"path": path}, None)
 
 
@@ -96,7 +98,7 @@ def mkdir(name: str, path: str, parents: bool, user: str | None, as_json: bool) 
 @user_option
 @json_option
 def rm(name: str, path: str, recursive: bool, user: str | None, as_json: bool) -> None:
-    Sandbox.connect(name).files.remove(path, recursive=recursive, user=user)
+    connect(name).files.remove(path, recursive=recursive, user=user)
     emit(as_json, {"removed": path}, None)
 
 
@@ -108,5 +110,5 @@ def rm(name: str, path: str, recursive: bool, user: str | None, as_json: bool) -
 @user_option
 @json_option
 def mv(name: str, src: str, dst: str, overwrite: bool, user: str | None, as_json: bool) -> None:
-    Sandbox.connect(name).files.move(src, dst, overwrite=overwrite, user=user)
+    connect(name).files.move(src, dst, overwrite=overwrite, user=user)
     emit(as_json, {"src": src, "dst": dst}, None)

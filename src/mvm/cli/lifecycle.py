@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import click
 
-from ..sdk.models import SandboxInfo
-from ..sdk.sandbox import Sandbox
-from .common import emit, json_option
+from .common import connect, emit, json_option
+
+if TYPE_CHECKING:
+    from ..sdk.models import SandboxInfo
 
 
 def register(cli: click.Group) -> None:
@@ -25,7 +27,7 @@ def _state_line(info: SandboxInfo) -> str:
 @json_option
 def stop(name: str, as_json: bool) -> None:
     """Halt the sandbox's processes, keep its disk."""
-    info = Sandbox.connect(name).stop()
+    info = connect(name).stop()
     emit(as_json, info.to_dict(), _state_line(info))
 
 
@@ -34,7 +36,7 @@ def stop(name: str, as_json: bool) -> None:
 @json_option
 def start(name: str, as_json: bool) -> None:
     """Start a stopped sandbox again."""
-    info = Sandbox.connect(name).start()
+    info = connect(name).start()
     emit(as_json, info.to_dict(), _state_line(info))
 
 
@@ -43,7 +45,7 @@ def start(name: str, as_json: bool) -> None:
 @json_option
 def pause(name: str, as_json: bool) -> None:
     """Freeze all execution in the sandbox."""
-    info = Sandbox.connect(name).pause()
+    info = connect(name).pause()
     emit(as_json, info.to_dict(), _state_line(info))
 
 
@@ -53,7 +55,7 @@ def pause(name: str, as_json: bool) -> None:
 @json_option
 def resume(name: str, snapshot: str | None, as_json: bool) -> None:
     """Continue a paused sandbox (or restore a snapshot into it)."""
-    info = Sandbox.connect(name).resume(snapshot=snapshot)
+    info = connect(name).resume(snapshot=snapshot)
     emit(as_json, info.to_dict(), _state_line(info))
 
 
@@ -69,7 +71,7 @@ def snapshot() -> None:
 @click.option("--keep", is_flag=True, help="Survive the sandbox's destroy.")
 @json_option
 def save(name: str, snapshot_name: str | None, expires: str | None, keep: bool, as_json: bool) -> None:
-    snap = Sandbox.connect(name).snapshot(snapshot_name, expires=expires, keep=keep)
+    snap = connect(name).snapshot(snapshot_name, expires=expires, keep=keep)
     emit(as_json, snap.to_dict(), f"{snap.id}\t{snap.name}\t{snap.kind}\t{snap.size_bytes} bytes")
 
 
@@ -82,7 +84,7 @@ def restore(name: str, snapshot_ref: str, as_json: bool) -> None:
     from ..snapshots import SnapshotStore
 
     snap_id = SnapshotStore().get(snapshot_ref).id
-    info = Sandbox.connect(name).resume(snapshot=snap_id)
+    info = connect(name).resume(snapshot=snap_id)
     emit(as_json, info.to_dict(), _state_line(info))
 
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import click
 
-from ..modes import admission, ir, runner
+from ..modes import DEFAULT_RECORD_TIMEOUT
 from .common import emit, json_option
+
+# The modes' code (and its JSON Schema validator) loads inside the commands that use it.
 
 _SCRIPT = click.Path(exists=True, dir_okay=False, path_type=Path)
 _SCRIPT_ARGS = {"ignore_unknown_options": True}
@@ -34,7 +36,7 @@ def register(cli: click.Group) -> None:
 
 
 def _timeout_option(fn: Any) -> Any:
-    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=runner.DEFAULT_RECORD_TIMEOUT,
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_RECORD_TIMEOUT,
                         show_default=True, help="Record/plan mode: seconds the script may run.")(fn)
 
 
@@ -47,6 +49,8 @@ def _timeout_option(fn: Any) -> Any:
 @json_option
 def compile_(script: Path, script_args: tuple[str, ...], out: Path, timeout: float, as_json: bool) -> None:
     """Record SCRIPT (nothing boots) and write its workload IR, plan and files to --out."""
+    from ..modes import runner
+
     compiled = runner.compile_script(script, out, script_args, timeout=timeout)
     emit(as_json, compiled.to_dict(), compiled.summary(script))
 
@@ -61,6 +65,8 @@ def compile_(script: Path, script_args: tuple[str, ...], out: Path, timeout: flo
 def run(mode: str, script: Path, script_args: tuple[str, ...], timeout: float, as_json: bool) -> None:
     """Run SCRIPT in a mode. plan exits 0 when admitted, 1 with each reason otherwise;
     live passes the script's exit status through and tears down sandboxes it left running."""
+    from ..modes import admission, ir, runner
+
     if mode == "plan":
         report = runner.plan_script(script, script_args, timeout=timeout)
         emit(as_json, report, admission.render_plan(report))
@@ -117,6 +123,8 @@ def ir_group() -> None:
 @json_option
 def ir_validate(path: Path, as_json: bool) -> None:
     """Check the IR against schema/workload-v1.json, its consistency and every file's sha256."""
+    from ..modes import ir
+
     with ir.open_ir(path) as loaded:
         doc = loaded.doc
         data = {"valid": True, "sha256": loaded.sha256, "version": doc["version"], "canonical": loaded.canonical,
@@ -131,6 +139,8 @@ def ir_validate(path: Path, as_json: bool) -> None:
 @json_option
 def ir_show(path: Path, as_json: bool) -> None:
     """Show a compiled workload: what would boot and what it would do, checked against this host."""
+    from ..modes import admission, ir
+
     with ir.open_ir(path) as loaded:
         doc = loaded.doc
         report = admission.make_plan([(doc, None)])

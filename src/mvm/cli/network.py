@@ -5,13 +5,15 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import errors
-from ..sdk.models import PortForward
-from ..sdk.sandbox import Sandbox
-from .common import emit, json_option
+from .common import connect, emit, json_option
+
+if TYPE_CHECKING:
+    from ..sdk.models import PortForward
 
 
 def register(cli: click.Group) -> None:
@@ -59,7 +61,7 @@ def forward(name: str, spec: str, detach: bool, allow_wildcard: bool, as_json: b
     --detach: then it lasts until `mvmctl port close` or the end of the sandbox.
     """
     host, host_port, guest_port = parse_spec(spec)
-    sandbox = Sandbox.connect(name)
+    sandbox = connect(name)
     fwd = sandbox.ports.forward(host=host, host_port=host_port, guest_port=guest_port,
                                 allow_wildcard=allow_wildcard, detach=detach)
     if detach:
@@ -91,7 +93,7 @@ def forward(name: str, spec: str, detach: bool, allow_wildcard: bool, as_json: b
 @json_option
 def ls(name: str, as_json: bool) -> None:
     """List the sandbox's port forwards."""
-    forwards = Sandbox.connect(name).ports.list()
+    forwards = connect(name).ports.list()
 
     def human() -> None:
         click.echo(f"{'HOST':<28} {'GUEST':>6} {'OPEN':>5} {'TOTAL':>6} {'MODE':<9} ID")
@@ -109,7 +111,7 @@ def ls(name: str, as_json: bool) -> None:
 def close(name: str, forward: str, as_json: bool) -> None:
     """Close a forward, named by its host port or its id (its connections are reset)."""
     target: str | int = int(forward) if forward.isdigit() else forward
-    Sandbox.connect(name).ports.close(target)
+    connect(name).ports.close(target)
     emit(as_json, {"closed": forward}, f"closed {forward}")
 
 
@@ -123,7 +125,7 @@ def network() -> None:
 @json_option
 def show(name: str, as_json: bool) -> None:
     """Mode, egress allow-list and forwards."""
-    info = Sandbox.connect(name).describe()
+    info = connect(name).describe()
     policy = info.network
 
     def human() -> None:
@@ -151,6 +153,6 @@ def update(name: str, allow: tuple[str, ...], deny: bool, allow_wildcards: bool,
         raise errors.InvalidArgument("--deny", "cannot be combined with --allow")
     if not deny and not allow:
         raise errors.InvalidArgument("--allow", "give at least one HOST:PORT (or --deny)")
-    policy = Sandbox.connect(name).network.update(list(allow), mode="deny" if deny else "allow",
+    policy = connect(name).network.update(list(allow), mode="deny" if deny else "allow",
                                                   allow_wildcards=allow_wildcards)
     emit(as_json, policy, f"mode {policy['mode']}: egress to {', '.join(policy['allow']) or 'nothing'}")

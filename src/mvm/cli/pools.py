@@ -7,17 +7,19 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .. import errors
-from ..pooling.store import DEFAULT_MEMBER_TTL
-from ..sdk.policy import network as make_network
-from ..sdk.policy import resources as make_resources
-from ..sdk.pool import DEFAULT_POOL_SIZE, POOL_OWN_OPTIONS, Pool, PoolInfo, close_pool, pool, pools, refused_option
+from ..pooling.store import DEFAULT_MEMBER_TTL, DEFAULT_POOL_SIZE
 from ..spec import DEFAULT_TEMPLATE, NetworkPolicy, Resources
 from .common import asked_resources, emit, json_option, shape_options
+
+if TYPE_CHECKING:
+    from ..sdk.pool import Pool, PoolInfo
+
+# The SDK's pool code loads inside the commands (not at `mvmctl` start-up).
 
 
 def register(cli: click.Group) -> None:
@@ -56,6 +58,10 @@ def up(
 ) -> None:
     """Start a pool and print it. Without --keep-filled it returns once SIZE members wait;
     nothing refills them and each ends itself at its TTL (or `mvmctl pool down`)."""
+    from ..sdk.policy import network as make_network
+    from ..sdk.policy import resources as make_resources
+    from ..sdk.pool import pool
+
     asked = asked_resources(cpus, memory_mb, rootfs_size_mb, max_processes)
     made = pool(template, size=size, ttl=ttl, backend=backend, resources=make_resources(**asked) if asked else None,
                 network=make_network(network_mode, list(allow), allow_wildcards=allow_wildcards),
@@ -84,6 +90,8 @@ def up(
 @json_option
 def ls(as_json: bool) -> None:
     """List the pools of this MVM_HOME: what each serves, its waiting members, its owner."""
+    from ..sdk.pool import pools
+
     infos = pools()
 
     def human() -> None:
@@ -101,6 +109,8 @@ def ls(as_json: bool) -> None:
 @json_option
 def down(pool_id: str, as_json: bool) -> None:
     """Close POOL_ID: its waiting members are destroyed (claimed sandboxes go on)."""
+    from ..sdk.pool import close_pool
+
     destroyed = close_pool(pool_id)
     emit(as_json, {"id": pool_id, "destroyed": destroyed, "closed_at": time.time()},
          f"closed {pool_id} ({destroyed} waiting members destroyed)")
@@ -119,6 +129,8 @@ def hold(as_json: bool) -> None:
     (``describe``, ``wait_ready``, ``close``) until ``close`` or the end of stdin: the
     process that holds the other end exited, and this one exits as a Python program
     owning the pool would (a refilled pool is closed, ``refill: false`` members wait)."""
+    from ..sdk.pool import POOL_OWN_OPTIONS, pool, refused_option
+
     asked = json.loads(sys.stdin.readline() or "{}")
     if not isinstance(asked, dict):
         raise errors.InvalidArgument("pool", "the arguments must be a JSON object", allowed=list(_HOLD_ARGUMENTS))

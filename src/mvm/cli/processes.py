@@ -6,8 +6,7 @@ import sys
 
 import click
 
-from ..sdk.sandbox import Sandbox
-from .common import emit, json_option, parse_env
+from .common import connect, emit, json_option, parse_env
 
 
 def register(cli: click.Group) -> None:
@@ -27,7 +26,7 @@ def proc() -> None:
 @json_option
 def start(name: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str | None, as_json: bool) -> None:
     """Start ARGV in sandbox NAME and print its pid."""
-    process = Sandbox.connect(name).commands.start(list(argv), env=parse_env(env), cwd=cwd)
+    process = connect(name).commands.start(list(argv), env=parse_env(env), cwd=cwd)
     emit(as_json, {"pid": process.pid, "audit_id": process.audit_id}, str(process.pid))
 
 
@@ -36,7 +35,7 @@ def start(name: str, argv: tuple[str, ...], env: tuple[str, ...], cwd: str | Non
 @json_option
 def ls(name: str, as_json: bool) -> None:
     """List the sandbox's processes."""
-    procs = Sandbox.connect(name).commands.list()
+    procs = connect(name).commands.list()
 
     def human() -> None:
         click.echo(f"{'PID':>7} {'STATE':<8} {'EXIT':>5} ARGV")
@@ -55,7 +54,7 @@ def ls(name: str, as_json: bool) -> None:
 @json_option
 def wait(name: str, pid: int, timeout: float | None, as_json: bool) -> None:
     """Wait for PID to exit; its exit status becomes ours."""
-    code = Sandbox.connect(name).commands.connect(pid).wait(timeout=timeout)
+    code = connect(name).commands.connect(pid).wait(timeout=timeout)
     emit(as_json, {"pid": pid, "exit_code": code}, None)
     sys.exit(code if 0 <= code < 256 else 1)
 
@@ -67,7 +66,7 @@ def wait(name: str, pid: int, timeout: float | None, as_json: bool) -> None:
 @json_option
 def kill(name: str, pid: int, sig: str, as_json: bool) -> None:
     """Signal PID's process group (default SIGKILL)."""
-    Sandbox.connect(name).commands.connect(pid).signal(sig)
+    connect(name).commands.connect(pid).signal(sig)
     emit(as_json, {"pid": pid, "signal": sig}, f"sent {sig} to {pid}")
 
 
@@ -76,7 +75,7 @@ def kill(name: str, pid: int, sig: str, as_json: bool) -> None:
 @click.argument("pid", type=int)
 def attach(name: str, pid: int) -> None:
     """Print PID's output (from its start) until it exits."""
-    process = Sandbox.connect(name).commands.connect(pid)
+    process = connect(name).commands.connect(pid)
     for stream, text in process.output():
         (sys.stdout if stream == "stdout" else sys.stderr).write(text)
         (sys.stdout if stream == "stdout" else sys.stderr).flush()

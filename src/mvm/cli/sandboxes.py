@@ -13,14 +13,13 @@ import time
 import click
 
 from .. import errors
-from ..sdk.policy import network as make_network
-from ..sdk.policy import resources as make_resources
 from ..backends import backend_names
 from ..protocol.requests import DEFAULT_MAX_OUTPUT_BYTES
 from ..spec import DEFAULT_TEMPLATE, DEFAULT_TTL, Resources, create_defaults
-from ..sdk.sandbox import Sandbox, snapshot_shape
-from ..security.secrets import SecretRef
-from .common import asked_resources, emit, json_option, parse_env, shape_options
+from .common import asked_resources, connect, emit, json_option, parse_env, shape_options
+
+# The SDK is imported inside each command, not here: `mvmctl --help` and the other
+# commands (whose modules `mvmctl` imports at start-up) do not pay for it.
 
 
 def register(cli: click.Group) -> None:
@@ -87,6 +86,11 @@ def up(
         result = replay(from_ir, name=name, backend=backend, echo=None if as_json else click.echo)
         emit(as_json, result)
         return
+    from ..sdk.policy import network as make_network
+    from ..sdk.policy import resources as make_resources
+    from ..sdk.sandbox import Sandbox, snapshot_shape
+    from ..security.secrets import SecretRef
+
     asked = asked_resources(cpus, memory_mb, rootfs_size_mb, max_processes)
     shape = None
     if asked:
@@ -128,6 +132,8 @@ def defaults(as_json: bool) -> None:
 @json_option
 def ls(as_json: bool) -> None:
     """List this host's sandboxes; one whose supervisor died shows as "lost" (`mvmctl gc` removes it)."""
+    from ..sdk.sandbox import Sandbox
+
     infos = Sandbox.list()
 
     def human() -> None:
@@ -146,7 +152,7 @@ def ls(as_json: bool) -> None:
 @json_option
 def describe(name: str, as_json: bool) -> None:
     """Show a sandbox's state, limits, policy and isolation facts."""
-    info = Sandbox.connect(name).describe()
+    info = connect(name).describe()
     emit(as_json, info.to_dict(), lambda: click.echo(json.dumps(info.to_dict(), indent=2, default=str)))
 
 
@@ -174,7 +180,7 @@ def exec_(
     as_json: bool,
 ) -> None:
     """Run ARGV in sandbox NAME (after `--`); its exit status becomes ours."""
-    sandbox = Sandbox.connect(name)
+    sandbox = connect(name)
     stream = not as_json
     try:
         result = sandbox.commands.run(
@@ -219,7 +225,7 @@ def _echo_to(stream: TextIO) -> Callable[[str], None]:
 @json_option
 def logs(name: str, follow: bool, tail: int | None, as_json: bool) -> None:
     """Print a sandbox's log (lifecycle, audit entries, process output)."""
-    sandbox = Sandbox.connect(name)
+    sandbox = connect(name)
     try:
         for event in sandbox.logs(follow=follow, tail=tail):
             if as_json:
@@ -239,10 +245,12 @@ def down(names: tuple[str, ...], all_: bool, as_json: bool) -> None:
     """Destroy sandboxes (and their snapshots, unless kept)."""
     if not names and not all_:
         raise errors.InvalidArgument("NAME", "give sandbox names or --all")
+    from ..sdk.sandbox import Sandbox
+
     targets = [i.id for i in Sandbox.list() if i.state != "lost"] if all_ else list(names)
     done = []
     for target in targets:
-        Sandbox.connect(target).kill()
+        connect(target).kill()
         done.append(target)
     emit(as_json, {"destroyed": done}, "\n".join(f"destroyed {t}" for t in done) or "nothing to destroy")
 

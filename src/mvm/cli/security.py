@@ -10,10 +10,9 @@ from pathlib import Path
 import click
 
 from .. import errors
-from ..security import audit as audit_log
-from ..security.receipts import verify_receipt
-from ..security.secrets import Keystore
 from .common import emit, json_option
+
+# The keystore, audit log and receipt code (and their cryptography) load inside the commands.
 
 
 def register(cli: click.Group) -> None:
@@ -42,6 +41,8 @@ def secret_set(name: str, as_json: bool) -> None:
         value = value[:-1] if value.endswith("\n") else value
     if not value:
         raise errors.InvalidArgument("value", "is empty (pipe it on stdin or type it at the prompt)")
+    from ..security.secrets import Keystore
+
     record = Keystore().set(name, value)
     emit(as_json, record, f"stored secret {name}")
 
@@ -50,6 +51,8 @@ def secret_set(name: str, as_json: bool) -> None:
 @json_option
 def secret_ls(as_json: bool) -> None:
     """Names and timestamps only."""
+    from ..security.secrets import Keystore
+
     rows = Keystore().names()
     emit(as_json, rows, "\n".join(f"{r['name']}\tupdated {r['updated_at']}" for r in rows) or "no secrets")
 
@@ -58,6 +61,8 @@ def secret_ls(as_json: bool) -> None:
 @click.argument("name")
 @json_option
 def secret_rm(name: str, as_json: bool) -> None:
+    from ..security.secrets import Keystore
+
     Keystore().remove(name)
     emit(as_json, {"removed": name}, f"removed secret {name}")
 
@@ -67,6 +72,7 @@ def secret_rm(name: str, as_json: bool) -> None:
 
 def _audit_path(name_or_id: str) -> Path:
     """A running sandbox's log by name or id, or a destroyed one's by id."""
+    from ..security import audit as audit_log
     from ..supervisor.state import find_sandbox
 
     path = audit_log.log_path(name_or_id) if name_or_id.startswith("sb-") else None
@@ -104,6 +110,8 @@ def audit() -> None:
 @click.option("--follow", "-f", is_flag=True)
 @json_option
 def audit_tail(name: str, count: int, follow: bool, as_json: bool) -> None:
+    from ..security import audit as audit_log
+
     path = _audit_path(name)
     entries = audit_log.follow(path, last=count) if follow else audit_log.tail(path, count)
     try:
@@ -118,6 +126,8 @@ def audit_tail(name: str, count: int, follow: bool, as_json: bool) -> None:
 @json_option
 def audit_show(audit_id: str, as_json: bool) -> None:
     """Print the entry recorded under AUDIT_ID (from any sandbox, also destroyed ones)."""
+    from ..security import audit as audit_log
+
     entry = audit_log.find(audit_id)
     emit(as_json, entry, lambda: click.echo(json.dumps(entry, indent=2, sort_keys=True)))
 
@@ -127,6 +137,8 @@ def audit_show(audit_id: str, as_json: bool) -> None:
 @json_option
 def audit_verify(name: str | None, as_json: bool) -> None:
     """Check the chain and signatures (one sandbox, or every log); exit 1 on any problem."""
+    from ..security import audit as audit_log
+
     paths = [_audit_path(name)] if name else sorted(audit_log.audit_dir().glob("sb-*.jsonl"))
     reports = []
     for path in paths:
@@ -161,6 +173,8 @@ def receipt() -> None:
 )
 @json_option
 def receipt_verify(path: str, stdout_file: str | None, as_json: bool) -> None:
+    from ..security.receipts import verify_receipt
+
     stdout = Path(stdout_file).read_bytes() if stdout_file else None
     check = verify_receipt(path, stdout=stdout)
     emit(

@@ -8,16 +8,10 @@ import click
 
 from ..errors import InvalidArgument
 from ..spec import DEFAULT_TEMPLATE
-from ..templates import (
-    TemplateImage,
-    available_templates,
-    ensure_template,
-    list_templates,
-    prune_templates,
-    remove_template,
-)
-from ..templates import oci
+from ..templates import TemplateImage, available_templates
 from .common import emit, json_option
+
+# The builder and OCI code load inside the commands that build, list or remove.
 
 
 def register(cli: click.Group) -> None:
@@ -50,6 +44,8 @@ def build(names: tuple[str, ...], from_image: str | None, dockerfile: Path | Non
     mvmctl template build --from-image 127.0.0.1:5000/team/app:1.2
     mvmctl template build --dockerfile ./Dockerfile --context . --name app
     """
+    from ..templates import ensure_template, oci
+
     images: list[TemplateImage] = []
     if from_image and dockerfile:
         raise InvalidArgument("--from-image", "give --from-image or --dockerfile, not both")
@@ -76,6 +72,8 @@ def ls(available: bool, as_json: bool) -> None:
         names = available_templates()
         emit(as_json, names, "\n".join(names))
         return
+    from ..templates import list_templates
+
     rows = list_templates()
 
     def human() -> None:
@@ -96,6 +94,8 @@ def ls(available: bool, as_json: bool) -> None:
 def rm(name: str, force: bool, as_json: bool) -> None:
     """Remove every build of a template (refused while a sandbox uses one); shared image
     layers stay while another template uses them."""
+    from ..templates import remove_template
+
     count = remove_template(name, force=force)
     emit(as_json, {"name": name, "removed": count}, f"removed {count} build(s) of {name}")
 
@@ -104,5 +104,7 @@ def rm(name: str, force: bool, as_json: bool) -> None:
 @json_option
 def prune(as_json: bool) -> None:
     """Remove builds that are not current and not in use, and image layers no template uses."""
+    from ..templates import prune_templates
+
     count = prune_templates()
     emit(as_json, {"removed": count}, f"removed {count} build(s)")

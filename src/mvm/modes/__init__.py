@@ -9,3 +9,7 @@
 * :mod:`mvm.modes.runner` — running a script in a mode (``mvmctl compile`` / ``run``),
   and ``replay`` for ``mvmctl up --from-ir``.
 """
+
+#: Seconds a script may run in record/plan mode (``mvmctl compile|run --timeout``). Here, not in
+#: ``runner``, so ``mvmctl`` can show it in its options without loading the modes' code.
+DEFAULT_RECORD_TIMEOUT = 60.0

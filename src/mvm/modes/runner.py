@@ -39,10 +39,9 @@ from typing import Any
 
 from .. import errors
 from ..osutil import exit_description
-from . import admission, ir, node
+from . import DEFAULT_RECORD_TIMEOUT, admission, ir, node
 from .recording import RECORDING_ENV, Recording
 
-DEFAULT_RECORD_TIMEOUT = 60.0
 RUN_ID_ENV = "MVM_RUN_ID"
 INCLUDE_BASE_ENV = "MVM_INCLUDE_BASE"
 _TIMEOUT_ENV = "MVM_RECORD_TIMEOUT"

@@ -35,6 +35,8 @@ from ..spec import NetworkPolicy, Resources, SandboxConfig
 #: At most this many members per pool (each is a running sandbox: its supervisor, agent
 #: and memory are held while it waits).
 MAX_POOL_SIZE = 16
+#: Members kept waiting when a pool names no size.
+DEFAULT_POOL_SIZE = 2
 #: And at most this many members waiting in all the pools of one ``$MVM_HOME`` together.
 MAX_POOLED = 32
 #: How long an unclaimed member waits before its supervisor destroys it.

@@ -34,12 +34,10 @@ from ..pooling.ending import destroy_member, member_alive
 from ..spec import DEFAULT_TEMPLATE, NetworkPolicy, Resources, SandboxConfig
 from ..supervisor.launch import launch
 from ..supervisor.state import new_sandbox_id
-from ..templates import ensure_template
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
 
-DEFAULT_POOL_SIZE = 2
 #: The refill thread looks at the pool this often (a claim in this process wakes it at once).
 _REFILL_POLL = 0.2
 #: After a failed start, the refill waits this long before the next, doubling up to the cap.
@@ -257,7 +255,7 @@ class Pool:
 def pool(
     template: str = DEFAULT_TEMPLATE,
     *,
-    size: int = DEFAULT_POOL_SIZE,
+    size: int = store.DEFAULT_POOL_SIZE,
     ttl: str | int | float = store.DEFAULT_MEMBER_TTL,
     backend: str | None = None,
     resources: Resources | None = None,
@@ -289,6 +287,8 @@ def pool(
                               network=spec_args["network"], template_digest="")
         return Pool(store.new_pool_id(), spec, size, ttl_seconds, refill=False, recorded=True)
     backend_name = choose_backend(store.validate_pool_backend(backend))  # refused if this host cannot run it
+    from ..templates import ensure_template  # the builder: only when a pool starts
+
     image = ensure_template(template)
     spec = store.PoolSpec(template=template, backend=backend_name, resources=spec_args["resources"],
                           network=spec_args["network"], template_digest=image.digest)

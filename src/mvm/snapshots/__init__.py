@@ -17,54 +17,42 @@ does not pull in the sealing code.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy_exports import lazy_exports
 
 _LAZY = {
-    "DEFAULT_CHUNK_SIZE": "seal_stream",
-    "DEFAULT_EXPIRES": "store",
-    "HEADER_SIZE": "seal_stream",
-    "MAGIC": "seal_stream",
-    "MAX_CHUNK_SIZE": "seal_stream",
-    "MIN_CHUNK_SIZE": "seal_stream",
-    "Manifest": "manifest",
-    "OpenedSnapshot": "store",
-    "PendingSnapshot": "store",
-    "SEAL_STREAM_SCRIPT": "streams",
-    "SIG_DOMAIN": "manifest",
-    "SealInfo": "seal_stream",
-    "SealSink": "streams",
-    "SealedFile": "manifest",
-    "Snapshot": "model",
-    "SnapshotKind": "model",
-    "SnapshotStore": "store",
-    "TAG_SIZE": "seal_stream",
-    "UnsealSource": "streams",
-    "restore": "save_restore",
-    "save": "save_restore",
-    "seal_file": "seal",
-    "shape": "save_restore",
-    "snapshot_key": "seal",
-    "unseal_file": "seal",
-    "verify_snapshot": "manifest",
+    "DEFAULT_CHUNK_SIZE": ".seal_stream",
+    "DEFAULT_EXPIRES": ".store",
+    "HEADER_SIZE": ".seal_stream",
+    "MAGIC": ".seal_stream",
+    "MAX_CHUNK_SIZE": ".seal_stream",
+    "MIN_CHUNK_SIZE": ".seal_stream",
+    "Manifest": ".manifest",
+    "OpenedSnapshot": ".store",
+    "PendingSnapshot": ".store",
+    "SEAL_STREAM_SCRIPT": ".streams",
+    "SIG_DOMAIN": ".manifest",
+    "SealInfo": ".seal_stream",
+    "SealSink": ".streams",
+    "SealedFile": ".manifest",
+    "Snapshot": ".model",
+    "SnapshotKind": ".model",
+    "SnapshotStore": ".store",
+    "TAG_SIZE": ".seal_stream",
+    "UnsealSource": ".streams",
+    "restore": ".save_restore",
+    "save": ".save_restore",
+    "seal_file": ".seal",
+    "shape": ".save_restore",
+    "snapshot_key": ".seal",
+    "unseal_file": ".seal",
+    "verify_snapshot": ".manifest",
 }
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mvm.snapshots' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
-
-if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+if TYPE_CHECKING:  # type checkers and IDEs see the same names as plain imports ("X as X": re-exported)
     from .manifest import (
         Manifest as Manifest,
         SIG_DOMAIN as SIG_DOMAIN,
@@ -105,3 +93,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         SealSink as SealSink,
         UnsealSource as UnsealSource,
     )
+else:
+    __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -34,7 +34,6 @@ from ..backends import choose_backend, isolation_of
 from ..osutil import stamp_alive, stamp_pid, write_json_atomic
 from ..paths import sandboxes_dir
 from ..spec import SandboxConfig, default_name
-from ..templates import ensure_template
 from .client import SupervisorClient
 from .state import (
     SUPERVISOR_STAMP,
@@ -75,6 +74,9 @@ def launch(asked: SandboxConfig, secret_env: Mapping[str, str], *, timeout: floa
     name is claimed first (``NameTaken`` before anything is built or started).
     """
     from ..pooling.claim import claim_member
+    # the template builder (and its OCI code) loads when a sandbox starts, not with this
+    # module: the SDK's discovery (list, connect) and `mvmctl ls` do not start one
+    from ..templates import ensure_template
 
     sandbox_id = asked.id or new_sandbox_id()
     name = asked.name or default_name(asked.workload_id, sandbox_id)

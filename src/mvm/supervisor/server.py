@@ -27,7 +27,7 @@ from .. import errors
 from ..agent import MAX_AGENT_RESTARTS
 from ..backends import get_backend
 from ..backends.base import BackendInstance, SandboxSpec
-from .. import pooling
+from ..pooling import member as pooling
 from ..osutil import DeferredSync, write_json_atomic
 from ..paths import receipts_dir, runs_dir, templates_dir
 from ..protocol.codec import Frame

@@ -18,22 +18,32 @@ Built-in names: ``available_templates()``. Templates from OCI images and Dockerf
 
 from __future__ import annotations
 
-from .builder import (
-    current_digest,
-    debian_mirror,
-    TemplateHold,
-    ensure_template,
-    hold_template,
-    list_templates,
-    prune_templates,
-    remove_template,
-)
+from typing import TYPE_CHECKING
+
+from ..lazy_exports import lazy_exports
+
+# The catalog, recipe format and image handle load eagerly (a create checks its template
+# name with them); the builder, OCI and disk code load on first use (PEP 562), so the
+# backends, ``import mvm`` and ``mvmctl`` start-up do not pay for them. Imported in this
+# order, ``recipe`` names the catalog's function (not the ``recipe`` submodule).
 from .catalog import available_templates, check_template, load_custom, recipe
-from .disk import build_raw_disk
 from .image import TemplateImage
-from .oci import build_from_dockerfile, build_from_image
-from .progress import ProgressCallback
 from .recipe import BUILD_FORMAT, Recipe, TemplateFile
+
+_LAZY = {
+    "ProgressCallback": "mvm.templates.progress",
+    "TemplateHold": "mvm.templates.builder",
+    "build_from_dockerfile": "mvm.templates.oci",
+    "build_from_image": "mvm.templates.oci",
+    "build_raw_disk": "mvm.templates.disk",
+    "current_digest": "mvm.templates.builder",
+    "debian_mirror": "mvm.templates.builder",
+    "ensure_template": "mvm.templates.builder",
+    "hold_template": "mvm.templates.builder",
+    "list_templates": "mvm.templates.builder",
+    "prune_templates": "mvm.templates.builder",
+    "remove_template": "mvm.templates.builder",
+}
 
 __all__ = [
     "BUILD_FORMAT",
@@ -57,3 +67,20 @@ __all__ = [
     "recipe",
     "remove_template",
 ]
+
+if TYPE_CHECKING:  # type checkers and IDEs see the lazy names as plain imports (a misspelt one is an error)
+    from .builder import (
+        TemplateHold,
+        current_digest,
+        debian_mirror,
+        ensure_template,
+        hold_template,
+        list_templates,
+        prune_templates,
+        remove_template,
+    )
+    from .disk import build_raw_disk
+    from .oci import build_from_dockerfile, build_from_image
+    from .progress import ProgressCallback
+else:
+    __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
