@@ -194,14 +194,18 @@ class Supervisor:
 
         def stop_running() -> None:
             self.agent.detach()
+            # Before the restored guest starts: its agent may die and be restarted (attached
+            # by the keeper's thread) before this restore's own attach, and its processes
+            # must not be taken for the old guest's.
+            self.processes.new_boot(self.agent.next_generation)
             self.on_backend(instance.stop)
 
         # Verified whole first; a VM's memory image then streams through the unsealer.
+        # (A create from a snapshot has no old guest and no process records to forget.)
         sock, info = snapshots.restore(instance, snapshots.SnapshotStore(), snapshot_id, run=self.on_backend,
                                        replacing=stop_running if replace_running else None)
         if replace_running:  # (from paused too) the restored guest runs: its agent's death is a restart
             self.set_state("running")
-        self.processes.new_boot(self.agent.next_generation)
         self.agent.attach(sock)
         self.configure_agent()
         self.audit.record("snapshot.restore", {"snapshot": info.id, "name": info.name})
