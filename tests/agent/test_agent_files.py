@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import SYSTEM_PYTHON, AgentClient, AgentProcess, installed_agent_command
-from mvm.agent.files import MAX_WRITE_HANDLES
+from mvm.agent.files import MAX_WRITE_HANDLES, PendingTemps, _temp_path
 from mvm.protocol.codec import CHUNK_SIZE
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
@@ -384,3 +384,46 @@ def test_permission_problems_are_PermissionDenied(spawn_agent, tmp_path: Path) -
             assert error["path"] == args["path"]
     finally:
         shutil.rmtree(area, ignore_errors=True)
+
+
+def test_the_temp_files_of_a_dead_agents_writes_are_removed_by_the_next_agent(tmp_path: Path) -> None:
+    """``PendingTemps`` as two agent lifetimes see it: the first notes its writes' temp files
+    and dies without a word; the next removes those (and only those, only as notes of ours
+    name them), while a finished write's note is already gone."""
+    notes = tmp_path / "notes"
+    work = tmp_path / "work"
+    work.mkdir()
+    first = PendingTemps()
+    assert first.enable(str(notes)) == 0
+    assert stat.S_IMODE(notes.stat().st_mode) == 0o700
+    cut = [_temp_path(str(work / f"big{n}")) for n in range(3)]
+    finished = _temp_path(str(work / "done"))
+    for temp in [*cut, finished]:
+        Path(temp).write_bytes(b"part of a write")
+        first.add(temp)
+    os.replace(finished, work / "done")
+    first.remove(finished)
+    # notes that are not ours name files that must stay
+    keep = work / "precious"
+    keep.write_bytes(b"not a temp file")
+    (notes / "0123456789ab").write_bytes(os.fsencode(str(keep)))
+    stranger = _temp_path(str(work / "stranger"))
+    Path(stranger).write_bytes(b"a temp file this note does not name by its token")
+    (notes / "ba9876543210").write_bytes(os.fsencode(stranger))
+
+    assert PendingTemps().enable(str(notes)) == 3
+    assert sorted(p.name for p in work.iterdir()) == sorted(["done", "precious", os.path.basename(stranger)])
+    assert list(notes.iterdir()) == []
+
+
+def test_pending_temps_are_not_kept_in_a_directory_that_is_not_the_agents_own(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    pending = PendingTemps()
+    temp = tmp_path / ".x.mvm-0123456789ab.tmp"
+    temp.write_bytes(b"")
+    (shared / "0123456789ab").write_bytes(os.fsencode(str(temp)))
+    assert pending.enable(str(shared)) == 0  # refused: group/other may write there
+    pending.add(str(tmp_path / ".y.mvm-ba9876543210.tmp"))
+    assert temp.exists() and sorted(p.name for p in shared.iterdir()) == ["0123456789ab"]

@@ -14,7 +14,7 @@ import signal
 import sys
 from types import FrameType
 
-from . import MAX_AGENT_RESTARTS, keeper, system
+from . import MAX_AGENT_RESTARTS, files, keeper, system
 from .server import Server
 from .transport import FdConnector, VirtioConnector
 
@@ -46,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     options = _parse(argv)
     logging.basicConfig(stream=sys.stderr, level=options.log_level,
                         format="mvm-agent[%(process)d] %(levelname)s %(message)s")
+    restartable = False  # (a keeper starts a new agent when this one dies)
     if os.getpid() == 1:
         system.prepare_as_init()
         # Over an inherited fd there is no second channel for a second agent: no restart.
         if options.fd is None:
             code = keeper.keep_agent_running(MAX_AGENT_RESTARTS, host=keeper.VirtioHost())
+            restartable = True
         else:
             code = keeper.keep_agent_running(0, host=None, agent_only_fds=(options.fd,))
         if code is not None:
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         code = keeper.keep_agent_running(MAX_AGENT_RESTARTS, host=keeper.FdHost(options.restart_fd, options.fd))
         if code is not None:
             return code
+        restartable = True
+    if restartable:
+        files.PENDING.enable()  # (and removes the temp files of a dead agent's writes)
     system.become_subreaper()
     os.umask(0o022)
     try:

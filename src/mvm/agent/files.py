@@ -18,11 +18,13 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import logging
 import os
 import secrets
 import shutil
 import stat
 import pwd
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ from typing import Any
 from ..protocol.codec import CHUNK_SIZE
 from .accounts import acting_account, open_as, run_as
 from .errors import AgentError, Args, from_os_error, invalid
+
+log = logging.getLogger("mvm.agent")
 
 #: Write handles (``fs.write_begin``) open at once, per agent.
 MAX_WRITE_HANDLES = 64
@@ -41,6 +45,103 @@ DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 #: Bytes of JSON a single ``fs.list`` page may carry (the header limit is 64 KiB).
 LIST_PAGE_BUDGET = 48 * 1024
+
+#: Where an agent that a keeper restarts notes the temp file of each write under way
+#: (``PendingTemps``): a tmpfs of the guest's own, gone with the guest.
+PENDING_DIR = "/dev/shm/.mvm-agent-writes"
+#: ``.<target name>.mvm-<12 hex>.tmp``, beside the target (``_temp_path``).
+_TEMP_NAME = re.compile(r"\..{1,200}\.mvm-(?P<token>[0-9a-f]{12})\.tmp", re.DOTALL)
+
+
+def _temp_path(target: str) -> str:
+    """A fresh temp file name beside ``target``."""
+    directory, name = os.path.split(target)
+    return os.path.join(directory or "/", f".{name[:200]}.mvm-{secrets.token_hex(6)}.tmp")
+
+
+class PendingTemps:
+    """The temp files of the writes under way, one small file each in ``PENDING_DIR``,
+    so that when the agent dies mid-write (SIGKILL: nothing of it runs after), the next
+    agent its keeper starts removes them (``clean``) instead of leaving
+    ``.NAME.mvm-<hex>.tmp`` beside the target for ever. Off (a no-op) for an agent no
+    keeper restarts: several of those may share a host's ``/dev/shm`` (tests). Best
+    effort: a note that cannot be written costs only the cleanup."""
+
+    def __init__(self) -> None:
+        self._directory: str | None = None
+
+    def enable(self, directory: str = PENDING_DIR) -> int:
+        """Use ``directory`` (made 0700, and only if it is ours): first remove the temp
+        files a dead agent noted there. Returns how many were removed."""
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            st = os.lstat(directory)
+        except OSError as exc:
+            log.warning("no record of writes under way (%s): %s", directory, exc)
+            return 0
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            log.warning("no record of writes under way: %s is not a private directory of this agent", directory)
+            return 0
+        self._directory = directory
+        return self._clean()
+
+    def add(self, temp: str) -> None:
+        entry = self._entry(temp)
+        if entry is None:
+            return
+        try:
+            fd = os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, os.fsencode(temp))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def remove(self, temp: str) -> None:
+        entry = self._entry(temp)
+        if entry is not None:
+            try:
+                os.unlink(entry)
+            except OSError:
+                pass
+
+    def _entry(self, temp: str) -> str | None:
+        match = _TEMP_NAME.fullmatch(os.path.basename(temp))
+        if self._directory is None or match is None:
+            return None
+        return os.path.join(self._directory, match["token"])
+
+    def _clean(self) -> int:
+        assert self._directory is not None
+        removed = 0
+        for token in os.listdir(self._directory):
+            entry = os.path.join(self._directory, token)
+            try:
+                fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    temp = os.fsdecode(os.read(fd, 4096))
+                finally:
+                    os.close(fd)
+                os.unlink(entry)
+            except OSError:
+                continue
+            match = _TEMP_NAME.fullmatch(os.path.basename(temp))
+            if not os.path.isabs(temp) or match is None or match["token"] != token:
+                continue  # not a note of ours: never a reason to remove anything
+            try:
+                if stat.S_ISREG(os.lstat(temp).st_mode):
+                    os.unlink(temp)
+                    removed += 1
+            except OSError:
+                pass
+        if removed:
+            log.info("removed %d temp file(s) of writes a dead agent left", removed)
+        return removed
+
+
+#: This agent process's record of its writes under way.
+PENDING = PendingTemps()
 
 
 def file_entry(path: str) -> dict[str, Any]:
@@ -122,20 +223,21 @@ def _existing(target: str, path: str) -> os.stat_result | None:
 def _open_temp(target: str, path: str, who: pwd.struct_passwd | None, existing: bool) -> tuple[int, str]:
     """A fresh 0600 temp file in the target's directory (created by ``who``, who must
     also be able to write an ``existing`` target)."""
-    directory, name = os.path.split(target)
     if existing and who is not None:
         try:
             run_as(who, lambda: _check_writable(target))
         except OSError as exc:
             raise from_os_error(exc, path) from None
     for _ in range(16):
-        temp = os.path.join(directory, f".{name[:200]}.mvm-{secrets.token_hex(6)}.tmp")
+        temp = _temp_path(target)
         try:
-            return open_as(who, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), temp
+            fd = open_as(who, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             continue
         except OSError as exc:
             raise from_os_error(exc, path) from None
+        PENDING.add(temp)
+        return fd, temp
     raise AgentError("Internal", f"could not create a temporary file beside {path}", path=path)
 
 
@@ -155,6 +257,7 @@ def _discard(fd: int | None, temp: str) -> None:
         os.unlink(temp)
     except OSError:
         pass
+    PENDING.remove(temp)
 
 
 def _finish_temp(fd: int, temp: str, target: str, path: str, mode: int, owner: tuple[int, int] | None) -> None:
@@ -172,6 +275,7 @@ def _finish_temp(fd: int, temp: str, target: str, path: str, mode: int, owner: t
     except OSError as exc:
         _discard(fd if fd >= 0 else None, temp)
         raise from_os_error(exc, path) from None
+    PENDING.remove(temp)
 
 
 _thread_buffers = threading.local()
@@ -579,8 +683,7 @@ class Files:
 
     def _copy_move(self, src: str, dst: str) -> None:
         """Move across file systems: copy beside ``dst``, rename into place, delete ``src``."""
-        directory = os.path.dirname(dst) or "/"
-        temp = os.path.join(directory, f".{os.path.basename(dst)[:200]}.mvm-{secrets.token_hex(6)}.tmp")
+        temp = _temp_path(dst)
         try:
             if os.path.islink(src):
                 os.symlink(os.readlink(src), temp)
