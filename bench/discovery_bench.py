@@ -1,7 +1,7 @@
 """Discovery speed: ``Sandbox.list()``, ``Sandbox.connect(name)`` and ``mvmctl ls --json``
 with N running sandboxes, as ratios against a floor measured in the same run.
 
-    .venv/bin/python bench/discovery_bench.py [--sandboxes 20] [--runs 30] [--backend namespace]
+    .venv/bin/python bench/discovery_bench.py [--sandboxes 20] [--runs 30] [--backend namespace] [--against SRC_DIR]
 
 The floor is reading every sandbox's on-disk record (``os.listdir`` + ``json.load`` of each
 ``state.json``): what a listing cannot do without. The CLI's start-up (``mvmctl --help``,
@@ -9,6 +9,10 @@ paid by every ``mvmctl`` call, and so by every TypeScript create, which runs ``m
 and ``mvmctl ls`` are compared with a bare interpreter start (``python -c pass``), and
 ``mvmctl ls`` with ``mvmctl --help`` (what listing adds to the start-up). Also run with one
 supervisor SIGSTOP'ed: a listing must not wait on it. The sandboxes live in a private ``MVM_HOME``.
+
+``--against SRC_DIR`` (an older checkout's ``src``) also times the ``mvmctl`` rows with that
+code (``PYTHONPATH=SRC_DIR``), alternating call by call with this checkout's, so both see
+the same load.
 """
 
 from __future__ import annotations
@@ -66,11 +70,33 @@ def read_records() -> list[dict[str, object]]:
     return found
 
 
+def cli_rows(sandboxes: int, runs: int, against: Path | None) -> None:
+    """``mvmctl --help`` and ``mvmctl ls --json`` against ``python -c pass``, each code
+    variant's calls alternating with the others'."""
+    variants = {"": dict(os.environ)}
+    if against is not None:
+        variants[", against"] = {**os.environ, "PYTHONPATH": str(against.resolve())}
+    argvs = {"bare": [sys.executable, "-c", "pass"], "help": [MVMCTL, "--help"], "ls": [MVMCTL, "ls", "--json"]}
+    samples: dict[tuple[str, str], list[float]] = {(v, a): [] for v in variants for a in argvs}
+    for _ in range(runs):
+        for variant, env in variants.items():
+            for what, argv in argvs.items():
+                start = time.perf_counter()
+                subprocess.run(argv, check=True, capture_output=True, env=env)
+                samples[variant, what].append(time.perf_counter() - start)
+    for variant in variants:
+        bare, help_, listing = (samples[variant, what] for what in argvs)
+        row(f"mvmctl --help (CLI start-up){variant}", help_, bare, "python -c pass")
+        row(f"mvmctl ls --json, {sandboxes} sandboxes{variant}", listing, bare, "python -c pass")
+        row(f"mvmctl ls --json, {sandboxes} sandboxes{variant}", listing, help_, "mvmctl --help")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sandboxes", type=int, default=20)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--backend", default="namespace")
+    parser.add_argument("--against", type=Path, help="another checkout's src: its mvmctl timed alternately")
     ns = parser.parse_args()
     boxes = []
     try:
@@ -87,13 +113,7 @@ def main() -> None:
         last = f"bench-{ns.sandboxes - 1}"
         row("Sandbox.connect(name)", timed(lambda: mvm.Sandbox.connect(last).close(), ns.runs), floor,
             "read every state.json")
-        cli_runs = max(3, ns.runs // 5)
-        bare = timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True, capture_output=True), cli_runs)
-        help_ = timed(lambda: subprocess.run([MVMCTL, "--help"], check=True, capture_output=True), cli_runs)
-        listing = timed(lambda: subprocess.run([MVMCTL, "ls", "--json"], check=True, capture_output=True), cli_runs)
-        row("mvmctl --help (CLI start-up)", help_, bare, "python -c pass")
-        row(f"mvmctl ls --json, {ns.sandboxes} sandboxes", listing, bare, "python -c pass")
-        row(f"mvmctl ls --json, {ns.sandboxes} sandboxes", listing, help_, "mvmctl --help")
+        cli_rows(ns.sandboxes, max(3, ns.runs // 5), ns.against)
         stopped = int(boxes[0].describe().details["supervisor_pid"])
         os.kill(stopped, signal.SIGSTOP)
         try:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import InvalidArgument
 from ..spec import DEFAULT_TEMPLATE
-from ..templates import TemplateImage, available_templates
 from .common import emit, json_option
 
-# The builder and OCI code load inside the commands that build, list or remove.
+if TYPE_CHECKING:
+    from ..templates import TemplateImage
+
+# The templates package (catalog, builder, OCI) loads inside the commands.
 
 
 def register(cli: click.Group) -> None:
@@ -69,6 +72,8 @@ def build(names: tuple[str, ...], from_image: str | None, dockerfile: Path | Non
 def ls(available: bool, as_json: bool) -> None:
     """Built templates: name, digest, size, where they came from."""
     if available:
+        from ..templates import available_templates
+
         names = available_templates()
         emit(as_json, names, "\n".join(names))
         return
