@@ -14,6 +14,8 @@ import pytest
 import mvm
 from mvm.backends import availability
 from mvm.backends.base import HOST_ALIAS
+from mvm.protocol import CHUNK_SIZE
+from mvm.sdk.files import WRITE_WINDOW
 
 TEMPLATE = "python-3.13"
 
@@ -320,17 +322,35 @@ def test_cancelling_a_chunked_write_or_a_reader_leaves_nothing_behind() -> None:
     async def scenario() -> None:
         async with await _create() as sandbox:
             await sandbox.files.mkdir("/srv/in")
-            data = os.urandom(96 * 1024 * 1024)  # many frames: the transfer is still running when cancelled
+            data = os.urandom(3 * WRITE_WINDOW * CHUNK_SIZE)  # three windows of chunks
+            # The cancel must land mid-transfer, not during the commit (a commit cannot be
+            # undone: see AsyncFiles.write). A 96 MiB write here is done in ~0.1 s, so a
+            # cancel timed by polling for the temp file sometimes came during the commit
+            # and found the file written. The writer is held, on the real connection, after
+            # its second window was answered: a third is still to send when it is cancelled.
+            client = await sandbox._client()
+            send_window = client.call_many
+            windows_answered = 0
+            mid_transfer = asyncio.Event()
+
+            async def held_after_two_windows(requests: object) -> object:
+                nonlocal windows_answered
+                answers = await send_window(requests)  # type: ignore[arg-type]
+                windows_answered += 1
+                if windows_answered == 2:
+                    mid_transfer.set()
+                    await asyncio.Event().wait()  # until cancelled
+                return answers
+
+            client.call_many = held_after_two_windows  # type: ignore[method-assign]
             writer = asyncio.create_task(sandbox.files.write("/srv/in/big.bin", data))
-
-            async def transfer_open() -> bool:
-                return bool([e for e in await sandbox.files.list("/srv/in") if e.name.endswith(".tmp")])
-
-            await _wait_until(transfer_open, "the write's temporary file")
-            assert not writer.done()
+            await asyncio.wait_for(mid_transfer.wait(), 60)
+            temps = [e for e in await sandbox.files.list("/srv/in") if e.name.endswith(".tmp")]
+            assert len(temps) == 1 and temps[0].size == 2 * WRITE_WINDOW * CHUNK_SIZE, temps
             writer.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await writer
+            del client.call_many
 
             async def cleaned_up() -> bool:
                 return await sandbox.files.list("/srv/in") == []

@@ -421,6 +421,11 @@ class AsyncFiles:
     async def write(
         self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True, user: str | None = None
     ) -> FileEntry:
+        """``Files.write``'s twin. Data over ``CHUNK_SIZE`` goes to a temp file in windows of
+        chunks, then one commit renames it over ``path``. Cancelling the task before the
+        commit aborts the write (the temp file is removed; ``path`` is untouched); a cancel
+        that lands while the commit is in flight cannot undo it: ``path`` is then written,
+        and the task still ends with ``CancelledError``."""
         path = absolute_path(path)
         raw = payload_bytes(data, "data")
         begin = as_user({"path": path, "mode": mode, "make_parents": make_parents}, user)
