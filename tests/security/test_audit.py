@@ -261,3 +261,62 @@ def test_append_validates_and_redacts(mvm_home: Path) -> None:
     assert entry["error_type"] == "CommandTimeout" and entry["seq"] == 1
     assert b"tok-abcdef" not in log.path.read_bytes()
     assert verify(log.path).ok
+
+
+def test_deferred_entries_are_made_durable_by_one_shared_fdatasync(mvm_home: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``append(durable=False)`` writes the entry (chained, readable) without syncing;
+    ``make_durable(seq)`` syncs once for every entry written before it (group commit) and
+    not again for an entry already covered. Counted at the syscall: each fdatasync's file."""
+    log = AuditLog.for_sandbox("sb-1")
+    synced: list[str] = []
+    real_fdatasync = audit.os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        synced.append(audit.os.readlink(f"/proc/self/fd/{fd}"))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(audit.os, "fdatasync", counting_fdatasync)
+    first = log.append("exec.run", {"argv": ["true"]}, durable=False)
+    second = log.append("exec.run", {"argv": ["false"]}, durable=False)
+    assert synced == [] and verify(log.path).entries == 2  # written and chained, not yet synced
+    log.make_durable(first["seq"])
+    assert synced == [str(log.path)]
+    log.make_durable(second["seq"])  # written before that fdatasync: already covered
+    log.make_durable(first["seq"])
+    assert synced == [str(log.path)]
+    log.append("sandbox.destroy", {})  # durable (the default): synced in append, as before
+    assert len(synced) == 2
+    third = log.append("exec.run", {"argv": ["true"]}, durable=False)
+    log.make_durable(third["seq"])
+    assert len(synced) == 3 and log.verify().ok
+
+
+def test_concurrent_waiters_share_the_deferred_sync(mvm_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many threads appending and waiting at once: every one returns with its entry
+    covered, the chain verifies, and fewer fdatasyncs run than entries were written."""
+    log = AuditLog.for_sandbox("sb-2")
+    calls = 0
+    real_fdatasync = audit.os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:  # a journal commit's time, so waiters pile up
+        nonlocal calls
+        calls += 1
+        time.sleep(0.02)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(audit.os, "fdatasync", slow_fdatasync)
+    barrier = threading.Barrier(8)
+
+    def one() -> None:
+        barrier.wait()
+        for _ in range(5):
+            log.make_durable(log.append("exec.run", {"argv": ["true"]}, durable=False)["seq"])
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert verify(log.path).entries == 40 and log._durable_seq == 40
+    assert calls < 40

@@ -201,6 +201,8 @@ class AuditLog:
         make_dirs(self.path.parent)
         self._lock = threading.Lock()
         self._tail: tuple[int, int, int, str] | None = None  # (inode, size, seq, hash)
+        self._sync_lock = threading.Lock()
+        self._durable_seq = 0  # every entry up to this seq is known fdatasync'ed
 
     @classmethod
     def for_sandbox(cls, sandbox_id: str, signer: Ed25519PrivateKey | None = None) -> AuditLog:
@@ -230,8 +232,11 @@ class AuditLog:
     def append(self, op: str, args: Mapping[str, Any] | None = None, *, outcome: str = "ok",
                error_type: str | None = None, details: Mapping[str, Any] | None = None,
                actor: Mapping[str, Any] | None = None, audit_id: str | None = None,
-               redactor: Any = None) -> dict[str, Any]:
+               redactor: Any = None, durable: bool = True) -> dict[str, Any]:
         """Append one entry and return it (``entry["audit_id"]``).
+
+        ``durable=False``: the entry is written (visible, chained) but not ``fdatasync``'ed
+        here; :meth:`make_durable` with its ``seq`` does that, off the caller's path.
 
         ``args`` values are reduced to digests (:func:`digest_args`). ``details`` must be
         small (≤ 4 KiB as JSON) and non-secret; a ``redactor`` (``Redactor``) is applied
@@ -284,16 +289,36 @@ class AuditLog:
                 view = memoryview(line)
                 while view:
                     view = view[os.write(fd, view):]
-                if self.fsync:
+                if self.fsync and durable:
                     os.fdatasync(fd)
                 st = os.fstat(fd)
                 self._tail = (st.st_ino, st.st_size, entry["seq"], entry["hash"])
+                if durable:
+                    self._durable_seq = max(self._durable_seq, entry["seq"])
             finally:
                 os.close(fd)  # releases the flock
         if self.index is not None:
             _append_index(self.index, {"audit_id": audit_id, "sandbox_id": self.sandbox_id, "seq": entry["seq"],
                                        "op": op, "ts": entry["ts"], "log": str(self.path.absolute())})
         return entry
+
+    def make_durable(self, seq: int) -> None:
+        """Return once the entry ``seq`` (appended with ``durable=False``) is on disk. One
+        ``fdatasync`` covers every entry written before it, so callers waiting at once
+        share it (group commit); an entry already covered costs nothing."""
+        if not self.fsync:
+            return
+        with self._sync_lock:
+            if self._durable_seq >= seq:
+                return
+            with self._lock:
+                written = self._tail[2] if self._tail is not None else seq
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            self._durable_seq = max(self._durable_seq, written)
 
     def verify(self, public_key: PublicKeyLike = None) -> VerifyReport:
         return verify(self.path, public_key if public_key is not None else self.signer.public_key(),

@@ -10,7 +10,7 @@ credentials (SO_PEERCRED). A one-line summary also goes to the sandbox's log so
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .logbook import LogBook
@@ -29,6 +29,8 @@ class Auditor:
         self._logs = logs
         # Loading the signing key (and the crypto library) overlaps with the guest's boot.
         self._log: Future[Any] = Future()
+        self._sync: ThreadPoolExecutor | None = None  # record_deferred's fdatasyncs (started on first use)
+        self._sync_start = threading.Lock()
         threading.Thread(target=self._open, name="mvm-audit-open", daemon=True).start()
 
     def _open(self) -> None:
@@ -54,12 +56,32 @@ class Auditor:
         details: dict[str, Any] | None = None,
         actor: dict[str, Any] | None = None,
     ) -> str:
-        """``actor`` (default: the client this thread serves, else the supervisor itself)."""
+        """Append ``op``'s entry, ``fdatasync``'ed before this returns; its ``audit_id``.
+        ``actor`` (default: the client this thread serves, else the supervisor itself)."""
+        return self._append(op, args, outcome=outcome, error_type=error_type, details=details, actor=actor,
+                            durable=True)[0]
+
+    def record_deferred(self, op: str, args: dict[str, Any], *,
+                        details: dict[str, Any] | None = None) -> tuple[str, Future[None]]:
+        """Append ``op``'s entry now and make it durable on the audit-sync thread: its
+        ``audit_id`` and a future done once the entry is on disk. The caller waits for it
+        where durability is owed (``exec.run``: before the reply and the first output byte)
+        and meanwhile goes on; the ``fdatasync`` (0.05 ms quiet, ~1 ms while the journal
+        commits other files) then overlaps the command's run instead of preceding it."""
+        audit_id, seq = self._append(op, args, outcome="ok", error_type=None, details=details, actor=None,
+                                     durable=False)
+        with self._sync_start:
+            if self._sync is None:
+                self._sync = ThreadPoolExecutor(1, thread_name_prefix="mvm-audit-sync")
+        return audit_id, self._sync.submit(self._log.result().make_durable, seq)
+
+    def _append(self, op: str, args: dict[str, Any], *, outcome: str, error_type: str | None,
+                details: dict[str, Any] | None, actor: dict[str, Any] | None, durable: bool) -> tuple[str, int]:
         actor = actor or getattr(_current, "actor", None)
         entry = self._log.result().append(
-            op, args, outcome=outcome, error_type=error_type, details=details, actor=actor
+            op, args, outcome=outcome, error_type=error_type, details=details, actor=actor, durable=durable
         )
         audit_id = str(entry["audit_id"])
         summary = f"{op} {outcome}" + (f" ({error_type})" if error_type else "")
         self._logs.write("audit", "system", summary, audit_id, force=True)
-        return audit_id
+        return audit_id, int(entry["seq"])

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from .. import errors
 from ..protocol import CHUNK_SIZE
@@ -81,8 +82,18 @@ def env_for(sup: Supervisor, env: dict[str, Any]) -> dict[str, str]:
     return merged
 
 
-def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) -> tuple[ProcessRecord, dict[str, str]]:
-    """Start the process (audited); its record and the environment it got."""
+class StartedProcess(NamedTuple):
+    """What ``start_process`` gives: the process's record, the environment it got, and
+    its audit entry's durability (wait for it with :func:`await_audit` before the reply
+    and before any of its output is sent)."""
+
+    record: ProcessRecord
+    env: dict[str, str]
+    audited: Future[None]
+
+
+def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) -> StartedProcess:
+    """Start the process (audited)."""
     argv = ctx.arg.argv()
     env = env_for(sup, ctx.arg.env())
     # env key -> secret name: the shape of an env (never a null value without allow_unset)
@@ -90,18 +101,19 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
     sup.learn_secrets(secret_names, env)
     secret_keys = set(secret_names) | set(sup.secret_env)
     audit_args = {"argv": argv, "env_keys": sorted(env), "cwd": ctx.args.get("cwd"), "user": ctx.args.get("user")}
-    # The audit entry is written (and fdatasync'ed) while the agent starts the process, not
-    # before: it is durable before the reply and before any of the process's output reaches
-    # the client (the capture subscribes after this returns), which is what the entry
-    # vouches for (docs/security.md, "Audit durability"). It records the request; a guest
-    # that refuses to start it adds an error entry.
+    # The audit entry is written while the agent starts the process, not before, and made
+    # durable (fdatasync) on the audit-sync thread while the process runs: the caller waits
+    # for that before its reply and before any of the process's output reaches the client
+    # (await_audit), which is what the entry vouches for (docs/security.md, "Audit
+    # durability"). It records the request; a guest that refuses to start it adds an error
+    # entry.
     starting = sup.agent.submit("proc.start", {"argv": argv, "env": env, "cwd": ctx.args.get("cwd"),
                                                "user": ctx.args.get("user"), "stdin": stdin,
                                                "stdin_path": ctx.args.get("stdin_path"),
                                                "output_window": STREAM_WINDOW},
                                   on_answer=lambda answer, agent: sup.processes.starting(agent, _pid_of(answer)))
     try:
-        audit_id = sup.audit.record(op, audit_args, details={"secret_env_keys": sorted(secret_keys)})
+        audit_id, audited = sup.audit.record_deferred(op, audit_args, details={"secret_env_keys": sorted(secret_keys)})
     except BaseException:  # not on record: the process must not run
         _stop_unrecorded(sup, starting)
         raise
@@ -113,7 +125,17 @@ def start_process(sup: Supervisor, ctx: RequestContext, op: str, stdin: bool) ->
     pid = int(result["pid"])
     record = sup.processes.started(starting.generation, pid, argv, audit_id)
     sup.logs.system(f"started pid {pid}: {_argv_summary(argv)}", audit_id)
-    return record, env
+    return StartedProcess(record, env, audited)
+
+
+def await_audit(sup: Supervisor, started: StartedProcess) -> None:
+    """Return once the start's audit entry is on disk. One that cannot be made durable
+    fails the call, and the process must not go on unrecorded: its group is killed."""
+    try:
+        started.audited.result()
+    except BaseException:
+        _kill_group(sup, started.record)
+        raise
 
 
 def _pid_of(answer: Frame) -> int:
@@ -130,26 +152,48 @@ def _stop_unrecorded(sup: Supervisor, starting: PendingCall) -> None:
 
 
 def proc_start(sup: Supervisor, ctx: RequestContext) -> Reply:
-    record, _ = start_process(sup, ctx, "proc.start", stdin=ctx.arg.boolean("stdin"))
+    started = start_process(sup, ctx, "proc.start", stdin=ctx.arg.boolean("stdin"))
+    await_audit(sup, started)
+    record = started.record
     return {"pid": record.pid, "audit_id": record.audit_id, "agent_generation": record.generation}, b""
 
 
 def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
     """Run to completion: stream (redacted, capped) output, enforce the timeout on the
-    whole process group, and leave a signed receipt of what was returned."""
+    whole process group, and leave a signed receipt of what was returned. Neither the
+    reply (an error too) nor the first byte of output leaves before the run's audit entry
+    is on disk (:func:`await_audit`)."""
     cap = ctx.arg.integer("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES, minimum=1, maximum=MAX_OUTPUT_LIMIT)
     timeout = _timeout_arg(ctx)
     started_wall = time.time()
-    started = time.monotonic()
-    capture = OutputCapture(cap, sup.redactor if ctx.arg.boolean("redact", True) else None, ctx.send_data)
-    record, env = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
+    started_at = time.monotonic()
+    started = start_process(sup, ctx, "exec.run", stdin=bool(ctx.payload))
+    try:
+        return _run_to_exit(sup, ctx, started, cap, timeout, started_wall, started_at)
+    finally:
+        await_audit(sup, started)
+
+
+def _run_to_exit(sup: Supervisor, ctx: RequestContext, started: StartedProcess, cap: int, timeout: float | None,
+                 started_wall: float, started_at: float) -> Reply:
+    record = started.record
     pid, audit_id = record.pid, str(record.audit_id)
+    audited = False
+
+    def send_data(stream: str, data: bytes) -> None:
+        nonlocal audited
+        if not audited:  # (called on the request's thread only: _until_exit relays)
+            await_audit(sup, started)
+            audited = True
+        ctx.send_data(stream, data)
+
+    capture = OutputCapture(cap, sup.redactor if ctx.arg.boolean("redact", True) else None, send_data)
     outbox = Outbox(ctx.wake)
     sup.processes.subscribe(record, outbox, replay=True)
     try:
         if ctx.payload:
             _feed_stdin(sup, record, ctx.payload)
-        ctx.deadline = None if timeout is None else started + float(timeout)
+        ctx.deadline = None if timeout is None else started_at + float(timeout)
         ended = _until_exit(sup, ctx, record, (outbox, capture.deliver))
         if ended == "cancelled":
             _kill_group(sup, record)
@@ -169,9 +213,9 @@ def exec_run(sup: Supervisor, ctx: RequestContext) -> Reply:
         sup.processes.unsubscribe(record, outbox)
     _check_not_lost(record)
     capture.finish()
-    duration = time.monotonic() - started
+    duration = time.monotonic() - started_at
     sup.logs.system(f"pid {pid} exited with {record.exit_code}", audit_id)
-    receipt = _write_receipt(sup, ctx, audit_id, env.keys(), record.exit_code, capture, started_wall)
+    receipt = _write_receipt(sup, ctx, audit_id, started.env.keys(), record.exit_code, capture, started_wall)
     return {
         "exit_code": record.exit_code, "signal": record.signal, "timed_out": False,
         "truncated": capture.truncated, "duration_seconds": duration, "pid": pid, "audit_id": audit_id,
