@@ -416,6 +416,53 @@ def test_the_temp_files_of_a_dead_agents_writes_are_removed_by_the_next_agent(tm
     assert list(notes.iterdir()) == []
 
 
+def test_a_cut_move_across_file_systems_leaves_no_copy_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move across file systems copies to a temp beside its target first; the agent notes
+    that temp before the copy (itself, not in a user's child), so an agent killed mid-copy
+    has the next one remove the partial copy -- a directory tree, a file or a link."""
+    from mvm.agent import files
+    from mvm.agent.errors import Args
+
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second file system")
+    notes = tmp_path / "notes"
+    pending = PendingTemps()
+    pending.enable(str(notes))
+    monkeypatch.setattr(files, "PENDING", pending)
+    source = other / f"mvm-agent-test-{os.getpid()}"
+    noted: list[str] = []
+    real_copytree = shutil.copytree
+
+    def copy_then_look(*args: object, **kwargs: object) -> object:
+        result = real_copytree(*args, **kwargs)  # type: ignore[arg-type]
+        noted.extend(os.fsdecode((notes / n).read_bytes()) for n in os.listdir(notes))
+        return result
+
+    monkeypatch.setattr(files.shutil, "copytree", copy_then_look)
+    try:
+        (source / "inner").mkdir(parents=True)
+        (source / "inner" / "f").write_text("payload")
+        files.Files().move(Args({"src": str(source), "dst": str(tmp_path / "moved")}))
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    assert noted and {os.path.dirname(n) for n in noted} == {str(tmp_path)}, noted  # the copy's temp, noted
+    assert (tmp_path / "moved" / "inner" / "f").read_text() == "payload" and list(notes.iterdir()) == []
+
+    # what a killed agent leaves: copies cut short, noted; the next agent removes them all
+    work = tmp_path / "work"
+    work.mkdir()
+    cut_dir = _temp_path(str(work / "tree"))
+    Path(cut_dir, "inner").mkdir(parents=True)
+    Path(cut_dir, "inner", "f").write_text("part")
+    cut_link = _temp_path(str(work / "link"))
+    os.symlink(str(tmp_path / "moved"), cut_link)  # a link's copy: removed, never followed
+    for temp in (cut_dir, cut_link):
+        pending.add(temp)
+    assert PendingTemps().enable(str(notes)) == 2
+    assert list(work.iterdir()) == [] and (tmp_path / "moved" / "inner" / "f").exists()
+
+
 def test_pending_temps_are_not_kept_in_a_directory_that_is_not_the_agents_own(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)

@@ -130,9 +130,11 @@ class PendingTemps:
             if not os.path.isabs(temp) or match is None or match["token"] != token:
                 continue  # not a note of ours: never a reason to remove anything
             try:
-                if stat.S_ISREG(os.lstat(temp).st_mode):
+                if stat.S_ISDIR(os.lstat(temp).st_mode):  # a cut move's copy of a directory
+                    shutil.rmtree(temp)  # (never follows a link: fd-based on Linux)
+                else:  # a write's file, a move's file or symbolic link
                     os.unlink(temp)
-                    removed += 1
+                removed += 1
             except OSError:
                 pass
         if removed:
@@ -658,9 +660,17 @@ class Files:
         src = args.path("src")
         dst = args.path("dst")
         overwrite = args.boolean("overwrite")
-        return run_as(self._user(args), lambda: self._move(src, dst, overwrite))
+        # A move across file systems copies to this temp first. It is noted here, by the
+        # agent, not where the copy runs: a move acting as a user runs in a child of that
+        # user, which cannot write the agent's notes.
+        temp = _temp_path(dst)
+        PENDING.add(temp)
+        try:
+            return run_as(self._user(args), lambda: self._move(src, dst, overwrite, temp))
+        finally:
+            PENDING.remove(temp)
 
-    def _move(self, src: str, dst: str, overwrite: bool) -> dict[str, Any]:
+    def _move(self, src: str, dst: str, overwrite: bool, temp: str) -> dict[str, Any]:
         try:
             os.lstat(src)
         except OSError as exc:
@@ -673,7 +683,7 @@ class Files:
             os.rename(src, dst)
         except OSError as exc:
             if exc.errno == errno.EXDEV:  # another file system (or an overlay directory)
-                self._copy_move(src, dst)
+                self._copy_move(src, dst, temp)
                 return {}
             blame = dst if exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY) else src
             if exc.errno == errno.ENOENT and os.path.lexists(src):
@@ -681,9 +691,9 @@ class Files:
             raise from_os_error(exc, blame) from None
         return {}
 
-    def _copy_move(self, src: str, dst: str) -> None:
-        """Move across file systems: copy beside ``dst``, rename into place, delete ``src``."""
-        temp = _temp_path(dst)
+    def _copy_move(self, src: str, dst: str, temp: str) -> None:
+        """Move across file systems: copy to ``temp`` beside ``dst``, rename it into place,
+        delete ``src``."""
         try:
             if os.path.islink(src):
                 os.symlink(os.readlink(src), temp)
