@@ -73,9 +73,10 @@ def cache_dir() -> Path:
     return _shareable("MVM_CACHE", "cache")
 
 
-def receipts_dir() -> Path:
-    """Signed ``commands.run`` receipts; like audit logs they outlive the sandbox."""
-    return _sub("receipts", private=True)
+def receipts_dir(*, create: bool = True) -> Path:
+    """Signed ``commands.run`` receipts; like audit logs they outlive the sandbox (until
+    ``mvmctl receipt prune``). ``create=False``: the path only, made or not."""
+    return _sub("receipts", private=True) if create else mvm_home() / "receipts"
 
 
 def runs_dir() -> Path:

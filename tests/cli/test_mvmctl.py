@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -194,3 +195,23 @@ def test_start_up_loads_no_command_s_heavy_parts() -> None:
     # ... and a command that needs one still gets it
     listed = mvmctl("ls", "--json")
     assert isinstance(json.loads(listed.stdout), list)
+
+
+def test_receipt_prune_removes_old_receipts_and_names_a_bad_duration(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.security.receipts import write_receipt
+
+    monkeypatch.setenv("MVM_HOME", str(tmp_path))
+    folder = tmp_path / "receipts"
+    now = time.time()
+    paths = [write_receipt(folder, sandbox_id="sb-1", template="t", template_digest=None, argv=["true"],
+                           env_keys=[], exit_code=0, stdout=b"", stderr=b"", started_at=now, ended_at=now,
+                           audit_id=None, truncated=False) for _ in range(3)]
+    os.utime(paths[0], (now - 8 * 86400, now - 8 * 86400))
+    bad = mvmctl("receipt", "prune", "--older-than", "a week", check=False)
+    assert bad.returncode == 2 and "older_than" in bad.stderr and "7d" in bad.stderr
+    dry = json.loads(mvmctl("receipt", "prune", "--older-than", "7d", "--dry-run", "--json").stdout)
+    assert (dry["removed"], dry["kept"], dry["dry_run"]) == (1, 2, True) and paths[0].exists()
+    done = mvmctl("receipt", "prune", "--older-than", "1w")
+    assert "removed 1 receipt(s)" in done.stdout and "kept 2" in done.stdout
+    assert sorted(folder.iterdir()) == sorted(paths[1:])

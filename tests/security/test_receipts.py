@@ -115,3 +115,34 @@ def test_verifying_without_any_host_key_says_so(mvm_home: Path) -> None:
     report = verify(mvm_home / "none.jsonl")
     assert not report.ok and "no signing key" in report.problem
     assert not (mvm_home / "keys" / "audit-ed25519.key").exists()
+
+
+def test_prune_removes_only_old_receipts_by_their_own_name(mvm_home: Path) -> None:
+    """``prune_receipts`` removes the receipts written before the cutoff (file mtime), keeps
+    the newer ones and any file not named as ``write_receipt`` names receipts; a dry run
+    counts the same and removes nothing; a bad duration names ``older_than`` first."""
+    import os
+
+    from mvm.paths import receipts_dir
+    from mvm.security.receipts import prune_receipts
+
+    assert prune_receipts("1d") == (0, 0, 0) and not (mvm_home / "receipts").exists()  # nothing made
+    folder = receipts_dir()
+    old = [_receipt(folder) for _ in range(3)]
+    new = [_receipt(folder) for _ in range(2)]
+    named = _receipt(folder, filename="keep-me.json")
+    foreign = folder / "notes.txt"
+    foreign.write_text("not a receipt")
+    month_ago = time.time() - 31 * 86400
+    for path in [*old, named, foreign]:
+        os.utime(path, (month_ago, month_ago))
+    size = sum(p.stat().st_size for p in old)
+
+    with pytest.raises(InvalidArgument) as bad:
+        prune_receipts("30 days")
+    assert bad.value.field == "older_than" and len(list(folder.iterdir())) == 7
+    assert prune_receipts("30d", dry_run=True) == (3, size, 2) and len(list(folder.iterdir())) == 7
+    assert prune_receipts("30d") == (3, size, 2)
+    assert sorted(folder.iterdir()) == sorted([*new, named, foreign])
+    assert all(verify_receipt(p).ok for p in new)
+    assert prune_receipts("30d") == (0, 0, 2)

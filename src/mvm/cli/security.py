@@ -1,4 +1,4 @@
-"""``mvmctl secret set|ls|rm``, ``mvmctl audit tail|show|verify``, ``mvmctl receipt verify``."""
+"""``mvmctl secret set|ls|rm``, ``mvmctl audit tail|show|verify``, ``mvmctl receipt verify|prune``."""
 
 from __future__ import annotations
 
@@ -184,3 +184,20 @@ def receipt_verify(path: str, stdout_file: str | None, as_json: bool) -> None:
     )
     if not check.ok:
         sys.exit(1)
+
+
+@receipt.command("prune")
+@click.option("--older-than", "older_than", required=True, metavar="DURATION",
+              help='Remove the receipts written more than this long ago ("30d", "12h", "2w", seconds).')
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@json_option
+def receipt_prune(older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Remove old receipts from this host's receipt directory (every commands.run leaves
+    one there; nothing else removes them)."""
+    from ..security.receipts import prune_receipts
+
+    report = prune_receipts(older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    emit(as_json, {**report._asdict(), "dry_run": dry_run, "older_than": older_than},
+         f"{verb} {report.removed} receipt(s) ({report.removed_bytes / 2**20:.1f} MiB) written more than "
+         f"{older_than} ago; kept {report.kept}")

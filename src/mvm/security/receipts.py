@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -38,9 +40,12 @@ from ..osutil import make_dirs, write_private_atomic
 from .canonical import canonical_json, format_ts, parse_ts, sha256_digest
 from .keys import PublicKeyLike, host_signing_key, key_id, load_public_key, sign, verify_signature
 
-__all__ = ["SIG_DOMAIN", "ReceiptCheck", "read_receipt", "verify_receipt", "write_receipt"]
+__all__ = ["SIG_DOMAIN", "PruneReport", "ReceiptCheck", "prune_receipts", "read_receipt", "verify_receipt",
+           "write_receipt"]
 
 SIG_DOMAIN = b"mvm-receipt-v1"
+#: The name ``write_receipt`` gives a receipt (``rcpt_`` + 20 hex digits); pruning touches no other file.
+_RECEIPT_FILE = re.compile(r"rcpt_[0-9a-f]{20}\.json")
 _FIELDS = ("v", "type", "receipt_id", "audit_id", "sandbox_id", "template", "argv", "env_keys", "exit_code",
            "stdout", "stderr", "truncated", "started_at", "ended_at", "duration_ms", "signature")
 
@@ -110,6 +115,51 @@ def write_receipt(directory: Path | str, *, sandbox_id: str, template: str, temp
     # sorted keys, no indent: the C encoder (an indented dump takes the pure-Python one, ~0.1 ms)
     write_private_atomic(path, json.dumps(body, sort_keys=True).encode() + b"\n", durable=durable)
     return path
+
+
+class PruneReport(NamedTuple):
+    """What :func:`prune_receipts` removed (or, with ``dry_run``, would remove) and kept."""
+
+    removed: int
+    removed_bytes: int
+    kept: int
+
+
+def prune_receipts(older_than: Any, *, directory: Path | str | None = None, dry_run: bool = False,
+                   now: float | None = None) -> PruneReport:
+    """Remove the receipts written more than ``older_than`` ago (a duration: ``"30d"``,
+    ``"12h"``, seconds; see :mod:`mvm.durations`) from ``directory`` (default: this host's,
+    ``$MVM_HOME/receipts``, where every ``commands.run`` leaves one and nothing else removes
+    them). A receipt's age is its file's mtime (it is written once, when its command
+    ended). Only files named as :func:`write_receipt` names them are considered: a receipt
+    written under a ``filename`` of its own is the caller's to keep. ``InvalidArgument``
+    naming ``older_than`` for a bad duration, before anything is touched."""
+    from ..durations import parse_duration
+    from ..paths import receipts_dir
+
+    cutoff = (time.time() if now is None else now) - parse_duration(older_than, "older_than")
+    folder = Path(directory) if directory is not None else receipts_dir(create=False)
+    removed = removed_bytes = kept = 0
+    try:
+        entries = os.scandir(folder)
+    except FileNotFoundError:
+        return PruneReport(0, 0, 0)
+    with entries:
+        for entry in entries:
+            if not _RECEIPT_FILE.fullmatch(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if st.st_mtime >= cutoff:
+                    kept += 1
+                    continue
+                if not dry_run:
+                    os.unlink(entry.path)
+            except FileNotFoundError:  # pruned by another caller meanwhile
+                continue
+            removed += 1
+            removed_bytes += st.st_size
+    return PruneReport(removed, removed_bytes, kept)
 
 
 def read_receipt(path: Path | str) -> dict[str, Any]:
