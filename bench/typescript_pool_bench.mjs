@@ -1,5 +1,6 @@
 // TypeScript SDK: create -> first result (commands.run(["true"])) on the namespace backend,
-// through `mvmctl up` (the baseline) and by claiming a warm pool's member natively (the
+// through Python (`mvmctl up`'s options in the program's `mvmctl create-server`: the
+// baseline, a program's later create) and by claiming a warm pool's member natively (the
 // `sandbox.claim` op over the member's socket), measured in the same run, median of N.
 // The pool is this program's own (`pool()`, size N, refilled by its holder; each timed
 // create waits for a full pool first, so no refill start is timed), or with --cli-pool
@@ -62,7 +63,7 @@ try {
     await warm?.close();
   }
   const [up, claim] = [median(viaMvmctl), median(claimed)];
-  console.log(`create -> first result, median of ${N}: through mvmctl up ${up.toFixed(0)} ms; `
+  console.log(`create -> first result, median of ${N}: through mvmctl create-server ${up.toFixed(0)} ms; `
     + `native claim from ${CLI_POOL ? "an mvmctl pool up" : "this program's pool()"} ${claim.toFixed(0)} ms `
     + `(${(up / claim).toFixed(1)}x faster)`);
 } finally {

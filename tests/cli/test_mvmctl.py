@@ -215,3 +215,24 @@ def test_receipt_prune_removes_old_receipts_and_names_a_bad_duration(tmp_path: P
     done = mvmctl("receipt", "prune", "--older-than", "1w")
     assert "removed 1 receipt(s)" in done.stdout and "kept 2" in done.stdout
     assert sorted(folder.iterdir()) == sorted(paths[1:])
+
+
+def test_create_server_answers_each_request_by_its_id_and_ends_at_the_end_of_its_input() -> None:
+    """``mvmctl create-server`` (the TypeScript SDK's create path; its real creates are
+    tests/typescript's): ``up``'s options check each request's arguments, every request gets
+    one answer naming its id, and the end of stdin ends the server with status 0."""
+    requests = "\n".join([
+        json.dumps({"id": 1, "args": ["--cpus", "many"]}),
+        "not json",
+        json.dumps({"id": 2, "args": "--name x"}),
+        json.dumps({"id": 3, "args": ["--from-ir", "/", "--name", "x"]}),
+        json.dumps({"id": 4, "args": ["--no-such-option"]}),
+    ]) + "\n"
+    proc = subprocess.run([*MVMCTL, "create-server"], input=requests, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answers = {a["id"]: a["error"] for a in map(json.loads, proc.stdout.splitlines())}
+    assert set(answers) == {1, None, 2, 3, 4} and all(e["type"] == "InvalidArgument" for e in answers.values())
+    assert answers[1]["field"] == "cpus" and "many" in answers[1]["message"]
+    assert answers[None]["field"] == "request" and answers[2]["field"] == "request"
+    assert "--from-ir" in answers[3]["message"]
+    assert "--no-such-option" in answers[4]["message"]

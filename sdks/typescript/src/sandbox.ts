@@ -27,6 +27,7 @@ import {
   CommandError, CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy, InvalidState,
   MvmError, SandboxError, SandboxNotFound,
 } from "./errors.js";
+import { createWithServer } from "./create_server.js";
 import { createDefaults } from "./defaults.js";
 import { parseDuration } from "./durations.js";
 import {
@@ -396,7 +397,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
       const claimed = await Sandbox.fromPool(template, backend, spec, include, onBehalfOf, autoPause);
       if (claimed !== null) return claimed;
     }
-    const args = ["up", "--json"];
+    const args: string[] = [];
     if (template !== undefined) args.push("--template", template);
     if (spec.ttlSeconds !== undefined) args.push("--ttl", spec.ttlSeconds === null ? "none" : String(spec.ttlSeconds));
     if (spec.resources !== null) {
@@ -424,14 +425,7 @@ export class Sandbox implements AsyncDisposable, Disposable {
     for (const [key, ref] of Object.entries(secrets)) args.push("--secret-env", `${key}=${ref.name}`);
     for (const path of include) args.push("--include", String(path));
     const base = scriptDir();
-    const result = await runMvmctl(args, { cwd: base, env: { ...process.env, MVM_INCLUDE_BASE: base } });
-    if (result.code !== 0) throw mvmctlError("mvmctl up", result);
-    let info: SandboxInfo;
-    try {
-      info = SandboxInfo.fromWire(JSON.parse(result.stdout) as Record<string, unknown>);
-    } catch (exc) {
-      throw new SandboxError(`mvmctl up printed no sandbox description: ${(exc as Error).message}`);
-    }
+    const info = SandboxInfo.fromWire(await createWithServer(args, base, { ...process.env, MVM_INCLUDE_BASE: base }));
     const values = new Map<string, string>();
     for (const ref of Object.values(secrets)) {
       try {

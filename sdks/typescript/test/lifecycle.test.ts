@@ -31,14 +31,15 @@ async function gone(id: string): Promise<boolean> {
 }
 
 describe("lifecycle", () => {
-  test("a live create naming nothing gets Python's defaults from mvmctl up itself, with no other Python call",
+  test("a live create naming nothing gets Python's defaults from mvmctl up's own options, with no other Python call",
     { skip: !existsSync(PYTHON) && "no .venv" }, () => {
       const python = JSON.parse(spawnSync(PYTHON, ["-c",
         "import json; from mvm.spec import create_defaults; print(json.dumps(create_defaults()))"], { encoding: "utf8" }).stdout);
       const dir = mkdtempSync("/tmp/mvmts-mvmctl-");
       try { // a real mvmctl behind a wrapper that notes each call
         const wrapper = join(dir, "mvmctl");
-        writeFileSync(wrapper, `#!/bin/sh\necho "$*" >> ${join(dir, "calls")}\nexec ${join(REPO, ".venv", "bin", "mvmctl")} "$@"\n`);
+        writeFileSync(wrapper, `#!/bin/sh\necho "$*" >> ${join(dir, "calls")}\n`
+          + `tee -a ${join(dir, "requests")} | ${join(REPO, ".venv", "bin", "mvmctl")} "$@"\n`);
         chmodSync(wrapper, 0o755);
         const script = `import { Sandbox } from ${JSON.stringify(join(PACKAGE_DIR, "dist", "index.js"))};
 const sb = await Sandbox.create();
@@ -54,11 +55,48 @@ await sb.kill();`;
         assert.deepEqual(made, { template: python.template, ttl: python.ttl_seconds, resources: python.resources,
           network: python.network });
         const calls = readFileSync(join(dir, "calls"), "utf8").trim().split("\n");
-        assert.deepEqual(calls.map((c) => c.split(" ")[0]), ["up"]); // not `mvmctl defaults` as well
-        assert.ok(!calls[0].includes("--template") && !calls[0].includes("--ttl") && !calls[0].includes("--network"), calls[0]);
+        assert.deepEqual(calls, ["create-server"]); // not `mvmctl defaults` as well
+        const requests = readFileSync(join(dir, "requests"), "utf8").trim().split("\n").map((line) => JSON.parse(line));
+        assert.equal(requests.length, 1);
+        const args: string[] = requests[0].args; // mvmctl up's arguments: none names what Python's defaults give
+        assert.ok(!args.includes("--template") && !args.includes("--ttl") && !args.includes("--network"), args.join(" "));
       } finally {
         rmSync(dir, { recursive: true, force: true });
       }
+    });
+
+  test("one mvmctl create-server makes all of a program's sandboxes, answers errors by request, and ends with the program",
+    { skip: !existsSync(PYTHON) && "no .venv" }, () => {
+      const script = `import { Sandbox, TemplateNotFound } from ${JSON.stringify(join(PACKAGE_DIR, "dist", "index.js"))};
+import { createServerInfo } from ${JSON.stringify(join(PACKAGE_DIR, "dist", "create_server.js"))};
+const first = await Sandbox.create("python-3.13", { ttl: "5m" });
+const server = createServerInfo().pid;
+const [a, b] = await Promise.all([Sandbox.create("python-3.13", { ttl: "5m" }), Sandbox.create("python-3.13", { ttl: "5m" })]);
+let refused = null;
+try { await Sandbox.create("python-3.12", { ttl: "5m" }); } catch (exc) { refused = exc; }
+const last = await Sandbox.create("python-3.13", { ttl: "5m" });
+const ran = (await last.commands.run(["echo", "ok"])).stdout;
+const same = [createServerInfo().pid === server];
+for (const sb of [first, a, b, last]) await sb.kill();
+console.log(JSON.stringify({ server, same, ran, ids: new Set([first.id, a.id, b.id, last.id]).size,
+  refused: refused instanceof TemplateNotFound ? refused.message : String(refused) }));`;
+      const child = spawnSync(process.execPath, ["--input-type=module", "-e", script], { encoding: "utf8", timeout: 240_000 });
+      assert.equal(child.status, 0, child.stderr); // it ended by itself: the idle server holds nothing open
+      const made = JSON.parse(child.stdout.trim().split("\n").at(-1) ?? "{}");
+      assert.deepEqual(made.same, [true]); // four creates, one concurrent pair, one refusal: one server
+      assert.equal(made.ran, "ok\n");
+      assert.equal(made.ids, 4);
+      assert.match(made.refused, /python-3\.12.*python-3\.13/s); // Python's listing error, typed
+      // the server saw the end of its stdin when the program exited, and ended too
+      const deadline = Date.now() + 30_000;
+      let alive = true;
+      while (alive && Date.now() < deadline) {
+        let stat = "";
+        try { stat = readFileSync(`/proc/${made.server}/stat`, "utf8"); } catch { stat = ""; }
+        alive = stat !== "" && stat.slice(stat.lastIndexOf(")") + 2)[0] !== "Z"; // (a zombie has ended)
+        if (alive) spawnSync("sleep", ["0.1"]);
+      }
+      assert.equal(alive, false, `create-server ${made.server} outlived its program`);
     });
 
   test("stop keeps the disk, start runs it again; pause freezes, resume continues", async () => {

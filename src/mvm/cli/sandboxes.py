@@ -8,6 +8,7 @@ from typing import TextIO
 import os
 import shutil
 import sys
+import threading
 import time
 
 import click
@@ -24,6 +25,7 @@ from .common import asked_resources, connect, emit, json_option, parse_env, shap
 
 def register(cli: click.Group) -> None:
     cli.add_command(up)
+    cli.add_command(create_server)
     cli.add_command(defaults)
     cli.add_command(ls)
     cli.add_command(describe)
@@ -86,6 +88,18 @@ def up(
         result = replay(from_ir, name=name, backend=backend, echo=None if as_json else click.echo)
         emit(as_json, result)
         return
+    info = _create(name, template, ttl, cpus, memory_mb, rootfs_size_mb, max_processes, network_mode, allow,
+                   allow_wildcards, auto_pause, backend, env, secret_env, include, workload_id, tag, on_behalf_of,
+                   from_snapshot)
+    emit(as_json, info, f"{info['name']}\t{info['id']}\t{info['backend']}\t{info['isolation']}")
+
+
+def _create(name: str | None, template: str, ttl: str, cpus: float | None, memory_mb: int | None,
+            rootfs_size_mb: int | None, max_processes: int | None, network_mode: str, allow: tuple[str, ...],
+            allow_wildcards: bool, auto_pause: str | None, backend: str | None, env: tuple[str, ...],
+            secret_env: tuple[str, ...], include: tuple[str, ...], workload_id: str | None, tag: tuple[str, ...],
+            on_behalf_of: tuple[str, ...], from_snapshot: str | None) -> dict[str, object]:
+    """``up``'s create (``create-server``'s too): the new sandbox's description."""
     from ..sdk.policy import network as make_network
     from ..sdk.policy import resources as make_resources
     from ..sdk.sandbox import Sandbox, snapshot_shape
@@ -117,7 +131,64 @@ def up(
     )
     info = sandbox.describe()
     sandbox.close()
-    emit(as_json, info.to_dict(), f"{info.name}\t{info.id}\t{info.backend}\t{info.isolation}")
+    return info.to_dict()
+
+
+#: ``up``'s parameters that ``create-server`` does not take (it answers JSON, and replays no IR).
+_NOT_SERVED = ("as_json", "from_ir")
+
+
+@click.command("create-server", hidden=True)
+def create_server() -> None:
+    """For the TypeScript SDK's ``Sandbox.create``: one process that makes all of a
+    program's sandboxes, so only its first create pays Python's start, the imports and
+    the zygote's start (a later one is a fork of the warm zygote, as in a Python program).
+
+    Reads one JSON request per line, ``{"id": N, "args": [<mvmctl up's arguments>]}``,
+    parsed and checked by ``up``'s own options, and answers each when its create ends (in
+    any order: each runs on a thread of its own) with ``{"id": N, "result": <the sandbox's
+    description>}`` or ``{"id": N, "error": <the wire error>}``. At the end of its stdin
+    (the program holding the other end exited) it answers the creates under way, then ends."""
+    writing = threading.Lock()
+
+    def answer(message: dict[str, object]) -> None:
+        with writing:
+            sys.stdout.write(json.dumps(message, default=str) + "\n")
+            sys.stdout.flush()
+
+    def serve(ident: object, args: list[str]) -> None:
+        try:
+            params = up.make_context("up", list(args)).params
+            if params.get("from_ir") is not None:
+                raise errors.InvalidArgument("args", "--from-ir is not served by create-server",
+                                             allowed="mvmctl up's other options")
+            info = _create(**{key: value for key, value in params.items() if key not in _NOT_SERVED})
+            answer({"id": ident, "result": info})
+        except errors.MvmError as exc:
+            answer({"id": ident, "error": exc.to_wire()})
+        except click.ClickException as exc:
+            field = getattr(getattr(exc, "param", None), "name", None) or "args"
+            answer({"id": ident, "error": errors.InvalidArgument(field, exc.format_message()).to_wire()})
+        except Exception as exc:  # a bug: answered, not a silent hang of the caller
+            answer({"id": ident, "error": errors.SandboxError(f"create failed: {type(exc).__name__}: {exc}").to_wire()})
+
+    creates: list[threading.Thread] = []
+    while line := sys.stdin.readline():
+        try:
+            request = json.loads(line)
+        except ValueError:
+            request = None
+        args = request.get("args") if isinstance(request, dict) else None
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            answer({"id": request.get("id") if isinstance(request, dict) else None,
+                    "error": errors.InvalidArgument("request", "must be a JSON object with args: a list of strings",
+                                                    allowed='{"id": N, "args": ["--template", "..."]}').to_wire()})
+            continue
+        thread = threading.Thread(target=serve, args=(request.get("id"), args), name="mvm-create")
+        thread.start()
+        creates.append(thread)
+    for thread in creates:
+        thread.join()
 
 
 @click.command()
