@@ -88,6 +88,7 @@ def up(
         result = replay(from_ir, name=name, backend=backend, echo=None if as_json else click.echo)
         emit(as_json, result)
         return
+    _start_zygote()
     info = _create(name, template, ttl, cpus, memory_mb, rootfs_size_mb, max_processes, network_mode, allow,
                    allow_wildcards, auto_pause, backend, env, secret_env, include, workload_id, tag, on_behalf_of,
                    from_snapshot)
@@ -134,6 +135,16 @@ def _create(name: str | None, template: str, ttl: str, cpus: float | None, memor
     return info.to_dict()
 
 
+def _start_zygote() -> None:
+    """Start this process's zygote now (``supervisor/zygote.py``; its first create would
+    start it anyway), so that it imports the supervisor and the backends while this process
+    imports the SDK and resolves the template, not after. A create that fails leaves
+    nothing: the zygote ends with this process."""
+    from ..supervisor.zygote import Zygote
+
+    Zygote.shared()
+
+
 #: ``up``'s parameters that ``create-server`` does not take (it answers JSON, and replays no IR).
 _NOT_SERVED = ("as_json", "from_ir")
 
@@ -172,6 +183,7 @@ def create_server() -> None:
         except Exception as exc:  # a bug: answered, not a silent hang of the caller
             answer({"id": ident, "error": errors.SandboxError(f"create failed: {type(exc).__name__}: {exc}").to_wire()})
 
+    _start_zygote()
     creates: list[threading.Thread] = []
     while line := sys.stdin.readline():
         try:
