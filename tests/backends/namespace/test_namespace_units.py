@@ -208,3 +208,27 @@ def test_a_failed_probe_keeps_what_bwrap_said_and_otherwise_its_exit_status():
     assert exit_description(quiet.returncode) == "exited with status 3"
     assert "the probe bwrap exited with status 3 and printed nothing" in probe_failure_reason(
         argv, quiet.returncode, "")
+
+
+def test_a_probe_killed_from_outside_is_answered_not_kept(tmp_path, monkeypatch):
+    """A probe bwrap killed from outside (the OOM killer, a user) says nothing about
+    namespaces: availability() reports it but keeps no verdict, so the same process's next
+    call probes again and gets the real answer, which is then kept."""
+    import importlib
+
+    ns = importlib.import_module("mvm.backends.namespace.backend")  # (the package's `backend` is the instance)
+    real = str(bwrap.bwrap_path())
+    marker = tmp_path / "killed-once"
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "bwrap"  # the real bwrap, but killed by SIGKILL the first time it runs
+    wrapper.write_text(f"#!/bin/sh\necho run >> {calls}\n"
+                       f"if [ ! -e {marker} ]; then touch {marker}; kill -KILL $$; fi\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(ns.bw, "bwrap_path", lambda: str(wrapper))
+    monkeypatch.setattr(ns.bw, "bwrap_version", lambda binary: "test")
+    probed = ns.NamespaceBackend()
+    first = probed.availability()
+    assert not first.ok and first.reason.startswith("the probe bwrap was killed by SIGKILL")
+    second = probed.availability()
+    assert second.ok, second.reason
+    assert probed.availability() is second and calls.read_text().count("run") == 2  # kept now: no third probe

@@ -676,12 +676,26 @@ class NamespaceBackend(Backend):
         return root_mode, "host-root"
 
     def availability(self) -> Availability:
+        """Whether namespace sandboxes can run here: probed once, and the verdict kept for
+        the process's life -- unless the probe was killed or timed out, which says nothing
+        about namespaces (the OOM killer, a load spike): that answer is given, not kept,
+        so a long-lived process (a server, an agent) probes again on its next create."""
         with self._lock:
-            if self._availability is None:
-                self._availability = self._probe()
-            return self._availability
+            if self._availability is not None:
+                return self._availability
+            found, verdict = self._probe()
+            if verdict:
+                self._availability = found
+            return found
 
-    def _probe(self) -> Availability:  # (the result is kept for the process's life: it must not flake)
+    def _probe(self) -> tuple[Availability, bool]:
+        """The probe's answer, and whether it is a verdict (else it was cut short)."""
+        try:
+            return self._probe_once(), True
+        except _ProbeCut as cut:
+            return Availability(False, str(cut), cut.details), False
+
+    def _probe_once(self) -> Availability:
         details: dict[str, Any] = {}
         if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
             return Availability(False, f"needs Linux on x86_64 (seccomp filter), not {platform.machine()}", details)
@@ -691,9 +705,14 @@ class NamespaceBackend(Backend):
         details["bwrap"] = bw.bwrap_version(binary) or binary
         argv = [binary, "--unshare-all", *_probe_root(), "true"]
         try:
-            run = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            run = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise _ProbeCut(f"the probe bwrap did not answer within {PROBE_TIMEOUT} s (an overloaded host?); "
+                            f"check by hand with: {shlex.join(argv)}", details) from None
         except (OSError, subprocess.SubprocessError) as exc:
             return Availability(False, f"bwrap does not run: {exc}", details)
+        if run.returncode < 0 and -run.returncode != signal.SIGSYS:  # killed from outside: no verdict
+            raise _ProbeCut(probe_failure_reason(argv, run.returncode, run.stderr), details)
         if run.returncode != 0:
             return Availability(False, probe_failure_reason(argv, run.returncode, run.stderr), details)
         root_mode, uid_mode = self._choose()
@@ -823,11 +842,23 @@ def cleanup_orphan(state_dir: Path) -> None:
 backend = NamespaceBackend()
 
 
+#: How long the availability probe (``bwrap ... true``) may take before it counts as cut short.
+PROBE_TIMEOUT = 30
+
+
+class _ProbeCut(Exception):
+    """The availability probe was killed or timed out: no verdict on namespaces."""
+
+    def __init__(self, reason: str, details: dict[str, Any]):
+        super().__init__(reason)
+        self.details = details
+
+
 def probe_failure_reason(argv: list[str], returncode: int, stderr: str) -> str:
     """Why the availability probe ``argv`` (``bwrap --unshare-all ... true``) failed, and
     what to do: bwrap's own words when it printed any, otherwise how it ended."""
     said = stderr.strip()
-    if returncode < 0:  # killed: no verdict on namespaces, and the next mvm process probes anew
+    if returncode < 0:  # killed: no verdict on namespaces (availability() probes again next time)
         signum = -returncode
         why = ("a seccomp filter (a container's?) forbids a system call it needs: allow unshare/clone of "
                "namespaces in the container's seccomp profile" if signum == signal.SIGSYS else
