@@ -146,3 +146,16 @@ def test_prune_removes_only_old_receipts_by_their_own_name(mvm_home: Path) -> No
     assert sorted(folder.iterdir()) == sorted([*new, named, foreign])
     assert all(verify_receipt(p).ok for p in new)
     assert prune_receipts("30d") == (0, 0, 2)
+
+
+def test_a_receipt_of_output_hashed_as_it_went_is_the_receipt_of_the_bytes(mvm_home: Path) -> None:
+    """The supervisor hashes a command's output as it sends it (``StreamDigest``) rather
+    than keeping it: the receipt says the same and verifies against the bytes."""
+    from mvm.security.receipts import StreamDigest
+
+    folder = mvm_home / "receipts"
+    kept = read_receipt(_receipt(folder, stdout=b"hi\n", stderr=b"warn\n"))
+    hashed = _receipt(folder, stdout=StreamDigest.of(b"hi\n"), stderr=StreamDigest.of(b"warn\n"))
+    assert read_receipt(hashed)["stdout"] == kept["stdout"] and read_receipt(hashed)["stderr"] == kept["stderr"]
+    assert verify_receipt(hashed, stdout=b"hi\n", stderr=b"warn\n").ok
+    assert not verify_receipt(hashed, stdout=b"ho\n").ok

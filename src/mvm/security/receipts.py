@@ -40,8 +40,8 @@ from ..osutil import make_dirs, write_private_atomic
 from .canonical import canonical_json, format_ts, parse_ts, sha256_digest
 from .keys import PublicKeyLike, host_signing_key, key_id, load_public_key, sign, verify_signature
 
-__all__ = ["SIG_DOMAIN", "PruneReport", "ReceiptCheck", "prune_receipts", "read_receipt", "verify_receipt",
-           "write_receipt"]
+__all__ = ["SIG_DOMAIN", "PruneReport", "ReceiptCheck", "StreamDigest", "prune_receipts", "read_receipt",
+           "verify_receipt", "write_receipt"]
 
 SIG_DOMAIN = b"mvm-receipt-v1"
 #: The name ``write_receipt`` gives a receipt (``rcpt_`` + 20 hex digits); pruning touches no other file.
@@ -57,6 +57,19 @@ class ReceiptCheck(NamedTuple):
     problem: str | None
 
 
+class StreamDigest(NamedTuple):
+    """An output stream as a receipt holds it: ``sha256`` (``"sha256:<hex>"``) and ``size``.
+    Given to :func:`write_receipt` instead of the bytes by a caller that hashed the output
+    as it went (the supervisor: an ``exec.run``'s output is never kept whole for its receipt)."""
+
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, data: bytes) -> StreamDigest:
+        return cls(sha256_digest(bytes(data)), len(data))
+
+
 def _truncation(truncated: bool | Mapping[str, bool]) -> dict[str, bool]:
     if isinstance(truncated, Mapping):
         return {"stdout": bool(truncated.get("stdout", False)), "stderr": bool(truncated.get("stderr", False))}
@@ -64,8 +77,8 @@ def _truncation(truncated: bool | Mapping[str, bool]) -> dict[str, bool]:
 
 
 def write_receipt(directory: Path | str, *, sandbox_id: str, template: str, template_digest: str | None,
-                  argv: Iterable[str], env_keys: Iterable[str], exit_code: int | None, stdout: bytes,
-                  stderr: bytes, started_at: datetime | float | str, ended_at: datetime | float | str,
+                  argv: Iterable[str], env_keys: Iterable[str], exit_code: int | None, stdout: bytes | StreamDigest,
+                  stderr: bytes | StreamDigest, started_at: datetime | float | str, ended_at: datetime | float | str,
                   audit_id: str | None, truncated: bool | Mapping[str, bool],
                   signer: Ed25519PrivateKey | None = None, filename: str | None = None,
                   durable: bool = True) -> Path:
@@ -99,8 +112,8 @@ def write_receipt(directory: Path | str, *, sandbox_id: str, template: str, temp
         "argv": {"sha256": sha256_digest(canonical_json(argv_list, field="argv")), "count": len(argv_list)},
         "env_keys": sorted({str(k) for k in env_keys}),
         "exit_code": exit_code,
-        "stdout": {"sha256": sha256_digest(bytes(stdout)), "size": len(stdout)},
-        "stderr": {"sha256": sha256_digest(bytes(stderr)), "size": len(stderr)},
+        "stdout": _stream_entry(stdout),
+        "stderr": _stream_entry(stderr),
         "truncated": _truncation(truncated),
         "started_at": started,
         "ended_at": ended,
@@ -160,6 +173,11 @@ def prune_receipts(older_than: Any, *, directory: Path | str | None = None, dry_
             removed += 1
             removed_bytes += st.st_size
     return PruneReport(removed, removed_bytes, kept)
+
+
+def _stream_entry(stream: bytes | StreamDigest) -> dict[str, Any]:
+    digest = stream if isinstance(stream, StreamDigest) else StreamDigest.of(stream)
+    return {"sha256": digest.sha256, "size": digest.size}
 
 
 def read_receipt(path: Path | str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ saying it ended with that agent -- never applied to a new process that got its p
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from concurrent.futures import Future
@@ -25,6 +26,7 @@ from .agent_link import AgentReplaced, PendingCall
 from .processes import Outbox, ProcessRecord
 
 if TYPE_CHECKING:
+    from ..security.receipts import StreamDigest
     from .server import Supervisor
     from .session import Reply, RequestContext
 
@@ -35,7 +37,8 @@ Consumer = Callable[[str, bytes], object]
 
 class OutputCapture:
     """What ``exec.run`` returns of a process's output: redacted across chunk boundaries,
-    capped per stream, counted in full; the bytes sent are kept for the receipt."""
+    capped per stream, counted in full; the bytes sent are hashed as they go, for the
+    receipt (never kept: a run capturing 255 MiB held it here twice more for the hash)."""
 
     STREAMS = ("stdout", "stderr")
 
@@ -43,7 +46,8 @@ class OutputCapture:
         self.cap = cap
         self.send = send
         self.total = dict.fromkeys(self.STREAMS, 0)
-        self.captured = {name: bytearray() for name in self.STREAMS}
+        self.sent = dict.fromkeys(self.STREAMS, 0)
+        self._hashes = {name: hashlib.sha256() for name in self.STREAMS}
         self.truncated = False
         self._redact = {name: redactor.stream() for name in self.STREAMS} if redactor else None
 
@@ -65,13 +69,20 @@ class OutputCapture:
     def _emit(self, stream: str, data: bytes) -> None:
         if not data:
             return
-        room = self.cap - len(self.captured[stream])
+        room = self.cap - self.sent[stream]
         piece = data[: max(room, 0)]
         if len(piece) < len(data):
             self.truncated = True
         if piece:
-            self.captured[stream] += piece
+            self._hashes[stream].update(piece)
+            self.sent[stream] += len(piece)
             self.send(stream, piece)
+
+    def digest(self, stream: str) -> StreamDigest:
+        """What was sent of ``stream``, as the receipt holds it."""
+        from ..security.receipts import StreamDigest  # (crypto loads off the supervisor's start)
+
+        return StreamDigest("sha256:" + self._hashes[stream].hexdigest(), self.sent[stream])
 
 
 def env_for(sup: Supervisor, env: dict[str, Any]) -> dict[str, str]:
@@ -259,9 +270,9 @@ def _write_receipt(sup: Supervisor, ctx: RequestContext, audit_id: str, env_keys
         sup.receipts_dir, sandbox_id=sup.sandbox_id, template=sup.config["template"],
         template_digest=sup.template_digest, argv=ctx.args["argv"],
         env_keys=env_keys, exit_code=exit_code,
-        stdout=bytes(capture.captured["stdout"]), stderr=bytes(capture.captured["stderr"]),
+        stdout=capture.digest("stdout"), stderr=capture.digest("stderr"),
         started_at=started_at, ended_at=time.time(), audit_id=audit_id,
-        truncated={name: capture.total[name] > len(capture.captured[name]) for name in ("stdout", "stderr")},
+        truncated={name: capture.total[name] > capture.sent[name] for name in OutputCapture.STREAMS},
         durable=False, signer=sup.audit.signer,
     )
     sup.receipt_sync.add(path)
