@@ -368,7 +368,7 @@ class OutputCapture:
                 callback(text)
 
     def text_of(self, stream: str) -> str:
-        text = bytes(self._collected[stream]).decode("utf-8", errors="replace")
+        text = self._collected[stream].decode("utf-8", errors="replace")  # (no bytes() copy of it first)
         return self._redactor(text) if self._redactor else text
 
     def timeout(self, exc: errors.CommandTimeout) -> errors.CommandTimeout:
