@@ -227,11 +227,12 @@ def test_create_server_answers_each_request_by_its_id_and_ends_at_the_end_of_its
         json.dumps({"id": 2, "args": "--name x"}),
         json.dumps({"id": 3, "args": ["--from-ir", "/", "--name", "x"]}),
         json.dumps({"id": 4, "args": ["--no-such-option"]}),
+        json.dumps({"id": 5, "args": ["--help"]}),
     ]) + "\n"
     proc = subprocess.run([*MVMCTL, "create-server"], input=requests, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     answers = {a["id"]: a["error"] for a in map(json.loads, proc.stdout.splitlines())}
-    assert set(answers) == {1, None, 2, 3, 4} and all(e["type"] == "InvalidArgument" for e in answers.values())
+    assert set(answers) == {1, None, 2, 3, 4, 5} and all(e["type"] == "InvalidArgument" for e in answers.values())
     assert answers[1]["field"] == "cpus" and "many" in answers[1]["message"]
     assert answers[None]["field"] == "request" and answers[2]["field"] == "request"
     assert "--from-ir" in answers[3]["message"]

@@ -169,6 +169,8 @@ def create_server() -> None:
 
     def serve(ident: object, args: list[str]) -> None:
         try:
+            if {"--help", "-h"} & set(args):  # (click would print the help among the answers)
+                raise errors.InvalidArgument("args", "--help is not a create", allowed="mvmctl up's other options")
             params = up.make_context("up", list(args)).params
             if params.get("from_ir") is not None:
                 raise errors.InvalidArgument("args", "--from-ir is not served by create-server",
