@@ -8,17 +8,13 @@
 //
 // A private MVM_HOME; built templates are shared with ~/.mvm (as the tests do).
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
-import { homedir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
+import { privateHome } from "./ts_bench_home.mjs";
+
 const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "..");
-const userHome = process.env.MVM_HOME || join(homedir(), ".mvm");
-process.env.MVM_TEMPLATES ??= join(userHome, "templates");
-process.env.MVM_CACHE ??= join(userHome, "cache");
-process.env.MVM_HOME = mkdtempSync("/tmp/mvm-tsbench-");
-process.env.MVM_BACKEND = "namespace";
+const cleanup = privateHome();
 
 const args = process.argv.slice(2);
 const N = Number(args.find((a, i) => !a.startsWith("--") && args[i - 1] !== "--against") ?? 7);
@@ -61,5 +57,5 @@ try {
     console.log(`| ${name} | ${median(first[name]).toFixed(0)} ms | ${median(later[name]).toFixed(0)} ms |`);
   }
 } finally {
-  rmSync(process.env.MVM_HOME, { recursive: true, force: true });
+  cleanup();
 }

@@ -10,17 +10,13 @@
 //
 // A private MVM_HOME; built templates are shared with ~/.mvm (as the tests do).
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
-import { homedir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
+import { privateHome } from "./ts_bench_home.mjs";
+
 const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "..");
-const userHome = process.env.MVM_HOME || join(homedir(), ".mvm");
-process.env.MVM_TEMPLATES ??= join(userHome, "templates");
-process.env.MVM_CACHE ??= join(userHome, "cache");
-process.env.MVM_HOME = mkdtempSync("/tmp/mvm-tsbench-");
-process.env.MVM_BACKEND = "namespace";
+const cleanup = privateHome();
 const MVMCTL = process.env.MVMCTL || join(REPO, ".venv", "bin", "mvmctl");
 const { Sandbox, pool, resources } = await import(join(REPO, "sdks", "typescript", "dist", "index.js"));
 
@@ -67,5 +63,5 @@ try {
     + `native claim from ${CLI_POOL ? "an mvmctl pool up" : "this program's pool()"} ${claim.toFixed(0)} ms `
     + `(${(up / claim).toFixed(1)}x faster)`);
 } finally {
-  rmSync(process.env.MVM_HOME, { recursive: true, force: true });
+  cleanup();
 }

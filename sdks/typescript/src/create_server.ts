@@ -14,9 +14,9 @@
  */
 
 import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
-import type { Socket } from "node:net";
 
 import { fromWire, SandboxError, type MvmError } from "./errors.js";
+import { holdOpen, readJsonLines, stderrTail } from "./helper_process.js";
 import { findMvmctl } from "./paths.js";
 
 /** What the server answers a request: the sandbox's description, or a wire error. */
@@ -32,24 +32,19 @@ interface Waiter {
 }
 
 class CreateServer {
-  private buffer = "";
-  private stderr = "";
+  private readonly stderr: () => string;
   private nextId = 1;
   private readonly waiting = new Map<number, Waiter>();
   /** Why the server is gone (it exited, or could not start); null while it runs. */
   gone: Error | null = null;
 
   constructor(private readonly child: ChildProcessWithoutNullStreams, private readonly mvmctl: string) {
-    child.stdout.setEncoding("utf8");
-    child.stdout.on("data", (chunk: string) => this.received(chunk));
-    child.stderr.setEncoding("utf8");
-    child.stderr.on("data", (chunk: string) => {
-      this.stderr = (this.stderr + chunk).slice(-16384);
-    });
+    readJsonLines(child, (message, line) => this.received(message, line), () => this.hold(this.waiting.size > 0));
+    this.stderr = stderrTail(child);
     child.stdin.on("error", () => undefined); // it exited: its creates fail on close below
     child.on("error", (exc) => this.failAll(new SandboxError(`cannot run ${mvmctl}: ${exc.message}`)));
     child.on("close", (code) => {
-      const tail = this.stderr.trim().split("\n").slice(-8).join("\n  ");
+      const tail = this.stderr().trim().split("\n").slice(-8).join("\n  ");
       this.failAll(new SandboxError(`mvmctl create-server ended (exit status ${code})${tail ? ":\n  " + tail : ""}`));
     });
     this.hold(false);
@@ -74,36 +69,19 @@ class CreateServer {
     return answer;
   }
 
-  private received(chunk: string): void {
-    this.buffer += chunk;
-    for (let end = this.buffer.indexOf("\n"); end >= 0; end = this.buffer.indexOf("\n")) {
-      const line = this.buffer.slice(0, end);
-      this.buffer = this.buffer.slice(end + 1);
-      let answer: Answer;
-      try {
-        answer = JSON.parse(line) as Answer;
-      } catch {
-        this.stderr = (this.stderr + line + "\n").slice(-16384); // not an answer: kept for the error
-        continue;
-      }
-      const waiter = typeof answer.id === "number" ? this.waiting.get(answer.id) : undefined;
-      if (waiter === undefined) continue;
-      this.waiting.delete(answer.id as number);
-      if (answer.error) waiter.reject(fromWire(answer.error) as MvmError);
-      else if (answer.result) waiter.resolve(answer.result);
-      else waiter.reject(new SandboxError(`${this.mvmctl} create-server answered ${JSON.stringify(line.slice(0, 200))}`));
-    }
-    this.hold(this.waiting.size > 0);
+  private received(message: unknown, line: string): void {
+    const answer = (message ?? {}) as Answer;
+    const waiter = typeof answer.id === "number" ? this.waiting.get(answer.id) : undefined;
+    if (waiter === undefined) return; // not an answer (a stray line), or one nobody waits for
+    this.waiting.delete(answer.id as number);
+    if (answer.error) waiter.reject(fromWire(answer.error) as MvmError);
+    else if (answer.result) waiter.resolve(answer.result);
+    else waiter.reject(new SandboxError(`${this.mvmctl} create-server answered ${JSON.stringify(line.slice(0, 200))}`));
   }
 
   /** Keep this process running while a create is awaited, and only then. */
   private hold(awaiting: boolean): void {
-    for (const stream of [this.child.stdout, this.child.stderr, this.child.stdin] as unknown as Socket[]) {
-      if (awaiting) stream.ref();
-      else stream.unref();
-    }
-    if (awaiting) this.child.ref();
-    else this.child.unref();
+    holdOpen(this.child, awaiting);
   }
 
   private failAll(exc: Error): void {

@@ -20,11 +20,11 @@
  */
 
 import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
-import type { Socket } from "node:net";
 import { join } from "node:path";
 
 import { fromWire, InvalidState, MvmError, SandboxError } from "./errors.js";
 import { PoolInfo } from "./models.js";
+import { holdOpen, readJsonLines, stderrTail } from "./helper_process.js";
 import { findMvmctl } from "./paths.js";
 import { NetworkPolicy, Resources } from "./policy.js";
 import { poolsDir } from "./pooling.js";
@@ -58,35 +58,21 @@ interface Answer {
 
 /** The `mvmctl pool hold` process: one JSON request per line, one answer per line, in order. */
 class Holder {
-  private buffer = "";
-  private stderr = "";
+  private readonly stderr: () => string;
   private readonly waiting: { resolve: (answer: Answer) => void; reject: (exc: Error) => void }[] = [];
   /** Why the holder is gone (it exited, or could not start); null while it runs. */
   private gone: Error | null = null;
   readonly exited: Promise<number | null>;
 
   constructor(readonly child: ChildProcessWithoutNullStreams, mvmctl: string) {
-    child.stdout.setEncoding("utf8");
-    child.stdout.on("data", (chunk: string) => {
-      this.buffer += chunk;
-      for (let end = this.buffer.indexOf("\n"); end >= 0; end = this.buffer.indexOf("\n")) {
-        const line = this.buffer.slice(0, end);
-        this.buffer = this.buffer.slice(end + 1);
-        let answer: Answer;
-        try {
-          answer = JSON.parse(line) as Answer;
-        } catch {
-          this.waiting.shift()?.reject(new SandboxError(`mvmctl pool hold answered ${JSON.stringify(line.slice(0, 200))}`));
-          continue;
-        }
-        this.waiting.shift()?.resolve(answer);
+    readJsonLines(child, (message, line) => {
+      if (message === undefined) {
+        this.waiting.shift()?.reject(new SandboxError(`mvmctl pool hold answered ${JSON.stringify(line.slice(0, 200))}`));
+      } else {
+        this.waiting.shift()?.resolve(message as Answer);
       }
-      this.hold(this.waiting.length > 0);
-    });
-    child.stderr.setEncoding("utf8");
-    child.stderr.on("data", (chunk: string) => {
-      this.stderr = (this.stderr + chunk).slice(-16384);
-    });
+    }, () => this.hold(this.waiting.length > 0));
+    this.stderr = stderrTail(child);
     child.stdin.on("error", () => undefined); // it exited: the request fails below
     this.exited = new Promise((resolve) => {
       child.on("error", (exc) => {
@@ -94,7 +80,7 @@ class Holder {
         resolve(null);
       });
       child.on("close", (code) => {
-        this.failAll(mvmctlError("mvmctl pool hold", { code, stdout: "", stderr: this.stderr }));
+        this.failAll(mvmctlError("mvmctl pool hold", { code, stdout: "", stderr: this.stderr() }));
         resolve(code);
       });
     });
@@ -120,17 +106,9 @@ class Holder {
     await this.exited;
   }
 
-  /**
-   * Keep this process running while an answer is awaited; otherwise the holder must not
-   * (a Python pool's thread does not keep its program alive either).
-   */
+  /** Keep this process running while an answer is awaited, and only then. */
   private hold(awaiting: boolean): void {
-    for (const stream of [this.child.stdout, this.child.stderr, this.child.stdin] as unknown as Socket[]) {
-      if (awaiting) stream.ref();
-      else stream.unref();
-    }
-    if (awaiting) this.child.ref();
-    else this.child.unref();
+    holdOpen(this.child, awaiting);
   }
 
   private failAll(exc: Error): void {
