@@ -200,7 +200,7 @@ def create_server() -> None:
             continue
         thread = threading.Thread(target=serve, args=(request.get("id"), args), name="mvm-create")
         thread.start()
-        creates.append(thread)
+        creates = [*(t for t in creates if t.is_alive()), thread]  # (a long-lived program makes many)
     for thread in creates:
         thread.join()
 
