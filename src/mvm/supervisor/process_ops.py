@@ -189,13 +189,9 @@ def _run_to_exit(sup: Supervisor, ctx: RequestContext, started: StartedProcess, 
                  started_wall: float, started_at: float) -> Reply:
     record = started.record
     pid, audit_id = record.pid, str(record.audit_id)
-    audited = False
 
     def send_data(stream: str, data: bytes) -> None:
-        nonlocal audited
-        if not audited:  # (called on the request's thread only: _until_exit relays)
-            await_audit(sup, started)
-            audited = True
+        await_audit(sup, started)  # (waits before the first piece only: the future is done after)
         ctx.send_data(stream, data)
 
     capture = OutputCapture(cap, sup.redactor if ctx.arg.boolean("redact", True) else None, send_data)
