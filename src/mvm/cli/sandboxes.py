@@ -89,10 +89,13 @@ def up(
         emit(as_json, result)
         return
     _start_zygote()
-    info = _create(name, template, ttl, cpus, memory_mb, rootfs_size_mb, max_processes, network_mode, allow,
-                   allow_wildcards, auto_pause, backend, env, secret_env, include, workload_id, tag, on_behalf_of,
-                   from_snapshot)
+    info = _create_from(click.get_current_context().params)
     emit(as_json, info, f"{info['name']}\t{info['id']}\t{info['backend']}\t{info['isolation']}")
+
+
+def _create_from(params: dict[str, object]) -> dict[str, object]:
+    """``_create`` with ``up``'s parsed options (``up`` and ``create-server`` alike)."""
+    return _create(**{key: value for key, value in params.items() if key not in _NOT_SERVED})  # type: ignore[arg-type]
 
 
 def _create(name: str | None, template: str, ttl: str, cpus: float | None, memory_mb: int | None,
@@ -175,7 +178,7 @@ def create_server() -> None:
             if params.get("from_ir") is not None:
                 raise errors.InvalidArgument("args", "--from-ir is not served by create-server",
                                              allowed="mvmctl up's other options")
-            info = _create(**{key: value for key, value in params.items() if key not in _NOT_SERVED})
+            info = _create_from(params)
             answer({"id": ident, "result": info})
         except errors.MvmError as exc:
             answer({"id": ident, "error": exc.to_wire()})
