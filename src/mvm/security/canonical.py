@@ -123,9 +123,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_digest(data: bytes) -> str:
-    """``"sha256:<hex>"`` of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def sha256_digest(data: bytes | hashlib._Hash) -> str:
+    """``"sha256:<hex>"`` of ``data``, or of what a ``hashlib.sha256()`` that was fed as
+    the data went has taken."""
+    hashed = hashlib.sha256(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return "sha256:" + hashed.hexdigest()
 
 
 def b64encode(data: bytes) -> str:

@@ -80,9 +80,10 @@ class OutputCapture:
 
     def digest(self, stream: str) -> StreamDigest:
         """What was sent of ``stream``, as the receipt holds it."""
+        from ..security.canonical import sha256_digest
         from ..security.receipts import StreamDigest  # (crypto loads off the supervisor's start)
 
-        return StreamDigest("sha256:" + self._hashes[stream].hexdigest(), self.sent[stream])
+        return StreamDigest(sha256_digest(self._hashes[stream]), self.sent[stream])
 
 
 def env_for(sup: Supervisor, env: dict[str, Any]) -> dict[str, str]:
