@@ -29,8 +29,8 @@ class Auditor:
         self._logs = logs
         # Loading the signing key (and the crypto library) overlaps with the guest's boot.
         self._log: Future[Any] = Future()
-        self._sync: ThreadPoolExecutor | None = None  # record_deferred's fdatasyncs (started on first use)
-        self._sync_start = threading.Lock()
+        # record_deferred's fdatasyncs (its thread starts on the first one)
+        self._sync = ThreadPoolExecutor(1, thread_name_prefix="mvm-audit-sync")
         threading.Thread(target=self._open, name="mvm-audit-open", daemon=True).start()
 
     def _open(self) -> None:
@@ -70,9 +70,6 @@ class Auditor:
         commits other files) then overlaps the command's run instead of preceding it."""
         audit_id, seq = self._append(op, args, outcome="ok", error_type=None, details=details, actor=None,
                                      durable=False)
-        with self._sync_start:
-            if self._sync is None:
-                self._sync = ThreadPoolExecutor(1, thread_name_prefix="mvm-audit-sync")
         return audit_id, self._sync.submit(self._log.result().make_durable, seq)
 
     def _append(self, op: str, args: dict[str, Any], *, outcome: str, error_type: str | None,
