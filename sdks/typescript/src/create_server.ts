@@ -16,8 +16,8 @@
 import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
 
 import { fromWire, SandboxError, type MvmError } from "./errors.js";
-import { holdOpen, readJsonLines, stderrTail } from "./helper_process.js";
-import { findMvmctl } from "./paths.js";
+import { holdOpen, mvmctlError, readJsonLines, stderrTail } from "./helper_process.js";
+import { requireMvmctl } from "./paths.js";
 
 /** What the server answers a request: the sandbox's description, or a wire error. */
 interface Answer {
@@ -43,10 +43,7 @@ class CreateServer {
     this.stderr = stderrTail(child);
     child.stdin.on("error", () => undefined); // it exited: its creates fail on close below
     child.on("error", (exc) => this.failAll(new SandboxError(`cannot run ${mvmctl}: ${exc.message}`)));
-    child.on("close", (code) => {
-      const tail = this.stderr().trim().split("\n").slice(-8).join("\n  ");
-      this.failAll(new SandboxError(`mvmctl create-server ended (exit status ${code})${tail ? ":\n  " + tail : ""}`));
-    });
+    child.on("close", (code) => this.failAll(mvmctlError("mvmctl create-server", { code, stdout: "", stderr: this.stderr() })));
     this.hold(false);
   }
 
@@ -99,19 +96,15 @@ let current: { key: string; server: CreateServer } | null = null;
  * `env`; the sandbox's description. The server is reused while `cwd` and `env` stay the
  * same (a program that changes `process.env` between creates gets a server that sees it).
  */
-export function createWithServer(args: string[], cwd: string, env: NodeJS.ProcessEnv): Promise<Record<string, unknown>> {
+export async function createWithServer(args: string[], cwd: string, env: NodeJS.ProcessEnv): Promise<Record<string, unknown>> {
   const key = JSON.stringify([cwd, Object.entries(env).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))]);
   if (current === null || current.key !== key || current.server.gone !== null) {
-    const mvmctl = findMvmctl();
-    if (mvmctl === null) {
-      return Promise.reject(new SandboxError("mvmctl not found: set $MVMCTL, put mvmctl on PATH, or run ./setup.sh "
-        + "(it installs <repo>/.venv/bin/mvmctl)"));
-    }
+    const mvmctl = requireMvmctl();
     const child = spawn(mvmctl, ["create-server"], { cwd, env, stdio: ["pipe", "pipe", "pipe"] });
     current?.server.close();
     current = { key, server: new CreateServer(child, mvmctl) };
   }
-  return current.server.create(args);
+  return await current.server.create(args);
 }
 
 export interface CreateServerInfo {

@@ -12,7 +12,7 @@
 import { spawnSync } from "node:child_process";
 
 import { SandboxError } from "./errors.js";
-import { findMvmctl } from "./paths.js";
+import { requireMvmctl } from "./paths.js";
 
 export interface CreateDefaults {
   template: string;
@@ -27,11 +27,7 @@ export function createDefaults(): CreateDefaults {
   if (cached !== null) return cached;
   let text = process.env.MVM_CREATE_DEFAULTS;
   if (!text) {
-    const mvmctl = findMvmctl();
-    if (mvmctl === null) {
-      throw new SandboxError("mvmctl not found: set $MVMCTL, put mvmctl on PATH, or run ./setup.sh "
-        + "(it installs <repo>/.venv/bin/mvmctl)");
-    }
+    const mvmctl = requireMvmctl();
     const result = spawnSync(mvmctl, ["defaults", "--json"], { encoding: "utf8", timeout: 60_000 });
     if (result.status !== 0) {
       throw new SandboxError(`mvmctl defaults failed: ${(result.stderr || String(result.error ?? "")).trim()}`);

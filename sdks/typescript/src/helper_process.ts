@@ -1,10 +1,13 @@
 /**
  * The Python helpers the SDK keeps on pipes for a program's life (`mvmctl pool hold` in
- * pool.ts, `mvmctl create-server` in create_server.ts). @internal
+ * pool.ts, `mvmctl create-server` in create_server.ts), and the error an `mvmctl` run
+ * reports. @internal
  */
 
 import type { ChildProcessWithoutNullStreams } from "node:child_process";
 import type { Socket } from "node:net";
+
+import { fromWire, SandboxError, type MvmError } from "./errors.js";
 
 /**
  * Whether `child` keeps this program running: only while an answer from it is awaited
@@ -53,4 +56,27 @@ export function stderrTail(child: ChildProcessWithoutNullStreams): () => string 
     tail = (tail + chunk).slice(-16384);
   });
   return () => tail;
+}
+
+/** @internal */
+export interface MvmctlResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** The typed error `mvmctl --json` printed on stderr (`{"error": {...}}`), else a `SandboxError`. @internal */
+export function mvmctlError(what: string, result: MvmctlResult): MvmError {
+  const lines = result.stderr.trim().split("\n").reverse();
+  for (const line of lines) {
+    if (!line.startsWith("{")) continue;
+    try {
+      const parsed = JSON.parse(line) as { error?: Record<string, unknown> };
+      if (parsed.error && typeof parsed.error === "object") return fromWire(parsed.error);
+    } catch {
+      continue;
+    }
+  }
+  const tail = result.stderr.trim().split("\n").slice(-8).join("\n  ");
+  return new SandboxError(`${what} failed (exit status ${result.code})${tail ? ":\n  " + tail : ""}`);
 }

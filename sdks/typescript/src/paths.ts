@@ -5,6 +5,8 @@ import { homedir } from "node:os";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
+import { SandboxError } from "./errors.js";
+
 export const CONTROL_SOCKET = "control.sock";
 
 /** `$MVM_HOME`, else `~/.mvm` (not created here: reading never makes state). */
@@ -49,4 +51,14 @@ export function findMvmctl(): string | null {
   }
   const fallback = join(repoRoot(), ".venv", "bin", "mvmctl");
   return existsSync(fallback) && executable(fallback) ? fallback : null;
+}
+
+/** {@link findMvmctl}'s answer, or a `SandboxError` saying where mvmctl is looked for. */
+export function requireMvmctl(): string {
+  const mvmctl = findMvmctl();
+  if (mvmctl === null) {
+    throw new SandboxError("mvmctl not found: set $MVMCTL, put mvmctl on PATH, or run ./setup.sh "
+      + "(it installs <repo>/.venv/bin/mvmctl)");
+  }
+  return mvmctl;
 }

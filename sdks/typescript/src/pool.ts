@@ -24,11 +24,11 @@ import { join } from "node:path";
 
 import { fromWire, InvalidState, MvmError, SandboxError } from "./errors.js";
 import { PoolInfo } from "./models.js";
-import { holdOpen, readJsonLines, stderrTail } from "./helper_process.js";
-import { findMvmctl } from "./paths.js";
+import { holdOpen, mvmctlError, readJsonLines, stderrTail } from "./helper_process.js";
+import { requireMvmctl } from "./paths.js";
 import { NetworkPolicy, Resources } from "./policy.js";
 import { poolsDir } from "./pooling.js";
-import { mvmctlError, runMvmctl, Sandbox, type CreateOptions } from "./sandbox.js";
+import { runMvmctl, Sandbox, type CreateOptions } from "./sandbox.js";
 import { validatedSpec } from "./spec.js";
 import { readJson } from "./state.js";
 
@@ -238,11 +238,7 @@ export async function pool(template?: string, options: PoolOptions = {}): Promis
   }
   if (options.resources) asked.resources = options.resources.toDict();
   if (options.network) asked.network = options.network.toDict();
-  const mvmctl = findMvmctl();
-  if (mvmctl === null) {
-    throw new SandboxError("mvmctl not found: set $MVMCTL, put mvmctl on PATH, or run ./setup.sh "
-      + "(it installs <repo>/.venv/bin/mvmctl)");
-  }
+  const mvmctl = requireMvmctl();
   const holder = new Holder(spawn(mvmctl, ["pool", "hold", "--json"], { stdio: ["pipe", "pipe", "pipe"] }), mvmctl);
   let made: Record<string, unknown>;
   try {

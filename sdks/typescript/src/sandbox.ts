@@ -25,15 +25,16 @@ import { TextDecoder } from "node:util";
 import { SupervisorClient, type CallResult, type StreamChunk } from "./client.js";
 import {
   CommandError, CommandTimeout, FileNotFoundInSandbox, fromWire, InvalidArgument, InvalidNetworkPolicy, InvalidState,
-  MvmError, SandboxError, SandboxNotFound,
+  SandboxError, SandboxNotFound,
 } from "./errors.js";
 import { createWithServer } from "./create_server.js";
 import { createDefaults } from "./defaults.js";
 import { parseDuration } from "./durations.js";
+import { mvmctlError, type MvmctlResult } from "./helper_process.js";
 import {
   CommandResult, FileEntry, LogEvent, NetworkInfo, PoolInfo, PortForward, ProcessInfo, SandboxInfo, Snapshot,
 } from "./models.js";
-import { CONTROL_SOCKET, findMvmctl, sandboxesDir } from "./paths.js";
+import { CONTROL_SOCKET, findMvmctl, requireMvmctl, sandboxesDir } from "./paths.js";
 import { network as makeNetwork, NetworkPolicy, Resources, SecretRef, type NetworkMode } from "./policy.js";
 import { collectIncludes } from "./includes.js";
 import { claimMember, livePools, poolRecords } from "./pooling.js";
@@ -172,20 +173,9 @@ function toBuffer(data: string | Uint8Array, field = "data"): Buffer {
 }
 
 /** @internal */
-export interface MvmctlResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** @internal */
 export function runMvmctl(args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<MvmctlResult> {
-  const mvmctl = findMvmctl();
-  if (mvmctl === null) {
-    return Promise.reject(new SandboxError("mvmctl not found: set $MVMCTL, put mvmctl on PATH, or run ./setup.sh "
-      + "(it installs <repo>/.venv/bin/mvmctl)"));
-  }
   return new Promise((resolve, reject) => {
+    const mvmctl = requireMvmctl(); // (thrown here: the promise rejects)
     const child = spawn(mvmctl, args, { cwd: options.cwd, env: options.env ?? process.env, stdio: ["ignore", "pipe", "pipe"] });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
@@ -226,22 +216,6 @@ export async function gc(): Promise<SandboxInfo[]> {
 async function liveOnly(call: string, hint: string): Promise<void> {
   const mode = currentMode();
   if (mode !== "live") (await import("./recording.js")).notAvailable(call, mode, hint);
-}
-
-/** The typed error `mvmctl --json` printed on stderr (`{"error": {...}}`), else a `SandboxError`. @internal */
-export function mvmctlError(what: string, result: MvmctlResult): MvmError {
-  const lines = result.stderr.trim().split("\n").reverse();
-  for (const line of lines) {
-    if (!line.startsWith("{")) continue;
-    try {
-      const parsed = JSON.parse(line) as { error?: Record<string, unknown> };
-      if (parsed.error && typeof parsed.error === "object") return fromWire(parsed.error);
-    } catch {
-      continue;
-    }
-  }
-  const tail = result.stderr.trim().split("\n").slice(-8).join("\n  ");
-  return new SandboxError(`${what} failed (exit status ${result.code})${tail ? ":\n  " + tail : ""}`);
 }
 
 /** Python's `mvm.security.secrets.Redactor` over `name -> value`. */
