@@ -215,6 +215,50 @@ def test_abort_resets_both_ends_even_with_a_writer_stuck_on_a_full_socket(relays
     assert not relays.abort(1, "again")
 
 
+def _pump(sock: socket.socket, outcome: dict[str, str]) -> None:
+    try:
+        while True:
+            sock.sendall(b"x" * 65536)
+    except OSError as exc:
+        outcome["sender"] = type(exc).__name__
+
+
+def _count_until_the_end(sock: socket.socket, received: list[int], outcome: dict[str, str]) -> None:
+    try:
+        while data := sock.recv(1 << 20):
+            received[0] += len(data)
+        outcome["receiver"] = "EOF"
+    except OSError as exc:
+        outcome["receiver"] = type(exc).__name__
+
+
+def _abort_mid_transfer(relays: Relays, rid: int, client_sends: bool) -> dict[str, str]:
+    ends, done = _start(relays, rid)
+    sender, receiver = (ends.client, ends.server) if client_sends else (ends.server, ends.client)
+    outcome: dict[str, str] = {}
+    received = [0]
+    threading.Thread(target=_pump, args=(sender, outcome), daemon=True).start()
+    threading.Thread(target=_count_until_the_end, args=(receiver, received, outcome), daemon=True).start()
+    wait_for(lambda: received[0] >= 1 << 20, "bytes moving", timeout=30)
+    assert relays.abort(rid, "the port forward was closed")
+    wait_for(lambda: done and len(outcome) == 2, "the relay ending and both far ends told", timeout=30)
+    for sock in (ends.client, ends.server):
+        sock.close()
+    return outcome
+
+
+def test_an_abort_mid_transfer_is_a_reset_never_a_clean_end(relays: Relays) -> None:
+    """Aborted while bytes flow (a write in flight, the receiving far end's window open),
+    one way and then the other: the receiver reads what arrived and then a reset, and the
+    sender's next write fails. A FIN sent ahead of the RST would show the receiver a
+    clean end of a stream that was cut. (One thread per far end: a socket reports its
+    reset to one call only.)"""
+    for rid in range(1, 41, 2):
+        outcome = _abort_mid_transfer(relays, rid, client_sends=rid % 4 == 1)
+        assert outcome["receiver"] == "ConnectionResetError", f"connection {rid}: {outcome}"
+        assert outcome["sender"] in ("ConnectionResetError", "BrokenPipeError"), f"connection {rid}: {outcome}"
+
+
 def test_many_relays_at_once_and_the_limit(relays: Relays) -> None:
     pairs = [_start(relays, rid) for rid in range(1, 101, 2)]
     assert relays.count() == 50
@@ -246,12 +290,13 @@ from mvm.supervisor.relay import Relays
 ends = Ends()
 relays = Relays()
 highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 2, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 try:
     while True:  # fill the gaps below the limit
         os.open(os.devnull, os.O_RDONLY)
 except OSError:
     pass
+os.close(highest + 1)  # one left: for the relay's wake eventfd, not for a pipe's two ends
 try:
     os.pipe()
     sys.exit("a pipe could still be made")
@@ -271,10 +316,51 @@ print("copied")
 '''
 
 
-def test_without_a_pipe_left_the_relay_copies() -> None:
-    """Out of descriptors, no pipe can be made: the buffer loop relays the same bytes."""
+NO_DESCRIPTOR_LEFT = r'''
+import os, resource, socket, sys
+sys.path[:0] = sys.argv[1:]
+from test_relay import Ends
+from mvm.protocol.tcpmux import StreamClosed
+from mvm.supervisor.relay import Relays
+ends = Ends()
+relays = Relays()
+highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    while True:
+        os.open(os.devnull, os.O_RDONLY)
+except OSError:
+    pass
+try:
+    relays.start(1, ends.host, ends.guest)
+    sys.exit("relayed without a descriptor for its wake eventfd")
+except StreamClosed as exc:
+    print(exc)
+assert ends.host.fileno() == -1 and ends.guest.fileno() == -1 and relays.count() == 0
+for sock in (ends.client, ends.server):
+    try:
+        sock.recv(10)
+        sys.exit("a far end was not reset")
+    except ConnectionResetError:
+        pass
+print("reset")
+'''
+
+
+def _run_at_the_descriptor_limit(script: str) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     path = [here, os.path.dirname(here), os.path.join(here, "..", "..", "src")]
-    result = subprocess.run([sys.executable, "-c", COPY_WITHOUT_PIPES, *path], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0 and result.stdout == "copied\n", result.stderr
+    result = subprocess.run([sys.executable, "-c", script, *path], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_without_a_pipe_left_the_relay_copies() -> None:
+    """One descriptor left, no pipe can be made: the buffer loop relays the same bytes."""
+    assert _run_at_the_descriptor_limit(COPY_WITHOUT_PIPES) == "copied\n"
+
+
+def test_without_any_descriptor_left_the_connection_is_refused_and_reset() -> None:
+    """No descriptor for the relay's wake eventfd: refused, both far ends reset, nothing kept."""
+    said = _run_at_the_descriptor_limit(NO_DESCRIPTOR_LEFT)
+    assert said.startswith("no descriptor is left to relay connection 1: ") and said.endswith("\nreset\n"), said

@@ -7,13 +7,17 @@ with ``handoff``; SCM_RIGHTS). ``adopt`` checks what came -- a TCP socket betwee
 loopback addresses of the sandbox, at the port that was asked for, nothing else --
 and ``Relays`` relays it to the host end: one thread per direction, ``splice(2)``
 through a pipe, so no relayed byte enters Python, the agent, or the agent channel.
-Without a pipe (the process or the user is out of descriptors or pipe space) the
-same loop copies through one buffer instead.
+Without a pipe (the user is out of pipe space, or the process has one descriptor left)
+the same loop copies through one buffer instead. The sockets are non-blocking and every
+wait is a ``poll`` that also watches the relay's eventfd, which is how ``abort`` wakes a
+direction wherever it waits; a connection with no descriptor left for that eventfd is
+refused (reset).
 
 Semantics are the stream mux's (docs/protocol.md, TCP streams): an EOF one way
 shuts down the write side of the other socket (half-close) and the other
 direction goes on; a reset or a failed write resets both ends; ``abort`` resets
-both. Who may get a socket and why: docs/security.md (port forwards and egress).
+both, and nothing else is sent first: a peer of an aborted relay reads a reset,
+never a clean EOF. Who may get a socket and why: docs/security.md (port forwards and egress).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ctypes
 import fcntl
 import ipaddress
 import os
+import select
 import socket
 import stat
 import struct
@@ -90,7 +95,8 @@ class Relay:
     """One relayed connection: ``host`` (the forward's client, the egress upstream) and
     ``guest`` (the handed-over socket). Counters grow as bytes are written."""
 
-    def __init__(self, rid: int, host: socket.socket, guest: socket.socket, on_done: OnDone, host_prefix: bytes):
+    def __init__(self, rid: int, host: socket.socket, guest: socket.socket, on_done: OnDone, host_prefix: bytes,
+                 wake: int):
         self.id = rid
         self.host = host
         self.guest = guest
@@ -100,11 +106,11 @@ class Relay:
         self.aborted = False
         self._on_done = on_done
         self._host_prefix = host_prefix
+        self._wake = wake  # an eventfd, readable once the relay is aborted
         self._lock = threading.Lock()
         self._running = 2
-        self._writing = [False, False]  # a direction may be blocked writing into [host, guest]
         for sock in (host, guest):
-            sock.setblocking(True)
+            sock.setblocking(False)  # every wait is a poll that an abort can end (``_wait``)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -117,47 +123,62 @@ class Relay:
                              name="mvm-relay-in" if inbound else "mvm-relay-out").start()
 
     def abort(self, reason: str) -> None:
-        """Reset both ends. Blocked readers wake silently (SHUT_RD); a direction that may be
-        blocked writing into a full socket is woken by shutting that socket's write side."""
+        """Reset both ends: each direction wakes from its wait (the wake eventfd), and the
+        last one closes both sockets with ``SO_LINGER`` 0. No end is shut down first: a
+        FIN sent before the RST would show the far end a clean close instead of a reset."""
         with self._lock:  # (the sockets are closed under it once both directions are done)
             if self.aborted or self._running == 0:
                 return
             self.aborted = True
             self.reason = reason
-            for sock, writing in zip((self.host, self.guest), self._writing, strict=True):
+            for sock in (self.host, self.guest):
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                 except OSError:
                     pass
-                try:
-                    sock.shutdown(socket.SHUT_RDWR if writing else socket.SHUT_RD)
-                except OSError:
-                    pass
+            os.eventfd_write(self._wake, 1)
 
     # ---- the two directions ---------------------------------------------------------------------
 
     def _direction(self, src: socket.socket, dst: socket.socket, inbound: bool) -> None:
+        readable, writable = select.poll(), select.poll()
+        readable.register(src, select.POLLIN)
+        writable.register(dst, select.POLLOUT)
+        for poller in (readable, writable):
+            poller.register(self._wake, select.POLLIN)
         try:
             if not inbound and self._host_prefix:
-                self._write(dst, self._host_prefix, inbound)
+                self._write(dst, self._host_prefix, inbound, writable)
             try:
                 pipe = os.pipe2(os.O_CLOEXEC)
             except OSError:  # no descriptors or pipe space left: copy through a buffer
-                self._copy(src, dst, inbound)
+                self._copy(src, dst, inbound, readable, writable)
             else:
                 try:
-                    self._splice(src, dst, inbound, pipe)
+                    self._splice(src, dst, inbound, pipe, readable, writable)
                 finally:
                     os.close(pipe[0])
                     os.close(pipe[1])
-            if not self.aborted:
-                dst.shutdown(socket.SHUT_WR)  # its EOF, passed on: the other direction goes on
+            with self._lock:  # (not after an abort: no FIN may go before its RST)
+                if not self.aborted:
+                    dst.shutdown(socket.SHUT_WR)  # its EOF, passed on: the other direction goes on
+        except _Aborted:
+            pass
         except OSError as exc:
             self.abort(f"connection failed: {exc.strerror or exc}")
         finally:
             self._finished()
 
-    def _splice(self, src: socket.socket, dst: socket.socket, inbound: bool, pipe: tuple[int, int]) -> None:
+    def _wait(self, poller: select.poll) -> None:
+        """Until the socket ``poller`` watches is ready (or failed: the retried call says
+        how); raises ``_Aborted`` once the relay is aborted."""
+        if not self.aborted:
+            poller.poll()
+        if self.aborted:
+            raise _Aborted
+
+    def _splice(self, src: socket.socket, dst: socket.socket, inbound: bool, pipe: tuple[int, int],
+                readable: select.poll, writable: select.poll) -> None:
         read_end, write_end = pipe
         try:
             fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, CHUNK)
@@ -165,34 +186,50 @@ class Relay:
             pass  # the user's pipe budget is spent: the default size works too
         source, sink = src.fileno(), dst.fileno()
         while True:
-            moved = os.splice(source, write_end, CHUNK)
+            try:
+                moved = os.splice(source, write_end, CHUNK)
+            except BlockingIOError:
+                self._wait(readable)
+                continue
             if not moved:
                 return
-            self._writing[inbound] = True
-            if self.aborted:  # (set before this check: an abort after it sees the flag and wakes us)
-                return
             while moved:
-                written = os.splice(read_end, sink, moved)
+                if self.aborted:
+                    raise _Aborted
+                try:
+                    written = os.splice(read_end, sink, moved)
+                except BlockingIOError:
+                    self._wait(writable)
+                    continue
                 moved -= written
                 self._count(inbound, written)
-            self._writing[inbound] = False
 
-    def _copy(self, src: socket.socket, dst: socket.socket, inbound: bool) -> None:
+    def _copy(self, src: socket.socket, dst: socket.socket, inbound: bool,
+              readable: select.poll, writable: select.poll) -> None:
         buffer = bytearray(COPY_CHUNK)
         view = memoryview(buffer)
         while True:
-            got = src.recv_into(buffer)
+            try:
+                got = src.recv_into(buffer)
+            except BlockingIOError:
+                self._wait(readable)
+                continue
             if not got:
                 return
-            self._write(dst, view[:got], inbound)
+            self._write(dst, view[:got], inbound, writable)
 
-    def _write(self, dst: socket.socket, data: bytes | memoryview, inbound: bool) -> None:
-        self._writing[inbound] = True
-        if self.aborted:
-            raise ConnectionAbortedError(self.reason)
-        dst.sendall(data)
-        self._writing[inbound] = False
-        self._count(inbound, len(data))
+    def _write(self, dst: socket.socket, data: bytes | memoryview, inbound: bool, writable: select.poll) -> None:
+        view = memoryview(data)
+        while view:
+            if self.aborted:
+                raise _Aborted
+            try:
+                sent = dst.send(view)
+            except BlockingIOError:
+                self._wait(writable)
+                continue
+            view = view[sent:]
+            self._count(inbound, sent)
 
     def _count(self, inbound: bool, count: int) -> None:
         if inbound:
@@ -207,10 +244,15 @@ class Relay:
                 return
             for sock in (self.host, self.guest):
                 sock.close()  # (after an abort: SO_LINGER 0, a reset)
+            os.close(self._wake)
         try:
             self._on_done(self)
         except Exception:  # an owner's bookkeeping must not take the thread's error elsewhere
             pass
+
+
+class _Aborted(Exception):
+    """A relay direction's way out once its relay is aborted."""
 
 
 class Relays:
@@ -239,8 +281,13 @@ class Relays:
                        if len(self._relays) >= self.max_relays else
                        f"connection {rid} is already relayed" if rid in self._relays else None)
             if refused is None:
-                relay = Relay(rid, host, guest, done, host_prefix)
-                self._relays[rid] = relay
+                try:
+                    wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                except OSError as exc:
+                    refused = f"no descriptor is left to relay connection {rid}: {exc.strerror or exc}"
+                else:
+                    relay = Relay(rid, host, guest, done, host_prefix, wake)
+                    self._relays[rid] = relay
         if refused is not None:
             reset(host)
             reset(guest)
