@@ -51,7 +51,8 @@ MAX_CREDIT = 1 << 32
 #: Bytes per stream frame: small enough that a command frame never waits long behind one.
 STREAM_CHUNK = 512 * 1024
 DEFAULT_MAX_STREAMS = 1024
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+#: ``SO_LINGER`` on, 0 s: ``close()`` then sends a RST (an aborted stream's socket, and a relay's).
+RESET_LINGER = struct.pack("ii", 1, 0)
 
 
 class StreamClosed(Exception):
@@ -295,7 +296,7 @@ class StreamMux:
         sock = stream.sock
         if sock is not None:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
             except OSError:
                 pass
         self._forget(stream)

@@ -29,20 +29,18 @@ import os
 import select
 import socket
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
 
 from .. import errors
-from ..protocol.tcpmux import DEFAULT_MAX_STREAMS, StreamClosed
+from ..protocol.tcpmux import DEFAULT_MAX_STREAMS, RESET_LINGER, StreamClosed
 
 #: Bytes one splice moves at most, and the pipe size asked for (the default 64 KiB pipe
 #: costs more system calls per MiB; when the user's pipe budget is spent it is what we get).
 CHUNK = 1 << 20
 #: Buffer of the copying loop (no pipe available).
 COPY_CHUNK = 256 * 1024
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
 def _load_thread_unwinder() -> None:
@@ -133,7 +131,7 @@ class Relay:
             self.reason = reason
             for sock in (self.host, self.guest):
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
                 except OSError:
                     pass
             os.eventfd_write(self._wake, 1)
@@ -374,7 +372,7 @@ class GuestConnection:
 def reset(sock: socket.socket) -> None:
     """Close ``sock`` with a RST."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
     except OSError:
         pass
     sock.close()
