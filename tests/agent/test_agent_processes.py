@@ -116,6 +116,25 @@ def test_a_missing_working_directory_is_FileNotFound_naming_it(agent: AgentClien
     assert agent.error("proc.start", argv=["true"], cwd="no/such/rel")["path"] == "/no/such/rel"
 
 
+def test_a_staged_stdin_is_read_from_its_file_which_goes(agent: AgentClient, tmp_path: Path) -> None:
+    staged = tmp_path / "stdin"
+    staged.write_bytes(b"staged input\n")
+    assert agent.run(["cat"], stdin_path=str(staged)).stdout == b"staged input\n"
+    assert not staged.exists()
+
+
+def test_a_staged_stdin_that_is_no_regular_file_is_refused_without_waiting(agent: AgentClient, tmp_path: Path) -> None:
+    """A FIFO nobody writes would block its open: the reader serves proc.start itself and
+    must not wait (the agent answers the next request at once)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    error = agent.error("proc.start", argv=["cat"], stdin_path=str(fifo))
+    assert error["type"] == "InvalidArgument" and error["field"] == "stdin_path" and str(fifo) in error["message"]
+    assert fifo.exists()  # (not taken: nothing removed)
+    assert agent.error("proc.start", argv=["true"], stdin_path=str(tmp_path / "missing"))["type"] == "FileNotFound"
+    assert agent.run(["echo", "still answering"]).stdout == b"still answering\n"
+
+
 def test_an_unknown_command_is_FileNotFound_naming_the_command(agent: AgentClient) -> None:
     error = agent.error("proc.start", argv=["definitely-not-a-command", "--flag"])
     assert error["type"] == "FileNotFound"

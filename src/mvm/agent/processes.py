@@ -327,10 +327,14 @@ def _json_size(value: Any) -> int:
 def _take_staged_stdin(path: str) -> int:
     """Open a file the client staged as a process's stdin (too big for one frame) and
     unlink it: the process reads it to the end, nothing is left behind."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # (O_NONBLOCK: a FIFO's open must not wait for a writer: the agent's reader runs this)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise from_os_error(exc, path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise invalid("stdin_path", f"{path} is not a regular file", allowed="a file staged with fs.write")
+    os.set_blocking(fd, True)
     try:
         os.unlink(path)
     except OSError:
