@@ -282,21 +282,29 @@ def test_many_relays_at_once_and_the_limit(relays: Relays) -> None:
     small.close()
 
 
-COPY_WITHOUT_PIPES = r'''
+#: A child process's start: a relay ``Ends`` and ``Relays``, then every descriptor below
+#: the limit taken but ``free`` (its first argument).
+AT_THE_DESCRIPTOR_LIMIT = r'''
 import os, resource, socket, sys
-sys.path[:0] = sys.argv[1:]
+free = int(sys.argv[1])
+sys.path[:0] = sys.argv[2:]
 from test_relay import Ends
+from mvm.protocol.tcpmux import StreamClosed
 from mvm.supervisor.relay import Relays
 ends = Ends()
 relays = Relays()
 highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 2, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + free, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 try:
     while True:  # fill the gaps below the limit
         os.open(os.devnull, os.O_RDONLY)
 except OSError:
     pass
-os.close(highest + 1)  # one left: for the relay's wake eventfd, not for a pipe's two ends
+for fd in range(highest + 1, highest + 1 + free):
+    os.close(fd)
+'''
+
+COPY_WITHOUT_PIPES = r'''
 try:
     os.pipe()
     sys.exit("a pipe could still be made")
@@ -315,22 +323,7 @@ assert got == data and ends.client.recv(10) == b"back"
 print("copied")
 '''
 
-
 NO_DESCRIPTOR_LEFT = r'''
-import os, resource, socket, sys
-sys.path[:0] = sys.argv[1:]
-from test_relay import Ends
-from mvm.protocol.tcpmux import StreamClosed
-from mvm.supervisor.relay import Relays
-ends = Ends()
-relays = Relays()
-highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-try:
-    while True:
-        os.open(os.devnull, os.O_RDONLY)
-except OSError:
-    pass
 try:
     relays.start(1, ends.host, ends.guest)
     sys.exit("relayed without a descriptor for its wake eventfd")
@@ -347,20 +340,21 @@ print("reset")
 '''
 
 
-def _run_at_the_descriptor_limit(script: str) -> str:
+def _run_at_the_descriptor_limit(script: str, free: int) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     path = [here, os.path.dirname(here), os.path.join(here, "..", "..", "src")]
-    result = subprocess.run([sys.executable, "-c", script, *path], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", AT_THE_DESCRIPTOR_LIMIT + script, str(free), *path],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_without_a_pipe_left_the_relay_copies() -> None:
     """One descriptor left, no pipe can be made: the buffer loop relays the same bytes."""
-    assert _run_at_the_descriptor_limit(COPY_WITHOUT_PIPES) == "copied\n"
+    assert _run_at_the_descriptor_limit(COPY_WITHOUT_PIPES, free=1) == "copied\n"
 
 
 def test_without_any_descriptor_left_the_connection_is_refused_and_reset() -> None:
     """No descriptor for the relay's wake eventfd: refused, both far ends reset, nothing kept."""
-    said = _run_at_the_descriptor_limit(NO_DESCRIPTOR_LEFT)
+    said = _run_at_the_descriptor_limit(NO_DESCRIPTOR_LEFT, free=0)
     assert said.startswith("no descriptor is left to relay connection 1: ") and said.endswith("\nreset\n"), said
