@@ -51,7 +51,7 @@ class SupervisorClient:
             self._channel.close()
             raise
         sock.settimeout(None)
-        self._pending: PendingRequests[queue.Queue[Any]] = PendingRequests()
+        self._pending: PendingRequests[queue.SimpleQueue[Any]] = PendingRequests()
         self._lock = threading.Lock()
         self._closed = False
         self._ended: ConnectionEnded | None = None  # set by the reader when the connection ends
@@ -90,7 +90,7 @@ class SupervisorClient:
 
     def call_many(self, requests: Sequence[Request]) -> list[tuple[dict[str, Any], bytes]]:
         """Send every request, then wait for every answer (``Transport.call_many``)."""
-        opened: list[tuple[str, int, queue.Queue[Any]]] = []
+        opened: list[tuple[str, int, queue.SimpleQueue[Any]]] = []
         try:
             for op, args, payload in requests:
                 opened.append((op, *self._open(op, args, payload)))
@@ -149,10 +149,11 @@ class SupervisorClient:
     # -- internals ------------------------------------------------------------
 
     def _open(self, op: str, args: dict[str, Any] | None, payload: bytes, *,
-              window: int | None = None) -> tuple[int, queue.Queue[Any]]:
+              window: int | None = None) -> tuple[int, queue.SimpleQueue[Any]]:
         if self._closed:
             raise client_core.handle_closed()
-        box: queue.Queue[Any] = queue.Queue()  # bounded by the request's window, if it has one
+        # (holds at most the request's window, if it has one; a Queue costs three Conditions a request)
+        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with self._lock:
             ended = self._ended
             if ended is None:

@@ -5,7 +5,7 @@ Both keep one connection and many requests in flight on it. What does not depend
 bytes move lives here, once: the hello exchange, request ids and the table routing each
 answer frame to the waiter of its request, turning an answer into ``(result, payload)``
 or the mapped ``MvmError``, and the errors a client raises when the connection fails.
-The two clients only add their I/O (a reader thread and ``queue.Queue`` boxes, or a
+The two clients only add their I/O (a reader thread and ``queue.SimpleQueue`` boxes, or a
 reader task and ``asyncio.Queue`` boxes).
 """
 
