@@ -18,7 +18,23 @@ def test_npm_test_passes(ts_sdk: Path) -> None:
                           env=mvmctl_env())
     output = done.stdout + done.stderr
     summary = "\n".join(line for line in output.splitlines() if line.startswith(("# tests", "# pass", "# fail")))
-    failures = "\n".join(line for line in output.splitlines() if "not ok" in line)
-    assert done.returncode == 0, (f"npm test failed (exit {done.returncode}):\n{summary}\n{failures}\n"
-                                  f"--- last output ---\n{output[-6000:]}")
+    assert done.returncode == 0, (f"npm test failed (exit {done.returncode}):\n{summary}\n{_failures(output)}\n"
+                                  f"--- last output ---\n{output[-3000:]}")
     assert "# fail 0" in output, output[-3000:]
+
+
+def _failures(output: str, most_lines: int = 80) -> str:
+    """Each failed test's TAP lines: its ``not ok`` line and the diagnostics under it (the
+    error, expected and actual, the stack) up to the block's ``...``."""
+    blocks: list[str] = []
+    lines = output.splitlines()
+    for at, line in enumerate(lines):
+        if "not ok" not in line:
+            continue
+        block = [line]
+        for following in lines[at + 1 : at + most_lines]:
+            block.append(following)
+            if following.strip() == "...":
+                break
+        blocks.append("\n".join(block))
+    return "\n".join(blocks)
