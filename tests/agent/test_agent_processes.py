@@ -124,8 +124,7 @@ def test_a_staged_stdin_is_read_from_its_file_which_goes(agent: AgentClient, tmp
 
 
 def test_a_staged_stdin_that_is_no_regular_file_is_refused_without_waiting(agent: AgentClient, tmp_path: Path) -> None:
-    """A FIFO nobody writes would block its open: the reader serves proc.start itself and
-    must not wait (the agent answers the next request at once)."""
+    """A FIFO nobody writes would block its open: refused at once, nothing taken."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     error = agent.error("proc.start", argv=["cat"], stdin_path=str(fifo))

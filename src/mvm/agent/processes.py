@@ -327,7 +327,7 @@ def _json_size(value: Any) -> int:
 def _take_staged_stdin(path: str) -> int:
     """Open a file the client staged as a process's stdin (too big for one frame) and
     unlink it: the process reads it to the end, nothing is left behind."""
-    try:  # (O_NONBLOCK: a FIFO's open must not wait for a writer: the agent's reader runs this)
+    try:  # (O_NONBLOCK: a FIFO's open must not hold a worker until some writer comes)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise from_os_error(exc, path) from None

@@ -48,13 +48,6 @@ MAX_IN_FLIGHT = 32
 #: Payload bytes of those requests before the reader stops reading.
 MAX_IN_FLIGHT_BYTES = 16 * 1024 * 1024
 WORKERS = 8
-#: Ops the reader serves itself instead of handing them to a worker. ``proc.start`` only
-#: stats, opens a staged stdin and spawns under the reaper's lock, which serialises
-#: starts anyway; the hand-over to a worker thread cost ~0.5 ms of every
-#: ``commands.run`` here (bench/roundtrip_bench.py). Its answer is sent by the reader
-#: then, which may wait for the host to read: the host's agent-channel reader never
-#: waits for this agent (it sends nothing itself), so that wait always ends.
-INLINE_OPS = frozenset({"proc.start"})
 
 
 class Session(Protocol):
@@ -363,9 +356,6 @@ class Server:
             finally:
                 self._admission.leave(size)
 
-        if request.op in INLINE_OPS:
-            job()
-            return
         self._pool.submit(job, self._lane_of(request))
 
     @staticmethod
