@@ -51,8 +51,16 @@ MAX_CREDIT = 1 << 32
 #: Bytes per stream frame: small enough that a command frame never waits long behind one.
 STREAM_CHUNK = 512 * 1024
 DEFAULT_MAX_STREAMS = 1024
-#: ``SO_LINGER`` on, 0 s: ``close()`` then sends a RST (an aborted stream's socket, and a relay's).
-RESET_LINGER = struct.pack("ii", 1, 0)
+_RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
+
+
+def arm_reset(sock: socket.socket) -> None:
+    """Make ``sock.close()`` send a RST instead of a FIN (an aborted stream's socket, a
+    relay's): ``SO_LINGER`` on, 0 s. A socket that refuses it closes as it would have."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_LINGER)
+    except OSError:
+        pass
 
 
 class StreamClosed(Exception):
@@ -295,10 +303,7 @@ class StreamMux:
         stream.aborted = True
         sock = stream.sock
         if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
-            except OSError:
-                pass
+            arm_reset(sock)
         self._forget(stream)
 
     def _forget(self, stream: Stream) -> None:

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 
 from .. import errors
-from ..protocol.tcpmux import DEFAULT_MAX_STREAMS, RESET_LINGER, StreamClosed
+from ..protocol.tcpmux import DEFAULT_MAX_STREAMS, StreamClosed, arm_reset
 
 #: Bytes one splice moves at most, and the pipe size asked for (the default 64 KiB pipe
 #: costs more system calls per MiB; when the user's pipe budget is spent it is what we get).
@@ -129,11 +129,8 @@ class Relay:
                 return
             self.aborted = True
             self.reason = reason
-            for sock in (self.host, self.guest):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
-                except OSError:
-                    pass
+            arm_reset(self.host)
+            arm_reset(self.guest)
             os.eventfd_write(self._wake, 1)
 
     # ---- the two directions ---------------------------------------------------------------------
@@ -371,10 +368,7 @@ class GuestConnection:
 
 def reset(sock: socket.socket) -> None:
     """Close ``sock`` with a RST."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
-    except OSError:
-        pass
+    arm_reset(sock)
     sock.close()
 
 
