@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ..errors import MvmError
+
 if TYPE_CHECKING:
     from .server import Supervisor
 
@@ -104,11 +106,18 @@ class IdleWatch:
     def _pause(self) -> None:
         sup = self.sup
         assert sup.instance is not None
-        sup.on_backend(sup.instance.pause)
+        args = {"idle_seconds": self.seconds}
+        try:
+            sup.on_backend(sup.instance.pause)
+        except MvmError as exc:  # (the backend left it running): try again after another idle period
+            self._last_active = time.monotonic()
+            sup.logs.system(f"auto_pause failed, the sandbox runs on: {exc.message}",
+                            sup.audit.record("sandbox.auto_pause", args, outcome="error", error_type=exc.wire_type))
+            return
         sup.set_state("paused")
         self.paused_by_idle = True
         sup.logs.system(f"sandbox paused: idle for {self.seconds} s (auto_pause)",
-                        sup.audit.record("sandbox.auto_pause", {"idle_seconds": self.seconds}))
+                        sup.audit.record("sandbox.auto_pause", args))
 
     def _resume(self, op: str) -> None:
         sup = self.sup

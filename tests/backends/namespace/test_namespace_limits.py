@@ -138,3 +138,35 @@ def test_pause_freezes_and_resume_continues(sandbox):
     inst.resume()
     wait_for(lambda: value() > frozen + 5, "the counter counting again after resume")
     assert guest.py("print('alive')").out.strip() == "alive"
+
+
+def test_pause_freezes_processes_that_keep_forking(sandbox):
+    """Processes that fork all the time (shell loops running a program) can hold a v1
+    freezer in FREEZING: asked once, it never reached FROZEN here and left the sandbox
+    half-frozen (its agent stopped, its state running). Every pause freezes them all,
+    and every resume lets them go on."""
+    inst, guest = sandbox()
+    for name in ("a", "b"):
+        guest.request("proc.start", {
+            "argv": ["/bin/sh", "-c", f"n=0; while :; do n=$((n+1)); echo $n > /tmp/{name}.new; "
+                     f"/bin/mv /tmp/{name}.new /tmp/forks-{name}; done"],  # (a program each round: a fork)
+            "env": {}, "cwd": "/", "stdin": False,
+        })
+    counter = inst.layer.upper / "tmp" / "forks-a"
+
+    def forks() -> int:
+        return int(counter.read_text())
+
+    wait_for(counter.exists, "the forking loop to start")
+    for _ in range(10):
+        before = forks()
+        wait_for(lambda before=before: forks() > before + 20, "the loop forking")
+        inst.pause()
+        assert inst.describe()["state"] == "paused"
+        assert inst.cgroup.is_frozen()
+        frozen = forks()
+        time.sleep(0.1)
+        assert forks() == frozen
+        inst.resume()
+    wait_for(lambda: forks() > frozen + 20, "the loop forking again after resume")
+    assert guest.py("print('alive')").out.strip() == "alive"

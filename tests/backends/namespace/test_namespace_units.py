@@ -232,3 +232,27 @@ def test_a_probe_killed_from_outside_is_answered_not_kept(tmp_path, monkeypatch)
     second = probed.availability()
     assert second.ok, second.reason
     assert probed.availability() is second and calls.read_text().count("run") == 2  # kept now: no third probe
+
+
+class _StuckFreezer(cgroups.CgroupV1):
+    """A v1 freezer (on a fake tree) that stays FREEZING however often it is asked."""
+
+    asked = 0
+
+    def _ask_frozen(self) -> None:
+        self.asked += 1
+        (self.controller_dirs["freezer"] / "freezer.state").write_text("FREEZING\n")
+
+
+def test_a_freeze_that_does_not_complete_is_undone_and_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(cgroups, "FREEZE_TRIES_BEFORE_SETTLING", 3)
+    freezer = tmp_path / "freezer" / "mvm-x"
+    freezer.mkdir(parents=True)
+    (freezer / "freezer.state").write_text("THAWED\n")
+    cg = _StuckFreezer({"freezer": freezer})
+    with pytest.raises(cgroups.SandboxError, match=r"did not all freeze within 0\.2 s .*thawed and runs on") as caught:
+        cg.freeze(timeout=0.2)
+    assert caught.value.details["timeout_seconds"] == 0.2
+    assert (freezer / "freezer.state").read_text() == "THAWED"  # never left half-frozen
+    assert not cg.is_frozen()
+    assert cg.asked > 3  # asked again and again, with a thaw to settle between rounds

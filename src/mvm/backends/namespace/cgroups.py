@@ -19,6 +19,7 @@ pre-exec hook writes its pid to), so every sandbox process is born inside.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -26,9 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...errors import BackendUnavailable
+from ...errors import BackendUnavailable, SandboxError
 
 CPU_PERIOD_US = 100_000
+#: How long a pause may try to freeze a sandbox before it thaws it again and fails.
+FREEZE_TIMEOUT = 5.0
+#: A freeze that has not completed after this many tries thaws for ``FREEZE_SETTLE`` s,
+#: then tries anew: processes that keep forking can hold a v1 freezer in FREEZING, and
+#: letting them run briefly gives it a fresh set to freeze (runc's v1 freezer does the same).
+FREEZE_TRIES_BEFORE_SETTLING = 50
+FREEZE_SETTLE = 0.01
 V1_REQUIRED = ("memory", "cpu", "pids", "freezer")
 V1_OPTIONAL = ("cpuacct",)
 V2_REQUIRED = ("memory", "cpu", "pids")
@@ -158,13 +166,42 @@ class SandboxCgroup:
     def exists(self) -> bool:
         return any(d.is_dir() for d in self.dirs())
 
-    def freeze(self) -> None:
+    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
+        """Freeze every process inside, or fail with everything thawed again: a sandbox is
+        never left half-frozen (its agent could be stopped while its state says running).
+        Each try asks the kernel again: a v1 freezer freezes the tasks it finds when asked,
+        so a process that keeps forking can hold it in FREEZING until asked anew."""
+        deadline = time.monotonic() + timeout
+        try:
+            tries = 0
+            while True:
+                tries += 1
+                if tries % FREEZE_TRIES_BEFORE_SETTLING == 0:
+                    self.thaw()
+                    time.sleep(FREEZE_SETTLE)
+                self._ask_frozen()
+                if self.is_frozen():
+                    return
+                if time.monotonic() > deadline:
+                    raise SandboxError(
+                        f"pause: the sandbox's processes did not all freeze within {timeout} s "
+                        f"({tries} tries; some kept starting new processes): it was thawed and runs on",
+                        timeout_seconds=timeout)
+                time.sleep(0.002)
+        except BaseException:
+            with contextlib.suppress(OSError):  # (the cgroup gone: nothing is left frozen)
+                self.thaw()
+            raise
+
+    def _ask_frozen(self) -> None:
+        """Ask the kernel to freeze every process inside (again)."""
         raise NotImplementedError
 
     def thaw(self) -> None:
         raise NotImplementedError
 
     def is_frozen(self) -> bool:
+        """Every process inside is frozen (not merely being frozen)."""
         raise NotImplementedError
 
     def kill_all(self, timeout: float = 5.0) -> None:
@@ -251,14 +288,8 @@ class CgroupV1(SandboxCgroup):
         _write(cpu / "cpu.cfs_quota_us", max(1000, int(cpu_cores * CPU_PERIOD_US)))
         _write(self.controller_dirs["pids"] / "pids.max", max_processes)
 
-    def freeze(self) -> None:
-        state = self.controller_dirs["freezer"] / "freezer.state"
-        _write(state, "FROZEN")
-        deadline = time.monotonic() + 5
-        while _read(state).strip() != "FROZEN":
-            if time.monotonic() > deadline:
-                raise TimeoutError("cgroup freezer did not reach FROZEN")
-            time.sleep(0.002)
+    def _ask_frozen(self) -> None:
+        _write(self.controller_dirs["freezer"] / "freezer.state", "FROZEN")
 
     def thaw(self) -> None:
         state = self.controller_dirs["freezer"] / "freezer.state"
@@ -267,7 +298,7 @@ class CgroupV1(SandboxCgroup):
 
     def is_frozen(self) -> bool:
         state = self.controller_dirs["freezer"] / "freezer.state"
-        return state.exists() and _read(state).strip() != "THAWED"
+        return state.exists() and _read(state).strip() == "FROZEN"  # (not FREEZING: part-way)
 
     def cpu_usage_ns(self) -> int:
         d = self.controller_dirs.get("cpuacct")
@@ -354,13 +385,8 @@ class CgroupV2(SandboxCgroup):
         _write(self.path / "cpu.max", f"{max(1000, int(cpu_cores * CPU_PERIOD_US))} {CPU_PERIOD_US}")
         _write(self.path / "pids.max", max_processes)
 
-    def freeze(self) -> None:
+    def _ask_frozen(self) -> None:
         _write(self.path / "cgroup.freeze", 1)
-        deadline = time.monotonic() + 5
-        while not self.is_frozen():
-            if time.monotonic() > deadline:
-                raise TimeoutError("cgroup did not report frozen")
-            time.sleep(0.002)
 
     def thaw(self) -> None:
         if (self.path / "cgroup.freeze").exists():
