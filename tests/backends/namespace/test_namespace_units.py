@@ -256,3 +256,20 @@ def test_a_freeze_that_does_not_complete_is_undone_and_named(tmp_path, monkeypat
     assert (freezer / "freezer.state").read_text() == "THAWED"  # never left half-frozen
     assert not cg.is_frozen()
     assert cg.asked > 3  # asked again and again, with a thaw to settle between rounds
+
+
+def test_a_v2_freeze_waits_without_thawing_and_is_undone_when_it_does_not_complete(tmp_path):
+    own, child = _fake_v2(tmp_path)
+    (child / "cgroup.events").write_text("populated 1\nfrozen 0\n")  # a task that never gets there
+    thaws = []
+
+    class Counted(cgroups.CgroupV2):
+        def thaw(self) -> None:
+            thaws.append((child / "cgroup.freeze").read_text())
+            super().thaw()
+
+    cg = Counted.for_sandbox("mvm-x", own_dir=own)
+    with pytest.raises(cgroups.SandboxError, match="did not all freeze"):
+        cg.freeze(timeout=0.3)  # (> FREEZE_TRIES_BEFORE_SETTLING tries of 2 ms)
+    assert thaws == ["1"]  # once, at the end: v2 takes new processes in itself, a thaw would undo progress
+    assert (child / "cgroup.freeze").read_text() == "0"

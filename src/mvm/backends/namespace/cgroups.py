@@ -32,9 +32,11 @@ from ...errors import BackendUnavailable, SandboxError
 CPU_PERIOD_US = 100_000
 #: How long a pause may try to freeze a sandbox before it thaws it again and fails.
 FREEZE_TIMEOUT = 5.0
-#: A freeze that has not completed after this many tries thaws for ``FREEZE_SETTLE`` s,
+#: A v1 freeze that has not completed after this many tries thaws for ``FREEZE_SETTLE`` s,
 #: then tries anew: processes that keep forking can hold a v1 freezer in FREEZING, and
 #: letting them run briefly gives it a fresh set to freeze (runc's v1 freezer does the same).
+#: Not v2: its freezer takes new processes in itself, and a thaw would only undo the
+#: progress of a freeze that waits for a task in uninterruptible sleep.
 FREEZE_TRIES_BEFORE_SETTLING = 50
 FREEZE_SETTLE = 0.01
 V1_REQUIRED = ("memory", "cpu", "pids", "freezer")
@@ -146,6 +148,8 @@ class SandboxCgroup:
     """Common verbs; subclasses know where the files are."""
 
     version = ""
+    #: A freeze that is slow to complete thaws briefly now and then (``FREEZE_SETTLE``).
+    settles_while_freezing = False
 
     def create(self, cpu_cores: float, memory_mb: int, max_processes: int) -> None:
         raise NotImplementedError
@@ -176,7 +180,7 @@ class SandboxCgroup:
             tries = 0
             while True:
                 tries += 1
-                if tries % FREEZE_TRIES_BEFORE_SETTLING == 0:
+                if self.settles_while_freezing and tries % FREEZE_TRIES_BEFORE_SETTLING == 0:
                     self.thaw()
                     time.sleep(FREEZE_SETTLE)
                 self._ask_frozen()
@@ -243,6 +247,7 @@ class SandboxCgroup:
 
 class CgroupV1(SandboxCgroup):
     version = "v1"
+    settles_while_freezing = True
 
     def __init__(self, controller_dirs: dict[str, Path]):
         self.controller_dirs = controller_dirs
