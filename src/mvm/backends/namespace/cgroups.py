@@ -188,8 +188,8 @@ class SandboxCgroup:
                     return
                 if time.monotonic() > deadline:
                     raise SandboxError(
-                        f"pause: the sandbox's processes did not all freeze within {timeout} s "
-                        f"({tries} tries; some kept starting new processes): it was thawed and runs on",
+                        f"freezing the sandbox (to pause or snapshot it): its processes did not all freeze "
+                        f"within {timeout} s ({tries} tries; some kept starting new ones); it was thawed and runs on",
                         timeout_seconds=timeout)
                 time.sleep(0.002)
         except BaseException:
