@@ -76,6 +76,9 @@ class AgentLink:
         self.generation = 0
         self._attached = threading.Condition(self._lock)
         self._restarting: str | None = None  # why, between begin_restart and the new agent's hello
+        #: The channel ``attach`` is saying hello on: a restart or detach meanwhile closes it,
+        #: so that attach fails at once instead of holding the guest's agent port.
+        self._attaching: FramedChannel | None = None
         #: The last restart: channels of a generation below the first ended for the second.
         self._restarted: tuple[int, str] | None = None
         self.agent_hello: dict[str, Any] = {}
@@ -88,6 +91,8 @@ class AgentLink:
         """Take a fresh socket to the agent: hello both ways, start reading."""
         sock.settimeout(timeout)
         channel = FramedChannel(sock, receive_fds=self._receive_fds)
+        with self._lock:
+            self._attaching = channel
         try:
             channel.send_raw(codec.hello("supervisor"))
             # After a VM restore the guest may still flush frames it was sending when the
@@ -101,10 +106,10 @@ class AgentLink:
                 raise ProtocolError("no hello from the agent among its first 1024 frames")
         except (ChannelClosed, ProtocolError, OSError) as exc:
             channel.close()
-            raise errors.SandboxError(f"the guest agent did not answer hello: {exc}") from None
+            raise self._attach_failed(channel, f"the guest agent did not answer hello: {exc}") from None
         sock.settimeout(None)
         self.hands_off_sockets = False
-        generation = self._replace_channel(channel)
+        generation = self._replace_channel(channel, attaching=True)
         self.generation = generation
         self.agent_hello = hello
         self.hands_off_sockets = self._receive_fds and channel.passes_fds and hello.get("fd_passing") is True
@@ -123,20 +128,49 @@ class AgentLink:
         generation every earlier channel is below."""
         return self._replace_channel(None, restarting=why)
 
-    def _replace_channel(self, channel: FramedChannel | None, *, restarting: str | None = None) -> int:
-        """Put ``channel`` in place of the current one (closed), fail every call waiting on
-        the old one, tell the listeners; returns the new generation."""
+    def _attach_failed(self, channel: FramedChannel, problem: str) -> errors.SandboxError:
+        """The error of an attach on ``channel`` that failed: ``problem``, unless a restart
+        or detach closed it meanwhile (then that is named)."""
         with self._lock:
-            old, self._channel = self._channel, channel
-            self._generation += 1
-            generation = self._generation
-            stale = list(self._waiting.values())
-            self._waiting.clear()
-            self._answer_hooks.clear()
-            self._restarting = restarting
-            if restarting is not None:
-                self._restarted = (generation, restarting)
-            self._attached.notify_all()
+            aborted = self._attaching is not channel
+            if not aborted:
+                self._attaching = None
+            why = self._restarting
+        if not aborted:
+            return errors.SandboxError(problem)
+        if why:
+            return errors.SandboxError(f"{why} during hello", agent_restart=True)
+        return errors.SandboxError("the guest agent connection was closed during hello")
+
+    def _replace_channel(self, channel: FramedChannel | None, *, restarting: str | None = None,
+                         attaching: bool = False) -> int:
+        """Put ``channel`` in place of the current one (closed), fail every call waiting on
+        the old one, tell the listeners; returns the new generation. ``attaching``: the
+        channel ``attach`` said hello on (refused if a restart or detach closed it meanwhile);
+        otherwise an attach under way is ended too."""
+        with self._lock:
+            if attaching and self._attaching is not channel:  # a restart or detach came during its hello
+                refused = True
+            else:
+                refused = False
+                interrupted = None if attaching else self._attaching
+                self._attaching = None
+                old, self._channel = self._channel, channel
+                self._generation += 1
+                generation = self._generation
+                stale = list(self._waiting.values())
+                self._waiting.clear()
+                self._answer_hooks.clear()
+                self._restarting = restarting
+                if restarting is not None:
+                    self._restarted = (generation, restarting)
+                self._attached.notify_all()
+        if refused:
+            assert channel is not None
+            channel.close()
+            raise self._attach_failed(channel, "")
+        if interrupted is not None:
+            interrupted.close()  # (its attach fails at once, naming this)
         if old is not None:
             old.close()
         for box in stale:
@@ -195,6 +229,8 @@ class AgentLink:
         ident = next(self._ids)
         call = PendingCall(self, ident, op)
         with self._lock:
+            if generation is not None and generation != self._generation:
+                raise AgentReplaced(op)  # (before any wait: a new agent is never that one)
             if self._channel is None and self._restarting is not None:
                 self._attached.wait_for(lambda: self._channel is not None or self._restarting is None, RESTART_WAIT)
             channel = self._channel

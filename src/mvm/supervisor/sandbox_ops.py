@@ -66,8 +66,7 @@ def start(sup: Supervisor, ctx: RequestContext) -> Reply:
     if sup.state == "stopped":
         assert sup.instance is not None
         sup.processes.new_boot(sup.agent.next_generation)
-        sup.agent.attach(sup.on_backend(sup.instance.start))
-        sup.configure_agent()
+        sup.attach_agent(sup.on_backend(sup.instance.start))
         sup.set_state("running")
     sup.logs.system("sandbox started", sup.audit.record("sandbox.start", {}))
     return sup.describe(), b""

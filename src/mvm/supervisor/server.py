@@ -38,7 +38,7 @@ from ..templates import TemplateHold, hold_template
 from ..templates.builder import hold_build
 from . import ops
 from .idle import IdleWatch
-from .agent_link import AgentLink
+from .agent_link import AgentLink, AgentReplaced
 from .audit import Auditor
 from .logbook import LogBook
 from .network import NetworkManager
@@ -63,6 +63,9 @@ class Supervisor:
         self.error: str | None = None
         #: How many times the guest agent died and was started again (describe().details).
         self.agent_restarts = 0
+        #: Held while a guest's agent is attached and configured (boot, start, restore) and
+        #: while a dead agent is reconnected (``_on_agent_gone``): one at a time (``attach_agent``).
+        self._agent_attach = threading.Lock()
         # secret name -> value (memory only), for redaction as [redacted:NAME]
         names = config.get("secret_env_names") or {}
         self.secrets: dict[str, str] = {names.get(k, k): v for k, v in secret_env.items()}
@@ -127,9 +130,7 @@ class Supervisor:
         else:
             sock = self.on_backend(self.instance.start)
             self._mark("backend_start")
-            self.agent.attach(sock)
-            self._mark("agent_hello")
-            self.configure_agent()
+            self.attach_agent(sock, on_hello=lambda: self._mark("agent_hello"))
         self._mark("agent_configure")
         self._check_guest_survived_create()
         if self.pool is not None:
@@ -170,14 +171,34 @@ class Supervisor:
             self.secrets.update(fresh)
             self.redactor = Redactor(self.secrets)
 
-    def configure_agent(self) -> None:
+    def attach_agent(self, sock: socket.socket, *, on_hello: Callable[[], None] | None = None) -> None:
+        """Take the guest agent on ``sock`` (hello both ways) and configure it. An agent that
+        dies meanwhile (a restored guest's, say) is restarted only once this is over: the
+        restart closes this socket, so this fails at once naming the restart, and then
+        connects anew. Side by side, the two would share the guest's one agent port, which
+        QEMU gives one connection at a time: the new agent answered on this socket, the
+        restart's hello on its own waited in vain, and its failure ended the calls made since
+        (``test_an_agent_killed_mid_write_save_or_restore_is_restarted[restore-vm]``)."""
+        with self._agent_attach:
+            self.agent.attach(sock)
+            if on_hello is not None:
+                on_hello()
+            self.configure_agent(self.agent.generation)
+
+    def configure_agent(self, generation: int) -> None:
+        """Send ``agent.configure`` to the agent attached as ``generation`` (only to that one:
+        one that died meanwhile fails this at once instead of it waiting for its successor)."""
         limits = self.instance.agent_limits() if self.instance is not None else {}
-        result, _ = self.agent.call("agent.configure", {
-            "clock_epoch": time.time(),
-            "entropy_hex": _secrets.token_hex(32),
-            "hostname": "sandbox",
-            **limits,
-        }, timeout=15)
+        try:
+            result, _ = self.agent.call("agent.configure", {
+                "clock_epoch": time.time(),
+                "entropy_hex": _secrets.token_hex(32),
+                "hostname": "sandbox",
+                **limits,
+            }, timeout=15, generation=generation)
+        except AgentReplaced:
+            raise errors.SandboxError("the guest agent was replaced during agent.configure",
+                                      agent_restart=True) from None
         self.guest_limits = {name: result.get(name, "not enforced: the agent did not say") for name in limits}
         for name, outcome in self.guest_limits.items():
             if str(outcome).startswith("not enforced"):
@@ -206,8 +227,7 @@ class Supervisor:
                                        replacing=stop_running if replace_running else None)
         if replace_running:  # (from paused too) the restored guest runs: its agent's death is a restart
             self.set_state("running")
-        self.agent.attach(sock)
-        self.configure_agent()
+        self.attach_agent(sock)
         self.audit.record("snapshot.restore", {"snapshot": info.id, "name": info.name})
 
     def listen(self) -> None:
@@ -354,21 +374,31 @@ class Supervisor:
         with self.state_lock:
             if self.state != "running" or self.destroyed.is_set() or self.instance is None:
                 return
-            self.agent_restarts += 1
-            restart = self.agent_restarts
+            restart = self.agent_restarts + 1
         if restart > MAX_AGENT_RESTARTS:
             reason = f"the guest agent died {restart} times (it is restarted at most {MAX_AGENT_RESTARTS} times)"
             self.agent.begin_restart(reason)
+            self.agent_restarts = restart
             self.agent.detach()
             self._on_agent_lost(reason)
             return
         why = f"the guest agent died and was restarted (restart {restart} of at most {MAX_AGENT_RESTARTS})"
         started = time.monotonic()
-        self.processes.agent_gone(self.agent.begin_restart(why), why)
+        # The dead agent's channel is closed, and so is that of an attach under way (a
+        # restore's, say: it fails at once); counted after, so a call made once the count
+        # shows waits for the new agent instead of going to the dead one.
+        generation = self.agent.begin_restart(why)
+        with self._agent_attach:  # (once that attach has given up: see attach_agent)
+            self.agent_restarts = restart
+            self._reconnect_agent(restart, why, generation, started)
+
+    def _reconnect_agent(self, restart: int, why: str, generation: int, started: float) -> None:
+        assert self.instance is not None
+        self.processes.agent_gone(generation, why)
         self.logs.system(f"{why}; reconnecting")
         try:
             self.agent.attach(self.instance.reconnect_agent())
-            self.configure_agent()
+            self.configure_agent(self.agent.generation)
         except errors.MvmError as exc:
             self.agent.detach()
             self.audit.record("agent.restart", {"restart": restart}, outcome="error", error_type=exc.wire_type,
