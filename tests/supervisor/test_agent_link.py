@@ -13,17 +13,10 @@ import pytest
 
 from mvm import errors
 from mvm.protocol import codec
+from mvm.protocol.channel import FramedChannel
 from mvm.supervisor.agent_link import AgentLink, AgentReplaced
 
 WHY = "the guest agent died and was restarted (restart 1 of at most 3)"
-
-
-def _frame(sock: socket.socket) -> codec.Frame:
-    decoder = codec.FrameDecoder()
-    while True:
-        frames = decoder.feed(sock.recv(65536))
-        if frames:
-            return frames[0]
 
 
 def _in_background(fn) -> tuple[threading.Thread, list[object]]:
@@ -44,7 +37,7 @@ def test_a_restart_during_the_hello_ends_the_attach_at_once_naming_it() -> None:
     host, guest = socket.socketpair()
     link = AgentLink(on_event=lambda frame, generation: None, on_lost=lambda why: None)
     thread, outcome = _in_background(lambda: link.attach(host, timeout=300))
-    assert _frame(guest).kind == "hello"  # the supervisor's; the agent (dead) never answers
+    assert FramedChannel(guest).recv().kind == "hello"  # the supervisor's; the agent (dead) never answers
     generation = link.begin_restart(WHY)
     thread.join(60)  # a hang guard: without the restart ending it, the attach waits its 300 s
     assert not thread.is_alive()
