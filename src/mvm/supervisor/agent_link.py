@@ -132,14 +132,15 @@ class AgentLink:
         """The error of an attach on ``channel`` that failed: ``problem``, unless a restart
         or detach closed it meanwhile (then that is named)."""
         with self._lock:
-            aborted = self._attaching is not channel
-            if not aborted:
-                self._attaching = None
-            why = self._restarting
-        if not aborted:
-            return errors.SandboxError(problem)
-        if why:
-            return errors.SandboxError(f"{why} during hello", agent_restart=True)
+            if self._attaching is not channel:
+                return self._attach_interrupted()
+            self._attaching = None
+        return errors.SandboxError(problem)
+
+    def _attach_interrupted(self) -> errors.SandboxError:
+        """The error of an attach that a restart or detach closed during its hello (under the lock)."""
+        if self._restarting:
+            return errors.SandboxError(f"{self._restarting} during hello", agent_restart=True)
         return errors.SandboxError("the guest agent connection was closed during hello")
 
     def _replace_channel(self, channel: FramedChannel | None, *, restarting: str | None = None,
@@ -150,9 +151,9 @@ class AgentLink:
         otherwise an attach under way is ended too."""
         with self._lock:
             if attaching and self._attaching is not channel:  # a restart or detach came during its hello
-                refused = True
+                refused: errors.SandboxError | None = self._attach_interrupted()
             else:
-                refused = False
+                refused = None
                 interrupted = None if attaching else self._attaching
                 self._attaching = None
                 old, self._channel = self._channel, channel
@@ -165,10 +166,10 @@ class AgentLink:
                 if restarting is not None:
                     self._restarted = (generation, restarting)
                 self._attached.notify_all()
-        if refused:
+        if refused is not None:
             assert channel is not None
             channel.close()
-            raise self._attach_failed(channel, "")
+            raise refused
         if interrupted is not None:
             interrupted.close()  # (its attach fails at once, naming this)
         if old is not None:

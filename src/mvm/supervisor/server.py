@@ -183,11 +183,11 @@ class Supervisor:
             self.agent.attach(sock)
             if on_hello is not None:
                 on_hello()
-            self.configure_agent(self.agent.generation)
+            self.configure_agent()
 
-    def configure_agent(self, generation: int) -> None:
-        """Send ``agent.configure`` to the agent attached as ``generation`` (only to that one:
-        one that died meanwhile fails this at once instead of it waiting for its successor)."""
+    def configure_agent(self) -> None:
+        """Send ``agent.configure`` to the agent just attached (only to that one: one that died
+        meanwhile fails this at once instead of it waiting for its successor)."""
         limits = self.instance.agent_limits() if self.instance is not None else {}
         try:
             result, _ = self.agent.call("agent.configure", {
@@ -195,7 +195,7 @@ class Supervisor:
                 "entropy_hex": _secrets.token_hex(32),
                 "hostname": "sandbox",
                 **limits,
-            }, timeout=15, generation=generation)
+            }, timeout=15, generation=self.agent.generation)
         except AgentReplaced:
             raise errors.SandboxError("the guest agent was replaced during agent.configure",
                                       agent_restart=True) from None
@@ -390,21 +390,17 @@ class Supervisor:
         generation = self.agent.begin_restart(why)
         with self._agent_attach:  # (once that attach has given up: see attach_agent)
             self.agent_restarts = restart
-            self._reconnect_agent(restart, why, generation, started)
-
-    def _reconnect_agent(self, restart: int, why: str, generation: int, started: float) -> None:
-        assert self.instance is not None
-        self.processes.agent_gone(generation, why)
-        self.logs.system(f"{why}; reconnecting")
-        try:
-            self.agent.attach(self.instance.reconnect_agent())
-            self.configure_agent(self.agent.generation)
-        except errors.MvmError as exc:
-            self.agent.detach()
-            self.audit.record("agent.restart", {"restart": restart}, outcome="error", error_type=exc.wire_type,
-                              details={"error": exc.message})
-            self._on_agent_lost(f"{why}, but the new agent did not answer: {exc.message}")
-            return
+            self.processes.agent_gone(generation, why)
+            self.logs.system(f"{why}; reconnecting")
+            try:
+                self.agent.attach(self.instance.reconnect_agent())
+                self.configure_agent()
+            except errors.MvmError as exc:
+                self.agent.detach()
+                self.audit.record("agent.restart", {"restart": restart}, outcome="error", error_type=exc.wire_type,
+                                  details={"error": exc.message})
+                self._on_agent_lost(f"{why}, but the new agent did not answer: {exc.message}")
+                return
         self.audit.record("agent.restart", {"restart": restart},
                           details={"reconnect_ms": round((time.monotonic() - started) * 1000, 1),
                                    "agent_pid": self.agent.agent_hello.get("pid")})
